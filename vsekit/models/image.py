@@ -1,0 +1,187 @@
+"""Image encoders: precomputed features or a torchvision CNN, projected into the joint space."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
+from vsekit.registry import Registry
+
+IMAGE_ENCODERS = Registry("image encoder")
+BACKBONES = Registry("CNN backbone")
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    """Pretrained weights were asked for but are not on this machine (vsekit never downloads them)."""
+
+
+def _finish(x: torch.Tensor, no_imgnorm: bool, use_abs: bool) -> torch.Tensor:
+    if not no_imgnorm:
+        x = l2norm(x)
+    if use_abs:
+        x = x.abs()
+    return x
+
+
+@IMAGE_ENCODERS.register("precomp")
+class PrecompImageEncoder(nn.Module):
+    """Projects precomputed features: (B, D) global or (B, R, D) region features.
+
+    ``pooling`` for region features: ``"mean"`` (project each region, average), ``"max"``, ``"gpo"``
+    (VSE-infinity's generalised pooling) or ``"flatten"`` (concatenate the R regions and project once, as the
+    LSEH code's VSE++ variant does: Linear(R*D -> embed)). ``head``: ``"linear"`` (VSE++) or ``"mlp"``.
+    """
+
+    def __init__(self, img_dim: int, embed_size: int = 1024, head: str = "linear", pooling: str = "mean",
+                 num_regions: int | None = None, no_imgnorm: bool = False, use_abs: bool = False) -> None:
+        super().__init__()
+        if pooling not in ("mean", "max", "gpo", "flatten"):
+            raise ValueError(f"image_encoder.pooling must be mean, max, gpo or flatten, got {pooling!r}")
+        if pooling == "flatten":
+            if not num_regions:
+                raise ValueError("pooling 'flatten' needs region features (N, R, D)")
+            in_dim = img_dim * num_regions
+        else:
+            in_dim = img_dim
+        if head == "linear":
+            self.head = xavier_linear_(nn.Linear(in_dim, embed_size))
+        elif head == "mlp":
+            self.head = MLP(in_dim, embed_size // 2, embed_size)
+        else:
+            raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
+        self.pooling = pooling
+        self.gpo = GPO() if pooling == "gpo" else None
+        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.dim() == 3:
+            if self.pooling == "flatten":
+                x = self.head(feats.flatten(1))
+            else:
+                x = self.head(feats)
+                if self.pooling == "mean":
+                    x = x.mean(1)
+                elif self.pooling == "max":
+                    x = x.max(1).values
+                else:
+                    x = self.gpo(x)
+        else:
+            x = self.head(feats)
+        return _finish(x, self.no_imgnorm, self.use_abs)
+
+
+def _local_weights_file(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Module:
+    model = torchvision.models.get_model(arch, weights=None)
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(f"image_encoder.weights_path: no such file {path}")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    elif pretrained:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        path = _local_weights_file(weights)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(
+                f"pretrained ImageNet weights for {arch} are not on this machine: expected {path}.\n"
+                f"vsekit does not download weights. Fetch {weights.url} into {path.parent} "
+                f"(or set TORCH_HOME), pass image_encoder.weights_path=FILE, or use image_encoder.pretrained=false."
+            )
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def _resnet(arch: str):
+    def build(pretrained: bool = False, weights_path: str | None = None) -> tuple[nn.Module, int]:
+        m = _load_torchvision(arch, pretrained, weights_path)
+        dim = m.fc.in_features
+        m.fc = nn.Identity()
+        return m, dim
+
+    return build
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    BACKBONES.register(_arch)(_resnet(_arch))
+
+
+@BACKBONES.register("vgg19")
+def _vgg19(pretrained: bool = False, weights_path: str | None = None) -> tuple[nn.Module, int]:
+    m = _load_torchvision("vgg19", pretrained, weights_path)
+    m.classifier = nn.Sequential(*list(m.classifier.children())[:-1])  # drop the last FC: 4096-d fc7
+    return m, 4096
+
+
+class SmallCNN(nn.Module):
+    """A four-block conv net for small images (the demo's 64x64 scenes): fast on a CPU."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (width, width * 2, width * 4, width * 8):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
+@BACKBONES.register("small_cnn")
+def _small_cnn(pretrained: bool = False, weights_path: str | None = None, width: int = 32) -> tuple[nn.Module, int]:
+    if pretrained and not weights_path:
+        raise PretrainedWeightsMissing("backbone small_cnn has no published pretrained weights; use pretrained=false")
+    m = SmallCNN(width)
+    if weights_path:
+        m.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return m, m.out_dim
+
+
+@IMAGE_ENCODERS.register("cnn")
+class CNNImageEncoder(nn.Module):
+    """VSE++ ``EncoderImageFull``: CNN features, L2-normalised, then a linear layer into the joint space.
+
+    ``finetune=False`` freezes the CNN (no gradients, batch norm kept in eval mode); the trainer may flip it
+    between stages with :meth:`set_finetune`.
+    """
+
+    def __init__(self, embed_size: int = 1024, backbone: str = "resnet152", pretrained: bool = False,
+                 finetune: bool = False, weights_path: str | None = None, head: str = "linear",
+                 no_imgnorm: bool = False, use_abs: bool = False, width: int = 32) -> None:
+        super().__init__()
+        kwargs = {"width": width} if backbone == "small_cnn" else {}
+        self.backbone, feat_dim = BACKBONES.build({"name": backbone, "pretrained": pretrained,
+                                                   "weights_path": weights_path, **kwargs})
+        self.head = xavier_linear_(nn.Linear(feat_dim, embed_size)) if head == "linear" else \
+            MLP(feat_dim, embed_size // 2, embed_size)
+        self.feat_dim = feat_dim
+        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.set_finetune(finetune)
+
+    def set_finetune(self, finetune: bool) -> None:
+        self.finetune = finetune
+        for p in self.backbone.parameters():
+            p.requires_grad_(finetune)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CNNImageEncoder:
+        super().train(mode)
+        if not self.finetune:
+            self.backbone.eval()  # frozen CNN: batch-norm statistics stay fixed
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            feats = self.backbone(images)
+        x = self.head(l2norm(feats))
+        return _finish(x, self.no_imgnorm, self.use_abs)

@@ -1,0 +1,83 @@
+"""Text encoders: word embeddings + GRU (VSE++), last valid state, L2-normalised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vsekit.data.corpus import DataError
+from vsekit.models.layers import l2norm
+from vsekit.registry import Registry
+
+TEXT_ENCODERS = Registry("text encoder")
+
+
+def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
+    """Rows of a word-vector text file (GloVe / word2vec text: ``word v1 ... vd`` per line) for the vocabulary.
+
+    Returns (|V|, dim) initial weights (words absent from the file keep U(-0.1, 0.1)) and the number found.
+    A header line ``count dim`` (word2vec) is skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"word vectors: no such file {path}")
+    index = {w: i for i, w in enumerate(itos)}
+    weight = torch.empty(len(itos), dim).uniform_(-0.1, 0.1)
+    found = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip().split(" ")
+            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue
+            if len(parts) < 2:
+                continue
+            row = index.get(parts[0])
+            if row is None:
+                continue
+            if len(parts) - 1 != dim:
+                raise DataError(f"{path}:{lineno}: vector of {len(parts) - 1} values, expected word_dim={dim}")
+            try:
+                weight[row] = torch.tensor([float(v) for v in parts[1:]])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: not a number in the vector of {parts[0]!r}") from None
+            found += 1
+    return weight, found
+
+
+@TEXT_ENCODERS.register("gru")
+class GRUTextEncoder(nn.Module):
+    """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
+
+    Uni-directional: the final state of the last layer. Bi-directional: the mean of the two directions'
+    final states. Sequences are packed, so padding never reaches the GRU.
+    """
+
+    def __init__(self, vocab_size: int, embed_size: int = 1024, word_dim: int = 300, num_layers: int = 1,
+                 bidirectional: bool = False, word_vectors: str | None = None, itos: list[str] | None = None,
+                 no_txtnorm: bool = False, use_abs: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.words_from_file = 0
+        if word_vectors:
+            if itos is None:
+                raise ValueError("word_vectors needs the vocabulary")
+            weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
+            with torch.no_grad():
+                self.embed.weight.copy_(weight)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
+        self.bidirectional = bidirectional
+        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)  # (layers * dirs, B, H), final state at each sequence's last valid step
+        out = (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+        if not self.no_txtnorm:
+            out = l2norm(out)
+        if self.use_abs:
+            out = out.abs()
+        return out
