@@ -1,0 +1,249 @@
+"""Reader for plain image-caption pair files: the easiest way to bring your own data.
+
+One row per (image, caption) pair, as CSV/TSV with a header or as JSON lines, with columns ``image`` and
+``caption`` and optionally ``split`` and ``label``. Rows are grouped by image in order of first appearance.
+
+Split rule: ``split=None`` reads every row. Asking for a named split needs a ``split`` value on every row;
+a file without a split column is an error then, not "every row is in every split", which would silently
+evaluate on the training data. ``dev`` and ``val`` name the same split, as in the Karpathy reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsekit.data.corpus import Corpus, DataError
+
+logger = logging.getLogger(__name__)
+
+PAIRS_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
+_SPLIT_ALIASES = {"dev": "val"}
+
+
+def read_pairs(path: str | Path, split: str | None = None, image_root: str | Path | None = None) -> Corpus:
+    """Read a pairs file; relative image paths resolve against ``image_root`` (default: the file's folder).
+
+    Error messages name the file and the 1-based line (for a ``.json`` array: the 1-based entry).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pairs file not found")
+    root = path.parent if image_root is None else Path(image_root)
+    wanted = None if split is None else _SPLIT_ALIASES.get(split, split)
+
+    # image as written -> row; per row, its label and the line that set it
+    rows: dict[str, int] = {}
+    label_of: list[int] = []
+    label_line: list[int | None] = []
+    captions: list[str] = []
+    caption_ids: list[str] = []
+    caption_to_image: list[int] = []
+    splits_seen: dict[str, int] = {}
+    split_of_image: dict[str, tuple[str, int]] = {}
+    cross_split: list[str] = []
+    has_split_column = False
+    no_split_where: str | None = None
+    any_label = False
+
+    for where, line, record in _records(path):
+        image = _required(record, "image", where)
+        caption = _required(record, "caption", where).strip()
+        if not caption:
+            raise DataError(f"{where}: empty caption")
+        row_split = record.get("split")
+        if row_split is not None and not isinstance(row_split, str):
+            raise DataError(f"{where}: 'split' must be a string, got {row_split!r}")
+        row_split = (row_split or "").strip() or None
+        if row_split is not None:
+            has_split_column = True
+            row_split = _SPLIT_ALIASES.get(row_split, row_split)
+            splits_seen[row_split] = splits_seen.get(row_split, 0) + 1
+            previous = split_of_image.setdefault(image, (row_split, line))
+            if previous[0] != row_split and len(cross_split) < 5:
+                cross_split.append(f"{image!r} ({previous[0]} at {previous[1]}, {row_split} at {line})")
+        if wanted is not None:
+            if row_split is None:
+                # an error either way, but which one depends on whether any row has a split
+                no_split_where = no_split_where or where
+                continue
+            if row_split != wanted:
+                continue
+
+        label = _parse_label(record.get("label"), where)
+        row = rows.get(image)
+        if row is None:
+            row = rows[image] = len(rows)
+            label_of.append(-1)
+            label_line.append(None)
+        if label is not None:
+            any_label = True
+            if label_line[row] is None:
+                label_of[row], label_line[row] = label, line
+            elif label_of[row] != label:
+                raise DataError(
+                    f"{path}: image {image!r} has label {label_of[row]} at {_unit(path)} {label_line[row]} "
+                    f"but label {label} at {_unit(path)} {line}"
+                )
+        captions.append(caption)
+        caption_ids.append(f"{path.name}:{line}")
+        caption_to_image.append(row)
+
+    if wanted is not None and not has_split_column:
+        raise DataError(
+            f"{path}: has no 'split' column, so split {split!r} cannot be selected; use split=None"
+        )
+    if no_split_where is not None:
+        raise DataError(f"{no_split_where}: no split value, but split {split!r} was requested")
+    if not captions:
+        if wanted is not None:
+            present = ", ".join(sorted(splits_seen)) or "(none)"
+            raise DataError(f"{path}: no rows with split {split!r}; splits present: {present}")
+        raise DataError(f"{path}: holds no rows")
+    if cross_split:
+        logger.warning(
+            "%s: images listed under more than one split (train/test leakage?): %s",
+            path,
+            "; ".join(cross_split),
+        )
+
+    image_ids = list(rows)
+    return Corpus(
+        name=f"{path.stem}_{wanted or 'all'}",
+        captions=captions,
+        caption_to_image=np.asarray(caption_to_image, dtype=np.int64),
+        image_ids=image_ids,
+        image_paths=[_resolve(root, image) for image in image_ids],
+        labels=np.asarray(label_of, dtype=np.int64) if any_label else None,
+        caption_ids=caption_ids,
+        meta={"format": "pairs", "source": str(path), "split": wanted},
+    )
+
+
+def _unit(path: Path) -> str:
+    return "entry" if path.suffix.lower() == ".json" and _is_json_array(path) else "line"
+
+
+def _resolve(root: Path, image: str) -> Path:
+    p = Path(image).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _required(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise DataError(f"{where}: missing '{key}'")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a string, got {value!r}")
+    if key == "image" and not value.strip():
+        raise DataError(f"{where}: empty image path")
+    return value.strip() if key == "image" else value
+
+
+def _parse_label(value: Any, where: str) -> int | None:
+    """Integer label, or None when absent/blank. Accepts ints and integer strings (CSV cells)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise DataError(f"{where}: label must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    raise DataError(f"{where}: label must be an integer, got {value!r}")
+
+
+def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Yield ``(where, line, record)``; ``where`` is ``"file:line"`` for messages."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        yield from _csv_records(path, delimiter="\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
+        yield from _jsonl_records(path)
+    elif suffix == ".json":
+        yield from _json_array_records(path)
+    else:
+        raise DataError(
+            f"{path}: unknown pairs file type {suffix!r}; expected one of {', '.join(PAIRS_EXTENSIONS)}"
+        )
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}:1: empty file, expected a header with columns image,caption")
+            header = [h.strip() for h in header]
+            for column in ("image", "caption"):
+                if column not in header:
+                    raise DataError(
+                        f"{path}:1: header has no '{column}' column (columns: {', '.join(header)})"
+                    )
+            while True:
+                line = reader.line_num + 1  # a record may span lines (quoted newlines): report its first
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if not any(field.strip() for field in fields):
+                    continue
+                if len(fields) > len(header):
+                    raise DataError(f"{path}:{line}: {len(fields)} fields but the header has {len(header)}")
+                yield f"{path}:{line}", line, dict(zip(header, fields))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+                yield f"{path}:{line}", line, record
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
+
+
+def _json_array_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    for entry, record in enumerate(data, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: entry {entry}: expected a JSON object, got {type(record).__name__}")
+        yield f"{path}: entry {entry}", entry, record
+
+
+def _is_json_array(path: Path) -> bool:
+    """A ``.json`` pairs file may be a JSON array of objects instead of JSON lines."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0] == "["
+    return False
