@@ -1,0 +1,198 @@
+"""Config resolution, tokenizer/vocabulary, registries, and every registered encoder's forward/backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vsekit.config import ConfigError, apply_overrides, resolve_config
+from vsekit.models import BACKBONES, IMAGE_ENCODERS, build_model, order_sim
+from vsekit.models.image import PretrainedWeightsMissing
+from vsekit.models.text import load_word_vectors
+from vsekit.registry import Registry
+from vsekit.text import Vocabulary, tokenize
+
+
+# -- config -----------------------------------------------------------------------------------------
+def test_recipe_inherits_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.1, grad_clip: 2.0}\nloss: {name: hinge, margin: 0.2}\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nname: child\noptim: {lr: 0.01}\n")
+    cfg = resolve_config(tmp_path / "child.yaml", ["loss.margin=0.05", "train.epochs=3", "model.use_abs=true"])
+    assert cfg["optim"] == {**cfg["optim"], "lr": 0.01, "grad_clip": 2.0}
+    assert cfg["loss"]["margin"] == 0.05 and cfg["train"]["epochs"] == 3 and cfg["model"]["use_abs"] is True
+    assert cfg["output_dir"] == "runs/child"
+
+
+def test_override_typo_is_an_error_and_plus_adds():
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        resolve_config(None, ["optim.lrr=1"])
+    cfg = apply_overrides({"a": {}}, ["+a.new.key=[1, 2]"])
+    assert cfg["a"]["new"]["key"] == [1, 2]
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+    # open sections accept component-specific keys
+    cfg = resolve_config(None, ["model.image_encoder.backbone=resnet18", "loss.alpha=0.3"])
+    assert cfg["model"]["image_encoder"]["backbone"] == "resnet18" and cfg["loss"]["alpha"] == 0.3
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        resolve_config(p)
+
+
+def test_shipped_recipes_resolve():
+    from vsekit.cli import RECIPES
+
+    names = sorted(f.stem for f in RECIPES.glob("*.yaml"))
+    assert {"vsepp_f30k_precomp", "vsepp_coco_precomp", "vsepp_f30k_resnet152_ft", "demo_vsepp"} <= set(names)
+    for n in names:
+        cfg = resolve_config(RECIPES / f"{n}.yaml")
+        assert cfg["loss"]["name"] and cfg["model"]["embed_size"] > 0
+
+
+# -- text -------------------------------------------------------------------------------------------
+def test_tokenize():
+    assert tokenize("A man's T-shirt, red!") == ["a", "man's", "t-shirt", ",", "red", "!"]
+
+
+def test_vocab_from_train_only_and_roundtrip(tmp_path):
+    v = Vocabulary.build(["a red circle", "a blue circle", "a red square"], min_count=2)
+    assert v.itos[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert v.itos[4:] == ["a", "circle", "red"]  # by count, then alphabetical
+    assert v.encode("a green circle") == [1, v.stoi["a"], 3, v.stoi["circle"], 2]
+    assert v.encode("a red circle", max_len=1) == [1, v.stoi["a"], 2]
+    assert v.decode(v.encode("a red circle")) == "a red circle"
+    v.save(tmp_path / "v.json")
+    assert Vocabulary.load(tmp_path / "v.json").itos == v.itos
+
+
+# -- registries -------------------------------------------------------------------------------------
+def test_registry_errors():
+    r = Registry("thing")
+    r.register("a")(lambda x=1: x)
+    assert r.build({"name": "a", "x": 3}) == 3
+    with pytest.raises(KeyError, match="unknown thing 'b'; known: a"):
+        r.build("b")
+    with pytest.raises(TypeError, match="bad options for thing 'a'"):
+        r.build({"name": "a", "y": 1})
+    with pytest.raises(KeyError, match="twice"):
+        r.register("a")(lambda: 0)
+
+
+IMAGE_SPECS = [
+    ({"name": "precomp"}, (20,)),
+    ({"name": "precomp", "head": "mlp"}, (20,)),
+    ({"name": "precomp", "pooling": "mean"}, (5, 20)),
+    ({"name": "precomp", "pooling": "max"}, (5, 20)),
+    ({"name": "precomp", "pooling": "gpo"}, (5, 20)),
+    ({"name": "precomp", "pooling": "flatten"}, (5, 20)),
+    ({"name": "cnn", "backbone": "small_cnn", "finetune": True}, None),
+    ({"name": "cnn", "backbone": "resnet18", "finetune": True}, None),
+]
+
+
+def test_every_image_encoder_is_covered():
+    assert {s["name"] for s, _ in IMAGE_SPECS} == set(IMAGE_ENCODERS.names())
+
+
+@pytest.mark.parametrize("spec,shape", IMAGE_SPECS, ids=lambda x: str(x))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_model_forward_backward(spec, shape, bidirectional):
+    torch.manual_seed(0)
+    model = build_model({"embed_size": 16, "image_encoder": spec,
+                         "text_encoder": {"name": "gru", "word_dim": 8, "bidirectional": bidirectional}},
+                        vocab_size=30, feature_shape=shape)
+    images = torch.randn(4, *shape) if shape else torch.randn(4, 3, 32, 32)
+    tokens = torch.randint(4, 30, (4, 7))
+    lengths = torch.tensor([7, 3, 5, 2])
+    img, cap, sim = model(images, tokens, lengths)
+    assert img.shape == cap.shape == (4, 16) and sim.shape == (4, 4)
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(cap.norm(dim=1), torch.ones(4))
+    sim.sum().backward()
+    assert model.text_encoder.embed.weight.grad is not None
+
+
+def test_gru_uses_last_valid_state_not_padding():
+    torch.manual_seed(0)
+    model = build_model({"embed_size": 8, "text_encoder": {"name": "gru", "word_dim": 4}}, vocab_size=20,
+                        feature_shape=(3,))
+    tok = torch.tensor([[1, 5, 6, 2, 0, 0, 0]])
+    padded_more = torch.tensor([[1, 5, 6, 2, 9, 9, 9]])  # garbage after the valid length
+    a = model.encode_captions(tok, torch.tensor([4]))
+    b = model.encode_captions(padded_more, torch.tensor([4]))
+    c = model.encode_captions(tok[:, :4], torch.tensor([4]))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_order_embeddings_are_non_negative():
+    model = build_model({"embed_size": 8, "use_abs": True, "similarity": "order"}, vocab_size=20, feature_shape=(6,))
+    img, cap, sim = model(torch.randn(3, 6), torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 3]))
+    assert (img >= 0).all() and (cap >= 0).all()
+    torch.testing.assert_close(sim, order_sim(img, cap))
+    assert (sim <= 0).all()
+
+
+def test_frozen_cnn_gets_no_gradients_and_keeps_bn_stats():
+    torch.manual_seed(0)
+    model = build_model({"embed_size": 8, "image_encoder": {"name": "cnn", "backbone": "small_cnn", "finetune": False,
+                                                              "width": 4}}, vocab_size=10)
+    enc = model.image_encoder
+    enc.train()
+    assert not enc.backbone.training
+    bn = next(m for m in enc.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    enc(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in enc.backbone.parameters())
+    assert enc.head.weight.grad is not None
+    assert torch.equal(before, bn.running_mean)
+    enc.set_finetune(True)
+    enc.train()
+    assert enc.backbone.training
+
+
+def test_pretrained_weights_missing_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsMissing, match="does not download"):
+        BACKBONES.build({"name": "resnet18", "pretrained": True})
+
+
+def test_pretrained_weights_load_from_local_file(monkeypatch, tmp_path):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_model_weights("resnet18").DEFAULT
+    ref = torchvision.models.resnet18()
+    path = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), path)
+    net, dim = BACKBONES.build({"name": "resnet18", "pretrained": True})
+    assert dim == 512
+    torch.testing.assert_close(net.conv1.weight, ref.conv1.weight)
+
+
+def test_word_vectors_file(tmp_path):
+    p = tmp_path / "vec.txt"
+    p.write_text("2 3\nred 1 2 3\nzzz 0 0 0\ncircle 4 5 6\n")
+    w, found = load_word_vectors(p, ["<pad>", "<start>", "<end>", "<unk>", "red", "circle", "blue"], 3)
+    assert found == 2
+    torch.testing.assert_close(w[4], torch.tensor([1.0, 2, 3]))
+    torch.testing.assert_close(w[5], torch.tensor([4.0, 5, 6]))
+    p.write_text("red 1 2\n")
+    from vsekit.data.corpus import DataError
+
+    with pytest.raises(DataError, match=r"vec.txt:1"):
+        load_word_vectors(p, ["<pad>", "<start>", "<end>", "<unk>", "red"], 3)
+
+
+def test_switching_a_component_drops_its_options(tmp_path):
+    (tmp_path / "a.yaml").write_text("loss: {name: hinge_warmup, margin: 0.2, warmup_epochs: 1}\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\nloss: {name: lseh, alpha: 0.185}\n")
+    assert resolve_config(tmp_path / "b.yaml")["loss"] == {"name": "lseh", "alpha": 0.185}
+    cfg = resolve_config(tmp_path / "a.yaml", ["loss.name=infonce", "loss.temperature=0.05"])
+    assert cfg["loss"] == {"name": "infonce", "temperature": 0.05}
+    cfg = resolve_config(tmp_path / "a.yaml", ["loss.margin=0.1"])
+    assert cfg["loss"] == {"name": "hinge_warmup", "margin": 0.1, "warmup_epochs": 1}

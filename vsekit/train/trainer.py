@@ -1,0 +1,321 @@
+"""The one training loop every method uses: data, model, loss and schedule all come from the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vsekit.checkpoint import load_checkpoint, save_checkpoint
+from vsekit.config import dump_config
+from vsekit.data.corpus import Corpus
+from vsekit.data.datasets import EpochSampler, ImageSource, PairDataset, collate_pairs
+from vsekit.data.load import load_corpus
+from vsekit.inference import Embedder
+from vsekit.losses import build_loss
+from vsekit.models.vse import build_model
+from vsekit.text.vocab import Vocabulary
+from vsekit.train.optim import build_optimizer, build_scheduler
+from vsekit.utils.device import resolve_device
+from vsekit.utils.io import atomic_write_text
+
+log = logging.getLogger("vsekit.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# keys of the ``data`` section that the trainer reads; the rest is the reader's spec
+_LOOP_KEYS = {"train_split", "val_split", "test_split", "val_max_images", "image_size", "resize", "num_workers",
+              "sample"}
+
+
+def load_split(cfg: dict, split: str, max_images: int | None = None) -> Corpus:
+    """One split of the config's data set (its first ``max_images`` images: the field's 1,000-image dev sets)."""
+    spec = {k: v for k, v in cfg["data"].items() if k not in _LOOP_KEYS}
+    if max_images:
+        spec["max_images"] = int(max_images)
+    return load_corpus(spec, split)
+
+
+def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
+
+
+class Trainer:
+    """Builds everything from a resolved config and runs ``fit``. ``resume=True`` continues ``last.pt``."""
+
+    def __init__(self, cfg: dict[str, Any], resume: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg["output_dir"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.get("device", "auto"))
+        tcfg = cfg["train"]
+        seed_everything(int(cfg["seed"]))
+
+        resume_state = None
+        if resume:
+            last = self.out / "last.pt"
+            if not last.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
+            resume_state = load_checkpoint(last)
+
+        self.train_corpus = load_split(cfg, cfg["data"]["train_split"])
+        self.val_corpus = load_split(cfg, cfg["data"]["val_split"], cfg["data"].get("val_max_images"))
+        init_state = None
+        if resume_state is None and tcfg.get("init_from"):
+            init_state = load_checkpoint(tcfg["init_from"])  # e.g. VSE++ FT stage 2 starts from stage 1
+        if resume_state is not None or init_state is not None:
+            self.vocab = Vocabulary.from_dict((resume_state or init_state)["vocab"])
+        else:
+            self.vocab = Vocabulary.build(self.train_corpus.captions, int(cfg["text"]["min_count"]))
+        self.feature_shape = feature_shape(self.train_corpus)
+        self.model = build_model(cfg["model"], vocab_size=len(self.vocab), itos=self.vocab.itos,
+                                 feature_shape=self.feature_shape).to(self.device)
+        if init_state is not None:
+            self.model.load_state_dict(init_state["model"])
+            log.info("initialised the model from %s", init_state["path"])
+        self.loss_fn = build_loss(cfg["loss"]).to(self.device)
+
+        self.caption_vectors = None
+        if getattr(self.loss_fn, "requires_caption_vectors", False):
+            self.caption_vectors = self._caption_vectors()
+
+        self.max_len = cfg["text"].get("max_len")
+        transform = None
+        if not self.train_corpus.is_precomputed:
+            from vsekit.data.images import build_transform
+
+            transform = build_transform(train=True, image_size=int(cfg["data"]["image_size"]),
+                                        resize=cfg["data"].get("resize"))
+        self.dataset = PairDataset(self.train_corpus, lambda c: self.vocab.encode(c, self.max_len),
+                                   ImageSource(self.train_corpus, transform), sample=cfg["data"].get("sample", "caption"),
+                                   seed=int(cfg["seed"]))
+        self.sampler = EpochSampler(len(self.dataset), int(cfg["seed"]))
+        self.batch_size = int(tcfg["batch_size"])
+        self.optimizer = build_optimizer(_ModelAndLoss(self.model, self.loss_fn), cfg["optim"])
+        self.scheduler = build_scheduler(self.optimizer, cfg["optim"])
+        self.amp = bool(tcfg.get("amp", True)) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.epoch, self.batches_done, self.step, self.best_rsum = 0, 0, 0, -math.inf
+        self.epoch_loss_sum = 0.0
+        self.history: list[dict] = []
+        if resume_state is not None:
+            self._restore(resume_state)
+        atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.tb = _tensorboard(self.out)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _caption_vectors(self) -> torch.Tensor:
+        from vsekit.semantics import fit_or_load_caption_vectors
+
+        s = self.cfg.get("semantics", {})
+        cache = Path(s.get("cache_dir") or (_cache_root() / "semantics"))
+        kw = {"n_components": int(s.get("n_components", 400)), "random_state": int(s.get("random_state", 122))}
+        if s.get("n_iter") is not None:
+            kw["n_iter"] = int(s["n_iter"])
+        vecs = fit_or_load_caption_vectors(self.train_corpus.captions, self.train_corpus.caption_ids, cache, **kw)
+        return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "best_rsum": self.best_rsum,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "history": self.history,
+            "vocab": self.vocab.to_dict(),
+            "config": self.cfg,
+            "feature_shape": list(self.feature_shape) if self.feature_shape else None,
+        }
+
+    def _restore(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.loss_fn.load_state_dict(s["loss"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
+        self.best_rsum, self.history = s["best_rsum"], list(s["history"])
+        self.epoch_loss_sum = s["epoch_loss_sum"]
+        set_rng_state(s["rng"])
+        log.info("resumed %s at epoch %d, batch %d (step %d)", self.out, self.epoch, self.batches_done, self.step)
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(self.out / name, self.state_dict())
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            kind = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record.get("step", self.step))
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start=self.batches_done * self.batch_size)
+        g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 1000003 + self.epoch)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                          num_workers=int(self.cfg["data"].get("num_workers", 0)), collate_fn=collate_pairs,
+                          generator=g, pin_memory=self.device.type == "cuda")
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        dev = self.device
+        images = batch["images"].to(dev, non_blocking=True)
+        tokens, lengths = batch["tokens"].to(dev, non_blocking=True), batch["lengths"]
+        image_ids = batch["image_rows"].to(dev)
+        extra = {}
+        if self.caption_vectors is not None:
+            extra["caption_vectors"] = self.caption_vectors[batch["caption_idx"]].to(dev)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
+            _, _, sim = self.model(images, tokens, lengths)
+        loss = self.loss_fn(sim.float(), image_ids, **extra)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg["optim"].get("grad_clip")
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def validate(self) -> dict[str, float]:
+        from vsekit.eval import retrieval_metrics
+
+        ecfg = self.cfg["eval"]
+        emb = Embedder(self.model, self.vocab, self.cfg, self.device, fingerprint="-")
+        img, cap = emb.encode_corpus(self.val_corpus, batch_size=int(ecfg.get("batch_size", 256)))
+        self.model.train()
+        return retrieval_metrics(img, cap, self.val_corpus.caption_to_image, protocol="full",
+                                 similarity=self.model.similarity_name, chunk_size=int(ecfg.get("chunk_size", 1024)))
+
+    def fit(self) -> dict[str, Any]:
+        tcfg = self.cfg["train"]
+        epochs = int(tcfg["epochs"])
+        every = int(tcfg.get("checkpoint_every_steps") or 0)
+        max_steps = tcfg.get("max_steps_per_epoch")
+        log_every = max(1, int(tcfg.get("log_every", 10)))
+        while self.epoch < epochs:
+            self.loss_fn.set_epoch(self.epoch) if hasattr(self.loss_fn, "set_epoch") else None
+            self.model.train()
+            loader = self._loader()
+            total = math.ceil(len(self.dataset) / self.batch_size)
+            if max_steps:
+                total = min(total, int(max_steps))
+            bar = _bar(tcfg.get("progress", True), total, self.batches_done, f"epoch {self.epoch + 1}/{epochs}")
+            t0, seen = time.perf_counter(), 0
+            for batch in loader:
+                if self.batches_done >= total:
+                    break
+                loss = self.train_step(batch)
+                self.batches_done += 1
+                self.step += 1
+                seen += len(batch["lengths"])
+                self.epoch_loss_sum += loss
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", pairs_per_s=f"{rate:.0f}")
+                if self.step % log_every == 0:
+                    self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
+                               "lr": self.optimizer.param_groups[0]["lr"], "pairs_per_s": rate})
+                if every and self.step % every == 0:
+                    self.save("last.pt")
+            if bar is not None:
+                bar.close()
+            self.scheduler.step()
+            metrics = self.validate()
+            record = {"kind": "val", "epoch": self.epoch, "step": self.step,
+                      "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics}
+            self.history.append(record)
+            self._log(record)
+            log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
+                     metrics["i2t_r1"], metrics["t2i_r1"])
+            self.epoch += 1
+            self.batches_done, self.epoch_loss_sum = 0, 0.0
+            is_best = metrics["rsum"] > self.best_rsum
+            if is_best:
+                self.best_rsum = metrics["rsum"]
+            self.save("last.pt")
+            if is_best:
+                self.save("best.pt")
+        if self.tb is not None:
+            self.tb.flush()
+        return {"best_rsum": self.best_rsum, "history": self.history, "output_dir": str(self.out)}
+
+
+class _ModelAndLoss(torch.nn.Module):
+    """Groups the model and a loss with parameters (InfoNCE's temperature) for one optimizer."""
+
+    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        yield from self.model.named_parameters(prefix, recurse, remove_duplicate)
+        yield from self.loss.named_parameters("loss", recurse, remove_duplicate)
+
+
+def _bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("VSEKIT_CACHE", Path.home() / ".cache" / "vsekit"))
+
+
+def train(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume).fit()
