@@ -1,0 +1,24 @@
+"""Retrieval evaluation: VSE++-protocol recall/medr/meanr/rsum (chunked, exact) and label mAP."""
+
+from vsekit.eval.metrics import (
+    METRIC_KEYS,
+    PROTOCOLS,
+    mean_average_precision,
+    mean_over_folds,
+    metrics_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+)
+from vsekit.eval.report import format_metrics_table, write_metrics_json
+
+__all__ = [
+    "METRIC_KEYS",
+    "PROTOCOLS",
+    "format_metrics_table",
+    "mean_average_precision",
+    "mean_over_folds",
+    "metrics_from_ranks",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "write_metrics_json",
+]

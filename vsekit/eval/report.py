@@ -1,0 +1,55 @@
+"""Human- and machine-readable retrieval results: a fixed-width table and an atomically written JSON."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vsekit.eval.metrics import DIRECTIONS, METRIC_KEYS
+from vsekit.utils.io import atomic_write_json
+
+# (header, key suffix, format): medr is an integer by construction (floor(median) + 1)
+_COLUMNS = (
+    ("R@1", "r1", ".2f"),
+    ("R@5", "r5", ".2f"),
+    ("R@10", "r10", ".2f"),
+    ("medr", "medr", ".0f"),
+    ("meanr", "meanr", ".2f"),
+)
+_LABELS = {"i2t": "image->text", "t2i": "text->image"}
+
+
+def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
+    """A fixed-width table of :func:`retrieval_metrics` output: one row per direction, then rsum.
+
+    Recalls in percent with two decimals (enough to tell two runs apart; the JSON keeps full precision).
+    """
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    if missing:
+        raise KeyError(f"metrics lack {missing}; expected the keys of retrieval_metrics")
+    width = max(len(v) for v in _LABELS.values())
+    lines = [title] if title else []
+    lines.append(f"{'':<{width}}" + "".join(f"{name:>9}" for name, _, _ in _COLUMNS))
+    for d in DIRECTIONS:
+        cells = "".join(f"{metrics[f'{d}_{key}']:>9{fmt}}" for _, key, fmt in _COLUMNS)
+        lines.append(f"{_LABELS[d]:<{width}}{cells}")
+    lines.append(f"{'rsum':<{width}}{metrics['rsum']:>9.2f}")
+    return "\n".join(lines)
+
+
+def write_metrics_json(
+    path: str | os.PathLike,
+    metrics: Mapping[str, float],
+    *,
+    folds: Sequence[Mapping[str, float]] | None = None,
+    **context: Any,
+) -> Path:
+    """Write ``{"metrics": ..., "folds": [...], **context}`` to ``path`` atomically (a crash leaves the old
+    file or the new one, never half of one). ``context`` is free-form: checkpoint, split, protocol, ..."""
+    record: dict[str, Any] = dict(context)
+    record["metrics"] = {k: float(metrics[k]) for k in METRIC_KEYS}
+    if folds is not None:
+        record["folds"] = [{k: float(f[k]) for k in METRIC_KEYS} for f in folds]
+    return atomic_write_json(path, record)
