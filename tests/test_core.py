@@ -194,5 +194,7 @@ def test_switching_a_component_drops_its_options(tmp_path):
     assert resolve_config(tmp_path / "b.yaml")["loss"] == {"name": "lseh", "alpha": 0.185}
     cfg = resolve_config(tmp_path / "a.yaml", ["loss.name=infonce", "loss.temperature=0.05"])
     assert cfg["loss"] == {"name": "infonce", "temperature": 0.05}
+    cfg = resolve_config(tmp_path / "a.yaml", ["name=other", "train.epochs=2"])  # the run name is no component
+    assert cfg["name"] == "other" and cfg["train"]["epochs"] == 2 and cfg["loss"]["name"] == "hinge_warmup"
     cfg = resolve_config(tmp_path / "a.yaml", ["loss.margin=0.1"])
     assert cfg["loss"] == {"name": "hinge_warmup", "margin": 0.1, "warmup_epochs": 1}

@@ -46,6 +46,13 @@ DEFAULTS: dict[str, Any] = {
         "text_encoder": {"name": "gru", "word_dim": 300, "num_layers": 1, "bidirectional": False},
     },
     "loss": {"name": "hinge", "margin": 0.2, "reduction": "max"},
+    # weighted terms of the training objective (vsekit/train/objective.py); the defaults are `loss:` alone
+    "objective": {
+        "loss_weight": 1.0,
+        "instance": {"image_weight": 0.0, "text_weight": 0.0, "dropout": 0.0, "bias": True, "num_classes": None,
+                     "init_std": 0.001},
+        "mined": {"name": "dualpath_rank", "weight": 0.0, "margin": 1.0, "pool_size": 256},
+    },
     "semantics": {"n_components": 400, "n_iter": None, "random_state": 122, "cache_dir": None},
     "optim": {
         "name": "adam",
@@ -54,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": 2.0,
         "lr_decay_every": 15,
         "lr_decay_factor": 0.1,
+        "lr_milestones": None,
         "lr_mult": {},
     },
     "train": {
@@ -65,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "max_steps_per_epoch": None,
         "init_from": None,
         "progress": True,
+        "freeze": [],  # parameter/module name prefixes kept frozen (batch norm in eval mode)
+        "stages": [],  # consecutive epoch ranges with their own overrides (vsekit/train/stages.py)
     },
     "eval": {"protocol": "full", "chunk_size": 1024, "batch_size": 256},
 }
@@ -156,14 +166,14 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        if parts[-1] == "name" and node.get("name") not in (None, value):
+        if len(parts) > 1 and parts[-1] == "name" and node.get("name") not in (None, value):
             node.clear()  # switching component (e.g. loss.name=lseh): drop the old one's options
         node[parts[-1]] = value
     return cfg
 
 
 # sections whose keys depend on the registered component chosen, so any key may be set there
-_OPEN_SECTIONS = {"image_encoder", "text_encoder", "loss", "lr_mult", "data", "semantics", "instance"}
+_OPEN_SECTIONS = {"image_encoder", "text_encoder", "loss", "lr_mult", "data", "semantics", "instance", "mined"}
 
 
 def _interpolate(cfg: dict) -> dict:
