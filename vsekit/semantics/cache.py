@@ -1,0 +1,210 @@
+"""Fit LSA caption vectors once per caption set and reuse them across runs.
+
+A fitted folder holds::
+
+    vectors.npy        (M, K) float32, row j <-> caption j
+    caption_ids.json   the M caption ids (or null), so rows can be matched back to captions
+    model/             the LSAModel (vocabulary.json, idf.npy, components.npy, config.json)
+    meta.json          key, parameters, row count; written last, so a folder without it is incomplete
+
+The cache keys a folder by a hash of the captions' text (in order), the parameters and
+:data:`~vsekit.semantics.lsa.PIPELINE_VERSION`; a folder whose ``meta.json`` does not match the key and the
+row count is refitted. Caption ids are not part of the key: vectors depend on the text only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsekit.semantics.lsa import (
+    DEFAULT_N_COMPONENTS,
+    DEFAULT_N_ITER,
+    DEFAULT_RANDOM_STATE,
+    PIPELINE_VERSION,
+    LSAModel,
+)
+from vsekit.utils.io import atomic_write, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+class StaleCacheError(ValueError):
+    """A cached LSA folder that is incomplete or does not belong to the given captions/parameters."""
+
+
+def _params(n_components: int, n_iter: int, random_state: int) -> dict[str, int]:
+    return {"n_components": int(n_components), "n_iter": int(n_iter), "random_state": int(random_state)}
+
+
+def caption_set_key(captions: Sequence[str], params: dict[str, Any]) -> str:
+    """sha256 (hex) of the pipeline version, the parameters and every caption's text, in order."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"pipeline": PIPELINE_VERSION, "params": params, "num_captions": len(captions)},
+                        sort_keys=True).encode())
+    for c in captions:
+        b = c.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab", "c"] and ["a", "bc"] differ
+        h.update(b)
+    return h.hexdigest()
+
+
+def _ids_hash(caption_ids: Sequence[str] | None) -> str | None:
+    if caption_ids is None:
+        return None
+    return hashlib.sha256(json.dumps(list(caption_ids)).encode()).hexdigest()
+
+
+def _check_ids(captions: Sequence[str], caption_ids: Sequence[str] | None) -> list[str] | None:
+    if caption_ids is None:
+        return None
+    ids = [str(i) for i in caption_ids]
+    if len(ids) != len(captions):
+        raise ValueError(f"{len(ids)} caption ids for {len(captions)} captions")
+    return ids
+
+
+def fit_to_folder(captions: Sequence[str], caption_ids: Sequence[str] | None, out_folder: str | Path, *,
+                  n_components: int = DEFAULT_N_COMPONENTS, n_iter: int = DEFAULT_N_ITER,
+                  random_state: int = DEFAULT_RANDOM_STATE) -> Path:
+    """Fit LSA vectors of the TRAINING ``captions`` and write them, the ids and the model to ``out_folder``.
+
+    The entry point of ``vsekit semantics fit``. Every file is written atomically and ``meta.json`` last.
+    """
+    out = Path(out_folder)
+    ids = _check_ids(captions, caption_ids)
+    params = _params(n_components, n_iter, random_state)
+    t0 = time.perf_counter()
+    model, vectors = LSAModel.fit(captions, **params)
+    fit_s = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "vectors.npy", lambda f: np.save(f, vectors))
+    atomic_write_json(out / "caption_ids.json", ids)
+    model.save(out / "model")
+    atomic_write_json(out / "meta.json", {
+        "format": CACHE_FORMAT,
+        "key": caption_set_key(captions, params),
+        "pipeline_version": PIPELINE_VERSION,
+        "params": params,
+        "num_captions": len(captions),
+        "n_components": model.n_components,
+        "dtype": "float32",
+        "caption_ids_sha256": _ids_hash(ids),
+        "fit_seconds": model.config["fit_seconds"],
+    })
+    logger.info("LSA caption vectors: %s float32 (%d terms) fitted in %.1fs (%s) -> %s", vectors.shape,
+                len(model.vocabulary), fit_s, model.config["fit_seconds"], out)
+    return out
+
+
+def fit_from_captions_file(path: str | Path, out_folder: str | Path, **params: Any) -> Path:
+    """:func:`fit_to_folder` on a text file with one caption per line (ids are the 0-based line numbers)."""
+    with open(path, encoding="utf-8") as f:
+        captions = [line.rstrip("\n") for line in f]
+    return fit_to_folder(captions, [str(i) for i in range(len(captions))], out_folder, **params)
+
+
+def load_caption_vectors(folder: str | Path, *, key: str | None = None, num_captions: int | None = None,
+                         mmap: bool = True) -> np.ndarray:
+    """The (M, K) float32 vectors of a fitted folder, checked against ``key`` and ``num_captions`` if given.
+
+    Memory-mapped by default: for COCO the array is ~1 GB and LSEH reads only the rows of each batch.
+    """
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StaleCacheError(f"{folder}: no readable meta.json ({e})") from e
+    if meta.get("format") != CACHE_FORMAT:
+        raise StaleCacheError(f"{folder}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+    if key is not None and meta.get("key") != key:
+        raise StaleCacheError(f"{folder}: fitted for other captions or parameters")
+    rows = meta.get("num_captions")
+    if num_captions is not None and rows != num_captions:
+        raise StaleCacheError(f"{folder}: {rows} rows for {num_captions} captions")
+    try:
+        vectors = np.load(folder / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StaleCacheError(f"{folder}: unreadable vectors.npy ({e})") from e
+    if vectors.dtype != np.float32 or vectors.shape != (rows, meta.get("n_components")):
+        raise StaleCacheError(f"{folder}: vectors.npy is {vectors.dtype} {vectors.shape}, meta.json says "
+                              f"float32 ({rows}, {meta.get('n_components')})")
+    return vectors
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Serialise fits of one key across processes (e.g. data-parallel ranks); a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install(tmp: Path, folder: Path) -> None:
+    """Put the freshly written ``tmp`` folder in place of ``folder`` (renames only: never half a folder)."""
+    trash = None
+    if folder.exists():
+        trash = folder.with_name(f".{folder.name}.stale-{os.getpid()}-{time.time_ns()}")
+        os.replace(folder, trash)
+    os.replace(tmp, folder)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[str] | None,
+                                cache_dir: str | Path, *, n_components: int = DEFAULT_N_COMPONENTS,
+                                n_iter: int = DEFAULT_N_ITER, random_state: int = DEFAULT_RANDOM_STATE,
+                                mmap: bool = True) -> np.ndarray:
+    """(M, K) float32 LSA vectors of the training captions, row j <-> caption j, fitted at most once.
+
+    Stored in ``<cache_dir>/lsa-<key>/``; a missing, incomplete or mismatching folder is refitted and
+    replaced atomically.
+    """
+    ids = _check_ids(captions, caption_ids)
+    params = _params(n_components, n_iter, random_state)
+    key = caption_set_key(captions, params)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = cache_dir / f"lsa-{key[:16]}"
+    with _exclusive_lock(cache_dir / f".lsa-{key[:16]}.lock"):
+        try:
+            vectors = load_caption_vectors(folder, key=key, num_captions=len(captions), mmap=mmap)
+        except StaleCacheError as e:
+            if folder.exists():
+                logger.warning("refitting LSA caption vectors: %s", e)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache_dir))
+            try:
+                fit_to_folder(captions, ids, tmp, **params)
+                _install(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return load_caption_vectors(folder, key=key, num_captions=len(captions), mmap=mmap)
+        meta_path = folder / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        if ids is not None and meta.get("caption_ids_sha256") != _ids_hash(ids):
+            # Same texts in the same order, so the vectors stand; only the row -> id table is refreshed.
+            logger.warning("%s: caption ids changed (texts did not); updating caption_ids.json", folder)
+            atomic_write_json(folder / "caption_ids.json", ids)
+            atomic_write_json(meta_path, {**meta, "caption_ids_sha256": _ids_hash(ids)})
+        return vectors
