@@ -476,3 +476,18 @@ def test_docstring_examples_run(module):
     torch.manual_seed(0)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_lseh_warmup_is_sum_then_max():
+    from vsekit.losses import LSEHLoss
+
+    torch.manual_seed(0)
+    sim = torch.randn(5, 5)
+    ids = torch.arange(5)
+    vecs = torch.randn(5, 7)
+    warm = LSEHLoss(warmup_epochs=1)
+    summed, maxed = LSEHLoss(reduction="sum"), LSEHLoss(reduction="max")
+    warm.set_epoch(0)
+    assert torch.allclose(warm(sim, ids, caption_vectors=vecs), summed(sim, ids, caption_vectors=vecs))
+    warm.set_epoch(1)
+    assert torch.allclose(warm(sim, ids, caption_vectors=vecs), maxed(sim, ids, caption_vectors=vecs))

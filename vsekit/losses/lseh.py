@@ -152,8 +152,12 @@ class LSEHLoss(RankingLoss):
     requires_caption_vectors = True
 
     def __init__(self, alpha: float = 0.185, lam: float = 0.025, reduction: str = "max",
-                 semantic: str = "rowmax", image_semantics: str = "caption") -> None:
+                 semantic: str = "rowmax", image_semantics: str = "caption", warmup_epochs: int = 0) -> None:
         super().__init__()
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.warmup_epochs = int(warmup_epochs)  # beyond the paper: VSE-infinity-style sum-of-hinges warm-up
+        self.epoch = 0
         self.alpha = float(alpha)
         self.lam = float(lam)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -175,8 +179,14 @@ class LSEHLoss(RankingLoss):
                              f"got {tuple(caption_vectors.shape)}")
         margin = self.margins(image_ids, caption_vectors.to(sim.device))
         cost_i2t, cost_t2i = hinge_costs(sim, margin, diagonal_mask(size, sim.device))
-        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction)
+        reduction = "sum" if self.epoch < self.warmup_epochs else self.reduction
+        return reduce_hinge_costs(cost_i2t, cost_t2i, reduction)
+
+    def set_epoch(self, epoch: int) -> None:
+        """``warmup_epochs > 0`` (an option beyond the paper): sum of hinges while ``epoch < warmup_epochs``."""
+        self.epoch = int(epoch)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lam={self.lam}, reduction={self.reduction!r}, "
+                f"warmup_epochs={self.warmup_epochs}, "
                 f"semantic={self.semantic!r}, image_semantics={self.image_semantics!r}")
