@@ -13,10 +13,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml Makefile
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev,plot]"
 	touch $(STAMP)
+
+# The browser test drives Debian's Chromium with Playwright (no browser download: playwright install is
+# never run). Installed here when missing and apt-get can run as root; otherwise that one test skips.
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will skip"; \
+	else echo "note: chromium not installed (needs root apt-get); the browser test will skip"; fi
 
 install: $(STAMP)
 
@@ -26,7 +34,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vsekit tests benchmarks
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(VENV)/bin/ruff check vsekit tests benchmarks
 	$(PY) -m pytest -q
 

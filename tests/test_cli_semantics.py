@@ -15,7 +15,7 @@ def test_semantics_fit_on_pairs_file(tmp_path):
     words = ["red", "blue", "green", "circle", "square", "left", "right", "large", "small"]
     rng = np.random.default_rng(0)
     for i in range(40):
-        for k in range(3):
+        for _ in range(3):
             cap = " ".join(rng.choice(words, size=6))
             rows.append(f"img{i}.png,a {cap},{'train' if i < 30 else 'test'}")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")

@@ -57,6 +57,6 @@ def model_fingerprint(model_state: dict[str, torch.Tensor]) -> str:
         t = model_state[k]
         h.update(k.encode())
         if isinstance(t, torch.Tensor):
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                      if t.numel() else b"")
     return h.hexdigest()[:16]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -150,7 +149,7 @@ def cmd_semantics_fit(args: argparse.Namespace) -> int:
     from vsekit.data.load import load_corpus
     from vsekit.semantics import fit_to_folder
 
-    spec = data_spec_from_arg(args.data, args.image_root)
+    spec = {**data_spec_from_arg(args.data, args.image_root), "check_images": False}  # captions only
     if args.restval:
         spec["restval_into_train"] = True
     corpus = load_corpus(spec, args.split)
@@ -215,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--n-iter", type=int, default=None)
     f.add_argument("--seed", type=int, default=122)
     f.set_defaults(fn=cmd_semantics_fit)
+
+    from vsekit.index.cli import add_cli  # index build/add/remove/info, search, serve
+
+    add_cli(sub)
     return p
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vsekit.checkpoint import load_checkpoint, model_fingerprint
+from vsekit.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import (
     CaptionDataset,
@@ -60,7 +60,11 @@ class Embedder:
         config = state["config"]
         model = build_model(config["model"], vocab_size=len(vocab), itos=None,
                             feature_shape=tuple(state["feature_shape"]) if state.get("feature_shape") else None)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{state['path']}: its weights do not fit the model its config describes "
+                                  f"(saved by another vsekit version?): {str(e).splitlines()[0]}") from None
         emb = cls(model, vocab, config, device, fingerprint=state.get("fingerprint"))
         emb.checkpoint_path = state["path"]
         emb.feature_shape = state.get("feature_shape")

@@ -1,0 +1,303 @@
+"""The HTTP API: every endpoint, and every bad input answered with a 4xx JSON error, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_index import INDEX_IMAGES, build_demo_index, cli, trained_checkpoint
+
+from vsekit.index import SearchIndex
+from vsekit.inference import Embedder
+from vsekit.serve.app import create_app
+
+MAX_UPLOAD = 64 * 1024
+MAX_QUERY = 50
+MAX_K = 20
+
+
+@pytest.fixture(scope="module")
+def mp():
+    m = pytest.MonkeyPatch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield m
+    torch.set_num_threads(threads)
+    m.undo()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, mp) -> Path:
+    return trained_checkpoint(tmp_path_factory, mp)
+
+
+@pytest.fixture(scope="module")
+def index_dir(ckpt, tmp_path_factory) -> Path:
+    return build_demo_index(ckpt, tmp_path_factory.mktemp("serve") / "demo")
+
+
+@pytest.fixture(scope="module")
+def app(index_dir):
+    return create_app(index_dir, max_upload_bytes=MAX_UPLOAD, max_query_chars=MAX_QUERY, max_k=MAX_K,
+                      max_image_pixels=512 * 512)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:  # raise_server_exceptions: a 500 from an exception fails the test loudly
+        yield c
+
+
+@pytest.fixture(scope="module")
+def records(app):
+    return app.state.index.data.images
+
+
+def png_bytes(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def assert_json_error(resp, status: int, *words: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert body["status"] == status and isinstance(body["error"], str) and body["error"]
+    for w in words:
+        assert w in body["error"], body["error"]
+
+
+# -- endpoints ------------------------------------------------------------------------------------------------
+def test_health(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["images"] == INDEX_IMAGES and h["captions"] == 5 * INDEX_IMAGES
+    assert h["has_captions"] and h["can_embed_images"] and h["kind"] == "exact" and h["similarity"] == "cosine"
+    assert h["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_query_chars": MAX_QUERY, "max_k": MAX_K,
+                           "max_image_pixels": 512 * 512}
+
+
+def test_text_search(client, app):
+    caption = app.state.index.data.captions[0]
+    r = client.get("/search", params={"q": caption["text"][:MAX_QUERY], "k": 3})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["k"] == 3 and body["target"] == "images" and len(body["results"]) == 3
+    hit = body["results"][0]
+    assert set(hit) == {"rank", "score", "target", "id", "image_id", "text", "image_url"}  # no server paths
+    assert hit["rank"] == 1 and hit["image_url"] == f"/images/{hit['id']}"
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    caps = client.get("/search", params={"q": "a red star", "k": 4, "target": "captions"}).json()["results"]
+    assert len(caps) == 4 and all(c["target"] == "captions" and "#" in c["id"] for c in caps)
+    assert len(client.get("/search", params={"q": "red", "k": MAX_K}).json()["results"]) == INDEX_IMAGES
+
+
+def test_image_served_by_id(client, records):
+    rec = records[2]
+    r = client.get(f"/images/{rec['id']}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == png_bytes(rec["path"])
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_image_upload_search(client, records):
+    rec = records[4]
+    files = {"file": ("query.png", png_bytes(rec["path"]), "image/png")}
+    r = client.post("/search/image", files=files, data={"k": "3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["targets"] == ["captions"] and len(body["results"]["captions"]) == 3
+    assert all(h["image_url"].startswith("/images/") and h["text"] for h in body["results"]["captions"])
+    same = client.post("/search/image", files=files, data={"k": "2", "target": "images"}).json()
+    assert same["results"]["images"][0]["id"] == rec["id"]
+    both = client.post("/search/image", files=files, data={"target": "both"}).json()
+    assert set(both["results"]) == {"captions", "images"} and len(both["results"]["images"]) == INDEX_IMAGES
+
+
+def test_page_static_files_and_docs(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'id="q"' in r.text and 'type="file"' in r.text and "default-src 'self'" in r.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/search/image", "/images/{image_id}", "/health"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/search/image"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, words", [
+    ({}, ["empty"]),
+    ({"q": ""}, ["empty"]),
+    ({"q": "   \t "}, ["empty"]),
+    ({"q": "x" * (MAX_QUERY + 1)}, ["limit is 50"]),
+    ({"q": "red", "k": "0"}, ["k"]),
+    ({"q": "red", "k": "-3"}, ["k"]),
+    ({"q": "red", "k": str(MAX_K + 1)}, ["k", "20"]),
+    ({"q": "red", "k": "ten"}, ["k", "integer"]),
+    ({"q": "red", "k": "1.5"}, ["k", "integer"]),
+    ({"q": "red", "k": ""}, ["k"]),
+    ({"q": "red", "target": "videos"}, ["target"]),
+])
+def test_bad_text_queries_are_422(client, params, words):
+    assert_json_error(client.get("/search", params=params), 422, *words)
+
+
+def raw_get(app, raw_path: bytes) -> tuple[int, dict]:
+    """GET ``raw_path`` exactly as uvicorn would pass it (percent-decoded, dot segments kept); an HTTP client
+    would normalise ``..`` away before sending."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path,
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize("path", [
+    b"/images/no-such-id",
+    b"/images/..",
+    b"/images/../../etc/passwd",
+    b"/images/..%2F..%2F..%2Fetc%2Fpasswd",
+    b"/images/%2E%2E/%2E%2E/etc/passwd",
+    b"/images/%2Fetc%2Fpasswd",
+    b"/images//etc/passwd",
+    b"/images/0%00",
+    b"/images/0/../../manifest.json",
+    b"/images/..%5C..%5Cwindows%5Cwin.ini",
+])
+def test_images_unknown_ids_and_traversal_are_404(app, client, path):
+    status, body = raw_get(app, path)
+    assert status == 404 and body["status"] == 404 and "no image with id" in body["error"]
+    if path != b"/images/..":  # through a real client too (it sends /images/.. as /)
+        assert client.get(path.decode()).status_code == 404
+
+
+def test_images_never_served_by_path(client, records):
+    assert_json_error(client.get("/images/" + records[0]["path"]), 404, "no image with id")
+    assert_json_error(client.get("/images/" + records[0]["path"].replace("/", "%2F")), 404, "no image with id")
+
+
+def post_image(client, content: bytes, name: str = "q.png", ctype: str = "image/png", **data):
+    return client.post("/search/image", files={"file": (name, content, ctype)}, data=data)
+
+
+def test_bad_uploads_are_4xx(client, records):
+    good = png_bytes(records[0]["path"])
+    assert_json_error(post_image(client, b"this is not an image", "q.txt", "text/plain"), 415, "not an image")
+    assert_json_error(post_image(client, good[: len(good) // 2]), 415, "not a readable image")
+    assert_json_error(post_image(client, b""), 400, "empty")
+    assert_json_error(post_image(client, good, k="0"), 422, "k")
+    assert_json_error(post_image(client, good, k="many"), 422, "k must be an integer")
+    assert_json_error(post_image(client, good, k=str(MAX_K + 1)), 422, "between 1 and 20")
+    assert_json_error(post_image(client, good, target="sounds"), 422, "target")
+    assert_json_error(client.post("/search/image", data={"k": "3"}, files={"other": ("a", b"x")}), 400, "'file'")
+    assert_json_error(client.post("/search/image", json={"file": "x"}), 415, "multipart/form-data")
+    assert_json_error(client.post("/search/image", content=b"--zz\r\ngarbage",
+                                  headers={"content-type": "multipart/form-data; boundary=zz"}), 400)
+    two = [("file", ("a.png", good, "image/png")), ("file", ("b.png", good, "image/png"))]
+    assert_json_error(client.post("/search/image", files=two), 400, "multipart")
+    assert_json_error(client.get("/search/image"), 405)
+    assert_json_error(client.post("/search"), 405)
+    assert_json_error(client.get("/nowhere"), 404)
+
+
+def test_oversized_uploads_are_413_even_without_content_length(client):
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * MAX_UPLOAD)
+    assert_json_error(post_image(client, big), 413, "limit")
+
+    def chunks():  # a streamed body: no Content-Length, so the server must count as it reads
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.png\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 8192
+        yield b"\r\n--b--\r\n"
+
+    r = client.post("/search/image", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert_json_error(r, 413, "limit")
+    # within the body limit (form overhead allowed) but over the file limit
+    assert_json_error(post_image(client, b"\0" * (MAX_UPLOAD + 10)), 413, "limit")
+    assert_json_error(client.post("/search/image", content=b"x", headers={
+        "content-type": "multipart/form-data; boundary=b", "content-length": "abc"}), 400)
+
+
+def test_too_many_pixels_is_413(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (200, 30, 30)).save(buf, "PNG")  # compresses to a few KB
+    assert len(buf.getvalue()) < MAX_UPLOAD
+    assert_json_error(post_image(client, buf.getvalue()), 413, "1024x1024")
+
+
+def test_decompression_bomb_header_is_refused_before_decoding(client):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # claims 10^10 pixels
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    r = post_image(client, bomb)
+    assert r.status_code in (413, 415), r.text
+    assert r.json()["status"] == r.status_code
+
+
+def test_missing_image_file_is_404(index_dir, ckpt, tmp_path):
+    sx = SearchIndex.open(index_dir, Embedder.from_checkpoint(ckpt))
+    rec = dict(sx.data.images[0])
+    sx.data.images[0] = {**rec, "path": str(tmp_path / "gone.png")}
+    with TestClient(create_app(sx)) as c:
+        assert_json_error(c.get(f"/images/{rec['id']}"), 404, "missing")
+
+
+def test_index_without_captions_and_feature_models(ckpt, tmp_path, records):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a b.png").write_bytes(png_bytes(records[0]["path"]))
+    assert cli("index", "build", ckpt, "--images", tmp_path / "imgs", "--out", tmp_path / "ix", "-q") == 0
+    emb = Embedder.from_checkpoint(ckpt)
+    with TestClient(create_app(SearchIndex.open(tmp_path / "ix", emb))) as c:
+        assert c.get("/health").json()["has_captions"] is False
+        hit = c.get("/search", params={"q": "red"}).json()["results"][0]
+        assert hit["id"] == "a b.png" and hit["image_url"] == "/images/a%20b.png"
+        assert c.get(hit["image_url"]).status_code == 200
+        assert_json_error(c.get("/search", params={"q": "red", "target": "captions"}), 400, "no captions")
+        good = png_bytes(records[0]["path"])
+        assert_json_error(post_image(c, good, target="captions"), 400, "no captions")
+        assert post_image(c, good).json()["targets"] == ["images"]  # default without captions
+    emb.feature_shape = [36, 2048]  # a precomputed-feature model cannot embed uploads
+    with TestClient(create_app(SearchIndex.open(tmp_path / "ix", emb))) as c:
+        assert c.get("/health").json()["can_embed_images"] is False
+        assert_json_error(post_image(c, png_bytes(records[0]["path"])), 400, "precomputed features")
+
+
+def test_unexpected_errors_become_a_json_500(index_dir, ckpt, monkeypatch):
+    sx = SearchIndex.open(index_dir, Embedder.from_checkpoint(ckpt))
+
+    def broken(*a, **k):
+        raise RuntimeError("model exploded")
+
+    monkeypatch.setattr(sx, "search_text", broken)
+    with TestClient(create_app(sx), raise_server_exceptions=False) as c:
+        r = c.get("/search", params={"q": "red"})
+        assert r.status_code == 500 and r.json() == {"error": "internal server error", "status": 500}
+        assert c.get("/health").status_code == 200  # and the server keeps serving
+
+
+def test_create_app_refuses_bad_limits(index_dir):
+    with pytest.raises(ValueError, match="limits"):
+        create_app(index_dir, max_k=0)

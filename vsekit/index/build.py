@@ -1,0 +1,264 @@
+"""Building and updating an index: encode a collection once, then add or remove images incrementally.
+
+Only images whose files are not in the index yet are encoded on ``add``; ``remove`` needs no model at all.
+An index remembers the fingerprint of the weights that made it, and every operation that embeds new
+inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsekit.data.corpus import Corpus, DataError
+from vsekit.index.store import (
+    KINDS,
+    MANIFEST,
+    AnnParams,
+    IndexData,
+    IndexMismatchError,
+    SearchIndexError,
+    add_vectors,
+    build_faiss,
+    emptied_like,
+    load_data,
+    measure_recall,
+    params_dict,
+    read_manifest,
+    write_index,
+    write_lock,
+)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def corpus_from_folder(folder: str | Path) -> Corpus:
+    """Every image file under ``folder`` (recursively), with its path relative to ``folder`` as its id.
+
+    Unreadable files are skipped with a warning naming them: one bad photo should not stop an index build.
+    """
+    from vsekit.cli import list_images
+    from vsekit.data.load import check_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--images {folder}: not a folder")
+    paths = list_images(folder)
+    if not paths:
+        raise DataError(f"--images {folder}: no image files found")
+    corpus = Corpus(name=str(folder), captions=[], caption_to_image=np.zeros(0, np.int64),
+                    image_ids=[p.relative_to(folder).as_posix() for p in paths], image_paths=paths)
+    return check_images(corpus, skip_missing=True)
+
+
+def check_model(manifest: dict[str, Any], embedder, index_dir: str | Path) -> None:
+    """Refuse a model whose weights (or similarity) differ from the ones the index was built with."""
+    if embedder.fingerprint == manifest["fingerprint"] and embedder.similarity != manifest["similarity"]:
+        raise IndexMismatchError(
+            f"{index_dir} was built for {manifest['similarity']!r} similarity, but the model given scores with "
+            f"{embedder.similarity!r} (same weights, fingerprint {embedder.fingerprint}, another config)")
+    if embedder.fingerprint != manifest["fingerprint"]:
+        raise IndexMismatchError(
+            f"{index_dir} was built with checkpoint {manifest.get('checkpoint')} (fingerprint "
+            f"{manifest['fingerprint']}), but the model given is {getattr(embedder, 'checkpoint_path', None)} "
+            f"(fingerprint {embedder.fingerprint}); their embeddings are not comparable. Use the index's own "
+            "checkpoint, or build a new index with this one."
+        )
+
+
+def _check_can_encode(embedder, corpus: Corpus) -> None:
+    if embedder.feature_shape and not corpus.is_precomputed:
+        raise SearchIndexError("this model reads precomputed features; it cannot embed image files. "
+                               "Index a precomputed-feature data set (--data FOLDER) instead")
+    if not embedder.feature_shape and corpus.is_precomputed:
+        raise SearchIndexError(f"{corpus.name} holds precomputed features, but this model embeds raw images")
+
+
+def _image_records(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> list[dict[str, Any]]:
+    caps: dict[int, list[str]] = {}
+    for j, i in enumerate(corpus.caption_to_image.tolist()):
+        caps.setdefault(i, []).append(corpus.captions[j])
+    return [{"id": ids[k],
+             "path": None if corpus.image_paths is None else str(Path(corpus.image_paths[r]).resolve()),
+             "captions": caps.get(r, [])} for k, r in enumerate(rows)]
+
+
+def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> tuple[list[int], list[dict]]:
+    """Caption indices of the given image rows (corpus order) and their records; a caption's id is
+    ``<image id>#<k>``, unique because image ids are."""
+    id_of_row = dict(zip(rows, ids))
+    seen: dict[int, int] = {}
+    index, records = [], []
+    for j, i in enumerate(corpus.caption_to_image.tolist()):
+        if i in id_of_row:
+            k = seen[i] = seen.get(i, -1) + 1
+            index.append(j)
+            records.append({"id": f"{id_of_row[i]}#{k}", "text": corpus.captions[j], "image": id_of_row[i]})
+    return index, records
+
+
+def _encode(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None,
+            batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    images = embedder.encode_corpus_images(corpus, batch_size=batch_size, progress=progress, rows=rows)
+    caps = None
+    if caption_index is not None:
+        caps = embedder.encode_captions([corpus.captions[j] for j in caption_index], batch_size=batch_size,
+                                        progress=progress)
+    return images.astype(np.float32, copy=False), caps
+
+
+def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnParams) -> None:
+    data.faiss = {}
+    if similarity != "cosine":  # order similarity is not an inner product: scored exactly, no FAISS
+        return
+    data.faiss["images"] = build_faiss(data.image_vectors, kind, params)
+    if data.caption_vectors is not None:
+        data.faiss["captions"] = build_faiss(data.caption_vectors, kind, params)
+
+
+def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact",
+                captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
+                progress: bool = True, overwrite: bool = False, source: str | None = None) -> dict[str, Any]:
+    """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
+
+    ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.
+    Approximate kinds (``ivf``, ``hnsw``) report their recall@10 against exact search in the manifest.
+    """
+    out = Path(out)
+    params = params or AnnParams()
+    if kind not in KINDS:
+        raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if embedder.similarity != "cosine" and kind != "exact":
+        raise SearchIndexError(
+            f"this model scores with {embedder.similarity!r} similarity, which is not an inner product: FAISS "
+            f"{kind} search would rank by the wrong score. Use --kind exact (exact, chunked {embedder.similarity} "
+            "scoring)")
+    if captions and not corpus.num_captions:
+        raise SearchIndexError(f"{corpus.name} has no captions to index")
+    with_captions = bool(corpus.num_captions) if captions is None else captions
+    _check_can_encode(embedder, corpus)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise SearchIndexError(f"{out} already holds an index; pass --overwrite to replace it, or use "
+                               "`vsekit index add` to add images to it")
+    if out.exists() and not out.is_dir():
+        raise SearchIndexError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
+        raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
+
+    rows = list(range(corpus.num_images))
+    ids = list(corpus.image_ids)
+    cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+    img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
+    data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records)
+    _build_all_faiss(data, kind, embedder.similarity, params)
+    recall = measure_recall(data, kind)
+    ckpt = getattr(embedder, "checkpoint_path", None)
+    manifest = {
+        "fingerprint": embedder.fingerprint,
+        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+        "similarity": embedder.similarity,
+        "dim": int(img.shape[1]),
+        "kind": kind,
+        "params": params_dict(params),
+        "nlist": {t: int(ix.nlist) for t, ix in data.faiss.items() if kind == "ivf"} or None,
+        "recall_at_10": recall,
+        "sources": [source or corpus.name],
+        "created": _now(),
+        "updated": _now(),
+    }
+    with write_lock(out):
+        previous = read_manifest(out) if (out / MANIFEST).exists() else None
+        return write_index(out, data, manifest, previous)
+
+
+def _unique(candidate: str, taken: set[str]) -> str:
+    if candidate not in taken:
+        return candidate
+    n = 2
+    while f"{candidate}~{n}" in taken:
+        n += 1
+    return f"{candidate}~{n}"
+
+
+def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size: int = 128,
+                 progress: bool = True, source: str | None = None) -> tuple[dict[str, Any], int, int]:
+    """Add the images of ``corpus`` that the index does not hold yet (same file, or for precomputed
+    features the same id); only those are encoded. Returns (manifest, added, skipped)."""
+    index_dir = Path(index_dir)
+    with write_lock(index_dir):
+        manifest = read_manifest(index_dir)
+        check_model(manifest, embedder, index_dir)
+        _check_can_encode(embedder, corpus)
+        old = load_data(index_dir, manifest, mmap=True)
+        known_paths = {r["path"] for r in old.images if r.get("path")}
+        taken = {r["id"] for r in old.images}
+        rows, ids = [], []
+        for r in range(corpus.num_images):
+            if corpus.image_paths is not None:
+                if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
+                    continue
+            elif corpus.image_ids[r] in taken:
+                continue
+            new_id = _unique(corpus.image_ids[r], taken)
+            taken.add(new_id)
+            rows.append(r)
+            ids.append(new_id)
+        skipped = corpus.num_images - len(rows)
+        if not rows:
+            return manifest, 0, skipped
+
+        with_captions = bool(manifest.get("has_captions"))
+        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+        img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
+        data = IndexData(np.concatenate([old.image_vectors, img]), old.images + _image_records(corpus, rows, ids))
+        if with_captions:
+            data.caption_vectors = np.concatenate([old.caption_vectors, cap])
+            data.captions = (old.captions or []) + (cap_records or [])
+        data.faiss = old.faiss
+        for target, index in data.faiss.items():
+            add_vectors(index, img if target == "images" else cap)
+        recall = measure_recall(data, manifest["kind"])
+        manifest = {**manifest, "recall_at_10": recall, "updated": _now(),
+                    "sources": [*manifest.get("sources", []), source or corpus.name]}
+        return write_index(index_dir, data, manifest, manifest), len(rows), skipped
+
+
+def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
+                      paths: Iterable[str | Path] = ()) -> tuple[dict[str, Any], int]:
+    """Remove images (and their captions) by id or by file path. Unknown ids or paths are an error and
+    nothing is removed. Returns (manifest, number removed)."""
+    index_dir = Path(index_dir)
+    ids, paths = list(ids), [str(Path(p).resolve()) for p in paths]
+    if not ids and not paths:
+        raise SearchIndexError("nothing to remove: give --ids or --paths")
+    with write_lock(index_dir):
+        manifest = read_manifest(index_dir)
+        old = load_data(index_dir, manifest, mmap=True)
+        row_of_id = {r["id"]: i for i, r in enumerate(old.images)}
+        row_of_path = {r["path"]: i for i, r in enumerate(old.images) if r.get("path")}
+        unknown = [i for i in ids if i not in row_of_id] + [p for p in paths if p not in row_of_path]
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise SearchIndexError(f"{index_dir}: not in the index: {', '.join(unknown[:5])}{more}; nothing removed")
+        drop = {row_of_id[i] for i in ids} | {row_of_path[p] for p in paths}
+        keep = np.array([i not in drop for i in range(len(old.images))], dtype=bool)
+        gone = {old.images[i]["id"] for i in drop}
+        data = IndexData(np.asarray(old.image_vectors[keep]), [r for r, k in zip(old.images, keep) if k])
+        if manifest.get("has_captions"):
+            ckeep = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
+            data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
+            data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
+        kind, params = manifest["kind"], AnnParams(**manifest.get("params", {}))
+        for target, index in old.faiss.items():
+            fresh = emptied_like(index, kind, params, int(manifest["dim"]))
+            add_vectors(fresh, data.vectors(target))
+            data.faiss[target] = fresh
+        recall = measure_recall(data, kind)
+        manifest = {**manifest, "recall_at_10": recall, "updated": _now()}
+        return write_index(index_dir, data, manifest, manifest), len(drop)

@@ -1,0 +1,276 @@
+"""The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line.
+
+``add_cli(subparsers)`` registers them on the main parser; each handler returns an exit code and turns
+the errors a user can cause (bad paths, a foreign checkpoint, a bad data set) into one ``vsekit: error:``
+line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``10485760``, ``512K``, ``10M``, ``1GiB`` -> bytes (K/M/G are powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10M, 512K, 1048576)")
+    unit = (m.group(2) or "b")[0].lower()
+    return int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from vsekit.checkpoint import CheckpointError
+        from vsekit.data.corpus import DataError
+        from vsekit.index.store import SearchIndexError
+
+        try:
+            return fn(args)
+        except (SearchIndexError, DataError, CheckpointError, FileNotFoundError) as e:
+            print(f"vsekit: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _load_source(args: argparse.Namespace, embedder):
+    """The collection named by ``--images DIR`` or ``--data SPEC`` and a short description of it."""
+    from vsekit.index.build import corpus_from_folder
+
+    if args.images:
+        return corpus_from_folder(args.images), f"images:{Path(args.images).resolve()}"
+    from vsekit.cli import data_spec_from_arg
+    from vsekit.data.load import _COMMON_KEYS, _FORMAT_KEYS, load_corpus
+
+    base = embedder.config.get("data") or {}
+    spec = data_spec_from_arg(args.data, args.image_root, base)
+    # a checkpoint's data section also holds training options; keep what the reader of this format takes
+    spec = {k: v for k, v in spec.items() if k in _COMMON_KEYS | _FORMAT_KEYS.get(spec.get("format"), set())}
+    if args.max_images:
+        spec["max_images"] = args.max_images
+    return load_corpus(spec, args.split), f"data:{args.data}:{args.split}"
+
+
+def _ann_params(args: argparse.Namespace):
+    from vsekit.index.store import AnnParams
+
+    return AnnParams(nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                     ef_construction=args.ef_construction, ef_search=args.ef_search)
+
+
+# -- handlers -----------------------------------------------------------------------------------------------
+@_user_errors
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from vsekit.index.build import build_index
+    from vsekit.inference import Embedder
+
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    corpus, source = _load_source(args, emb)
+    m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
+                    batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
+                    source=source)
+    print(f"built {m['kind']} index {args.out}: {m['num_images']} images, {m['num_captions']} captions, "
+          f"dim {m['dim']}, {m['similarity']} similarity")
+    if m.get("recall_at_10"):
+        print("recall@10 of the approximate index against exact search: "
+              + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))
+    return 0
+
+
+@_user_errors
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from vsekit.index.build import add_to_index
+    from vsekit.index.store import read_manifest
+    from vsekit.inference import Embedder
+
+    manifest = read_manifest(args.index)
+    emb = Embedder.from_checkpoint(args.checkpoint or manifest["checkpoint"], device=args.device)
+    corpus, source = _load_source(args, emb)
+    m, added, skipped = add_to_index(args.index, emb, corpus, batch_size=args.batch_size,
+                                     progress=not args.quiet, source=source)
+    print(f"added {added} images ({skipped} already in the index); {args.index} now holds "
+          f"{m['num_images']} images, {m['num_captions']} captions")
+    if added and m.get("recall_at_10"):
+        print("recall@10 against exact search: " + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))
+    return 0
+
+
+@_user_errors
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from vsekit.index.build import remove_from_index
+
+    m, removed = remove_from_index(args.index, ids=args.ids or (), paths=args.paths or ())
+    print(f"removed {removed} images; {args.index} now holds {m['num_images']} images, "
+          f"{m['num_captions']} captions")
+    return 0
+
+
+@_user_errors
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from vsekit.index.store import read_manifest
+
+    print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
+    return 0
+
+
+@_user_errors
+def cmd_search(args: argparse.Namespace) -> int:
+    from vsekit.index.search import SearchIndex
+
+    if (args.query is None) == (args.image is None):
+        print("vsekit: error: give either a text query or --image PATH", file=sys.stderr)
+        return 2
+    index = SearchIndex.open(args.index, checkpoint=args.checkpoint, device=args.device,
+                             nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.image is not None:
+        hits = index.search_image(args.image, k=args.k, target=args.target or "captions")
+    else:
+        hits = index.search_text(args.query, k=args.k, target=args.target or "images")
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return 0
+    for h in hits:
+        if h.target == "images":
+            extra = f"  ({h.text})" if h.text else ""
+            print(f"{h.rank:4d}  {h.score:+.4f}  {h.path or h.id}{extra}")
+        else:
+            print(f'{h.rank:4d}  {h.score:+.4f}  "{h.text}"  [image {h.image_id}]')
+    if not hits:
+        print("no results (the index is empty)")
+    return 0
+
+
+@_user_errors
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from vsekit.serve.app import create_app
+
+    torch.set_num_threads(args.torch_threads)
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device,
+                     max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
+                     max_k=args.max_k, max_image_pixels=args.max_image_pixels)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/  (API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+def _add_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", help="a folder of image files (searched recursively; ids = relative paths)")
+    g.add_argument("--data", help="a data set: demo | dataset_*.json | precomp folder | pairs .csv/.jsonl")
+    p.add_argument("--image-root", help="folder the data set's image paths are relative to")
+    p.add_argument("--split", default="test", help="split of --data to index (default: test)")
+    p.add_argument("--max-images", type=_positive_int, help="first N images of the split only")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_ann(p: argparse.ArgumentParser, build: bool) -> None:
+    from vsekit.index.store import AnnParams
+
+    d = AnnParams()
+    if build:
+        p.add_argument("--nlist", type=_positive_int, help="IVF lists (default: about sqrt(N))")
+        p.add_argument("--hnsw-m", type=_positive_int, default=d.hnsw_m, help="HNSW links per node")
+        p.add_argument("--ef-construction", type=_positive_int, default=d.ef_construction)
+    p.add_argument("--nprobe", type=_positive_int, default=d.nprobe if build else None,
+                   help=f"IVF lists scanned per query (default {d.nprobe})")
+    p.add_argument("--ef-search", type=_positive_int, default=d.ef_search if build else None,
+                   help=f"HNSW search breadth (default {d.ef_search})")
+
+
+def add_cli(subparsers) -> None:
+    """Register ``index`` (build/add/remove/info), ``search`` and ``serve`` on the main subparsers."""
+    ix = subparsers.add_parser("index", help="build and update a search index over a collection")
+    isub = ix.add_subparsers(dest="index_verb", required=True)
+
+    b = isub.add_parser("build", help="encode a collection and write a search index")
+    b.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used)")
+    _add_source(b)
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact",
+                   help="exact inner product (default), or approximate IVF / HNSW for large collections")
+    b.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
+                   help="also index the data set's captions for image -> text search (default: when it has any)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    _add_ann(b, build=True)
+    b.set_defaults(fn=cmd_index_build)
+
+    a = isub.add_parser("add", help="add images to an index; only new files are encoded")
+    a.add_argument("index", help="index folder")
+    _add_source(a)
+    a.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
+    a.set_defaults(fn=cmd_index_add)
+
+    r = isub.add_parser("remove", help="remove images (and their captions) from an index")
+    r.add_argument("index", help="index folder")
+    r.add_argument("--ids", nargs="+", help="image ids as stored in the index")
+    r.add_argument("--paths", nargs="+", help="image file paths")
+    r.set_defaults(fn=cmd_index_remove)
+
+    i = isub.add_parser("info", help="print an index's manifest")
+    i.add_argument("index", help="index folder")
+    i.set_defaults(fn=cmd_index_info)
+
+    s = subparsers.add_parser("search", help="search an index by text or by image")
+    s.add_argument("index", help="index folder")
+    s.add_argument("query", nargs="?", help="text query (text -> image search)")
+    s.add_argument("--image", help="an image file: image -> text (default) or image -> image search")
+    s.add_argument("--target", choices=["images", "captions"],
+                   help="what to return (default: images for text, captions for --image)")
+    s.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    s.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_ann(s, build=False)
+    s.set_defaults(fn=cmd_search)
+
+    from vsekit.serve import (
+        DEFAULT_MAX_IMAGE_PIXELS,
+        DEFAULT_MAX_K,
+        DEFAULT_MAX_QUERY_CHARS,
+        DEFAULT_MAX_UPLOAD_BYTES,
+    )
+
+    v = subparsers.add_parser("serve", help="serve an index over HTTP: JSON API and a search page")
+    v.add_argument("index", help="index folder")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--max-upload-bytes", type=parse_size, default=DEFAULT_MAX_UPLOAD_BYTES,
+                   help=f"largest accepted image upload, e.g. 512K, 10M (default {DEFAULT_MAX_UPLOAD_BYTES})")
+    v.add_argument("--max-query-chars", type=_positive_int, default=DEFAULT_MAX_QUERY_CHARS,
+                   help=f"longest text query (default {DEFAULT_MAX_QUERY_CHARS})")
+    v.add_argument("--max-k", type=_positive_int, default=DEFAULT_MAX_K,
+                   help=f"most results per request (default {DEFAULT_MAX_K})")
+    v.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"largest accepted upload in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
+    v.add_argument("--torch-threads", type=_positive_int, default=1,
+                   help="intra-op threads of the model (default 1: a query is small work, and more threads "
+                        "only contend with concurrent requests)")
+    v.set_defaults(fn=cmd_serve)

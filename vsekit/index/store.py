@@ -1,0 +1,394 @@
+"""On-disk search indexes: the embeddings, metadata and FAISS indexes of one collection.
+
+Layout of an index folder::
+
+    manifest.json            format, version, checkpoint fingerprint and path, similarity, dim, counts,
+                             kind, ANN parameters, measured recall, and the current generation's folder
+    g000002/images.npy       (N, D) float32 image embeddings; row i belongs to line i of images.jsonl
+    g000002/images.jsonl     one {"id", "path", "captions"} record per image
+    g000002/images.faiss     FAISS index over images.npy (inner-product models only)
+    g000002/captions.*       the same for captions ({"id", "text", "image"}), when captions are indexed
+
+Why generations: an index is several files that must change together. Every write goes to a fresh
+temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
+replaced atomically) pointed at it. A crash at any point leaves the old manifest naming the old, untouched
+generation; the leftovers are removed by the next successful write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsekit.utils.io import atomic_write_json
+
+INDEX_FORMAT = "vsekit-index"
+INDEX_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("exact", "ivf", "hnsw")
+TARGETS = ("images", "captions")
+RECALL_K = 10
+RECALL_QUERIES = 500
+_GENERATION = re.compile(r"^g(\d{6,})$")
+_TMP_PREFIX = ".tmp-"
+_ADD_CHUNK = 65536
+# k-means training points per IVF list: FAISS wants 39 to 256; 64 keeps training of 1M x 1024 near a minute
+# on two cores
+_IVF_TRAIN_PER_LIST = 64
+
+
+class SearchIndexError(ValueError):
+    """A missing, corrupt or incompatible index, or a request the index cannot serve."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """The model at hand is not the one the index was built with: its embeddings are not comparable."""
+
+
+def faiss_module():
+    """The ``faiss`` module, imported on first use so that order-similarity indexes work without it."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU variant it tries
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a declared dependency of search
+        raise SearchIndexError("FAISS is not installed; install it with `pip install faiss-cpu`") from e
+    return faiss
+
+
+@dataclass
+class AnnParams:
+    """Parameters of the approximate indexes. ``nlist=None`` picks about sqrt(N) lists."""
+
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
+            if int(getattr(self, name)) < 1:
+                raise SearchIndexError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise SearchIndexError(f"nlist must be >= 1, got {self.nlist}")
+
+
+@dataclass
+class IndexData:
+    """The vectors and records of one generation. Vectors may be read-only memory maps."""
+
+    image_vectors: np.ndarray
+    images: list[dict[str, Any]]
+    caption_vectors: np.ndarray | None = None
+    captions: list[dict[str, Any]] | None = None
+    faiss: dict[str, Any] = field(default_factory=dict)  # target -> FAISS index (absent for order models)
+
+    def vectors(self, target: str) -> np.ndarray:
+        v = self.image_vectors if target == "images" else self.caption_vectors
+        if v is None:
+            raise SearchIndexError("this index holds no captions")
+        return v
+
+    def records(self, target: str) -> list[dict[str, Any]]:
+        return self.images if target == "images" else (self.captions or [])
+
+
+# -- approximate and exact nearest neighbours ------------------------------------------------------------
+def default_nlist(n: int) -> int:
+    """About sqrt(N) inverted lists, but at least 39 training points per list (FAISS's own minimum)."""
+    return max(1, min(round(math.sqrt(n)), n // 39))
+
+
+def build_faiss(vectors: np.ndarray, kind: str, params: AnnParams, seed: int = 0):
+    """A FAISS inner-product index of ``kind`` over ``vectors`` (added in chunks, so a memory map is never
+    copied whole)."""
+    faiss = faiss_module()
+    n, d = vectors.shape
+    if kind == "exact":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = params.nlist or default_nlist(n)
+        if n < nlist:
+            raise SearchIndexError(f"an IVF index with {nlist} lists needs at least {nlist} vectors, got {n}; "
+                                   "use --kind exact for small collections")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = min(n, nlist * _IVF_TRAIN_PER_LIST)
+        rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else slice(None)
+        index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+    else:
+        raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    add_vectors(index, vectors)
+    set_search_params(index, params)
+    return index
+
+
+def add_vectors(index, vectors: np.ndarray) -> None:
+    for a in range(0, len(vectors), _ADD_CHUNK):
+        index.add(np.ascontiguousarray(vectors[a: a + _ADD_CHUNK], dtype=np.float32))
+
+
+def set_search_params(index, params: AnnParams) -> None:
+    faiss = faiss_module()
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = min(params.nprobe, index.nlist)
+    elif isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = params.ef_search
+
+
+def emptied_like(index, kind: str, params: AnnParams, dim: int):
+    """An empty index of the same kind; an IVF index keeps its trained lists so removal needs no k-means."""
+    faiss = faiss_module()
+    if kind == "ivf":
+        index = faiss.clone_index(index)
+        index.reset()
+        return index
+    return faiss.IndexFlatIP(dim) if kind == "exact" else build_faiss(np.zeros((0, dim), np.float32), kind, params)
+
+
+def exact_top_k(score_block: Callable[[int, int], np.ndarray], n: int, k: int,
+                chunk: int = _ADD_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, rows), best first, ties by row, from ``score_block(a, b) -> (Q, b - a)``.
+
+    The collection is scored ``chunk`` rows at a time, so memory is O(Q * (k + chunk)) whatever N is.
+    """
+    k = min(k, n)
+    best_s = best_r = None
+    for a in range(0, n, chunk):
+        s = np.asarray(score_block(a, min(a + chunk, n)), dtype=np.float32)
+        r = np.broadcast_to(np.arange(a, a + s.shape[1]), s.shape)
+        if best_s is not None:
+            s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
+        best_s, best_r = _keep_best(s, r, k)
+    if best_s is None:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+    order = np.lexsort((best_r, -best_s), axis=-1)
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1).astype(np.int64)
+
+
+def _keep_best(s: np.ndarray, r: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row, ties at the cut going to the lowest rows; ``r`` ascends along
+    each row and so does the result (``argpartition`` alone would cut ties arbitrarily)."""
+    if s.shape[1] <= k:
+        return s, r
+    kth = np.take_along_axis(s, np.argpartition(-s, k - 1, axis=1)[:, k - 1: k], 1)
+    above, tied = s > kth, s == kth
+    need = k - above.sum(1, keepdims=True)
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= need))
+    return s[keep].reshape(len(s), k), r[keep].reshape(len(s), k)
+
+
+def inner_product_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return exact_top_k(lambda a, b: queries @ np.asarray(vectors[a:b]).T, len(vectors), k)
+
+
+def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean fraction of the exact top-``k`` (inner product) that ``index`` also returns in its top ``k``."""
+    n = len(vectors)
+    if n == 0 or len(queries) == 0:
+        return 1.0
+    k = min(k, n)
+    _, exact = inner_product_top_k(vectors, queries, k)
+    _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    hits = [len(set(e.tolist()) & set(a.tolist())) for e, a in zip(exact, approx)]
+    return float(np.sum(hits) / (k * len(queries)))
+
+
+def sample_rows(n: int, size: int = RECALL_QUERIES, seed: int = 0) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, size), replace=False)) if n else np.zeros(0, int)
+
+
+def measure_recall(data: IndexData, kind: str) -> dict[str, float] | None:
+    """recall@10 of each approximate index against exact search, on a sample of realistic queries:
+    captions query the images (text -> image), images query the captions (image -> text)."""
+    if kind == "exact" or not data.faiss:
+        return None
+    out = {}
+    for target, index in data.faiss.items():
+        other = "captions" if target == "images" else "images"
+        qv = data.caption_vectors if other == "captions" else data.image_vectors
+        if qv is None or len(qv) == 0:  # no captions: images query themselves
+            qv = data.vectors(target)
+        queries = np.asarray(qv[sample_rows(len(qv))], dtype=np.float32)
+        out[target] = round(recall_at_k(index, data.vectors(target), queries), 4)
+    return out
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    index_dir = Path(index_dir)
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        what = "no such folder" if not index_dir.exists() else f"no {MANIFEST} in it"
+        raise SearchIndexError(f"{index_dir}: not a vsekit index ({what}); build one with `vsekit index build`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SearchIndexError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        raise SearchIndexError(f"{path}: not a vsekit index manifest")
+    if int(manifest.get("version", 0)) > INDEX_VERSION:
+        raise SearchIndexError(f"{path}: index format version {manifest['version']} is newer than this vsekit "
+                               f"reads ({INDEX_VERSION}); upgrade vsekit")
+    return manifest
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = True,
+              with_faiss: bool = True) -> IndexData:
+    """Read the generation ``manifest`` names. Vectors are memory-mapped unless ``mmap=False``."""
+    gen = Path(index_dir) / manifest["generation"]
+    mode = "r" if mmap else None
+    try:
+        data = IndexData(np.load(gen / "images.npy", mmap_mode=mode), _read_jsonl(gen / "images.jsonl"))
+        if manifest.get("has_captions"):
+            data.caption_vectors = np.load(gen / "captions.npy", mmap_mode=mode)
+            data.captions = _read_jsonl(gen / "captions.jsonl")
+        if with_faiss:
+            for target in TARGETS:
+                if (gen / f"{target}.faiss").is_file():
+                    data.faiss[target] = faiss_module().read_index(str(gen / f"{target}.faiss"))
+    except (OSError, ValueError) as e:
+        raise SearchIndexError(f"{gen}: index files are missing or unreadable ({e})") from None
+    _check_consistent(gen, manifest, data)
+    params = AnnParams(**manifest.get("params", {}))
+    for index in data.faiss.values():
+        set_search_params(index, params)
+    return data
+
+
+def _check_consistent(gen: Path, manifest: dict[str, Any], data: IndexData) -> None:
+    dim = int(manifest["dim"])
+    for target in TARGETS if manifest.get("has_captions") else ("images",):
+        v, recs = data.vectors(target), data.records(target)
+        want = int(manifest[f"num_{target}"])
+        if v.shape[0] != len(recs) or v.shape[0] != want or (v.shape[0] and v.shape[1] != dim):
+            raise SearchIndexError(f"{gen}: corrupt index: {target} has {v.shape} vectors and {len(recs)} "
+                                   f"records; the manifest says {want} x {dim}")
+        index = data.faiss.get(target)
+        if index is not None and index.ntotal != want:
+            raise SearchIndexError(f"{gen}: corrupt index: {target}.faiss holds {index.ntotal} vectors, not {want}")
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def write_lock(index_dir: str | Path) -> Iterator[None]:
+    """Serialises writers of one index folder (readers need no lock: they follow the manifest)."""
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+        yield
+        return
+    with open(index_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_files(folder: Path, data: IndexData) -> None:
+    _save_npy(folder / "images.npy", data.image_vectors)
+    _save_jsonl(folder / "images.jsonl", data.images)
+    if data.caption_vectors is not None:
+        _save_npy(folder / "captions.npy", data.caption_vectors)
+        _save_jsonl(folder / "captions.jsonl", data.captions or [])
+    for target, index in data.faiss.items():
+        faiss_module().write_index(index, str(folder / f"{target}.faiss"))
+
+
+def _commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(index_dir / MANIFEST, manifest)
+
+
+def _next_generation(index_dir: Path, manifest: dict[str, Any] | None) -> str:
+    n = 1
+    if manifest and (m := _GENERATION.match(manifest.get("generation", ""))):
+        n = int(m.group(1)) + 1
+    while (index_dir / f"g{n:06d}").exists():  # a crashed write may have left this name behind
+        n += 1
+    return f"g{n:06d}"
+
+
+def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any],
+                previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``data`` as a new generation and point the manifest at it; returns the manifest written.
+
+    Call under :func:`write_lock`. ``previous`` is the manifest being replaced, if any.
+    """
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=index_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a server may run as another user
+    gen = None
+    try:
+        _write_files(tmp, data)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        gen = _next_generation(index_dir, previous)
+        os.rename(tmp, index_dir / gen)
+        _fsync(index_dir)
+        manifest = {**manifest, "format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": gen,
+                    "num_images": len(data.images), "num_captions": len(data.captions or []),
+                    "has_captions": data.caption_vectors is not None}
+        _commit_manifest(index_dir, manifest)  # the commit point
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if gen is not None and (previous or {}).get("generation") != gen:
+            shutil.rmtree(index_dir / gen, ignore_errors=True)
+        raise
+    remove_stale(index_dir, keep=gen)
+    return manifest
+
+
+def remove_stale(index_dir: Path, keep: str) -> None:
+    """Delete old generations and temporary folders left by earlier writes or crashes."""
+    for p in index_dir.iterdir():
+        if p.name != keep and p.is_dir() and (_GENERATION.match(p.name) or p.name.startswith(_TMP_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def params_dict(params: AnnParams) -> dict[str, Any]:
+    return asdict(params)

@@ -1,0 +1,295 @@
+"""The FastAPI app behind ``vsekit serve``: JSON search endpoints, indexed images by id, and a search page.
+
+Every input a client controls is checked before it reaches the model, and every refusal is a 4xx with a
+JSON body ``{"error": message, "status": code}``. Uploads are counted while they arrive, so an oversized
+body is refused without being stored. Images are served by id only: the id is looked up in the index and
+never joined onto a path, so no request can name a file outside the index.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mimetypes
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from vsekit.index.search import SearchIndex, SearchResult
+from vsekit.index.store import TARGETS, SearchIndexError
+from vsekit.serve import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_K,
+    DEFAULT_MAX_QUERY_CHARS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+)
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small fields beside the file
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the query image"},
+            "k": {"type": "integer", "default": 10, "description": "results per target"},
+            "target": {"type": "string", "enum": [*TARGETS, "both"],
+                       "description": "captions (image -> text, default when the index has captions), "
+                                      "images (image -> image) or both"},
+        },
+    }}},
+}
+
+
+class ApiError(Exception):
+    """A refusal with an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+
+def _short(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None = None, device: str = "auto",
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
+               max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FastAPI:
+    """The app for one index, whose model is loaded once here (``index`` may also be an open
+    :class:`SearchIndex`). The limits bound what a single request may ask for."""
+    if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels) < 1:
+        raise ValueError("limits must be >= 1")
+    sx = index if isinstance(index, SearchIndex) else SearchIndex.open(index, checkpoint=checkpoint, device=device)
+    limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
+              "max_image_pixels": max_image_pixels}
+    app = FastAPI(title="vsekit search", version="1",
+                  description="Text -> image and image -> text search over one vsekit index. "
+                              "Errors are JSON: {\"error\": message, \"status\": code}.")
+    app.state.index = sx
+    app.state.limits = limits
+
+    # -- errors ---------------------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(SearchIndexError)
+    async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        resp = _error(exc.status_code, str(exc.detail))
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body")),
+                     "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
+        return _error(422, text, problems=problems)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return _error(500, "internal server error")
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def check_k(k: Any) -> int:
+        try:
+            value = int(str(k).strip())
+        except ValueError:
+            raise ApiError(422, f"k must be an integer, got {_short(str(k), 40)!r}") from None
+        if not 1 <= value <= max_k:
+            raise ApiError(422, f"k must be between 1 and {max_k}, got {value}")
+        return value
+
+    def check_target(target: Any, allowed: tuple[str, ...]) -> str:
+        if target not in allowed:
+            raise ApiError(422, f"target must be one of {', '.join(allowed)}, got {_short(str(target), 40)!r}")
+        if target in ("captions", "both") and not sx.has_captions:
+            raise ApiError(400, "this index holds no captions; search with target=images")
+        return target
+
+    def hit_json(h: SearchResult) -> dict[str, Any]:
+        d = h.to_dict()
+        d.pop("path")  # server file paths stay on the server; clients fetch image_url
+        d["image_url"] = f"/images/{quote(h.image_id, safe='')}" if h.path else None
+        return d
+
+    # -- pages ----------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health", summary="Index facts and request limits")
+    def health() -> dict[str, Any]:
+        m = sx.manifest
+        return {"status": "ok", "images": sx.num_images, "captions": sx.num_captions, "kind": m["kind"],
+                "similarity": sx.similarity, "dim": m["dim"], "fingerprint": m["fingerprint"],
+                "has_captions": sx.has_captions, "can_embed_images": sx.can_embed_images,
+                "recall_at_10": m.get("recall_at_10"), "limits": limits}
+
+    @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
+    def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
+               k: int = Query(10, ge=1, le=max_k, description=f"number of results, 1..{max_k}"),
+               target: Literal["images", "captions"] = Query("images", description="what to return")
+               ) -> dict[str, Any]:
+        query = q.strip()
+        if not query:
+            raise ApiError(422, "q: the query is empty")
+        if len(q) > max_query_chars:
+            raise ApiError(422, f"q: the query is {len(q)} characters long; the limit is {max_query_chars}")
+        kk, tgt = k, check_target(target, TARGETS)
+        t0 = time.perf_counter()
+        hits = sx.search_text(query, kk, tgt)
+        return {"query": query, "k": kk, "target": tgt, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+                "results": [hit_json(h) for h in hits]}
+
+    @app.post("/search/image", summary="Image -> text and/or image -> image search (multipart upload)",
+              openapi_extra={"requestBody": _UPLOAD_BODY})
+    async def search_image(request: Request) -> dict[str, Any]:
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send the image as multipart/form-data in a field named 'file'")
+        if not sx.can_embed_images:
+            raise ApiError(400, "this index's model reads precomputed features; it cannot embed uploaded images")
+        body = await _read_body(request, max_upload_bytes + FORM_OVERHEAD, max_upload_bytes)
+        async with _parse_form(request.scope, body) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "no image: send it in a multipart field named 'file'")
+            data = await upload.read(max_upload_bytes + 1)
+            kk = check_k(form.get("k") or "10")
+            default = "captions" if sx.has_captions else "images"
+            tgt = check_target(form.get("target") or default, (*TARGETS, "both"))
+        if len(data) > max_upload_bytes:
+            raise ApiError(413, f"the image is larger than the limit of {max_upload_bytes} bytes")
+        if not data:
+            raise ApiError(400, "the uploaded file is empty")
+        t0 = time.perf_counter()
+        image = await run_in_threadpool(_decode_image, data, max_image_pixels)
+        targets = list(TARGETS[::-1]) if tgt == "both" else [tgt]
+        results = {}
+        for t in targets:
+            hits = await run_in_threadpool(sx.search_image, image, kk, t)
+            results[t] = [hit_json(h) for h in hits]
+        return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+                "results": results}
+
+    @app.get("/images/{image_id:path}", summary="An indexed image file, by its id in the index",
+             response_class=FileResponse)
+    def image(image_id: str) -> FileResponse:
+        rec = sx.image_record(image_id)
+        if rec is None:
+            raise ApiError(404, f"no image with id {_short(image_id)!r} in this index")
+        if not rec.get("path"):
+            raise ApiError(404, f"image {_short(image_id)!r} has no image file (the index holds features only)")
+        path = Path(rec["path"])
+        if not path.is_file():
+            raise ApiError(404, f"the file of image {_short(image_id)!r} is missing on the server")
+        media = mimetypes.guess_type(path.name)[0] or ""
+        return FileResponse(path, media_type=media if media.startswith("image/") else "application/octet-stream",
+                            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    return app
+
+
+async def _read_body(request: Request, limit: int, file_limit: int) -> bytes:
+    """The request body, refused (413) as soon as it grows past ``limit``: nothing oversized is kept."""
+    too_big = f"the upload is larger than the limit of {file_limit} bytes"
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "bad Content-Length header")
+        if int(declared) > limit:
+            raise ApiError(413, too_big)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _parse_form:
+    """``async with _parse_form(scope, body) as form``: a multipart form parsed from bytes already read."""
+
+    def __init__(self, scope: dict, body: bytes) -> None:
+        self.scope, self.body, self.form = scope, body, None
+
+    async def __aenter__(self):
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+
+        try:
+            self.form = await Request(self.scope, receive).form(max_files=1, max_fields=8)
+        except MultiPartException as e:
+            raise ApiError(400, f"malformed multipart form: {e.message}") from None
+        except StarletteHTTPException as e:
+            raise ApiError(400, f"malformed multipart form: {e.detail}") from None
+        return self.form
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.form is not None:
+            await self.form.close()
+
+
+def _decode_image(data: bytes, max_pixels: int):
+    """Bytes -> RGB PIL image, through the same decoder as indexing (:func:`load_rgb`). The pixel count is
+    checked from the header first, so a small file cannot expand into gigabytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vsekit.data.images import ImageLoadError, load_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except UnidentifiedImageError:
+        raise ApiError(415, "the upload is not an image in a format this server reads (JPEG, PNG, ...)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
+    if w * h > max_pixels:
+        raise ApiError(413, f"the image has {w}x{h} pixels; the limit is {max_pixels} pixels")
+    with tempfile.NamedTemporaryFile(suffix=".upload") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return load_rgb(f.name, exif_transpose=True)
+        except ImageLoadError as e:
+            reason = str(e).removeprefix(f"{f.name}: ")
+            raise ApiError(415, f"the upload is not a readable image: {reason}") from None
