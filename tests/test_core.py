@@ -89,6 +89,7 @@ IMAGE_SPECS = [
     ({"name": "precomp", "pooling": "gpo"}, (5, 20)),
     ({"name": "precomp", "pooling": "flatten"}, (5, 20)),
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True}, None),
+    ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "dualpath"}, None),
     ({"name": "cnn", "backbone": "resnet18", "finetune": True}, None),
 ]
 

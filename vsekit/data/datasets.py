@@ -71,6 +71,35 @@ class PairDataset(Dataset):
         return self.images(row), torch.tensor(self.encode(self.corpus.captions[j])), row, j
 
 
+class CaptionPool:
+    """Random training captions, tokenised, with the row of their image: candidates for negative mining.
+
+    Sampling uses the global torch RNG, so a seeded run draws the same pools, and a resumed run (whose
+    checkpoint restores the RNG) continues with the pools an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, corpus: Corpus, encode: Callable[[str], list[int]]) -> None:
+        if corpus.num_captions == 0:
+            raise ValueError(f"{corpus.name}: no captions to draw negatives from")
+        self.corpus, self.encode = corpus, encode
+        self._image_of = torch.from_numpy(np.asarray(corpus.caption_to_image, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.corpus.num_captions
+
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` caption indices drawn uniformly with replacement."""
+        return torch.randint(self.corpus.num_captions, (int(n),))
+
+    def tokens(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded token ids (n, T) and lengths (n,) of the captions ``idx``."""
+        return pad_tokens([torch.tensor(self.encode(self.corpus.captions[int(j)])) for j in idx])
+
+    def image_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n,) image row of each caption."""
+        return self._image_of[idx.cpu()]
+
+
 class ImageDataset(Dataset):
     """Item i = (image tensor, i) for every image row of the corpus (or the given rows)."""
 

@@ -61,9 +61,7 @@ class GRUTextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         self.words_from_file = 0
-        if word_vectors:
-            if itos is None:
-                raise ValueError("word_vectors needs the vocabulary")
+        if word_vectors and itos is not None:  # no itos: rebuilt for a checkpoint, whose weights replace these
             weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
             with torch.no_grad():
                 self.embed.weight.copy_(weight)
@@ -71,13 +69,19 @@ class GRUTextEncoder(nn.Module):
         self.bidirectional = bidirectional
         self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The caption feature before the L2 normalisation (what an instance classifier sees)."""
         x = self.embed(tokens)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, h = self.rnn(packed)  # (layers * dirs, B, H), final state at each sequence's last valid step
-        out = (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+        return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
         if not self.no_txtnorm:
             out = l2norm(out)
         if self.use_abs:
             out = out.abs()
         return out
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.forward_features(tokens, lengths))

@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
 from vsekit.config import dump_config
 from vsekit.data.corpus import Corpus
-from vsekit.data.datasets import EpochSampler, ImageSource, PairDataset, collate_pairs
+from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, collate_pairs
 from vsekit.data.load import load_corpus
 from vsekit.inference import Embedder
 from vsekit.losses import build_loss
 from vsekit.models.vse import build_model
 from vsekit.text.vocab import Vocabulary
+from vsekit.train.objective import Objective, build_objective, term_weights
 from vsekit.train.optim import build_optimizer, build_scheduler
+from vsekit.train.stages import Freezer, StagePlan
 from vsekit.utils.device import resolve_device
 from vsekit.utils.io import atomic_write_text
 
@@ -58,7 +60,7 @@ _LOOP_KEYS = {"train_split", "val_split", "test_split", "val_max_images", "image
 
 def load_split(cfg: dict, split: str, max_images: int | None = None) -> Corpus:
     """One split of the config's data set (its first ``max_images`` images: the field's 1,000-image dev sets)."""
-    spec = {k: v for k, v in cfg["data"].items() if k not in _LOOP_KEYS}
+    spec = {k: v for k, v in cfg["data"].items() if k not in _LOOP_KEYS and v is not None}
     if max_images:
         spec["max_images"] = int(max_images)
     return load_corpus(spec, split)
@@ -98,13 +100,24 @@ class Trainer:
         self.feature_shape = feature_shape(self.train_corpus)
         self.model = build_model(cfg["model"], vocab_size=len(self.vocab), itos=self.vocab.itos,
                                  feature_shape=self.feature_shape).to(self.device)
+        self.loss_fn = build_loss(cfg["loss"]).to(self.device)
+        # stages: epoch ranges with their own optimizer, objective weights and frozen parts
+        self.plan = StagePlan(cfg)
+        stage_cfgs = self.plan.configs()
+        self.objective: Objective = build_objective(
+            stage_cfgs, self.loss_fn, feature_dim=int(cfg["model"]["embed_size"]),
+            num_images=self.train_corpus.num_images).to(self.device)
+        if "mined" in self.objective.terms and self.model.similarity_name != "cosine":
+            raise ValueError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
         if init_state is not None:
             self.model.load_state_dict(init_state["model"])
+            if len(self.objective.terms) and "objective" in init_state:
+                self.objective.terms.load_state_dict(init_state["objective"])
             log.info("initialised the model from %s", init_state["path"])
-        self.loss_fn = build_loss(cfg["loss"]).to(self.device)
 
         self.caption_vectors = None
-        if getattr(self.loss_fn, "requires_caption_vectors", False):
+        uses_loss = any(term_weights(c.get("objective") or {})["loss"] for c in stage_cfgs)
+        if uses_loss and getattr(self.loss_fn, "requires_caption_vectors", False):
             self.caption_vectors = self._caption_vectors()
 
         self.max_len = cfg["text"].get("max_len")
@@ -118,14 +131,22 @@ class Trainer:
                                    ImageSource(self.train_corpus, transform), sample=cfg["data"].get("sample", "caption"),
                                    seed=int(cfg["seed"]))
         self.sampler = EpochSampler(len(self.dataset), int(cfg["seed"]))
+        self.caption_pool = CaptionPool(self.train_corpus, lambda c: self.vocab.encode(c, self.max_len)) \
+            if "mined" in self.objective.terms else None
         self.batch_size = int(tcfg["batch_size"])
-        self.optimizer = build_optimizer(_ModelAndLoss(self.model, self.loss_fn), cfg["optim"])
-        self.scheduler = build_scheduler(self.optimizer, cfg["optim"])
+        self.trainable = _ModelAndLoss(self.model, self.loss_fn, self.objective.terms)
+        self.freezer = Freezer()
+        self.stage_index = -1
+        first = self.plan.index_at(0)
+        if resume_state is not None:
+            first = int(resume_state.get("stage", self.plan.index_at(int(resume_state["epoch"]))))
+        self._apply_stage(first)  # builds the optimizer and the LR schedule
         self.amp = bool(tcfg.get("amp", True)) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.epoch, self.batches_done, self.step, self.best_rsum = 0, 0, 0, -math.inf
         self.epoch_loss_sum = 0.0
+        self.last_parts: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         if resume_state is not None:
             self._restore(resume_state)
@@ -146,7 +167,7 @@ class Trainer:
         return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -163,10 +184,18 @@ class Trainer:
             "config": self.cfg,
             "feature_shape": list(self.feature_shape) if self.feature_shape else None,
         }
+        # only runs that use them carry these, so the checkpoints of other recipes stay as they were
+        if len(self.objective.terms):
+            state["objective"] = self.objective.terms.state_dict()
+        if self.plan.configured:
+            state["stage"] = self.stage_index
+        return state
 
     def _restore(self, s: dict[str, Any]) -> None:
         self.model.load_state_dict(s["model"])
         self.loss_fn.load_state_dict(s["loss"])
+        if len(self.objective.terms):
+            self.objective.terms.load_state_dict(s["objective"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
@@ -188,6 +217,42 @@ class Trainer:
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     self.tb.add_scalar(f"{kind}/{k}", v, record.get("step", self.step))
 
+    # -- stages --------------------------------------------------------------------------------------
+    def _apply_stage(self, k: int) -> None:
+        """Switch to stage ``k``: encoder finetune flags, frozen prefixes, objective weights, a new optimizer
+        and LR schedule (the stage's ``optim`` section; schedule epochs count from the stage's start)."""
+        scfg = self.plan.config(k)
+        self.freezer.release()
+        for enc_name in ("image_encoder", "text_encoder"):
+            enc = getattr(self.model, enc_name, None)
+            flag = ((scfg.get("model") or {}).get(enc_name) or {}).get("finetune")
+            if flag is not None and hasattr(enc, "set_finetune"):
+                enc.set_finetune(bool(flag))
+        self.freezer.freeze(scfg["train"].get("freeze") or [], self.trainable.named_parameters(),
+                            self.trainable.named_parts())
+        self.objective.set_weights(scfg.get("objective") or {})
+        if self.objective.mining and self.caption_pool is None:
+            raise ValueError("objective.mined is switched on but the trainer has no caption pool")
+        self.optim_cfg = scfg["optim"]
+        self.optimizer = build_optimizer(self.trainable, self.optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg)
+        self.stage_index = k
+        self._train_mode()
+        if self.plan.configured:
+            log.info("stage %d/%d (%s) from epoch %d: objective weights %s, frozen %s", k + 1, len(self.plan),
+                     self.plan.name(k), self.plan.stages[k].start + 1, self.objective.weights,
+                     self.freezer.prefixes or "-")
+
+    def _train_mode(self) -> None:
+        """Training mode, except for what is frozen (its batch norm keeps its statistics)."""
+        self.model.train()
+        self.objective.train()
+        self.freezer.hold_eval()
+
+    def _base_lr(self) -> float:
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g.get("lr_mult") == 1.0), groups[0]["lr"])
+
     # -- loop ----------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         self.dataset.set_epoch(self.epoch)
@@ -202,18 +267,23 @@ class Trainer:
         images = batch["images"].to(dev, non_blocking=True)
         tokens, lengths = batch["tokens"].to(dev, non_blocking=True), batch["lengths"]
         image_ids = batch["image_rows"].to(dev)
-        extra = {}
+        caption_vectors = None
         if self.caption_vectors is not None:
-            extra["caption_vectors"] = self.caption_vectors[batch["caption_idx"]].to(dev)
+            caption_vectors = self.caption_vectors[batch["caption_idx"]].to(dev)
+        negatives = None
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            _, _, sim = self.model(images, tokens, lengths)
-        loss = self.loss_fn(sim.float(), image_ids, **extra)
+            if self.objective.mining:
+                negatives = self.objective.mine(self.model, images, image_ids, self.caption_pool, self._train_mode)
+            out = self.model.embed(images, tokens, lengths,
+                                   *((negatives.tokens.to(dev), negatives.lengths) if negatives else ()))
+        loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.cfg["optim"].get("grad_clip")
+        clip = self.optim_cfg.get("grad_clip")
         if clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+            params = list(self.model.parameters()) + list(self.objective.terms.parameters())
+            torch.nn.utils.clip_grad_norm_(params, float(clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
@@ -224,7 +294,7 @@ class Trainer:
         ecfg = self.cfg["eval"]
         emb = Embedder(self.model, self.vocab, self.cfg, self.device, fingerprint="-")
         img, cap = emb.encode_corpus(self.val_corpus, batch_size=int(ecfg.get("batch_size", 256)))
-        self.model.train()
+        self._train_mode()
         return retrieval_metrics(img, cap, self.val_corpus.caption_to_image, protocol="full",
                                  similarity=self.model.similarity_name, chunk_size=int(ecfg.get("chunk_size", 1024)))
 
@@ -235,8 +305,11 @@ class Trainer:
         max_steps = tcfg.get("max_steps_per_epoch")
         log_every = max(1, int(tcfg.get("log_every", 10)))
         while self.epoch < epochs:
+            stage = self.plan.index_at(self.epoch)
+            if stage != self.stage_index:
+                self._apply_stage(stage)
             self.loss_fn.set_epoch(self.epoch) if hasattr(self.loss_fn, "set_epoch") else None
-            self.model.train()
+            self._train_mode()
             loader = self._loader()
             total = math.ceil(len(self.dataset) / self.batch_size)
             if max_steps:
@@ -256,8 +329,12 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", pairs_per_s=f"{rate:.0f}")
                 if self.step % log_every == 0:
-                    self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
-                               "lr": self.optimizer.param_groups[0]["lr"], "pairs_per_s": rate})
+                    record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
+                              "lr": self._base_lr(), "pairs_per_s": rate}
+                    if len(self.last_parts) > 1 or self.plan.configured:
+                        record.update({f"term_{k}": float(v) for k, v in self.last_parts.items()})
+                        record["stage"] = self.stage_index
+                    self._log(record)
                 if every and self.step % every == 0:
                     self.save("last.pt")
             if bar is not None:
@@ -284,15 +361,25 @@ class Trainer:
 
 
 class _ModelAndLoss(torch.nn.Module):
-    """Groups the model and a loss with parameters (InfoNCE's temperature) for one optimizer."""
+    """Groups the model, a loss with parameters (InfoNCE's temperature) and the objective's own terms (the
+    shared instance classifier) for one optimizer. Names: the model's own (``image_encoder.backbone...``),
+    ``loss.*`` and ``objective.*``, as ``optim.lr_mult`` and ``train.freeze`` use them."""
 
-    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module, terms: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        self.terms = terms if terms is not None else torch.nn.ModuleDict()
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         yield from self.model.named_parameters(prefix, recurse, remove_duplicate)
         yield from self.loss.named_parameters("loss", recurse, remove_duplicate)
+        yield from self.terms.named_parameters("objective", recurse, remove_duplicate)
+
+    def named_parts(self):
+        """Sub-modules under the same names as :meth:`named_parameters`."""
+        yield from self.model.named_modules()
+        yield from self.loss.named_modules(prefix="loss")
+        yield from self.terms.named_modules(prefix="objective")
 
 
 def _bar(enabled: bool, total: int, initial: int, desc: str):
