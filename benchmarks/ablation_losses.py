@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _plots import plot_rsum_curves  # benchmarks/ is on sys.path when run as a script
 
 from vsekit.config import resolve_config
 from vsekit.eval import retrieval_metrics
@@ -147,24 +148,7 @@ def fmt(vals: list[float]) -> str:
 
 
 def write_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, runs in results.items():
-        curves = np.array([r["val_rsum"] for r in runs])
-        x = np.arange(1, curves.shape[1] + 1)
-        ax.plot(x, curves.mean(0), marker="o", label=name)
-        ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation rsum")
-    ax.set_title("Demo set: validation rsum per epoch (mean, min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_rsum_curves(results, path, "Demo set: validation rsum per epoch (mean, min-max over seeds)")
 
 
 def main(argv: list[str] | None = None) -> int:

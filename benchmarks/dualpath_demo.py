@@ -32,6 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from _plots import plot_rsum_curves
 
 RECIPE = Path(__file__).resolve().parents[1] / "vsekit" / "configs" / "dualpath_demo.yaml"
 KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
@@ -91,25 +92,8 @@ def fmt(vals: list[float]) -> str:
 
 
 def write_plot(results: dict, boundary: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, runs in results.items():
-        curves = np.array([r["val_rsum"] for r in runs])
-        x = np.arange(1, curves.shape[1] + 1)
-        ax.plot(x, curves.mean(0), marker="o", ms=3, label=name)
-        ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.15)
-    ax.axvline(boundary + 0.5, color="grey", ls="--", lw=1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation rsum (100 images)")
-    ax.set_title("Dual-Path demo: validation rsum per epoch (mean, min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_rsum_curves(results, path, "Dual-Path demo: validation rsum per epoch (mean, min-max over seeds)",
+                     ylabel="validation rsum (100 images)", boundary=boundary)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ most of them rare). Seeded, so every run fits the same corpus.
 
 ``--compare-n-iter`` fits again with other ``n_iter`` values and reports how far the Gram matrix ``L L^T`` on
 a random sample of captions, and LSEH's row-max-normalised similarity S on random batches, are from the
-first fit's. Results: benchmarks/lsa_scale.md.
+first fit's. Results: the LSA section of benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Memory: the collection is generated in place in one array (1M x 1024 float32 = 4
 (which holds its own copy) is built, measured and freed before the next one, so at most two copies live
 at once. Random vectors in 1024 dimensions are the hard case for approximate search: every point is
 almost equally far from every other, with no clusters to exploit; learned embeddings are kinder.
-Results: benchmarks/search_speed.md.
+Results: the search section of benchmarks/README.md (the script writes its table to results/search_speed.md).
 """
 
 from __future__ import annotations
@@ -187,12 +187,12 @@ def main() -> int:
     p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
     p.add_argument("--hnsw-m", type=int, default=AnnParams().hnsw_m)
     p.add_argument("--ef-construction", type=int, default=AnnParams().ef_construction)
-    p.add_argument("--out", default=str(Path(__file__).with_name("search_speed.md")), help="markdown results")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "search_speed.md"), help="markdown results")
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()
     if args.quick:
         args.sizes, args.budget, args.recall_queries = [20_000], 1.0, 200
-        if args.out == str(Path(__file__).with_name("search_speed.md")):
+        if args.out == str(Path(__file__).parent / "results" / "search_speed.md"):
             args.out = None  # a smoke run does not overwrite the published table
     info = machine()
     print(json.dumps(info), flush=True)

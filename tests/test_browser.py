@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_index import INDEX_IMAGES, build_demo_index, trained_checkpoint
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -30,16 +29,6 @@ pytestmark = [
                                                        "(pip install playwright; no browser download needed)"),
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def mp():
-    m = pytest.MonkeyPatch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield m
-    torch.set_num_threads(threads)
-    m.undo()
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vsekit-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VSEKIT_CACHE", str(root))
-    yield root
-    mp.undo()
-
-
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "vsekit" / "configs" / "dualpath_demo.yaml"
 
 

@@ -77,16 +77,6 @@ def build_demo_index(ckpt: Path, out: Path, *extra: str, max_images: int = INDEX
 
 
 @pytest.fixture(scope="module")
-def mp():
-    m = pytest.MonkeyPatch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one-query model calls: a second thread only adds contention
-    yield m
-    torch.set_num_threads(threads)
-    m.undo()
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, mp) -> Path:
     return trained_checkpoint(tmp_path_factory, mp)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_index import INDEX_IMAGES, build_demo_index, cli, trained_checkpoint
@@ -23,16 +22,6 @@ from vsekit.serve.app import create_app
 MAX_UPLOAD = 64 * 1024
 MAX_QUERY = 50
 MAX_K = 20
-
-
-@pytest.fixture(scope="module")
-def mp():
-    m = pytest.MonkeyPatch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield m
-    torch.set_num_threads(threads)
-    m.undo()
 
 
 @pytest.fixture(scope="module")

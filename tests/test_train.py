@@ -13,15 +13,6 @@ from vsekit.config import resolve_config
 from vsekit.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vsekit-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VSEKIT_CACHE", str(root))
-    yield root
-    mp.undo()
-
-
 def tiny_cfg(out, *extra):
     return resolve_config(None, [
         f"output_dir={out}", "seed=3",

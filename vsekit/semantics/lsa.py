@@ -31,7 +31,7 @@ Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), 
   the randomized solver (it equals ``U·Σ`` up to the approximation error) and makes :meth:`LSAModel.transform`
   of a training caption reproduce its training vector.
 * **``n_iter`` default** (:data:`DEFAULT_N_ITER`) is lower than the reference's 100; see
-  ``benchmarks/lsa_scale.md`` for the time it saves and how close the Gram matrices stay.
+  ``benchmarks/README.md`` (LSA section) for the time it saves and how close the Gram matrices stay.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ DEFAULT_N_COMPONENTS = 400
 DEFAULT_RANDOM_STATE = 122
 #: Power iterations of the randomized SVD. The reference used 100: 43 min for 600K captions on a (busy)
 #: 2-core machine; 20 took 7 min there, and their Gram matrix L·Lᵀ is within 0.13% (relative Frobenius
-#: error) of the 100-iteration one, which moves LSEH's margins by < 0.0013 (benchmarks/lsa_scale.md).
+#: error) of the 100-iteration one, which moves LSEH's margins by < 0.0013 (benchmarks/README.md).
 DEFAULT_N_ITER = 20
 
 STOP_WORDS: frozenset[str] = frozenset(ENGLISH_STOP_WORDS)
