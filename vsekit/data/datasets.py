@@ -22,14 +22,17 @@ class ImageSource:
         self.transform = transform
         if not corpus.is_precomputed and transform is None:
             raise ValueError("raw images need a transform")
+        self._load = None
+        if not corpus.is_precomputed:
+            from vsekit.data.images import load_rgb  # lazily: precomputed-only users never need PIL
+
+            self._load = load_rgb
 
     def __call__(self, row: int) -> torch.Tensor:
         c = self.corpus
         if c.features is not None:
             return torch.from_numpy(np.array(c.features[row], dtype=np.float32))
-        from vsekit.data.images import load_rgb  # imported lazily: precomputed-only users never need PIL
-
-        return self.transform(load_rgb(c.image_paths[row]))
+        return self.transform(self._load(c.image_paths[row]))
 
 
 class PairDataset(Dataset):

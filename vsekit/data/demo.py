@@ -45,6 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vsekit.utils.io import cache_root
+
 GENERATOR_VERSION = 1
 DATASET_FILE = "dataset_demo.json"
 IMAGE_DIR = "images"
@@ -517,8 +519,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def default_root(num_images: int = 3000, seed: int = 0, image_size: int = 64) -> Path:
-    cache = os.environ.get("VSEKIT_CACHE") or "~/.cache/vsekit"
-    return Path(cache).expanduser() / f"demo-v{GENERATOR_VERSION}-n{num_images}-s{seed}-px{image_size}"
+    return cache_root() / f"demo-v{GENERATOR_VERSION}-n{num_images}-s{seed}-px{image_size}"
 
 
 def _generator_block(num_images: int, seed: int, image_size: int) -> dict:

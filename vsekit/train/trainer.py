@@ -27,7 +27,7 @@ from vsekit.train.objective import Objective, build_objective, term_weights
 from vsekit.train.optim import build_optimizer, build_scheduler
 from vsekit.train.stages import Freezer, StagePlan
 from vsekit.utils.device import resolve_device
-from vsekit.utils.io import atomic_write_text
+from vsekit.utils.io import atomic_write_text, cache_root
 
 log = logging.getLogger("vsekit.train")
 
@@ -159,7 +159,7 @@ class Trainer:
         from vsekit.semantics import fit_or_load_caption_vectors
 
         s = self.cfg.get("semantics", {})
-        cache = Path(s.get("cache_dir") or (_cache_root() / "semantics"))
+        cache = Path(s.get("cache_dir") or (cache_root() / "semantics"))
         kw = {"n_components": int(s.get("n_components", 400)), "random_state": int(s.get("random_state", 122))}
         if s.get("n_iter") is not None:
             kw["n_iter"] = int(s["n_iter"])
@@ -396,12 +396,6 @@ def _tensorboard(out: Path):
     except Exception:  # noqa: BLE001 - tensorboard is optional
         return None
     return SummaryWriter(str(out / "tb"))
-
-
-def _cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("VSEKIT_CACHE", Path.home() / ".cache" / "vsekit"))
 
 
 def train(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """vsekit's cache folder (demo sets, LSA vectors): ``$VSEKIT_CACHE``, else ``~/.cache/vsekit``."""
+    return Path(os.environ.get("VSEKIT_CACHE") or "~/.cache/vsekit").expanduser()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write ``path`` atomically: ``write(fileobj)`` goes to a temporary file in the same folder, which is
     fsynced and renamed over ``path``. A killed process leaves either the old file or the new one."""
