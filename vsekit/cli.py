@@ -237,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vsekit: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from vsekit.train.monitor import TrainingCollapsed
+
+        if not isinstance(e, TrainingCollapsed):
+            raise
+        print(f"vsekit: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

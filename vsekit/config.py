@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
         "val_max_images": 1000,
         "image_size": 224,
         "resize": None,
+        "resize_policy": "short_side",  # evaluation: short_side (Resize + CenterCrop, VSE++) | square
+        # training augmentation (vsekit/data/images.py AUGMENT_DEFAULTS); the defaults are VSE++'s
+        "augment": {"crop": "random_resized", "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333],
+                    "hflip": True, "color_jitter": 0.0},
         "skip_missing_images": False,
         "check_images": True,
         "num_workers": 0,
@@ -75,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
         "freeze": [],  # parameter/module name prefixes kept frozen (batch norm in eval mode)
         "stages": [],  # consecutive epoch ranges with their own overrides (vsekit/train/stages.py)
+        "max_minutes": None,  # wall-clock budget: stop cleanly, save, validate (compare methods at equal time)
+        # collapse detection and recovery (vsekit/train/monitor.py)
+        "collapse": {"action": "fallback", "patience": 50, "loss_tol": 0.02, "max_mean_cos": 0.98,
+                     "lr_factor": 0.1, "fallback_epochs": 1, "max_fallbacks": 3},
     },
     "eval": {"protocol": "full", "chunk_size": 1024, "batch_size": 256},
 }

@@ -81,7 +81,8 @@ class Embedder:
         from vsekit.data.images import build_transform
 
         d = self.config.get("data", {})
-        return build_transform(train=False, image_size=int(d.get("image_size", 224)), resize=d.get("resize"))
+        return build_transform(train=False, image_size=int(d.get("image_size", 224)), resize=d.get("resize"),
+                               resize_policy=d.get("resize_policy", "short_side"))
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:

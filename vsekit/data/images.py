@@ -101,33 +101,89 @@ def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
     return grey.convert("RGB")
 
 
-def build_transform(train: bool, image_size: int = 224, resize: int | None = None) -> transforms.Compose:
-    """The transforms the VSE++ family uses on raw images.
+# Training augmentation, as ``data.augment`` in a recipe. The defaults are VSE++'s (ImageNet-style
+# RandomResizedCrop over 8-100 % of the area, random horizontal flips); recipes for small raw images and
+# for captions that say "left"/"right" change them.
+AUGMENT_DEFAULTS: dict = {
+    "crop": "random_resized",  # random_resized | random (Resize(resize) + RandomCrop) | center (no crop)
+    "scale": [0.08, 1.0],      # RandomResizedCrop: range of the crop's share of the image area
+    "ratio": [0.75, 4 / 3],    # RandomResizedCrop: range of the crop's aspect ratio
+    "hflip": True,             # random horizontal flip (p = 0.5); flips break "left"/"right" captions
+    "color_jitter": 0.0,       # strength s: ColorJitter(brightness=s, contrast=s, saturation=s, hue=s/4)
+}
+CROPS = ("random_resized", "random", "center")
+RESIZE_POLICIES = ("short_side", "square")
 
-    train: RandomResizedCrop(image_size) + horizontal flip (``resize`` is not used).
-    eval: Resize(resize, default image_size * 256 / 224, i.e. 256 for 224) + CenterCrop(image_size).
-    Both end with ToTensor and ImageNet normalisation.
+
+def augment_options(augment: dict | None) -> dict:
+    """``AUGMENT_DEFAULTS`` updated with ``augment``, checked: a typo or a value out of range is an error."""
+    opts = dict(AUGMENT_DEFAULTS)
+    for key, value in (augment or {}).items():
+        if key not in AUGMENT_DEFAULTS:
+            raise ValueError(f"data.augment.{key}: unknown option; expected one of {', '.join(AUGMENT_DEFAULTS)}")
+        opts[key] = value
+    if opts["crop"] not in CROPS:
+        raise ValueError(f"data.augment.crop must be one of {', '.join(CROPS)}, got {opts['crop']!r}")
+    for key, low in (("scale", 0.0), ("ratio", 0.0)):
+        v = opts[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+                and low < float(v[0]) <= float(v[1])):
+            raise ValueError(f"data.augment.{key} must be [min, max] with 0 < min <= max, got {v!r}")
+    if float(opts["scale"][1]) > 1.0:
+        raise ValueError(f"data.augment.scale is a share of the image area, at most 1.0; got {opts['scale']!r}")
+    if not isinstance(opts["hflip"], bool):
+        raise ValueError(f"data.augment.hflip must be true or false, got {opts['hflip']!r}")
+    cj = opts["color_jitter"]
+    if not isinstance(cj, (int, float)) or isinstance(cj, bool) or not 0.0 <= float(cj) <= 1.0:
+        raise ValueError(f"data.augment.color_jitter must be a number in [0, 1], got {cj!r}")
+    return opts
+
+
+def _resize_step(image_size: int, resize: int | None, policy: str) -> list:
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"data.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+    if policy == "square":  # the whole image, aspect ratio not kept: nothing cut off at the borders
+        return [transforms.Resize((image_size, image_size))]
+    resize = round(image_size * 256 / 224) if resize is None else resize
+    if resize < image_size:
+        raise ValueError(f"resize ({resize}) must be >= image_size ({image_size}) for a centre crop")
+    return [transforms.Resize(resize), transforms.CenterCrop(image_size)]
+
+
+def build_transform(train: bool, image_size: int = 224, resize: int | None = None, augment: dict | None = None,
+                    resize_policy: str = "short_side") -> transforms.Compose:
+    """The image transforms of training (``train=True``) and of evaluation / search.
+
+    eval: ``resize_policy="short_side"``: Resize(short side to ``resize``, default image_size * 256 / 224,
+    i.e. 256 for 224) + CenterCrop(image_size), as VSE++; ``"square"``: Resize to image_size x image_size.
+    train, by ``augment`` (see ``AUGMENT_DEFAULTS``): ``crop="random_resized"``:
+    RandomResizedCrop(image_size, scale, ratio) (VSE++; ``resize`` is not used); ``"random"``: the eval resize
+    with RandomCrop instead of CenterCrop (``"square"``: Resize(resize) + RandomCrop); ``"center"``: the eval
+    transform itself. Then an optional horizontal flip and colour jitter.
+    All end with ToTensor and ImageNet normalisation.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if train:
-        return transforms.Compose(
-            [
-                transforms.RandomResizedCrop(image_size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                normalize,
-            ]
-        )
-    resize = round(image_size * 256 / 224) if resize is None else resize
-    if resize < image_size:
-        raise ValueError(f"resize ({resize}) must be >= image_size ({image_size}) for a centre crop")
-    return transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
+    if not train:
+        return transforms.Compose([*_resize_step(image_size, resize, resize_policy), transforms.ToTensor(), normalize])
+    opts = augment_options(augment)
+    if opts["crop"] == "random_resized":
+        steps = [transforms.RandomResizedCrop(image_size, scale=tuple(map(float, opts["scale"])),
+                                              ratio=tuple(map(float, opts["ratio"])))]
+    elif opts["crop"] == "random":
+        size = round(image_size * 256 / 224) if resize is None else resize
+        if size < image_size:
+            raise ValueError(f"resize ({size}) must be >= image_size ({image_size}) for a random crop")
+        if resize_policy not in RESIZE_POLICIES:
+            raise ValueError(f"data.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
+        first = transforms.Resize((size, size) if resize_policy == "square" else size)
+        steps = [first, transforms.RandomCrop(image_size)]
+    else:
+        steps = _resize_step(image_size, resize, resize_policy)
+    if opts["hflip"]:
+        steps.append(transforms.RandomHorizontalFlip())
+    s = float(opts["color_jitter"])
+    if s > 0:
+        steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4)))
+    return transforms.Compose([*steps, transforms.ToTensor(), normalize])

@@ -79,9 +79,26 @@ class RankingLoss(nn.Module):
 
     #: True when :meth:`forward` needs ``caption_vectors`` (the LSA vectors of the batch's captions).
     requires_caption_vectors: bool = False
+    #: True for hinge losses whose max-of-hinges form can fall back to the sum of hinges (collapse recovery).
+    has_sum_fallback: bool = False
+    #: collapse recovery: the sum of hinges is used while the epoch is below this (see :meth:`fall_back_to_sum`)
+    sum_until_epoch: int = 0
+    epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at the start of every epoch; only losses with a schedule use it."""
+        """Called by the trainer at the start of every epoch; losses with a schedule extend it."""
+        self.epoch = int(epoch)
+
+    def fall_back_to_sum(self, until_epoch: int) -> bool:
+        """Use the sum of hinges until ``until_epoch`` (exclusive); False when this loss has no such form."""
+        if not self.has_sum_fallback:
+            return False
+        self.sum_until_epoch = max(int(self.sum_until_epoch), int(until_epoch))
+        return True
+
+    def reduction_now(self, reduction: str) -> str:
+        """``reduction``, or ``"sum"`` while a collapse fallback is in force."""
+        return "sum" if self.epoch < self.sum_until_epoch else reduction
 
     def forward(self, sim: Tensor, image_ids: Tensor | None = None, *,
                 caption_vectors: Tensor | None = None) -> Tensor:

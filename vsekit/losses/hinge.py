@@ -84,6 +84,8 @@ class HingeRankingLoss(RankingLoss):
             1.05
     """
 
+    has_sum_fallback = True
+
     def __init__(self, margin: float = 0.2, reduction: str = "max", mask: str = "diagonal") -> None:
         super().__init__()
         self.margin = float(margin)
@@ -98,7 +100,7 @@ class HingeRankingLoss(RankingLoss):
 
     def compute(self, sim: Tensor, image_ids: Tensor, caption_vectors: Tensor | None) -> Tensor:
         cost_s, cost_im = hinge_costs(sim, self.margin, self.ignored_pairs(image_ids))
-        return reduce_hinge_costs(cost_s, cost_im, self.reduction)
+        return reduce_hinge_costs(cost_s, cost_im, self.reduction_now(self.reduction))
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}, mask={self.mask!r}"
@@ -158,7 +160,7 @@ class WarmupHingeLoss(HingeRankingLoss):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
         self.reduction = "sum" if self.epoch < self.warmup_epochs else "max"
 
     def extra_repr(self) -> str:

@@ -150,6 +150,7 @@ class LSEHLoss(RankingLoss):
     """
 
     requires_caption_vectors = True
+    has_sum_fallback = True
 
     def __init__(self, alpha: float = 0.185, lam: float = 0.025, reduction: str = "max",
                  semantic: str = "rowmax", image_semantics: str = "caption", warmup_epochs: int = 0) -> None:
@@ -180,11 +181,11 @@ class LSEHLoss(RankingLoss):
         margin = self.margins(image_ids, caption_vectors.to(sim.device))
         cost_i2t, cost_t2i = hinge_costs(sim, margin, diagonal_mask(size, sim.device))
         reduction = "sum" if self.epoch < self.warmup_epochs else self.reduction
-        return reduce_hinge_costs(cost_i2t, cost_t2i, reduction)
+        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction_now(reduction))
 
     def set_epoch(self, epoch: int) -> None:
         """``warmup_epochs > 0`` (an option beyond the paper): sum of hinges while ``epoch < warmup_epochs``."""
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lam={self.lam}, reduction={self.reduction!r}, "

@@ -164,13 +164,19 @@ class CNNImageEncoder(nn.Module):
     ``"mlp"``: the VSE-infinity MLP on the normalised features; ``"dualpath"``: Dual-Path's (FC + BN + ReLU) x 2
     on the raw pooled features (:class:`~vsekit.models.heads.DualPathHead`, hidden size ``embed_size``).
 
+    ``backbone_norm``: L2-normalise the pooled CNN feature before the head (VSE++ does, on pretrained
+    features); default: yes for the linear and MLP heads, no for the Dual-Path head. From random weights
+    the pooled features of all images point in nearly one direction, and normalising them removes the
+    one thing (their size) that still tells them apart; ``backbone_norm: false`` is for training from scratch.
+
     ``finetune=False`` freezes the CNN (no gradients, batch norm kept in eval mode); the trainer may flip it
     between stages with :meth:`set_finetune`.
     """
 
     def __init__(self, embed_size: int = 1024, backbone: str = "resnet152", pretrained: bool = False,
                  finetune: bool = False, weights_path: str | None = None, head: str = "linear",
-                 no_imgnorm: bool = False, use_abs: bool = False, width: int = 32) -> None:
+                 no_imgnorm: bool = False, use_abs: bool = False, width: int = 32,
+                 backbone_norm: bool | None = None) -> None:
         super().__init__()
         if head not in IMAGE_HEADS:
             raise ValueError(f"image_encoder.head must be one of {IMAGE_HEADS}, got {head!r}")
@@ -183,7 +189,7 @@ class CNNImageEncoder(nn.Module):
             self.head = MLP(feat_dim, embed_size // 2, embed_size)
         else:
             self.head = DualPathHead(feat_dim, embed_size)
-        self.normalize_backbone = head != "dualpath"
+        self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
         self.feat_dim = feat_dim
         self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
         self.set_finetune(finetune)

@@ -50,14 +50,19 @@ def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torc
 class GRUTextEncoder(nn.Module):
     """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
 
-    Uni-directional: the final state of the last layer. Bi-directional: the mean of the two directions'
-    final states. Sequences are packed, so padding never reaches the GRU.
+    ``pooling="last"`` (VSE++): uni-directional, the final state of the last layer; bi-directional, the mean
+    of the two directions' final states. ``pooling="mean"`` (VSE-infinity's text side): the last layer's
+    outputs averaged over the valid tokens (bi-directional: the two directions' outputs averaged first).
+    Sequences are packed, so padding never reaches the GRU.
     """
 
     def __init__(self, vocab_size: int, embed_size: int = 1024, word_dim: int = 300, num_layers: int = 1,
                  bidirectional: bool = False, word_vectors: str | None = None, itos: list[str] | None = None,
-                 no_txtnorm: bool = False, use_abs: bool = False) -> None:
+                 no_txtnorm: bool = False, use_abs: bool = False, pooling: str = "last") -> None:
         super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"text_encoder.pooling must be 'last' or 'mean', got {pooling!r}")
+        self.pooling = pooling
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         self.words_from_file = 0
@@ -73,8 +78,14 @@ class GRUTextEncoder(nn.Module):
         """The caption feature before the L2 normalisation (what an instance classifier sees)."""
         x = self.embed(tokens)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, h = self.rnn(packed)  # (layers * dirs, B, H), final state at each sequence's last valid step
-        return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+        out, h = self.rnn(packed)  # h: (layers * dirs, B, H), final state at each sequence's last valid step
+        if self.pooling == "last":
+            return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)  # (B, T, H * dirs), zeros past the end
+        if self.bidirectional:
+            half = out.shape[2] // 2
+            out = (out[:, :, :half] + out[:, :, half:]) / 2
+        return out.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         if not self.no_txtnorm:

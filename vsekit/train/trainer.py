@@ -23,6 +23,16 @@ from vsekit.inference import Embedder
 from vsekit.losses import build_loss
 from vsekit.models.vse import build_model
 from vsekit.text.vocab import Vocabulary
+from vsekit.train.monitor import (
+    ADVICE,
+    CollapseDetector,
+    EpochDiagnostics,
+    TrainingCollapsed,
+    batch_diagnostics,
+    check_collapse_options,
+    collapse_symptom,
+    collapse_value,
+)
 from vsekit.train.objective import Objective, build_objective, term_weights
 from vsekit.train.optim import build_optimizer, build_scheduler
 from vsekit.train.stages import Freezer, StagePlan
@@ -55,7 +65,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # keys of the ``data`` section that the trainer reads; the rest is the reader's spec
 _LOOP_KEYS = {"train_split", "val_split", "test_split", "val_max_images", "image_size", "resize", "num_workers",
-              "sample"}
+              "sample", "augment", "resize_policy"}
 
 
 def load_split(cfg: dict, split: str, max_images: int | None = None) -> Corpus:
@@ -125,8 +135,9 @@ class Trainer:
         if not self.train_corpus.is_precomputed:
             from vsekit.data.images import build_transform
 
-            transform = build_transform(train=True, image_size=int(cfg["data"]["image_size"]),
-                                        resize=cfg["data"].get("resize"))
+            d = cfg["data"]
+            transform = build_transform(train=True, image_size=int(d["image_size"]), resize=d.get("resize"),
+                                        augment=d.get("augment"), resize_policy=d.get("resize_policy", "short_side"))
         self.dataset = PairDataset(self.train_corpus, lambda c: self.vocab.encode(c, self.max_len),
                                    ImageSource(self.train_corpus, transform), sample=cfg["data"].get("sample", "caption"),
                                    seed=int(cfg["seed"]))
@@ -148,6 +159,19 @@ class Trainer:
         self.epoch_loss_sum = 0.0
         self.last_parts: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
+        # health monitoring: per-batch diagnostics, collapse detection and recovery, wall-clock budget
+        self.collapse_opts = check_collapse_options(tcfg.get("collapse"))
+        self.detector = CollapseDetector(int(self.collapse_opts["patience"]), float(self.collapse_opts["loss_tol"]),
+                                         float(self.collapse_opts["max_mean_cos"]))
+        self.diagnostics = EpochDiagnostics()
+        self.last_diag: dict[str, float] = {}
+        self.last_collapse_value = float("nan")
+        max_minutes = tcfg.get("max_minutes")
+        if max_minutes is not None and float(max_minutes) <= 0:
+            raise ValueError(f"train.max_minutes must be > 0 (or null for no limit), got {max_minutes!r}")
+        self.max_seconds = float(max_minutes) * 60 if max_minutes is not None else None
+        self.elapsed_before = 0.0  # seconds of training in earlier runs of this output folder (resume)
+        self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
         atomic_write_text(self.out / "config.yaml", dump_config(cfg))
@@ -183,6 +207,9 @@ class Trainer:
             "vocab": self.vocab.to_dict(),
             "config": self.cfg,
             "feature_shape": list(self.feature_shape) if self.feature_shape else None,
+            "monitor": {"detector": self.detector.state_dict(), "diagnostics": self.diagnostics.state_dict(),
+                        "sum_until_epoch": int(getattr(self.loss_fn, "sum_until_epoch", 0))},
+            "elapsed_s": self.elapsed_s,
         }
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
         if len(self.objective.terms):
@@ -202,8 +229,22 @@ class Trainer:
         self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
         self.best_rsum, self.history = s["best_rsum"], list(s["history"])
         self.epoch_loss_sum = s["epoch_loss_sum"]
+        monitor = s.get("monitor") or {}
+        self.detector.load_state_dict(monitor.get("detector") or {})
+        self.diagnostics.load_state_dict(monitor.get("diagnostics") or {})
+        if monitor.get("sum_until_epoch"):
+            self.loss_fn.fall_back_to_sum(int(monitor["sum_until_epoch"]))
+        self.elapsed_before = float(s.get("elapsed_s", 0.0))
         set_rng_state(s["rng"])
         log.info("resumed %s at epoch %d, batch %d (step %d)", self.out, self.epoch, self.batches_done, self.step)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds of training in this output folder so far, earlier (resumed) runs included."""
+        return self.elapsed_before + (time.perf_counter() - self._t_start)
+
+    def out_of_time(self) -> bool:
+        return self.max_seconds is not None and self.elapsed_s >= self.max_seconds
 
     def save(self, name: str) -> Path:
         return save_checkpoint(self.out / name, self.state_dict())
@@ -277,6 +318,10 @@ class Trainer:
             out = self.model.embed(images, tokens, lengths,
                                    *((negatives.tokens.to(dev), negatives.lengths) if negatives else ()))
         loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives)
+        self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
+        self.last_collapse_value = float("nan")
+        if "loss" in self.last_parts and self.collapse_opts["action"] != "off":
+            self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         clip = self.optim_cfg.get("grad_clip")
@@ -287,6 +332,45 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
+
+    def check_collapse(self) -> None:
+        """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says."""
+        d, opts = self.last_diag, self.collapse_opts
+        if d:
+            self.diagnostics.add(d)
+        if opts["action"] == "off" or not d:
+            return
+        loss = float(self.last_parts["loss"]) if "loss" in self.last_parts else float("nan")
+        cv = self.last_collapse_value if self.last_collapse_value == self.last_collapse_value else 0.0
+        if not self.detector.update(loss, cv, d["image_mean_cos"], d["caption_mean_cos"]):
+            return
+        action = opts["action"]
+        fallbacks = sum(e["action"] == "fallback" for e in self.detector.events)
+        if action == "fallback" and fallbacks >= int(opts["max_fallbacks"]):
+            action = "stop"
+        event = {"epoch": self.epoch, "step": self.step, "loss": loss, "collapse_value": cv,
+                 "image_mean_cos": d["image_mean_cos"], "caption_mean_cos": d["caption_mean_cos"], "action": action}
+        symptom = collapse_symptom(loss, cv, d["image_mean_cos"], d["caption_mean_cos"])
+        if action == "fallback":
+            until = self.epoch + 1 + int(opts["fallback_epochs"])
+            event["sum_of_hinges_until_epoch"] = until if self.loss_fn.fall_back_to_sum(until) else None
+            factor = float(opts["lr_factor"])
+            for g in self.optimizer.param_groups:
+                g["lr"] *= factor
+            if hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            event["lr"] = self._base_lr()
+            log.warning("step %d: %s. Falling back: %s, learning rate x%g -> %.3g.", self.step, symptom,
+                        f"sum of hinges until epoch {until}" if event["sum_of_hinges_until_epoch"] else
+                        "(this loss has no sum-of-hinges form)", factor, event["lr"])
+        elif action == "warn":
+            log.warning("step %d: %s. %s", self.step, symptom, ADVICE)
+        self.detector.events.append(event)
+        self._log({"kind": "collapse", **event})
+        if action == "stop":
+            self.save("last.pt")
+            raise TrainingCollapsed(f"training stopped at step {self.step} (epoch {self.epoch + 1}): {symptom}. "
+                                    f"{ADVICE} The last state is in {self.out / 'last.pt'}.")
 
     def validate(self) -> dict[str, float]:
         from vsekit.eval import retrieval_metrics
@@ -315,7 +399,7 @@ class Trainer:
             if max_steps:
                 total = min(total, int(max_steps))
             bar = _bar(tcfg.get("progress", True), total, self.batches_done, f"epoch {self.epoch + 1}/{epochs}")
-            t0, seen = time.perf_counter(), 0
+            t0, seen, timed_out = time.perf_counter(), 0, False
             for batch in loader:
                 if self.batches_done >= total:
                     break
@@ -324,6 +408,7 @@ class Trainer:
                 self.step += 1
                 seen += len(batch["lengths"])
                 self.epoch_loss_sum += loss
+                self.check_collapse()
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 if bar is not None:
                     bar.update(1)
@@ -334,15 +419,26 @@ class Trainer:
                     if len(self.last_parts) > 1 or self.plan.configured:
                         record.update({f"term_{k}": float(v) for k, v in self.last_parts.items()})
                         record["stage"] = self.stage_index
+                    record.update(self.last_diag)
+                    if self.last_collapse_value == self.last_collapse_value:
+                        record["collapse_value"] = self.last_collapse_value
                     self._log(record)
                 if every and self.step % every == 0:
                     self.save("last.pt")
+                if self.out_of_time():  # checked after a step, before the loader draws the next batch
+                    timed_out = self.batches_done < total
+                    break
             if bar is not None:
                 bar.close()
+            if timed_out:
+                return self._stop_for_time()
             self.scheduler.step()
             metrics = self.validate()
             record = {"kind": "val", "epoch": self.epoch, "step": self.step,
-                      "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics}
+                      "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
+                      **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
+                      "elapsed_min": self.elapsed_s / 60}
+            self.diagnostics = EpochDiagnostics()
             self.history.append(record)
             self._log(record)
             log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
@@ -355,9 +451,34 @@ class Trainer:
             self.save("last.pt")
             if is_best:
                 self.save("best.pt")
+            if self.out_of_time() and self.epoch < epochs:
+                log.info("train.max_minutes reached (%.1f min) after epoch %d", self.elapsed_s / 60, self.epoch)
+                return self._result("max_minutes")
+        return self._result(None)
+
+    def _result(self, stopped_by: str | None) -> dict[str, Any]:
         if self.tb is not None:
             self.tb.flush()
-        return {"best_rsum": self.best_rsum, "history": self.history, "output_dir": str(self.out)}
+        return {"best_rsum": self.best_rsum, "history": self.history, "output_dir": str(self.out),
+                "stopped_by": stopped_by}
+
+    def _stop_for_time(self) -> dict[str, Any]:
+        """The wall-clock budget ran out mid-epoch: save the exact state (``--resume`` continues this epoch with
+        a larger ``train.max_minutes``), then validate this partial epoch and keep ``best.pt`` up to date."""
+        log.info("train.max_minutes reached (%.1f min) in epoch %d after %d batches", self.elapsed_s / 60,
+                 self.epoch + 1, self.batches_done)
+        self.save("last.pt")
+        metrics = self.validate()
+        record = {"kind": "val", "epoch": self.epoch, "step": self.step, "partial_epoch": True,
+                  "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
+                  **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
+                  "elapsed_min": self.elapsed_s / 60}
+        self._log(record)
+        self.history.append(record)
+        if metrics["rsum"] > self.best_rsum:
+            self.best_rsum = metrics["rsum"]
+            self.save("best.pt")
+        return self._result("max_minutes")
 
 
 class _ModelAndLoss(torch.nn.Module):

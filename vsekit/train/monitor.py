@@ -1,0 +1,172 @@
+"""Training health: per-batch diagnostics of the joint space and a detector for collapsed embeddings.
+
+A hinge loss with the hardest negative (VSE++'s max of hinges) has a trap: when every image and every
+caption maps to (nearly) one point, every similarity is equal, every hinge equals the margin and the
+gradient through the max is too weak to leave. The loss then sits at its *collapse value* (2·B·α for the
+max of hinges). The detector watches for that (the loss within ``loss_tol`` of the value the loss takes on
+a constant similarity matrix, or a mean pairwise cosine near 1 in either modality) for ``patience``
+consecutive steps, and the trainer then warns, falls back to the sum of hinges at a lower learning rate,
+or stops with a message (``train.collapse.action``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vsekit.losses.base import same_image_mask
+
+log = logging.getLogger("vsekit.train")
+
+ACTIONS = ("off", "warn", "fallback", "stop")
+COLLAPSE_DEFAULTS: dict[str, Any] = {
+    "action": "fallback",   # off | warn | fallback (sum of hinges + lower lr, then continue) | stop
+    "patience": 50,         # consecutive collapsed steps before acting
+    "loss_tol": 0.02,       # collapsed when |loss - collapse value| <= loss_tol * collapse value ...
+    "max_mean_cos": 0.98,   # ... or when the mean pairwise cosine of either modality exceeds this
+    "lr_factor": 0.1,       # fallback: the learning rate is multiplied by this
+    "fallback_epochs": 1,   # fallback: sum of hinges for the rest of this epoch and this many more
+    "max_fallbacks": 3,     # fallback: after this many, stop instead
+}
+
+
+class TrainingCollapsed(RuntimeError):
+    """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``."""
+
+
+def mean_pairwise_cosine(x: Tensor) -> Tensor:
+    """Mean cosine similarity over the B·(B-1) ordered pairs of distinct rows (1 = all rows parallel)."""
+    b = x.shape[0]
+    if b < 2:
+        return x.new_tensor(float("nan"))
+    u = F.normalize(x.float(), dim=1)
+    total = u.sum(0)
+    return (total @ total - (u * u).sum()) / (b * (b - 1))
+
+
+@torch.no_grad()
+def batch_diagnostics(sim: Tensor, image_emb: Tensor, caption_emb: Tensor, image_ids: Tensor) -> dict[str, float]:
+    """Mean positive similarity, mean hardest (true) negative similarity both ways, and the embedding spread.
+
+    ``sim`` is the (B, B) image-by-caption similarity with the positives on the diagonal; a negative is a
+    pair of different images (captions of the same image are not counted as negatives here).
+    """
+    sim = sim.detach().float()
+    negative = ~same_image_mask(image_ids.to(sim.device))
+    low = torch.finfo(sim.dtype).min
+    masked = sim.masked_fill(~negative, low)
+    hard_i2t, hard_t2i = masked.max(1).values, masked.max(0).values
+    hard = torch.cat([hard_i2t[negative.any(1)], hard_t2i[negative.any(0)]])
+    return {
+        "pos_sim": float(sim.diagonal().mean()),
+        "hardest_neg_sim": float(hard.mean()) if hard.numel() else float("nan"),
+        "image_mean_cos": float(mean_pairwise_cosine(image_emb.detach())),
+        "caption_mean_cos": float(mean_pairwise_cosine(caption_emb.detach())),
+    }
+
+
+@torch.no_grad()
+def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
+                   caption_vectors: Tensor | None = None) -> float:
+    """The value ``loss_fn`` takes on this batch when every similarity is equal (all embeddings at one point).
+
+    Computed, not looked up: 2·B·α for the max of hinges, 2·B·(B-1)·α for the sum, the mean of LSEH's
+    per-pair margins for LSEH, 2·log B for InfoNCE, so any registered loss gets a detector.
+    """
+    extra = {"caption_vectors": caption_vectors} if caption_vectors is not None else {}
+    return float(loss_fn(torch.zeros_like(sim, dtype=torch.float32), image_ids, **extra))
+
+
+def check_collapse_options(opts: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(COLLAPSE_DEFAULTS)
+    opts = dict(opts or {})
+    if opts.get("action") is False:  # YAML 1.1 reads a bare `off` as false
+        opts["action"] = "off"
+    for k, v in opts.items():
+        if k not in COLLAPSE_DEFAULTS:
+            raise ValueError(f"train.collapse.{k}: unknown option; expected one of {', '.join(COLLAPSE_DEFAULTS)}")
+        out[k] = v
+    if out["action"] not in ACTIONS:
+        raise ValueError(f"train.collapse.action must be one of {', '.join(ACTIONS)}, got {out['action']!r}")
+    if int(out["patience"]) < 1:
+        raise ValueError(f"train.collapse.patience must be >= 1, got {out['patience']!r}")
+    if not 0 < float(out["lr_factor"]) <= 1:
+        raise ValueError(f"train.collapse.lr_factor must be in (0, 1], got {out['lr_factor']!r}")
+    return out
+
+
+@dataclass
+class CollapseDetector:
+    """Counts consecutive collapsed steps; :meth:`update` returns True once the count reaches ``patience``.
+
+    The count restarts after it fires, so a run that stays collapsed fires again ``patience`` steps later.
+    Its state (:meth:`state_dict`) is saved in checkpoints so that a resumed run acts as the uninterrupted one.
+    """
+
+    patience: int = 50
+    loss_tol: float = 0.02
+    max_mean_cos: float = 0.98
+    streak: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def is_collapsed(self, loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> bool:
+        pinned = collapse > 0 and abs(loss - collapse) <= self.loss_tol * collapse
+        squeezed = max(image_mean_cos, caption_mean_cos) > self.max_mean_cos
+        return bool(pinned or squeezed)
+
+    def update(self, loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> bool:
+        if self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos):
+            self.streak += 1
+        else:
+            self.streak = 0
+        if self.streak >= self.patience:
+            self.streak = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak, "events": list(self.events)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = int(state.get("streak", 0))
+        self.events = list(state.get("events", []))
+
+
+class EpochDiagnostics:
+    """Running means of :func:`batch_diagnostics` over an epoch (NaN entries skipped)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            if v == v:  # not NaN
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(state.get("sums", {})), dict(state.get("counts", {}))
+
+
+def collapse_symptom(loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> str:
+    """One line saying what the detector saw."""
+    return (f"the embeddings collapsed towards one point (loss {loss:.4g}, its collapse value {collapse:.4g}; "
+            f"mean pairwise cosine: images {image_mean_cos:.3f}, captions {caption_mean_cos:.3f})")
+
+
+ADVICE = ("Try a sum-of-hinges warm-up (loss.name=hinge_warmup with loss.warmup_epochs=1, or loss.warmup_epochs=1 "
+          "for LSEH), a lower optim.lr, loss.mask=same_image when several captions of one image share a batch, "
+          "milder crops (data.augment.scale=[0.5,1.0] or data.augment.crop=center) and, for a CNN trained from "
+          "scratch, model.image_encoder.backbone_norm=false; or start from the scratch_small recipe.")
