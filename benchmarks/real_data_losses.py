@@ -49,7 +49,7 @@ LOSSES = {
     "vsepp_warmup": ("scratch_small", []),
     "lseh": ("scratch_small", ["loss.name=lseh", "+loss.warmup_epochs=0"]),
     "lseh_warmup": ("scratch_small", ["loss.name=lseh", "+loss.warmup_epochs=1"]),
-    "infonce": ("scratch_small", ["loss.name=infonce"]),
+    "infonce": ("scratch_small", ["loss.name=infonce", "+loss.mask=same_image"]),
     "plain_baseline": (None, []),
 }
 

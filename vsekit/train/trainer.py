@@ -434,10 +434,7 @@ class Trainer:
                 return self._stop_for_time()
             self.scheduler.step()
             metrics = self.validate()
-            record = {"kind": "val", "epoch": self.epoch, "step": self.step,
-                      "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
-                      **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
-                      "elapsed_min": self.elapsed_s / 60}
+            record = self._val_record(metrics)
             self.diagnostics = EpochDiagnostics()
             self.history.append(record)
             self._log(record)
@@ -456,6 +453,13 @@ class Trainer:
                 return self._result("max_minutes")
         return self._result(None)
 
+    def _val_record(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """An epoch's validation line: metrics, mean training loss, the epoch's diagnostics, elapsed time."""
+        return {"kind": "val", "epoch": self.epoch, "step": self.step,
+                "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
+                **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
+                "elapsed_min": self.elapsed_s / 60}
+
     def _result(self, stopped_by: str | None) -> dict[str, Any]:
         if self.tb is not None:
             self.tb.flush()
@@ -469,10 +473,7 @@ class Trainer:
                  self.epoch + 1, self.batches_done)
         self.save("last.pt")
         metrics = self.validate()
-        record = {"kind": "val", "epoch": self.epoch, "step": self.step, "partial_epoch": True,
-                  "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
-                  **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
-                  "elapsed_min": self.elapsed_s / 60}
+        record = {**self._val_record(metrics), "partial_epoch": True}
         self._log(record)
         self.history.append(record)
         if metrics["rsum"] > self.best_rsum:
