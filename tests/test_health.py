@@ -282,3 +282,20 @@ def test_gru_mean_pooling_matches_unpadded_loop(bidirectional):
         assert torch.allclose(got[i], out[0].mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="pooling"):
         GRUTextEncoder(vocab_size=5, pooling="max")
+
+
+def test_scratch_small_recipe_trains(tmp_path, cache):
+    from vsekit.cli import _recipe_path
+    from vsekit.config import resolve_config
+
+    cfg = resolve_config(_recipe_path("scratch_small"), [
+        f"output_dir={tmp_path / 'scratch'}", "data.format=demo", "+data.num_images=120", "data.image_size=32",
+        "data.resize=32", "data.val_max_images=20", "model.embed_size=16", "model.image_encoder.width=4",
+        "model.text_encoder.word_dim=8", "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=3",
+        "train.progress=false"])
+    t = Trainer(cfg)
+    types = _types(t.dataset.images.transform)
+    assert transforms.RandomResizedCrop not in types and transforms.RandomCrop not in types
+    assert t.model.text_encoder.pooling == "mean" and t.model.text_encoder.bidirectional
+    assert (cfg["loss"]["name"], cfg["loss"]["mask"]) == ("infonce", "same_image")
+    assert t.fit()["best_rsum"] > 0
