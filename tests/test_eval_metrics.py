@@ -1,4 +1,4 @@
-"""Retrieval metrics must reproduce the field's protocol exactly (METHODS.md §2.6, §6).
+"""Retrieval metrics must reproduce the field's protocol exactly (VSE++'s evaluation.py; COCO 1K/5K as in the papers).
 
 References here are deliberately naive: a full score matrix and one stable sort per query.
 """

@@ -331,7 +331,7 @@ def test_lseh_needs_caption_vectors_of_the_batch():
 
 
 def _lseh_reference(sim, ids, vectors, alpha, lam, reduction, semantic, image_semantics):
-    """Slow, loop-by-loop LSEH in float64, written from METHODS.md §1.3-1.4 and the option definitions."""
+    """Slow, loop-by-loop LSEH in float64, written from the paper's definition (Gong & Cosma 2023) and the option definitions."""
     s = sim.double().tolist()
     ids = ids.tolist()
     vecs = vectors.double().tolist()

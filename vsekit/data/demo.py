@@ -2,7 +2,7 @@
 
 Why it exists: ``make demo``, the tests and the loss ablations need an image-caption collection that is
 available offline, builds in seconds, and is learnable by a small CNN + GRU on CPU in minutes, yet is not
-trivial. It must also contain what LSEH feeds on (METHODS.md §1.1-1.4): wrong captions that are
+trivial. It must also contain what LSEH feeds on (semantically related captions): wrong captions that are
 semantically close to the right one ("a red circle left of a blue box" vs "... right of a blue box").
 
 Scenes. An image shows 1-3 objects on a dark background (random tint, a linear gradient, pixel noise).

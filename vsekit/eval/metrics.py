@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics of the VSE++ protocol (METHODS.md §2.6, §6), computed by counting in blocks.
+"""Image-text retrieval metrics of the VSE++ protocol (VSE++'s evaluation.py; COCO 1K/5K as in the papers), computed by counting in blocks.
 
 The field's reference code sorts one row of scores per query in a Python loop. Here a rank is a count:
 for a query whose ground truth scores ``t``, the rank is the number of candidates that sort before it
@@ -522,7 +522,7 @@ def retrieval_metrics(
 
 
 # --------------------------------------------------------------------------------------------------
-# label-relevance mAP (ACMR, METHODS.md §5.4)
+# label-relevance mAP (ACMR, Wang et al. 2017)
 
 
 def _labels(x: Any, name: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ def semantic_similarity(caption_vectors: Tensor, image_ids: Tensor | None = None
     """The semantic similarity S (B, B) of LSEH, a constant (no gradient), in float32.
 
     Row i stands for the IMAGE of slot i, column j for the CAPTION of slot j. With the defaults
-    (the paper's definition, METHODS.md §1.3), for the LSA vectors l_1..l_B of the batch's captions::
+    (the paper's definition, Gong & Cosma 2023), for the LSA vectors l_1..l_B of the batch's captions::
 
         C_ij = l_i · l_j,   m_i = max_k C_ik (k over the batch, i included; m_i = 0 → 1),   S_ij = C_ij / m_i
 

@@ -8,7 +8,7 @@ from torch import nn
 
 
 class DualPathHead(nn.Module):
-    """``(FC -> BN -> ReLU) x 2`` of Dual-Path (Zheng et al., METHODS.md §3.1): pool5 2048 -> 2048 -> 2048.
+    """``(FC -> BN -> ReLU) x 2`` of Dual-Path (Zheng et al., ACM TOMM 2020): pool5 2048 -> 2048 -> 2048.
 
     The FC layers have no bias (BN follows). The output is the retrieval feature f_img *before* the L2
     normalisation, so it is non-negative, as in the paper.

@@ -1,6 +1,6 @@
 """Image-caption similarity functions, ``sim(images (N, D), captions (M, D)) -> (N, M)``.
 
-Row = image, column = caption (the VSE++ convention; METHODS.md §2.2).
+Row = image, column = caption (the VSE++ convention).
 """
 
 from __future__ import annotations

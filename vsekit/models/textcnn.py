@@ -1,4 +1,4 @@
-"""The deep residual text CNN of Dual-Path (Zheng et al., TOMM 2020; METHODS.md §3.1).
+"""The deep residual text CNN of Dual-Path (Zheng et al., TOMM 2020).
 
 No recurrence: a caption is a fixed window of ``seq_len`` (32) token slots, word embeddings feed a ResNet-style
 stack of bottleneck blocks whose middle convolution has kernel 2 along the words, the sequence is averaged and
