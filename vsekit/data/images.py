@@ -139,15 +139,20 @@ def augment_options(augment: dict | None) -> dict:
     return opts
 
 
-def _resize_step(image_size: int, resize: int | None, policy: str) -> list:
+def _resize_size(image_size: int, resize: int | None, policy: str) -> int:
+    """The size images are resized to before a crop of ``image_size`` (default image_size * 256 / 224)."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"data.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+    size = round(image_size * 256 / 224) if resize is None else resize
+    if size < image_size:
+        raise ValueError(f"resize ({size}) must be >= image_size ({image_size}) for a crop")
+    return size
+
+
+def _resize_step(image_size: int, resize: int | None, policy: str) -> list:
     if policy == "square":  # the whole image, aspect ratio not kept: nothing cut off at the borders
         return [transforms.Resize((image_size, image_size))]
-    resize = round(image_size * 256 / 224) if resize is None else resize
-    if resize < image_size:
-        raise ValueError(f"resize ({resize}) must be >= image_size ({image_size}) for a centre crop")
-    return [transforms.Resize(resize), transforms.CenterCrop(image_size)]
+    return [transforms.Resize(_resize_size(image_size, resize, policy)), transforms.CenterCrop(image_size)]
 
 
 def build_transform(train: bool, image_size: int = 224, resize: int | None = None, augment: dict | None = None,
@@ -172,11 +177,7 @@ def build_transform(train: bool, image_size: int = 224, resize: int | None = Non
         steps = [transforms.RandomResizedCrop(image_size, scale=tuple(map(float, opts["scale"])),
                                               ratio=tuple(map(float, opts["ratio"])))]
     elif opts["crop"] == "random":
-        size = round(image_size * 256 / 224) if resize is None else resize
-        if size < image_size:
-            raise ValueError(f"resize ({size}) must be >= image_size ({image_size}) for a random crop")
-        if resize_policy not in RESIZE_POLICIES:
-            raise ValueError(f"data.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
+        size = _resize_size(image_size, resize, resize_policy)
         first = transforms.Resize((size, size) if resize_policy == "square" else size)
         steps = [first, transforms.RandomCrop(image_size)]
     else:

@@ -165,7 +165,7 @@ class Trainer:
                                          float(self.collapse_opts["max_mean_cos"]))
         self.diagnostics = EpochDiagnostics()
         self.last_diag: dict[str, float] = {}
-        self.last_collapse_value = float("nan")
+        self.last_collapse_value: float | None = None  # None: not computed for this step
         max_minutes = tcfg.get("max_minutes")
         if max_minutes is not None and float(max_minutes) <= 0:
             raise ValueError(f"train.max_minutes must be > 0 (or null for no limit), got {max_minutes!r}")
@@ -319,7 +319,8 @@ class Trainer:
                                    *((negatives.tokens.to(dev), negatives.lengths) if negatives else ()))
         loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives)
         self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
-        self.last_collapse_value = float("nan")
+        self.diagnostics.add(self.last_diag)
+        self.last_collapse_value = None
         if "loss" in self.last_parts and self.collapse_opts["action"] != "off":
             self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,12 +337,10 @@ class Trainer:
     def check_collapse(self) -> None:
         """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says."""
         d, opts = self.last_diag, self.collapse_opts
-        if d:
-            self.diagnostics.add(d)
         if opts["action"] == "off" or not d:
             return
         loss = float(self.last_parts["loss"]) if "loss" in self.last_parts else float("nan")
-        cv = self.last_collapse_value if self.last_collapse_value == self.last_collapse_value else 0.0
+        cv = self.last_collapse_value or 0.0
         if not self.detector.update(loss, cv, d["image_mean_cos"], d["caption_mean_cos"]):
             return
         action = opts["action"]
@@ -420,7 +419,7 @@ class Trainer:
                         record.update({f"term_{k}": float(v) for k, v in self.last_parts.items()})
                         record["stage"] = self.stage_index
                     record.update(self.last_diag)
-                    if self.last_collapse_value == self.last_collapse_value:
+                    if self.last_collapse_value is not None:
                         record["collapse_value"] = self.last_collapse_value
                     self._log(record)
                 if every and self.step % every == 0:
