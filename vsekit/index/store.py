@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from vsekit.errors import VsekitError
+from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
 from vsekit.utils.io import atomic_write_json
 
 INDEX_FORMAT = "vsekit-index"
@@ -42,14 +43,17 @@ TARGETS = ("images", "captions")
 RECALL_K = 10
 RECALL_QUERIES = 500
 _GENERATION = re.compile(r"^g(\d{6,})$")
-_TMP_PREFIX = ".tmp-"
+# Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs); versions before that
+# used ".tmp-<random>", which are still cleaned up.
+_WORK_NAME = "generation"
+_LEGACY_TMP_PREFIX = ".tmp-"
 _ADD_CHUNK = 65536
 # k-means training points per IVF list: FAISS wants 39 to 256; 64 keeps training of 1M x 1024 near a minute
 # on two cores
 _IVF_TRAIN_PER_LIST = 64
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(VsekitError, ValueError):
     """A missing, corrupt or incompatible index, or a request the index cannot serve."""
 
 
@@ -294,17 +298,8 @@ def write_lock(index_dir: str | Path) -> Iterator[None]:
     """Serialises writers of one index folder (readers need no lock: they follow the manifest)."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+    with file_lock(index_dir / ".lock"):
         yield
-        return
-    with open(index_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -316,14 +311,6 @@ def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_files(folder: Path, data: IndexData) -> None:
@@ -357,19 +344,20 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
     """
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=index_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a server may run as another user
+    # The generation's name is picked once its files are written, so the work folder is named after a
+    # placeholder; it is made with the umask's permissions (a server may run as another user).
+    tmp = make_work_dir(index_dir / _WORK_NAME)
     gen = None
     try:
         _write_files(tmp, data)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         gen = _next_generation(index_dir, previous)
+        # A plain rename, not publish_dir: a fresh generation name is never in the way, and must not be
+        # replaced if it were.
         os.rename(tmp, index_dir / gen)
-        _fsync(index_dir)
+        fsync_dir(index_dir)
         manifest = {**manifest, "format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": gen,
                     "num_images": len(data.images), "num_captions": len(data.captions or []),
                     "has_captions": data.caption_vectors is not None}
@@ -384,10 +372,13 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
 
 
 def remove_stale(index_dir: Path, keep: str) -> None:
-    """Delete old generations and temporary folders left by earlier writes or crashes."""
+    """Delete old generations and temporary folders left by earlier writes or crashes (call under
+    :func:`write_lock`, so that no other write is under way)."""
     for p in index_dir.iterdir():
-        if p.name != keep and p.is_dir() and (_GENERATION.match(p.name) or p.name.startswith(_TMP_PREFIX)):
+        old = _GENERATION.match(p.name) or p.name.startswith(_LEGACY_TMP_PREFIX)
+        if p.name != keep and p.is_dir() and old:
             shutil.rmtree(p, ignore_errors=True)
+    remove_stale_work(index_dir / _WORK_NAME, any_pid=True)
 
 
 def params_dict(params: AnnParams) -> dict[str, Any]:

@@ -14,15 +14,12 @@ row count is refitted. Caption ids are not part of the key: vectors depend on th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from vsekit.semantics.lsa import (
     PIPELINE_VERSION,
     LSAModel,
 )
+from vsekit.utils.fs import file_lock, make_work_dir, publish_dir, remove_stale_work
 from vsekit.utils.io import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -145,33 +143,6 @@ def load_caption_vectors(folder: str | Path, *, key: str | None = None, num_capt
     return vectors
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise fits of one key across processes (e.g. data-parallel ranks); a no-op without fcntl."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _install(tmp: Path, folder: Path) -> None:
-    """Put the freshly written ``tmp`` folder in place of ``folder`` (renames only: never half a folder)."""
-    trash = None
-    if folder.exists():
-        trash = folder.with_name(f".{folder.name}.stale-{os.getpid()}-{time.time_ns()}")
-        os.replace(folder, trash)
-    os.replace(tmp, folder)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[str] | None,
                                 cache_dir: str | Path, *, n_components: int = DEFAULT_N_COMPONENTS,
                                 n_iter: int = DEFAULT_N_ITER, random_state: int = DEFAULT_RANDOM_STATE,
@@ -187,16 +158,19 @@ def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[s
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     folder = cache_dir / f"lsa-{key[:16]}"
-    with _exclusive_lock(cache_dir / f".lsa-{key[:16]}.lock"):
+    # The lock serialises fits of one key across processes (e.g. data-parallel ranks): one fits, the
+    # others wait and then load its folder.
+    with file_lock(cache_dir / f".{folder.name}.lock"):
         try:
             vectors = load_caption_vectors(folder, key=key, num_captions=len(captions), mmap=mmap)
         except StaleCacheError as e:
             if folder.exists():
                 logger.warning("refitting LSA caption vectors: %s", e)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache_dir))
+            remove_stale_work(folder, any_pid=True)  # under the lock: leftovers are of killed fits
+            tmp = make_work_dir(folder)
             try:
                 fit_to_folder(captions, ids, tmp, **params)
-                _install(tmp, folder)
+                publish_dir(tmp, folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return load_caption_vectors(folder, key=key, num_captions=len(captions), mmap=mmap)

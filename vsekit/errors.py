@@ -1,0 +1,29 @@
+"""The errors a user can cause, each printed by the command line as one line (exit code 2).
+
+Library code raises these instead of bare ``ValueError``s for mistakes in what the user supplied (a config,
+a data set, a checkpoint, an index), so that the message, not a traceback, reaches the user.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class VsekitError(Exception):
+    """Base class of the errors that the command line reports in one line."""
+
+
+class ConfigError(VsekitError, ValueError):
+    """A recipe or override is invalid; the message names the key (``train.epochs``) and what is wrong."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'epochs'?"`` for the nearest of ``choices``, or ``""`` when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class TrainingCollapsed(RuntimeError):
+    """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``; the
+    command line exits with code 3."""
