@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vsekit.data import demo
-from vsekit.data.demo import DATASET_FILE, build_demo
+from vsekit.data.demo import DATASET_FILE, build_demo, render
 
 N = 200
 
@@ -140,8 +140,8 @@ def test_builds_are_byte_identical(tmp_path, built):
 
 def test_second_call_reuses_and_force_rebuilds(tmp_path, monkeypatch):
     writes = []
-    real_save = demo._save_png
-    monkeypatch.setattr(demo, "_save_png", lambda img, path: (writes.append(path), real_save(img, path)))
+    real_save = render._save_png
+    monkeypatch.setattr(render, "_save_png", lambda img, path: (writes.append(path), real_save(img, path)))
     path = build_demo(tmp_path / "set", num_images=30)
     assert len(writes) == 30
     before = path.stat()
@@ -293,7 +293,7 @@ def test_relation_flips_exist(built):
 
 def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
     calls = []
-    real_save = demo._save_png
+    real_save = render._save_png
 
     def failing_save(image, path):
         calls.append(path)
@@ -301,16 +301,16 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real_save(image, path)
 
-    monkeypatch.setattr(demo, "_save_png", failing_save)
+    monkeypatch.setattr(render, "_save_png", failing_save)
     with pytest.raises(OSError, match="simulated"):
         build_demo(tmp_path / "set", num_images=40)
     assert list(tmp_path.iterdir()) == []
     # A killed forced rebuild keeps the previous complete set in place.
-    monkeypatch.setattr(demo, "_save_png", real_save)
+    monkeypatch.setattr(render, "_save_png", real_save)
     path = build_demo(tmp_path / "set", num_images=40)
     good = _tree(tmp_path / "set")
     calls.clear()
-    monkeypatch.setattr(demo, "_save_png", failing_save)
+    monkeypatch.setattr(render, "_save_png", failing_save)
     with pytest.raises(OSError, match="simulated"):
         build_demo(tmp_path / "set", num_images=40, force=True)
     assert _tree(tmp_path / "set") == good
