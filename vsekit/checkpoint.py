@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from vsekit.errors import VsekitError
 from vsekit.utils.io import atomic_write
 
 CHECKPOINT_FORMAT = "vsekit-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VsekitError, ValueError):
     pass
 
 

@@ -1,9 +1,19 @@
-"""Name -> factory registries, so that methods plug in through configs (cf. timm's ``register_model``)."""
+"""Name -> factory registries, so that methods plug in through configs (cf. timm's ``register_model``).
+
+A registry also knows which options each of its components takes: :meth:`Registry.validate` checks a
+config section (``{"name": ..., **options}``) against the factory's signature and type hints, so that a
+typo or a wrong type is a :class:`~vsekit.errors.ConfigError` naming the key, and the defaults stay where
+they are written once (the factory's signature).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from vsekit.errors import ConfigError, did_you_mean
 
 
 class Registry:
@@ -13,11 +23,16 @@ class Registry:
     >>> @LOSSES.register("hinge")
     ... def make_hinge(**kw): ...
     >>> LOSSES.build({"name": "hinge", "margin": 0.2})  # doctest: +SKIP
+
+    ``injected`` names the factory arguments that the builder supplies (``embed_size``, ``vocab_size``):
+    a config may not set them.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, injected: Iterable[str] = ()) -> None:
         self.kind = kind
+        self.injected = frozenset(injected)
         self._table: dict[str, Callable[..., Any]] = {}
+        self._options: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,7 +48,7 @@ class Registry:
             return self._table[name]
         except KeyError:
             known = ", ".join(sorted(self._table)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._table)} (known: {known})") from None
 
     def build(self, spec: dict[str, Any] | str, **extra: Any) -> Any:
         """Build from ``{"name": ..., **kwargs}`` (or just a name); ``extra`` kwargs are passed through."""
@@ -41,16 +56,118 @@ class Registry:
             spec = {"name": spec}
         spec = dict(spec)
         if "name" not in spec:
-            raise KeyError(f"{self.kind} spec needs a 'name' field, got keys {sorted(spec)}")
+            raise ConfigError(f"{self.kind} spec needs a 'name' field, got keys {sorted(spec)}")
         name = spec.pop("name")
         factory = self.get(name)
         try:
             return factory(**spec, **extra)
         except TypeError as e:
-            raise TypeError(f"bad options for {self.kind} {name!r}: {e}") from None
+            raise ConfigError(f"bad options for {self.kind} {name!r}: {e}") from None
 
     def names(self) -> list[str]:
         return sorted(self._table)
 
     def __contains__(self, name: str) -> bool:
         return name in self._table
+
+    # -- options ------------------------------------------------------------------------------------------
+    def options_model(self, name: str):
+        """A pydantic model of the options of component ``name``, made from its factory's signature."""
+        if name not in self._options:
+            self._options[name] = _options_model(f"{self.kind} {name}", self.get(name), self.injected)
+        return self._options[name]
+
+    def validate(self, spec: Any, where: str) -> dict[str, Any]:
+        """Check a config section for this registry: the name exists, every option is one the component
+        takes, with a value of the right type. Returns the section as given (validated values), so the
+        component's own defaults apply to what it leaves out."""
+        from pydantic import ValidationError
+
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping with a 'name', got {spec!r}")
+        name = spec.get("name")
+        if name is None:
+            raise ConfigError(f"{where}.name: missing; choose one of {', '.join(self.names())}")
+        if name not in self._table:
+            raise ConfigError(f"{where}.name: unknown {self.kind} {name!r}{did_you_mean(name, self._table)} "
+                              f"(known: {', '.join(self.names())})")
+        options = {k: v for k, v in spec.items() if k != "name"}
+        model = self.options_model(name)
+        try:
+            checked = model.model_validate(options)
+        except ValidationError as e:
+            raise config_error_from(e, where, model) from None
+        return {"name": name, **checked.model_dump(exclude_unset=True)}
+
+
+def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[str]):
+    from pydantic import ConfigDict, create_model
+
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: accept any value for those options
+        hints = {}
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in injected or p.name == "self":
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        hint = hints.get(p.name)
+        if hint is None:  # unannotated: the type of a plain default, else anything
+            hint = type(default) if isinstance(default, (bool, int, float, str)) else Any
+        fields[p.name] = (hint, default)
+    return create_model(title.replace(" ", "_"), __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
+                                                                      strict=False), **fields)
+
+
+def config_error_from(err: Any, where: str, model: Any = None) -> ConfigError:
+    """One-line :class:`ConfigError` from a pydantic ``ValidationError``: the first problem, with its dotted
+    key under ``where`` and, for an unknown key, the nearest valid one."""
+    problems = []
+    for e in err.errors():
+        raw_loc = list(e.get("loc", ()))
+        loc = [str(p) for p in raw_loc]
+        key = where
+        for p in raw_loc:
+            key += f"[{p}]" if isinstance(p, int) else (f".{p}" if key else str(p))
+        if e.get("type") == "extra_forbidden":
+            valid = _field_names(model, [str(p) for p in raw_loc[:-1] if not isinstance(p, int)])
+            parent = key[: -len(loc[-1])]
+            hint = did_you_mean(loc[-1], valid) if valid else ""
+            if hint:
+                hint = f"; did you mean {parent}{hint[len('; did you mean '):].strip(chr(39) + '?')}?"
+            elif valid:
+                hint = f" (valid keys: {', '.join(valid)})"
+            problems.append(f"{key}: unknown key{hint}")
+        elif e.get("type") == "missing":
+            problems.append(f"{key}: required, but missing")
+        else:
+            problems.append(f"{key}: {e.get('msg', 'invalid value')} (got {e.get('input')!r})")
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return ConfigError(problems[0] + more if problems else f"{where}: invalid")
+
+
+def _field_names(model: Any, path: list[str]) -> list[str]:
+    """The field names of the (nested) pydantic model at ``path`` under ``model``."""
+    node = model
+    for part in path:
+        if node is None or not hasattr(node, "model_fields"):
+            return []
+        field = node.model_fields.get(part)
+        if field is None:
+            return []
+        node = _model_of(field.annotation)
+    return sorted(node.model_fields) if node is not None and hasattr(node, "model_fields") else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,18 +1,4 @@
-"""One entry point from a config's data spec to a :class:`Corpus`, plus an up-front image check.
-
-A spec is a plain dict, e.g. ``{"format": "karpathy", "path": "data/dataset_coco.json",
-"image_root": "data/coco", "restval_into_train": true}``. Keys:
-
-- ``format``: ``karpathy`` | ``precomp`` | ``pairs`` | ``demo``
-- ``path``: the JSON file / the precomp folder / the pairs file (not for ``demo``)
-- ``image_root``: folder image paths are relative to (karpathy, pairs)
-- ``split``: pairs only; the ``split`` value to select in the file instead of the requested split name,
-  ``null`` for every row (a file without a split column, e.g. one file per split)
-- ``restval_into_train``: karpathy only; train on COCO's restval images too
-- ``max_images``: keep the first N images of the split with their captions (small dev sets)
-- ``check_images`` (default true) and ``skip_missing_images`` (default false): see :func:`check_images`
-- ``root``, ``num_images``, ``seed``, ``image_size``: passed to the demo builder
-"""
+"""Image checks and corpus selection, shared by every data source (:mod:`vsekit.data.sources`)."""
 
 from __future__ import annotations
 
@@ -22,83 +8,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.karpathy import read_karpathy
-from vsekit.data.pairs import read_pairs
-from vsekit.data.precomp import read_precomp
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("karpathy", "precomp", "pairs", "demo")
-_COMMON_KEYS = {"format", "name", "max_images", "check_images", "skip_missing_images"}
-_FORMAT_KEYS = {
-    "karpathy": {"path", "image_root", "restval_into_train"},
-    "precomp": {"path"},
-    "pairs": {"path", "image_root", "split"},
-    "demo": {"root", "num_images", "seed", "image_size", "restval_into_train"},
-}
-_DEMO_KEYS = ("root", "num_images", "seed", "image_size")
-
-
-def load_corpus(spec: dict[str, Any], split: str) -> Corpus:
-    """Read ``split`` of the data set described by ``spec`` (see the module docstring for the keys).
-
-    Image-backed corpora are checked with :func:`check_images` after ``max_images`` is applied, so a
-    dev subset only checks its own images. Unknown keys are logged, since a misspelt
-    ``restval_into_train`` would otherwise silently change the training set.
-    """
-    if not isinstance(spec, dict):
-        raise DataError(f"data spec must be a dict, got {type(spec).__name__}")
-    fmt = spec.get("format")
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    unknown = set(spec) - _COMMON_KEYS - _FORMAT_KEYS[fmt]
-    if unknown:
-        logger.warning("data spec (format %s): ignoring unknown keys %s", fmt, ", ".join(sorted(unknown)))
-    max_images = spec.get("max_images")
-
-    if fmt == "karpathy":
-        corpus = read_karpathy(
-            _path(spec),
-            spec.get("image_root"),
-            split,
-            restval_into_train=bool(spec.get("restval_into_train", False)),
-            max_images=max_images,
-        )
-    elif fmt == "precomp":
-        corpus = read_precomp(_path(spec), split, max_images=max_images)
-    elif fmt == "pairs":
-        file_split = spec["split"] if "split" in spec else split
-        corpus = read_pairs(_path(spec), file_split, image_root=spec.get("image_root"))
-        if max_images is not None:
-            corpus = take_first_images(corpus, max_images)
-    else:
-        from vsekit.data.demo import build_demo  # lazy: generating the demo set is its own concern
-
-        json_path = Path(build_demo(**{k: spec[k] for k in _DEMO_KEYS if k in spec}))
-        corpus = read_karpathy(
-            json_path,
-            json_path.parent,
-            split,
-            restval_into_train=bool(spec.get("restval_into_train", False)),
-            max_images=max_images,
-        )
-
-    if corpus.image_paths is not None and spec.get("check_images", True):
-        corpus = check_images(corpus, skip_missing=bool(spec.get("skip_missing_images", False)))
-    return corpus
-
-
-def _path(spec: dict[str, Any]) -> str | Path:
-    path = spec.get("path")
-    if not path:
-        raise DataError(f"data spec (format {spec['format']}) needs a 'path'")
-    return path
 
 
 def check_images(

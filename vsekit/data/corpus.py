@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vsekit.errors import VsekitError
 
-class DataError(ValueError):
+
+class DataError(VsekitError, ValueError):
     """Bad or missing input data; the message names the file (and line or field where it applies)."""
 
 

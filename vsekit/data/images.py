@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torchvision import transforms
 
 from vsekit.data.corpus import DataError
@@ -101,48 +103,65 @@ def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
     return grey.convert("RGB")
 
 
-# Training augmentation, as ``data.augment`` in a recipe. The defaults are VSE++'s (ImageNet-style
-# RandomResizedCrop over 8-100 % of the area, random horizontal flips); recipes for small raw images and
-# for captions that say "left"/"right" change them.
-AUGMENT_DEFAULTS: dict = {
-    "crop": "random_resized",  # random_resized | random (Resize(resize) + RandomCrop) | center (no crop)
-    "scale": [0.08, 1.0],      # RandomResizedCrop: range of the crop's share of the image area
-    "ratio": [0.75, 4 / 3],    # RandomResizedCrop: range of the crop's aspect ratio
-    "hflip": True,             # random horizontal flip (p = 0.5); flips break "left"/"right" captions
-    "color_jitter": 0.0,       # strength s: ColorJitter(brightness=s, contrast=s, saturation=s, hue=s/4)
-}
+# Training augmentation and evaluation resizing: the ``transform`` section of a config (separate from ``data``,
+# which says what to read). The augmentation defaults are VSE++'s (ImageNet-style RandomResizedCrop over
+# 8-100 % of the area, random horizontal flips); recipes for small raw images and for captions that say
+# "left"/"right" change them.
 CROPS = ("random_resized", "random", "center")
 RESIZE_POLICIES = ("short_side", "square")
 
 
-def augment_options(augment: dict | None) -> dict:
-    """``AUGMENT_DEFAULTS`` updated with ``augment``, checked: a typo or a value out of range is an error."""
-    opts = dict(AUGMENT_DEFAULTS)
-    for key, value in (augment or {}).items():
-        if key not in AUGMENT_DEFAULTS:
-            raise ValueError(f"data.augment.{key}: unknown option; expected one of {', '.join(AUGMENT_DEFAULTS)}")
-        opts[key] = value
-    if opts["crop"] not in CROPS:
-        raise ValueError(f"data.augment.crop must be one of {', '.join(CROPS)}, got {opts['crop']!r}")
-    for key, low in (("scale", 0.0), ("ratio", 0.0)):
-        v = opts[key]
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
-                and low < float(v[0]) <= float(v[1])):
-            raise ValueError(f"data.augment.{key} must be [min, max] with 0 < min <= max, got {v!r}")
-    if float(opts["scale"][1]) > 1.0:
-        raise ValueError(f"data.augment.scale is a share of the image area, at most 1.0; got {opts['scale']!r}")
-    if not isinstance(opts["hflip"], bool):
-        raise ValueError(f"data.augment.hflip must be true or false, got {opts['hflip']!r}")
-    cj = opts["color_jitter"]
-    if not isinstance(cj, (int, float)) or isinstance(cj, bool) or not 0.0 <= float(cj) <= 1.0:
-        raise ValueError(f"data.augment.color_jitter must be a number in [0, 1], got {cj!r}")
-    return opts
+class AugmentConfig(BaseModel):
+    """``transform.augment``: the random augmentation of training images."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    crop: Literal["random_resized", "random", "center"] = "random_resized"  # random: Resize + RandomCrop
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop: range of the crop's share of the image area
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop: range of the crop's aspect ratio
+    hflip: bool = True  # random horizontal flip (p = 0.5); flips break "left"/"right" captions
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0)  # ColorJitter(brightness=s, contrast=s, saturation=s, hue=s/4)
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float], info) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [min, max] with 0 < min <= max, got {list(v)}")
+        if info.field_name == "scale" and v[1] > 1.0:
+            raise ValueError(f"is a share of the image area, at most 1.0; got {list(v)}")
+        return v
+
+
+class TransformConfig(BaseModel):
+    """``transform``: how images become tensors, in training (with ``augment``) and in evaluation/search."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    image_size: int = Field(224, ge=1)  # the crop the network sees
+    resize: int | None = Field(None, ge=1)  # short side before the crop (default image_size * 256 / 224)
+    resize_policy: Literal["short_side", "square"] = "short_side"  # eval: Resize+CenterCrop | whole image
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    def build(self, train: bool) -> transforms.Compose:
+        return build_transform(train, self.image_size, self.resize, self.augment, self.resize_policy)
+
+
+def augment_options(augment: dict | AugmentConfig | None) -> AugmentConfig:
+    """Checked augmentation options (a typo or a value out of range is a ConfigError naming the key)."""
+    if isinstance(augment, AugmentConfig):
+        return augment
+    from vsekit.registry import config_error_from
+
+    try:
+        return AugmentConfig.model_validate(augment or {})
+    except ValidationError as e:
+        raise config_error_from(e, "transform.augment", AugmentConfig) from None
 
 
 def _resize_size(image_size: int, resize: int | None, policy: str) -> int:
     """The size images are resized to before a crop of ``image_size`` (default image_size * 256 / 224)."""
     if policy not in RESIZE_POLICIES:
-        raise ValueError(f"data.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+        raise ValueError(f"transform.resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
     size = round(image_size * 256 / 224) if resize is None else resize
     if size < image_size:
         raise ValueError(f"resize ({size}) must be >= image_size ({image_size}) for a crop")
@@ -155,7 +174,8 @@ def _resize_step(image_size: int, resize: int | None, policy: str) -> list:
     return [transforms.Resize(_resize_size(image_size, resize, policy)), transforms.CenterCrop(image_size)]
 
 
-def build_transform(train: bool, image_size: int = 224, resize: int | None = None, augment: dict | None = None,
+def build_transform(train: bool, image_size: int = 224, resize: int | None = None,
+                    augment: dict | AugmentConfig | None = None,
                     resize_policy: str = "short_side") -> transforms.Compose:
     """The image transforms of training (``train=True``) and of evaluation / search.
 
@@ -173,18 +193,17 @@ def build_transform(train: bool, image_size: int = 224, resize: int | None = Non
     if not train:
         return transforms.Compose([*_resize_step(image_size, resize, resize_policy), transforms.ToTensor(), normalize])
     opts = augment_options(augment)
-    if opts["crop"] == "random_resized":
-        steps = [transforms.RandomResizedCrop(image_size, scale=tuple(map(float, opts["scale"])),
-                                              ratio=tuple(map(float, opts["ratio"])))]
-    elif opts["crop"] == "random":
+    if opts.crop == "random_resized":
+        steps = [transforms.RandomResizedCrop(image_size, scale=opts.scale, ratio=opts.ratio)]
+    elif opts.crop == "random":
         size = _resize_size(image_size, resize, resize_policy)
         first = transforms.Resize((size, size) if resize_policy == "square" else size)
         steps = [first, transforms.RandomCrop(image_size)]
     else:
         steps = _resize_step(image_size, resize, resize_policy)
-    if opts["hflip"]:
+    if opts.hflip:
         steps.append(transforms.RandomHorizontalFlip())
-    s = float(opts["color_jitter"])
+    s = float(opts.color_jitter)
     if s > 0:
         steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4)))
     return transforms.Compose([*steps, transforms.ToTensor(), normalize])

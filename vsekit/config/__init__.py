@@ -1,0 +1,14 @@
+"""Configs: YAML recipes with ``_base_`` inheritance, command-line overrides, and the typed schema.
+
+>>> cfg = resolve_config("vsekit/configs/demo_vsepp.yaml", ["train.epochs=2"])  # doctest: +SKIP
+>>> cfg.train.epochs, cfg.loss["name"]  # doctest: +SKIP
+(2, 'hinge_warmup')
+"""
+
+from vsekit.config.recipes import apply_overrides, deep_merge, dump_config, load_recipe
+from vsekit.config.resolve import migrate, resolve_config, validate_config
+from vsekit.config.schema import CONFIG_FORMAT, RunConfig
+from vsekit.errors import ConfigError
+
+__all__ = ["CONFIG_FORMAT", "ConfigError", "RunConfig", "apply_overrides", "deep_merge", "dump_config",
+           "load_recipe", "migrate", "resolve_config", "validate_config"]

@@ -1,0 +1,138 @@
+"""From a recipe (file or dict) and overrides to a validated :class:`~vsekit.config.schema.RunConfig`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from vsekit.config.recipes import apply_overrides, deep_merge, load_recipe
+from vsekit.config.schema import CONFIG_FORMAT, MINED_OWN_KEYS, ModelConfig, ObjectiveConfig, RunConfig
+from vsekit.data.sources import data_config, source_class
+from vsekit.errors import ConfigError, did_you_mean
+from vsekit.registry import config_error_from
+
+# keys of the data section that moved to `transform` in config format 2
+_TRANSFORM_KEYS = ("image_size", "resize", "resize_policy", "augment")
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring a config of an older format (e.g. inside an old checkpoint) to the current one.
+
+    Format 1 kept the image transform in ``data`` and gave every data section every reader's keys; format 2
+    has a ``transform`` section and per-source data options.
+    """
+    fmt = raw.get("config_format", CONFIG_FORMAT)
+    if not isinstance(fmt, int) or fmt > CONFIG_FORMAT:
+        raise ConfigError(f"config_format: {fmt!r} is newer than this vsekit reads ({CONFIG_FORMAT}); upgrade vsekit")
+    if fmt >= CONFIG_FORMAT:
+        return raw
+    raw = copy.deepcopy(raw)
+    data = dict(raw.get("data") or {})
+    transform = dict(raw.get("transform") or {})
+    for k in _TRANSFORM_KEYS:
+        if k in data:
+            value = data.pop(k)
+            if value is not None or k == "resize":
+                transform[k] = value
+    fields = set(source_class(data.get("format", "demo")).model_fields)
+    raw["data"] = {k: v for k, v in data.items() if k in fields}
+    raw["transform"] = transform
+    raw["config_format"] = CONFIG_FORMAT
+    return raw
+
+
+def _component(registry: Any, spec: Any, default: dict[str, Any], where: str) -> dict[str, Any]:
+    if spec is None:
+        spec = default
+    if isinstance(spec, dict) and "name" not in spec:
+        spec = {"name": default["name"], **spec}
+    return registry.validate(spec, where)
+
+
+def _validate_components(raw: dict[str, Any]) -> None:
+    """Check, in place, the sections that name registered components against those components."""
+    from vsekit.losses import LOSSES, MINED_LOSSES
+    from vsekit.models import IMAGE_ENCODERS, SIMILARITIES, TEXT_ENCODERS
+
+    model = raw.get("model")
+    if isinstance(model, dict):
+        defaults = ModelConfig()
+        model["image_encoder"] = _component(IMAGE_ENCODERS, model.get("image_encoder"), defaults.image_encoder,
+                                            "model.image_encoder")
+        model["text_encoder"] = _component(TEXT_ENCODERS, model.get("text_encoder"), defaults.text_encoder,
+                                           "model.text_encoder")
+        sim = model.get("similarity")
+        if sim is not None and sim not in SIMILARITIES:
+            raise ConfigError(f"model.similarity: unknown similarity {sim!r}{did_you_mean(sim, SIMILARITIES.names())} "
+                              f"(known: {', '.join(SIMILARITIES.names())})")
+    if "loss" in raw:
+        raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, "loss")
+    objective = raw.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("mined"), dict):
+        mined = objective["mined"]
+        default = ObjectiveConfig().mined
+        own = {k: mined[k] for k in MINED_OWN_KEYS if k in mined and k != "name"}
+        for k, typ in (("weight", float), ("pool_size", int)):
+            if k in own:
+                try:
+                    own[k] = typ(own[k])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"objective.mined.{k}: expected a number, got {own[k]!r}") from None
+        if own.get("pool_size", 1) < 1:
+            raise ConfigError(f"objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
+        spec = {k: v for k, v in mined.items() if k not in own}
+        objective["mined"] = {**_component(MINED_LOSSES, spec, {"name": default["name"]}, "objective.mined"), **own}
+
+
+def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConfig:
+    """Check every section of ``raw`` (a plain-dict config) and return the typed config.
+
+    An unknown key anywhere, a value of the wrong type or out of range, an unknown component or data
+    format: a :class:`ConfigError` whose message names the dotted key and, for a typo, the nearest valid one.
+    Every training stage's merged config is validated too.
+    """
+    if isinstance(raw, RunConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    raw = migrate(copy.deepcopy(raw))
+    prefix = f"{where}." if where else ""
+    moved = [k for k in _TRANSFORM_KEYS if k in (raw.get("data") or {})]
+    if moved:
+        raise ConfigError(f"{prefix}data.{moved[0]}: moved to {prefix}transform.{moved[0]} (the data section says "
+                          "what to read, the transform section how images are resized and augmented)")
+    try:
+        data = data_config(raw.pop("data", None) or {}, f"{prefix}data")
+        _validate_components(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}" if where and not str(e).startswith(prefix) else str(e)) from None
+    try:
+        cfg = RunConfig.model_validate({**raw, "data": data})
+    except ValidationError as e:
+        raise config_error_from(e, where, RunConfig) from None
+    for i, stage in enumerate(cfg.train.stages):
+        merged = cfg.to_dict()
+        merged["train"]["stages"] = []
+        validate_config(deep_merge(merged, stage.overrides()), where=f"{prefix}train.stages[{i}]")
+    return cfg
+
+
+def resolve_config(recipe: str | Path | dict | RunConfig | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults <- recipe (with its ``_base_`` chain) <- overrides, validated; ``${name}`` in ``output_dir``
+    is replaced by the run's name."""
+    if recipe is None:
+        data: dict = {}
+    elif isinstance(recipe, RunConfig):
+        data = recipe.to_dict()
+    elif isinstance(recipe, dict):
+        data = copy.deepcopy(recipe)
+    else:
+        data = load_recipe(recipe)
+    cfg = validate_config(apply_overrides(data, list(overrides)))
+    if "${name}" in cfg.output_dir:
+        cfg.output_dir = cfg.output_dir.replace("${name}", cfg.name)
+    return cfg

@@ -1,0 +1,215 @@
+"""The typed config of a run: every section a pydantic model, every default written once, here or in the
+signature of the registered component a section names.
+
+Why pydantic: FastAPI (the server) already depends on it, it validates nested sections with exact error
+locations (``train.collapse.patience``), and a model with ``extra="forbid"`` turns a typo into an error
+instead of a silent default. Sections that name a registered component (``loss``, ``model.image_encoder``,
+``model.text_encoder``, ``objective.mined``) are checked against that component's signature
+(:meth:`vsekit.registry.Registry.validate`); the ``data`` section is checked by the options class of its
+``format`` (:mod:`vsekit.data.sources`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from vsekit.data.images import TransformConfig
+from vsekit.data.sources import DataConfig, DemoData
+from vsekit.semantics.lsa import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
+
+CONFIG_FORMAT = 2
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextConfig(Section):
+    min_count: int = Field(4, ge=1, description="words seen fewer times in the training captions are <unk>")
+    max_len: int | None = Field(None, ge=1, description="captions are cut to this many words")
+
+
+class ModelConfig(Section):
+    embed_size: int = Field(1024, ge=1)
+    similarity: str = "cosine"  # a registered similarity: cosine | order
+    use_abs: bool = False  # abs() of both embeddings (order embeddings)
+    image_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "precomp"})
+    text_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "gru"})
+
+
+class InstanceConfig(Section):
+    image_weight: float = 0.0
+    text_weight: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # before the shared classifier
+    bias: bool = True
+    num_classes: int | None = Field(None, ge=2)  # null: the number of training images
+    init_std: float = Field(0.001, gt=0.0)
+
+
+MINED_OWN_KEYS = ("name", "weight", "pool_size")
+
+
+class ObjectiveConfig(Section):
+    """The weighted terms of the training objective (``vsekit.train.objective``)."""
+
+    loss_weight: float = 1.0  # the in-batch ranking loss of the ``loss`` section
+    instance: InstanceConfig = Field(default_factory=InstanceConfig)
+    # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
+    # ``weight`` and ``pool_size``, the number of random training captions scored per step)
+    mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
+                                                           "pool_size": 256})
+
+    @property
+    def mined_weight(self) -> float:
+        return float(self.mined.get("weight", 0.0) or 0.0)
+
+    @property
+    def mined_pool_size(self) -> int:
+        return int(self.mined.get("pool_size", 256))
+
+    @property
+    def mined_loss(self) -> dict[str, Any]:
+        """The ``objective.mined`` section without the objective's own keys: the mined loss's spec."""
+        return {"name": self.mined.get("name", "dualpath_rank"),
+                **{k: v for k, v in self.mined.items() if k not in MINED_OWN_KEYS}}
+
+    def weights(self) -> dict[str, float]:
+        return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
+                "instance_text": float(self.instance.text_weight), "mined": self.mined_weight}
+
+
+class SemanticsConfig(Section):
+    """LSA caption vectors of LSEH (``vsekit.semantics``)."""
+
+    n_components: int = Field(DEFAULT_N_COMPONENTS, ge=1)
+    n_iter: int | None = Field(None, ge=1)  # randomized-SVD power iterations (null: vsekit's default)
+    random_state: int = DEFAULT_RANDOM_STATE
+    cache_dir: str | None = None  # default: $VSEKIT_CACHE/semantics
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0)  # sgd
+    nesterov: bool = True  # sgd
+    grad_clip: float | None = Field(2.0, gt=0.0)  # max global gradient norm; null: no clipping
+    lr_decay_every: int | None = Field(15, ge=1)  # lr * factor ** (epoch // n) (VSE++ / LSEH)
+    lr_decay_factor: float = Field(0.1, gt=0.0)
+    lr_milestones: list[int] | None = None  # decay after these epochs instead (set lr_decay_every: null)
+    lr_mult: dict[str, float] = Field(default_factory=dict)  # parameter-name prefix -> lr multiplier
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> OptimConfig:
+        if self.lr_decay_every and self.lr_milestones:
+            raise ValueError("set lr_decay_every or lr_milestones, not both (set the other to null)")
+        return self
+
+
+class CollapseConfig(Section):
+    """``train.collapse``: detection of collapsed embeddings and what to do (``vsekit.train.monitor``)."""
+
+    action: Literal["off", "warn", "fallback", "stop"] = "fallback"
+    patience: int = Field(50, ge=1)  # consecutive collapsed steps before acting
+    loss_tol: float = Field(0.02, ge=0.0)  # collapsed: |loss - collapse value| <= loss_tol * collapse value,
+    max_mean_cos: float = Field(0.98, le=1.0)  # or a modality's mean pairwise cosine above this
+    lr_factor: float = Field(0.1, gt=0.0, le=1.0)  # fallback: lr multiplied by this
+    fallback_epochs: int = Field(1, ge=0)  # fallback: sum of hinges for the rest of the epoch and this many
+    max_fallbacks: int = Field(3, ge=0)  # after this many fallbacks, stop instead
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
+class EncoderFinetune(Section):
+    finetune: bool
+
+
+class StageModel(Section):
+    image_encoder: EncoderFinetune | None = None
+    text_encoder: EncoderFinetune | None = None
+
+
+class StageTrain(Section):
+    freeze: list[str] = Field(default_factory=list)
+
+
+class StageConfig(Section):
+    """One entry of ``train.stages``: its epochs and what it overrides for them (``vsekit.train.stages``).
+
+    ``optim`` and ``objective`` are partial sections merged into the run's; the merged config of every
+    stage is validated as a whole when the run is resolved.
+    """
+
+    name: str | None = None
+    epochs: int = Field(ge=1)
+    optim: dict[str, Any] = Field(default_factory=dict)
+    objective: dict[str, Any] = Field(default_factory=dict)
+    train: StageTrain | None = None
+    model: StageModel | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The overrides as a partial config (only what the stage sets)."""
+        out = self.model_dump(exclude_unset=True, exclude={"name", "epochs"}, exclude_none=True)
+        return {k: v for k, v in out.items() if v != {}}
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    amp: bool = True  # mixed precision on CUDA
+    log_every: int = Field(10, ge=1)  # steps between metrics.jsonl lines
+    checkpoint_every_steps: int = Field(0, ge=0)  # also save last.pt every N steps (0: at epoch ends only)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    init_from: str | None = None  # start from this checkpoint's weights (e.g. VSE++ FT stage 2)
+    progress: bool = True  # a live bar on a terminal, plain lines in a file or pipe
+    freeze: list[str] = Field(default_factory=list)  # parameter/module name prefixes kept frozen
+    stages: list[StageConfig] = Field(default_factory=list)
+    max_minutes: float | None = Field(None, gt=0.0)  # wall-clock budget: stop cleanly, save, validate
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+
+    @model_validator(mode="after")
+    def _stages_cover_epochs(self) -> TrainConfig:
+        total = sum(s.epochs for s in self.stages)
+        if self.stages and self.epochs > total:
+            raise ValueError(f"train.epochs ({self.epochs}) is more than the stages' epochs together ({total}); "
+                             f"set train.epochs to {total} or lengthen a stage")
+        return self
+
+
+class EvalConfig(Section):
+    protocol: Literal["full", "1k5fold"] = "full"  # validation protocol; `vsekit eval --protocol` for tests
+    chunk_size: int = Field(1024, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class RunConfig(Section):
+    """A resolved recipe. ``to_dict()`` is what is saved as ``config.yaml`` and inside every checkpoint."""
+
+    config_format: int = CONFIG_FORMAT
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs/${name}"
+    data: SerializeAsAny[DataConfig] = Field(default_factory=DemoData)
+    transform: TransformConfig = Field(default_factory=TransformConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: dict[str, Any] = Field(default_factory=lambda: {"name": "hinge"})
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    semantics: SemanticsConfig = Field(default_factory=SemanticsConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

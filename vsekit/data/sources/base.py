@@ -1,0 +1,168 @@
+"""The data-source registry: one typed options class and one reader per data format.
+
+A data source turns its options (the ``data`` section of a config, discriminated by ``format``) and a split
+name into a :class:`~vsekit.data.corpus.Corpus`. Every command (train, eval, encode, index, serve) reads
+data through :func:`load_split`, so one data spec gives the same corpus everywhere.
+
+Adding a source is one module: a subclass of :class:`DataConfig` with ``format: Literal["name"]``, its own
+fields, :meth:`DataConfig.read` and optionally :meth:`DataConfig.sniff`, registered with
+:func:`register_source` (see ``docs/data.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vsekit.data.corpus import Corpus, DataError
+from vsekit.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger("vsekit.data")
+
+_SOURCES: dict[str, type[DataConfig]] = {}
+_SNIFF_ORDER: list[str] = []
+_SNIFF_PRIORITY: dict[str, int] = {}
+
+
+class DataConfig(BaseModel):
+    """Options every source shares: which splits, how many images, how images are checked, how batches are
+    drawn. Subclasses add what their format needs (a path, an image root, ...)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    format: str = "demo"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_images: int | None = Field(None, ge=1, description="keep the first N images of every split")
+    val_max_images: int | None = Field(1000, ge=1, description="first N images of the validation split "
+                                                                "(the field's 1,000-image dev sets)")
+    check_images: bool = True
+    skip_missing_images: bool = False
+    num_workers: int = Field(0, ge=0)
+    sample: Literal["caption", "image"] = "caption"
+
+    #: True when the source reads image files (its corpus has ``image_paths``) rather than features
+    reads_image_files: ClassVar[bool] = True
+
+    def read(self, split: str, max_images: int | None) -> Corpus:
+        """The corpus of ``split`` (its first ``max_images`` images when given)."""
+        raise NotImplementedError
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """True when ``path`` (a ``--data`` argument) looks like this source's data."""
+        return False
+
+    @classmethod
+    def from_path(cls, path: Path, image_root: str | None = None) -> dict[str, Any]:
+        """The source-specific options for a sniffed ``path``."""
+        return {"path": str(path)}
+
+    def describe(self) -> str:
+        path = getattr(self, "path", None)
+        return f"{self.format}:{path}" if path else self.format
+
+
+def common_keys() -> set[str]:
+    """The keys every data source has (kept when a recipe switches ``data.format``)."""
+    return set(DataConfig.model_fields)
+
+
+def register_source(name: str, sniff_priority: int | None = None):
+    """Class decorator: register a :class:`DataConfig` subclass as data format ``name``. Sources with a
+    ``sniff_priority`` take part in recognising ``--data PATH`` (lower first)."""
+
+    def deco(cls: type[DataConfig]) -> type[DataConfig]:
+        if name in _SOURCES:
+            raise KeyError(f"data format {name!r} is registered twice")
+        _SOURCES[name] = cls
+        if sniff_priority is not None:
+            _SNIFF_PRIORITY[name] = sniff_priority
+            _SNIFF_ORDER.append(name)
+            _SNIFF_ORDER.sort(key=_SNIFF_PRIORITY.__getitem__)
+        return cls
+
+    return deco
+
+
+def source_names() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def source_class(name: str) -> type[DataConfig]:
+    try:
+        return _SOURCES[name]
+    except KeyError:
+        raise ConfigError(f"data.format: unknown data format {name!r}{did_you_mean(name, _SOURCES)} "
+                          f"(known: {', '.join(source_names())})") from None
+
+
+def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataConfig:
+    """Validate a ``data`` section into its source's options (a :class:`ConfigError` names a bad key)."""
+    from vsekit.registry import config_error_from
+
+    if isinstance(spec, DataConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
+    cls = source_class(spec.get("format", DataConfig.model_fields["format"].default))
+    try:
+        return cls.model_validate(spec)
+    except ValidationError as e:
+        raise config_error_from(e, where, cls) from None
+
+
+def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | None = None) -> Corpus:
+    """One split of a data set: read by its source, cut to ``max_images`` (else ``data.max_images``), and,
+    for image files, checked (:func:`~vsekit.data.checks.check_images`) unless ``data.check_images`` is off."""
+    from vsekit.data.checks import check_images
+
+    data = data_config(data)
+    n = max_images if max_images is not None else data.max_images
+    if n is not None and n < 1:
+        raise DataError(f"{data.describe()}: max_images must be >= 1, got {n}")
+    corpus = data.read(split, n)
+    if n is not None and corpus.num_images > n:
+        from vsekit.data.checks import take_first_images
+
+        corpus = take_first_images(corpus, n)
+    if corpus.image_paths is not None and data.check_images:
+        corpus = check_images(corpus, skip_missing=data.skip_missing_images)
+    return corpus
+
+
+def load_corpus(spec: dict[str, Any] | DataConfig, split: str) -> Corpus:
+    """:func:`load_split` for a plain-dict ``data`` section, e.g. ``{"format": "karpathy", "path":
+    "data/dataset_coco.json", "restval_into_train": true}`` (validated: an unknown key is an error naming it)."""
+    if not isinstance(spec, (dict, DataConfig)):
+        raise DataError(f"data spec must be a dict, got {type(spec).__name__}")
+    return load_split(spec, split)
+
+
+def sniff_source(arg: str, image_root: str | None = None, base: DataConfig | dict | None = None) -> DataConfig:
+    """A ``--data`` argument to a data spec: ``demo``, or a path that one registered source recognises
+    (a Karpathy ``dataset_*.json``, a precomputed-feature folder, a pairs file, a folder of images).
+
+    The options every source shares (image checks, splits, ...) are taken from ``base`` (e.g. a checkpoint's
+    own data section); so are a demo set's options when ``base`` is the demo set too.
+    """
+    base_cfg = data_config(base) if base is not None else None
+    shared = {k: v for k, v in (base_cfg.model_dump() if base_cfg else {}).items()
+              if k in common_keys() and k != "format"}
+    if arg == "demo":
+        if base_cfg is not None and base_cfg.format == "demo":
+            return base_cfg
+        return data_config({**shared, "format": "demo"})
+    path = Path(arg)
+    if not path.exists():
+        raise DataError(f"--data {arg}: no such file or folder")
+    for name in _SNIFF_ORDER:
+        cls = _SOURCES[name]
+        if cls.sniff(path):
+            return data_config({**shared, "format": name, **cls.from_path(path, image_root)})
+    kinds = ", ".join(_SOURCES[n].__doc__.splitlines()[0].rstrip(".") for n in _SNIFF_ORDER)
+    raise DataError(f"--data {arg}: not a data set vsekit recognises (expected 'demo' or one of: {kinds})")
