@@ -31,10 +31,10 @@ import torch
 from _plots import plot_rsum_curves  # benchmarks/ is on sys.path when run as a script
 
 from vsekit.config import resolve_config
-from vsekit.eval import retrieval_metrics
+from vsekit.data.sources import load_split
 from vsekit.inference import Embedder
 from vsekit.losses import build_loss
-from vsekit.train.trainer import Trainer, load_split
+from vsekit.train.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "vsekit" / "configs" / "demo_vsepp.yaml"
 BASE = ["data.format=precomp", "model.image_encoder.name=precomp", "model.image_encoder.pooling=flatten",
@@ -88,14 +88,12 @@ def epochs_to_95(rsums: list[float]) -> int:
 
 def run_one(loss: dict, seed: int, out: Path, overrides: list[str]) -> dict:
     cfg = resolve_config(RECIPE, [*BASE, f"output_dir={out}", f"seed={seed}", "train.progress=false", *overrides])
-    cfg["loss"] = dict(loss)
+    cfg.loss = dict(loss)
     t0 = time.perf_counter()
     result = Trainer(cfg).fit()
     train_s = time.perf_counter() - t0
     emb = Embedder.from_checkpoint(out / "best.pt")
-    test = load_split(cfg, cfg["data"]["test_split"])
-    img, cap = emb.encode_corpus(test)
-    m = retrieval_metrics(img, cap, test.caption_to_image, similarity=emb.similarity)
+    m = emb.evaluate(load_split(cfg.data, cfg.data.test_split))
     rsums = [h["rsum"] for h in result["history"]]
     return {"seed": seed, "test": m, "val_rsum": rsums, "epochs_to_95": epochs_to_95(rsums), "train_s": train_s}
 
@@ -107,7 +105,7 @@ def step_overhead(overrides: list[str], steps: int, out: Path) -> dict:
     for name in ("VSE++ (max of hinges)", "LSEH"):
         cfg = resolve_config(RECIPE, [*BASE, f"output_dir={out / name.split()[0]}", "train.progress=false",
                                       *overrides])
-        cfg["loss"] = dict(LOSSES[name])
+        cfg.loss = dict(LOSSES[name])
         trainers[name] = Trainer(cfg)
     first = next(iter(trainers.values()))
     batches = []

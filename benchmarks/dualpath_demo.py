@@ -55,7 +55,7 @@ ARMS = {  # objective of stage I, of stage II
 def arm_config(arm: str, seed: int, out: Path, overrides: list[str]) -> dict:
     from vsekit.config import resolve_config
 
-    cfg = resolve_config(RECIPE, [f"output_dir={out}", f"seed={seed}", "train.progress=false", *overrides])
+    cfg = resolve_config(RECIPE, [f"output_dir={out}", f"seed={seed}", "train.progress=false", *overrides]).to_dict()
     for stage, objective in zip(cfg["train"]["stages"], ARMS[arm]):
         stage["objective"] = copy.deepcopy(objective)
     return cfg
@@ -65,9 +65,9 @@ def run_one(arm: str, seed: int, out: Path, overrides: list[str], stage_epochs: 
     import torch
 
     torch.set_num_threads(1)
-    from vsekit.eval import retrieval_metrics
+    from vsekit.data.sources import data_config, load_split
     from vsekit.inference import Embedder
-    from vsekit.train.trainer import Trainer, load_split
+    from vsekit.train.trainer import Trainer
 
     cfg = arm_config(arm, seed, out, overrides)
     if stage_epochs:
@@ -78,10 +78,9 @@ def run_one(arm: str, seed: int, out: Path, overrides: list[str], stage_epochs: 
     result = Trainer(cfg).fit()
     train_s = time.perf_counter() - t0
     emb = Embedder.from_checkpoint(out / "last.pt")
-    test_cfg = {"data": {k: v for k, v in cfg["data"].items() if k != "max_images"}}
-    test = load_split(test_cfg, cfg["data"]["test_split"])
-    img, cap = emb.encode_corpus(test)
-    m = retrieval_metrics(img, cap, test.caption_to_image, similarity=emb.similarity)
+    test_data = data_config({**cfg["data"], "max_images": None})  # the whole test split
+    test = load_split(test_data, test_data.test_split)
+    m = emb.evaluate(test)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last_epoch = max(r["epoch"] for r in records)
     mined = [r["term_mined"] for r in records if r["kind"] == "train" and r["epoch"] == last_epoch

@@ -196,7 +196,7 @@ def peak_rss_gib() -> float:
 
 
 def lseh_similarity(batch: np.ndarray) -> np.ndarray:
-    """S of METHODS §1.3: dot products divided by their row maximum (1 where the maximum is 0)."""
+    """S of docs/methods/lseh.md: dot products divided by their row maximum (1 where the maximum is 0)."""
     c = batch.astype(np.float64) @ batch.T.astype(np.float64)
     m = c.max(axis=1, keepdims=True)
     m[m == 0] = 1.0

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vsekit.data.checks import check_images, select_images
 from vsekit.data.corpus import DataError
 from vsekit.data.karpathy import read_karpathy
-from vsekit.data.load import FORMATS, check_images, load_corpus, select_images
 from vsekit.data.pairs import read_pairs
 from vsekit.data.precomp import read_precomp
+from vsekit.data.sources import load_corpus, source_names
+from vsekit.errors import ConfigError
 
 # ---------------------------------------------------------------- Karpathy
 
@@ -464,13 +466,15 @@ def test_load_corpus_dispatch(tmp_path: Path) -> None:
 
 
 def test_load_corpus_unknown_format_and_missing_path() -> None:
-    with pytest.raises(DataError) as err:
+    with pytest.raises(ConfigError) as err:
         load_corpus({"format": "webdataset"}, "train")
     assert "'webdataset'" in str(err.value)
-    for fmt in FORMATS:
+    for fmt in source_names():
         assert fmt in str(err.value)
-    with pytest.raises(DataError, match="needs a 'path'"):
+    with pytest.raises(ConfigError, match="^data.path: required"):
         load_corpus({"format": "karpathy"}, "train")
+    with pytest.raises(ConfigError, match="^data.restval_into_train: unknown key"):  # not a precomp option
+        load_corpus({"format": "precomp", "path": "x", "restval_into_train": True}, "train")
 
 
 def test_load_corpus_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,15 +503,15 @@ def test_load_corpus_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: py
     fake = types.ModuleType("vsekit.data.demo")
     fake.build_demo = fake_build_demo
     monkeypatch.setitem(sys.modules, "vsekit.data.demo", fake)
-    corpus = load_corpus({"format": "demo", "root": str(tmp_path), "num_images": 3, "seed": 5}, "train")
-    assert calls == [{"root": str(tmp_path), "num_images": 3, "seed": 5, "image_size": 64}]
+    corpus = load_corpus({"format": "demo", "root": str(tmp_path), "num_images": 10, "seed": 5}, "train")
+    assert calls == [{"root": str(tmp_path), "num_images": 10, "seed": 5, "image_size": 64}]
     assert corpus.image_ids == ["0", "1"] and corpus.labels.tolist() == [0, 1]
     assert corpus.image_paths[0] == folder / "images" / "0.png"
     assert load_corpus({"format": "demo"}, "dev").num_images == 1
 
 
-def test_load_module_does_not_import_demo() -> None:
-    import vsekit.data.load as load_module
+def test_sources_module_does_not_import_demo() -> None:
+    import vsekit.data.sources.demo as load_module
 
     source = Path(load_module.__file__).read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vsekit.checkpoint import load_checkpoint
-from vsekit.config import ConfigError, resolve_config
+from vsekit.config import ConfigError, resolve_config, validate_config
 from vsekit.inference import Embedder
 from vsekit.losses import DualPathRankingLoss, InstanceLoss, mine_hard_negatives
 from vsekit.models import build_model
@@ -167,10 +167,11 @@ def test_dualpath_ranking_loss_by_hand():
 # -- the trainer: stages, objective, end to end --------------------------------------------------------
 def tiny_dualpath_cfg(out, *extra, stage_epochs=(1, 1)):
     cfg = resolve_config(DEMO_RECIPE, [
-        f"output_dir={out}", "seed=3", "+data.num_images=120", "data.image_size=32", "data.resize=32",
+        f"output_dir={out}", "seed=3", "data.num_images=120", "transform.image_size=32", "transform.resize=32",
         "data.val_max_images=20", "text.min_count=1", "model.embed_size=16", "model.image_encoder.width=4",
         "model.text_encoder.word_dim=8", "model.text_encoder.width_mult=0.03125", "objective.mined.pool_size=24",
-        "train.batch_size=16", "train.max_steps_per_epoch=3", "train.progress=false", "eval.chunk_size=7", *extra])
+        "train.batch_size=16", "train.max_steps_per_epoch=3", "train.progress=false", "eval.chunk_size=7",
+        *extra]).to_dict()  # a plain dict the tests edit; the trainer validates it
     for stage, n in zip(cfg["train"]["stages"], stage_epochs):
         stage["epochs"] = n
     cfg["train"]["epochs"] = min(cfg["train"]["epochs"], sum(stage_epochs))
@@ -230,8 +231,8 @@ def test_generic_freeze_prefixes_hold_bn_and_unfreeze_in_a_later_stage(tmp_path,
 @pytest.mark.parametrize("loss", ["hinge", "lseh", "infonce"])
 def test_instance_loss_combines_with_ranking_losses(tmp_path, cache, loss):
     cfg = resolve_config(None, [
-        f"output_dir={tmp_path / loss}", "seed=1", "data.format=demo", "+data.num_images=120",
-        "data.image_size=32", "data.resize=32", "data.val_max_images=20", "text.min_count=1",
+        f"output_dir={tmp_path / loss}", "seed=1", "data.format=demo", "data.num_images=120",
+        "transform.image_size=32", "transform.resize=32", "data.val_max_images=20", "text.min_count=1",
         "model.embed_size=16", "model.image_encoder.name=cnn", "model.image_encoder.backbone=small_cnn",
         "model.image_encoder.width=4", "model.image_encoder.finetune=true", "model.text_encoder.word_dim=8",
         f"loss.name={loss}", "objective.instance.image_weight=1.0", "objective.instance.text_weight=0.5",
@@ -250,19 +251,23 @@ def test_instance_loss_combines_with_ranking_losses(tmp_path, cache, loss):
 
 
 def test_stage_config_errors():
-    base = resolve_config(None, ["train.epochs=3"])
+    base = resolve_config(None, ["train.epochs=3"]).to_dict()
     ok = copy.deepcopy(base)
     ok["train"]["stages"] = [{"epochs": 1}, {"epochs": 2, "optim": {"lr": 0.1}}]
-    plan = StagePlan(ok)
-    assert [plan.index_at(e) for e in range(4)] == [0, 1, 1, 1] and plan.config(1)["optim"]["lr"] == 0.1
-    assert plan.config(0)["optim"]["lr"] == base["optim"]["lr"]
-    for stages, match in [([{"epochs": 1}], "more than the stages"), ([{"epochs": 3, "loss": {}}], "unknown keys"),
-                          ([{"epochs": 3, "train": {"batch_size": 2}}], "only"),
-                          ([{"epochs": 3, "model": {"embed_size": 2}}], "finetune"), ([{"epochs": 0}], "positive")]:
+    plan = StagePlan(validate_config(ok))
+    assert [plan.index_at(e) for e in range(4)] == [0, 1, 1, 1] and plan.config(1).optim.lr == 0.1
+    assert plan.config(0).optim.lr == base["optim"]["lr"]
+    for stages, match in [([{"epochs": 1}], "more than the stages"),
+                          ([{"epochs": 3, "loss": {}}], r"train.stages\[0\].loss: unknown key"),
+                          ([{"epochs": 3, "train": {"batch_size": 2}}], r"train.batch_size: unknown key.*freeze"),
+                          ([{"epochs": 3, "model": {"embed_size": 2}}], r"model.embed_size: unknown key"),
+                          ([{"epochs": 0}], r"train.stages\[0\].epochs: Input should be greater"),
+                          ([{"epochs": 3, "optim": {"lrr": 2}}], r"train.stages\[0\].optim.lrr: unknown key; "
+                                                                 r"did you mean train.stages\[0\].optim.lr\?")]:
         bad = copy.deepcopy(base)
         bad["train"]["stages"] = stages
         with pytest.raises(ConfigError, match=match):
-            StagePlan(bad)
+            validate_config(bad)
 
 
 def test_two_stage_demo_trains_end_to_end_and_resumes_exactly(tmp_path, cache):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
+from vsekit.cli import main
 from vsekit.data.images import load_rgb
 from vsekit.index import (
     AnnParams,
@@ -28,13 +29,12 @@ from vsekit.index import (
     read_manifest,
     store,
 )
-from vsekit.index.cli import add_cli
 from vsekit.inference import Embedder
 
 # A model small enough to train in seconds on CPU, trained long enough (60 epochs of 24 images, InfoNCE,
 # high LR) to tell the 8 training images of the index apart: measured R@1 0.93-0.98, R@3 1.0 (seeds 0, 1).
 MODEL_OVERRIDES = [
-    "+data.num_images=30", "data.image_size=32", "data.resize=32", "data.val_max_images=20",
+    "data.num_images=30", "transform.image_size=32", "transform.resize=32", "data.val_max_images=20",
     "model.embed_size=128", "model.image_encoder.width=8", "model.text_encoder.word_dim=64",
     "loss={name: infonce}", "optim.lr=3e-3", "optim.lr_decay_every=100",
     "train.epochs=60", "train.progress=false", "train.batch_size=32", "seed=0",
@@ -63,10 +63,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, mp: pytest.Monk
 
 
 def cli(*argv: str) -> int:
-    p = argparse.ArgumentParser(prog="vsekit")
-    add_cli(p.add_subparsers(dest="verb", required=True))
-    args = p.parse_args([str(a) for a in argv])
-    return args.fn(args)
+    return main([str(a) for a in argv])
 
 
 def build_demo_index(ckpt: Path, out: Path, *extra: str, max_images: int = INDEX_IMAGES) -> Path:
@@ -441,7 +438,7 @@ def test_order_model_is_scored_exactly_and_refuses_faiss_kinds(ckpt, tmp_path, c
 
 
 def test_index_info_and_size_parsing(demo_index, capsys):
-    from vsekit.index.cli import parse_size
+    from vsekit.cli.common import parse_size
 
     assert cli("index", "info", demo_index) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == INDEX_IMAGES

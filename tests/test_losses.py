@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import vsekit.losses.hinge
 import vsekit.losses.infonce
 import vsekit.losses.lseh
+from vsekit.errors import ConfigError
 from vsekit.losses import (
     LOSSES,
     HingeRankingLoss,
@@ -444,7 +445,7 @@ def test_registered_names():
     assert isinstance(build_loss({"name": "lseh", "alpha": 0.2}), LSEHLoss)
     with pytest.raises(KeyError):
         build_loss("triplet")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="temperature"):
         build_loss({"name": "hinge", "temperature": 0.1})
 
 

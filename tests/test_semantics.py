@@ -272,7 +272,7 @@ def test_cache_fits_once_then_loads(corpus: list[str], tmp_path, monkeypatch) ->
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("lsa-")]
     assert {p.name for p in folder.iterdir()} == {"vectors.npy", "caption_ids.json", "model", "meta.json"}
     assert json.loads((folder / "caption_ids.json").read_text()) == ids
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".building-" in p.name or ".old-" in p.name]
 
     # New ids for the same texts: no refit, the id table is refreshed.
     fit_or_load_caption_vectors(corpus, [f"x{i}" for i in range(len(corpus))], tmp_path, n_components=8)
@@ -307,7 +307,7 @@ def test_cache_refits_a_stale_or_broken_folder(corpus: list[str], tmp_path, monk
     (folder / "meta.json").unlink()  # incomplete folder
     fit_or_load_caption_vectors(corpus, None, tmp_path, n_components=8)
     assert counter.calls == 4
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".building-" in p.name or ".old-" in p.name]
 
 
 def test_load_caption_vectors_checks(corpus: list[str], tmp_path) -> None:

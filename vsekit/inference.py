@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsekit.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
+from vsekit.config import RunConfig, validate_config
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import (
     CaptionDataset,
@@ -22,28 +23,27 @@ from vsekit.data.datasets import (
     collate_captions,
     collate_images,
 )
+from vsekit.errors import ConfigError
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils.device import resolve_device
-
-
-def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+from vsekit.utils.progress import iterate
 
 
 class Embedder:
-    """A model plus what it needs to turn raw inputs into joint-space embeddings."""
+    """A model plus what it needs to turn raw inputs into joint-space embeddings: the vocabulary, the
+    config (text length, image transform) and, for a model that reads precomputed features, their shape."""
 
-    def __init__(self, model: VSEModel, vocab: Vocabulary, config: dict[str, Any],
-                 device: str | torch.device = "auto", fingerprint: str | None = None) -> None:
+    def __init__(self, model: VSEModel, vocab: Vocabulary, config: RunConfig | dict[str, Any],
+                 device: str | torch.device = "auto", fingerprint: str | None = None, *,
+                 feature_shape: Sequence[int] | None = None, checkpoint_path: str | None = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.vocab, self.config = vocab, config
-        self.max_len = config.get("text", {}).get("max_len")
+        self.vocab = vocab
+        self.config = validate_config(config)
+        self.max_len = self.config.text.max_len
+        self.feature_shape = list(feature_shape) if feature_shape else None
+        self.checkpoint_path = checkpoint_path
         self._fingerprint = fingerprint
 
     @property
@@ -56,33 +56,45 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
         state = load_checkpoint(path)
+        for key in ("vocab", "config", "model"):
+            if key not in state:
+                raise CheckpointError(f"{state['path']}: not a complete vsekit checkpoint (no {key!r})")
         vocab = Vocabulary.from_dict(state["vocab"])
-        config = state["config"]
-        model = build_model(config["model"], vocab_size=len(vocab), itos=None,
-                            feature_shape=tuple(state["feature_shape"]) if state.get("feature_shape") else None)
+        try:
+            config = validate_config(state["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{state['path']}: its config is not valid for this vsekit: {e}") from None
+        shape = tuple(state["feature_shape"]) if state.get("feature_shape") else None
+        model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise CheckpointError(f"{state['path']}: its weights do not fit the model its config describes "
                                   f"(saved by another vsekit version?): {str(e).splitlines()[0]}") from None
-        emb = cls(model, vocab, config, device, fingerprint=state.get("fingerprint"))
-        emb.checkpoint_path = state["path"]
-        emb.feature_shape = state.get("feature_shape")
-        return emb
+        return cls(model, vocab, config, device, fingerprint=state.get("fingerprint"), feature_shape=shape,
+                   checkpoint_path=state["path"])
 
     @property
     def similarity(self) -> str:
         return self.model.similarity_name
 
+    @property
+    def reads_features(self) -> bool:
+        """True for a model over precomputed features: it cannot embed image files."""
+        return bool(self.feature_shape)
+
     def encode_tokens(self, caption: str) -> list[int]:
         return self.vocab.encode(caption, self.max_len)
 
     def eval_transform(self):
-        from vsekit.data.images import build_transform
+        return self.config.transform.build(train=False)
 
-        d = self.config.get("data", {})
-        return build_transform(train=False, image_size=int(d.get("image_size", 224)), resize=d.get("resize"),
-                               resize_policy=d.get("resize_policy", "short_side"))
+    def score(self, image_emb: torch.Tensor | np.ndarray, caption_emb: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, M) scores of images against captions by the model's own similarity."""
+        img = torch.as_tensor(np.asarray(image_emb, dtype=np.float32))
+        cap = torch.as_tensor(np.asarray(caption_emb, dtype=np.float32))
+        with torch.no_grad():
+            return self.model.similarity(img, cap).numpy()
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -90,7 +102,7 @@ class Embedder:
         loader = DataLoader(CaptionDataset(captions, self.encode_tokens), batch_size=batch_size,
                             collate_fn=collate_captions)
         out = np.zeros((len(captions), self._dim()), dtype=np.float32)
-        for tok, lengths, idx in _progress(loader, progress, "captions"):
+        for tok, lengths, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
             out[idx.numpy()] = self.model.encode_captions(tok.to(self.device), lengths).float().cpu().numpy()
         return out
 
@@ -102,14 +114,14 @@ class Embedder:
         ds = ImageDataset(source, rows)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
         out = np.zeros((len(ds), self._dim()), dtype=np.float32)
-        for images, idx in _progress(loader, progress, "images"):
+        for images, idx in iterate(loader, desc="images", enabled=progress, unit="batch"):
             out[idx.numpy()] = self.model.encode_images(images.to(self.device)).float().cpu().numpy()
         return out
 
     @torch.no_grad()
     def encode_pil_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
         """Embeddings of PIL images (already RGB); raw-image models only."""
-        if self.feature_shape:
+        if self.reads_features:
             raise ValueError("this model reads precomputed features; it cannot embed raw images")
         tf = self.eval_transform()
         outs = []
@@ -118,11 +130,20 @@ class Embedder:
             outs.append(self.model.encode_images(batch).float().cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, self._dim()), dtype=np.float32)
 
+    def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
+                 chunk_size: int | None = None, progress: bool = False, return_folds: bool = False):
+        """The field's retrieval metrics of this model on ``corpus`` (:func:`vsekit.eval.retrieval_metrics`),
+        scored by the model's own similarity: what ``vsekit eval``, the trainer's validation and the
+        benchmarks all call."""
+        from vsekit.eval import retrieval_metrics
+
+        img, cap = self.encode_corpus(corpus, batch_size=batch_size, progress=progress)
+        return retrieval_metrics(img, cap, corpus.caption_to_image, protocol=protocol, similarity=self.similarity,
+                                 chunk_size=chunk_size, return_folds=return_folds)
+
     def encode_corpus(self, corpus: Corpus, batch_size: int = 128, progress: bool = False):
         return (self.encode_corpus_images(corpus, batch_size, progress=progress),
                 self.encode_captions(corpus.captions, batch_size, progress=progress))
 
-    feature_shape: list[int] | None = None
-
     def _dim(self) -> int:
-        return int(self.config["model"].get("embed_size", 1024))
+        return self.config.model.embed_size

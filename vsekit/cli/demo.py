@@ -2,54 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 import time
-from math import comb
 from pathlib import Path
 
 import numpy as np
 
-RECIPE = Path(__file__).parent / "configs" / "demo_vsepp.yaml"
+from vsekit.cli.common import RECIPES
 
-
-def chance_rsum(caption_to_image: np.ndarray, num_images: int) -> float:
-    """Expected rsum of random embeddings: t2i R@K = K/N; i2t R@K = 1 - C(M-g, K)/C(M, K) for g captions."""
-    m = len(caption_to_image)
-    per_image = np.bincount(caption_to_image, minlength=num_images)
-    total = 0.0
-    for k in (1, 5, 10):
-        total += 100.0 * min(k, num_images) / num_images
-        total += 100.0 * float(np.mean([1 - comb(m - g, k) / comb(m, k) for g in per_image if g > 0]))
-    return total
+RECIPE = RECIPES / "demo_vsepp.yaml"
 
 
 def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
     from vsekit.config import resolve_config
     from vsekit.data.demo import DEMO_QUERIES
-    from vsekit.eval import format_metrics_table, retrieval_metrics
+    from vsekit.data.sources import load_split
+    from vsekit.eval import format_metrics_table
+    from vsekit.eval.chance import chance_rsum
     from vsekit.inference import Embedder
-    from vsekit.train.trainer import load_split, train
+    from vsekit.train.trainer import train
 
     extra = ["train.epochs=2", "train.max_steps_per_epoch=40", "name=demo_vsepp_fast"] if fast else []
     cfg = resolve_config(RECIPE, [*extra, *(overrides or [])])
     t0 = time.perf_counter()
-    print(f"[1/3] training {cfg['name']} ({cfg['train']['epochs']} epochs) -> {cfg['output_dir']}")
+    print(f"[1/3] training {cfg.name} ({cfg.train.epochs} epochs) -> {cfg.output_dir}", flush=True)
     result = train(cfg)
     minutes = (time.perf_counter() - t0) / 60
     print(f"      done in {minutes:.1f} min, best validation rsum {result['best_rsum']:.1f}")
 
     print("[2/3] evaluating best.pt on the test split")
-    emb = Embedder.from_checkpoint(Path(cfg["output_dir"]) / "best.pt")
-    test = load_split(cfg, cfg["data"]["test_split"])
-    img, cap = emb.encode_corpus(test)
-    metrics = retrieval_metrics(img, cap, test.caption_to_image, similarity=emb.similarity)
+    emb = Embedder.from_checkpoint(Path(cfg.output_dir) / "best.pt")
+    test = load_split(cfg.data, cfg.data.test_split)
+    metrics = emb.evaluate(test)
+    img = emb.encode_corpus_images(test)
     print(format_metrics_table(metrics, title=f"demo test: {test.num_images} images, {test.num_captions} captions"))
     print(f"      chance level rsum = {chance_rsum(test.caption_to_image, test.num_images):.1f}")
 
     print("[3/3] text -> image search on the test images")
     queries = list(DEMO_QUERIES)[:4]
-    q = emb.encode_captions(queries)
-    scores = q @ img.T
-    first_caption = {}
+    scores = emb.score(img, emb.encode_captions(queries)).T  # (queries, images), by the model's similarity
+    first_caption: dict[int, str] = {}
     for j, i in enumerate(test.caption_to_image):
         first_caption.setdefault(int(i), test.captions[j])
     for query, row in zip(queries, scores):
@@ -58,3 +50,14 @@ def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
         for r, i in enumerate(top, 1):
             print(f"     {r}. {row[i]:+.3f}  {test.image_paths[i].name}  ({first_caption.get(int(i), '')})")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(fast=args.fast, overrides=args.overrides)
+
+
+def add_cli(sub) -> None:
+    d = sub.add_parser("demo", help="build the demo data, train VSE++ for a few minutes, evaluate, search")
+    d.add_argument("--fast", action="store_true", help="a one-minute smoke version")
+    d.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
+    d.set_defaults(fn=cmd_demo)

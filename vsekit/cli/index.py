@@ -1,74 +1,30 @@
 """The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line.
 
-``add_cli(subparsers)`` registers them on the main parser; each handler returns an exit code and turns
-the errors a user can cause (bad paths, a foreign checkpoint, a bad data set) into one ``vsekit: error:``
-line with exit code 2.
+``add_cli(subparsers)`` registers them on the main parser; each handler returns an exit code, and
+:func:`vsekit.cli.main` turns the errors a user can cause (bad paths, a foreign checkpoint, a bad data set)
+into one ``vsekit: error:`` line with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``10485760``, ``512K``, ``10M``, ``1GiB`` -> bytes (K/M/G are powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10M, 512K, 1048576)")
-    unit = (m.group(2) or "b")[0].lower()
-    return int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from vsekit.checkpoint import CheckpointError
-        from vsekit.data.corpus import DataError
-        from vsekit.index.store import SearchIndexError
-
-        try:
-            return fn(args)
-        except (SearchIndexError, DataError, CheckpointError, FileNotFoundError) as e:
-            print(f"vsekit: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+from vsekit.cli.common import parse_size, positive_int
 
 
 def _load_source(args: argparse.Namespace, embedder):
     """The collection named by ``--images DIR`` or ``--data SPEC`` and a short description of it."""
+    from vsekit.cli.common import data_from_arg
+    from vsekit.data.sources import load_split
     from vsekit.index.build import corpus_from_folder
 
     if args.images:
         return corpus_from_folder(args.images), f"images:{Path(args.images).resolve()}"
-    from vsekit.cli import data_spec_from_arg
-    from vsekit.data.load import _COMMON_KEYS, _FORMAT_KEYS, load_corpus
-
-    base = embedder.config.get("data") or {}
-    spec = data_spec_from_arg(args.data, args.image_root, base)
-    # a checkpoint's data section also holds training options; keep what the reader of this format takes
-    spec = {k: v for k, v in spec.items() if k in _COMMON_KEYS | _FORMAT_KEYS.get(spec.get("format"), set())}
-    if args.max_images:
-        spec["max_images"] = args.max_images
-    return load_corpus(spec, args.split), f"data:{args.data}:{args.split}"
+    data = data_from_arg(args.data, args.image_root, embedder.config.data)
+    return load_split(data, args.split, args.max_images), f"data:{args.data}:{args.split}"
 
 
 def _ann_params(args: argparse.Namespace):
@@ -79,7 +35,6 @@ def _ann_params(args: argparse.Namespace):
 
 
 # -- handlers -----------------------------------------------------------------------------------------------
-@_user_errors
 def cmd_index_build(args: argparse.Namespace) -> int:
     from vsekit.index.build import build_index
     from vsekit.inference import Embedder
@@ -97,7 +52,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def cmd_index_add(args: argparse.Namespace) -> int:
     from vsekit.index.build import add_to_index
     from vsekit.index.store import read_manifest
@@ -115,7 +69,6 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def cmd_index_remove(args: argparse.Namespace) -> int:
     from vsekit.index.build import remove_from_index
 
@@ -125,7 +78,6 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def cmd_index_info(args: argparse.Namespace) -> int:
     from vsekit.index.store import read_manifest
 
@@ -133,7 +85,6 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def cmd_search(args: argparse.Namespace) -> int:
     from vsekit.index.search import SearchIndex
 
@@ -160,7 +111,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -183,8 +133,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="a data set: demo | dataset_*.json | precomp folder | pairs .csv/.jsonl")
     p.add_argument("--image-root", help="folder the data set's image paths are relative to")
     p.add_argument("--split", default="test", help="split of --data to index (default: test)")
-    p.add_argument("--max-images", type=_positive_int, help="first N images of the split only")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--max-images", type=positive_int, help="first N images of the split only")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -194,12 +144,12 @@ def _add_ann(p: argparse.ArgumentParser, build: bool) -> None:
 
     d = AnnParams()
     if build:
-        p.add_argument("--nlist", type=_positive_int, help="IVF lists (default: about sqrt(N))")
-        p.add_argument("--hnsw-m", type=_positive_int, default=d.hnsw_m, help="HNSW links per node")
-        p.add_argument("--ef-construction", type=_positive_int, default=d.ef_construction)
-    p.add_argument("--nprobe", type=_positive_int, default=d.nprobe if build else None,
+        p.add_argument("--nlist", type=positive_int, help="IVF lists (default: about sqrt(N))")
+        p.add_argument("--hnsw-m", type=positive_int, default=d.hnsw_m, help="HNSW links per node")
+        p.add_argument("--ef-construction", type=positive_int, default=d.ef_construction)
+    p.add_argument("--nprobe", type=positive_int, default=d.nprobe if build else None,
                    help=f"IVF lists scanned per query (default {d.nprobe})")
-    p.add_argument("--ef-search", type=_positive_int, default=d.ef_search if build else None,
+    p.add_argument("--ef-search", type=positive_int, default=d.ef_search if build else None,
                    help=f"HNSW search breadth (default {d.ef_search})")
 
 
@@ -242,7 +192,7 @@ def add_cli(subparsers) -> None:
     s.add_argument("--image", help="an image file: image -> text (default) or image -> image search")
     s.add_argument("--target", choices=["images", "captions"],
                    help="what to return (default: images for text, captions for --image)")
-    s.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    s.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     s.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -264,13 +214,13 @@ def add_cli(subparsers) -> None:
     v.add_argument("--device", default="auto")
     v.add_argument("--max-upload-bytes", type=parse_size, default=DEFAULT_MAX_UPLOAD_BYTES,
                    help=f"largest accepted image upload, e.g. 512K, 10M (default {DEFAULT_MAX_UPLOAD_BYTES})")
-    v.add_argument("--max-query-chars", type=_positive_int, default=DEFAULT_MAX_QUERY_CHARS,
+    v.add_argument("--max-query-chars", type=positive_int, default=DEFAULT_MAX_QUERY_CHARS,
                    help=f"longest text query (default {DEFAULT_MAX_QUERY_CHARS})")
-    v.add_argument("--max-k", type=_positive_int, default=DEFAULT_MAX_K,
+    v.add_argument("--max-k", type=positive_int, default=DEFAULT_MAX_K,
                    help=f"most results per request (default {DEFAULT_MAX_K})")
-    v.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    v.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=f"largest accepted upload in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
-    v.add_argument("--torch-threads", type=_positive_int, default=1,
+    v.add_argument("--torch-threads", type=positive_int, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")
     v.set_defaults(fn=cmd_serve)

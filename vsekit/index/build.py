@@ -39,22 +39,16 @@ def _now() -> str:
 
 
 def corpus_from_folder(folder: str | Path) -> Corpus:
-    """Every image file under ``folder`` (recursively), with its path relative to ``folder`` as its id.
+    """Every image file under ``folder`` (recursively), with its path relative to ``folder`` as its id and
+    the lines of a same-named ``.txt`` as its captions (the ``folder`` data source).
 
     Unreadable files are skipped with a warning naming them: one bad photo should not stop an index build.
     """
-    from vsekit.cli import list_images
-    from vsekit.data.load import check_images
+    from vsekit.data.sources import FolderData, load_split
 
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise DataError(f"--images {folder}: not a folder")
-    paths = list_images(folder)
-    if not paths:
-        raise DataError(f"--images {folder}: no image files found")
-    corpus = Corpus(name=str(folder), captions=[], caption_to_image=np.zeros(0, np.int64),
-                    image_ids=[p.relative_to(folder).as_posix() for p in paths], image_paths=paths)
-    return check_images(corpus, skip_missing=True)
+    return load_split(FolderData(path=str(folder), skip_missing_images=True), "all")
 
 
 def check_model(manifest: dict[str, Any], embedder, index_dir: str | Path) -> None:
@@ -66,17 +60,17 @@ def check_model(manifest: dict[str, Any], embedder, index_dir: str | Path) -> No
     if embedder.fingerprint != manifest["fingerprint"]:
         raise IndexMismatchError(
             f"{index_dir} was built with checkpoint {manifest.get('checkpoint')} (fingerprint "
-            f"{manifest['fingerprint']}), but the model given is {getattr(embedder, 'checkpoint_path', None)} "
+            f"{manifest['fingerprint']}), but the model given is {embedder.checkpoint_path} "
             f"(fingerprint {embedder.fingerprint}); their embeddings are not comparable. Use the index's own "
             "checkpoint, or build a new index with this one."
         )
 
 
 def _check_can_encode(embedder, corpus: Corpus) -> None:
-    if embedder.feature_shape and not corpus.is_precomputed:
+    if embedder.reads_features and not corpus.is_precomputed:
         raise SearchIndexError("this model reads precomputed features; it cannot embed image files. "
                                "Index a precomputed-feature data set (--data FOLDER) instead")
-    if not embedder.feature_shape and corpus.is_precomputed:
+    if not embedder.reads_features and corpus.is_precomputed:
         raise SearchIndexError(f"{corpus.name} holds precomputed features, but this model embeds raw images")
 
 
@@ -158,7 +152,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records)
     _build_all_faiss(data, kind, embedder.similarity, params)
     recall = measure_recall(data, kind)
-    ckpt = getattr(embedder, "checkpoint_path", None)
+    ckpt = embedder.checkpoint_path
     manifest = {
         "fingerprint": embedder.fingerprint,
         "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,

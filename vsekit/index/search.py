@@ -95,7 +95,7 @@ class SearchIndex:
 
     @property
     def can_embed_images(self) -> bool:
-        return not self.embedder.feature_shape
+        return not self.embedder.reads_features
 
     @property
     def similarity(self) -> str:

@@ -8,9 +8,9 @@ eval mode) and encodes them with the positives. Such losses live in their own re
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vsekit.losses.base import autocast_disabled, check_choice
+from vsekit.losses.base import MinedRankingLoss, autocast_disabled, check_choice
 from vsekit.registry import Registry
 
 MINED_LOSSES = Registry("mined-negative loss")
@@ -33,7 +33,7 @@ REDUCTIONS = ("mean", "sum")
 
 
 @MINED_LOSSES.register("dualpath_rank")
-class DualPathRankingLoss(nn.Module):
+class DualPathRankingLoss(MinedRankingLoss):
     """Bidirectional triplet loss with a mined hard negative caption and another batch image per anchor.
 
     For anchor i with image x_i and caption y_i (L2-normalised), its mined hard negative caption n_i (the

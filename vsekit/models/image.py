@@ -9,15 +9,17 @@ import torch
 import torchvision
 from torch import nn
 
+from vsekit.errors import VsekitError
+from vsekit.models.base import Encoder
 from vsekit.models.heads import DualPathHead
 from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
 from vsekit.registry import Registry
 
-IMAGE_ENCODERS = Registry("image encoder")
+IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
 BACKBONES = Registry("CNN backbone")
 
 
-class PretrainedWeightsMissing(FileNotFoundError):
+class PretrainedWeightsMissing(VsekitError, FileNotFoundError):
     """Pretrained weights were asked for but are not on this machine (vsekit never downloads them)."""
 
 
@@ -30,13 +32,16 @@ def _finish(x: torch.Tensor, no_imgnorm: bool, use_abs: bool) -> torch.Tensor:
 
 
 @IMAGE_ENCODERS.register("precomp")
-class PrecompImageEncoder(nn.Module):
+class PrecompImageEncoder(Encoder):
     """Projects precomputed features: (B, D) global or (B, R, D) region features.
 
     ``pooling`` for region features: ``"mean"`` (project each region, average), ``"max"``, ``"gpo"``
     (VSE-infinity's generalised pooling) or ``"flatten"`` (concatenate the R regions and project once, as the
     LSEH code's VSE++ variant does: Linear(R*D -> embed)). ``head``: ``"linear"`` (VSE++) or ``"mlp"``.
+    ``img_dim`` and ``num_regions`` come from the data set's feature shape.
     """
+
+    reads_features = True
 
     def __init__(self, img_dim: int, embed_size: int = 1024, head: str = "linear", pooling: str = "mean",
                  num_regions: int | None = None, no_imgnorm: bool = False, use_abs: bool = False) -> None:
@@ -74,9 +79,6 @@ class PrecompImageEncoder(nn.Module):
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return _finish(x, self.no_imgnorm, self.use_abs)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.forward_features(feats))
 
 
 def _local_weights_file(weights) -> Path:
@@ -157,7 +159,7 @@ IMAGE_HEADS = ("linear", "mlp", "dualpath")
 
 
 @IMAGE_ENCODERS.register("cnn")
-class CNNImageEncoder(nn.Module):
+class CNNImageEncoder(Encoder):
     """A torchvision CNN projected into the joint space by a head.
 
     ``head="linear"``: VSE++ ``EncoderImageFull`` (CNN features L2-normalised, then one linear layer);
@@ -170,8 +172,10 @@ class CNNImageEncoder(nn.Module):
     one thing (their size) that still tells them apart; ``backbone_norm: false`` is for training from scratch.
 
     ``finetune=False`` freezes the CNN (no gradients, batch norm kept in eval mode); the trainer may flip it
-    between stages with :meth:`set_finetune`.
+    between stages with :meth:`~vsekit.models.base.Encoder.set_finetune`.
     """
+
+    finetune_scope = "backbone"
 
     def __init__(self, embed_size: int = 1024, backbone: str = "resnet152", pretrained: bool = False,
                  finetune: bool = False, weights_path: str | None = None, head: str = "linear",
@@ -194,26 +198,10 @@ class CNNImageEncoder(nn.Module):
         self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
         self.set_finetune(finetune)
 
-    def set_finetune(self, finetune: bool) -> None:
-        self.finetune = finetune
-        for p in self.backbone.parameters():
-            p.requires_grad_(finetune)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> CNNImageEncoder:
-        super().train(mode)
-        if not self.finetune:
-            self.backbone.eval()  # frozen CNN: batch-norm statistics stay fixed
-        return self
-
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The head's output before the L2 normalisation (f_img of Dual-Path)."""
-        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-            feats = self.backbone(images)
+        feats = self.backbone(images)  # frozen (finetune: false): autograd records nothing through it
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return _finish(x, self.no_imgnorm, self.use_abs)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.forward_features(images))

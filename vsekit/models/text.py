@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from vsekit.data.corpus import DataError
+from vsekit.models.base import Encoder
 from vsekit.models.layers import l2norm
 from vsekit.registry import Registry
 
-TEXT_ENCODERS = Registry("text encoder")
+TEXT_ENCODERS = Registry("text encoder", injected=("vocab_size", "embed_size", "itos"))
 
 
 def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
@@ -47,7 +48,7 @@ def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torc
 
 
 @TEXT_ENCODERS.register("gru")
-class GRUTextEncoder(nn.Module):
+class GRUTextEncoder(Encoder):
     """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
 
     ``pooling="last"`` (VSE++): uni-directional, the final state of the last layer; bi-directional, the mean
@@ -93,6 +94,3 @@ class GRUTextEncoder(nn.Module):
         if self.use_abs:
             out = out.abs()
         return out
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.forward_features(tokens, lengths))

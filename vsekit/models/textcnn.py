@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vsekit.models.base import Encoder
 from vsekit.models.layers import l2norm
 from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
 
@@ -59,7 +60,7 @@ def _mid_width(stage: int, block: int, width: int) -> int:
 
 
 @TEXT_ENCODERS.register("textcnn")
-class TextCNNEncoder(nn.Module):
+class TextCNNEncoder(Encoder):
     """Dual-Path text path: Embedding -> BN -> residual kernel-2 CNN -> average pool -> FC + BN + ReLU -> L2-norm.
 
     Input is ``forward(tokens, lengths)`` like the GRU encoder: the first ``lengths[i]`` ids of row i are the
@@ -147,6 +148,3 @@ class TextCNNEncoder(nn.Module):
     def finish(self, feats: torch.Tensor) -> torch.Tensor:
         out = feats if self.no_txtnorm else l2norm(feats)
         return out.abs() if self.use_abs else out
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.forward_features(tokens, lengths))

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
+from vsekit.errors import ConfigError
+from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.similarity import get_similarity
 from vsekit.models.text import TEXT_ENCODERS
@@ -33,20 +35,20 @@ class PairOutput:
     negative_features: torch.Tensor | None = None
 
 
-def _encode_with_features(encoder: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embedding, pre-normalisation feature); encoders without ``forward_features`` give the embedding twice."""
-    if hasattr(encoder, "forward_features") and hasattr(encoder, "finish"):
-        feats = encoder.forward_features(*inputs)
-        return encoder.finish(feats), feats
-    emb = encoder(*inputs)
-    return emb, emb
+def _encode_with_features(encoder: Encoder, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, pre-normalisation feature) from one pass through the encoder."""
+    feats = encoder.forward_features(*inputs)
+    return encoder.finish(feats), feats
 
 
 class VSEModel(nn.Module):
     """Two encoders into one joint space; ``similarity(images, captions)`` scores every pair."""
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, similarity: str = "cosine") -> None:
+    def __init__(self, image_encoder: Encoder, text_encoder: Encoder, similarity: str = "cosine") -> None:
         super().__init__()
+        for what, enc in (("image", image_encoder), ("text", text_encoder)):
+            if not isinstance(enc, Encoder):
+                raise TypeError(f"the {what} encoder must be a vsekit.models.base.Encoder, got {type(enc).__name__}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.similarity_name = similarity
@@ -93,28 +95,28 @@ def concat_tokens(tokens: torch.Tensor, lengths: torch.Tensor, more: torch.Tenso
     return torch.cat([a, b]), torch.cat([lengths, more_lengths.to(lengths.device)])
 
 
-def build_model(model_cfg: dict[str, Any], *, vocab_size: int, itos: list[str] | None = None,
+def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = None,
                 feature_shape: tuple[int, ...] | None = None) -> VSEModel:
-    """Build a :class:`VSEModel` from the ``model`` section of a config.
+    """Build a :class:`VSEModel` from the ``model`` section of a config (a ``ModelConfig`` or a plain dict).
 
-    ``feature_shape`` is the per-image shape of precomputed features ((D,) or (R, D)); it sets the
-    precomputed encoder's input size so recipes need not repeat it.
+    ``feature_shape`` is the per-image shape of precomputed features ((D,) or (R, D)); encoders that read
+    features (``reads_features``) get their input size from it, so recipes need not repeat it. ``itos``
+    (the vocabulary's words) lets a text encoder load word vectors; ``None`` when rebuilding a checkpoint.
     """
-    cfg = dict(model_cfg)
+    cfg = dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg.model_dump()
     embed_size = int(cfg.get("embed_size", 1024))
     use_abs = bool(cfg.get("use_abs", False))
     img_spec = dict(cfg.get("image_encoder") or {"name": "precomp"})
     img_spec.setdefault("use_abs", use_abs)
-    if img_spec.get("name") == "precomp":
+    extra: dict[str, Any] = {}
+    if IMAGE_ENCODERS.get(img_spec.get("name", "precomp")).reads_features:
         if feature_shape is None:
-            raise ValueError("model.image_encoder 'precomp' needs a precomputed-feature data set")
-        img_spec.setdefault("img_dim", int(feature_shape[-1]))
-        if len(feature_shape) == 2:
-            img_spec.setdefault("num_regions", int(feature_shape[0]))
+            raise ConfigError(f"model.image_encoder {img_spec.get('name')!r} reads precomputed features, but the "
+                              "data set holds image files; use an image encoder such as 'cnn', or precomputed data")
+        extra["img_dim"] = int(feature_shape[-1])
+        extra["num_regions"] = int(feature_shape[0]) if len(feature_shape) == 2 else None
     txt_spec = dict(cfg.get("text_encoder") or {"name": "gru"})
     txt_spec.setdefault("use_abs", use_abs)
-    if txt_spec.get("name") in ("gru", "textcnn"):
-        txt_spec.setdefault("itos", itos)
-    image_encoder = IMAGE_ENCODERS.build(img_spec, embed_size=embed_size)
-    text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size)
+    image_encoder = IMAGE_ENCODERS.build(img_spec, embed_size=embed_size, **extra)
+    text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
     return VSEModel(image_encoder, text_encoder, similarity=cfg.get("similarity", "cosine"))

@@ -1,4 +1,4 @@
-"""LSA caption vectors: the caption semantics behind the LSEH loss (METHODS §1.2).
+"""LSA caption vectors: the caption semantics behind the LSEH loss (docs/methods/lseh.md).
 
 Each training caption gets one vector, ``TruncatedSVD(TF-IDF(preprocess(caption)))``. LSEH only ever uses
 dot products of these vectors (the Gram matrix ``L @ L.T`` of a batch), which do not depend on the SVD's sign

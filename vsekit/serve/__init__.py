@@ -1,14 +1,16 @@
 """HTTP search over an index: a JSON API and a small web page (``vsekit serve``).
 
-The limits live here so that the command line can show them without importing the web stack.
+The limits (``vsekit.serve.limits``) can be read without importing the web stack.
 """
 
 from __future__ import annotations
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-DEFAULT_MAX_QUERY_CHARS = 500
-DEFAULT_MAX_K = 100
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+from vsekit.serve.limits import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_K,
+    DEFAULT_MAX_QUERY_CHARS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+)
 
 
 def create_app(*args, **kwargs):

@@ -28,7 +28,7 @@ from starlette.formparsers import MultiPartException
 
 from vsekit.index.search import SearchIndex, SearchResult
 from vsekit.index.store import TARGETS, SearchIndexError
-from vsekit.serve import (
+from vsekit.serve.limits import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_K,
     DEFAULT_MAX_QUERY_CHARS,

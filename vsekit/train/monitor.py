@@ -17,27 +17,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
 
+from vsekit.config.schema import CollapseConfig
+from vsekit.errors import TrainingCollapsed  # noqa: F401  (raised here, re-exported)
 from vsekit.losses.base import same_image_mask
+from vsekit.registry import config_error_from
 
 log = logging.getLogger("vsekit.train")
-
-ACTIONS = ("off", "warn", "fallback", "stop")
-COLLAPSE_DEFAULTS: dict[str, Any] = {
-    "action": "fallback",   # off | warn | fallback (sum of hinges + lower lr, then continue) | stop
-    "patience": 50,         # consecutive collapsed steps before acting
-    "loss_tol": 0.02,       # collapsed when |loss - collapse value| <= loss_tol * collapse value ...
-    "max_mean_cos": 0.98,   # ... or when the mean pairwise cosine of either modality exceeds this
-    "lr_factor": 0.1,       # fallback: the learning rate is multiplied by this
-    "fallback_epochs": 1,   # fallback: sum of hinges for the rest of this epoch and this many more
-    "max_fallbacks": 3,     # fallback: after this many, stop instead
-}
-
-
-class TrainingCollapsed(RuntimeError):
-    """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``."""
-
 
 def mean_pairwise_cosine(x: Tensor) -> Tensor:
     """Mean cosine similarity over the B·(B-1) ordered pairs of distinct rows (1 = all rows parallel)."""
@@ -76,28 +64,18 @@ def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
     """The value ``loss_fn`` takes on this batch when every similarity is equal (all embeddings at one point).
 
     Computed, not looked up: 2·B·α for the max of hinges, 2·B·(B-1)·α for the sum, the mean of LSEH's
-    per-pair margins for LSEH, 2·log B for InfoNCE, so any registered loss gets a detector.
+    per-pair margins for LSEH, log B for InfoNCE, so any registered loss gets a detector.
     """
     extra = {"caption_vectors": caption_vectors} if caption_vectors is not None else {}
     return float(loss_fn(torch.zeros_like(sim, dtype=torch.float32), image_ids, **extra))
 
 
-def check_collapse_options(opts: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(COLLAPSE_DEFAULTS)
-    opts = dict(opts or {})
-    if opts.get("action") is False:  # YAML 1.1 reads a bare `off` as false
-        opts["action"] = "off"
-    for k, v in opts.items():
-        if k not in COLLAPSE_DEFAULTS:
-            raise ValueError(f"train.collapse.{k}: unknown option; expected one of {', '.join(COLLAPSE_DEFAULTS)}")
-        out[k] = v
-    if out["action"] not in ACTIONS:
-        raise ValueError(f"train.collapse.action must be one of {', '.join(ACTIONS)}, got {out['action']!r}")
-    if int(out["patience"]) < 1:
-        raise ValueError(f"train.collapse.patience must be >= 1, got {out['patience']!r}")
-    if not 0 < float(out["lr_factor"]) <= 1:
-        raise ValueError(f"train.collapse.lr_factor must be in (0, 1], got {out['lr_factor']!r}")
-    return out
+def check_collapse_options(opts: dict[str, Any] | None) -> CollapseConfig:
+    """``train.collapse`` options, checked (defaults: :class:`~vsekit.config.schema.CollapseConfig`)."""
+    try:
+        return CollapseConfig.model_validate(dict(opts or {}))
+    except ValidationError as e:
+        raise config_error_from(e, "train.collapse", CollapseConfig) from None
 
 
 @dataclass
@@ -168,5 +146,5 @@ def collapse_symptom(loss: float, collapse: float, image_mean_cos: float, captio
 
 ADVICE = ("Try a sum-of-hinges warm-up (loss.name=hinge_warmup with loss.warmup_epochs=1, or loss.warmup_epochs=1 "
           "for LSEH), a lower optim.lr, loss.mask=same_image when several captions of one image share a batch, "
-          "milder crops (data.augment.scale=[0.5,1.0] or data.augment.crop=center) and, for a CNN trained from "
+          "milder crops (transform.augment.scale=[0.5,1.0] or transform.augment.crop=center) and, for a CNN trained from "
           "scratch, model.image_encoder.backbone_norm=false; or start from the scratch_small recipe.")

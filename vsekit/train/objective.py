@@ -25,18 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vsekit.config import RunConfig
+from vsekit.config.schema import ObjectiveConfig
 from vsekit.data.datasets import CaptionPool
+from vsekit.errors import ConfigError
+from vsekit.losses.base import MinedRankingLoss, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSSES, mine_hard_negatives
 from vsekit.losses.instance import InstanceLoss
 from vsekit.models.vse import PairOutput, VSEModel
-
-# keys of objective.mined that belong to the objective, not to the mined loss
-_MINED_OWN_KEYS = ("name", "weight", "pool_size")
 
 
 @dataclass
@@ -57,8 +57,8 @@ class Objective(nn.Module):
     trainer optimises and checkpoints under the name ``objective``.
     """
 
-    def __init__(self, rank_loss: nn.Module, instance: InstanceLoss | None = None,
-                 mined: nn.Module | None = None, pool_size: int = 256) -> None:
+    def __init__(self, rank_loss: RankingLoss, instance: InstanceLoss | None = None,
+                 mined: MinedRankingLoss | None = None, pool_size: int = 256) -> None:
         super().__init__()
         self.rank_loss = rank_loss
         self.terms = nn.ModuleDict()
@@ -70,23 +70,21 @@ class Objective(nn.Module):
         self.weights = {"loss": 1.0, "instance_image": 0.0, "instance_text": 0.0, "mined": 0.0}
 
     # -- configuration ---------------------------------------------------------------------------------
-    def set_weights(self, objective_cfg: dict[str, Any]) -> None:
+    def set_weights(self, objective_cfg: ObjectiveConfig) -> None:
         """Take the weights of one stage's ``objective`` section."""
-        w = term_weights(objective_cfg)
+        w = objective_cfg.weights()
         if (w["instance_image"] or w["instance_text"]) and "instance" not in self.terms:
-            raise ValueError("objective.instance has a weight but no instance term was built")
+            raise ConfigError("objective.instance has a weight but no instance term was built")
         if w["mined"] and "mined" not in self.terms:
-            raise ValueError("objective.mined has a weight but no mined term was built")
+            raise ConfigError("objective.mined has a weight but no mined term was built")
         self.weights = w
         # the options that may also change per stage (the rest is fixed when the terms are built)
-        inst, mined = objective_cfg.get("instance") or {}, objective_cfg.get("mined") or {}
-        if "instance" in self.terms and inst.get("dropout") is not None:
-            self.terms["instance"].dropout.p = float(inst["dropout"])
+        if "instance" in self.terms:
+            self.terms["instance"].dropout.p = float(objective_cfg.instance.dropout)
         if "mined" in self.terms:
-            if mined.get("margin") is not None and hasattr(self.terms["mined"], "margin"):
-                self.terms["mined"].margin = float(mined["margin"])
-            if mined.get("pool_size") is not None:
-                self.pool_size = int(mined["pool_size"])
+            if "margin" in objective_cfg.mined:
+                self.terms["mined"].margin = float(objective_cfg.mined["margin"])
+            self.pool_size = objective_cfg.mined_pool_size
 
     @property
     def mining(self) -> bool:
@@ -142,7 +140,7 @@ class Objective(nn.Module):
                 raise ValueError("the mined term is on but no mined negatives were encoded")
             add("mined", w["mined"], self._mined(out, image_ids, negatives))
         if total is None:
-            raise ValueError("every objective weight is 0: nothing to train")
+            raise ConfigError("every objective weight is 0: nothing to train")
         return total, parts
 
     def _mined(self, out: PairOutput, image_ids: Tensor, negatives: MinedNegatives) -> Tensor:
@@ -153,41 +151,29 @@ class Objective(nn.Module):
         return self.terms["mined"](out.image_emb, out.caption_emb, out.negative_emb, neg_images, valid)
 
 
-def term_weights(objective_cfg: dict[str, Any]) -> dict[str, float]:
-    """The weights an ``objective`` section gives its terms (missing keys: the defaults, ``loss`` alone)."""
-    inst = objective_cfg.get("instance") or {}
-    mined = objective_cfg.get("mined") or {}
-    return {"loss": float(objective_cfg.get("loss_weight", 1.0)),
-            "instance_image": float(inst.get("image_weight", 0.0) or 0.0),
-            "instance_text": float(inst.get("text_weight", 0.0) or 0.0),
-            "mined": float(mined.get("weight", 0.0) or 0.0)}
-
-
-def build_objective(stage_configs: list[dict[str, Any]], rank_loss: nn.Module, *, feature_dim: int,
+def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, feature_dim: int,
                     num_images: int) -> Objective:
     """The objective of a run: the terms that some stage switches on, built with the options of the first such
     stage. ``num_images`` (the training corpus's) is the number of instance classes unless
     ``objective.instance.num_classes`` says otherwise.
     """
-    sections = [c.get("objective") or {} for c in stage_configs]
-    weights = [term_weights(s) for s in sections]
+    sections = [c.objective for c in stage_configs]
+    weights = [s.weights() for s in sections]
     instance = mined = None
     first = next((s for s, w in zip(sections, weights) if w["instance_image"] or w["instance_text"]), None)
     if first is not None:
-        inst = first.get("instance") or {}
-        num_classes = int(inst.get("num_classes") or num_images)
+        inst = first.instance
+        num_classes = int(inst.num_classes or num_images)
         if num_classes < num_images:
-            raise ValueError(f"objective.instance.num_classes ({num_classes}) is less than the number of training "
-                             f"images ({num_images}): every training image is a class")
-        instance = InstanceLoss(feature_dim, num_classes, dropout=float(inst.get("dropout", 0.0) or 0.0),
-                                bias=bool(inst.get("bias", True)), init_std=float(inst.get("init_std", 0.001)))
-    pool_size = 256
+            raise ConfigError(f"objective.instance.num_classes ({num_classes}) is less than the number of training "
+                              f"images ({num_images}): every training image is a class")
+        instance = InstanceLoss(feature_dim, num_classes, dropout=inst.dropout, bias=inst.bias,
+                                init_std=inst.init_std)
+    pool_size = sections[0].mined_pool_size
     first = next((s for s, w in zip(sections, weights) if w["mined"]), None)
     if first is not None:
-        spec = dict(first.get("mined") or {})
-        pool_size = int(spec.get("pool_size", 256))
-        mined = MINED_LOSSES.build({"name": spec.get("name", "dualpath_rank"),
-                                    **{k: v for k, v in spec.items() if k not in _MINED_OWN_KEYS}})
+        pool_size = first.mined_pool_size
+        mined = MINED_LOSSES.build(first.mined_loss)
     objective = Objective(rank_loss, instance=instance, mined=mined, pool_size=pool_size)
     objective.set_weights(sections[0])
     return objective

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vsekit.config.schema import OptimConfig
+from vsekit.errors import ConfigError
+
 
 def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One group per distinct multiplier; a parameter takes the multiplier of the longest matching name prefix.
@@ -26,39 +29,30 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None =
         names.setdefault(mult, []).append(name)
     unknown = [p for p in lr_mult if not any(n == p or n.startswith(p + ".") for ns in names.values() for n in ns)]
     if unknown:
-        raise ValueError(f"optim.lr_mult names no parameters: {unknown}")
+        raise ConfigError(f"optim.lr_mult names no parameters: {unknown}")
     return [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adam").lower()
-    lr = float(cfg["lr"])
-    groups = param_groups(model, lr, cfg.get("lr_mult"))
-    wd = float(cfg.get("weight_decay", 0.0))
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)),
-                               nesterov=bool(cfg.get("nesterov", True)))
-    raise ValueError(f"optim.name must be adam, adamw or sgd, got {name!r}")
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.lr, cfg.lr_mult)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch learning-rate decay by ``lr_decay_factor``, stepped once per epoch.
 
     ``lr_decay_every: n``: lr * factor ** (epoch // n), the VSE++ / LSEH schedule. ``lr_milestones: [a, b]``:
     decay after epochs a and b (Dual-Path COCO stage II: 0.1 x 15, 0.01 x 5, 0.001 x 1 is ``[15, 20]``).
     Neither: constant. Epochs count from the optimizer's creation, i.e. from the start of a training stage.
     """
-    every, milestones = cfg.get("lr_decay_every"), cfg.get("lr_milestones")
-    gamma = float(cfg.get("lr_decay_factor", 0.1))
-    if every and milestones:
-        raise ValueError("optim: set lr_decay_every or lr_milestones, not both (set the other to null)")
-    if milestones:
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(int(m) for m in milestones),
-                                                    gamma=gamma)
-    if not every:
+    if cfg.lr_milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(cfg.lr_milestones),
+                                                    gamma=cfg.lr_decay_factor)
+    if not cfg.lr_decay_every:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(every), gamma=gamma)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay_factor)

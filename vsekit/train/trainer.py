@@ -1,150 +1,86 @@
-"""The one training loop every method uses: data, model, loss and schedule all come from the config."""
+"""The one training loop every method uses: data, model, loss and schedule all come from the config.
+
+The parts, after torchvision's reference scripts and timm: :func:`vsekit.train.run.build_run` builds what a
+run needs; :meth:`Trainer.train_one_epoch` and :meth:`Trainer.train_step` train;
+:func:`vsekit.train.validate.validate` validates; :class:`~vsekit.train.checkpointing.CheckpointPolicy`
+decides which checkpoints to write; :class:`~vsekit.train.logger.MetricsLogger` writes ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vsekit.checkpoint import load_checkpoint, save_checkpoint
-from vsekit.config import dump_config
-from vsekit.data.corpus import Corpus
-from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, collate_pairs
-from vsekit.data.load import load_corpus
-from vsekit.inference import Embedder
-from vsekit.losses import build_loss
-from vsekit.models.vse import build_model
-from vsekit.text.vocab import Vocabulary
+from vsekit.checkpoint import load_checkpoint
+from vsekit.config import RunConfig, dump_config, validate_config
+from vsekit.data.datasets import collate_pairs
+from vsekit.errors import TrainingCollapsed
+from vsekit.train.checkpointing import LAST, CheckpointPolicy
+from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
     ADVICE,
     CollapseDetector,
     EpochDiagnostics,
-    TrainingCollapsed,
     batch_diagnostics,
-    check_collapse_options,
     collapse_symptom,
     collapse_value,
 )
-from vsekit.train.objective import Objective, build_objective, term_weights
 from vsekit.train.optim import build_optimizer, build_scheduler
-from vsekit.train.stages import Freezer, StagePlan
+from vsekit.train.run import build_run
+from vsekit.train.state import rng_state, seed_everything, set_rng_state
+from vsekit.train.validate import validate
 from vsekit.utils.device import resolve_device
-from vsekit.utils.io import atomic_write_text, cache_root
+from vsekit.utils.freeze import Freezer
+from vsekit.utils.io import atomic_write_text
+from vsekit.utils.progress import progress
 
 log = logging.getLogger("vsekit.train")
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# keys of the ``data`` section that the trainer reads; the rest is the reader's spec
-_LOOP_KEYS = {"train_split", "val_split", "test_split", "val_max_images", "image_size", "resize", "num_workers",
-              "sample", "augment", "resize_policy"}
-
-
-def load_split(cfg: dict, split: str, max_images: int | None = None) -> Corpus:
-    """One split of the config's data set (its first ``max_images`` images: the field's 1,000-image dev sets)."""
-    spec = {k: v for k, v in cfg["data"].items() if k not in _LOOP_KEYS and v is not None}
-    if max_images:
-        spec["max_images"] = int(max_images)
-    return load_corpus(spec, split)
-
-
-def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
-    return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
+_ENCODERS = ("image_encoder", "text_encoder")
 
 
 class Trainer:
-    """Builds everything from a resolved config and runs ``fit``. ``resume=True`` continues ``last.pt``."""
+    """Builds a run from a resolved config and trains it with :meth:`fit`. ``resume=True`` continues
+    ``output_dir/last.pt`` so that the result equals an uninterrupted run."""
 
-    def __init__(self, cfg: dict[str, Any], resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False) -> None:
+        # validated afresh: a RunConfig edited in place (cfg.loss = {...}) is checked like a recipe
+        cfg = validate_config(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
         self.cfg = cfg
-        self.out = Path(cfg["output_dir"])
+        self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.get("device", "auto"))
-        tcfg = cfg["train"]
-        seed_everything(int(cfg["seed"]))
+        self.device = resolve_device(cfg.device)
+        tcfg = cfg.train
+        seed_everything(cfg.seed)
+        self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps)
 
-        resume_state = None
-        if resume:
-            last = self.out / "last.pt"
-            if not last.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
-            resume_state = load_checkpoint(last)
-
-        self.train_corpus = load_split(cfg, cfg["data"]["train_split"])
-        self.val_corpus = load_split(cfg, cfg["data"]["val_split"], cfg["data"].get("val_max_images"))
+        resume_state = self.checkpoints.resume_state() if resume else None
         init_state = None
-        if resume_state is None and tcfg.get("init_from"):
-            init_state = load_checkpoint(tcfg["init_from"])  # e.g. VSE++ FT stage 2 starts from stage 1
-        if resume_state is not None or init_state is not None:
-            self.vocab = Vocabulary.from_dict((resume_state or init_state)["vocab"])
-        else:
-            self.vocab = Vocabulary.build(self.train_corpus.captions, int(cfg["text"]["min_count"]))
-        self.feature_shape = feature_shape(self.train_corpus)
-        self.model = build_model(cfg["model"], vocab_size=len(self.vocab), itos=self.vocab.itos,
-                                 feature_shape=self.feature_shape).to(self.device)
-        self.loss_fn = build_loss(cfg["loss"]).to(self.device)
-        # stages: epoch ranges with their own optimizer, objective weights and frozen parts
-        self.plan = StagePlan(cfg)
-        stage_cfgs = self.plan.configs()
-        self.objective: Objective = build_objective(
-            stage_cfgs, self.loss_fn, feature_dim=int(cfg["model"]["embed_size"]),
-            num_images=self.train_corpus.num_images).to(self.device)
-        if "mined" in self.objective.terms and self.model.similarity_name != "cosine":
-            raise ValueError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
+        if resume_state is None and tcfg.init_from:
+            init_state = load_checkpoint(tcfg.init_from)  # e.g. VSE++ FT stage 2 starts from stage 1
+        run = build_run(cfg, weights_from=resume_state or init_state)
+        self.run = run
+        self.train_corpus, self.val_corpus, self.vocab = run.train_corpus, run.val_corpus, run.vocab
+        self.feature_shape, self.model, self.loss_fn = run.feature_shape, run.model.to(self.device), run.loss_fn
+        self.loss_fn.to(self.device)
+        self.plan, self.objective = run.plan, run.objective.to(self.device)
+        self.caption_vectors, self.dataset, self.sampler = run.caption_vectors, run.dataset, run.sampler
+        self.caption_pool = run.caption_pool
         if init_state is not None:
             self.model.load_state_dict(init_state["model"])
             if len(self.objective.terms) and "objective" in init_state:
                 self.objective.terms.load_state_dict(init_state["objective"])
             log.info("initialised the model from %s", init_state["path"])
 
-        self.caption_vectors = None
-        uses_loss = any(term_weights(c.get("objective") or {})["loss"] for c in stage_cfgs)
-        if uses_loss and getattr(self.loss_fn, "requires_caption_vectors", False):
-            self.caption_vectors = self._caption_vectors()
-
-        self.max_len = cfg["text"].get("max_len")
-        transform = None
-        if not self.train_corpus.is_precomputed:
-            from vsekit.data.images import build_transform
-
-            d = cfg["data"]
-            transform = build_transform(train=True, image_size=int(d["image_size"]), resize=d.get("resize"),
-                                        augment=d.get("augment"), resize_policy=d.get("resize_policy", "short_side"))
-        self.dataset = PairDataset(self.train_corpus, lambda c: self.vocab.encode(c, self.max_len),
-                                   ImageSource(self.train_corpus, transform), sample=cfg["data"].get("sample", "caption"),
-                                   seed=int(cfg["seed"]))
-        self.sampler = EpochSampler(len(self.dataset), int(cfg["seed"]))
-        self.caption_pool = CaptionPool(self.train_corpus, lambda c: self.vocab.encode(c, self.max_len)) \
-            if "mined" in self.objective.terms else None
-        self.batch_size = int(tcfg["batch_size"])
+        self.batch_size = tcfg.batch_size
+        # one parameter set (named as optim.lr_mult and train.freeze name them) for the optimizer, gradient
+        # clipping and freezing
         self.trainable = _ModelAndLoss(self.model, self.loss_fn, self.objective.terms)
         self.freezer = Freezer()
         self.stage_index = -1
@@ -152,43 +88,31 @@ class Trainer:
         if resume_state is not None:
             first = int(resume_state.get("stage", self.plan.index_at(int(resume_state["epoch"]))))
         self._apply_stage(first)  # builds the optimizer and the LR schedule
-        self.amp = bool(tcfg.get("amp", True)) and self.device.type == "cuda"
+        self.amp = tcfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        self.epoch, self.batches_done, self.step, self.best_rsum = 0, 0, 0, -math.inf
+        self.epoch, self.batches_done, self.step = 0, 0, 0
         self.epoch_loss_sum = 0.0
         self.last_parts: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         # health monitoring: per-batch diagnostics, collapse detection and recovery, wall-clock budget
-        self.collapse_opts = check_collapse_options(tcfg.get("collapse"))
-        self.detector = CollapseDetector(int(self.collapse_opts["patience"]), float(self.collapse_opts["loss_tol"]),
-                                         float(self.collapse_opts["max_mean_cos"]))
+        self.collapse_opts = tcfg.collapse
+        self.detector = CollapseDetector(tcfg.collapse.patience, tcfg.collapse.loss_tol, tcfg.collapse.max_mean_cos)
         self.diagnostics = EpochDiagnostics()
         self.last_diag: dict[str, float] = {}
         self.last_collapse_value: float | None = None  # None: not computed for this step
-        max_minutes = tcfg.get("max_minutes")
-        if max_minutes is not None and float(max_minutes) <= 0:
-            raise ValueError(f"train.max_minutes must be > 0 (or null for no limit), got {max_minutes!r}")
-        self.max_seconds = float(max_minutes) * 60 if max_minutes is not None else None
+        self.max_seconds = tcfg.max_minutes * 60 if tcfg.max_minutes is not None else None
         self.elapsed_before = 0.0  # seconds of training in earlier runs of this output folder (resume)
         self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
-        atomic_write_text(self.out / "config.yaml", dump_config(cfg))
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.tb = _tensorboard(self.out)
+        atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
+        self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None)
 
     # -- state ---------------------------------------------------------------------------------------
-    def _caption_vectors(self) -> torch.Tensor:
-        from vsekit.semantics import fit_or_load_caption_vectors
-
-        s = self.cfg.get("semantics", {})
-        cache = Path(s.get("cache_dir") or (cache_root() / "semantics"))
-        kw = {"n_components": int(s.get("n_components", 400)), "random_state": int(s.get("random_state", 122))}
-        if s.get("n_iter") is not None:
-            kw["n_iter"] = int(s["n_iter"])
-        vecs = fit_or_load_caption_vectors(self.train_corpus.captions, self.train_corpus.caption_ids, cache, **kw)
-        return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
+    @property
+    def best_rsum(self) -> float:
+        return self.checkpoints.best
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -205,10 +129,10 @@ class Trainer:
             "epoch_loss_sum": self.epoch_loss_sum,
             "history": self.history,
             "vocab": self.vocab.to_dict(),
-            "config": self.cfg,
+            "config": self.cfg.to_dict(),
             "feature_shape": list(self.feature_shape) if self.feature_shape else None,
             "monitor": {"detector": self.detector.state_dict(), "diagnostics": self.diagnostics.state_dict(),
-                        "sum_until_epoch": int(getattr(self.loss_fn, "sum_until_epoch", 0))},
+                        "sum_until_epoch": int(self.loss_fn.sum_until_epoch)},
             "elapsed_s": self.elapsed_s,
         }
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
@@ -227,7 +151,7 @@ class Trainer:
         self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
-        self.best_rsum, self.history = s["best_rsum"], list(s["history"])
+        self.checkpoints.best, self.history = s["best_rsum"], list(s["history"])
         self.epoch_loss_sum = s["epoch_loss_sum"]
         monitor = s.get("monitor") or {}
         self.detector.load_state_dict(monitor.get("detector") or {})
@@ -247,16 +171,10 @@ class Trainer:
         return self.max_seconds is not None and self.elapsed_s >= self.max_seconds
 
     def save(self, name: str) -> Path:
-        return save_checkpoint(self.out / name, self.state_dict())
+        return self.checkpoints.save(name)
 
     def _log(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            kind = record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, record.get("step", self.step))
+        self.logger.log(record, self.step)
 
     # -- stages --------------------------------------------------------------------------------------
     def _apply_stage(self, k: int) -> None:
@@ -264,17 +182,13 @@ class Trainer:
         and LR schedule (the stage's ``optim`` section; schedule epochs count from the stage's start)."""
         scfg = self.plan.config(k)
         self.freezer.release()
-        for enc_name in ("image_encoder", "text_encoder"):
-            enc = getattr(self.model, enc_name, None)
-            flag = ((scfg.get("model") or {}).get(enc_name) or {}).get("finetune")
-            if flag is not None and hasattr(enc, "set_finetune"):
-                enc.set_finetune(bool(flag))
-        self.freezer.freeze(scfg["train"].get("freeze") or [], self.trainable.named_parameters(),
-                            self.trainable.named_parts())
-        self.objective.set_weights(scfg.get("objective") or {})
-        if self.objective.mining and self.caption_pool is None:
-            raise ValueError("objective.mined is switched on but the trainer has no caption pool")
-        self.optim_cfg = scfg["optim"]
+        for enc_name in _ENCODERS:
+            spec = getattr(scfg.model, enc_name)
+            if "finetune" in spec:
+                getattr(self.model, enc_name).set_finetune(bool(spec["finetune"]))
+        self.freezer.freeze(scfg.train.freeze, self.trainable.named_parameters(), self.trainable.named_parts())
+        self.objective.set_weights(scfg.objective)
+        self.optim_cfg = scfg.optim
         self.optimizer = build_optimizer(self.trainable, self.optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg)
         self.stage_index = k
@@ -294,13 +208,13 @@ class Trainer:
         groups = self.optimizer.param_groups
         return next((g["lr"] for g in groups if g.get("lr_mult") == 1.0), groups[0]["lr"])
 
-    # -- loop ----------------------------------------------------------------------------------------
+    # -- one step ------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, start=self.batches_done * self.batch_size)
-        g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 1000003 + self.epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.epoch)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                          num_workers=int(self.cfg["data"].get("num_workers", 0)), collate_fn=collate_pairs,
+                          num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
                           generator=g, pin_memory=self.device.type == "cuda")
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -321,15 +235,14 @@ class Trainer:
         self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
         self.diagnostics.add(self.last_diag)
         self.last_collapse_value = None
-        if "loss" in self.last_parts and self.collapse_opts["action"] != "off":
+        if "loss" in self.last_parts and self.collapse_opts.action != "off":
             self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.optim_cfg.get("grad_clip")
+        clip = self.optim_cfg.grad_clip
         if clip:
             self.scaler.unscale_(self.optimizer)
-            params = list(self.model.parameters()) + list(self.objective.terms.parameters())
-            torch.nn.utils.clip_grad_norm_(params, float(clip))
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.parameters()), float(clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
@@ -337,27 +250,26 @@ class Trainer:
     def check_collapse(self) -> None:
         """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says."""
         d, opts = self.last_diag, self.collapse_opts
-        if opts["action"] == "off" or not d:
+        if opts.action == "off" or not d:
             return
         loss = float(self.last_parts["loss"]) if "loss" in self.last_parts else float("nan")
         cv = self.last_collapse_value or 0.0
         if not self.detector.update(loss, cv, d["image_mean_cos"], d["caption_mean_cos"]):
             return
-        action = opts["action"]
+        action = opts.action
         fallbacks = sum(e["action"] == "fallback" for e in self.detector.events)
-        if action == "fallback" and fallbacks >= int(opts["max_fallbacks"]):
+        if action == "fallback" and fallbacks >= opts.max_fallbacks:
             action = "stop"
         event = {"epoch": self.epoch, "step": self.step, "loss": loss, "collapse_value": cv,
                  "image_mean_cos": d["image_mean_cos"], "caption_mean_cos": d["caption_mean_cos"], "action": action}
         symptom = collapse_symptom(loss, cv, d["image_mean_cos"], d["caption_mean_cos"])
         if action == "fallback":
-            until = self.epoch + 1 + int(opts["fallback_epochs"])
+            until = self.epoch + 1 + opts.fallback_epochs
             event["sum_of_hinges_until_epoch"] = until if self.loss_fn.fall_back_to_sum(until) else None
-            factor = float(opts["lr_factor"])
+            factor = opts.lr_factor
             for g in self.optimizer.param_groups:
                 g["lr"] *= factor
-            if hasattr(self.scheduler, "base_lrs"):
-                self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
             event["lr"] = self._base_lr()
             log.warning("step %d: %s. Falling back: %s, learning rate x%g -> %.3g.", self.step, symptom,
                         f"sum of hinges until epoch {until}" if event["sum_of_hinges_until_epoch"] else
@@ -367,39 +279,41 @@ class Trainer:
         self.detector.events.append(event)
         self._log({"kind": "collapse", **event})
         if action == "stop":
-            self.save("last.pt")
+            self.save(LAST)
             raise TrainingCollapsed(f"training stopped at step {self.step} (epoch {self.epoch + 1}): {symptom}. "
-                                    f"{ADVICE} The last state is in {self.out / 'last.pt'}.")
+                                    f"{ADVICE} The last state is in {self.out / LAST}.")
 
+    # -- one epoch -----------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        from vsekit.eval import retrieval_metrics
-
-        ecfg = self.cfg["eval"]
-        emb = Embedder(self.model, self.vocab, self.cfg, self.device, fingerprint="-")
-        img, cap = emb.encode_corpus(self.val_corpus, batch_size=int(ecfg.get("batch_size", 256)))
+        metrics = validate(self.model, self.vocab, self.cfg, self.val_corpus, self.device)
         self._train_mode()
-        return retrieval_metrics(img, cap, self.val_corpus.caption_to_image, protocol="full",
-                                 similarity=self.model.similarity_name, chunk_size=int(ecfg.get("chunk_size", 1024)))
+        return metrics
 
-    def fit(self) -> dict[str, Any]:
-        tcfg = self.cfg["train"]
-        epochs = int(tcfg["epochs"])
-        every = int(tcfg.get("checkpoint_every_steps") or 0)
-        max_steps = tcfg.get("max_steps_per_epoch")
-        log_every = max(1, int(tcfg.get("log_every", 10)))
-        while self.epoch < epochs:
-            stage = self.plan.index_at(self.epoch)
-            if stage != self.stage_index:
-                self._apply_stage(stage)
-            self.loss_fn.set_epoch(self.epoch) if hasattr(self.loss_fn, "set_epoch") else None
-            self._train_mode()
-            loader = self._loader()
-            total = math.ceil(len(self.dataset) / self.batch_size)
-            if max_steps:
-                total = min(total, int(max_steps))
-            bar = _bar(tcfg.get("progress", True), total, self.batches_done, f"epoch {self.epoch + 1}/{epochs}")
-            t0, seen, timed_out = time.perf_counter(), 0, False
-            for batch in loader:
+    def _steps_in_epoch(self) -> int:
+        total = math.ceil(len(self.dataset) / self.batch_size)
+        cap = self.cfg.train.max_steps_per_epoch
+        return min(total, cap) if cap else total
+
+    def _train_record(self, loss: float, rate: float) -> dict[str, Any]:
+        record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
+                  "lr": self._base_lr(), "pairs_per_s": rate}
+        if len(self.last_parts) > 1 or self.plan.configured:
+            record.update({f"term_{k}": float(v) for k, v in self.last_parts.items()})
+            record["stage"] = self.stage_index
+        record.update(self.last_diag)
+        if self.last_collapse_value is not None:
+            record["collapse_value"] = self.last_collapse_value
+        return record
+
+    def train_one_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when the time budget ended it early."""
+        tcfg = self.cfg.train
+        total = self._steps_in_epoch()
+        bar = progress(total, desc=f"epoch {self.epoch + 1}/{tcfg.epochs}", initial=self.batches_done,
+                       enabled=tcfg.progress, logger=log)
+        t0, seen = time.perf_counter(), 0
+        with bar:
+            for batch in self._loader():
                 if self.batches_done >= total:
                     break
                 loss = self.train_step(batch)
@@ -409,48 +323,16 @@ class Trainer:
                 self.epoch_loss_sum += loss
                 self.check_collapse()
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", pairs_per_s=f"{rate:.0f}")
-                if self.step % log_every == 0:
-                    record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
-                              "lr": self._base_lr(), "pairs_per_s": rate}
-                    if len(self.last_parts) > 1 or self.plan.configured:
-                        record.update({f"term_{k}": float(v) for k, v in self.last_parts.items()})
-                        record["stage"] = self.stage_index
-                    record.update(self.last_diag)
-                    if self.last_collapse_value is not None:
-                        record["collapse_value"] = self.last_collapse_value
-                    self._log(record)
-                if every and self.step % every == 0:
-                    self.save("last.pt")
+                bar.set_postfix(loss=f"{loss:.3f}", pairs_per_s=f"{rate:.0f}")
+                bar.update(1)
+                if self.step % tcfg.log_every == 0:
+                    self._log(self._train_record(loss, rate))
+                self.checkpoints.after_step(self.step)
                 if self.out_of_time():  # checked after a step, before the loader draws the next batch
-                    timed_out = self.batches_done < total
+                    if self.batches_done < total:
+                        return False
                     break
-            if bar is not None:
-                bar.close()
-            if timed_out:
-                return self._stop_for_time()
-            self.scheduler.step()
-            metrics = self.validate()
-            record = self._val_record(metrics)
-            self.diagnostics = EpochDiagnostics()
-            self.history.append(record)
-            self._log(record)
-            log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
-                     metrics["i2t_r1"], metrics["t2i_r1"])
-            self.epoch += 1
-            self.batches_done, self.epoch_loss_sum = 0, 0.0
-            is_best = metrics["rsum"] > self.best_rsum
-            if is_best:
-                self.best_rsum = metrics["rsum"]
-            self.save("last.pt")
-            if is_best:
-                self.save("best.pt")
-            if self.out_of_time() and self.epoch < epochs:
-                log.info("train.max_minutes reached (%.1f min) after epoch %d", self.elapsed_s / 60, self.epoch)
-                return self._result("max_minutes")
-        return self._result(None)
+        return True
 
     def _val_record(self, metrics: dict[str, float]) -> dict[str, Any]:
         """An epoch's validation line: metrics, mean training loss, the epoch's diagnostics, elapsed time."""
@@ -459,9 +341,40 @@ class Trainer:
                 **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
                 "elapsed_min": self.elapsed_s / 60}
 
+    def end_epoch(self) -> dict[str, float]:
+        """After a full epoch: schedule step, validation, log line, checkpoints."""
+        self.scheduler.step()
+        metrics = self.validate()
+        record = self._val_record(metrics)
+        self.diagnostics = EpochDiagnostics()
+        self.history.append(record)
+        self._log(record)
+        log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
+                 metrics["i2t_r1"], metrics["t2i_r1"])
+        self.epoch += 1
+        self.batches_done, self.epoch_loss_sum = 0, 0.0
+        self.checkpoints.after_epoch(metrics)
+        return metrics
+
+    # -- the run -------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        epochs = self.cfg.train.epochs
+        while self.epoch < epochs:
+            stage = self.plan.index_at(self.epoch)
+            if stage != self.stage_index:
+                self._apply_stage(stage)
+            self.loss_fn.set_epoch(self.epoch)
+            self._train_mode()
+            if not self.train_one_epoch():
+                return self._stop_for_time()
+            self.end_epoch()
+            if self.out_of_time() and self.epoch < epochs:
+                log.info("train.max_minutes reached (%.1f min) after epoch %d", self.elapsed_s / 60, self.epoch)
+                return self._result("max_minutes")
+        return self._result(None)
+
     def _result(self, stopped_by: str | None) -> dict[str, Any]:
-        if self.tb is not None:
-            self.tb.flush()
+        self.logger.flush()
         return {"best_rsum": self.best_rsum, "history": self.history, "output_dir": str(self.out),
                 "stopped_by": stopped_by}
 
@@ -470,14 +383,12 @@ class Trainer:
         a larger ``train.max_minutes``), then validate this partial epoch and keep ``best.pt`` up to date."""
         log.info("train.max_minutes reached (%.1f min) in epoch %d after %d batches", self.elapsed_s / 60,
                  self.epoch + 1, self.batches_done)
-        self.save("last.pt")
+        self.save(LAST)
         metrics = self.validate()
         record = {**self._val_record(metrics), "partial_epoch": True}
         self._log(record)
         self.history.append(record)
-        if metrics["rsum"] > self.best_rsum:
-            self.best_rsum = metrics["rsum"]
-            self.save("best.pt")
+        self.checkpoints.after_partial_epoch(metrics)
         return self._result("max_minutes")
 
 
@@ -496,6 +407,10 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.loss.named_parameters("loss", recurse, remove_duplicate)
         yield from self.terms.named_parameters("objective", recurse, remove_duplicate)
 
+    def parameters(self, recurse: bool = True):
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
+
     def named_parts(self):
         """Sub-modules under the same names as :meth:`named_parameters`."""
         yield from self.model.named_modules()
@@ -503,21 +418,5 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.terms.named_modules(prefix="objective")
 
 
-def _bar(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tb"))
-
-
-def train(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig | dict[str, Any], resume: bool = False) -> dict[str, Any]:
     return Trainer(cfg, resume=resume).fit()

@@ -1,0 +1,97 @@
+"""``vsekit eval``: a checkpoint on a data split, by the field's protocol; ``vsekit encode``: embeddings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _corpus(emb, args):
+    from vsekit.cli.common import data_from_arg
+    from vsekit.data.sources import load_split
+
+    data = data_from_arg(args.data, args.image_root, emb.config.data)
+    return load_split(data, args.split, args.max_images)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vsekit.eval import format_metrics_table, write_metrics_json
+    from vsekit.inference import Embedder
+
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    corpus = _corpus(emb, args)
+    result, folds = emb.evaluate(corpus, args.protocol, batch_size=args.batch_size, progress=True,
+                                 return_folds=True)
+    title = f"{corpus.name}: {corpus.num_images} images, {corpus.num_captions} captions, protocol {args.protocol}"
+    print(format_metrics_table(result, title=title))
+    if args.out:
+        write_metrics_json(args.out, result, folds=folds if args.protocol != "full" else None,
+                           checkpoint=str(args.checkpoint), split=args.split, protocol=args.protocol,
+                           num_images=corpus.num_images, num_captions=corpus.num_captions)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vsekit.cli.common import data_from_arg
+    from vsekit.data.corpus import DataError
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+    from vsekit.utils.io import atomic_write, atomic_write_text
+
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    out = Path(args.out)
+    if args.captions:
+        path = Path(args.captions)
+        if not path.is_file():
+            raise DataError(f"--captions {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                raise DataError(f"{path}:{i}: empty caption")
+        vecs = emb.encode_captions(lines, batch_size=args.batch_size, progress=True)
+        ids = [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
+    else:
+        corpus = load_split(data_from_arg(args.images, args.image_root, emb.config.data), args.split)
+        vecs = emb.encode_corpus_images(corpus, batch_size=args.batch_size, progress=True)
+        ids = list(corpus.image_ids)
+    atomic_write(out, lambda f: np.save(f, vecs))
+    atomic_write_text(out.with_suffix(".ids.txt"), "\n".join(ids) + "\n")
+    print(f"wrote {out} {vecs.shape} and {out.with_suffix('.ids.txt')}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    from vsekit.eval import PROTOCOLS
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
+    e.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used)")
+    e.add_argument("--data", help="demo | dataset_*.json | precomp folder | pairs .csv/.jsonl | image folder "
+                                  "(default: the checkpoint's training data)")
+    e.add_argument("--image-root", help="folder the data set's image paths are relative to")
+    e.add_argument("--split", default="test")
+    e.add_argument("--protocol", choices=list(PROTOCOLS), default="full",
+                   help="full (e.g. F30K 1K, COCO 5K) or 1k5fold (COCO 1K: mean over 5 folds)")
+    e.add_argument("--max-images", type=int, default=None, help="first N images of the split only")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="also write the results as JSON here (with the per-fold results of 1k5fold)")
+    e.set_defaults(fn=cmd_eval)
+
+    n = sub.add_parser("encode", help="embed images or captions to a .npy file")
+    n.add_argument("checkpoint")
+    g = n.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", help="a folder of images, or a data set (as for eval --data)")
+    g.add_argument("--captions", help="a text file, one caption per line")
+    n.add_argument("--image-root")
+    n.add_argument("--split", default="test", help="split when --images is a data set")
+    n.add_argument("--out", required=True, help="output .npy (ids go to OUT.ids.txt)")
+    n.add_argument("--batch-size", type=int, default=128)
+    n.add_argument("--device", default="auto")
+    n.set_defaults(fn=cmd_encode)

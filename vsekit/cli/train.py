@@ -1,0 +1,24 @@
+"""``vsekit train``: train a model from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vsekit.cli.common import recipe_path
+    from vsekit.config import resolve_config
+    from vsekit.train.trainer import train
+
+    cfg = resolve_config(recipe_path(args.config), args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"best validation rsum {result['best_rsum']:.2f}; checkpoints in {result['output_dir']}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("config", help="recipe file, or the name of a shipped recipe (e.g. vsepp_f30k_precomp)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values), e.g. optim.lr=1e-3")
+    t.add_argument("--resume", action="store_true", help="continue output_dir/last.pt where it stopped")
+    t.set_defaults(fn=cmd_train)

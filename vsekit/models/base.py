@@ -1,0 +1,61 @@
+"""What every encoder declares, so that the model, the trainer and the objective never probe for methods."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vsekit.errors import ConfigError
+from vsekit.utils.freeze import Freezer
+
+
+class Encoder(nn.Module):
+    """An image or text encoder into the joint space.
+
+    ``forward(x) = finish(forward_features(x))``: :meth:`forward_features` is the vector before the final
+    normalisation (what an instance classifier sees), :meth:`finish` the normalisation (L2, optional abs).
+    An encoder with a pretrained part that may stay fixed names it in :attr:`finetune_scope`;
+    :meth:`set_finetune` freezes or unfreezes it (no gradients, batch norm in eval mode).
+    """
+
+    #: the sub-module frozen while the encoder is not fine-tuned (e.g. a CNN backbone); None: none
+    finetune_scope: ClassVar[str | None] = None
+    #: image encoders over precomputed features get their input size from the data set
+    reads_features: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finetune = True
+        self._freezer = Freezer()
+
+    def forward_features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.forward_features(*inputs))
+
+    def set_finetune(self, finetune: bool) -> None:
+        """Train (``True``) or freeze (``False``) :attr:`finetune_scope`."""
+        finetune = bool(finetune)
+        if self.finetune_scope is None:
+            if not finetune:
+                raise ConfigError(f"{type(self).__name__} has no pretrained part to keep fixed (finetune: false); "
+                                  "freeze parameters by name with train.freeze instead")
+            return
+        self.finetune = finetune
+        if finetune:
+            self._freezer.release()
+        else:
+            self._freezer.freeze([self.finetune_scope], self.named_parameters(), self.named_modules(),
+                                 what=f"{type(self).__name__}.finetune_scope")
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        self._freezer.hold_eval()
+        return self

@@ -1,0 +1,101 @@
+"""Building what a training run needs from its config: data, vocabulary, model, loss, objective, semantics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vsekit.config import RunConfig
+from vsekit.data.corpus import Corpus
+from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset
+from vsekit.data.sources import load_split
+from vsekit.errors import ConfigError
+from vsekit.losses import build_loss
+from vsekit.losses.base import RankingLoss
+from vsekit.models.vse import VSEModel, build_model
+from vsekit.text.vocab import Vocabulary
+from vsekit.train.objective import Objective, build_objective
+from vsekit.train.stages import StagePlan
+from vsekit.utils.io import cache_root
+
+log = logging.getLogger("vsekit.train")
+
+
+@dataclass
+class TrainingRun:
+    """The parts of a run, built once; the trainer drives them."""
+
+    cfg: RunConfig
+    train_corpus: Corpus
+    val_corpus: Corpus
+    vocab: Vocabulary
+    feature_shape: tuple[int, ...] | None
+    model: VSEModel
+    loss_fn: RankingLoss
+    plan: StagePlan
+    objective: Objective
+    caption_vectors: torch.Tensor | None
+    dataset: PairDataset
+    sampler: EpochSampler
+    caption_pool: CaptionPool | None
+
+
+def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
+
+
+def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
+    """The LSA vectors of the training captions (fitted once per caption set, then cached)."""
+    from vsekit.semantics import fit_or_load_caption_vectors
+
+    s = cfg.semantics
+    cache = Path(s.cache_dir) if s.cache_dir else cache_root() / "semantics"
+    kw: dict[str, Any] = {"n_components": s.n_components, "random_state": s.random_state}
+    if s.n_iter is not None:
+        kw["n_iter"] = s.n_iter
+    vecs = fit_or_load_caption_vectors(corpus.captions, corpus.caption_ids, cache, **kw)
+    return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
+
+
+def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> TrainingRun:
+    """Everything but the optimizer (which belongs to a training stage). ``weights_from`` is a checkpoint
+    whose vocabulary the run must keep (a resumed run, or ``train.init_from``)."""
+    data = cfg.data
+    train_corpus = load_split(data, data.train_split)
+    val_corpus = load_split(data, data.val_split, data.val_max_images)
+    if weights_from is not None:
+        vocab = Vocabulary.from_dict(weights_from["vocab"])
+    else:
+        vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count)
+    shape = feature_shape(train_corpus)
+    model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape)
+    loss_fn = build_loss(cfg.loss)
+    if not isinstance(loss_fn, RankingLoss):
+        raise ConfigError(f"loss {cfg.loss['name']!r} is not a RankingLoss; the trainer needs one")
+    plan = StagePlan(cfg)
+    objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size,
+                                num_images=train_corpus.num_images)
+    if "mined" in objective.terms and model.similarity_name != "cosine":
+        raise ConfigError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
+
+    vectors = None
+    if loss_fn.requires_caption_vectors and any(c.objective.loss_weight for c in plan.configs()):
+        vectors = caption_vectors(cfg, train_corpus)
+
+    max_len = cfg.text.max_len
+
+    def encode(caption: str) -> list[int]:
+        return vocab.encode(caption, max_len)
+
+    transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
+    dataset = PairDataset(train_corpus, encode, ImageSource(train_corpus, transform), sample=data.sample,
+                          seed=cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    pool = CaptionPool(train_corpus, encode) if "mined" in objective.terms else None
+    return TrainingRun(cfg, train_corpus, val_corpus, vocab, shape, model, loss_fn, plan, objective, vectors,
+                       dataset, sampler, pool)
