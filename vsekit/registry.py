@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from vsekit.errors import ConfigError, did_you_mean
+from vsekit.errors import ConfigError, VsekitError, did_you_mean
 
 
 class Registry:
@@ -61,7 +61,9 @@ class Registry:
         factory = self.get(name)
         try:
             return factory(**spec, **extra)
-        except TypeError as e:
+        except VsekitError:
+            raise
+        except (TypeError, ValueError) as e:  # a constructor refusing its options: a config mistake
             raise ConfigError(f"bad options for {self.kind} {name!r}: {e}") from None
 
     def names(self) -> list[str]:
@@ -77,10 +79,11 @@ class Registry:
             self._options[name] = _options_model(f"{self.kind} {name}", self.get(name), self.injected)
         return self._options[name]
 
-    def validate(self, spec: Any, where: str) -> dict[str, Any]:
+    def validate(self, spec: Any, where: str, also: Iterable[str] = ()) -> dict[str, Any]:
         """Check a config section for this registry: the name exists, every option is one the component
         takes, with a value of the right type. Returns the section as given (validated values), so the
-        component's own defaults apply to what it leaves out."""
+        component's own defaults apply to what it leaves out. ``also``: keys the caller handles itself (they
+        must be removed from ``spec``), offered as suggestions for a typo."""
         from pydantic import ValidationError
 
         if isinstance(spec, str):
@@ -98,7 +101,7 @@ class Registry:
         try:
             checked = model.model_validate(options)
         except ValidationError as e:
-            raise config_error_from(e, where, model) from None
+            raise config_error_from(e, where, model, also=also) from None
         return {"name": name, **checked.model_dump(exclude_unset=True)}
 
 
@@ -123,11 +126,12 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
                                                                       strict=False), **fields)
 
 
-def config_error_from(err: Any, where: str, model: Any = None) -> ConfigError:
+def config_error_from(err: Any, where: str, model: Any = None, also: Iterable[str] = ()) -> ConfigError:
     """One-line :class:`ConfigError` from a pydantic ``ValidationError``: the first problem, with its dotted
     key under ``where`` and, for an unknown key, the nearest valid one."""
     problems = []
-    for e in err.errors():
+    # a misspelt key usually also leaves a required one missing: report the typo first
+    for e in sorted(err.errors(), key=lambda e: e.get("type") != "extra_forbidden"):
         raw_loc = list(e.get("loc", ()))
         loc = [str(p) for p in raw_loc]
         key = where
@@ -135,6 +139,8 @@ def config_error_from(err: Any, where: str, model: Any = None) -> ConfigError:
             key += f"[{p}]" if isinstance(p, int) else (f".{p}" if key else str(p))
         if e.get("type") == "extra_forbidden":
             valid = _field_names(model, [str(p) for p in raw_loc[:-1] if not isinstance(p, int)])
+            if len(raw_loc) == 1:
+                valid = sorted({*valid, *also, "name"} if also else valid)
             parent = key[: -len(loc[-1])]
             hint = did_you_mean(loc[-1], valid) if valid else ""
             if hint:
@@ -146,7 +152,8 @@ def config_error_from(err: Any, where: str, model: Any = None) -> ConfigError:
             problems.append(f"{key}: required, but missing")
         else:
             problems.append(f"{key}: {e.get('msg', 'invalid value')} (got {e.get('input')!r})")
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    n = len(problems) - 1
+    more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
     return ConfigError(problems[0] + more if problems else f"{where}: invalid")
 
 

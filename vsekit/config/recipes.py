@@ -27,13 +27,19 @@ def _common_data_keys() -> set[str]:
     return common_keys()
 
 
+def _default_format() -> str:
+    from vsekit.data.sources import DataConfig
+
+    return DataConfig.model_fields["format"].default
+
+
 def _switched(old: Any, new: Any) -> dict | None:
     """When ``new`` names another component (or data source) than ``old``: what of ``old`` to keep."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None
     if _COMPONENT_KEY in old and _COMPONENT_KEY in new and old[_COMPONENT_KEY] != new[_COMPONENT_KEY]:
         return {}
-    if _SOURCE_KEY in old and _SOURCE_KEY in new and old[_SOURCE_KEY] != new[_SOURCE_KEY]:
+    if _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
         keep = _common_data_keys()
         return {k: v for k, v in old.items() if k in keep}
     return None

@@ -45,15 +45,16 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _component(registry: Any, spec: Any, default: dict[str, Any], where: str) -> dict[str, Any]:
+def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
+               also: tuple[str, ...] = ()) -> dict[str, Any]:
     if spec is None:
         spec = default
     if isinstance(spec, dict) and "name" not in spec:
         spec = {"name": default["name"], **spec}
-    return registry.validate(spec, where)
+    return registry.validate(spec, where, also=also)
 
 
-def _validate_components(raw: dict[str, Any]) -> None:
+def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
     """Check, in place, the sections that name registered components against those components."""
     from vsekit.losses import LOSSES, MINED_LOSSES
     from vsekit.models import IMAGE_ENCODERS, SIMILARITIES, TEXT_ENCODERS
@@ -62,15 +63,15 @@ def _validate_components(raw: dict[str, Any]) -> None:
     if isinstance(model, dict):
         defaults = ModelConfig()
         model["image_encoder"] = _component(IMAGE_ENCODERS, model.get("image_encoder"), defaults.image_encoder,
-                                            "model.image_encoder")
+                                            f"{prefix}model.image_encoder")
         model["text_encoder"] = _component(TEXT_ENCODERS, model.get("text_encoder"), defaults.text_encoder,
-                                           "model.text_encoder")
+                                           f"{prefix}model.text_encoder")
         sim = model.get("similarity")
         if sim is not None and sim not in SIMILARITIES:
-            raise ConfigError(f"model.similarity: unknown similarity {sim!r}{did_you_mean(sim, SIMILARITIES.names())} "
+            raise ConfigError(f"{prefix}model.similarity: unknown similarity {sim!r}{did_you_mean(sim, SIMILARITIES.names())} "
                               f"(known: {', '.join(SIMILARITIES.names())})")
     if "loss" in raw:
-        raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, "loss")
+        raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, f"{prefix}loss")
     objective = raw.get("objective")
     if isinstance(objective, dict) and isinstance(objective.get("mined"), dict):
         mined = objective["mined"]
@@ -81,11 +82,12 @@ def _validate_components(raw: dict[str, Any]) -> None:
                 try:
                     own[k] = typ(own[k])
                 except (TypeError, ValueError):
-                    raise ConfigError(f"objective.mined.{k}: expected a number, got {own[k]!r}") from None
+                    raise ConfigError(f"{prefix}objective.mined.{k}: expected a number, got {own[k]!r}") from None
         if own.get("pool_size", 1) < 1:
-            raise ConfigError(f"objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
+            raise ConfigError(f"{prefix}objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
         spec = {k: v for k, v in mined.items() if k not in own}
-        objective["mined"] = {**_component(MINED_LOSSES, spec, {"name": default["name"]}, "objective.mined"), **own}
+        objective["mined"] = {**_component(MINED_LOSSES, spec, {"name": default["name"]}, f"{prefix}objective.mined",
+                                           also=MINED_OWN_KEYS), **own}
 
 
 def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConfig:
@@ -105,11 +107,8 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
     if moved:
         raise ConfigError(f"{prefix}data.{moved[0]}: moved to {prefix}transform.{moved[0]} (the data section says "
                           "what to read, the transform section how images are resized and augmented)")
-    try:
-        data = data_config(raw.pop("data", None) or {}, f"{prefix}data")
-        _validate_components(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}{e}" if where and not str(e).startswith(prefix) else str(e)) from None
+    data = data_config(raw.pop("data", None) or {}, f"{prefix}data")
+    _validate_components(raw, prefix)
     try:
         cfg = RunConfig.model_validate({**raw, "data": data})
     except ValidationError as e:

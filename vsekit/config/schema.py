@@ -49,6 +49,7 @@ class InstanceConfig(Section):
 
 
 MINED_OWN_KEYS = ("name", "weight", "pool_size")
+MINED_POOL_SIZE = 256
 
 
 class ObjectiveConfig(Section):
@@ -59,7 +60,7 @@ class ObjectiveConfig(Section):
     # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
     # ``weight`` and ``pool_size``, the number of random training captions scored per step)
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
-                                                           "pool_size": 256})
+                                                           "pool_size": MINED_POOL_SIZE})
 
     @property
     def mined_weight(self) -> float:
@@ -67,7 +68,7 @@ class ObjectiveConfig(Section):
 
     @property
     def mined_pool_size(self) -> int:
-        return int(self.mined.get("pool_size", 256))
+        return int(self.mined.get("pool_size", MINED_POOL_SIZE))
 
     @property
     def mined_loss(self) -> dict[str, Any]:

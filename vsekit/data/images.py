@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torchvision import transforms
 
 from vsekit.data.corpus import DataError
@@ -141,6 +141,12 @@ class TransformConfig(BaseModel):
     resize: int | None = Field(None, ge=1)  # short side before the crop (default image_size * 256 / 224)
     resize_policy: Literal["short_side", "square"] = "short_side"  # eval: Resize+CenterCrop | whole image
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _resize_fits(self) -> TransformConfig:
+        if self.resize is not None and self.resize < self.image_size and self.resize_policy == "short_side":
+            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size}) for the centre crop")
+        return self
 
     def build(self, train: bool) -> transforms.Compose:
         return build_transform(train, self.image_size, self.resize, self.augment, self.resize_policy)

@@ -3,6 +3,7 @@
 from vsekit.eval.metrics import (
     METRIC_KEYS,
     PROTOCOLS,
+    EvaluationError,
     mean_average_precision,
     mean_over_folds,
     metrics_from_ranks,
@@ -12,6 +13,7 @@ from vsekit.eval.metrics import (
 from vsekit.eval.report import format_metrics_table, write_metrics_json
 
 __all__ = [
+    "EvaluationError",
     "METRIC_KEYS",
     "PROTOCOLS",
     "format_metrics_table",

@@ -19,6 +19,7 @@ excluded from the counts by index, so rounding can never rank a pair against its
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vsekit.errors import VsekitError
 from vsekit.models.similarity import get_similarity, order_sim
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -43,6 +45,11 @@ NUM_FOLDS = 5
 # accelerators want bigger calls.
 CPU_BLOCK = (512, 2560)
 ACCEL_BLOCK = (4096, 16384)
+COCO_1K_FOLD = 1000  # images per fold of the standard COCO 1K protocol (5 folds of the 5,000 test images)
+
+
+class EvaluationError(VsekitError, ValueError):
+    """Inputs that cannot be evaluated as asked (shapes, protocol, folds); the CLI prints it in one line."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ def _as_index_array(caption_to_image: Any) -> np.ndarray:
         caption_to_image = caption_to_image.detach().cpu().numpy()
     c2i = np.asarray(caption_to_image)
     if c2i.ndim != 1:
-        raise ValueError(f"caption_to_image must be 1-D (one image row per caption), got shape {c2i.shape}")
+        raise EvaluationError(f"caption_to_image must be 1-D (one image row per caption), got shape {c2i.shape}")
     if c2i.size and not np.issubdtype(c2i.dtype, np.integer):
         raise TypeError(f"caption_to_image must hold integer image rows, got dtype {c2i.dtype}")
     return c2i.astype(np.int64, copy=False)
@@ -138,23 +145,23 @@ def _check_inputs(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image
                 f"{name} must be a numpy array (memmap included) or a torch tensor, got {type(x)}"
             )
         if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+            raise EvaluationError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
-            raise ValueError(f"{name} is empty: nothing to evaluate")
+            raise EvaluationError(f"{name} is empty: nothing to evaluate")
         if not _is_real(x):
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if image_emb.shape[1] != caption_emb.shape[1]:
-        raise ValueError(
+        raise EvaluationError(
             f"embedding sizes differ: images have D={image_emb.shape[1]}, captions D={caption_emb.shape[1]}"
         )
     n, m = int(image_emb.shape[0]), int(caption_emb.shape[0])
     c2i = _as_index_array(caption_to_image)
     if len(c2i) != m:
-        raise ValueError(f"caption_to_image has {len(c2i)} entries but there are {m} captions")
+        raise EvaluationError(f"caption_to_image has {len(c2i)} entries but there are {m} captions")
     lo, hi = int(c2i.min()), int(c2i.max())
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"caption_to_image holds image row {bad}, outside [0, {n}) for {n} images")
+        raise EvaluationError(f"caption_to_image holds image row {bad}, outside [0, {n}) for {n} images")
     return c2i
 
 
@@ -188,7 +195,7 @@ def _block_shape(
     else:
         rows, cols = (int(v) for v in chunk_size)
     if not (1 <= rows < 2**24 and 1 <= cols < 2**24):
-        raise ValueError(f"chunk_size must be in [1, 2**24), got {chunk_size!r}")
+        raise EvaluationError(f"chunk_size must be in [1, 2**24), got {chunk_size!r}")
     return _even(n, rows), _even(m, cols)
 
 
@@ -218,7 +225,7 @@ class _Scorer:
         s = self.fn(img, cap)
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != self.shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-            raise ValueError(
+            raise EvaluationError(
                 f"similarity must return a tensor of shape {self.shape} (images, captions), got {got}"
             )
         return s.detach().to(self.dtype)
@@ -341,7 +348,7 @@ def _ranks(
             continue
         c_mine = t_cap[torch.as_tensor(mine, device=device)]
         if torch.isnan(c_mine).any():
-            raise ValueError("a ground-truth pair scores NaN; check the embeddings for NaN/inf")
+            raise EvaluationError("a ground-truth pair scores NaN; check the embeddings for NaN/inf")
         o_mine = owner[torch.as_tensor(mine, device=device)]
         t_img.scatter_reduce_(0, o_mine, c_mine, "amax")
         best = c_mine == t_img[o_mine]
@@ -434,7 +441,7 @@ def metrics_from_ranks(i2t_ranks: ArrayLike, t2i_ranks: ArrayLike) -> dict[str, 
         r = np.asarray(ranks, dtype=np.float64)
         r = r[r >= 0]
         if r.size == 0:
-            raise ValueError(f"no {name} queries to score")
+            raise EvaluationError(f"no {name} queries to score")
         for k in RECALL_AT:
             out[f"{name}_r{k}"] = float(100.0 * np.count_nonzero(r < k) / len(r))
         out[f"{name}_medr"] = float(np.floor(np.median(r)) + 1)
@@ -482,7 +489,7 @@ def retrieval_metrics(
     Ranks, ties, captions per image, similarity, memory and device: see :func:`retrieval_ranks`.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+        raise EvaluationError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
     dev = _pick_device(device, image_emb, caption_emb)
     dtype = _compute_dtype(image_emb, caption_emb)
@@ -492,16 +499,20 @@ def retrieval_metrics(
         parts = [(None, None, c2i)]
     else:
         if n % NUM_FOLDS:
-            raise ValueError(
+            raise EvaluationError(
                 f"protocol '1k5fold' splits the images into {NUM_FOLDS} equal consecutive folds, but N={n} "
                 f"images is not a multiple of {NUM_FOLDS} (COCO-1K uses the 5,000 test images)"
             )
         size = n // NUM_FOLDS
+        if size != COCO_1K_FOLD:
+            logging.getLogger("vsekit.eval").warning(
+                "protocol '1k5fold' on %d images gives folds of %d; COCO 1K is 5 folds of %d (the 5,000 test "
+                "images: split 'testall' of the precomputed releases)", n, size, COCO_1K_FOLD)
         parts = []
         for f in range(NUM_FOLDS):
             caps = np.flatnonzero((c2i >= f * size) & (c2i < (f + 1) * size))
             if caps.size == 0:
-                raise ValueError(f"fold {f} (images {f * size}..{(f + 1) * size - 1}) has no captions")
+                raise EvaluationError(f"fold {f} (images {f * size}..{(f + 1) * size - 1}) has no captions")
             parts.append((np.arange(f * size, (f + 1) * size), caps, c2i[caps] - f * size))
 
     folds = []
@@ -530,7 +541,7 @@ def _labels(x: Any, name: str) -> torch.Tensor:
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.ndim not in (1, 2):
-        raise ValueError(f"{name} must be 1-D class ids or 2-D multi-hot labels, got shape {x.shape}")
+        raise EvaluationError(f"{name} must be 1-D class ids or 2-D multi-hot labels, got shape {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
@@ -557,17 +568,17 @@ def mean_average_precision(
     """
     for name, x in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
         if x.ndim != 2 or x.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty 2-D array, got shape {tuple(x.shape)}")
+            raise EvaluationError(f"{name} must be a non-empty 2-D array, got shape {tuple(x.shape)}")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(f"embedding sizes differ: {query_emb.shape[1]} vs {gallery_emb.shape[1]}")
+        raise EvaluationError(f"embedding sizes differ: {query_emb.shape[1]} vs {gallery_emb.shape[1]}")
     if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+        raise EvaluationError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     ql, gl = _labels(query_labels, "query_labels"), _labels(gallery_labels, "gallery_labels")
     nq, ng = int(query_emb.shape[0]), int(gallery_emb.shape[0])
     if len(ql) != nq or len(gl) != ng or ql.ndim != gl.ndim:
-        raise ValueError("labels must have one row per embedding and the same layout for queries and gallery")
+        raise EvaluationError("labels must have one row per embedding and the same layout for queries and gallery")
     if at is not None and at < 1:
-        raise ValueError(f"at must be a positive int or None, got {at}")
+        raise EvaluationError(f"at must be a positive int or None, got {at}")
     dev = _pick_device(device, query_emb, gallery_emb)
     dtype = _compute_dtype(query_emb, gallery_emb)
     ql, gl = ql.to(dev), gl.to(dev)

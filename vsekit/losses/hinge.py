@@ -122,7 +122,7 @@ class WarmupHingeLoss(HingeRankingLoss):
         mask: ``"diagonal"`` or ``"same_image"``, as in :class:`HingeRankingLoss`.
 
     References:
-        - Chen, Deng, Li, Huang, Fidler, Pan. Learning the Best Pooling Strategy for Visual Semantic
+        - Chen, Hu, Wu, Jiang, Wang. Learning the Best Pooling Strategy for Visual Semantic
           Embedding (VSE∞). CVPR 2021. https://arxiv.org/abs/2011.04305 (code: woodfrog/vse_infty,
           ``vse_mean_warmup_epochs``)
 

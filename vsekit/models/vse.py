@@ -104,7 +104,9 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
     (the vocabulary's words) lets a text encoder load word vectors; ``None`` when rebuilding a checkpoint.
     """
     cfg = dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg.model_dump()
-    embed_size = int(cfg.get("embed_size", 1024))
+    if "embed_size" not in cfg:
+        raise ConfigError("model.embed_size: required (the size of the joint space)")
+    embed_size = int(cfg["embed_size"])
     use_abs = bool(cfg.get("use_abs", False))
     img_spec = dict(cfg.get("image_encoder") or {"name": "precomp"})
     img_spec.setdefault("use_abs", use_abs)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vsekit.config import RunConfig
-from vsekit.config.schema import ObjectiveConfig
+from vsekit.config.schema import MINED_POOL_SIZE, ObjectiveConfig
 from vsekit.data.datasets import CaptionPool
 from vsekit.errors import ConfigError
 from vsekit.losses.base import MinedRankingLoss, RankingLoss
@@ -58,7 +58,7 @@ class Objective(nn.Module):
     """
 
     def __init__(self, rank_loss: RankingLoss, instance: InstanceLoss | None = None,
-                 mined: MinedRankingLoss | None = None, pool_size: int = 256) -> None:
+                 mined: MinedRankingLoss | None = None, pool_size: int = MINED_POOL_SIZE) -> None:
         super().__init__()
         self.rank_loss = rank_loss
         self.terms = nn.ModuleDict()

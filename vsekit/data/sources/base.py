@@ -109,7 +109,11 @@ def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataC
         return spec
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
-    cls = source_class(spec.get("format", DataConfig.model_fields["format"].default))
+    fmt = spec.get("format", DataConfig.model_fields["format"].default)
+    if fmt not in _SOURCES:
+        raise ConfigError(f"{where}.format: unknown data format {fmt!r}{did_you_mean(fmt, _SOURCES)} "
+                          f"(known: {', '.join(source_names())})")
+    cls = _SOURCES[fmt]
     try:
         return cls.model_validate(spec)
     except ValidationError as e:

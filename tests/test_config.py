@@ -1,0 +1,131 @@
+"""The typed config: every section validated, typos named with the nearest key, one-line CLI errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from vsekit.cli import RECIPES, main
+from vsekit.config import CONFIG_FORMAT, ConfigError, RunConfig, resolve_config, validate_config
+
+
+def _sections(node: dict, path: str = ""):
+    """Every mapping in a config dict, with its dotted path."""
+    yield path, node
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _sections(v, f"{path}.{k}" if path else k)
+
+
+def _at(cfg: dict, path: str) -> dict:
+    node = cfg
+    for part in [p for p in path.split(".") if p]:
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("recipe", ["demo_vsepp", "dualpath_demo", "lseh_f30k_precomp", "scratch_small"])
+def test_an_unknown_key_anywhere_is_an_error_naming_it(recipe):
+    full = resolve_config(RECIPES / f"{recipe}.yaml").to_dict()
+    # optim.lr_mult maps parameter-name prefixes to multipliers: its keys are checked against the model when
+    # the optimizer is built ("optim.lr_mult names no parameters"), not by the schema
+    paths = [p for p, _ in _sections(full) if not p.endswith("lr_mult")]
+    assert {"data", "transform.augment", "train.collapse", "model.image_encoder", "loss", "objective.mined"} <= set(paths)
+    for path in paths:
+        bad = copy.deepcopy(full)
+        _at(bad, path)["bogus_key"] = 1
+        where = f"{path}.bogus_key" if path else "bogus_key"
+        with pytest.raises(ConfigError, match=rf"^{where.replace('.', '[.]')}: unknown key"):
+            validate_config(bad)
+
+
+def test_an_unknown_key_in_a_stage_names_the_stage():
+    cfg = resolve_config(RECIPES / "dualpath_demo.yaml").to_dict()
+    cfg["train"]["stages"][1]["objective"]["mined"]["wieght"] = 2.0
+    with pytest.raises(ConfigError, match=r"^train.stages\[1\].objective.mined.wieght: unknown key; "
+                                          r"did you mean train.stages\[1\].objective.mined.weight\?"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=5", r"^train.epoch: unknown key; did you mean train.epochs\?"),
+    ("train.epochs=many", r"^train.epochs: Input should be a valid integer"),
+    ("train.epochs=0", r"^train.epochs: Input should be greater than or equal to 1"),
+    ("optim.name=adagrad", r"^optim.name: Input should be 'adam', 'adamw' or 'sgd'"),
+    ("loss.name=hinj", r"^loss.name: unknown loss 'hinj'; did you mean 'hinge'\?"),
+    ("loss.margn=0.1", r"^loss.margn: unknown key; did you mean loss.margin\?"),
+    ("loss.margin=wide", r"^loss.margin: Input should be a valid number"),
+    ("model.similarity=cosin", r"^model.similarity: unknown similarity 'cosin'; did you mean 'cosine'\?"),
+    ("model.image_encoder.embed_size=3", r"^model.image_encoder.embed_size: unknown key"),  # model.embed_size sets it
+    ("data.format=karpathi", r"^data.format: unknown data format 'karpathi'; did you mean 'karpathy'\?"),
+    ("data.format=karpathy", r"^data.path: required, but missing"),
+    ("data.image_size=64", r"^data.image_size: moved to transform.image_size"),
+    ("transform.augment.crop=zoom", r"^transform.augment.crop: Input should be"),
+    ("semantics.n_component=10", r"^semantics.n_component: unknown key; did you mean semantics.n_components\?"),
+    ("eval.protocol=5k", r"^eval.protocol: Input should be 'full' or '1k5fold'"),
+    ("train.collapse.action=panic", r"^train.collapse.action: Input should be"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(RECIPES / "demo_vsepp.yaml", [override])
+
+
+def test_cli_prints_a_recipe_typo_in_one_line_and_exits_2(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("_base_: " + str(RECIPES / "demo_vsepp.yaml") + "\ntrain: {epoch: 5}\n")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("vsekit: error: train.epoch: unknown key; did you mean train.epochs?")
+
+
+def test_resolved_config_round_trips_and_defaults_live_in_the_schema():
+    cfg = resolve_config(RECIPES / "dualpath_demo.yaml", ["train.epochs=3"])
+    again = validate_config(cfg.to_dict())
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["config_format"] == CONFIG_FORMAT
+    bare = RunConfig()
+    assert (bare.train.epochs, bare.optim.lr, bare.eval.protocol, bare.data.format) == (30, 2e-4, "full", "demo")
+
+
+def test_switching_data_format_keeps_the_shared_options_only():
+    cfg = resolve_config(None, ["data.num_images=500", "data.val_max_images=100", "data.format=precomp",
+                                "data.path=/x"])
+    assert cfg.data.format == "precomp" and cfg.data.val_max_images == 100
+    assert not hasattr(cfg.data, "num_images")
+
+
+def test_config_of_format_1_is_migrated():
+    """A checkpoint saved before the transform section existed still loads."""
+    old = resolve_config(RECIPES / "scratch_small.yaml").to_dict()
+    transform = old.pop("transform")
+    old["config_format"] = 1
+    old["data"] = {**old["data"], **transform, "path": None, "image_root": None}  # format 1 had every key
+    cfg = validate_config(old)
+    assert cfg.transform.resize_policy == "square" and cfg.transform.augment.crop == "center"
+    assert cfg.data.format == "demo" and cfg.config_format == CONFIG_FORMAT
+    newer = {**old, "config_format": CONFIG_FORMAT + 1}
+    with pytest.raises(ConfigError, match="newer than this vsekit"):
+        validate_config(newer)
+
+
+def test_eval_protocol_is_what_validation_uses(tmp_path, cache, monkeypatch):
+    from vsekit.train import validate as validate_module
+    from vsekit.train.trainer import Trainer
+
+    seen = []
+    real = validate_module.Embedder.evaluate
+
+    def spy(self, corpus, protocol="full", **kw):
+        seen.append(protocol)
+        return real(self, corpus, "full", **kw)
+
+    monkeypatch.setattr(validate_module.Embedder, "evaluate", spy)
+    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
+        f"output_dir={tmp_path / 'run'}", "data.num_images=60", "transform.image_size=32", "transform.resize=32",
+        "data.val_max_images=10", "model.embed_size=16", "model.image_encoder.width=4",
+        "model.text_encoder.word_dim=8", "train.epochs=1", "train.max_steps_per_epoch=1", "train.progress=false",
+        "eval.protocol=1k5fold"])
+    Trainer(cfg).fit()
+    assert seen == ["1k5fold"]
