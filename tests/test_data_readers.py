@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import types
 from pathlib import Path
@@ -516,3 +517,231 @@ def test_sources_module_does_not_import_demo() -> None:
     source = Path(load_module.__file__).read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not any("demo" in line for line in top_level)
+
+
+# ---------------------------------------------------------------- errors point to the right place
+
+
+def test_pairs_non_utf8_late_line_names_line_and_offset(tmp_path: Path) -> None:
+    good = "a.png,a caption\n" * 14999
+    csv_path = tmp_path / "late.csv"
+    csv_path.write_bytes(b"image,caption\n" + good.encode() + b"b.png,caf\xe9\n" + b"c.png,x\n")
+    offset = len(b"image,caption\n" + good.encode() + b"b.png,caf")
+    with pytest.raises(DataError) as err:
+        read_pairs(csv_path)
+    message = str(err.value)
+    assert message.startswith(f"{csv_path}:15001: not valid UTF-8")
+    assert "byte 10 of the line" in message and f"file offset {offset}" in message and "0xe9" in message
+
+    rows = '{"image": "a.png", "caption": "fine"}\n' * 15000
+    jsonl = tmp_path / "late.jsonl"
+    jsonl.write_bytes(rows.encode() + b'{"image": "b.png", "caption": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(jsonl))}:15001: not valid UTF-8 .*file offset {len(rows) + 31}\)"):
+        read_pairs(jsonl)
+    # lines are counted as text files count them, lone CR included; a byte-order mark is not data
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b"\xef\xbb\xbfimage,caption\r\na.png,x\rb.png,\xff\n")
+    with pytest.raises(DataError, match=r"cr\.csv:3: not valid UTF-8 .*byte 7 of the line, file offset 32\)"):
+        read_pairs(cr)
+
+
+def test_pairs_json_array_and_karpathy_non_utf8_and_syntax_name_line(tmp_path: Path) -> None:
+    array = tmp_path / "pairs.json"
+    array.write_bytes(b'[\n{"image": "a.png", "caption": "x"},\n{"image": "b.png", "caption": "\xc3("}\n]\n')
+    with pytest.raises(DataError, match=r"pairs\.json:3: not valid UTF-8 \(invalid continuation byte 0xc3"):
+        read_pairs(array)
+    array.write_text('[\n{"image": "a.png", "caption": "x"},\n{"image": "b.png" "caption": "y"}\n]\n')
+    with pytest.raises(DataError, match=r"pairs\.json:3:19: not valid JSON \(Expecting ','"):
+        read_pairs(array)
+
+    path = tmp_path / "dataset_bad.json"
+    path.write_bytes(json.dumps(_karpathy_data(), indent=1).replace("im3 caption 2", "im3 caption \udcff",
+                                                                    ).encode("utf-8", "surrogateescape"))
+    with pytest.raises(DataError, match=r"dataset_bad\.json:\d+: not valid UTF-8 \(invalid start byte 0xff"):
+        read_karpathy(path, tmp_path, "test")
+    path.write_text('{"images": [\n  {"filename": "a.jpg",\n   "split": "test" "sentences": []}\n]}')
+    with pytest.raises(DataError, match=r"dataset_bad\.json:3:20: not valid JSON"):
+        read_karpathy(path, tmp_path, "test")
+
+
+@pytest.mark.parametrize("garbage", [b"1" * 5000, b"[" * 100000, b"\x00\x01\x02 garbage", b"{'image': 1}",
+                                     b'"just a string"', b"NaN"],
+                         ids=["huge-number", "deep-nesting", "control-bytes", "python-dict", "string", "nan"])
+def test_pairs_jsonl_garbage_line_names_file_and_line(tmp_path: Path, garbage: bytes) -> None:
+    path = tmp_path / "captions.jsonl"
+    path.write_bytes(b'{"image": "a.png", "caption": "x"}\n\n' + garbage + b"\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: (not valid JSON|expected a JSON object)"):
+        read_pairs(path)
+
+
+def test_karpathy_garbage_and_hostile_entries_name_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_x.json"
+    path.write_text('{"images": [' + "[" * 100000 + "]" * 100000 + "]}")
+    with pytest.raises(DataError, match=r"dataset_x\.json: not valid JSON \(nested too deeply\)"):
+        read_karpathy(path, tmp_path, "test")
+    cases = [
+        (lambda d: d["images"][3]["sentences"].__setitem__(1, "a plain string"), r"images\[3\]\.sentences\[1\] is not a JSON object"),
+        (lambda d: d["images"][3]["sentences"][2].__setitem__("raw", 5), r"images\[3\]\.sentences\[2\]: 'raw' must be a string"),
+        (lambda d: d["images"][3]["sentences"][0].update(raw=None, tokens="abc"), r"images\[3\]\.sentences\[0\]: 'tokens' must be a list"),
+        (lambda d: d["images"][3].pop("filename"), r"images\[3\] has no 'filename'"),
+        (lambda d: d["images"][3].__setitem__("filename", ["x.jpg"]), r"images\[3\] has no 'filename'"),
+        (lambda d: d["images"][1].__setitem__("split", ["train"]), r"images\[1\] has unknown split \['train'\]"),
+        (lambda d: d["images"][1].pop("split"), r"images\[1\] has no 'split' field"),
+        (lambda d: d["images"].__setitem__(2, 7), r"images\[2\] is not a JSON object \(got a number\)"),
+        (lambda d: d["images"][3].__setitem__("label", 2**70), r"images\[3\]: 'label' must be an integer"),
+        (lambda d: d.__setitem__("dataset", {"name": "x"}), r"'dataset' must be a string"),
+    ]
+    for change, message in cases:
+        data = _karpathy_data()
+        change(data)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: .*{message}"):
+            read_karpathy(_write_json(tmp_path, data, path.name), tmp_path, "test")
+
+
+def test_pairs_label_out_of_range_and_csv_errors_name_the_line(tmp_path: Path) -> None:
+    label = _write_csv(tmp_path / "l.csv", ["image,caption,label", "a.png,x,1", f"b.png,y,{2**70}"])
+    with pytest.raises(DataError, match=r"l\.csv:3: label 1180591620717411303424 is out of range"):
+        read_pairs(label)
+    huge = _write_csv(tmp_path / "h.csv", ["image,caption", "a.png,x", "b.png," + "y" * 200_000])
+    with pytest.raises(DataError, match=r"h\.csv:3: malformed CSV \(field larger than field limit"):
+        read_pairs(huge)
+    twice = _write_csv(tmp_path / "t.csv", ["image,caption,caption", "a.png,x,y"])
+    with pytest.raises(DataError, match=r"t\.csv:1: header names column 'caption' more than once"):
+        read_pairs(twice)
+
+
+def test_missing_image_error_names_the_row_that_lists_it(tmp_path: Path) -> None:
+    path = _image_corpus(tmp_path)  # gone.png first named on line 5, garbage.jpg on line 3
+    with pytest.raises(DataError) as err:
+        check_images(read_pairs(path))
+    message = str(err.value)
+    assert f"{tmp_path / 'gone.png'} (file not found, named at {path}:5)" in message
+    assert f"{tmp_path / 'garbage.jpg'} (not a recognised image, named at {path}:3)" in message
+    logged: list[str] = []
+    kept = check_images(read_pairs(path), skip_missing=True, log=logged.append)
+    assert f"named at {path}:5" in logged[0]
+    # the map follows the rows through a selection (max_images, skipping)
+    first = select_images(read_pairs(path), np.array([False, False, False, True]))
+    with pytest.raises(DataError, match=rf"gone\.png \(file not found, named at {re.escape(str(path))}:5\)"):
+        check_images(first)
+    assert kept.num_images == 2
+
+    data = _karpathy_data()
+    jpath = _write_json(tmp_path, data)
+    with pytest.raises(DataError, match=r"img3\.jpg \(file not found, named at .*dataset_tiny\.json: images\[3\]\)"):
+        check_images(read_karpathy(jpath, tmp_path, "test"))
+
+
+# ---------------------------------------------------------------- check_images: "decode"
+
+
+def _truncated_png(path: Path) -> None:
+    """A PNG whose header is intact but whose pixel data is cut: ``Image.open`` works, decoding fails."""
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _truncated_corpus(tmp_path: Path) -> Path:
+    for i in range(3):
+        Image.new("RGB", (6, 4), (i, 0, 0)).save(tmp_path / f"ok{i}.png")
+    _truncated_png(tmp_path / "cut.png")
+    rows = ["image,caption", "ok0.png,zero", "cut.png,cut a", "ok1.png,one", "cut.png,cut b", "ok2.png,two"]
+    return _write_csv(tmp_path / "pairs.csv", rows)
+
+
+def test_check_images_decode_catches_truncated_png(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _truncated_corpus(tmp_path)
+    corpus = read_pairs(path)
+    assert check_images(corpus) is corpus  # the header scan passes it: this is what stopped training
+    with pytest.raises(DataError) as err:
+        check_images(corpus, decode=True)
+    message = str(err.value)
+    assert "1 of 4 images are missing or undecodable" in message
+    assert f"{tmp_path / 'cut.png'} (cannot decode: " in message and f"named at {path}:3" in message
+    logged: list[str] = []
+    with caplog.at_level(logging.INFO, logger="vsekit.data.checks"):
+        kept = check_images(corpus, skip_missing=True, decode=True, log=logged.append)
+    assert kept.image_ids == ["ok0.png", "ok1.png", "ok2.png"] and kept.captions == ["zero", "one", "two"]
+    assert kept.meta["dropped_images"] == 1 and kept.meta["dropped_captions"] == 2
+    assert len(logged) == 1 and "skipping 1 of 4 images that are missing or undecodable" in logged[0]
+    assert "decoded 4 images in" in caplog.text and "1 cannot be decoded" in caplog.text
+
+
+def test_check_images_decode_threaded(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    rows = ["image,caption"]
+    for i in range(300):  # several chunks of decode work
+        (tmp_path / f"{i}.png").write_bytes(buffer.getvalue())
+        rows.append(f"{i}.png,caption {i}")
+    _truncated_png(tmp_path / "123.png")
+    corpus = read_pairs(_write_csv(tmp_path / "many.csv", rows))
+    assert check_images(corpus, num_threads=4) is corpus
+    with pytest.raises(DataError, match=r"1 of 300 images .*123\.png \(cannot decode.*many\.csv:125\)"):
+        check_images(corpus, decode=True, num_threads=4)
+
+
+def test_load_split_check_images_decode_option(tmp_path: Path) -> None:
+    spec = {"format": "pairs", "path": str(_truncated_corpus(tmp_path)), "split": None}
+    assert load_corpus(spec, "train").num_images == 4  # headers only (true, the default)
+    with pytest.raises(DataError, match="1 of 4 images are missing or undecodable"):
+        load_corpus({**spec, "check_images": "decode"}, "train")
+    assert load_corpus({**spec, "check_images": "decode", "skip_missing_images": True}, "train").num_images == 3
+    assert load_corpus({**spec, "check_images": False}, "train").num_images == 4
+    with pytest.raises(ConfigError, match=r"^data\.check_images: .*\"decode\""):
+        load_corpus({**spec, "check_images": "full"}, "train")
+
+
+# ---------------------------------------------------------------- precomp: NaN/inf, encodings
+
+
+def test_precomp_nan_and_inf_rows_are_named(tmp_path: Path) -> None:
+    from vsekit.data import precomp
+
+    feats = _write_precomp(tmp_path, "train", (6, 3, 4), [f"c{j}" for j in range(12)])
+    feats[4, 1, 2] = np.nan
+    feats[4, 2, 0] = np.inf
+    feats[5, 0, 0] = -np.inf
+    np.save(tmp_path / "train_ims.npy", feats)
+    with pytest.raises(DataError) as err:
+        read_precomp(tmp_path, "train")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'train_ims.npy'}: row 4 (the image of train_caps.txt lines 9-10)")
+    assert "1 NaN and 1 inf of its 12 values" in message and "first non-finite row" in message
+    assert read_precomp(tmp_path, "train", max_images=4).num_images == 4  # the bad rows are not read
+    # small chunks: the bad row is found in a later chunk, and the result is remembered for the file
+    precomp._FINITE.clear()
+    old = precomp._CHUNK_BYTES
+    try:
+        precomp._CHUNK_BYTES = 3 * 4 * 4
+        read_precomp(tmp_path, "train", max_images=2)
+        assert list(precomp._FINITE.values()) == [(2, None)]
+        with pytest.raises(DataError, match=r"row 4 "):
+            read_precomp(tmp_path, "train")
+        assert list(precomp._FINITE.values()) == [(4, 4)]
+    finally:
+        precomp._CHUNK_BYTES = old
+    # float16 features whose sum overflows are not mistaken for inf
+    np.save(tmp_path / "train_ims.npy", np.full((6, 3, 4), 60000, dtype=np.float16))
+    assert read_precomp(tmp_path, "train").num_images == 6
+
+
+def test_precomp_hostile_files_name_the_file(tmp_path: Path) -> None:
+    _write_precomp(tmp_path, "train", (2, 3), ["one", "two"])
+    (tmp_path / "train_caps.txt").write_bytes(b"one\ntw\xf0\x28o\n")
+    with pytest.raises(DataError, match=r"train_caps\.txt:2: not valid UTF-8 .*byte 3 of the line, file offset 6\)"):
+        read_precomp(tmp_path, "train")
+    (tmp_path / "train_caps.txt").write_bytes(b"\xef\xbb\xbfone\ntwo\n")
+    assert read_precomp(tmp_path, "train").captions == ["one", "two"]  # a byte-order mark is not a caption
+    for content, message in [(b"", "is empty"), (b"PK\x03\x04 zip", "is not a .npy file"),
+                             (b"\x93NUMPY\x01\x00garbage", "cannot memory-map")]:
+        (tmp_path / "train_ims.npy").write_bytes(content)
+        with pytest.raises(DataError, match=rf"train_ims\.npy: {re.escape(message)}"):
+            read_precomp(tmp_path, "train")
+    for array, message in [(np.zeros((2, 3), dtype=bool), "dtype bool"), (np.zeros((2, 0)), "rows are empty"),
+                           (np.zeros((2, 3), dtype=np.complex64), "dtype complex64")]:
+        np.save(tmp_path / "train_ims.npy", array)
+        with pytest.raises(DataError, match=rf"train_ims\.npy: .*{message}"):
+            read_precomp(tmp_path, "train")

@@ -144,3 +144,44 @@ def test_eval_transform_is_resize_then_center_crop() -> None:
     white = build_transform(False, 8)(Image.new("RGB", (10, 10), (255, 255, 255)))
     expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(white[:, 0, 0], expected)
+
+
+@pytest.mark.parametrize("fmt", ["gif", "png", "tiff", "webp"])
+def test_animated_image_gives_first_frame_and_closes_the_file(tmp_path: Path, fmt: str) -> None:
+    import gc
+    import warnings
+
+    frames = [Image.new("RGB", SIZE, (200, 10 * i, 0)) for i in range(3)]
+    path = tmp_path / f"anim.{fmt}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        im = load_rgb(path)
+        assert im.mode == "RGB" and im.size == SIZE
+        assert np.asarray(im)[0, 0, 1] < 5  # frame 0 (green 0), not a later frame
+        del im
+        gc.collect()
+
+
+@pytest.mark.parametrize("size", [(1, 40), (40, 1), (1, 1)])
+def test_thin_images(tmp_path: Path, size: tuple[int, int]) -> None:
+    Image.new("RGB", size, (5, 6, 7)).save(tmp_path / "thin.png")
+    im = load_rgb(tmp_path / "thin.png")
+    assert im.size == size and im.mode == "RGB"
+
+
+def test_any_decoder_failure_is_an_image_load_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    from PIL import PngImagePlugin
+
+    Image.new("RGB", SIZE).save(tmp_path / "a.png")
+    for exc in (struct.error("unpack requires a buffer of 4 bytes"), IndexError("list index out of range"),
+                OverflowError("size too large"), MemoryError()):
+        def broken(self, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+        with pytest.raises(ImageLoadError, match=r"a\.png: cannot decode") as err:
+            load_rgb(tmp_path / "a.png")
+        assert err.value.__context__ is None

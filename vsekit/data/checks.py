@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.images import ImageLoadError, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -21,58 +23,77 @@ def check_images(
     corpus: Corpus,
     *,
     skip_missing: bool = False,
+    decode: bool = False,
     log: Callable[[str], None] | None = None,
     num_threads: int | None = None,
 ) -> Corpus:
-    """Check that every image file exists and has a readable image header.
+    """Check that every image file exists and has a readable image header, or (``decode``) decodes.
 
-    Only headers are read (``Image.open`` without loading pixels): cheap enough for 100K images, and it
-    catches missing, empty and non-image files before training starts. Data corrupted past the header is
-    reported by :func:`vsekit.data.images.load_rgb` when the image is decoded.
+    By default only headers are read (``Image.open`` without loading pixels): cheap enough for 100K images,
+    and it catches missing, empty and non-image files before training starts, but not data corrupted past
+    the header (a truncated file). With ``decode`` every image is decoded fully by
+    :func:`vsekit.data.images.load_rgb`, as training will: slower (the pixels are read and converted), run on
+    threads like the header scan, and it finds every image that would stop training. The number checked and
+    failed is logged at INFO level.
 
-    By default a bad image is a :class:`DataError` naming the first few. With ``skip_missing`` the bad
-    images and their captions are dropped, a warning goes to ``log`` (default: this module's logger), and
-    the filtered corpus is returned. Precomputed corpora are returned unchanged.
+    By default a bad image is a :class:`DataError` naming the first few, each with the row of the data file
+    that names it when the reader recorded one (``corpus.meta["image_lines"]``: image id -> ``"file:line"``).
+    With ``skip_missing`` the bad images and their captions are dropped, a warning goes to ``log`` (default:
+    this module's logger), and the filtered corpus is returned. Precomputed corpora are returned unchanged.
     """
     if corpus.image_paths is None:
         return corpus
     log = log or logger.warning
     paths = corpus.image_paths
-    problems = _scan(paths, num_threads)
+    started = time.perf_counter()
+    problems = _scan(paths, num_threads, decode)
+    if decode:
+        logger.info("%s: decoded %d images in %.1f s: %d cannot be decoded", corpus.name, len(paths),
+                    time.perf_counter() - started, len(problems))
     if not problems:
         return corpus
 
     bad = sorted(problems)
-    first = "; ".join(f"{paths[i]} ({problems[i]})" for i in bad[:3])
+    lines = corpus.meta.get("image_lines")
+    lines = lines if isinstance(lines, dict) else {}
+
+    def describe(i: int) -> str:
+        where = lines.get(corpus.image_ids[i])
+        return f"{paths[i]} ({problems[i]}{f', named at {where}' if where else ''})"
+
+    first = "; ".join(describe(i) for i in bad[:3])
+    what = "missing or undecodable" if decode else "missing or unreadable"
     if not skip_missing:
         raise DataError(
-            f"{corpus.name}: {len(bad)} of {len(paths)} images are missing or unreadable, e.g. {first}. "
+            f"{corpus.name}: {len(bad)} of {len(paths)} images are {what}, e.g. {first}. "
             "Fix the paths (image_root?) or set skip_missing_images to drop them."
         )
     keep = np.ones(len(paths), dtype=bool)
     keep[bad] = False
     if not keep.any():
-        raise DataError(f"{corpus.name}: all {len(paths)} images are missing or unreadable, e.g. {first}")
+        raise DataError(f"{corpus.name}: all {len(paths)} images are {what}, e.g. {first}")
     filtered = select_images(corpus, keep)
     dropped = int(len(paths) - filtered.num_images)
     filtered.meta["dropped_images"] = dropped
     filtered.meta["dropped_captions"] = corpus.num_captions - filtered.num_captions
     log(
-        f"{corpus.name}: skipping {dropped} of {len(paths)} images that are missing or unreadable "
+        f"{corpus.name}: skipping {dropped} of {len(paths)} images that are {what} "
         f"(and their {corpus.num_captions - filtered.num_captions} captions), e.g. {first}"
     )
     return filtered
 
 
-def _scan(paths: Sequence[Path], num_threads: int | None) -> dict[int, str]:
-    """Index -> reason for each path whose header cannot be read. Threads: the work is mostly file I/O."""
-    chunk = 512
+def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False) -> dict[int, str]:
+    """Index -> reason for each path whose header cannot be read (``decode``: that cannot be decoded).
+    Threads: the header scan is mostly file I/O, and PIL releases the GIL while it decodes."""
+    chunk = 64 if decode else 512
+    problem = _decode_problem if decode else _header_problem
     starts = range(0, len(paths), chunk)
 
     def scan_chunk(start: int) -> dict[int, str]:
         found = {}
         for i in range(start, min(start + chunk, len(paths))):
-            reason = _header_problem(paths[i])
+            reason = problem(paths[i])
             if reason is not None:
                 found[i] = reason
         return found
@@ -101,8 +122,16 @@ def _header_problem(path: Path) -> str | None:
         return "not a recognised image"
     except Image.DecompressionBombError:
         return "decompression bomb"
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # corrupt headers raise OSError, SyntaxError, ValueError, struct.error, ...
         return f"unreadable header: {exc or type(exc).__name__}"
+
+
+def _decode_problem(path: Path) -> str | None:
+    try:
+        load_rgb(path).close()
+        return None
+    except ImageLoadError as exc:
+        return str(exc).removeprefix(f"{path}: ")
 
 
 def select_images(corpus: Corpus, keep: np.ndarray) -> Corpus:
@@ -133,6 +162,7 @@ def select_images(corpus: Corpus, keep: np.ndarray) -> Corpus:
         features=features,
         labels=None if corpus.labels is None else corpus.labels[rows],
         caption_ids=None if corpus.caption_ids is None else [corpus.caption_ids[j] for j in caption_index],
+        caption_features=None if corpus.caption_features is None else corpus.caption_features[caption_index],
         meta=dict(corpus.meta),
     )
 

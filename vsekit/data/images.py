@@ -40,6 +40,11 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
     clipped (PIL's own conversion would turn most of a 16-bit PNG white). CMYK, 1-bit and all other modes
     go through PIL's conversion. EXIF orientation is ignored by default, like the reference loaders of
     the field (COCO/Flickr30K numbers were produced that way); pass ``exif_transpose=True`` for user photos.
+    An animated image gives its first frame.
+
+    Any failure to decode (PIL reports corrupt data as OSError, SyntaxError, ValueError, struct.error,
+    IndexError, ... depending on the format) is an :class:`ImageLoadError` naming the file, with no PIL
+    traceback attached.
     """
     path = Path(path)
     im = None
@@ -52,7 +57,10 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
         if rgb is im:
-            im = None
+            if _holds_open_file(im):
+                rgb = im.copy()  # a multi-frame file stays open for seeking: keep the frame, close the file
+            else:
+                im = None  # nothing left open: hand the image itself over
         return rgb
     except FileNotFoundError:
         reason = "file not found"
@@ -64,13 +72,26 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
         reason = "not a recognised image format"
     except Image.DecompressionBombError as exc:
         reason = f"refused as a decompression bomb ({exc})"
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # PIL reports truncated or corrupt data as OSError, and some broken headers as SyntaxError/ValueError
+    except MemoryError:
+        reason = "cannot decode: out of memory"
+    except Exception as exc:  # corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ...
         reason = f"cannot decode: {exc or type(exc).__name__}"
     finally:
         if im is not None:
             im.close()
     raise ImageLoadError(f"{path}: {reason}")
+
+
+def _holds_open_file(im: Image.Image) -> bool:
+    """True when ``im`` still holds its file open after ``load()`` (multi-frame images: APNG, TIFF, ...)."""
+    for attr in ("fp", "_fp"):
+        try:
+            f = getattr(im, attr, None)
+            if f is not None and getattr(f, "closed", True) is False:
+                return True
+        except Exception:  # PIL's placeholder for a closed file raises on any attribute
+            continue
+    return False
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

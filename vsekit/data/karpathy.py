@@ -7,18 +7,19 @@ sentences) stays a matter of seconds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.textio import json_type, parse_json, read_utf8, short_repr
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 SPLIT_ALIASES = {"dev": "val"}
 # Splits whose images are trained on: an image without captions there is a broken entry, not a distractor.
 TRAINING_SPLITS = frozenset({"train", "restval"})
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def normalize_split(split: str) -> str:
@@ -40,6 +41,10 @@ def read_karpathy(
     JSON file's folder). With ``restval_into_train`` the ``train`` split also holds the ``restval`` images,
     which is how COCO reaches 113,287 training images. ``max_images`` keeps the first N images of the split
     with all their captions (small dev sets).
+
+    Errors name the file and the entry (``images[12].sentences[3]``), or the line and column of a JSON syntax
+    error or a byte that is not UTF-8. ``meta["image_lines"]`` maps each image id to its entry, so
+    :func:`~vsekit.data.checks.check_images` can say which entry names a missing image.
     """
     json_path = Path(json_path)
     root = json_path.parent if image_root is None else Path(image_root)
@@ -60,13 +65,14 @@ def read_karpathy(
     selected: list[int] = []
     for i, entry in enumerate(images):
         if not isinstance(entry, dict):
-            raise DataError(f"{json_path}: images[{i}] is not a JSON object")
+            raise DataError(f"{json_path}: images[{i}] is not a JSON object (got {json_type(entry)})")
         value = entry.get("split")
         if value is None:
             raise DataError(f"{json_path}: images[{i}] has no 'split' field")
         if value not in KARPATHY_SPLITS:
             raise DataError(
-                f"{json_path}: images[{i}] has unknown split {value!r}; expected one of {', '.join(KARPATHY_SPLITS)}"
+                f"{json_path}: images[{i}] has unknown split {short_repr(value)}; "
+                f"expected one of {', '.join(KARPATHY_SPLITS)}"
             )
         if value in accepted:
             selected.append(i)
@@ -83,6 +89,7 @@ def read_karpathy(
     labels: list[int] = []
     any_label = False
     first_index_of_id: dict[str, int] = {}
+    image_lines: dict[str, str] = {}  # image id -> "file: images[i]"
     folders: dict[str | None, Path] = {}  # few distinct filepaths: build each folder Path once
 
     for row, i in enumerate(selected):
@@ -103,16 +110,17 @@ def read_karpathy(
         if image_id in first_index_of_id:
             raise DataError(f"{where} repeats image id {image_id!r} of images[{first_index_of_id[image_id]}]")
         first_index_of_id[image_id] = i
+        image_lines[image_id] = where
         image_ids.append(image_id)
 
         label = entry.get("label")
         if label is None:
             labels.append(-1)
-        elif isinstance(label, int) and not isinstance(label, bool):
+        elif isinstance(label, int) and not isinstance(label, bool) and _INT64_MIN <= label <= _INT64_MAX:
             labels.append(label)
             any_label = True
         else:
-            raise DataError(f"{where}: 'label' must be an integer, got {label!r}")
+            raise DataError(f"{where}: 'label' must be an integer, got {short_repr(label)}")
 
         sentences = entry.get("sentences")
         if not isinstance(sentences, list):
@@ -129,6 +137,8 @@ def read_karpathy(
             caption_ids.append(str(sentid) if sentid is not None else f"{image_id}#{k}")
 
     dataset = data.get("dataset") or json_path.stem.removeprefix("dataset_")
+    if not isinstance(dataset, str):
+        raise DataError(f"{json_path}: 'dataset' must be a string, got {short_repr(dataset)}")
     return Corpus(
         name=f"{dataset}_{wanted}",
         captions=captions,
@@ -144,18 +154,17 @@ def read_karpathy(
             "split": wanted,
             "restval_into_train": bool(restval_into_train and wanted == "train"),
             "max_images": max_images,
+            "image_lines": image_lines,
         },
     )
 
 
 def _load_json(json_path: Path) -> Any:
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{json_path}: not valid JSON ({exc})") from None
+    """The parsed file. Not found, not UTF-8 (``file:line`` and byte offset) and not JSON (``file:line:col``)
+    are errors naming the file."""
+    if json_path.is_dir():
+        raise DataError(f"{json_path}: is a folder, expected a Karpathy dataset_*.json file")
+    return parse_json(read_utf8(json_path), str(json_path), whole_file=True)
 
 
 def _image_id(entry: dict, filename: str) -> str:
@@ -169,7 +178,7 @@ def _image_id(entry: dict, filename: str) -> str:
 def _sentence_text(sentence: Any, where: str) -> str:
     """The caption of one sentence entry: ``raw`` if present, else the joined ``tokens``."""
     if not isinstance(sentence, dict):
-        raise DataError(f"{where} is not a JSON object")
+        raise DataError(f"{where} is not a JSON object (got {json_type(sentence)})")
     raw = sentence.get("raw")
     if raw is None:
         tokens = sentence.get("tokens")
@@ -179,7 +188,7 @@ def _sentence_text(sentence: Any, where: str) -> str:
             raise DataError(f"{where}: 'tokens' must be a list of strings")
         raw = " ".join(tokens)
     elif not isinstance(raw, str):
-        raise DataError(f"{where}: 'raw' must be a string, got {type(raw).__name__}")
+        raise DataError(f"{where}: 'raw' must be a string, got {json_type(raw)}")
     text = raw.strip()
     if not text:
         raise DataError(f"{where}: empty caption")

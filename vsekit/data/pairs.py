@@ -11,8 +11,8 @@ evaluate on the training data. ``dev`` and ``val`` name the same split, as in th
 from __future__ import annotations
 
 import csv
-import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,22 @@ from typing import Any
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.textio import json_type, open_text, parse_json, read_utf8, short_repr, utf8_error
 
 logger = logging.getLogger(__name__)
 
 PAIRS_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 _SPLIT_ALIASES = {"dev": "val"}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def read_pairs(path: str | Path, split: str | None = None, image_root: str | Path | None = None) -> Corpus:
     """Read a pairs file; relative image paths resolve against ``image_root`` (default: the file's folder).
 
-    Error messages name the file and the 1-based line (for a ``.json`` array: the 1-based entry).
+    Error messages name the file and the 1-based line (for a ``.json`` array: the 1-based entry); a byte that
+    is not UTF-8 also gets its offset in the file. ``meta["image_lines"]`` maps each image as written to the
+    ``file:line`` of the first row naming it, so :func:`~vsekit.data.checks.check_images` can say which row
+    names a missing image.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,7 +45,8 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
 
     # image as written -> row; per row, its label and the line that set it
     rows: dict[str, int] = {}
-    label_of: list[int] = []
+    image_lines: dict[str, str] = {}  # image as written -> "file:line" of the first row naming it
+    label_of: list[tuple[int, ...]] = []
     label_line: list[int | None] = []
     captions: list[str] = []
     caption_ids: list[str] = []
@@ -59,7 +65,7 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
             raise DataError(f"{where}: empty caption")
         row_split = record.get("split")
         if row_split is not None and not isinstance(row_split, str):
-            raise DataError(f"{where}: 'split' must be a string, got {row_split!r}")
+            raise DataError(f"{where}: 'split' must be a string, got {short_repr(row_split)}")
         row_split = (row_split or "").strip() or None
         if row_split is not None:
             has_split_column = True
@@ -76,11 +82,12 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
             if row_split != wanted:
                 continue
 
-        label = _parse_label(record.get("label"), where)
+        label = _parse_labels(record.get("label"), where)
         row = rows.get(image)
         if row is None:
             row = rows[image] = len(rows)
-            label_of.append(-1)
+            image_lines[image] = where
+            label_of.append(())
             label_line.append(None)
         if label is not None:
             any_label = True
@@ -88,8 +95,8 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
                 label_of[row], label_line[row] = label, line
             elif label_of[row] != label:
                 raise DataError(
-                    f"{path}: image {image!r} has label {label_of[row]} at {_unit(path)} {label_line[row]} "
-                    f"but label {label} at {_unit(path)} {line}"
+                    f"{path}: image {image!r} has label {_label_text(label_of[row])} at {_unit(path)} "
+                    f"{label_line[row]} but label {_label_text(label)} at {_unit(path)} {line}"
                 )
         captions.append(caption)
         caption_ids.append(f"{path.name}:{line}")
@@ -120,9 +127,9 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
         caption_to_image=np.asarray(caption_to_image, dtype=np.int64),
         image_ids=image_ids,
         image_paths=[_resolve(root, image) for image in image_ids],
-        labels=np.asarray(label_of, dtype=np.int64) if any_label else None,
+        labels=labels_array(label_of) if any_label else None,
         caption_ids=caption_ids,
-        meta={"format": "pairs", "source": str(path), "split": wanted},
+        meta={"format": "pairs", "source": str(path), "split": wanted, "image_lines": image_lines},
     )
 
 
@@ -131,7 +138,12 @@ def _unit(path: Path) -> str:
 
 
 def _resolve(root: Path, image: str) -> Path:
-    p = Path(image).expanduser()
+    p = Path(image)
+    if image.startswith("~"):
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # "~user/..." for a user this machine does not know: a relative path then
+            pass
     return p if p.is_absolute() else root / p
 
 
@@ -140,31 +152,68 @@ def _required(record: dict[str, Any], key: str, where: str) -> str:
     if value is None:
         raise DataError(f"{where}: missing '{key}'")
     if not isinstance(value, str):
-        raise DataError(f"{where}: '{key}' must be a string, got {value!r}")
+        raise DataError(f"{where}: '{key}' must be a string, got {short_repr(value)}")
     if key == "image" and not value.strip():
         raise DataError(f"{where}: empty image path")
     return value.strip() if key == "image" else value
+
+
+_LABEL_SEPARATORS = re.compile(r"[|;,\s]+")
+
+
+def _label_text(labels: tuple[int, ...]) -> str:
+    return str(labels[0]) if len(labels) == 1 else "|".join(map(str, labels))
+
+
+def labels_array(labels: list[tuple[int, ...]]) -> np.ndarray:
+    """(N,) class ids (-1: none) when no item has more than one label, else (N, C) multi-hot rows."""
+    if all(len(t) <= 1 for t in labels):
+        return np.asarray([t[0] if t else -1 for t in labels], dtype=np.int64)
+    width = max(max(t) for t in labels if t) + 1
+    out = np.zeros((len(labels), width), dtype=np.int64)
+    for i, t in enumerate(labels):
+        out[i, list(t)] = 1
+    return out
+
+
+def _parse_labels(value: Any, where: str) -> tuple[int, ...] | None:
+    """The label(s) of a row: one class id, or several (multi-label: a JSON list, or ids separated by ``|``,
+    ``;``, ``,`` or spaces in a CSV cell); None when absent or blank."""
+    if isinstance(value, list):
+        found = tuple(sorted({_parse_label(v, where) for v in value} - {None}))
+        return found or None
+    if isinstance(value, str) and _LABEL_SEPARATORS.search(value.strip()):
+        found = tuple(sorted({_parse_label(v, where) for v in _LABEL_SEPARATORS.split(value.strip()) if v}))
+        return found or None
+    one = _parse_label(value, where)
+    return None if one is None else (one,)
 
 
 def _parse_label(value: Any, where: str) -> int | None:
     """Integer label, or None when absent/blank. Accepts ints and integer strings (CSV cells)."""
     if value is None:
         return None
+    label = None
     if isinstance(value, bool):
-        raise DataError(f"{where}: label must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+        pass
+    elif isinstance(value, int):
+        label = value
+    elif isinstance(value, float) and value.is_integer():
+        label = int(value)
+    elif isinstance(value, str):
         text = value.strip()
         if not text:
             return None
-        try:
-            return int(text)
-        except ValueError:
-            pass
-    raise DataError(f"{where}: label must be an integer, got {value!r}")
+        if len(text) <= 100:
+            try:
+                label = int(text)
+            except ValueError:
+                pass
+    if label is None:
+        raise DataError(f"{where}: label must be an integer, got {short_repr(value)}")
+    if not _INT64_MIN <= label <= _INT64_MAX:
+        raise DataError(f"{where}: label {label} is out of range (a 64-bit integer)")
+    return label
 
 
 def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
@@ -184,66 +233,68 @@ def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open_text(path, newline="") as f:
             reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            if not header:
-                raise DataError(f"{path}:1: empty file, expected a header with columns image,caption")
-            header = [h.strip() for h in header]
-            for column in ("image", "caption"):
-                if column not in header:
-                    raise DataError(
-                        f"{path}:1: header has no '{column}' column (columns: {', '.join(header)})"
-                    )
-            while True:
-                line = reader.line_num + 1  # a record may span lines (quoted newlines): report its first
-                fields = next(reader, None)
-                if fields is None:
-                    break
-                if not any(field.strip() for field in fields):
-                    continue
-                if len(fields) > len(header):
-                    raise DataError(f"{path}:{line}: {len(fields)} fields but the header has {len(header)}")
-                yield f"{path}:{line}", line, dict(zip(header, fields))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
+            try:
+                header = next(reader, None)
+                if not header:
+                    raise DataError(f"{path}:1: empty file, expected a header with columns image,caption")
+                header = [h.strip() for h in header]
+                for column in ("image", "caption"):
+                    if column not in header:
+                        raise DataError(f"{path}:1: header has no '{column}' column "
+                                        f"(columns: {', '.join(map(repr, header))})")
+                for column in ("image", "caption", "split", "label"):
+                    if header.count(column) > 1:
+                        raise DataError(f"{path}:1: header names column '{column}' more than once")
+                while True:
+                    line = reader.line_num + 1  # a record may span lines (quoted newlines): report its first
+                    fields = next(reader, None)
+                    if fields is None:
+                        break
+                    if not any(field.strip() for field in fields):
+                        continue
+                    if len(fields) > len(header):
+                        raise DataError(f"{path}:{line}: {len(fields)} fields but the header has {len(header)}")
+                    yield f"{path}:{line}", line, dict(zip(header, fields))
+            except csv.Error as exc:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open_text(path) as f:
             for line, text in enumerate(f, start=1):
                 if not text.strip():
                     continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
+                record = parse_json(text, f"{path}:{line}")
                 if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+                    raise DataError(f"{path}:{line}: expected a JSON object, got {json_type(record)}")
                 yield f"{path}:{line}", line, record
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = parse_json(read_utf8(path), str(path), whole_file=True)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {json_type(data)}")
     for entry, record in enumerate(data, start=1):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: entry {entry}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}: entry {entry}: expected a JSON object, got {json_type(record)}")
         yield f"{path}: entry {entry}", entry, record
 
 
 def _is_json_array(path: Path) -> bool:
     """A ``.json`` pairs file may be a JSON array of objects instead of JSON lines."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        while chunk := f.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0] == "["
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            while chunk := f.read(4096):
+                stripped = chunk.lstrip()
+                if stripped:
+                    return stripped[0] == "["
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return False

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.errors import ConfigError, did_you_mean
@@ -40,13 +40,24 @@ class DataConfig(BaseModel):
     max_images: int | None = Field(None, ge=1, description="keep the first N images of every split")
     val_max_images: int | None = Field(1000, ge=1, description="first N images of the validation split "
                                                                 "(the field's 1,000-image dev sets)")
-    check_images: bool = True
+    # true: read every image header before use; "decode": decode every image fully (finds truncated files)
+    check_images: bool | Literal["decode"] = True
     skip_missing_images: bool = False
     num_workers: int = Field(0, ge=0)
     sample: Literal["caption", "image"] = "caption"
 
     #: True when the source reads image files (its corpus has ``image_paths``) rather than features
     reads_image_files: ClassVar[bool] = True
+
+    @field_validator("check_images", mode="before")
+    @classmethod
+    def _check_images_value(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "decode":
+            return "decode"
+        bool_words = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+        if isinstance(v, bool) or v in (0, 1) or (isinstance(v, str) and v.strip().lower() in bool_words):
+            return v
+        raise ValueError('must be true (read image headers), false (no check) or "decode" (decode every image)')
 
     def read(self, split: str, max_images: int | None) -> Corpus:
         """The corpus of ``split`` (its first ``max_images`` images when given)."""
@@ -122,7 +133,8 @@ def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataC
 
 def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | None = None) -> Corpus:
     """One split of a data set: read by its source, cut to ``max_images`` (else ``data.max_images``), and,
-    for image files, checked (:func:`~vsekit.data.checks.check_images`) unless ``data.check_images`` is off."""
+    for image files, checked (:func:`~vsekit.data.checks.check_images`: headers, or every image decoded
+    when ``data.check_images`` is ``"decode"``) unless ``data.check_images`` is off."""
     from vsekit.data.checks import check_images
 
     data = data_config(data)
@@ -135,7 +147,8 @@ def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | 
 
         corpus = take_first_images(corpus, n)
     if corpus.image_paths is not None and data.check_images:
-        corpus = check_images(corpus, skip_missing=data.skip_missing_images)
+        corpus = check_images(corpus, skip_missing=data.skip_missing_images,
+                              decode=data.check_images == "decode")
     return corpus
 
 

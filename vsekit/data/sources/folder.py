@@ -16,6 +16,7 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.sources.base import DataConfig, register_source
+from vsekit.data.textio import read_caption_lines
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -33,7 +34,7 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
 
 def read_folder(folder: str | Path, *, recursive: bool = True, captions: bool = True) -> Corpus:
     """Every image under ``folder``; with ``captions``, the lines of ``<image stem>.txt`` are its captions
-    (an empty line is an error naming the file and line)."""
+    (an empty line or a byte that is not UTF-8 is an error naming the file and line)."""
     folder = Path(folder)
     paths = list_images(folder, recursive)
     if not paths:
@@ -45,17 +46,8 @@ def read_folder(folder: str | Path, *, recursive: bool = True, captions: bool = 
         side = p.with_suffix(".txt")
         if not captions or not side.is_file():
             continue
-        try:
-            lines = side.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            line = side.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"{side}:{line}: not valid UTF-8 ({e.reason})") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                if i == len(lines):
-                    continue
-                raise DataError(f"{side}:{i}: empty caption")
-            texts.append(line.strip())
+        for i, line in enumerate(read_caption_lines(side, allow_empty_file=True), 1):
+            texts.append(line)
             caption_ids.append(f"{side.relative_to(folder).as_posix()}:{i}")
             owner.append(row)
     return Corpus(name=str(folder), captions=texts, caption_to_image=np.asarray(owner, dtype=np.int64),
