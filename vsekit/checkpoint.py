@@ -1,35 +1,189 @@
-"""Checkpoints: plain dicts with a format version, written atomically.
+"""Checkpoints: plain-data dicts with a format version and a sha256, written atomically.
 
 A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states, the epoch/step counters,
 the vocabulary and the resolved config, so that a run can be resumed exactly and a model can be used for
 search without the training code.
+
+**Opening a checkpoint never runs code.** A checkpoint is plain data: tensors, numbers, strings, ``None``,
+and lists, tuples and dicts of them (:func:`save_checkpoint` refuses anything else, naming the key), and
+:func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``, whose unpickler builds nothing
+else. A file that holds pickled Python objects (a checkpoint of vsekit 0.1, whose RNG state held a numpy
+array, or a hostile file named by an index manifest) is refused with a one-line
+:class:`CheckpointError`; ``allow_legacy=True`` (``--allow-legacy-checkpoint`` on the command line) opens
+it with the full unpickler, for a file you trust.
+
+**Integrity: a sha256 in the zip comment.** ``torch.save`` writes a zip archive; its CRC32s are not checked
+when torch reads it, so flipped bytes load silently. vsekit stores a digest in the archive's own comment
+field (the standard place for free text at the end of a zip): the file ends with ``vsekit-sha256:<64 hex>``
+(78 bytes) and the digest covers every byte before that comment. Why there rather than in a sidecar
+``last.pt.sha256``:
+
+- one file is written by one atomic rename, so a kill can never leave a checkpoint beside the digest of
+  another (a sidecar needs a second rename, and a kill between the two would make ``--resume`` refuse a
+  good checkpoint);
+- the digest travels with the file when it is copied (``cp runs/x/best.pt model.pt``, an index manifest
+  pointing at it), where a sidecar is easily left behind;
+- the file stays a valid zip and a valid torch file: ``torch.load`` reads it unchanged (mmap too), ``unzip
+  -z`` prints the digest, and ``head -c -78 last.pt | sha256sum`` recomputes it;
+- the digest is computed while the file is written (no second pass) and checked by one streaming read.
+
+A checkpoint without that comment (written by an older vsekit) still loads, with a logged warning. Every
+way a file can be wrong is a one-line :class:`CheckpointError` naming it: a digest mismatch, a truncated
+file, a file that is not a torch zip archive, pickled objects, a missing key, a version newer than this
+vsekit.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import logging
+import pickle
+import re
+import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from vsekit.errors import VsekitError
 from vsekit.utils.io import atomic_write
 
+log = logging.getLogger("vsekit.checkpoint")
+
 CHECKPOINT_FORMAT = "vsekit-checkpoint"
-CHECKPOINT_VERSION = 1
+# 1: pickled numpy RNG state, no digest. 2: plain data only (weights_only) and a sha256 in the zip comment.
+CHECKPOINT_VERSION = 2
+# what every consumer of a checkpoint needs: search and evaluation, ``train.init_from`` and ``--resume``
+REQUIRED_KEYS = ("model", "vocab", "config")
+
+_ZIP_LOCAL = b"PK\x03\x04"
+_ZIP_EOCD = b"PK\x05\x06"  # end of central directory record: 22 bytes + comment, the last thing in a zip
+_EOCD_SIZE = 22
+_DIGEST_PREFIX = b"vsekit-sha256:"
+_COMMENT_SIZE = len(_DIGEST_PREFIX) + 64
+_COMMENT = re.compile(rb"vsekit-sha256:([0-9a-f]{64})\Z")
+_CHUNK = 1 << 20
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
+_CONTAINERS = (dict, collections.OrderedDict, collections.Counter, list, tuple, set)
+
 
 
 class CheckpointError(VsekitError, ValueError):
     pass
 
 
+# -- writing -------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """Write ``state`` (plain data only) atomically to ``path``, with its sha256 in the zip comment."""
+    state = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
+    state.pop("path", None)  # added by load_checkpoint; where a file lies is not part of it
+    _check_plain(state, "state")
+    return atomic_write(path, lambda f: _save_with_digest(state, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would refuse, at save time, naming the key."""
+    t = type(obj)
+    if t in _PLAIN or t is torch.Tensor or t is torch.nn.Parameter:
+        return
+    if t in _CONTAINERS:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                _check_plain(k, f"{where} key {k!r}")
+                _check_plain(v, f"{where}[{k!r}]")
+        else:
+            for i, v in enumerate(obj):
+                _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint {where} is a {t.__module__}.{t.__qualname__}: a checkpoint holds plain data "
+                    "only (tensors, numbers, strings, None, and lists, tuples and dicts of them)")
+
+
+class _DigestWriter:
+    """A file for ``torch.save`` that hashes what it writes and holds back the last 22 bytes (the zip's
+    end-of-central-directory record) so that :meth:`finish` can give the archive its digest comment."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.h, self.tail = f, hashlib.sha256(), b""
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")  # a tensor's storage: not copied, only its last bytes
+        n = len(data)
+        if n >= _EOCD_SIZE:
+            self._out(self.tail)
+            self._out(data[:-_EOCD_SIZE])
+            self.tail = bytes(data[-_EOCD_SIZE:])
+        else:
+            buf = self.tail + bytes(data)
+            self._out(buf[:-_EOCD_SIZE])
+            self.tail = buf[-_EOCD_SIZE:]
+        return n
+
+    def _out(self, chunk) -> None:
+        if len(chunk):
+            self.h.update(chunk)
+            self.f.write(chunk)
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        eocd = self.tail
+        if len(eocd) != _EOCD_SIZE or not eocd.startswith(_ZIP_EOCD) or eocd[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end its archive with a plain end-of-central-directory record")
+        eocd = eocd[:-2] + struct.pack("<H", _COMMENT_SIZE)
+        self.h.update(eocd)
+        self.f.write(eocd + _DIGEST_PREFIX + self.h.hexdigest().encode())
+
+
+def _save_with_digest(state: dict[str, Any], f: IO[bytes]) -> None:
+    w = _DigestWriter(f)
+    torch.save(state, w)
+    w.finish()
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+def checkpoint_digest(path: str | Path) -> str | None:
+    """The sha256 a checkpoint file records (after checking that its bytes still have it), or None for a
+    checkpoint that records none. A :class:`CheckpointError` for a truncated, corrupt or non-torch file."""
+    path = Path(path)
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        if f.read(4) != _ZIP_LOCAL:
+            raise CheckpointError(f"{path}: not a checkpoint file (not the zip archive torch.save writes)")
+        f.seek(max(0, size - _EOCD_SIZE - _COMMENT_SIZE))
+        end = f.read()
+        m = _COMMENT.search(end)
+        if m is None:
+            if not (len(end) >= _EOCD_SIZE and end[-_EOCD_SIZE:].startswith(_ZIP_EOCD)
+                    and end[-2:] == b"\0\0"):
+                raise CheckpointError(f"{path}: truncated or damaged: the end of the archive is missing "
+                                      f"({size} bytes)")
+            return None
+        eocd = end[-_COMMENT_SIZE - _EOCD_SIZE: -_COMMENT_SIZE]
+        if not eocd.startswith(_ZIP_EOCD) or struct.unpack("<H", eocd[-2:])[0] != _COMMENT_SIZE:
+            raise CheckpointError(f"{path}: truncated or damaged: the end of the archive is missing "
+                                  f"({size} bytes)")
+        expected = m.group(1).decode()
+        h, left = hashlib.sha256(), size - _COMMENT_SIZE
+        f.seek(0)
+        while left > 0:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise CheckpointError(f"{path}: truncated while reading")
+            h.update(chunk)
+            left -= len(chunk)
+    actual = h.hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{path}: corrupt: its sha256 is {actual[:16]}..., the checkpoint recorded "
+                              f"{expected[:16]}... (the file was changed or damaged after it was written)")
+    return expected
+
+
+def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():  # a run folder: take its best checkpoint, else its last
         for name in ("best.pt", "last.pt"):
@@ -38,15 +192,64 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 break
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _torch_load(path: Path, map_location, allow_legacy: bool) -> Any:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():  # a damaged pickle, not a refused one
+            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {_first_line(e)})") from None
+        if allow_legacy:
+            log.warning("%s holds pickled Python objects; opening it with the full unpickler "
+                        "(allow_legacy=True)", path)
+        else:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects{what}, not plain data (a checkpoint of an older vsekit, "
+                "or a hostile file): loading it could run code, so it may only be opened with allow_legacy=True "
+                "(--allow-legacy-checkpoint) if the file is trusted") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, allow_legacy: bool = False,
+                    require: Iterable[str] = ()) -> dict[str, Any]:
+    """Open a checkpoint (a ``.pt`` file, or a run folder: its ``best.pt``, else its ``last.pt``) without
+    running code: its digest is checked, then it is read with ``torch.load(weights_only=True)``.
+
+    ``allow_legacy``: also open a checkpoint that holds pickled Python objects (older vsekit) -- only for
+    a trusted file. ``require``: keys the caller needs beyond :data:`REQUIRED_KEYS`. Any problem is a
+    one-line :class:`CheckpointError` naming the file."""
+    path = _resolve(path)
+    digest = checkpoint_digest(path)
+    state = _torch_load(path, map_location, allow_legacy)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a vsekit checkpoint")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state['version']} is newer than this vsekit "
-                              f"understands ({CHECKPOINT_VERSION}); upgrade vsekit")
+    version = state.get("version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version} is newer than this vsekit understands "
+                              f"({CHECKPOINT_VERSION}); upgrade vsekit")
+    for key in (*REQUIRED_KEYS, *require):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a complete vsekit checkpoint: the key {key!r} is missing")
+    for key in REQUIRED_KEYS:
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: not a valid vsekit checkpoint: {key!r} is a "
+                                  f"{type(state[key]).__name__}, not a dict")
+    if digest is None:  # said once the file is usable (a refusal is the one line the user sees)
+        log.warning("%s has no sha256 (written by an older vsekit): its integrity cannot be checked", path)
     state["path"] = str(path)
     return state
 

@@ -55,3 +55,10 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def add_allow_legacy_checkpoint(p: argparse.ArgumentParser) -> None:
+    """``--allow-legacy-checkpoint`` (-> ``args.allow_legacy_checkpoint``), for every verb that opens one."""
+    p.add_argument("--allow-legacy-checkpoint", action="store_true",
+                   help="also open a checkpoint that holds pickled Python objects (written by vsekit 0.1): "
+                        "loading it can run code, so only for a file you trust")

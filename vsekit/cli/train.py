@@ -11,14 +11,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vsekit.train.trainer import train
 
     cfg = resolve_config(recipe_path(args.config), args.overrides)
-    result = train(cfg, resume=args.resume)
-    print(f"best validation rsum {result['best_rsum']:.2f}; checkpoints in {result['output_dir']}")
+    result = train(cfg, resume=args.resume, allow_legacy=args.allow_legacy_checkpoint)
+    print(f"best validation {result['select_metric']} {result['best_rsum']:.4g}; checkpoints in "
+          f"{result['output_dir']}")
     return 0
 
 
 def add_cli(sub) -> None:
+    from vsekit.cli.common import add_allow_legacy_checkpoint
+
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("config", help="recipe file, or the name of a shipped recipe (e.g. vsepp_f30k_precomp)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values), e.g. optim.lr=1e-3")
     t.add_argument("--resume", action="store_true", help="continue output_dir/last.pt where it stopped")
+    add_allow_legacy_checkpoint(t)
     t.set_defaults(fn=cmd_train)

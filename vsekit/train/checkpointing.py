@@ -2,19 +2,54 @@
 
 ``last.pt``: after every epoch (after its validation), every ``train.checkpoint_every_steps`` steps, and when
 the run stops early (time budget, collapse); it holds everything ``--resume`` needs. ``best.pt``: whenever
-the validation metric (rsum) improves. Both are written atomically (``vsekit.checkpoint``).
+the validation metric (rsum) improves (before ``last.pt``: a kill between the two then repeats the epoch's
+end, which writes ``best.pt`` again, instead of leaving a ``last.pt`` past a ``best.pt`` that never came).
+Both are written atomically (``vsekit.checkpoint``). When a run starts or resumes in a folder, the temporary
+files of writes that a kill cut short are removed (:func:`remove_stale_temp_files`); the metrics log drops
+what a resumed run will repeat (:class:`~vsekit.train.logger.MetricsLogger`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
 
+log = logging.getLogger("vsekit.train")
+
 LAST, BEST = "last.pt", "best.pt"
+# what Trainer._restore reads (beyond the model, vocab and config every checkpoint has)
+RESUME_KEYS = ("loss", "optimizer", "scheduler", "scaler", "rng", "epoch", "batches_done", "step", "best_rsum",
+               "epoch_loss_sum", "history")
+# vsekit.utils.io.atomic_write's temporary files: tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"), whose
+# random part is 8 characters of [a-z0-9_]
+_ATOMIC_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`vsekit.utils.io.atomic_write` leaves in ``folder`` when a kill
+    cuts a write short (``.last.pt.k2j4_x9a.tmp``); nothing else. Called when a run starts or resumes there:
+    no other process writes a run's folder then."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if _ATOMIC_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write in %s: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 class CheckpointPolicy:
@@ -22,13 +57,16 @@ class CheckpointPolicy:
                  metric: str = "rsum") -> None:
         self.out, self.state, self.every_steps, self.metric = Path(out), state, int(every_steps), metric
         self.best = -math.inf
+        remove_stale_temp_files(self.out)
 
-    def resume_state(self) -> dict[str, Any]:
-        """The state of ``last.pt`` to resume from (a clear error when there is none)."""
+    def resume_state(self, *, allow_legacy: bool = False) -> dict[str, Any]:
+        """The state of ``last.pt`` to resume from (a clear error when there is none, or when it lacks what a
+        resume needs)."""
         last = self.out / LAST
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
-        return load_checkpoint(last)
+        state = load_checkpoint(last, allow_legacy=allow_legacy, require=RESUME_KEYS)
+        return state
 
     def save(self, name: str = LAST) -> Path:
         return save_checkpoint(self.out / name, self.state())
@@ -45,9 +83,8 @@ class CheckpointPolicy:
         improved = self.is_better(metrics)
         if improved:
             self.best = float(metrics[self.metric])
-        self.save(LAST)
-        if improved:
             self.save(BEST)
+        self.save(LAST)
         return improved
 
     def after_partial_epoch(self, metrics: dict[str, float]) -> bool:

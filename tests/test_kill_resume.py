@@ -1,0 +1,130 @@
+"""A real ``vsekit train`` process killed with SIGKILL at random points, several times, each time restarted
+with ``--resume``: the final weights equal an uninterrupted run's bit for bit, and the run folder is clean
+(no temporary files, every step and every epoch's validation once in ``metrics.jsonl``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vsekit.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, STEPS = 2, 7  # 14 steps; last.pt after each
+OVERRIDES = [
+    "seed=3", "data.format=demo", "data.num_images=120", "transform.image_size=32", "transform.resize=32",
+    "data.val_max_images=20", "text.min_count=1", "model.embed_size=16", "model.image_encoder.name=cnn",
+    "model.image_encoder.backbone=small_cnn", "model.image_encoder.width=4", "model.image_encoder.finetune=true",
+    "model.text_encoder.word_dim=8", "train.batch_size=16", f"train.epochs={EPOCHS}",
+    f"train.max_steps_per_epoch={STEPS}", "train.progress=false", "train.log_every=1",
+    "train.checkpoint_every_steps=1", "optim.lr=1e-3", "optim.lr_decay_every=1", "eval.chunk_size=7",
+]
+KILLS = 3
+TIMEOUT_S = 60  # for any one process
+
+
+def _start(recipe: Path, out: Path, env: dict[str, str], resume: bool) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vsekit", "train", str(recipe), f"output_dir={out}", *OVERRIDES]
+    return subprocess.Popen([*cmd, *(["--resume"] if resume else [])], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _records(out: Path) -> list[dict]:
+    try:
+        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # being written
+    return records
+
+
+def _logged_step(out: Path) -> int:
+    return max((r["step"] for r in _records(out) if r.get("kind") == "train"), default=0)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"vsekit train did not finish in {TIMEOUT_S} s: {err[-2000:]}")
+    assert proc.returncode == 0, err[-2000:]
+
+
+def _kill_at(proc: subprocess.Popen, out: Path, target: int, delay: float) -> bool:
+    """SIGKILL ``proc`` ``delay`` s after it logged step ``target``; False when it finished first."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"vsekit train did not reach step {target} in {TIMEOUT_S} s")
+        if _logged_step(out) >= target and (out / "last.pt").is_file():
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            return True
+        time.sleep(0.005)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    return False
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_weights_and_a_clean_folder(tmp_path):
+    env = {**os.environ, "VSEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    _finish(_start(recipe, ref, env, resume=False))  # also builds the demo set in the cache
+
+    rng = random.Random(20240610)
+    total, kills = EPOCHS * STEPS, 0
+    for _ in range(KILLS):
+        resume = (out / "last.pt").is_file()
+        start = load_checkpoint(out / "last.pt")["step"] if resume else 0
+        # at least 2 steps past the checkpoint: past any record the killed process logged after it
+        target = start + rng.randint(2, 3)
+        if target >= total:
+            break
+        # a delay of up to ~a step: the kill lands mid-step, mid-checkpoint-write or mid-validation
+        if not _kill_at(_start(recipe, out, env, resume), out, target, delay=rng.uniform(0.0, 0.15)):
+            break
+        kills += 1
+    assert kills >= 2, "the run finished before it was killed twice: steps too fast for this test?"
+    _finish(_start(recipe, out, env, resume=True))
+
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(ref / name), load_checkpoint(out / name)
+        assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+    a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")
+    assert [h["rsum"] for h in a["history"]] == [h["rsum"] for h in b["history"]]
+
+    assert not [p.name for p in out.rglob("*.tmp")], "temporary files left in the run folder"
+    records = _records(out)
+    assert len(records) == len((out / "metrics.jsonl").read_text().splitlines())  # no line cut by a kill
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    val = [(r["epoch"], r["rsum"]) for r in records if r["kind"] == "val"]
+    ref_records = _records(ref)
+    assert train == [(r["step"], r["loss"]) for r in ref_records if r["kind"] == "train"]
+    assert [s for s, _ in train] == list(range(1, total + 1))  # each step once, in order
+    assert val == [(r["epoch"], r["rsum"]) for r in ref_records if r["kind"] == "val"]
+    assert [e for e, _ in val] == list(range(EPOCHS))
