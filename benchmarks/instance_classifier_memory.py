@@ -88,7 +88,7 @@ class _RandomPool:
     def sample(self, n: int) -> torch.Tensor:
         return torch.arange(n)
 
-    def tokens(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randint(4, self.vocab, (len(idx), 14)), torch.full((len(idx),), 14)
 
     def image_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def worker_full(stage: int, steps: int, num_classes: int) -> dict:
     for _ in range(steps):
         t0 = time.perf_counter()
         neg = objective.mine(model, images, ids, pool, model.train) if objective.mining else None
-        out = model.embed(images, tokens, lengths, *((neg.tokens, neg.lengths) if neg else ()))
+        out = model.embed(images, (tokens, lengths), neg.text if neg else None)
         loss, parts = objective(out, ids, negatives=neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

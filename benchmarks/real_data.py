@@ -12,6 +12,9 @@ Collections (human-made images and human-written names and keywords, not generat
             licence) and ``emoji-datasource@16.0.0`` (MIT; Unicode names, short names): the CLDR label, the
             Unicode name, the keywords and the short names, de-duplicated: 2–5 captions per image. Splits by
             base emoji (all skin tones of one emoji fall in one split), 250 val and 300 test base emoji.
+            Labels (for ACMR's label-relevance protocol): the emoji's CLDR group from emojibase (smileys &
+            emotion, people & body, animals & nature, food & drink, travel & places, activities, objects,
+            symbols, flags, ...), written as each image's ``label``.
 ``tabler``  Tabler Icons, outline style, PNGs from ``@tabler/icons-png@3.48.0`` (MIT), names, categories
             and tags from ``@tabler/icons@3.52.0`` (MIT). 3 captions per icon: the name, the category with
             the first half of the tags, the second half of the tags. 500 val and 500 test icons.
@@ -83,6 +86,8 @@ def _emoji(root: Path) -> tuple[Path, list[dict]]:
             by_hex[s["hexcode"].upper()] = {**s, "tags": e.get("tags", [])}
     groups = []
     for e in ds:
+        base_ref = by_hex.get(e["unified"].upper()) or by_hex.get(e["unified"].upper().replace("-FE0F", "")) or {}
+        label = base_ref.get("group")  # the CLDR group (smileys & emotion, people & body, ...): ACMR's classes
         items = [(e["unified"], e["image"], e.get("name"), e["short_names"])]
         for v in (e.get("skin_variations") or {}).values():
             items.append((v["unified"], v["image"], None, e["short_names"]))
@@ -101,7 +106,7 @@ def _emoji(root: Path) -> tuple[Path, list[dict]]:
             caps.append(" ".join(_words(s) for s in short))
             caps = _dedupe(caps)
             if len(caps) >= 2:
-                group.append({"filename": image, "captions": caps})
+                group.append({"filename": image, "captions": caps, "label": label})
         if group:
             groups.append(group)
     return img_dir, _split(groups, 250, 300)
@@ -133,8 +138,11 @@ def _split(groups: list[list[dict]], n_val: int, n_test: int) -> list[dict]:
     for rank, g in enumerate(order):
         split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
         for item in groups[g]:
-            images.append({"filepath": "", "filename": item["filename"], "split": split,
-                           "sentences": [{"raw": c} for c in item["captions"]]})
+            entry = {"filepath": "", "filename": item["filename"], "split": split,
+                     "sentences": [{"raw": c} for c in item["captions"]]}
+            if item.get("label") is not None:
+                entry["label"] = int(item["label"])
+            images.append(entry)
     return images
 
 

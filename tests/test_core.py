@@ -101,7 +101,37 @@ IMAGE_SPECS = [
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True}, None),
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "dualpath"}, None),
     ({"name": "cnn", "backbone": "resnet18", "finetune": True}, None),
+    ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "projector", "hidden": [12]}, None),
+    ({"name": "projector", "normalize": True}, (20,)),
+    ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
 ]
+
+TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
+    ({"name": "gru", "word_dim": 8}, None),
+    ({"name": "gru", "word_dim": 8, "bidirectional": True, "pooling": "mean"}, None),
+    ({"name": "textcnn", "word_dim": 8, "width_mult": 0.03125, "blocks": [1, 1, 1, 1]}, None),
+    ({"name": "bow", "hidden": [12, 10]}, None),
+    ({"name": "projector", "hidden": [12]}, 9),
+]
+
+
+def test_every_text_encoder_is_covered():
+    from vsekit.models import TEXT_ENCODERS
+
+    assert {s["name"] for s, _ in TEXT_SPECS} == set(TEXT_ENCODERS.names())
+
+
+@pytest.mark.parametrize("spec,text_dim", TEXT_SPECS, ids=lambda x: str(x))
+def test_every_text_encoder_forward_backward(spec, text_dim):
+    torch.manual_seed(0)
+    model = build_model({"embed_size": 16, "image_encoder": {"name": "precomp"}, "text_encoder": spec},
+                        vocab_size=30, feature_shape=(20,), text_feature_dim=text_dim)
+    text = (torch.randn(4, text_dim),) if text_dim else (torch.randint(4, 30, (4, 7)), torch.tensor([7, 3, 5, 2]))
+    img, cap, sim = model(torch.randn(4, 20), *text)
+    assert cap.shape == (4, 16) and sim.shape == (4, 4) and torch.isfinite(cap).all()
+    sim.sum().backward()
+    assert all(p.grad is not None for p in model.text_encoder.parameters() if p.requires_grad)
+    assert model.reads_text_features == bool(text_dim)
 
 
 def test_every_image_encoder_is_covered():

@@ -63,7 +63,7 @@ def test_textcnn_is_registered_and_builds_from_config():
     model = build_model({"embed_size": 16, "image_encoder": {"name": "cnn", "backbone": "small_cnn", "width": 4,
                                                             "head": "dualpath", "finetune": True},
                          "text_encoder": {"name": "textcnn", "word_dim": 8, "width_mult": 1 / 32}}, vocab_size=30)
-    out = model.embed(torch.randn(3, 3, 32, 32), torch.randint(4, 30, (3, 6)), torch.tensor([6, 3, 5]))
+    out = model.embed(torch.randn(3, 3, 32, 32), (torch.randint(4, 30, (3, 6)), torch.tensor([6, 3, 5])))
     assert out.sim.shape == (3, 3) and out.image_features.shape == out.caption_features.shape == (3, 16)
     assert (out.image_features >= 0).all()  # Dual-Path's f_img ends in ReLU
     torch.testing.assert_close(out.image_emb, F.normalize(out.image_features, dim=1))

@@ -299,3 +299,53 @@ def test_scratch_small_recipe_trains(tmp_path, cache):
     assert t.model.text_encoder.pooling == "mean" and t.model.text_encoder.bidirectional
     assert (cfg.loss["name"], cfg.loss["mask"]) == ("infonce", "same_image")
     assert t.fit()["best_rsum"] > 0
+
+
+# -- non-finite steps and unreadable images met in training --------------------------------------------------
+def test_a_nonfinite_loss_is_skipped_reported_and_stops_the_run(tmp_path, cache):
+    from vsekit.errors import TrainingDiverged
+
+    run = tmp_path / "nan"
+    t = Trainer(tiny_cfg(run, "train.epochs=1", "train.max_steps_per_epoch=4", "train.max_nonfinite_steps=3",
+                         "train.log_every=1"))
+    real = t.objective.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] >= 2 else loss), parts
+
+    t.objective.forward = poisoned
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="3 steps in a row had a non-finite loss"):
+        t.fit()
+    recs = _records(run)
+    bad = [r for r in recs if r["kind"] == "nonfinite"]
+    assert [r["step"] for r in bad] == [2, 3, 4] and bad[0]["captions"]
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == 4 and state["monitor"]["nonfinite"] == [3, 3]
+    after = t.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed  # step 1 trained ...
+    t2 = Trainer(tiny_cfg(tmp_path / "one", "train.epochs=1", "train.max_steps_per_epoch=1"))
+    t2.fit()
+    for k in after:  # ... and steps 2-4 changed nothing: the same weights as a 1-step run
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(after[k], t2.model.state_dict()[k]), k
+
+
+def test_unreadable_images_met_in_training_are_skipped_when_asked(tmp_path, cache):
+    t = Trainer(tiny_cfg(tmp_path / "skip", "train.epochs=1", "train.max_steps_per_epoch=3",
+                         "data.skip_missing_images=true"))
+    victim = t.train_corpus.image_paths[int(t.train_corpus.caption_to_image[t.sampler.permutation()[0]])]
+    victim.write_bytes(victim.read_bytes()[:60])  # header intact, pixels cut: passes the header check
+    t.fit()
+    val = [r for r in _records(tmp_path / "skip") if r["kind"] == "val"][0]
+    assert val["skipped_images"] == 1
+    t3 = Trainer(tiny_cfg(tmp_path / "raise", "train.epochs=1", "train.max_steps_per_epoch=3",
+                          "data.check_images=false"))
+    from vsekit.data.images import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=victim.name):
+        t3.fit()

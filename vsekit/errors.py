@@ -27,3 +27,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 class TrainingCollapsed(RuntimeError):
     """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``; the
     command line exits with code 3."""
+
+
+class TrainingDiverged(TrainingCollapsed):
+    """Raised by the trainer (after saving ``last.pt``) when ``train.max_nonfinite_steps`` steps in a row had a
+    non-finite loss or gradient; the command line exits with code 3."""

@@ -20,14 +20,20 @@ from vsekit.data.datasets import (
     CaptionDataset,
     ImageDataset,
     ImageSource,
+    TextSource,
     collate_captions,
     collate_images,
+    text_to,
 )
-from vsekit.errors import ConfigError
+from vsekit.errors import ConfigError, VsekitError
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils.device import resolve_device
 from vsekit.utils.progress import iterate
+
+
+class EncodeError(VsekitError, ValueError):
+    """The model cannot embed this input (raw images for a feature model, strings for a text-feature model)."""
 
 
 class Embedder:
@@ -54,18 +60,19 @@ class Embedder:
         return self._fingerprint
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
-        state = load_checkpoint(path)
-        for key in ("vocab", "config", "model"):
-            if key not in state:
-                raise CheckpointError(f"{state['path']}: not a complete vsekit checkpoint (no {key!r})")
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        allow_legacy: bool = False) -> Embedder:
+        """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code;
+        ``allow_legacy=True`` also opens an older checkpoint that holds pickled objects (trusted files only)."""
+        state = load_checkpoint(path, allow_legacy=allow_legacy)  # checks for the model, vocab and config
         vocab = Vocabulary.from_dict(state["vocab"])
         try:
             config = validate_config(state["config"])
         except ConfigError as e:
             raise CheckpointError(f"{state['path']}: its config is not valid for this vsekit: {e}") from None
         shape = tuple(state["feature_shape"]) if state.get("feature_shape") else None
-        model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape)
+        model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape,
+                            text_feature_dim=state.get("text_feature_dim"))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -96,14 +103,32 @@ class Embedder:
         with torch.no_grad():
             return self.model.similarity(img, cap).numpy()
 
+    @property
+    def reads_text_features(self) -> bool:
+        """True for a model over precomputed text features: it embeds a data set's text vectors, not strings."""
+        return self.model.reads_text_features
+
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """(M, D) float32 embeddings of caption strings, in input order."""
-        loader = DataLoader(CaptionDataset(captions, self.encode_tokens), batch_size=batch_size,
-                            collate_fn=collate_captions)
-        out = np.zeros((len(captions), self._dim()), dtype=np.float32)
-        for tok, lengths, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
-            out[idx.numpy()] = self.model.encode_captions(tok.to(self.device), lengths).float().cpu().numpy()
+        if self.reads_text_features:
+            raise EncodeError("this model reads precomputed text features (the data set's caption_features), "
+                              "not caption strings: encode a data set's captions with encode_corpus_captions")
+        return self._encode_text(CaptionDataset(captions, self.encode_tokens), batch_size, progress)
+
+    @torch.no_grad()
+    def encode_corpus_captions(self, corpus: Corpus, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """(M, D) embeddings of a corpus's captions: their strings, or their precomputed text features."""
+        if self.reads_text_features != corpus.has_text_features:
+            have = "text feature vectors" if corpus.has_text_features else "caption strings"
+            raise EncodeError(f"{corpus.name} holds {have}, which this model's text encoder does not read")
+        return self._encode_text(CaptionDataset(text=TextSource(corpus, self.encode_tokens)), batch_size, progress)
+
+    def _encode_text(self, dataset: CaptionDataset, batch_size: int, progress: bool) -> np.ndarray:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
+        out = np.zeros((len(dataset), self._dim()), dtype=np.float32)
+        for text, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
+            out[idx.numpy()] = self.model.encode_captions(*text_to(text, self.device)).float().cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -132,18 +157,26 @@ class Embedder:
 
     def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
                  chunk_size: int | None = None, progress: bool = False, return_folds: bool = False):
-        """The field's retrieval metrics of this model on ``corpus`` (:func:`vsekit.eval.retrieval_metrics`),
-        scored by the model's own similarity: what ``vsekit eval``, the trainer's validation and the
-        benchmarks all call."""
-        from vsekit.eval import retrieval_metrics
+        """The field's metrics of this model on ``corpus``: what ``vsekit eval``, the trainer's validation and
+        the benchmarks all call. ``"full"`` / ``"1k5fold"``: recall, medr, meanr, rsum of the exact pairs
+        (:func:`vsekit.eval.retrieval_metrics`), scored by the model's own similarity. ``"label_map"``: label
+        relevance (:func:`vsekit.eval.label_metrics`), mAP, mAP@50, precision@K, ranked by the model's
+        similarity when it is cosine or euclidean (else cosine)."""
+        from vsekit.eval import label_metrics, retrieval_metrics
 
         img, cap = self.encode_corpus(corpus, batch_size=batch_size, progress=progress)
+        if protocol == "label_map":
+            if corpus.labels is None:
+                raise EncodeError(f"{corpus.name} has no class labels: protocol 'label_map' needs them")
+            metric = self.similarity if self.similarity in ("cosine", "euclidean") else "cosine"
+            m = label_metrics(img, cap, corpus.labels, corpus.caption_labels(), metric=metric)
+            return (m, [m]) if return_folds else m
         return retrieval_metrics(img, cap, corpus.caption_to_image, protocol=protocol, similarity=self.similarity,
                                  chunk_size=chunk_size, return_folds=return_folds)
 
     def encode_corpus(self, corpus: Corpus, batch_size: int = 128, progress: bool = False):
         return (self.encode_corpus_images(corpus, batch_size, progress=progress),
-                self.encode_captions(corpus.captions, batch_size, progress=progress))
+                self.encode_corpus_captions(corpus, batch_size, progress=progress))
 
     def _dim(self) -> int:
         return self.config.model.embed_size

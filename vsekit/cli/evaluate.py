@@ -15,19 +15,26 @@ def _corpus(emb, args):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vsekit.eval import format_metrics_table, write_metrics_json
+    from vsekit.eval import LABEL_PROTOCOL, format_label_table, format_metrics_table, write_metrics_json
     from vsekit.inference import Embedder
+    from vsekit.utils.io import atomic_write_json
 
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     corpus = _corpus(emb, args)
     result, folds = emb.evaluate(corpus, args.protocol, batch_size=args.batch_size, progress=True,
                                  return_folds=True)
     title = f"{corpus.name}: {corpus.num_images} images, {corpus.num_captions} captions, protocol {args.protocol}"
-    print(format_metrics_table(result, title=title))
+    context = {"checkpoint": str(args.checkpoint), "split": args.split, "protocol": args.protocol,
+               "num_images": corpus.num_images, "num_captions": corpus.num_captions}
+    if args.protocol == LABEL_PROTOCOL:
+        print(format_label_table(result, title=title))
+        if args.out:
+            atomic_write_json(args.out, {**context, "metrics": result})
+    else:
+        print(format_metrics_table(result, title=title))
+        if args.out:
+            write_metrics_json(args.out, result, folds=folds if args.protocol != "full" else None, **context)
     if args.out:
-        write_metrics_json(args.out, result, folds=folds if args.protocol != "full" else None,
-                           checkpoint=str(args.checkpoint), split=args.split, protocol=args.protocol,
-                           num_images=corpus.num_images, num_captions=corpus.num_captions)
         print(f"wrote {args.out}")
     return 0
 
@@ -38,23 +45,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from vsekit.cli.common import data_from_arg
     from vsekit.data.corpus import DataError
     from vsekit.data.sources import load_split
+    from vsekit.data.textio import read_caption_lines
     from vsekit.inference import Embedder
     from vsekit.utils.io import atomic_write, atomic_write_text
 
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     out = Path(args.out)
     if args.captions:
         path = Path(args.captions)
         if not path.is_file():
             raise DataError(f"--captions {path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                raise DataError(f"{path}:{i}: empty caption")
+        lines = read_caption_lines(path)
         vecs = emb.encode_captions(lines, batch_size=args.batch_size, progress=True)
         ids = [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
     else:
@@ -68,7 +69,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.eval import PROTOCOLS
+    from vsekit.cli.common import add_allow_legacy_checkpoint
+    from vsekit.eval import LABEL_PROTOCOL, PROTOCOLS
 
     e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
     e.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used)")
@@ -76,12 +78,14 @@ def add_cli(sub) -> None:
                                   "(default: the checkpoint's training data)")
     e.add_argument("--image-root", help="folder the data set's image paths are relative to")
     e.add_argument("--split", default="test")
-    e.add_argument("--protocol", choices=list(PROTOCOLS), default="full",
-                   help="full (e.g. F30K 1K, COCO 5K) or 1k5fold (COCO 1K: mean over 5 folds)")
+    e.add_argument("--protocol", choices=[*PROTOCOLS, LABEL_PROTOCOL], default="full",
+                   help="full (e.g. F30K 1K, COCO 5K), 1k5fold (COCO 1K: mean over 5 folds) or label_map "
+                        "(label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels)")
     e.add_argument("--max-images", type=int, default=None, help="first N images of the split only")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="also write the results as JSON here (with the per-fold results of 1k5fold)")
+    add_allow_legacy_checkpoint(e)
     e.set_defaults(fn=cmd_eval)
 
     n = sub.add_parser("encode", help="embed images or captions to a .npy file")
@@ -94,4 +98,5 @@ def add_cli(sub) -> None:
     n.add_argument("--out", required=True, help="output .npy (ids go to OUT.ids.txt)")
     n.add_argument("--batch-size", type=int, default=128)
     n.add_argument("--device", default="auto")
+    add_allow_legacy_checkpoint(n)
     n.set_defaults(fn=cmd_encode)

@@ -52,11 +52,42 @@ MINED_OWN_KEYS = ("name", "weight", "pool_size")
 MINED_POOL_SIZE = 256
 
 
+class LabelTermConfig(Section):
+    """ACMR's label classifier shared by both modalities (needs class labels in the data)."""
+
+    weight: float = 0.0
+    num_classes: int | None = Field(None, ge=2)  # null: from the training labels
+
+
+class AdversarialConfig(Section):
+    """ACMR's modality discriminator behind gradient reversal (``vsekit.losses.adversarial``)."""
+
+    weight: float = 0.0
+    hidden: list[int] | None = None  # null: [d/2, d/4] as ACMR
+    activation: Literal["none", "tanh", "relu"] = "none"
+    schedule: Literal["dann", "constant"] = "dann"  # λ_p = 2/(1+exp(-γp)) - 1, or a constant λ
+    gamma: float = Field(10.0, gt=0.0)
+    lam: float = Field(1.0, ge=0.0)  # the constant λ, or the scale of the DANN schedule
+    progress: Literal["epoch", "step"] = "epoch"  # p = epoch / epochs (the ACMR demo) or per step (DANN)
+
+
+class TripletConfig(Section):
+    """ACMR's label-based triplet constraints, hardest different-label negatives in the batch."""
+
+    weight: float = 0.0
+    margin: float = Field(0.1, ge=0.0)
+    distance: Literal["sq_euclidean", "cosine"] = "sq_euclidean"
+    mine_in: Literal["embedding", "input"] = "embedding"
+
+
 class ObjectiveConfig(Section):
     """The weighted terms of the training objective (``vsekit.train.objective``)."""
 
     loss_weight: float = 1.0  # the in-batch ranking loss of the ``loss`` section
     instance: InstanceConfig = Field(default_factory=InstanceConfig)
+    label: LabelTermConfig = Field(default_factory=LabelTermConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    triplet: TripletConfig = Field(default_factory=TripletConfig)
     # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
     # ``weight`` and ``pool_size``, the number of random training captions scored per step)
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
@@ -78,7 +109,9 @@ class ObjectiveConfig(Section):
 
     def weights(self) -> dict[str, float]:
         return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
-                "instance_text": float(self.instance.text_weight), "mined": self.mined_weight}
+                "instance_text": float(self.instance.text_weight), "mined": self.mined_weight,
+                "label": float(self.label.weight), "adversarial": float(self.adversarial.weight),
+                "triplet": float(self.triplet.weight)}
 
 
 class SemanticsConfig(Section):
@@ -94,6 +127,7 @@ class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw (ACMR: beta1 = 0.5)
     momentum: float = Field(0.9, ge=0.0)  # sgd
     nesterov: bool = True  # sgd
     grad_clip: float | None = Field(2.0, gt=0.0)  # max global gradient norm; null: no clipping
@@ -176,6 +210,8 @@ class TrainConfig(Section):
     freeze: list[str] = Field(default_factory=list)  # parameter/module name prefixes kept frozen
     stages: list[StageConfig] = Field(default_factory=list)
     max_minutes: float | None = Field(None, gt=0.0)  # wall-clock budget: stop cleanly, save, validate
+    # a step whose loss or gradient is not finite is skipped and reported; this many in a row stop the run
+    max_nonfinite_steps: int = Field(10, ge=1)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
     @model_validator(mode="after")
@@ -188,7 +224,13 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    protocol: Literal["full", "1k5fold"] = "full"  # validation protocol; `vsekit eval --protocol` for tests
+    # validation protocol (`vsekit eval --protocol` for tests): exact pairs (full, 1k5fold) or label relevance
+    protocol: Literal["full", "1k5fold", "label_map"] = "full"
+
+    @property
+    def select_metric(self) -> str:
+        """The validation metric that picks best.pt: rsum, or the mean of the two mAPs for label_map."""
+        return "map_avg" if self.protocol == "label_map" else "rsum"
     chunk_size: int = Field(1024, ge=1)
     batch_size: int = Field(256, ge=1)
 

@@ -32,8 +32,12 @@ class Corpus:
     image_ids: list[str]  # (N,) stable ids (file name, cocoid, row number, ...)
     image_paths: list[Path] | None = None
     features: np.ndarray | None = None  # (N, D) or (N, R, D), usually np.memmap
-    labels: np.ndarray | None = None  # (N,) int64 class label per image, -1 = unknown
+    # (N,) int64 class id per image (-1 = unknown), or (N, C) 0/1 multi-hot rows (multi-label, e.g. MSCOCO)
+    labels: np.ndarray | None = None
     caption_ids: list[str] | None = None  # (M,) stable ids of captions (sentid, file:line, ...)
+    # (M, Dt) precomputed text features (bag of words, TF-IDF, LDA, ...) of the captions, for data sets that
+    # ship text as vectors only (the cross-modal label benchmarks); ``captions`` then hold row ids
+    caption_features: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,8 +55,15 @@ class Corpus:
             raise DataError(f"{self.name}: {self.features.shape[0]} feature rows for {n} image ids")
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
-            if self.labels.shape != (n,):
-                raise DataError(f"{self.name}: labels have shape {self.labels.shape}, expected ({n},)")
+            if self.labels.ndim not in (1, 2) or self.labels.shape[0] != n:
+                raise DataError(f"{self.name}: labels have shape {self.labels.shape}, expected ({n},) class ids "
+                                f"or ({n}, C) multi-hot rows")
+            if self.labels.ndim == 2 and not np.isin(self.labels, (0, 1)).all():
+                raise DataError(f"{self.name}: multi-hot labels must be 0 or 1")
+        if self.caption_features is not None:
+            shape = getattr(self.caption_features, "shape", ())
+            if len(shape) != 2 or shape[0] != m:
+                raise DataError(f"{self.name}: caption_features have shape {shape}, expected ({m}, D)")
         if self.caption_ids is not None and len(self.caption_ids) != m:
             raise DataError(f"{self.name}: {len(self.caption_ids)} caption ids for {m} captions")
 
@@ -67,6 +78,18 @@ class Corpus:
     @property
     def is_precomputed(self) -> bool:
         return self.features is not None
+
+    @property
+    def has_text_features(self) -> bool:
+        return self.caption_features is not None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels is not None and self.labels.ndim == 2
+
+    def caption_labels(self) -> np.ndarray | None:
+        """The labels of each caption (its image's)."""
+        return None if self.labels is None else self.labels[self.caption_to_image]
 
     def captions_per_image(self) -> np.ndarray:
         """(N,) number of captions of each image."""

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vsekit.data.corpus import Corpus
+from vsekit.data.images import ImageLoadError
 
 
 class ImageSource:
@@ -35,6 +36,25 @@ class ImageSource:
         return self.transform(self._load(c.image_paths[row]))
 
 
+class TextSource:
+    """Caption index -> text input: token ids (a 1-D long tensor) of the caption string, or the caption's row
+    of precomputed text features (a 1-D float tensor) when the corpus ships text as vectors."""
+
+    def __init__(self, corpus: Corpus, encode: Callable[[str], list[int]] | None = None) -> None:
+        self.corpus, self.encode = corpus, encode
+        if corpus.caption_features is None and encode is None:
+            raise ValueError("captions as text need an encode function (a vocabulary)")
+
+    @property
+    def reads_features(self) -> bool:
+        return self.corpus.caption_features is not None
+
+    def __call__(self, j: int) -> torch.Tensor:
+        if self.corpus.caption_features is not None:
+            return torch.from_numpy(np.array(self.corpus.caption_features[j], dtype=np.float32))
+        return torch.tensor(self.encode(self.corpus.captions[j]))
+
+
 class PairDataset(Dataset):
     """Item k = one (image, caption) training pair.
 
@@ -43,11 +63,12 @@ class PairDataset(Dataset):
     (call :meth:`set_epoch`), as the Dual-Path and instance-loss recipes do.
     """
 
-    def __init__(self, corpus: Corpus, encode: Callable[[str], list[int]], image_source: ImageSource,
-                 sample: str = "caption", seed: int = 0) -> None:
+    def __init__(self, corpus: Corpus, text: TextSource, image_source: ImageSource,
+                 sample: str = "caption", seed: int = 0, skip_unreadable: bool = False) -> None:
         if sample not in ("caption", "image"):
             raise ValueError(f"data.sample must be 'caption' or 'image', got {sample!r}")
-        self.corpus, self.encode, self.images = corpus, encode, image_source
+        self.corpus, self.text, self.images = corpus, text, image_source
+        self.skip_unreadable = bool(skip_unreadable)
         self.sample, self.seed = sample, seed
         order = np.argsort(corpus.caption_to_image, kind="stable")
         counts = corpus.captions_per_image()
@@ -71,7 +92,17 @@ class PairDataset(Dataset):
     def __getitem__(self, k: int):
         j = self.caption_index(k)
         row = int(self.corpus.caption_to_image[j])
-        return self.images(row), torch.tensor(self.encode(self.corpus.captions[j])), row, j
+        try:
+            image = self.images(row)
+        except ImageLoadError as e:
+            if not self.skip_unreadable:
+                raise
+            return Skipped(str(e))  # data.skip_missing_images: dropped from the batch, counted, logged
+        return image, self.text(j), row, j
+
+
+class Skipped(str):
+    """A training pair left out because its image could not be decoded (the message says which and why)."""
 
 
 class CaptionPool:
@@ -81,10 +112,10 @@ class CaptionPool:
     checkpoint restores the RNG) continues with the pools an uninterrupted run would have drawn.
     """
 
-    def __init__(self, corpus: Corpus, encode: Callable[[str], list[int]]) -> None:
+    def __init__(self, corpus: Corpus, text: TextSource) -> None:
         if corpus.num_captions == 0:
             raise ValueError(f"{corpus.name}: no captions to draw negatives from")
-        self.corpus, self.encode = corpus, encode
+        self.corpus, self.source = corpus, text
         self._image_of = torch.from_numpy(np.asarray(corpus.caption_to_image, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -94,9 +125,9 @@ class CaptionPool:
         """``n`` caption indices drawn uniformly with replacement."""
         return torch.randint(self.corpus.num_captions, (int(n),))
 
-    def tokens(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded token ids (n, T) and lengths (n,) of the captions ``idx``."""
-        return pad_tokens([torch.tensor(self.encode(self.corpus.captions[int(j)])) for j in idx])
+    def text(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The text inputs of the captions ``idx``: (tokens (n, T), lengths (n,)) or (features (n, D),)."""
+        return collate_text([self.source(int(j)) for j in idx])
 
     def image_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """(n,) image row of each caption."""
@@ -118,15 +149,20 @@ class ImageDataset(Dataset):
 
 
 class CaptionDataset(Dataset):
-    """Item j = (token ids, j) for a list of caption strings."""
+    """Item j = (text input, j): token ids of caption string j, or (``text``) row j of a :class:`TextSource`."""
 
-    def __init__(self, captions: Sequence[str], encode: Callable[[str], list[int]]) -> None:
-        self.captions, self.encode = captions, encode
+    def __init__(self, captions: Sequence[str] | None = None, encode: Callable[[str], list[int]] | None = None,
+                 *, text: TextSource | None = None) -> None:
+        if (captions is None) == (text is None):
+            raise ValueError("give either caption strings (with encode) or a TextSource")
+        self.captions, self.encode, self.text = captions, encode, text
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions) if self.captions is not None else self.text.corpus.num_captions
 
     def __getitem__(self, j: int):
+        if self.text is not None:
+            return self.text(j), j
         return torch.tensor(self.encode(self.captions[j])), j
 
 
@@ -138,10 +174,29 @@ def pad_tokens(seqs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Ten
     return out, lengths
 
 
+def collate_text(items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A batch of text inputs: token-id sequences -> (padded tokens, lengths); feature rows -> (stacked,)."""
+    if items and items[0].is_floating_point():
+        return (torch.stack(list(items)),)
+    return pad_tokens(items)
+
+
+def text_to(text: tuple[torch.Tensor, ...], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Text inputs on ``device``; the lengths of a token batch stay on the CPU (packing needs them there)."""
+    if len(text) == 2:
+        return text[0].to(device, non_blocking=True), text[1]
+    return tuple(t.to(device, non_blocking=True) for t in text)
+
+
 def collate_pairs(batch):
-    images, tokens, rows, caps = zip(*batch)
-    tok, lengths = pad_tokens(tokens)
-    return {"images": torch.stack(images), "tokens": tok, "lengths": lengths,
+    """A training batch; pairs :class:`Skipped` for an unreadable image are left out and listed under
+    ``"skipped"`` (``None`` when every pair of the batch was skipped)."""
+    skipped = [item for item in batch if isinstance(item, Skipped)]
+    batch = [item for item in batch if not isinstance(item, Skipped)]
+    if not batch:
+        return {"skipped": skipped, "images": None}
+    images, texts, rows, caps = zip(*batch)
+    return {"images": torch.stack(images), "text": collate_text(texts), "skipped": skipped,
             "image_rows": torch.tensor(rows, dtype=torch.long), "caption_idx": torch.tensor(caps, dtype=torch.long)}
 
 
@@ -151,9 +206,9 @@ def collate_images(batch):
 
 
 def collate_captions(batch):
-    tokens, idx = zip(*batch)
-    tok, lengths = pad_tokens(tokens)
-    return tok, lengths, torch.tensor(idx, dtype=torch.long)
+    """(text inputs tuple, indices) of a batch of :class:`CaptionDataset` items."""
+    texts, idx = zip(*batch)
+    return collate_text(texts), torch.tensor(idx, dtype=torch.long)
 
 
 class EpochSampler(Sampler[int]):

@@ -53,3 +53,16 @@ def write_metrics_json(
     if folds is not None:
         record["folds"] = [{k: float(f[k]) for k in METRIC_KEYS} for f in folds]
     return atomic_write_json(path, record)
+
+
+def format_label_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
+    """A fixed-width table of :func:`~vsekit.eval.metrics.label_metrics` output: mAP, mAP@K and precision@K per
+    direction, then their average mAP."""
+    keys = [k[4:] for k in metrics if k.startswith("i2t_") and k != "i2t_pr"]
+    width = max(len(v) for v in _LABELS.values())
+    lines = [title] if title else []
+    lines.append(f"{'':<{width}}" + "".join(f"{k:>10}" for k in keys))
+    for d in DIRECTIONS:
+        lines.append(f"{_LABELS[d]:<{width}}" + "".join(f"{100 * metrics[f'{d}_{k}']:>10.2f}" for k in keys))
+    lines.append(f"{'mAP (avg)':<{width}}{100 * metrics['map_avg']:>10.2f}")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Encoders, similarities and the VSE model, each behind a registry."""
 
-from vsekit.models.heads import DualPathHead, SharedClassifier
+import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
+from vsekit.models.heads import DualPathHead, ProjectorHead, SharedClassifier
 from vsekit.models.image import BACKBONES, IMAGE_ENCODERS, PretrainedWeightsMissing
 from vsekit.models.similarity import SIMILARITIES, cosine_sim, order_sim
 from vsekit.models.text import TEXT_ENCODERS
@@ -8,5 +9,5 @@ from vsekit.models.textcnn import TextCNNEncoder
 from vsekit.models.vse import PairOutput, VSEModel, build_model
 
 __all__ = ["BACKBONES", "IMAGE_ENCODERS", "TEXT_ENCODERS", "SIMILARITIES", "VSEModel", "PairOutput", "build_model",
-           "cosine_sim", "order_sim", "PretrainedWeightsMissing", "DualPathHead", "SharedClassifier",
+           "cosine_sim", "order_sim", "PretrainedWeightsMissing", "DualPathHead", "ProjectorHead", "SharedClassifier",
            "TextCNNEncoder"]

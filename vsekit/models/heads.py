@@ -54,3 +54,25 @@ class SharedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.weight.shape[1]}, num_classes={self.num_classes}, bias={self.bias is not None}"
+
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "none": nn.Identity}
+
+
+class ProjectorHead(nn.Module):
+    """A stack of fully connected layers with an activation after each, the last one included: ACMR's feature
+    projectors (Wang et al., ACM MM 2017: three FC layers with tanh, e.g. 4096 -> 512 -> 100 -> 40)."""
+
+    def __init__(self, in_dim: int, hidden: list[int] | tuple[int, ...], out_dim: int,
+                 activation: str = "tanh") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        layers: list[nn.Module] = []
+        dims = [int(in_dim), *[int(h) for h in hidden], int(out_dim)]
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

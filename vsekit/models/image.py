@@ -11,7 +11,7 @@ from torch import nn
 
 from vsekit.errors import VsekitError
 from vsekit.models.base import Encoder
-from vsekit.models.heads import DualPathHead
+from vsekit.models.heads import DualPathHead, ProjectorHead
 from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
 from vsekit.registry import Registry
 
@@ -155,7 +155,7 @@ def _small_cnn(pretrained: bool = False, weights_path: str | None = None, width:
     return m, m.out_dim
 
 
-IMAGE_HEADS = ("linear", "mlp", "dualpath")
+IMAGE_HEADS = ("linear", "mlp", "dualpath", "projector")
 
 
 @IMAGE_ENCODERS.register("cnn")
@@ -164,7 +164,8 @@ class CNNImageEncoder(Encoder):
 
     ``head="linear"``: VSE++ ``EncoderImageFull`` (CNN features L2-normalised, then one linear layer);
     ``"mlp"``: the VSE-infinity MLP on the normalised features; ``"dualpath"``: Dual-Path's (FC + BN + ReLU) x 2
-    on the raw pooled features (:class:`~vsekit.models.heads.DualPathHead`, hidden size ``embed_size``).
+    on the raw pooled features (:class:`~vsekit.models.heads.DualPathHead`, hidden size ``embed_size``);
+    ``"projector"``: ACMR's FC+tanh stack (``hidden`` sizes, ``activation``) on the pooled features.
 
     ``backbone_norm``: L2-normalise the pooled CNN feature before the head (VSE++ does, on pretrained
     features); default: yes for the linear and MLP heads, no for the Dual-Path head. From random weights
@@ -180,7 +181,8 @@ class CNNImageEncoder(Encoder):
     def __init__(self, embed_size: int = 1024, backbone: str = "resnet152", pretrained: bool = False,
                  finetune: bool = False, weights_path: str | None = None, head: str = "linear",
                  no_imgnorm: bool = False, use_abs: bool = False, width: int = 32,
-                 backbone_norm: bool | None = None) -> None:
+                 backbone_norm: bool | None = None, hidden: list[int] | None = None,
+                 activation: str = "tanh") -> None:
         super().__init__()
         if head not in IMAGE_HEADS:
             raise ValueError(f"image_encoder.head must be one of {IMAGE_HEADS}, got {head!r}")
@@ -191,6 +193,8 @@ class CNNImageEncoder(Encoder):
             self.head = xavier_linear_(nn.Linear(feat_dim, embed_size))
         elif head == "mlp":
             self.head = MLP(feat_dim, embed_size // 2, embed_size)
+        elif head == "projector":
+            self.head = ProjectorHead(feat_dim, [512, 100] if hidden is None else hidden, embed_size, activation)
         else:
             self.head = DualPathHead(feat_dim, embed_size)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)

@@ -32,6 +32,13 @@ def order_sim(images: torch.Tensor, captions: torch.Tensor, chunk: int = 64) -> 
     return out
 
 
+@SIMILARITIES.register("euclidean")
+def euclidean_sim(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    """Negative Euclidean distance ``S_ij = -|| v_i - c_j ||_2`` (ACMR ranks by distance in its common space,
+    whose vectors are not normalised); larger = more similar, like every similarity here."""
+    return -torch.cdist(images, captions)
+
+
 def get_similarity(name: str):
     """The similarity function registered as ``name`` ("cosine" or "order")."""
     return SIMILARITIES.get(name)

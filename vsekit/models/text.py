@@ -12,7 +12,7 @@ from vsekit.models.base import Encoder
 from vsekit.models.layers import l2norm
 from vsekit.registry import Registry
 
-TEXT_ENCODERS = Registry("text encoder", injected=("vocab_size", "embed_size", "itos"))
+TEXT_ENCODERS = Registry("text encoder", injected=("vocab_size", "embed_size", "itos", "txt_dim"))
 
 
 def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
@@ -22,7 +23,7 @@ class PairOutput:
 
     ``*_emb`` are the joint-space embeddings (what retrieval uses), ``*_features`` the same vectors before the
     encoder's final L2 normalisation (what an instance classifier sees); ``sim`` is the (B, B) similarity of
-    the batch. ``negative_*`` are the captions given as ``negative_tokens`` (e.g. mined hard negatives), encoded
+    the batch. ``negative_*`` are the captions given as ``negative_text`` (e.g. mined hard negatives), encoded
     in the same text forward as the positives.
     """
 
@@ -57,46 +58,55 @@ class VSEModel(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
 
-    def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(tokens, lengths)
+    def encode_captions(self, *text: torch.Tensor) -> torch.Tensor:
+        """Caption embeddings from the text encoder's inputs: ``(tokens, lengths)``, or ``(features,)`` for an
+        encoder over precomputed text features."""
+        return self.text_encoder(*text)
+
+    @property
+    def reads_text_features(self) -> bool:
+        return self.text_encoder.reads_features
 
     def similarity(self, image_emb: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
         return self._sim(image_emb, caption_emb)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
-        img, cap = self.encode_images(images), self.encode_captions(tokens, lengths)
+    def forward(self, images: torch.Tensor, *text: torch.Tensor):
+        img, cap = self.encode_images(images), self.encode_captions(*text)
         return img, cap, self.similarity(img, cap)
 
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-              negative_tokens: torch.Tensor | None = None,
-              negative_lengths: torch.Tensor | None = None) -> PairOutput:
+    def embed(self, images: torch.Tensor, text: tuple[torch.Tensor, ...],
+              negative_text: tuple[torch.Tensor, ...] | None = None) -> PairOutput:
         """The forward pass of training: embeddings, pre-normalisation features and the batch similarity.
 
-        Negative captions go through the text encoder in one batch with the positives (as in the Dual-Path
-        reference, where mined captions fill half of the text batch), so batch norm sees both.
+        ``text`` is the text encoder's input tuple. Negative captions go through the text encoder in one batch
+        with the positives (as in the Dual-Path reference, where mined captions fill half of the text batch),
+        so batch norm sees both.
         """
         img, img_feat = _encode_with_features(self.image_encoder, images)
-        b = tokens.shape[0]
-        if negative_tokens is not None:
-            tokens, lengths = concat_tokens(tokens, lengths, negative_tokens, negative_lengths)
-        cap, cap_feat = _encode_with_features(self.text_encoder, tokens, lengths)
+        b = text[0].shape[0]
+        if negative_text is not None:
+            text = concat_text(text, negative_text)
+        cap, cap_feat = _encode_with_features(self.text_encoder, *text)
         out = PairOutput(img, cap[:b], self.similarity(img, cap[:b]), img_feat, cap_feat[:b])
-        if negative_tokens is not None:
+        if negative_text is not None:
             out.negative_emb, out.negative_features = cap[b:], cap_feat[b:]
         return out
 
 
-def concat_tokens(tokens: torch.Tensor, lengths: torch.Tensor, more: torch.Tensor,
-                  more_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack two padded token batches (padding id 0) into one, padded to the longer of the two."""
-    t = max(tokens.shape[1], more.shape[1])
+def concat_text(text: tuple[torch.Tensor, ...], more: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Stack two batches of text inputs: padded token batches (padding id 0, padded to the longer of the two)
+    or feature rows."""
+    if len(text) == 1:
+        return (torch.cat([text[0], more[0].to(text[0].device)]),)
+    tokens, lengths = text
+    t = max(tokens.shape[1], more[0].shape[1])
     a = torch.nn.functional.pad(tokens, (0, t - tokens.shape[1]))
-    b = torch.nn.functional.pad(more.to(tokens.device), (0, t - more.shape[1]))
-    return torch.cat([a, b]), torch.cat([lengths, more_lengths.to(lengths.device)])
+    b = torch.nn.functional.pad(more[0].to(tokens.device), (0, t - more[0].shape[1]))
+    return torch.cat([a, b]), torch.cat([lengths, more[1].to(lengths.device)])
 
 
 def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = None,
-                feature_shape: tuple[int, ...] | None = None) -> VSEModel:
+                feature_shape: tuple[int, ...] | None = None, text_feature_dim: int | None = None) -> VSEModel:
     """Build a :class:`VSEModel` from the ``model`` section of a config (a ``ModelConfig`` or a plain dict).
 
     ``feature_shape`` is the per-image shape of precomputed features ((D,) or (R, D)); encoders that read
@@ -119,6 +129,16 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
         extra["num_regions"] = int(feature_shape[0]) if len(feature_shape) == 2 else None
     txt_spec = dict(cfg.get("text_encoder") or {"name": "gru"})
     txt_spec.setdefault("use_abs", use_abs)
+    txt_extra: dict[str, Any] = {}
+    if TEXT_ENCODERS.get(txt_spec.get("name", "gru")).reads_features:
+        if text_feature_dim is None:
+            raise ConfigError(f"model.text_encoder {txt_spec.get('name')!r} reads precomputed text features, but "
+                              "the data set has caption strings; use a text encoder such as 'gru' or 'bow'")
+        txt_extra["txt_dim"] = int(text_feature_dim)
+    elif text_feature_dim is not None:
+        raise ConfigError(f"the data set ships its text as feature vectors; model.text_encoder "
+                          f"{txt_spec.get('name')!r} reads words. Use model.text_encoder.name=projector")
     image_encoder = IMAGE_ENCODERS.build(img_spec, embed_size=embed_size, **extra)
-    text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
+    text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos,
+                                       **txt_extra)
     return VSEModel(image_encoder, text_encoder, similarity=cfg.get("similarity", "cosine"))

@@ -13,24 +13,38 @@ class MetricsLogger:
     """Appends records to ``<run>/metrics.jsonl`` and mirrors their numbers to TensorBoard.
 
     ``resume_step``: a resumed run replays the steps after its checkpoint, so the records an interrupted run
-    wrote after that step are dropped first; the log then reads as one uninterrupted run.
+    wrote after that step (and the validation records of epochs the checkpoint had not finished) are dropped
+    first; the log then reads as one uninterrupted run. Without it (a new
+    run), an old log in the folder is replaced.
     """
 
-    def __init__(self, out: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
+    def __init__(self, out: Path, resume_step: int | None = None, resume_epoch: int | None = None,
+                 tensorboard: bool = True) -> None:
         self.path = Path(out) / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            self._truncate_after(resume_step)
+        if self.path.is_file():
+            if resume_step is not None:
+                self._truncate_after(resume_step, resume_epoch)
+            else:  # a new run in an old folder: its checkpoints are replaced, so is its log
+                self.path.unlink()
         self.tb = _tensorboard(Path(out)) if tensorboard else None
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, epoch: int | None) -> None:
+        """Keep what the checkpoint at (``step``, ``epoch`` finished epochs) already covers. An epoch's end logs
+        its validation at the step of its last batch and then writes ``last.pt``: a kill between the two leaves
+        a record at the checkpoint's own step that the resumed run logs again, so validation records of
+        unfinished epochs go too (those of a time stop, ``partial_epoch``, are not repeated and stay)."""
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill
-            if int(record.get("step", 0)) <= step:
-                kept.append(line)
+            if not isinstance(record, dict) or int(record.get("step", 0)) > step:
+                continue
+            if (epoch is not None and record.get("kind") == "val" and not record.get("partial_epoch")
+                    and int(record.get("epoch", -1)) >= epoch):
+                continue
+            kept.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, record: dict[str, Any], step: int) -> None:

@@ -16,6 +16,15 @@ Config (``objective`` section; every weight may change per training stage)::
         weight: 0.0
         margin: 1.0
         pool_size: 256          # random training captions scored per step to find the negatives
+      label: {weight: 0.0}      # ACMR: a label classifier shared by both modalities (CE, or BCE multi-label)
+      adversarial:              # ACMR: a modality discriminator behind gradient reversal
+        weight: 0.0
+        schedule: dann          # λ_p = 2 / (1 + exp(-γ p)) - 1 (or constant), p = training progress
+      triplet:                  # ACMR: label-based triplets, hardest different-label negatives in the batch
+        weight: 0.0
+        margin: 0.1
+        distance: sq_euclidean  # or cosine
+        mine_in: embedding      # or input (raw features, as the ACMR demo)
 
 A term is built when some stage gives it a non-zero weight, and computed only while its weight is non-zero.
 With the defaults the objective is exactly the ``loss:`` section, as before the objective existed.
@@ -31,20 +40,22 @@ from torch import Tensor, nn
 
 from vsekit.config import RunConfig
 from vsekit.config.schema import MINED_POOL_SIZE, ObjectiveConfig
-from vsekit.data.datasets import CaptionPool
+from vsekit.data.datasets import CaptionPool, text_to
 from vsekit.errors import ConfigError
+from vsekit.losses.adversarial import ModalityAdversarialLoss, dann_lambda
 from vsekit.losses.base import MinedRankingLoss, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSSES, mine_hard_negatives
 from vsekit.losses.instance import InstanceLoss
+from vsekit.losses.labels import LabelClassifierLoss, LabelTripletLoss
 from vsekit.models.vse import PairOutput, VSEModel
 
 
 @dataclass
 class MinedNegatives:
-    """One mined caption per anchor: tokens (B, T), lengths (B,), its image id (B,), and whether it is usable."""
+    """One mined caption per anchor: its text inputs (tokens (B, T) and lengths (B,), or features (B, D)), its
+    image id (B,), and whether it is usable."""
 
-    tokens: Tensor
-    lengths: Tensor
+    text: tuple[Tensor, ...]
     image_ids: Tensor
     valid: Tensor
 
@@ -58,16 +69,20 @@ class Objective(nn.Module):
     """
 
     def __init__(self, rank_loss: RankingLoss, instance: InstanceLoss | None = None,
-                 mined: MinedRankingLoss | None = None, pool_size: int = MINED_POOL_SIZE) -> None:
+                 mined: MinedRankingLoss | None = None, pool_size: int = MINED_POOL_SIZE, *,
+                 label: LabelClassifierLoss | None = None, adversarial: ModalityAdversarialLoss | None = None,
+                 triplet: LabelTripletLoss | None = None) -> None:
         super().__init__()
         self.rank_loss = rank_loss
         self.terms = nn.ModuleDict()
-        if instance is not None:
-            self.terms["instance"] = instance
-        if mined is not None:
-            self.terms["mined"] = mined
+        for name, term in (("instance", instance), ("mined", mined), ("label", label),
+                           ("adversarial", adversarial), ("triplet", triplet)):
+            if term is not None:
+                self.terms[name] = term
         self.pool_size = int(pool_size)
-        self.weights = {"loss": 1.0, "instance_image": 0.0, "instance_text": 0.0, "mined": 0.0}
+        self.weights = ObjectiveConfig().weights()
+        self.adversarial_cfg = ObjectiveConfig().adversarial
+        self.progress = 0.0  # training progress in [0, 1], set by the trainer (the adversary's λ schedule)
 
     # -- configuration ---------------------------------------------------------------------------------
     def set_weights(self, objective_cfg: ObjectiveConfig) -> None:
@@ -77,7 +92,13 @@ class Objective(nn.Module):
             raise ConfigError("objective.instance has a weight but no instance term was built")
         if w["mined"] and "mined" not in self.terms:
             raise ConfigError("objective.mined has a weight but no mined term was built")
+        for name in ("label", "adversarial", "triplet"):
+            if w[name] and name not in self.terms:
+                raise ConfigError(f"objective.{name} has a weight but no {name} term was built")
         self.weights = w
+        self.adversarial_cfg = objective_cfg.adversarial
+        if "triplet" in self.terms:
+            self.terms["triplet"].margin = float(objective_cfg.triplet.margin)
         # the options that may also change per stage (the rest is fixed when the terms are built)
         if "instance" in self.terms:
             self.terms["instance"].dropout.p = float(objective_cfg.instance.dropout)
@@ -85,6 +106,19 @@ class Objective(nn.Module):
             if "margin" in objective_cfg.mined:
                 self.terms["mined"].margin = float(objective_cfg.mined["margin"])
             self.pool_size = objective_cfg.mined_pool_size
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (epoch / epochs, or per step): drives the adversary's λ schedule."""
+        self.progress = float(progress)
+
+    @property
+    def needs_labels(self) -> bool:
+        return bool(self.weights["label"] or self.weights["triplet"])
+
+    def adversary_lambda(self) -> float:
+        """λ of the gradient reversal now: the DANN schedule at the current progress, or a constant."""
+        a = self.adversarial_cfg
+        return a.lam * (dann_lambda(self.progress, a.gamma) if a.schedule == "dann" else 1.0)
 
     @property
     def mining(self) -> bool:
@@ -102,22 +136,26 @@ class Objective(nn.Module):
         the most similar caption of another image. ``restore_mode`` puts the model back in training mode.
         """
         idx = pool.sample(self.pool_size)  # the global torch RNG: reproducible, and saved in checkpoints
-        tokens, lengths = pool.tokens(idx)
+        text = pool.text(idx)
         pool_ids = pool.image_ids(idx).to(image_ids.device)
         model.eval()
         try:
             anchors = model.encode_images(images)
-            candidates = model.encode_captions(tokens.to(images.device), lengths)
+            candidates = model.encode_captions(*text_to(text, images.device))
             scores = model.similarity(anchors.float(), candidates.float())
         finally:
             restore_mode()
         index, valid = mine_hard_negatives(scores, image_ids, pool_ids)
-        return MinedNegatives(tokens[index.cpu()], lengths[index.cpu()], pool_ids[index], valid)
+        return MinedNegatives(tuple(t[index.cpu()] for t in text), pool_ids[index], valid)
 
     # -- loss ------------------------------------------------------------------------------------------
     def forward(self, out: PairOutput, image_ids: Tensor, *, caption_vectors: Tensor | None = None,
-                negatives: MinedNegatives | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(total loss, {term: unweighted value}); ``image_ids`` are the training-corpus rows = instance labels."""
+                negatives: MinedNegatives | None = None, labels: Tensor | None = None,
+                inputs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, {term: unweighted value}); ``image_ids`` are the training-corpus rows = instance labels,
+        ``labels`` the class labels of the batch's images (label and triplet terms), ``inputs`` the raw image
+        and text feature batches (triplets mined in the input space). The adversary also reports its
+        accuracy and λ (``adv_accuracy``, ``adv_lambda``), which are not part of the total."""
         w = self.weights
         parts: dict[str, Tensor] = {}
         total: Tensor | None = None
@@ -139,6 +177,19 @@ class Objective(nn.Module):
             if negatives is None or out.negative_emb is None:
                 raise ValueError("the mined term is on but no mined negatives were encoded")
             add("mined", w["mined"], self._mined(out, image_ids, negatives))
+        if (w["label"] or w["triplet"]) and labels is None:
+            raise ConfigError("objective.label / objective.triplet need class labels, and the training data has none")
+        if w["label"]:
+            add("label", w["label"], self.terms["label"](out.image_emb, out.caption_emb, labels))
+        if w["triplet"]:
+            image_inputs, text_inputs = inputs if inputs is not None else (None, None)
+            add("triplet", w["triplet"], self.terms["triplet"](out.image_emb, out.caption_emb, labels,
+                                                               image_inputs, text_inputs))
+        if w["adversarial"]:
+            lam = self.adversary_lambda()
+            adv, accuracy = self.terms["adversarial"](out.image_emb, out.caption_emb, lam)
+            add("adversarial", w["adversarial"], adv)
+            parts["adv_accuracy"], parts["adv_lambda"] = accuracy, adv.new_tensor(lam)
         if total is None:
             raise ConfigError("every objective weight is 0: nothing to train")
         return total, parts
@@ -152,7 +203,7 @@ class Objective(nn.Module):
 
 
 def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, feature_dim: int,
-                    num_images: int) -> Objective:
+                    num_images: int, num_classes_of_labels: int | None = None) -> Objective:
     """The objective of a run: the terms that some stage switches on, built with the options of the first such
     stage. ``num_images`` (the training corpus's) is the number of instance classes unless
     ``objective.instance.num_classes`` says otherwise.
@@ -174,6 +225,19 @@ def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, f
     if first is not None:
         pool_size = first.mined_pool_size
         mined = MINED_LOSSES.build(first.mined_loss)
-    objective = Objective(rank_loss, instance=instance, mined=mined, pool_size=pool_size)
+    label = adversarial = triplet = None
+    first = next((s for s, w in zip(sections, weights) if w["label"]), None)
+    if first is not None:
+        if num_classes_of_labels is None:
+            raise ConfigError("objective.label needs class labels, and the training data has none")
+        label = LabelClassifierLoss(feature_dim, int(first.label.num_classes or num_classes_of_labels))
+    first = next((s for s, w in zip(sections, weights) if w["adversarial"]), None)
+    if first is not None:
+        adversarial = ModalityAdversarialLoss(feature_dim, first.adversarial.hidden, first.adversarial.activation)
+    first = next((s for s, w in zip(sections, weights) if w["triplet"]), None)
+    if first is not None:
+        triplet = LabelTripletLoss(first.triplet.margin, first.triplet.distance, first.triplet.mine_in)
+    objective = Objective(rank_loss, instance=instance, mined=mined, pool_size=pool_size, label=label,
+                          adversarial=adversarial, triplet=triplet)
     objective.set_weights(sections[0])
     return objective

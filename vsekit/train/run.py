@@ -12,7 +12,7 @@ import torch
 
 from vsekit.config import RunConfig
 from vsekit.data.corpus import Corpus
-from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset
+from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, TextSource
 from vsekit.data.sources import load_split
 from vsekit.errors import ConfigError
 from vsekit.losses import build_loss
@@ -43,10 +43,23 @@ class TrainingRun:
     dataset: PairDataset
     sampler: EpochSampler
     caption_pool: CaptionPool | None
+    labels: torch.Tensor | None  # class labels of the training images (row-indexed), when a term needs them
+    text_feature_dim: int | None  # size of precomputed text features, when the data ships text as vectors
 
 
 def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
     return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
+
+
+def text_feature_dim(corpus: Corpus) -> int | None:
+    return int(corpus.caption_features.shape[1]) if corpus.has_text_features else None
+
+
+def num_label_classes(corpus: Corpus) -> int | None:
+    """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
+    if corpus.labels is None:
+        return None
+    return int(corpus.labels.shape[1]) if corpus.multi_label else int(corpus.labels.max()) + 1
 
 
 def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
@@ -73,13 +86,16 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     else:
         vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count)
     shape = feature_shape(train_corpus)
-    model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape)
+    text_dim = text_feature_dim(train_corpus)
+    model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape,
+                        text_feature_dim=text_dim)
     loss_fn = build_loss(cfg.loss)
     if not isinstance(loss_fn, RankingLoss):
         raise ConfigError(f"loss {cfg.loss['name']!r} is not a RankingLoss; the trainer needs one")
     plan = StagePlan(cfg)
     objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size,
-                                num_images=train_corpus.num_images)
+                                num_images=train_corpus.num_images,
+                                num_classes_of_labels=num_label_classes(train_corpus))
     if "mined" in objective.terms and model.similarity_name != "cosine":
         raise ConfigError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
 
@@ -93,9 +109,16 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
         return vocab.encode(caption, max_len)
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
-    dataset = PairDataset(train_corpus, encode, ImageSource(train_corpus, transform), sample=data.sample,
-                          seed=cfg.seed)
+    text = TextSource(train_corpus, encode)
+    dataset = PairDataset(train_corpus, text, ImageSource(train_corpus, transform), sample=data.sample,
+                          seed=cfg.seed, skip_unreadable=data.skip_missing_images)
     sampler = EpochSampler(len(dataset), cfg.seed)
-    pool = CaptionPool(train_corpus, encode) if "mined" in objective.terms else None
+    pool = CaptionPool(train_corpus, text) if "mined" in objective.terms else None
+    labels = None
+    if objective.terms.keys() & {"label", "triplet"}:
+        if train_corpus.labels is None:
+            raise ConfigError(f"{train_corpus.name}: objective.label / objective.triplet need class labels, and "
+                              "this data set has none (a 'label' column, Karpathy 'label' fields, label files)")
+        labels = torch.from_numpy(np.asarray(train_corpus.labels, dtype=np.int64))
     return TrainingRun(cfg, train_corpus, val_corpus, vocab, shape, model, loss_fn, plan, objective, vectors,
-                       dataset, sampler, pool)
+                       dataset, sampler, pool, labels, text_dim)

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from vsekit.checkpoint import load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
-from vsekit.data.datasets import collate_pairs
-from vsekit.errors import TrainingCollapsed
+from vsekit.data.datasets import collate_pairs, text_to
+from vsekit.errors import TrainingCollapsed, TrainingDiverged
 from vsekit.train.checkpointing import LAST, CheckpointPolicy
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
@@ -49,7 +49,7 @@ class Trainer:
     """Builds a run from a resolved config and trains it with :meth:`fit`. ``resume=True`` continues
     ``output_dir/last.pt`` so that the result equals an uninterrupted run."""
 
-    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False) -> None:
         # validated afresh: a RunConfig edited in place (cfg.loss = {...}) is checked like a recipe
         cfg = validate_config(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
         self.cfg = cfg
@@ -58,12 +58,14 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         tcfg = cfg.train
         seed_everything(cfg.seed)
-        self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps)
+        self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps,
+                                            metric=cfg.eval.select_metric)
 
-        resume_state = self.checkpoints.resume_state() if resume else None
+        # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
+        resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
         init_state = None
         if resume_state is None and tcfg.init_from:
-            init_state = load_checkpoint(tcfg.init_from)  # e.g. VSE++ FT stage 2 starts from stage 1
+            init_state = load_checkpoint(tcfg.init_from, allow_legacy=allow_legacy)  # e.g. VSE++ FT stage 2
         run = build_run(cfg, weights_from=resume_state or init_state)
         self.run = run
         self.train_corpus, self.val_corpus, self.vocab = run.train_corpus, run.val_corpus, run.vocab
@@ -72,6 +74,7 @@ class Trainer:
         self.plan, self.objective = run.plan, run.objective.to(self.device)
         self.caption_vectors, self.dataset, self.sampler = run.caption_vectors, run.dataset, run.sampler
         self.caption_pool = run.caption_pool
+        self.labels = run.labels
         if init_state is not None:
             self.model.load_state_dict(init_state["model"])
             if len(self.objective.terms) and "objective" in init_state:
@@ -101,13 +104,16 @@ class Trainer:
         self.diagnostics = EpochDiagnostics()
         self.last_diag: dict[str, float] = {}
         self.last_collapse_value: float | None = None  # None: not computed for this step
+        self.nonfinite_streak, self.nonfinite_total = 0, 0  # steps skipped for a NaN/inf loss or gradient
+        self.skipped_images: set[str] = set()  # unreadable images met in training (data.skip_missing_images)
         self.max_seconds = tcfg.max_minutes * 60 if tcfg.max_minutes is not None else None
         self.elapsed_before = 0.0  # seconds of training in earlier runs of this output folder (resume)
         self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
         atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
-        self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None)
+        self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None,
+                                    resume_epoch=self.epoch if resume_state is not None else None)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -131,8 +137,10 @@ class Trainer:
             "vocab": self.vocab.to_dict(),
             "config": self.cfg.to_dict(),
             "feature_shape": list(self.feature_shape) if self.feature_shape else None,
+            "text_feature_dim": self.run.text_feature_dim,
             "monitor": {"detector": self.detector.state_dict(), "diagnostics": self.diagnostics.state_dict(),
-                        "sum_until_epoch": int(self.loss_fn.sum_until_epoch)},
+                        "sum_until_epoch": int(self.loss_fn.sum_until_epoch),
+                        "nonfinite": [self.nonfinite_streak, self.nonfinite_total]},
             "elapsed_s": self.elapsed_s,
         }
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
@@ -158,6 +166,7 @@ class Trainer:
         self.diagnostics.load_state_dict(monitor.get("diagnostics") or {})
         if monitor.get("sum_until_epoch"):
             self.loss_fn.fall_back_to_sum(int(monitor["sum_until_epoch"]))
+        self.nonfinite_streak, self.nonfinite_total = (int(v) for v in monitor.get("nonfinite", (0, 0)))
         self.elapsed_before = float(s.get("elapsed_s", 0.0))
         set_rng_state(s["rng"])
         log.info("resumed %s at epoch %d, batch %d (step %d)", self.out, self.epoch, self.batches_done, self.step)
@@ -217,35 +226,68 @@ class Trainer:
                           num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
                           generator=g, pin_memory=self.device.type == "cuda")
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float | None:
         dev = self.device
         images = batch["images"].to(dev, non_blocking=True)
-        tokens, lengths = batch["tokens"].to(dev, non_blocking=True), batch["lengths"]
+        text = text_to(batch["text"], dev)
         image_ids = batch["image_rows"].to(dev)
         caption_vectors = None
         if self.caption_vectors is not None:
             caption_vectors = self.caption_vectors[batch["caption_idx"]].to(dev)
+        labels = self.labels[batch["image_rows"]].to(dev) if self.labels is not None else None
         negatives = None
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
             if self.objective.mining:
                 negatives = self.objective.mine(self.model, images, image_ids, self.caption_pool, self._train_mode)
-            out = self.model.embed(images, tokens, lengths,
-                                   *((negatives.tokens.to(dev), negatives.lengths) if negatives else ()))
-        loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives)
+            out = self.model.embed(images, text, text_to(negatives.text, dev) if negatives else None)
+        loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives,
+                                               labels=labels, inputs=(images, text[0]))
+        if not torch.isfinite(loss.detach()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite(batch, "loss", float(loss.detach()))
         self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
-        self.diagnostics.add(self.last_diag)
+        self.diagnostics.add({**self.last_diag, **{f"term_{k}": float(v) for k, v in self.last_parts.items()
+                                                   if len(self.last_parts) > 1}})
         self.last_collapse_value = None
         if "loss" in self.last_parts and self.collapse_opts.action != "off":
             self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         clip = self.optim_cfg.grad_clip
-        if clip:
+        if clip or not self.amp:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.parameters()), float(clip))
+            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.parameters()), float(clip or math.inf))
+            if not self.amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._nonfinite(batch, "gradient norm", float(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.nonfinite_streak = 0
         return float(loss.detach())
+
+    def _nonfinite(self, batch: dict[str, Any], what: str, value: float) -> None:
+        """A step with a non-finite loss or gradient: skipped (no update), reported with the batch's captions;
+        ``train.max_nonfinite_steps`` in a row stop the run."""
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        ids = self.train_corpus.caption_ids or [str(j) for j in range(self.train_corpus.num_captions)]
+        shown = [ids[int(j)] for j in batch["caption_idx"][:5]]
+        more = len(batch["caption_idx"]) - len(shown)
+        log.warning("step %d: the %s is %s; step skipped (captions %s%s)", self.step + 1, what, value,
+                    ", ".join(shown), f" and {more} more" if more > 0 else "")
+        self._log({"kind": "nonfinite", "epoch": self.epoch, "step": self.step + 1, "what": what,
+                   "value": str(value), "captions": shown})
+        self.nonfinite_what = what
+        return None
+
+    def check_nonfinite(self) -> None:
+        """After a step: ``train.max_nonfinite_steps`` skipped steps in a row stop the run (state saved)."""
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+            self.save(LAST)
+            raise TrainingDiverged(
+                f"training stopped at step {self.step}: {self.nonfinite_streak} steps in a row had a non-finite "
+                f"{self.nonfinite_what}. Lower optim.lr, set optim.grad_clip, switch train.amp off, or check the data "
+                f"for NaN/inf features and broken captions. The last state is in {self.out / LAST}.")
 
     def check_collapse(self) -> None:
         """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says."""
@@ -316,14 +358,23 @@ class Trainer:
             for batch in self._loader():
                 if self.batches_done >= total:
                     break
+                self._note_skipped(batch["skipped"])
+                if batch["images"] is None:  # every image of the batch was unreadable
+                    self.batches_done += 1
+                    continue
+                if self.objective.adversarial_cfg.progress == "step":
+                    self.objective.set_progress((self.epoch + self.batches_done / total) / tcfg.epochs)
                 loss = self.train_step(batch)
                 self.batches_done += 1
                 self.step += 1
-                seen += len(batch["lengths"])
-                self.epoch_loss_sum += loss
-                self.check_collapse()
+                seen += len(batch["image_rows"])
+                if loss is not None:  # None: skipped for a non-finite loss or gradient
+                    self.epoch_loss_sum += loss
+                    self.check_collapse()
+                else:
+                    self.check_nonfinite()
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", pairs_per_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skipped", pairs_per_s=f"{rate:.0f}")
                 bar.update(1)
                 if self.step % tcfg.log_every == 0:
                     self._log(self._train_record(loss, rate))
@@ -334,11 +385,18 @@ class Trainer:
                     break
         return True
 
+    def _note_skipped(self, messages: list[str]) -> None:
+        for m in messages:
+            if m not in self.skipped_images:
+                self.skipped_images.add(m)
+                log.warning("skipping an unreadable training image (data.skip_missing_images): %s", m)
+
     def _val_record(self, metrics: dict[str, float]) -> dict[str, Any]:
         """An epoch's validation line: metrics, mean training loss, the epoch's diagnostics, elapsed time."""
         return {"kind": "val", "epoch": self.epoch, "step": self.step,
                 "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
                 **{f"train_{k}": v for k, v in self.diagnostics.means().items()},
+                "skipped_images": len(self.skipped_images), "nonfinite_steps": self.nonfinite_total,
                 "elapsed_min": self.elapsed_s / 60}
 
     def end_epoch(self) -> dict[str, float]:
@@ -349,8 +407,12 @@ class Trainer:
         self.diagnostics = EpochDiagnostics()
         self.history.append(record)
         self._log(record)
-        log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
-                 metrics["i2t_r1"], metrics["t2i_r1"])
+        if "rsum" in metrics:
+            log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
+                     metrics["i2t_r1"], metrics["t2i_r1"])
+        else:
+            log.info("epoch %d: val mAP %.4f (i2t %.4f, t2i %.4f)", self.epoch + 1, metrics["map_avg"],
+                     metrics["i2t_map"], metrics["t2i_map"])
         self.epoch += 1
         self.batches_done, self.epoch_loss_sum = 0, 0.0
         self.checkpoints.after_epoch(metrics)
@@ -364,6 +426,7 @@ class Trainer:
             if stage != self.stage_index:
                 self._apply_stage(stage)
             self.loss_fn.set_epoch(self.epoch)
+            self.objective.set_progress(self.epoch / epochs)
             self._train_mode()
             if not self.train_one_epoch():
                 return self._stop_for_time()
@@ -375,7 +438,8 @@ class Trainer:
 
     def _result(self, stopped_by: str | None) -> dict[str, Any]:
         self.logger.flush()
-        return {"best_rsum": self.best_rsum, "history": self.history, "output_dir": str(self.out),
+        return {"best_rsum": self.best_rsum, "select_metric": self.checkpoints.metric, "history": self.history,
+                "output_dir": str(self.out),
                 "stopped_by": stopped_by}
 
     def _stop_for_time(self) -> dict[str, Any]:
@@ -418,5 +482,5 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.terms.named_modules(prefix="objective")
 
 
-def train(cfg: RunConfig | dict[str, Any], resume: bool = False) -> dict[str, Any]:
-    return Trainer(cfg, resume=resume).fit()
+def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, allow_legacy=allow_legacy).fit()
