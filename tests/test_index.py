@@ -66,6 +66,22 @@ def cli(*argv: str) -> int:
     return main([str(a) for a in argv])
 
 
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid black 8-bit greyscale PNG of ``width`` x ``height`` pixels, streamed through zlib: a 100000 x 1
+    image takes a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
 def build_demo_index(ckpt: Path, out: Path, *extra: str, max_images: int = INDEX_IMAGES) -> Path:
     rc = cli("index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", max_images,
              "--out", out, "-q", *extra)
@@ -446,3 +462,190 @@ def test_index_info_and_size_parsing(demo_index, capsys):
                                                                                1024**3, 2 * 1024**2]
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size("ten megs")
+
+
+# -- integrity: checksums, corrupt files, manifest validation ----------------------------------------------
+def _corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # overwrite 16 bytes in the middle: same size, other content
+        mid = len(data) // 2
+        data[mid: mid + 16] = bytes(b ^ 0xFF for b in data[mid: mid + 16])
+        path.write_bytes(bytes(data))
+
+
+def _strip_checksums(index_dir: Path) -> None:
+    """Make the manifest look like one written before checksums existed."""
+    m = json.loads((index_dir / "manifest.json").read_text())
+    m.pop("files")
+    (index_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_records_size_and_sha256_of_every_file(demo_index):
+    import hashlib
+
+    m = read_manifest(demo_index)
+    gen = demo_index / m["generation"]
+    assert set(m["files"]) == {p.name for p in gen.iterdir()}
+    for name, rec in m["files"].items():
+        data = (gen / name).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("name, how", [
+    ("images.faiss", "truncate"), ("images.faiss", "overwrite"), ("images.npy", "truncate"),
+    ("images.npy", "overwrite"), ("captions.jsonl", "overwrite"), ("captions.npy", "overwrite"),
+])
+def test_corrupt_index_file_is_one_line_error_naming_it(demo_index, emb, tmp_path, capfd, name, how):
+    ix = copy_index(demo_index, tmp_path / "ix")
+    path = ix / read_manifest(ix)["generation"] / name
+    _corrupt(path, how)
+    with pytest.raises(SearchIndexError) as e:
+        SearchIndex.open(ix, emb)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and ("bytes" in msg if how == "truncate" else "sha256" in msg)
+    capfd.readouterr()
+    assert cli("search", ix, "red") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vsekit: error: ") and str(path) in err[0], err
+
+
+@pytest.mark.parametrize("name", ["images.faiss", "images.npy", "captions.npy", "images.jsonl"])
+def test_truncated_file_of_an_index_without_checksums_is_one_line_error(demo_index, emb, tmp_path, capfd, name):
+    """Manifests written before checksums are still read; a broken file is still named, in one line (a
+    truncated images.faiss used to print FAISS's multi-line C++ assertion)."""
+    ix = copy_index(demo_index, tmp_path / "ix")
+    _strip_checksums(ix)
+    assert SearchIndex.open(ix, emb).search_text("a red star", k=2)  # an old manifest opens as before
+    path = ix / read_manifest(ix)["generation"] / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if name != "images.jsonl" else data[:-40] + b"\n{not json\n")
+    with pytest.raises(SearchIndexError) as e:
+        SearchIndex.open(ix, emb)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    capfd.readouterr()
+    assert cli("search", ix, "red") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], err
+
+
+def test_add_and_remove_refuse_a_corrupt_index(demo_index, ckpt, tmp_path, capsys):
+    ix = copy_index(demo_index, tmp_path / "ix")
+    path = ix / read_manifest(ix)["generation"] / "images.npy"
+    _corrupt(path, "overwrite")
+    snap = path.read_bytes()
+    assert cli("index", "add", ix, "--data", "demo", "--split", "val", "--max-images", "2", "-q") == 2
+    assert cli("index", "remove", ix, "--ids", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{path}: corrupt index file") == 2
+    assert path.read_bytes() == snap  # nothing was built on top of it
+    # --overwrite replaces even a broken index
+    (ix / "manifest.json").write_text('{"format": "vsekit-index", "version": 1, "kind": "bogus"}')
+    build_demo_index(ckpt, ix, "--overwrite")
+    assert read_manifest(ix)["num_images"] == INDEX_IMAGES
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"kind": "bogus"}, "kind"),
+    ({"dim": "abc"}, "dim"),
+    ({"dim": 0}, "dim"),
+    ({"dim": True}, "dim"),
+    ({"num_images": -3}, "num_images"),
+    ({"num_captions": 2.5}, "num_captions"),
+    ({"generation": "../x"}, "generation"),
+    ({"generation": "/etc"}, "generation"),
+    ({"generation": "g000001/../../x"}, "generation"),
+    ({"version": "abc"}, "version"),
+    ({"has_captions": "yes"}, "has_captions"),
+    ({"fingerprint": 12}, "fingerprint"),
+    ({"params": {"nprobe": 0}}, "params.nprobe"),
+    ({"params": {"nprobe": 4, "surprise": 1}}, "params.surprise"),
+    ({"files": {"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}, "files"),
+    ({"files": {"images.npy": {"bytes": 1, "sha256": "not-hex"}}}, "files.images.npy.sha256"),
+    ({"sources": "demo"}, "sources"),
+    ({"dim": None}, "dim"),
+])
+def test_bad_manifest_fields_are_refused_naming_the_field(demo_index, tmp_path, capsys, change, field):
+    ix = copy_index(demo_index, tmp_path / "ix")
+    m = {**json.loads((ix / "manifest.json").read_text()), **change}
+    (ix / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SearchIndexError, match="invalid manifest") as e:
+        read_manifest(ix)
+    msg = str(e.value)
+    assert f"{field}:" in msg and "\n" not in msg, msg
+    assert cli("index", "info", ix) == 2 and f"{field}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["dim", "kind", "generation", "fingerprint", "num_images", "has_captions"])
+def test_manifest_missing_keys_are_named(demo_index, tmp_path, key):
+    ix = copy_index(demo_index, tmp_path / "ix")
+    m = json.loads((ix / "manifest.json").read_text())
+    del m[key]
+    (ix / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SearchIndexError, match=f"invalid manifest: {key}: missing"):
+        read_manifest(ix)
+
+
+def test_manifest_unknown_keys_and_newer_versions(demo_index, tmp_path):
+    ix = copy_index(demo_index, tmp_path / "ix")
+    m = json.loads((ix / "manifest.json").read_text())
+    (ix / "manifest.json").write_text(json.dumps({**m, "comment": "kept"}))
+    assert read_manifest(ix)["comment"] == "kept"  # keys from elsewhere pass through
+    (ix / "manifest.json").write_text(json.dumps({**m, "version": 99}))
+    with pytest.raises(SearchIndexError, match="version 99 is newer"):
+        read_manifest(ix)
+    (ix / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(SearchIndexError, match="not a vsekit index manifest"):
+        read_manifest(ix)
+
+
+def test_search_image_refuses_huge_aspect_files_from_their_header(sx, tmp_path, monkeypatch, capsys):
+    """A 100000 x 1 PNG of a few hundred bytes would be resized to 3200000 x 32 (the test model's resize);
+    the library refuses it from the header, before decoding or transforming it."""
+    from vsekit.index.search import ImageSizeError
+
+    path = tmp_path / "strip.png"
+    path.write_bytes(png_of_size(100_000, 1))
+    assert path.stat().st_size < 1000
+    monkeypatch.setattr(sx.embedder, "eval_transform", lambda: pytest.fail("transformed"))
+    with pytest.raises(ImageSizeError, match="aspect ratio of 100000:1"):
+        sx.search_image(path)
+    assert cli("search", sx.index_dir, "--image", path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aspect ratio" in err[0]
+
+
+def test_resized_size_matches_the_eval_transform(sx):
+    """check_image_size bounds what the transform's Resize makes; its formula must agree with torchvision."""
+    from PIL import Image
+    from torchvision import transforms
+
+    resize = next(t for t in sx.embedder.eval_transform().transforms if isinstance(t, transforms.Resize))
+    for w, h in [(32, 32), (100, 7), (7, 100), (333, 100), (45, 1000), (31, 30)]:
+        assert resize(Image.new("RGB", (w, h))).size == sx.resized_size(w, h), (w, h)
+
+
+def test_allow_legacy_checkpoint_reaches_the_loader_only_when_asked(demo_index, ckpt, emb, tmp_path, monkeypatch):
+    """``--allow-legacy-checkpoint`` (search, serve, index build/add) and ``SearchIndex.open(...,
+    allow_legacy_checkpoint=True)`` pass ``allow_legacy=True`` to the checkpoint loader; without them the
+    keyword is not passed at all."""
+    calls = []
+
+    def fake_from_checkpoint(cls, path, device="auto", **kw):
+        calls.append(kw)
+        return emb
+
+    monkeypatch.setattr(Embedder, "from_checkpoint", classmethod(fake_from_checkpoint))
+    SearchIndex.open(demo_index)
+    SearchIndex.open(demo_index, allow_legacy_checkpoint=True)
+    assert calls == [{}, {"allow_legacy": True}]
+    calls.clear()
+    ix = copy_index(demo_index, tmp_path / "ix")
+    assert cli("search", ix, "red", "--allow-legacy-checkpoint") == 0
+    assert cli("search", ix, "red") == 0
+    assert cli("index", "add", ix, "--data", "demo", "--split", "val", "--max-images", "1", "-q",
+               "--allow-legacy-checkpoint") == 0
+    assert cli("index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", "2",
+               "--out", tmp_path / "b", "-q", "--allow-legacy-checkpoint") == 0
+    assert calls == [{"allow_legacy": True}, {}, {"allow_legacy": True}, {"allow_legacy": True}]

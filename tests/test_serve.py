@@ -70,7 +70,8 @@ def test_health(client):
     assert h["status"] == "ok" and h["images"] == INDEX_IMAGES and h["captions"] == 5 * INDEX_IMAGES
     assert h["has_captions"] and h["can_embed_images"] and h["kind"] == "exact" and h["similarity"] == "cosine"
     assert h["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_query_chars": MAX_QUERY, "max_k": MAX_K,
-                           "max_image_pixels": 512 * 512}
+                           "max_image_pixels": 512 * 512, "max_aspect_ratio": 20.0, "read_timeout_s": 10.0,
+                           "body_timeout_s": 60.0}
 
 
 def test_text_search(client, app):
@@ -290,3 +291,36 @@ def test_unexpected_errors_become_a_json_500(index_dir, ckpt, monkeypatch):
 def test_create_app_refuses_bad_limits(index_dir):
     with pytest.raises(ValueError, match="limits"):
         create_app(index_dir, max_k=0)
+
+
+def test_query_is_stripped_before_its_length_is_checked(client):
+    padded = " " * 40 + "a red star" + "\t " * 20  # 90 characters, 10 of them the query
+    r = client.get("/search", params={"q": padded, "k": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["query"] == "a red star"
+    assert_json_error(client.get("/search", params={"q": "  " + "x" * (MAX_QUERY + 1) + "  "}), 422,
+                      f"{MAX_QUERY + 1} characters")
+
+
+@pytest.mark.parametrize("range_header, status, words", [
+    ("bytes=99999999-", 416, ["outside the file"]),
+    ("bytes=abc", 400, ["Range"]),
+    ("bytes=5-2", 400, ["start must be less than end"]),
+    ("items=0-1", 400, ["bytes range"]),
+    ("bytes", 400, ["alformed"]),
+])
+def test_range_errors_on_images_are_json(client, records, range_header, status, words):
+    r = client.get(f"/images/{records[0]['id']}", headers={"Range": range_header})
+    assert_json_error(r, status, *words)
+    if status == 416:
+        size = len(png_bytes(records[0]["path"]))
+        assert r.headers["content-range"] == f"bytes */{size}"
+
+
+def test_valid_ranges_still_work(client, records):
+    data = png_bytes(records[0]["path"])
+    r = client.get(f"/images/{records[0]['id']}", headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206 and r.content == data[:10]
+    assert r.headers["content-range"] == f"bytes 0-9/{len(data)}"
+    r = client.get(f"/images/{records[0]['id']}", headers={"Range": "bytes=-5"})
+    assert r.status_code == 206 and r.content == data[-5:]

@@ -14,6 +14,31 @@ from pathlib import Path
 
 from vsekit.cli.common import parse_size, positive_int
 
+LEGACY_HELP = "load a checkpoint saved by an older vsekit with full pickle: only for files you trust"
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return v
+
+
+def aspect_ratio(text: str) -> float:
+    v = positive_float(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"is long side / short side, at least 1; got {text}")
+    return v
+
+
+def _legacy(args: argparse.Namespace) -> dict:
+    """``allow_legacy=True`` for the checkpoint loader when ``--allow-legacy-checkpoint`` was given (and
+    nothing otherwise, so this works with a loader that does not know the option)."""
+    return {"allow_legacy": True} if getattr(args, "allow_legacy_checkpoint", False) else {}
+
 
 def _load_source(args: argparse.Namespace, embedder):
     """The collection named by ``--images DIR`` or ``--data SPEC`` and a short description of it."""
@@ -39,7 +64,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from vsekit.index.build import build_index
     from vsekit.inference import Embedder
 
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, **_legacy(args))
     corpus, source = _load_source(args, emb)
     m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
@@ -58,7 +83,12 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     from vsekit.inference import Embedder
 
     manifest = read_manifest(args.index)
-    emb = Embedder.from_checkpoint(args.checkpoint or manifest["checkpoint"], device=args.device)
+    path = args.checkpoint or manifest["checkpoint"]
+    if not path:
+        from vsekit.index.store import SearchIndexError
+
+        raise SearchIndexError(f"{args.index}: the manifest names no checkpoint; pass --checkpoint")
+    emb = Embedder.from_checkpoint(path, device=args.device, **_legacy(args))
     corpus, source = _load_source(args, emb)
     m, added, skipped = add_to_index(args.index, emb, corpus, batch_size=args.batch_size,
                                      progress=not args.quiet, source=source)
@@ -92,7 +122,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("vsekit: error: give either a text query or --image PATH", file=sys.stderr)
         return 2
     index = SearchIndex.open(args.index, checkpoint=args.checkpoint, device=args.device,
-                             nprobe=args.nprobe, ef_search=args.ef_search)
+                             nprobe=args.nprobe, ef_search=args.ef_search,
+                             allow_legacy_checkpoint=args.allow_legacy_checkpoint)
     if args.image is not None:
         hits = index.search_image(args.image, k=args.k, target=args.target or "captions")
     else:
@@ -113,16 +144,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from vsekit.serve.app import create_app
+    from vsekit.serve.server import make_server
 
     torch.set_num_threads(args.torch_threads)
     app = create_app(args.index, checkpoint=args.checkpoint, device=args.device,
                      max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
-                     max_k=args.max_k, max_image_pixels=args.max_image_pixels)
+                     max_k=args.max_k, max_image_pixels=args.max_image_pixels,
+                     max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
+                     body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint)
+    server = make_server(app, args.host, args.port, read_timeout=args.read_timeout,
+                         body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout)
     print(f"serving {args.index} on http://{args.host}:{args.port}/  (API docs at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server.run()
     return 0
 
 
@@ -167,6 +202,7 @@ def add_cli(subparsers) -> None:
     b.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                    help="also index the data set's captions for image -> text search (default: when it has any)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    b.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     _add_ann(b, build=True)
     b.set_defaults(fn=cmd_index_build)
 
@@ -174,6 +210,7 @@ def add_cli(subparsers) -> None:
     a.add_argument("index", help="index folder")
     _add_source(a)
     a.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
+    a.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     a.set_defaults(fn=cmd_index_add)
 
     r = isub.add_parser("remove", help="remove images (and their captions) from an index")
@@ -196,14 +233,19 @@ def add_cli(subparsers) -> None:
     s.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     _add_ann(s, build=False)
     s.set_defaults(fn=cmd_search)
 
     from vsekit.serve import (
+        DEFAULT_BODY_TIMEOUT,
+        DEFAULT_KEEP_ALIVE_TIMEOUT,
+        DEFAULT_MAX_ASPECT_RATIO,
         DEFAULT_MAX_IMAGE_PIXELS,
         DEFAULT_MAX_K,
         DEFAULT_MAX_QUERY_CHARS,
         DEFAULT_MAX_UPLOAD_BYTES,
+        DEFAULT_READ_TIMEOUT,
     )
 
     v = subparsers.add_parser("serve", help="serve an index over HTTP: JSON API and a search page")
@@ -219,7 +261,19 @@ def add_cli(subparsers) -> None:
     v.add_argument("--max-k", type=positive_int, default=DEFAULT_MAX_K,
                    help=f"most results per request (default {DEFAULT_MAX_K})")
     v.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help=f"largest accepted upload in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
+                   help=f"largest accepted upload in pixels, before and after the model's resize "
+                        f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
+    v.add_argument("--max-aspect-ratio", type=aspect_ratio, default=DEFAULT_MAX_ASPECT_RATIO,
+                   help=f"most elongated accepted upload, long side / short side (default {DEFAULT_MAX_ASPECT_RATIO:g})")
+    v.add_argument("--read-timeout", type=positive_float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                   help="longest wait for a request's headers, or for the next piece of an upload "
+                        f"(default {DEFAULT_READ_TIMEOUT:g}); a stalled client gets 408 and is disconnected")
+    v.add_argument("--body-timeout", type=positive_float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help=f"longest time a whole request body may take to arrive (default {DEFAULT_BODY_TIMEOUT:g})")
+    v.add_argument("--keep-alive-timeout", type=positive_float, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                   metavar="SECONDS", help=f"idle keep-alive connections are closed after this "
+                                           f"(default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
+    v.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     v.add_argument("--torch-threads", type=positive_int, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")

@@ -28,6 +28,13 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
+# Limits of an image that a user sends (a search query): pixels, and long side / short side. Wide banners
+# (970 x 90) and phone panoramas (about 9:1) pass; a 100000 x 1 strip, which a short-side resize would blow up
+# into a huge intermediate image, does not. The server's defaults (vsekit.serve.limits) are these.
+MAX_QUERY_IMAGE_PIXELS = 40_000_000
+MAX_QUERY_ASPECT_RATIO = 20.0
+
+
 class ImageLoadError(DataError):
     """An image file is missing or cannot be decoded; the message names the file and the reason."""
 

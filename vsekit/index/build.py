@@ -26,6 +26,7 @@ from vsekit.index.store import (
     build_faiss,
     emptied_like,
     load_data,
+    manifest_params,
     measure_recall,
     params_dict,
     read_manifest,
@@ -167,7 +168,12 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
         "updated": _now(),
     }
     with write_lock(out):
-        previous = read_manifest(out) if (out / MANIFEST).exists() else None
+        previous = None
+        if (out / MANIFEST).exists():
+            try:
+                previous = read_manifest(out)
+            except SearchIndexError:  # --overwrite replaces a broken index too
+                previous = None
         return write_index(out, data, manifest, previous)
 
 
@@ -248,7 +254,7 @@ def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
             ckeep = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
             data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
             data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
-        kind, params = manifest["kind"], AnnParams(**manifest.get("params", {}))
+        kind, params = manifest["kind"], manifest_params(manifest)
         for target, index in old.faiss.items():
             fresh = emptied_like(index, kind, params, int(manifest["dim"]))
             add_vectors(fresh, data.vectors(target))

@@ -5,6 +5,11 @@ FAISS structure. ``order`` models are scored exactly with the order-violation si
 collection, since FAISS only knows inner products and L2. The order similarity relates an image to a
 caption; between two items of the same side (image -> image, text -> caption) the inner product of the
 embeddings is used.
+
+Image queries are checked before they are decoded in full: their header's size must fit a pixel limit and an
+aspect-ratio limit, and so must the size the model's resize step would make of them (a 100000 x 1 PNG of a
+few hundred bytes would otherwise be resized to gigabytes). Decoding and the transform run outside the model
+lock; only the forward pass is serialised, so a slow upload never stalls the other queries.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
 from vsekit.index.build import check_model
 from vsekit.index.store import (
     TARGETS,
@@ -26,11 +32,36 @@ from vsekit.index.store import (
     exact_top_k,
     inner_product_top_k,
     load_data,
+    manifest_params,
     read_manifest,
     set_search_params,
 )
 
 _ORDER_CHUNK = 4096  # order scoring holds (queries x chunk x D) floats
+# Default limits of an image query: pixels before and after the model's resize, and long side / short side
+DEFAULT_MAX_IMAGE_PIXELS = MAX_QUERY_IMAGE_PIXELS
+DEFAULT_MAX_ASPECT_RATIO = MAX_QUERY_ASPECT_RATIO
+
+
+class ImageSizeError(SearchIndexError):
+    """An image query refused for its size or shape, from its header, before it is decoded in full.
+    ``status`` is the HTTP status the server answers with (413: too many pixels, 422: too elongated)."""
+
+    def __init__(self, message: str, status: int = 413) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def image_header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header without decoding its pixels; None when PIL cannot even
+    read the header (:func:`vsekit.data.images.load_rgb` then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any failure is reported by the full decode that follows
+        return None
 
 
 @dataclass(frozen=True)
@@ -59,9 +90,13 @@ class SearchIndex:
 
     @classmethod
     def open(cls, index_dir: str | Path, embedder=None, *, checkpoint: str | Path | None = None,
-             device: str = "auto", nprobe: int | None = None, ef_search: int | None = None) -> SearchIndex:
+             device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
+             verify: bool = True, allow_legacy_checkpoint: bool = False) -> SearchIndex:
         """Open ``index_dir`` with ``embedder``, or with the model at ``checkpoint`` (default: the
-        checkpoint recorded in the manifest). A model other than the index's own is refused."""
+        checkpoint recorded in the manifest). A model other than the index's own is refused. With
+        ``verify`` (the default) every index file is checked against the sha256 the manifest records.
+        ``allow_legacy_checkpoint``: load a checkpoint saved by an older vsekit with full pickle -- only for
+        files you trust."""
         manifest = read_manifest(index_dir)
         if embedder is None:
             from vsekit.inference import Embedder
@@ -69,11 +104,13 @@ class SearchIndex:
             path = checkpoint or manifest.get("checkpoint")
             if not path:
                 raise SearchIndexError(f"{index_dir}: the manifest names no checkpoint; pass one")
-            embedder = Embedder.from_checkpoint(path, device=device)
+            # the flag is passed only when set, so this works with an Embedder that does not know it
+            legacy = {"allow_legacy": True} if allow_legacy_checkpoint else {}
+            embedder = Embedder.from_checkpoint(path, device=device, **legacy)
         check_model(manifest, embedder, index_dir)
-        data = load_data(index_dir, manifest)
+        data = load_data(index_dir, manifest, verify=verify)
         if nprobe is not None or ef_search is not None:
-            base = AnnParams(**manifest.get("params", {}))
+            base = manifest_params(manifest)
             params = AnnParams(**{**asdict(base), **({"nprobe": nprobe} if nprobe else {}),
                                   **({"ef_search": ef_search} if ef_search else {})})
             for index in data.faiss.values():
@@ -115,20 +152,66 @@ class SearchIndex:
             q = self.embedder.encode_captions([query])
         return self.search_vectors(q, "captions", target, k)[0]
 
-    def search_image(self, image, k: int = 10, target: str = "captions") -> list[SearchResult]:
-        """Image -> text (``target="captions"``) or image -> image search. ``image`` is a PIL image or a path."""
+    def search_image(self, image, k: int = 10, target: str = "captions", *,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> list[SearchResult]:
+        """Image -> text (``target="captions"``) or image -> image search. ``image`` is a PIL image or a path;
+        a file is checked against the limits (:meth:`check_image_size`) from its header, before decoding."""
         self._check(k, target)
-        if not self.can_embed_images:
-            raise SearchIndexError("this index's model reads precomputed features; it cannot embed an image file")
+        self._check_can_embed()
         if isinstance(image, (str, Path)):
             from vsekit.data.images import load_rgb
 
+            size = image_header_size(image)
+            if size is not None:
+                self.check_image_size(*size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             image = load_rgb(image, exif_transpose=True)
-        elif getattr(image, "mode", "RGB") != "RGB":
+        self.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+        return self.search_vectors(self.embed_image(image), "images", target, k)[0]
+
+    def embed_image(self, image) -> np.ndarray:
+        """(1, D) embedding of a PIL image (already checked with :meth:`check_image_size`). The transform runs
+        outside the model lock, which guards only the forward pass."""
+        self._check_can_embed()
+        if getattr(image, "mode", "RGB") != "RGB":
             image = image.convert("RGB")
-        with self._model_lock:
-            q = self.embedder.encode_pil_images([image])
-        return self.search_vectors(q, "images", target, k)[0]
+        batch = self.embedder.eval_transform()(image).unsqueeze(0)
+        with self._model_lock, torch.no_grad():
+            out = self.embedder.model.encode_images(batch.to(self.embedder.device))
+        return out.float().cpu().numpy()
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the model's eval transform resizes a ``width`` x ``height`` image to, before
+        its crop: the short side to ``transform.resize`` (``short_side``), or the crop size (``square``)."""
+        tf = self.embedder.config.transform
+        if tf.resize_policy == "square":
+            return tf.image_size, tf.image_size
+        short = tf.resize if tf.resize is not None else round(tf.image_size * 256 / 224)
+        if width <= height:  # as torchvision's Resize(int): the long side is truncated
+            return short, int(short * height / width)
+        return int(short * width / height), short
+
+    def check_image_size(self, width: int, height: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+        """Refuse (:class:`ImageSizeError`) an image of ``width`` x ``height`` pixels with more than
+        ``max_pixels`` pixels, a long side more than ``max_aspect_ratio`` times its short side, or a resize
+        (:meth:`resized_size`) that would make more than ``max_pixels`` pixels of it."""
+        if width < 1 or height < 1:
+            raise ImageSizeError(f"the image is {width}x{height} pixels: it has no pixels", status=422)
+        if width * height > max_pixels:
+            raise ImageSizeError(f"the image has {width}x{height} pixels; the limit is {max_pixels} pixels")
+        ratio = max(width, height) / min(width, height)
+        if ratio > max_aspect_ratio:
+            raise ImageSizeError(f"the image is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; "
+                                 f"the limit is {max_aspect_ratio:g}:1", status=422)
+        rw, rh = self.resized_size(width, height)
+        if rw * rh > max_pixels:
+            raise ImageSizeError(f"the image is {width}x{height} pixels, which the model's resize would make "
+                                 f"{rw}x{rh}; the limit is {max_pixels} pixels")
+
+    def _check_can_embed(self) -> None:
+        if not self.can_embed_images:
+            raise SearchIndexError("this index's model reads precomputed features; it cannot embed an image file")
 
     def _check(self, k: int, target: str) -> None:
         if target not in TARGETS:

@@ -3,7 +3,8 @@
 Layout of an index folder::
 
     manifest.json            format, version, checkpoint fingerprint and path, similarity, dim, counts,
-                             kind, ANN parameters, measured recall, and the current generation's folder
+                             kind, ANN parameters, measured recall, the current generation's folder, and
+                             the size and sha256 of each of its files
     g000002/images.npy       (N, D) float32 image embeddings; row i belongs to line i of images.jsonl
     g000002/images.jsonl     one {"id", "path", "captions"} record per image
     g000002/images.faiss     FAISS index over images.npy (inner-product models only)
@@ -13,11 +14,18 @@ Why generations: an index is several files that must change together. Every writ
 temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
 replaced atomically) pointed at it. A crash at any point leaves the old manifest naming the old, untouched
 generation; the leftovers are removed by the next successful write.
+
+Why checksums: a truncated or overwritten file must not be served, nor reach FAISS's reader (which answers
+with a C++ assertion). Opening an index checks every file of the generation against the size and sha256
+the manifest records, and refuses a mismatch in one line naming the file. Manifests written before
+checksums existed are still read (their files are then only checked as they are parsed). The manifest
+itself is validated field by field on reading (:func:`read_manifest`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -27,9 +35,19 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from vsekit.errors import VsekitError
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
@@ -43,6 +61,9 @@ TARGETS = ("images", "captions")
 RECALL_K = 10
 RECALL_QUERIES = 500
 _GENERATION = re.compile(r"^g(\d{6,})$")
+# The only file names a generation holds; the manifest's "files" may name no other (no paths).
+FILE_NAMES = tuple(f"{t}.{ext}" for t in TARGETS for ext in ("npy", "jsonl", "faiss"))
+_HASH_CHUNK = 1 << 20
 # Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs); versions before that
 # used ".tmp-<random>", which are still cleaned up.
 _WORK_NAME = "generation"
@@ -232,8 +253,88 @@ def measure_recall(data: IndexData, kind: str) -> dict[str, float] | None:
     return out
 
 
-# -- reading ----------------------------------------------------------------------------------------------
+# -- the manifest -----------------------------------------------------------------------------------------
+class _FileRecord(BaseModel):
+    """Size and sha256 of one file of the generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes: StrictInt = Field(ge=0)
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _ManifestParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nlist: StrictInt | None = Field(None, ge=1)
+    nprobe: StrictInt = Field(16, ge=1)
+    hnsw_m: StrictInt = Field(32, ge=1)
+    ef_construction: StrictInt = Field(40, ge=1)
+    ef_search: StrictInt = Field(64, ge=1)
+
+
+class _Manifest(BaseModel):
+    """The fields of ``manifest.json`` that vsekit reads; keys it does not know are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["vsekit-index"]
+    version: StrictInt = Field(ge=1)
+    generation: StrictStr
+    fingerprint: StrictStr = Field(min_length=1)
+    checkpoint: StrictStr | None = None
+    similarity: StrictStr = Field(min_length=1)
+    dim: StrictInt = Field(ge=1)
+    kind: Literal["exact", "ivf", "hnsw"]
+    num_images: StrictInt = Field(ge=0)
+    num_captions: StrictInt = Field(ge=0)
+    has_captions: StrictBool
+    params: _ManifestParams = Field(default_factory=_ManifestParams)
+    nlist: dict[StrictStr, StrictInt] | None = None
+    recall_at_10: dict[StrictStr, float] | None = None
+    sources: list[StrictStr] = Field(default_factory=list)
+    files: dict[StrictStr, _FileRecord] | None = None
+
+    @field_validator("generation")
+    @classmethod
+    def _generation_name(cls, v: str) -> str:
+        if not _GENERATION.match(v):
+            raise ValueError(f"must name a generation folder like g000001, got {v[:60]!r}")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, v: dict[str, _FileRecord] | None) -> dict[str, _FileRecord] | None:
+        for name in v or {}:
+            if name not in FILE_NAMES:
+                raise ValueError(f"names {name[:60]!r}, which is not a file of an index "
+                                 f"({', '.join(FILE_NAMES)})")
+        return v
+
+
+def _field_errors(e: ValidationError) -> str:
+    """``field: problem; field: problem`` from a pydantic error, in one line."""
+    out = []
+    for err in e.errors()[:4]:
+        field = ".".join(str(p) for p in err.get("loc", ())) or "(manifest)"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            msg = "missing"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg += f" (got {_short_repr(err['input'])})"
+        out.append(f"{field}: {msg}")
+    more = len(e.errors()) - len(out)
+    return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
+
+
+def _short_repr(value: Any, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    """The manifest of ``index_dir``, checked field by field: a missing, mistyped or out-of-range field,
+    or a generation name that is not a plain folder name, is a :class:`SearchIndexError` naming it."""
     index_dir = Path(index_dir)
     path = index_dir / MANIFEST
     if not path.is_file():
@@ -242,38 +343,138 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SearchIndexError(f"{path}: unreadable manifest ({e})") from None
+        raise SearchIndexError(f"{path}: unreadable manifest ({_one_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise SearchIndexError(f"{path}: not a vsekit index manifest")
-    if int(manifest.get("version", 0)) > INDEX_VERSION:
-        raise SearchIndexError(f"{path}: index format version {manifest['version']} is newer than this vsekit "
+        raise SearchIndexError(f"{path}: not a vsekit index manifest (no \"format\": \"{INDEX_FORMAT}\")")
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > INDEX_VERSION:
+        raise SearchIndexError(f"{path}: index format version {version} is newer than this vsekit "
                                f"reads ({INDEX_VERSION}); upgrade vsekit")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as e:
+        raise SearchIndexError(f"{path}: invalid manifest: {_field_errors(e)}") from None
     return manifest
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def manifest_params(manifest: dict[str, Any]) -> AnnParams:
+    """The ANN parameters a (validated) manifest records."""
+    return AnnParams(**manifest.get("params", {}))
+
+
+# -- checksums --------------------------------------------------------------------------------------------
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of one file, as the manifest records it."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> None:
+    """Check the files ``names`` of generation ``gen`` against the sizes and sha256 the manifest records
+    (nothing to check in a manifest written before checksums existed)."""
+    files = manifest.get("files")
+    if files is None:
+        return
+    for name in names:
+        path = gen / name
+        rec = files.get(name)
+        if rec is None:
+            raise SearchIndexError(f"{path}: corrupt index: the manifest records no checksum for this file")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise SearchIndexError(f"{path}: missing: the index's manifest lists it") from None
+        except OSError as e:
+            raise SearchIndexError(f"{path}: unreadable ({_one_line(e)})") from None
+        if size != rec["bytes"]:
+            raise SearchIndexError(f"{path}: corrupt index file: {size} bytes, but the manifest records "
+                                   f"{rec['bytes']} (truncated or altered)")
+        try:
+            digest = file_record(path)["sha256"]
+        except OSError as e:
+            raise SearchIndexError(f"{path}: unreadable ({_one_line(e)})") from None
+        if digest != rec["sha256"]:
+            raise SearchIndexError(f"{path}: corrupt index file: its sha256 is {digest[:16]}..., but the "
+                                   f"manifest records {rec['sha256'][:16]}... (the file was altered)")
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def _one_line(e: BaseException, n: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= n else text[:n] + "..."
+
+
+_RECORD_KEYS = {"images": ("id",), "captions": ("id", "text", "image")}
+
+
+def _read_jsonl(path: Path, target: str = "images") -> list[dict[str, Any]]:
+    keys = _RECORD_KEYS[target]
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise SearchIndexError(f"{path}: line {n}: not a JSON record ({_one_line(e)})") from None
+            if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in keys):
+                raise SearchIndexError(f"{path}: line {n}: not a {target[:-1]} record (needs string "
+                                       f"{', '.join(repr(k) for k in keys)})")
+            out.append(rec)
+    return out
+
+
+def _read_file(path: Path, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with every failure a one-line SearchIndexError naming ``path``."""
+    try:
+        return read()
+    except SearchIndexError:
+        raise
+    except FileNotFoundError:
+        raise SearchIndexError(f"{path}: missing: the index's {what} file is not there") from None
+    except UnicodeDecodeError as e:
+        raise SearchIndexError(f"{path}: unreadable {what} file (not UTF-8 text at byte {e.start})") from None
+    except (OSError, ValueError, EOFError, RuntimeError, MemoryError) as e:
+        # FAISS reports a truncated file as a RuntimeError whose text is a C++ location and assertion
+        raise SearchIndexError(f"{path}: unreadable {what} file, truncated or corrupt ({_one_line(e)})") from None
 
 
 def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = True,
-              with_faiss: bool = True) -> IndexData:
-    """Read the generation ``manifest`` names. Vectors are memory-mapped unless ``mmap=False``."""
+              with_faiss: bool = True, verify: bool = True) -> IndexData:
+    """Read the generation ``manifest`` names. Vectors are memory-mapped unless ``mmap=False``. With
+    ``verify`` (the default) every file is first checked against the size and sha256 the manifest records."""
     gen = Path(index_dir) / manifest["generation"]
+    if not gen.is_dir():
+        raise SearchIndexError(f"{gen}: missing: the index's manifest names this generation folder")
+    targets = TARGETS if manifest.get("has_captions") else ("images",)
+    names = [f"{t}.{ext}" for t in targets for ext in ("npy", "jsonl")]
+    files = manifest.get("files")
+    faiss_names = [f"{t}.faiss" for t in targets
+                   if (f"{t}.faiss" in files if files is not None else (gen / f"{t}.faiss").is_file())]
+    if verify:
+        verify_files(gen, manifest, names + faiss_names)
     mode = "r" if mmap else None
-    try:
-        data = IndexData(np.load(gen / "images.npy", mmap_mode=mode), _read_jsonl(gen / "images.jsonl"))
-        if manifest.get("has_captions"):
-            data.caption_vectors = np.load(gen / "captions.npy", mmap_mode=mode)
-            data.captions = _read_jsonl(gen / "captions.jsonl")
-        if with_faiss:
-            for target in TARGETS:
-                if (gen / f"{target}.faiss").is_file():
-                    data.faiss[target] = faiss_module().read_index(str(gen / f"{target}.faiss"))
-    except (OSError, ValueError) as e:
-        raise SearchIndexError(f"{gen}: index files are missing or unreadable ({e})") from None
+
+    def vectors(target: str) -> np.ndarray:
+        path = gen / f"{target}.npy"
+        return _read_file(path, "vectors", lambda: np.load(path, mmap_mode=mode, allow_pickle=False))
+
+    def records(target: str) -> list[dict[str, Any]]:
+        path = gen / f"{target}.jsonl"
+        return _read_file(path, "records", lambda: _read_jsonl(path, target))
+
+    data = IndexData(vectors("images"), records("images"))
+    if manifest.get("has_captions"):
+        data.caption_vectors, data.captions = vectors("captions"), records("captions")
+    if with_faiss:
+        for name in faiss_names:
+            path = gen / name
+            data.faiss[name.removesuffix(".faiss")] = _read_file(
+                path, "FAISS index", lambda p=path: faiss_module().read_index(str(p)))
     _check_consistent(gen, manifest, data)
-    params = AnnParams(**manifest.get("params", {}))
+    params = manifest_params(manifest)
     for index in data.faiss.values():
         set_search_params(index, params)
     return data
@@ -284,12 +485,16 @@ def _check_consistent(gen: Path, manifest: dict[str, Any], data: IndexData) -> N
     for target in TARGETS if manifest.get("has_captions") else ("images",):
         v, recs = data.vectors(target), data.records(target)
         want = int(manifest[f"num_{target}"])
+        if v.ndim != 2 or v.dtype != np.float32:
+            raise SearchIndexError(f"{gen / f'{target}.npy'}: corrupt index file: holds a {v.dtype} array of "
+                                   f"shape {v.shape}, not (N, {dim}) float32 vectors")
         if v.shape[0] != len(recs) or v.shape[0] != want or (v.shape[0] and v.shape[1] != dim):
             raise SearchIndexError(f"{gen}: corrupt index: {target} has {v.shape} vectors and {len(recs)} "
                                    f"records; the manifest says {want} x {dim}")
         index = data.faiss.get(target)
-        if index is not None and index.ntotal != want:
-            raise SearchIndexError(f"{gen}: corrupt index: {target}.faiss holds {index.ntotal} vectors, not {want}")
+        if index is not None and (index.ntotal != want or index.d != dim):
+            raise SearchIndexError(f"{gen / f'{target}.faiss'}: corrupt index file: holds {index.ntotal} "
+                                   f"vectors of dimension {index.d}, not {want} x {dim}")
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -350,8 +555,10 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
     gen = None
     try:
         _write_files(tmp, data)
-        for f in tmp.iterdir():
+        files = {}
+        for f in sorted(tmp.iterdir()):
             fsync_file(f)
+            files[f.name] = file_record(f)
         fsync_dir(tmp)
         gen = _next_generation(index_dir, previous)
         # A plain rename, not publish_dir: a fresh generation name is never in the way, and must not be
@@ -360,7 +567,7 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
         fsync_dir(index_dir)
         manifest = {**manifest, "format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": gen,
                     "num_images": len(data.images), "num_captions": len(data.captions or []),
-                    "has_captions": data.caption_vectors is not None}
+                    "has_captions": data.caption_vectors is not None, "files": files}
         _commit_manifest(index_dir, manifest)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

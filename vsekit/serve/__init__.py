@@ -6,10 +6,14 @@ The limits (``vsekit.serve.limits``) can be read without importing the web stack
 from __future__ import annotations
 
 from vsekit.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+    DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_K,
     DEFAULT_MAX_QUERY_CHARS,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_READ_TIMEOUT,
 )
 
 
@@ -20,5 +24,6 @@ def create_app(*args, **kwargs):
     return _create_app(*args, **kwargs)
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_K", "DEFAULT_MAX_QUERY_CHARS", "DEFAULT_MAX_UPLOAD_BYTES",
-           "create_app"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_KEEP_ALIVE_TIMEOUT", "DEFAULT_MAX_ASPECT_RATIO",
+           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_K", "DEFAULT_MAX_QUERY_CHARS", "DEFAULT_MAX_UPLOAD_BYTES",
+           "DEFAULT_READ_TIMEOUT", "create_app"]

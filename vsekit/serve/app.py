@@ -2,17 +2,28 @@
 
 Every input a client controls is checked before it reaches the model, and every refusal is a 4xx with a
 JSON body ``{"error": message, "status": code}``. Uploads are counted while they arrive, so an oversized
-body is refused without being stored. Images are served by id only: the id is looked up in the index and
+body is refused without being stored, and a body that stalls or trickles is refused (408) once it takes
+longer than the read/body timeouts. Replies that the framework itself makes in plain text (a bad ``Range``
+header on ``/images/...``) are rewritten to the same JSON shape by :class:`JsonErrors`; those of the HTTP
+layer (malformed requests, stalled headers) by :mod:`vsekit.serve.server`.
+
+Uploaded images are checked from their header (pixels, aspect ratio, and the size the model's resize would
+make of them) before they are decoded; decoding and the transform run in the thread pool, outside the model
+lock, which guards only the forward pass. Images are served by id only: the id is looked up in the index and
 never joined onto a path, so no request can name a file outside the index.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import logging
 import mimetypes
+import stat
 import tempfile
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -25,14 +36,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
-from vsekit.index.search import SearchIndex, SearchResult
+from vsekit.index.search import ImageSizeError, SearchIndex, SearchResult
 from vsekit.index.store import TARGETS, SearchIndexError
 from vsekit.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_K,
     DEFAULT_MAX_QUERY_CHARS,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_READ_TIMEOUT,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,15 +76,61 @@ _UPLOAD_BODY = {
 
 
 class ApiError(Exception):
-    """A refusal with an HTTP status and a message for the client."""
+    """A refusal with an HTTP status and a message for the client. ``close``: end the connection after the
+    reply (the request body was not read to its end)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.close = status, message, close
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+
+class JsonErrors:
+    """ASGI middleware: an error reply (status >= 400) that is not JSON -- Starlette's own plain-text
+    answers, such as a malformed or unsatisfiable ``Range`` on a file -- is rewritten to
+    ``{"error": text, "status": code}``, keeping its status and headers (``Content-Range``, ``Allow``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+
+        async def send_json_errors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                ctype = dict(message.get("headers", [])).get(b"content-type", b"")
+                if not ctype.startswith(b"application/json"):
+                    held.update(start=message, body=[])
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                held["body"].append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                start = held.pop("start")
+                await self._send_json(send, start, b"".join(held["body"]))
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+    @staticmethod
+    async def _send_json(send, start: dict[str, Any], text: bytes) -> None:
+        status = start["status"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        message = " ".join(text.decode("utf-8", "replace").split())[:300]
+        if status == 416:
+            size = dict(headers).get(b"content-range", b"").decode("latin-1").rpartition("/")[2]
+            message = f"the Range header asks for bytes outside the file ({size} bytes)"
+        body = json.dumps({"error": message or HTTPStatus(status).phrase, "status": status}).encode()
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _short(text: str, n: int = 120) -> str:
@@ -78,28 +139,42 @@ def _short(text: str, n: int = 120) -> str:
 
 def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None = None, device: str = "auto",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
-               max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FastAPI:
+               max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
-    :class:`SearchIndex`). The limits bound what a single request may ask for."""
+    :class:`SearchIndex`). The limits bound what a single request may ask for: ``max_aspect_ratio`` the
+    shape of an uploaded image, ``read_timeout`` the seconds between two pieces of an upload's body and
+    ``body_timeout`` the seconds the whole body may take (both answered 408)."""
     if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels) < 1:
         raise ValueError("limits must be >= 1")
-    sx = index if isinstance(index, SearchIndex) else SearchIndex.open(index, checkpoint=checkpoint, device=device)
+    if not max_aspect_ratio >= 1:
+        raise ValueError("max_aspect_ratio must be >= 1")
+    if not (read_timeout > 0 and body_timeout > 0):
+        raise ValueError("timeouts must be > 0 seconds")
+    sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
+        index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
-              "max_image_pixels": max_image_pixels}
+              "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
+              "read_timeout_s": read_timeout, "body_timeout_s": body_timeout}
     app = FastAPI(title="vsekit search", version="1",
                   description="Text -> image and image -> text search over one vsekit index. "
                               "Errors are JSON: {\"error\": message, \"status\": code}.")
     app.state.index = sx
     app.state.limits = limits
+    app.add_middleware(JsonErrors)
 
     # -- errors ---------------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        resp = _error(exc.status, exc.message)
+        if exc.close:
+            resp.headers["Connection"] = "close"
+        return resp
 
     @app.exception_handler(SearchIndexError)
     async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
-        return _error(400, str(exc))
+        return _error(exc.status if isinstance(exc, ImageSizeError) else 400, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -166,8 +241,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         query = q.strip()
         if not query:
             raise ApiError(422, "q: the query is empty")
-        if len(q) > max_query_chars:
-            raise ApiError(422, f"q: the query is {len(q)} characters long; the limit is {max_query_chars}")
+        if len(query) > max_query_chars:
+            raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is {max_query_chars}")
         kk, tgt = k, check_target(target, TARGETS)
         t0 = time.perf_counter()
         hits = sx.search_text(query, kk, tgt)
@@ -181,7 +256,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             raise ApiError(415, "send the image as multipart/form-data in a field named 'file'")
         if not sx.can_embed_images:
             raise ApiError(400, "this index's model reads precomputed features; it cannot embed uploaded images")
-        body = await _read_body(request, max_upload_bytes + FORM_OVERHEAD, max_upload_bytes)
+        body = await _read_body(request, max_upload_bytes + FORM_OVERHEAD, max_upload_bytes,
+                                read_timeout=read_timeout, body_timeout=body_timeout)
         async with _parse_form(request.scope, body) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
@@ -195,14 +271,10 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         if not data:
             raise ApiError(400, "the uploaded file is empty")
         t0 = time.perf_counter()
-        image = await run_in_threadpool(_decode_image, data, max_image_pixels)
         targets = list(TARGETS[::-1]) if tgt == "both" else [tgt]
-        results = {}
-        for t in targets:
-            hits = await run_in_threadpool(sx.search_image, image, kk, t)
-            results[t] = [hit_json(h) for h in hits]
+        hits = await run_in_threadpool(_image_query, sx, data, targets, kk, max_image_pixels, max_aspect_ratio)
         return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": results}
+                "results": {t: [hit_json(h) for h in hits[t]] for t in targets}}
 
     @app.get("/images/{image_id:path}", summary="An indexed image file, by its id in the index",
              response_class=FileResponse)
@@ -213,30 +285,58 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         if not rec.get("path"):
             raise ApiError(404, f"image {_short(image_id)!r} has no image file (the index holds features only)")
         path = Path(rec["path"])
-        if not path.is_file():
+        try:
+            st = path.stat()  # given to the response, which then needs no second look (that could race)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise ApiError(404, f"the file of image {_short(image_id)!r} is missing on the server")
         media = mimetypes.guess_type(path.name)[0] or ""
         return FileResponse(path, media_type=media if media.startswith("image/") else "application/octet-stream",
+                            stat_result=st,
                             headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     return app
 
 
-async def _read_body(request: Request, limit: int, file_limit: int) -> bytes:
-    """The request body, refused (413) as soon as it grows past ``limit``: nothing oversized is kept."""
+async def _read_body(request: Request, limit: int, file_limit: int, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                     body_timeout: float = DEFAULT_BODY_TIMEOUT) -> bytes:
+    """The request body, refused (413) as soon as it grows past ``limit``: nothing oversized is kept. A body
+    whose next piece takes more than ``read_timeout`` seconds, or that is not complete after
+    ``body_timeout`` seconds, is refused (408): a stalled client does not hold the request forever."""
     too_big = f"the upload is larger than the limit of {file_limit} bytes"
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise ApiError(400, "bad Content-Length header")
+            raise ApiError(400, "bad Content-Length header", close=True)
         if int(declared) > limit:
-            raise ApiError(413, too_big)
+            raise ApiError(413, too_big, close=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body_timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, too_big)
-        chunks.append(chunk)
+    stream = request.stream()
+    try:
+        while True:
+            left = deadline - loop.time()
+            wait = min(read_timeout, left)
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                chunk = await asyncio.wait_for(anext(stream), wait)
+            except StopAsyncIteration:
+                break
+            except ClientDisconnect:  # nobody is left to answer; no 500 and no traceback in the log
+                raise ApiError(400, "the client disconnected during the upload", close=True) from None
+            except (TimeoutError, asyncio.TimeoutError):
+                if left <= read_timeout:
+                    raise ApiError(408, f"the upload did not arrive within {body_timeout:g} s", close=True) from None
+                raise ApiError(408, f"the upload stalled: no data for {read_timeout:g} s", close=True) from None
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, too_big, close=True)
+            chunks.append(chunk)
+    finally:
+        await stream.aclose()
     return b"".join(chunks)
 
 
@@ -269,9 +369,19 @@ class _parse_form:
             await self.form.close()
 
 
-def _decode_image(data: bytes, max_pixels: int):
-    """Bytes -> RGB PIL image, through the same decoder as indexing (:func:`load_rgb`). The pixel count is
-    checked from the header first, so a small file cannot expand into gigabytes."""
+def _image_query(sx: SearchIndex, data: bytes, targets: list[str], k: int, max_pixels: int,
+                 max_aspect_ratio: float) -> dict[str, list[SearchResult]]:
+    """Upload bytes -> hits for each target; runs in the thread pool, and holds the model lock only for the
+    forward pass (:meth:`SearchIndex.embed_image`)."""
+    image = _decode_image(data, sx, max_pixels, max_aspect_ratio)
+    q = sx.embed_image(image)
+    return {t: sx.search_vectors(q, "images", t, k)[0] for t in targets}
+
+
+def _decode_image(data: bytes, sx: SearchIndex, max_pixels: int, max_aspect_ratio: float):
+    """Bytes -> RGB PIL image, through the same decoder as indexing (:func:`load_rgb`). The size is checked
+    from the header first (pixels, aspect ratio, and the size the model's resize would make of it), so a
+    small file cannot expand into gigabytes."""
     from PIL import Image, UnidentifiedImageError
 
     from vsekit.data.images import ImageLoadError, load_rgb
@@ -281,15 +391,21 @@ def _decode_image(data: bytes, max_pixels: int):
             w, h = im.size
     except UnidentifiedImageError:
         raise ApiError(415, "the upload is not an image in a format this server reads (JPEG, PNG, ...)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"the image has far more pixels than the limit of {max_pixels} (a decompression "
+                            "bomb?)") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt header: OSError, SyntaxError, struct.error, ... by format
         raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
-    if w * h > max_pixels:
-        raise ApiError(413, f"the image has {w}x{h} pixels; the limit is {max_pixels} pixels")
+    sx.check_image_size(w, h, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     with tempfile.NamedTemporaryFile(suffix=".upload") as f:
         f.write(data)
         f.flush()
         try:
-            return load_rgb(f.name, exif_transpose=True)
+            image = load_rgb(f.name, exif_transpose=True)
         except ImageLoadError as e:
             reason = str(e).removeprefix(f"{f.name}: ")
             raise ApiError(415, f"the upload is not a readable image: {reason}") from None
+        except (OverflowError, MemoryError) as e:  # a header that lied about its size; PIL gives up
+            raise ApiError(413, f"the image cannot be decoded within this server's limits ({type(e).__name__})") from None
+    sx.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    return image

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
+
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_QUERY_CHARS = 500
 DEFAULT_MAX_K = 100
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# an uploaded image's pixels, and its long side / short side (vsekit.data.images says why)
+DEFAULT_MAX_IMAGE_PIXELS = MAX_QUERY_IMAGE_PIXELS
+DEFAULT_MAX_ASPECT_RATIO = MAX_QUERY_ASPECT_RATIO
+# Seconds: the most a client may take to send a request's headers, or between two pieces of its body ...
+DEFAULT_READ_TIMEOUT = 10.0
+# ... and to send a whole request body (10 MB in 60 s is 1.4 Mbit/s).
+DEFAULT_BODY_TIMEOUT = 60.0
+# Seconds an idle keep-alive connection stays open (uvicorn's default).
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0

@@ -1,0 +1,147 @@
+"""Running the search app under uvicorn, with every wait bounded and JSON errors at the HTTP layer too.
+
+uvicorn answers a request it cannot parse itself, in plain text, and waits without limit for a client that
+opened a connection, or began a request, and then went quiet: a few hundred such connections hold the
+server's sockets forever. :class:`JsonH11Protocol` (uvicorn's h11 protocol, subclassed) answers malformed
+requests with the app's JSON error shape, and bounds each phase of a request:
+
+* headers: a connection's first request, or a request begun on a kept-alive connection, must have all its
+  headers within ``read_timeout`` seconds (else 408 and the connection is closed);
+* body: a request body must be complete within ``body_timeout`` (+1) seconds of its headers (the app refuses
+  an upload that stalls or trickles sooner, with a 408 of its own; this catches bodies nobody reads);
+* idle: a kept-alive connection with no request is closed after ``keep_alive_timeout`` (uvicorn's own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from http import HTTPStatus
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from vsekit.serve.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_READ_TIMEOUT
+
+_DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # h11's default bound on a request's head, which uvicorn keeps
+
+
+def json_error_bytes(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response with the app's JSON error body, that closes the connection."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class JsonH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with JSON 4xx replies of its own and bounded header and body phases. The
+    timeouts are class attributes; :func:`make_server` makes a subclass with the ones asked for."""
+
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._phase: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm(None)
+        super().connection_lost(exc)
+
+    # -- the phase a request is in, and its deadline ------------------------------------------------------
+    def _watch(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self._arm(None)
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            # a fresh connection, or bytes of a next request on a kept-alive one; an idle kept-alive
+            # connection with nothing sent is uvicorn's keep-alive timer's
+            waiting = self.cycle is None or bool(self.conn.trailing_data[0])
+            phase = "headers" if waiting else None
+        elif state is h11.SEND_BODY:
+            phase = "body"
+        else:
+            phase = None
+        if phase != self._phase:
+            self._arm(phase)
+
+    def _arm(self, phase: str | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._phase = phase
+        if phase is not None:
+            # a body gets a second more than the app's own limit, so that the app's 408 comes first
+            delay = self.read_timeout if phase == "headers" else self.body_timeout + 1.0
+            self._timer = self.loop.call_later(delay, self._expired, phase)
+
+    def _expired(self, phase: str) -> None:
+        self._timer = None
+        if self.transport.is_closing() or phase != self._phase:
+            return
+        self.logger.info("closing a connection whose request %s did not arrive in time", phase)
+        if phase == "headers":
+            self._reply_and_close(408, f"the request headers did not arrive within {self.read_timeout:g} s")
+        elif self.cycle is not None and not self.cycle.response_started:
+            self._reply_and_close(408, f"the request body did not arrive within {self.body_timeout:g} s")
+        else:  # the reply was sent already (the body was not needed); the client is still sending it
+            self.transport.close()
+
+    def _reply_and_close(self, status: int, message: str) -> None:
+        if self.conn.their_state is h11.IDLE and self.cycle is None and not self.conn.trailing_data[0]:
+            self.transport.close()  # not one byte sent: nobody to answer
+            return
+        self.transport.write(json_error_bytes(status, message))
+        self.transport.close()
+
+    # -- malformed requests -------------------------------------------------------------------------------
+    def send_400_response(self, msg: str) -> None:
+        """Called by uvicorn when h11 cannot parse the request: the same JSON shape as the app's errors
+        (431 when the request's head outgrew h11's buffer)."""
+        self._arm(None)
+        limit = self.config.h11_max_incomplete_event_size or _DEFAULT_MAX_HEADER_BYTES
+        if len(self.conn.trailing_data[0]) > limit:
+            status, message = 431, f"the request's headers are larger than {limit} bytes"
+        else:
+            status, message = 400, "malformed HTTP request"
+        self.transport.write(json_error_bytes(status, message))
+        self.transport.close()
+
+
+def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                read_timeout: float = DEFAULT_READ_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, log_level: str = "info",
+                access_log: bool = True) -> uvicorn.Server:
+    """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds);
+    ``server.run()`` serves until stopped (``server.should_exit = True``)."""
+    if not (read_timeout > 0 and body_timeout > 0 and keep_alive_timeout > 0):
+        raise ValueError("timeouts must be > 0 seconds")
+    protocol = type("VsekitH11Protocol", (JsonH11Protocol,),
+                    {"read_timeout": float(read_timeout), "body_timeout": float(body_timeout)})
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", lifespan="off",
+                            timeout_keep_alive=keep_alive_timeout, log_level=log_level, access_log=access_log)
+    return uvicorn.Server(config)
+
+
+def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (port 0: a free one), for ``server.run(sockets=[s])``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
