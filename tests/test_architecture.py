@@ -20,7 +20,8 @@ LAYERS: list[set[str]] = [
     {"vsekit.text"},
     {"vsekit.data"},
     {"vsekit.models"},
-    {"vsekit.losses", "vsekit.semantics", "vsekit.eval"},
+    {"vsekit.losses", "vsekit.semantics"},
+    {"vsekit.eval"},  # semantic recall reads the LSA of vsekit.semantics
     {"vsekit.config"},
     {"vsekit.checkpoint"},
     {"vsekit.inference"},

@@ -29,6 +29,7 @@ from vsekit.errors import ConfigError, VsekitError
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils.device import resolve_device
+from vsekit.utils.io import cache_root
 from vsekit.utils.progress import iterate
 
 
@@ -156,15 +157,48 @@ class Embedder:
         return np.concatenate(outs) if outs else np.zeros((0, self._dim()), dtype=np.float32)
 
     def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
-                 chunk_size: int | None = None, progress: bool = False, return_folds: bool = False):
+                 chunk_size: int | None = None, progress: bool = False, return_folds: bool = False,
+                 train_captions: Sequence[str] | None = None):
         """The field's metrics of this model on ``corpus``: what ``vsekit eval``, the trainer's validation and
-        the benchmarks all call. ``"full"`` / ``"1k5fold"``: recall, medr, meanr, rsum of the exact pairs
+        the benchmarks all call. ``"semantic"`` (any data set; ``train_captions`` needed): the exact-pair metrics
+        beside R@K, mAP@R and R-Precision where a caption (image) also counts when its LSA semantics are close to
+        a ground-truth caption's, per ``eval.thresholds`` (:mod:`vsekit.eval.semantic`). ``"eccv"`` (COCO 5K test): the exact-pair 5K metrics beside mAP@R, R-Precision
+        and R@1 with ECCV Caption positives and R@K with CxC positives (:mod:`vsekit.eval.eccv`).
+        ``"full"`` / ``"1k5fold"``: recall, medr, meanr, rsum of the exact pairs
         (:func:`vsekit.eval.retrieval_metrics`), scored by the model's own similarity. ``"label_map"``: label
         relevance (:func:`vsekit.eval.label_metrics`), mAP, mAP@50, precision@K, ranked by the model's
         similarity when it is cosine or euclidean (else cosine)."""
         from vsekit.eval import label_metrics, retrieval_metrics
 
+        if protocol == "eccv":
+            from vsekit.eval.eccv import coco_ids_from_corpus, eccv_metrics
+
+            ids = coco_ids_from_corpus(corpus)  # COCO 5K test only (checked before encoding); its 25,000 captions
         img, cap = self.encode_corpus(corpus, batch_size=batch_size, progress=progress)
+        if protocol == "semantic":
+            from vsekit.eval.semantic import lsa_vectors_for, semantic_metrics
+
+            if train_captions is None:
+                raise EncodeError("protocol 'semantic' needs the training captions (the LSA model is fitted on "
+                                  "them, as LSEH's)")
+            s = self.config.semantics
+            lsa = {"n_components": s.n_components, "random_state": s.random_state,
+                   **({"n_iter": s.n_iter} if s.n_iter is not None else {})}
+            cache = Path(s.cache_dir) if s.cache_dir else cache_root() / "semantics"  # fitted once, as LSEH's
+            vectors = lsa_vectors_for(train_captions, corpus.captions, cache_dir=cache, **lsa)
+            e = self.config.eval
+            m = retrieval_metrics(img, cap, corpus.caption_to_image, protocol="full", similarity=self.similarity,
+                                  chunk_size=chunk_size)
+            m.update(semantic_metrics(img, cap, corpus.caption_to_image, vectors, thresholds=tuple(e.thresholds),
+                                      similarity=self.similarity))
+            return (m, [m]) if return_folds else m
+        if protocol == "eccv":
+            rows = ids.caption_rows
+            m = retrieval_metrics(img, cap[rows], corpus.caption_to_image[rows], protocol="full",
+                                  similarity=self.similarity, chunk_size=chunk_size)
+            m.update(eccv_metrics(img, cap[rows], ids.image_cocoids, ids.caption_ids, similarity=self.similarity))
+            m["eccv_map_at_r"] = (m["eccv_i2t_map_at_r"] + m["eccv_t2i_map_at_r"]) / 2
+            return (m, [m]) if return_folds else m
         if protocol == "label_map":
             if corpus.labels is None:
                 raise EncodeError(f"{corpus.name} has no class labels: protocol 'label_map' needs them")

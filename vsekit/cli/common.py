@@ -32,7 +32,7 @@ def data_from_arg(arg: str | None, image_root: str | None, base: Any) -> Any:
     from vsekit.data.sources import data_config, sniff_source
 
     if arg is None:
-        if image_root and hasattr(base, "image_root"):
+        if image_root and "image_root" in type(base).model_fields:
             return data_config({**base.model_dump(), "image_root": image_root})
         return base
     return sniff_source(arg, image_root, base)

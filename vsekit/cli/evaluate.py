@@ -15,19 +15,36 @@ def _corpus(emb, args):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vsekit.eval import LABEL_PROTOCOL, format_label_table, format_metrics_table, write_metrics_json
+    from vsekit.eval import (
+        EXTENDED_PROTOCOLS,
+        LABEL_PROTOCOL,
+        format_eccv_table,
+        format_label_table,
+        format_metrics_table,
+        format_semantic_table,
+        write_metrics_json,
+    )
     from vsekit.inference import Embedder
     from vsekit.utils.io import atomic_write_json
 
     emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     corpus = _corpus(emb, args)
+    train_captions = None
+    if args.protocol == "semantic":  # the LSA model is fitted on the checkpoint's training captions
+        from vsekit.data.sources import data_config, load_split
+
+        data = emb.config.data
+        train = load_split(data_config({**data.model_dump(), "check_images": False}), data.train_split)
+        train_captions = train.captions
     result, folds = emb.evaluate(corpus, args.protocol, batch_size=args.batch_size, progress=True,
-                                 return_folds=True)
+                                 return_folds=True, train_captions=train_captions)
     title = f"{corpus.name}: {corpus.num_images} images, {corpus.num_captions} captions, protocol {args.protocol}"
     context = {"checkpoint": str(args.checkpoint), "split": args.split, "protocol": args.protocol,
                "num_images": corpus.num_images, "num_captions": corpus.num_captions}
-    if args.protocol == LABEL_PROTOCOL:
-        print(format_label_table(result, title=title))
+    if args.protocol in (LABEL_PROTOCOL, *EXTENDED_PROTOCOLS):
+        formatter = {LABEL_PROTOCOL: format_label_table, "eccv": format_eccv_table,
+                     "semantic": format_semantic_table}[args.protocol]
+        print(formatter(result, title=title))
         if args.out:
             atomic_write_json(args.out, {**context, "metrics": result})
     else:
@@ -70,7 +87,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def add_cli(sub) -> None:
     from vsekit.cli.common import add_allow_legacy_checkpoint
-    from vsekit.eval import LABEL_PROTOCOL, PROTOCOLS
+    from vsekit.eval.metrics import EXTENDED_PROTOCOLS, LABEL_PROTOCOL, PROTOCOLS
 
     e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
     e.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used)")
@@ -78,9 +95,12 @@ def add_cli(sub) -> None:
                                   "(default: the checkpoint's training data)")
     e.add_argument("--image-root", help="folder the data set's image paths are relative to")
     e.add_argument("--split", default="test")
-    e.add_argument("--protocol", choices=[*PROTOCOLS, LABEL_PROTOCOL], default="full",
-                   help="full (e.g. F30K 1K, COCO 5K), 1k5fold (COCO 1K: mean over 5 folds) or label_map "
-                        "(label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels)")
+    e.add_argument("--protocol", choices=[*PROTOCOLS, LABEL_PROTOCOL, *EXTENDED_PROTOCOLS], default="full",
+                   help="full (e.g. F30K 1K, COCO 5K), 1k5fold (COCO 1K: mean over 5 folds), label_map "
+                        "(label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels) or "
+                        "eccv (COCO 5K test from the Karpathy JSON: ECCV Caption and CxC positives beside the "
+                        "original protocol) or semantic (any data set: a caption also counts when its LSA "
+                        "semantics are close to a ground-truth caption's; R@K, mAP@R, R-Precision per threshold)")
     e.add_argument("--max-images", type=int, default=None, help="first N images of the split only")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="auto")

@@ -225,12 +225,25 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     # validation protocol (`vsekit eval --protocol` for tests): exact pairs (full, 1k5fold) or label relevance
-    protocol: Literal["full", "1k5fold", "label_map"] = "full"
+    # (eccv: only when validating on COCO's 5K test images, which the field does not do)
+    protocol: Literal["full", "1k5fold", "label_map", "eccv", "semantic"] = "full"
+    # protocol semantic: LSA-cosine thresholds at which a caption counts as a plausible match; the
+    # select_threshold's rsum picks best.pt
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    select_threshold: float = 0.7
 
     @property
     def select_metric(self) -> str:
-        """The validation metric that picks best.pt: rsum, or the mean of the two mAPs for label_map."""
-        return "map_avg" if self.protocol == "label_map" else "rsum"
+        """The validation metric that picks best.pt: rsum; the mean of the two mAPs for label_map; the mean
+        ECCV Caption mAP@R for eccv; the semantic rsum at ``select_threshold`` for semantic."""
+        return {"label_map": "map_avg", "eccv": "eccv_map_at_r",
+                "semantic": f"sem@{self.select_threshold:g}_rsum"}.get(self.protocol, "rsum")
+
+    @model_validator(mode="after")
+    def _select_threshold_is_evaluated(self) -> EvalConfig:
+        if self.protocol == "semantic" and self.select_threshold not in self.thresholds:
+            raise ValueError(f"select_threshold {self.select_threshold} is not one of thresholds {self.thresholds}")
+        return self
     chunk_size: int = Field(1024, ge=1)
     batch_size: int = Field(256, ge=1)
 

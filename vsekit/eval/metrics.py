@@ -39,6 +39,8 @@ DIRECTIONS = ("i2t", "t2i")
 METRIC_KEYS = tuple(f"{d}_{m}" for d in DIRECTIONS for m in ("r1", "r5", "r10", "medr", "meanr")) + ("rsum",)
 PROTOCOLS = ("full", "1k5fold")
 LABEL_PROTOCOL = "label_map"  # label relevance (label_metrics) instead of exact pairs
+# COCO 5K with ECCV Caption / CxC positives (vsekit.eval.eccv); plausible matches by LSA (vsekit.eval.semantic)
+EXTENDED_PROTOCOLS = ("eccv", "semantic")
 NUM_FOLDS = 5
 
 # (images, captions) per block when chunk_size is None. On CPU a 512 x 2560 block (5 MiB of float32

@@ -66,3 +66,33 @@ def format_label_table(metrics: Mapping[str, Any], title: str | None = None) -> 
         lines.append(f"{_LABELS[d]:<{width}}" + "".join(f"{100 * metrics[f'{d}_{k}']:>10.2f}" for k in keys))
     lines.append(f"{'mAP (avg)':<{width}}{100 * metrics['map_avg']:>10.2f}")
     return "\n".join(lines)
+
+
+def format_eccv_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
+    """COCO 5K with extended positives beside the original protocol: ECCV Caption mAP@R, R-Precision, R@1;
+    CxC R@1/5/10; the exact pairs' R@1/5/10 and rsum."""
+    width = max(len(v) for v in _LABELS.values())
+    cols = [("ECCV mAP@R", "eccv_{d}_map_at_r"), ("ECCV R-P", "eccv_{d}_rprecision"), ("ECCV R@1", "eccv_{d}_r1"),
+            ("CxC R@1", "cxc_{d}_r1"), ("CxC R@5", "cxc_{d}_r5"), ("CxC R@10", "cxc_{d}_r10"),
+            ("R@1", "{d}_r1"), ("R@5", "{d}_r5"), ("R@10", "{d}_r10")]
+    lines = [title] if title else []
+    lines.append(f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in cols))
+    for d in DIRECTIONS:
+        lines.append(f"{_LABELS[d]:<{width}}" + "".join(f"{metrics[key.format(d=d)]:>11.2f}" for _, key in cols))
+    lines.append(f"{'rsum (exact pairs)':<{width}}{metrics['rsum']:>11.2f}")
+    return "\n".join(lines)
+
+
+def format_semantic_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
+    """Semantic recall: for the exact pairs and each LSA-cosine threshold, R@1/5/10, mAP@R and R-Precision both
+    ways (:func:`vsekit.eval.semantic.semantic_metrics`)."""
+    levels = ["exact"] + [str(c["threshold"]) for c in metrics.get("curve", [])]
+    cols = [("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("mAP@R", "map_at_r"), ("R-P", "rprec")]
+    lines = [title] if title else []
+    lines.append(f"{'plausible at':<17}{'':<5}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'rsum':>9}")
+    for level in levels:
+        for d in DIRECTIONS:
+            cells = "".join(f"{metrics[f'sem@{level}_{d}_{k}']:>8.2f}" for _, k in cols)
+            rsum = f"{metrics[f'sem@{level}_rsum']:>9.2f}" if d == "i2t" else ""
+            lines.append(f"{('exact pairs' if level == 'exact' else 'LSA cos >= ' + level):<17}{d:<5}{cells}{rsum}")
+    return "\n".join(lines)

@@ -327,7 +327,8 @@ class Trainer:
 
     # -- one epoch -----------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        metrics = validate(self.model, self.vocab, self.cfg, self.val_corpus, self.device)
+        metrics = validate(self.model, self.vocab, self.cfg, self.val_corpus, self.device,
+                           train_captions=self.train_corpus.captions)
         self._train_mode()
         return metrics
 
