@@ -63,7 +63,7 @@ def test_an_unknown_key_in_a_stage_names_the_stage():
     ("data.image_size=64", r"^data.image_size: moved to transform.image_size"),
     ("transform.augment.crop=zoom", r"^transform.augment.crop: Input should be"),
     ("semantics.n_component=10", r"^semantics.n_component: unknown key; did you mean semantics.n_components\?"),
-    ("eval.protocol=5k", r"^eval.protocol: Input should be 'full', '1k5fold', 'label_map' or 'eccv'"),
+    ("eval.protocol=5k", r"^eval.protocol: Input should be 'full', '1k5fold', 'label_map', 'eccv' or 'semantic'"),
     ("train.collapse.action=panic", r"^train.collapse.action: Input should be"),
 ])
 def test_bad_values_name_the_key(override, message):
