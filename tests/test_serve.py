@@ -55,13 +55,15 @@ def png_bytes(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 
 
-def assert_json_error(resp, status: int, *words: str) -> None:
+def assert_json_error(resp, status: int, *words: str) -> dict:
+    """The reply is the server's JSON error with this status, and its message holds ``words``."""
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
     assert body["status"] == status and isinstance(body["error"], str) and body["error"]
     for w in words:
         assert w in body["error"], body["error"]
+    return body
 
 
 # -- endpoints ------------------------------------------------------------------------------------------------

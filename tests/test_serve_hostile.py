@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from test_index import build_demo_index, cli, png_of_size, trained_checkpoint
+from test_serve import assert_json_error  # tests/ is on sys.path (no package)
 
 from vsekit.index import SearchIndex
 from vsekit.inference import Embedder
@@ -47,14 +48,6 @@ def post_image(client, content: bytes, **data):
     return client.post("/search/image", files={"file": ("q.png", content, "image/png")}, data=data)
 
 
-def assert_json_error(resp, status: int, *words: str) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    body = resp.json()
-    assert body["status"] == status and isinstance(body["error"], str) and body["error"]
-    for w in words:
-        assert w in body["error"], body["error"]
-    return body
 
 
 class CountingLock:
