@@ -129,3 +129,42 @@ def test_eval_protocol_is_what_validation_uses(tmp_path, cache, monkeypatch):
         "eval.protocol=1k5fold"])
     Trainer(cfg).fit()
     assert seen == ["1k5fold"]
+
+
+def test_only_component_sections_switch_on_name():
+    """optim.name is an option of a typed section: changing it keeps the section's other keys."""
+    cfg = resolve_config(RECIPES / "acmr_wikipedia.yaml", ["optim.name=adamw"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.betas, cfg.optim.grad_clip) == ("adamw", 1e-4, (0.5, 0.999), None)
+    from vsekit.config import deep_merge
+
+    assert deep_merge({"optim": {"name": "sgd", "lr": 0.1}}, {"optim": {"name": "adam"}}) == \
+        {"optim": {"name": "adam", "lr": 0.1}}
+    # a stage that changes the optimizer keeps the run's other optim options
+    raw = resolve_config(None, ["optim.name=sgd", "optim.lr=0.1", "optim.grad_clip=null", "train.epochs=2"]).to_dict()
+    raw["train"]["stages"] = [{"epochs": 1}, {"epochs": 1, "optim": {"name": "adam"}}]
+    from vsekit.train.stages import StagePlan
+
+    stage = StagePlan(validate_config(raw)).config(1).optim
+    assert (stage.name, stage.lr, stage.grad_clip) == ("adam", 0.1, None)
+
+
+def test_switching_from_the_default_component_drops_its_options():
+    assert resolve_config({"loss": {"margin": 0.1}}, ["loss.name=infonce"]).loss == {"name": "infonce"}
+    from vsekit.config import deep_merge
+
+    # objective.mined keeps the objective's own keys (its weight, its pool) when its loss changes
+    merged = deep_merge({"objective": {"mined": {"name": "dualpath_rank", "weight": 2.0, "margin": 1.0}}},
+                        {"objective": {"mined": {"name": "other"}}})
+    assert merged == {"objective": {"mined": {"weight": 2.0, "name": "other"}}}
+
+
+def test_overrides_reach_list_items():
+    cfg = resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages[1].epochs=4", "train.stages.0.epochs=3",
+                                                           "train.epochs=7"])
+    assert [s.epochs for s in cfg.train.stages] == [3, 4]
+    with pytest.raises(ConfigError, match="train.stages has 2 items, no item 5"):
+        resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages[5].epochs=4"])
+    with pytest.raises(ConfigError, match=r"train.stages is a list; give an item number"):
+        resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages.x.epochs=4"])
+    with pytest.raises(ConfigError, match=r"^train.stages\[1\].optim.lrr: unknown key; did you mean"):
+        resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages[1].optim.lrr=1"])

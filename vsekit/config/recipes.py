@@ -7,6 +7,7 @@ the typed schema (a typo anywhere is an error naming the key).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,14 @@ import yaml
 
 from vsekit.errors import ConfigError
 
-# sections that name a registered component: switching to another component drops the old one's options
+# Sections that name a registered component by `name`: switching to another component drops the old one's
+# options (objective.mined keeps the objective's own keys). A section that leaves `name` out uses the default.
 _COMPONENT_KEY = "name"
+_COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (),
+               "objective.mined": ("weight", "pool_size")}
 # the data section names its source by `format`; switching keeps the options every source shares
 _SOURCE_KEY = "format"
+_SOURCE = "data"
 
 
 def _common_data_keys() -> set[str]:
@@ -33,32 +38,47 @@ def _default_format() -> str:
     return DataConfig.model_fields["format"].default
 
 
-def _switched(old: Any, new: Any) -> dict | None:
-    """When ``new`` names another component (or data source) than ``old``: what of ``old`` to keep."""
+def _default_name(path: str) -> str:
+    """The component a section names when it leaves ``name`` out (the schema's default)."""
+    from vsekit.config.schema import RunConfig
+
+    node: Any = RunConfig().to_dict()
+    for part in path.split("."):
+        node = node[part]
+    return node["name"]
+
+
+def _switched(old: Any, new: Any, path: str) -> dict | None:
+    """When ``new`` (the section at ``path``) names another component or data source than ``old``: what of
+    ``old`` to keep; None when nothing switches."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None
-    if _COMPONENT_KEY in old and _COMPONENT_KEY in new and old[_COMPONENT_KEY] != new[_COMPONENT_KEY]:
-        return {}
-    if _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
+    if path in _COMPONENTS and _COMPONENT_KEY in new:
+        if old.get(_COMPONENT_KEY, _default_name(path)) != new[_COMPONENT_KEY]:
+            return {k: v for k, v in old.items() if k in _COMPONENTS[path]}
+        return None
+    if path == _SOURCE and _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
         keep = _common_data_keys()
         return {k: v for k, v in old.items() if k in keep}
     return None
 
 
-def deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict, _path: str = "") -> dict:
     """A copy of ``base`` with ``update`` merged in (dicts merge recursively, everything else replaces).
 
-    A section that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``) replaces
-    the old one's options instead of merging with them; a ``data`` section that switches ``format`` keeps
-    only the options every data source shares (splits, image checks, ...).
+    A component section that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``)
+    replaces the old one's options instead of merging with them; a ``data`` section that switches ``format``
+    keeps only the options every data source shares (splits, image checks, ...). Other sections with a
+    ``name`` (``optim.name``) merge like any other.
     """
     out = copy.deepcopy(base)
     for k, v in update.items():
-        kept = _switched(out.get(k), v)
+        path = f"{_path}.{k}" if _path else k
+        kept = _switched(out.get(k), v, path)
         if kept is not None:
-            out[k] = deep_merge(kept, v)
+            out[k] = deep_merge(kept, v, path)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v, path)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -108,29 +128,61 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("+")  # "+key=": the old way to add a key; the schema now says what exists
-        if not key or any(not part for part in key.split(".")):
+        if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = cfg
-        parts = key.split(".")
+        node: Any = cfg
+        parts = _key_parts(key, item)
         for depth, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, where, item)
+                continue
+            if not isinstance(node.get(part), (dict, list)):
                 if part in node and node[part] is not None:
-                    where = ".".join(parts[: depth + 1])
                     raise ConfigError(f"override {item!r}: {where} is a value ({node[part]!r}), not a section")
                 node[part] = {}
             node = node[part]
         last = parts[-1]
-        if last in (_COMPONENT_KEY, _SOURCE_KEY) and len(parts) > 1:
-            kept = _switched(node, {last: value})
+        if isinstance(node, list):
+            node[_index(node, last, ".".join(parts), item)] = value
+            continue
+        path = ".".join(parts[:-1])
+        if last in (_COMPONENT_KEY, _SOURCE_KEY) and path:
+            kept = _switched(node, {last: value}, path)
             if kept is not None:
                 node.clear()
                 node.update(kept)
         node[last] = value
     return cfg
+
+
+def _key_parts(key: str, item: str) -> list[str]:
+    """``train.stages[1].epochs`` or ``train.stages.1.epochs`` -> ``["train", "stages", "1", "epochs"]``."""
+    parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+    if any(not p or "[" in p or "]" in p for p in parts):
+        raise ConfigError(f"override {item!r}: bad key {key!r} (use key.sub=value, list items as key[0])")
+    return parts
+
+
+def _index(items: list, part: str, where: str, item: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {item!r}: {where.rsplit('.', 1)[0]} is a list; give an item number, "
+                          f"e.g. {where.rsplit('.', 1)[0]}[0]")
+    i = int(part)
+    if i >= len(items):
+        raise ConfigError(f"override {item!r}: {where.rsplit('.', 1)[0]} has {len(items)} items, no item {i}")
+    return i
+
+
+def _list_item(items: list, part: str, where: str, item: str) -> Any:
+    value = items[_index(items, part, where, item)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"override {item!r}: {where} is a value ({value!r}), not a section")
+    return value
 
 
 def dump_config(cfg: dict) -> str:
