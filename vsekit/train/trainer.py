@@ -140,7 +140,8 @@ class Trainer:
             "text_feature_dim": self.run.text_feature_dim,
             "monitor": {"detector": self.detector.state_dict(), "diagnostics": self.diagnostics.state_dict(),
                         "sum_until_epoch": int(self.loss_fn.sum_until_epoch),
-                        "nonfinite": [self.nonfinite_streak, self.nonfinite_total]},
+                        "nonfinite": [self.nonfinite_streak, self.nonfinite_total],
+                        "skipped_images": sorted(str(m) for m in self.skipped_images)},
             "elapsed_s": self.elapsed_s,
         }
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
@@ -167,6 +168,7 @@ class Trainer:
         if monitor.get("sum_until_epoch"):
             self.loss_fn.fall_back_to_sum(int(monitor["sum_until_epoch"]))
         self.nonfinite_streak, self.nonfinite_total = (int(v) for v in monitor.get("nonfinite", (0, 0)))
+        self.skipped_images = set(monitor.get("skipped_images", ()))
         self.elapsed_before = float(s.get("elapsed_s", 0.0))
         set_rng_state(s["rng"])
         log.info("resumed %s at epoch %d, batch %d (step %d)", self.out, self.epoch, self.batches_done, self.step)
@@ -387,7 +389,7 @@ class Trainer:
         return True
 
     def _note_skipped(self, messages: list[str]) -> None:
-        for m in messages:
+        for m in map(str, messages):  # plain strings (a Skipped marker is a str subclass)
             if m not in self.skipped_images:
                 self.skipped_images.add(m)
                 log.warning("skipping an unreadable training image (data.skip_missing_images): %s", m)
