@@ -383,3 +383,36 @@ def test_pairs_and_precomp_readers_carry_single_and_multi_labels(tmp_path):
     np.save(pre / "test_labels.npy", np.array([4, 0]))
     with pytest.raises(DataError, match="2 label rows for 3 image rows"):
         read_precomp(pre, "test")
+
+
+def test_label_layout_is_decided_over_the_whole_data_set(tmp_path):
+    """A 0-based release whose test split lacks class 0 keeps its ids; a multi-hot release whose small split
+    has one category per row stays multi-hot."""
+    for name, train, test in (("ids", np.array([0, 1, 2, 1]), np.array([1, 2, 2, 1])),
+                              ("multi", np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]]),
+                               np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]))):
+        root = tmp_path / name
+        root.mkdir()
+        for split, y in (("train", train), ("test", test)):
+            np.save(root / f"{split}_img.npy", np.ones((4, 3), np.float32))
+            np.save(root / f"{split}_txt.npy", np.ones((4, 2), np.float32))
+            np.save(root / f"{split}_img_lab.npy", y)
+        got = load_split({"format": "xmodal", "path": str(root)}, "test").labels
+        assert got.tolist() == test.tolist(), name
+
+
+def test_unlabelled_items_are_neither_anchors_nor_negatives():
+    scores = torch.zeros(3, 3)
+    for labels in (torch.tensor([[0, 0], [1, 0], [0, 1]]), torch.tensor([-1, 0, 1])):
+        idx, ok = hardest_different_label(scores, labels)
+        assert ok.tolist() == [False, True, True] and idx[1] == 2 and idx[2] == 1
+    v, t = torch.randn(3, 4), torch.randn(3, 4)
+    loss = LabelTripletLoss(margin=0.2)
+    full = float(loss(v, t, torch.tensor([-1, 0, 1])))
+    assert full == pytest.approx(float(loss(v[1:], t[1:], torch.tensor([0, 1]))), rel=1e-5)
+
+
+def test_precision_at_k_beyond_the_gallery_divides_by_k():
+    img, cap = np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32)
+    m = label_metrics(img, cap, [0, 1], [0, 1], precision_at=(1, 10))
+    assert m["i2t_p@1"] == 1.0 and m["i2t_p@10"] == pytest.approx(0.1)

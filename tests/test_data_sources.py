@@ -39,15 +39,19 @@ def test_registered_sources():
 def test_sniff_recognises_each_kind(tmp_path):
     (tmp_path / "pre").mkdir()
     (tmp_path / "pre" / "test_caps.txt").write_text("a\n")
+    np.save(tmp_path / "pre" / "test_ims.npy", np.zeros((1, 2), np.float32))
     (tmp_path / "dataset_x.json").write_text("{}")
+    (tmp_path / "rows.json").write_text('  [{"image": "a.png", "caption": "a cat"}]')  # a pairs array
+    _png(tmp_path / "mixed" / "b.png")  # images with a stray *_caps.txt: not precomputed features
+    (tmp_path / "mixed" / "train_caps.txt").write_text("x\n")
     (tmp_path / "pairs.csv").write_text("image,caption\n")
     (tmp_path / "pairs.jsonl").write_text("")
     _png(tmp_path / "photos" / "a.png")
     base = data_config({"format": "demo", "check_images": False, "skip_missing_images": True})
     kinds = {name: sniff_source(str(tmp_path / name), base=base).format
-             for name in ("pre", "dataset_x.json", "pairs.csv", "pairs.jsonl", "photos")}
+             for name in ("pre", "dataset_x.json", "pairs.csv", "pairs.jsonl", "photos", "rows.json", "mixed")}
     assert kinds == {"pre": "precomp", "dataset_x.json": "karpathy", "pairs.csv": "pairs", "pairs.jsonl": "pairs",
-                     "photos": "folder"}
+                     "photos": "folder", "rows.json": "pairs", "mixed": "folder"}
     sniffed = sniff_source(str(tmp_path / "pairs.csv"), image_root="/imgs", base=base)
     assert (sniffed.image_root, sniffed.check_images, sniffed.skip_missing_images) == ("/imgs", False, True)
     assert sniff_source("demo", base=base) is base  # the checkpoint's own demo options

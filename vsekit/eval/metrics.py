@@ -637,8 +637,8 @@ def _label_stats(query_emb: ArrayLike, gallery_emb: ArrayLike, ql: torch.Tensor,
         sums["ap"] += float(((precision * hits).sum(1) / relevant.clamp_min(1)).sum())
         d = min(map_at, ng)
         sums["ap_at"] += float(((precision[:, :d] * hits[:, :d]).sum(1) / cum[:, d - 1].clamp_min(1)).sum())
-        for i, k in enumerate(ks):
-            sums["p"][i] += float(precision[:, k - 1].sum())
+        for i, (k, k_cut) in enumerate(zip(precision_at, ks)):  # hits in the top K / K, also when K > gallery
+            sums["p"][i] += float((cum[:, k_cut - 1] / k).sum())
         # interpolated precision at recall r: the best precision at any depth whose recall is >= r
         recall = cum / relevant.clamp_min(1)[:, None]
         best_after = precision.flip(1).cummax(1).values.flip(1)  # max precision from each depth on

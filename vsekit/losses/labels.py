@@ -46,10 +46,17 @@ class LabelClassifierLoss(nn.Module):
             return (F.binary_cross_entropy_with_logits(li, y) + F.binary_cross_entropy_with_logits(lt, y)) / 2
 
 
+def is_labelled(labels: Tensor) -> Tensor:
+    """(B,) bool: the item has a label (class id >= 0, or a multi-hot row with a one)."""
+    return labels >= 0 if labels.dim() == 1 else labels.sum(1) > 0
+
+
 def hardest_different_label(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """For each row i of ``scores`` (higher = closer), the column j with the highest score among items that
-    share no label with item i; and whether row i has any such item."""
-    different = ~share_label(labels, labels)
+    """For each row i of ``scores`` (higher = closer), the column j with the highest score among labelled items
+    that share no label with item i; and whether row i is labelled and has any such item. Unlabelled items are
+    neither anchors nor negatives: what they are is unknown."""
+    labelled = is_labelled(labels)
+    different = ~share_label(labels, labels) & labelled.unsqueeze(0) & labelled.unsqueeze(1)
     masked = scores.masked_fill(~different, float("-inf"))
     return masked.argmax(1), different.any(1)
 

@@ -10,6 +10,16 @@ from vsekit.data.karpathy import read_karpathy
 from vsekit.data.sources.base import DataConfig, register_source
 
 
+def first_char(path: Path) -> str:
+    """The first non-blank character of a file (``{`` for a Karpathy JSON object, ``[`` for a pairs array)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return ""
+    return head[:1].decode("ascii", "replace")
+
+
 @register_source("karpathy", sniff_priority=20)
 class KarpathyData(DataConfig):
     """a Karpathy dataset_*.json."""
@@ -25,7 +35,7 @@ class KarpathyData(DataConfig):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() == ".json"
+        return path.is_file() and path.suffix.lower() == ".json" and first_char(path) == "{"
 
     @classmethod
     def from_path(cls, path: Path, image_root: str | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ REQUESTED = "requested"
 
 @register_source("pairs", sniff_priority=30)
 class PairsData(DataConfig):
-    """a .csv/.tsv/.jsonl pairs file."""
+    """a .csv/.tsv/.jsonl pairs file (or a .json array of rows)."""
 
     format: Literal["pairs"] = "pairs"
     path: str
@@ -32,7 +32,10 @@ class PairsData(DataConfig):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() in PAIRS_SUFFIXES
+        from vsekit.data.sources.karpathy import first_char
+
+        suffix = path.suffix.lower()
+        return path.is_file() and (suffix in PAIRS_SUFFIXES or (suffix == ".json" and first_char(path) == "["))
 
     @classmethod
     def from_path(cls, path: Path, image_root: str | None = None) -> dict[str, Any]:

@@ -25,4 +25,4 @@ class PrecompData(DataConfig):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return path.is_dir() and any(path.glob("*_caps.txt"))
+        return path.is_dir() and any(path.glob("*_caps.txt")) and any(path.glob("*_ims.npy"))

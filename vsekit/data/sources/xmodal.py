@@ -68,31 +68,67 @@ def _features(path: Path) -> np.ndarray:
     return x
 
 
-def normalise_labels(raw: np.ndarray, where: str) -> np.ndarray:
-    """(N,) 0-based class ids, or (N, C) multi-hot rows, from any of the releases' label layouts."""
-    y = np.asarray(raw)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
+def _as_ids(y: np.ndarray) -> np.ndarray:
+    return y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def label_layout(raws: list[np.ndarray]) -> tuple[bool, bool]:
+    """(shift ids by -1, keep multi-hot) for a data set, decided over the label arrays of all its splits: ids
+    are 1-based when no split holds a 0 and the smallest id is 1; 0/1 rows are class ids when every row of every
+    split has exactly one 1. Deciding per split would renumber a split that lacks class 0, or turn a split whose
+    rows happen to have one category each into class ids."""
+    ids = [_as_ids(np.asarray(r)) for r in raws]
+    flat = [y for y in ids if y.ndim == 1 and y.size]
+    shift = bool(flat) and min(int(y.min()) for y in flat) == 1 and not any((y == 0).any() for y in flat)
+    hot = [y for y in ids if y.ndim == 2]
+    multi = any(np.asarray(y).sum(1).max(initial=0) != 1 or np.asarray(y).sum(1).min(initial=1) != 1 for y in hot)
+    return shift, multi
+
+
+def normalise_labels(raw: np.ndarray, where: str, *, shift: bool | None = None,
+                     multi: bool | None = None) -> np.ndarray:
+    """(N,) 0-based class ids, or (N, C) multi-hot rows, from any of the releases' label layouts. ``shift`` and
+    ``multi`` (from :func:`label_layout` over the whole data set) override what this array alone suggests."""
+    y = _as_ids(np.asarray(raw))
     if not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{where}: labels must be numbers, got {y.dtype}")
+    own_shift, own_multi = label_layout([y])
+    shift = own_shift if shift is None else shift
+    multi = own_multi if multi is None else multi
     if y.ndim == 1:
         if not np.all(np.equal(np.mod(y, 1), 0)):
             raise DataError(f"{where}: class ids must be integers")
-        y = y.astype(np.int64)
-        if y.min() == 1 and 0 not in y:
-            y = y - 1  # MATLAB ids 1..C
-        if y.min() < 0:
-            raise DataError(f"{where}: negative class id {int(y.min())}")
+        y = y.astype(np.int64) - (1 if shift else 0)
+        if y.size and y.min() < 0:
+            raise DataError(f"{where}: class id {int(y.min()) + (1 if shift else 0)} is out of range"
+                            + (" (ids start at 1 in the other splits)" if shift else ""))
         return y
     if y.ndim != 2 or not np.isin(y, (0, 1)).all():
         raise DataError(f"{where}: expected class ids (N,) or 0/1 rows (N, C), got {y.dtype} {y.shape}")
     y = y.astype(np.int64)
     per_row = y.sum(1)
-    if (per_row == 1).all():
-        return y.argmax(1)  # one-hot: class ids
     if (per_row == 0).any():
         raise DataError(f"{where}: row {int(np.flatnonzero(per_row == 0)[0])} has no label")
+    if not multi:
+        return y.argmax(1)  # one-hot in every split: class ids
     return y
+
+
+def _label_paths(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.suffix in _SUFFIXES
+                  and any(p.stem.endswith(s.replace("{split}", "")) for s in _LABEL_STEMS))
+
+
+def _dataset_layout(root: Path) -> tuple[bool, bool]:
+    key = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in _label_paths(root))
+    if _LAYOUTS.get(root) and _LAYOUTS[root][0] == key:
+        return _LAYOUTS[root][1]
+    layout = label_layout([read_matrix(p) for p in _label_paths(root)])
+    _LAYOUTS[root] = (key, layout)
+    return layout
+
+
+_LAYOUTS: dict[Path, tuple[tuple, tuple[bool, bool]]] = {}
 
 
 @register_source("xmodal", sniff_priority=15)
@@ -111,7 +147,8 @@ class CrossModalFeatureData(DataConfig):
         txt_path = _find(root, ("{split}_txt",), split, "text-feature")
         lab_path = _find(root, _LABEL_STEMS, split, "label")
         images, texts = _features(img_path), _features(txt_path)
-        labels = normalise_labels(read_matrix(lab_path), str(lab_path))
+        shift, multi = _dataset_layout(root)
+        labels = normalise_labels(read_matrix(lab_path), str(lab_path), shift=shift, multi=multi)
         n = images.shape[0]
         if texts.shape[0] != n or labels.shape[0] != n:
             raise DataError(f"{root}: split {split!r} has {n} image rows, {texts.shape[0]} text rows and "
