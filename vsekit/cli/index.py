@@ -237,16 +237,7 @@ def add_cli(subparsers) -> None:
     _add_ann(s, build=False)
     s.set_defaults(fn=cmd_search)
 
-    from vsekit.serve import (
-        DEFAULT_BODY_TIMEOUT,
-        DEFAULT_KEEP_ALIVE_TIMEOUT,
-        DEFAULT_MAX_ASPECT_RATIO,
-        DEFAULT_MAX_IMAGE_PIXELS,
-        DEFAULT_MAX_K,
-        DEFAULT_MAX_QUERY_CHARS,
-        DEFAULT_MAX_UPLOAD_BYTES,
-        DEFAULT_READ_TIMEOUT,
-    )
+    from vsekit.serve import limits  # the defaults, without the web stack
 
     v = subparsers.add_parser("serve", help="serve an index over HTTP: JSON API and a search page")
     v.add_argument("index", help="index folder")
@@ -254,25 +245,25 @@ def add_cli(subparsers) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     v.add_argument("--device", default="auto")
-    v.add_argument("--max-upload-bytes", type=parse_size, default=DEFAULT_MAX_UPLOAD_BYTES,
-                   help=f"largest accepted image upload, e.g. 512K, 10M (default {DEFAULT_MAX_UPLOAD_BYTES})")
-    v.add_argument("--max-query-chars", type=positive_int, default=DEFAULT_MAX_QUERY_CHARS,
-                   help=f"longest text query (default {DEFAULT_MAX_QUERY_CHARS})")
-    v.add_argument("--max-k", type=positive_int, default=DEFAULT_MAX_K,
-                   help=f"most results per request (default {DEFAULT_MAX_K})")
-    v.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    v.add_argument("--max-upload-bytes", type=parse_size, default=limits.DEFAULT_MAX_UPLOAD_BYTES,
+                   help=f"largest accepted image upload, e.g. 512K, 10M (default {limits.DEFAULT_MAX_UPLOAD_BYTES})")
+    v.add_argument("--max-query-chars", type=positive_int, default=limits.DEFAULT_MAX_QUERY_CHARS,
+                   help=f"longest text query (default {limits.DEFAULT_MAX_QUERY_CHARS})")
+    v.add_argument("--max-k", type=positive_int, default=limits.DEFAULT_MAX_K,
+                   help=f"most results per request (default {limits.DEFAULT_MAX_K})")
+    v.add_argument("--max-image-pixels", type=positive_int, default=limits.DEFAULT_MAX_IMAGE_PIXELS,
                    help=f"largest accepted upload in pixels, before and after the model's resize "
-                        f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
-    v.add_argument("--max-aspect-ratio", type=aspect_ratio, default=DEFAULT_MAX_ASPECT_RATIO,
-                   help=f"most elongated accepted upload, long side / short side (default {DEFAULT_MAX_ASPECT_RATIO:g})")
-    v.add_argument("--read-timeout", type=positive_float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                        f"(default {limits.DEFAULT_MAX_IMAGE_PIXELS})")
+    v.add_argument("--max-aspect-ratio", type=aspect_ratio, default=limits.DEFAULT_MAX_ASPECT_RATIO,
+                   help=f"most elongated accepted upload, long side / short side (default {limits.DEFAULT_MAX_ASPECT_RATIO:g})")
+    v.add_argument("--read-timeout", type=positive_float, default=limits.DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                    help="longest wait for a request's headers, or for the next piece of an upload "
-                        f"(default {DEFAULT_READ_TIMEOUT:g}); a stalled client gets 408 and is disconnected")
-    v.add_argument("--body-timeout", type=positive_float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
-                   help=f"longest time a whole request body may take to arrive (default {DEFAULT_BODY_TIMEOUT:g})")
-    v.add_argument("--keep-alive-timeout", type=positive_float, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                        f"(default {limits.DEFAULT_READ_TIMEOUT:g}); a stalled client gets 408 and is disconnected")
+    v.add_argument("--body-timeout", type=positive_float, default=limits.DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help=f"longest time a whole request body may take to arrive (default {limits.DEFAULT_BODY_TIMEOUT:g})")
+    v.add_argument("--keep-alive-timeout", type=positive_float, default=limits.DEFAULT_KEEP_ALIVE_TIMEOUT,
                    metavar="SECONDS", help=f"idle keep-alive connections are closed after this "
-                                           f"(default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
+                                           f"(default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     v.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     v.add_argument("--torch-threads", type=positive_int, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
