@@ -29,7 +29,6 @@ from vsekit.errors import ConfigError, VsekitError
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils.device import resolve_device
-from vsekit.utils.io import cache_root
 from vsekit.utils.progress import iterate
 
 
@@ -181,11 +180,8 @@ class Embedder:
             if train_captions is None:
                 raise EncodeError("protocol 'semantic' needs the training captions (the LSA model is fitted on "
                                   "them, as LSEH's)")
-            s = self.config.semantics
-            lsa = {"n_components": s.n_components, "random_state": s.random_state,
-                   **({"n_iter": s.n_iter} if s.n_iter is not None else {})}
-            cache = Path(s.cache_dir) if s.cache_dir else cache_root() / "semantics"  # fitted once, as LSEH's
-            vectors = lsa_vectors_for(train_captions, corpus.captions, cache_dir=cache, **lsa)
+            s = self.config.semantics  # fitted once per caption set, in LSEH's cache
+            vectors = lsa_vectors_for(train_captions, corpus.captions, cache_dir=s.cache_path(), **s.lsa_params())
             e = self.config.eval
             m = retrieval_metrics(img, cap, corpus.caption_to_image, protocol="full", similarity=self.similarity,
                                   chunk_size=chunk_size)

@@ -11,6 +11,7 @@ instead of a silent default. Sections that name a registered component (``loss``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
@@ -121,6 +122,16 @@ class SemanticsConfig(Section):
     n_iter: int | None = Field(None, ge=1)  # randomized-SVD power iterations (null: vsekit's default)
     random_state: int = DEFAULT_RANDOM_STATE
     cache_dir: str | None = None  # default: $VSEKIT_CACHE/semantics
+
+    def lsa_params(self) -> dict[str, int]:
+        """The keyword arguments of the LSA fit (``n_iter`` only when set: else the library's default)."""
+        out = {"n_components": self.n_components, "random_state": self.random_state}
+        return {**out, "n_iter": self.n_iter} if self.n_iter is not None else out
+
+    def cache_path(self) -> Path:
+        from vsekit.utils.io import cache_root
+
+        return Path(self.cache_dir) if self.cache_dir else cache_root() / "semantics"
 
 
 class OptimConfig(Section):

@@ -66,42 +66,15 @@ def lsa_vectors_for(train_captions: Iterable[str], eval_captions: Sequence[str],
     :meth:`vsekit.semantics.LSAModel.fit`. With ``cache_dir`` the training fit goes through
     :func:`vsekit.semantics.fit_or_load_caption_vectors` (fitted once per caption set, then reused).
     """
-    from vsekit.semantics import LSAModel
+    from vsekit.semantics import LSAModel, fit_or_load_lsa_model
 
     if isinstance(eval_captions, str):
         raise TypeError("eval_captions must be a sequence of caption strings, not one string")
     if cache_dir is None:
         model, _ = LSAModel.fit(train_captions, **lsa_params)
     else:
-        model = _cached_model(list(train_captions), Path(cache_dir), lsa_params)
+        model = fit_or_load_lsa_model(list(train_captions), Path(cache_dir), **lsa_params)
     return model.transform(list(eval_captions))
-
-
-def _cached_model(train: list[str], cache_dir: Path, lsa_params: dict[str, Any]):
-    from vsekit.semantics import (
-        DEFAULT_N_COMPONENTS,
-        DEFAULT_N_ITER,
-        DEFAULT_RANDOM_STATE,
-        LSAModel,
-        caption_set_key,
-        fit_or_load_caption_vectors,
-    )
-
-    unknown = set(lsa_params) - {"n_components", "n_iter", "random_state"}
-    if unknown:
-        raise TypeError(f"unknown LSA parameter(s): {sorted(unknown)}")
-    params = {"n_components": int(lsa_params.get("n_components", DEFAULT_N_COMPONENTS)),
-              "n_iter": int(lsa_params.get("n_iter", DEFAULT_N_ITER)),
-              "random_state": int(lsa_params.get("random_state", DEFAULT_RANDOM_STATE))}
-    fit_or_load_caption_vectors(train, None, cache_dir, **params)
-    folder = cache_dir / f"lsa-{caption_set_key(train, params)[:16]}" / "model"
-    if not (folder / "config.json").is_file():
-        raise RuntimeError(f"LSA cache {cache_dir}: no fitted model at {folder}")
-    return LSAModel.load(folder)
-
-
-# --------------------------------------------------------------------------------------------------
-# ranking helpers
 
 
 def _top(S: torch.Tensor, length: int) -> np.ndarray:

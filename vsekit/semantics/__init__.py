@@ -5,6 +5,7 @@ from vsekit.semantics.cache import (
     caption_set_key,
     fit_from_captions_file,
     fit_or_load_caption_vectors,
+    fit_or_load_lsa_model,
     fit_to_folder,
     load_caption_vectors,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "caption_set_key",
     "fit_from_captions_file",
     "fit_or_load_caption_vectors",
+    "fit_or_load_lsa_model",
     "fit_to_folder",
     "load_caption_vectors",
     "lsa_caption_vectors",

@@ -157,7 +157,7 @@ def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[s
     key = caption_set_key(captions, params)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    folder = cache_dir / f"lsa-{key[:16]}"
+    folder = _cache_folder(cache_dir, key)
     # The lock serialises fits of one key across processes (e.g. data-parallel ranks): one fits, the
     # others wait and then load its folder.
     with file_lock(cache_dir / f".{folder.name}.lock"):
@@ -182,3 +182,18 @@ def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[s
             atomic_write_json(folder / "caption_ids.json", ids)
             atomic_write_json(meta_path, {**meta, "caption_ids_sha256": _ids_hash(ids)})
         return vectors
+
+
+def _cache_folder(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"lsa-{key[:16]}"
+
+
+def fit_or_load_lsa_model(captions: Sequence[str], cache_dir: str | Path, *,
+                          n_components: int = DEFAULT_N_COMPONENTS, n_iter: int = DEFAULT_N_ITER,
+                          random_state: int = DEFAULT_RANDOM_STATE) -> LSAModel:
+    """The LSA model fitted on ``captions`` (the training captions), from the same cache as
+    :func:`fit_or_load_caption_vectors` (fitted at most once per caption set and parameters): to transform
+    other captions (evaluation) with the training vocabulary, idf and components."""
+    params = _params(n_components, n_iter, random_state)
+    fit_or_load_caption_vectors(captions, None, cache_dir, **params)
+    return LSAModel.load(_cache_folder(Path(cache_dir), caption_set_key(captions, params)) / "model")

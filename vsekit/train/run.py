@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
-from vsekit.utils.io import cache_root
 
 log = logging.getLogger("vsekit.train")
 
@@ -67,11 +65,7 @@ def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
     from vsekit.semantics import fit_or_load_caption_vectors
 
     s = cfg.semantics
-    cache = Path(s.cache_dir) if s.cache_dir else cache_root() / "semantics"
-    kw: dict[str, Any] = {"n_components": s.n_components, "random_state": s.random_state}
-    if s.n_iter is not None:
-        kw["n_iter"] = s.n_iter
-    vecs = fit_or_load_caption_vectors(corpus.captions, corpus.caption_ids, cache, **kw)
+    vecs = fit_or_load_caption_vectors(corpus.captions, corpus.caption_ids, s.cache_path(), **s.lsa_params())
     return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
 
 
