@@ -82,7 +82,7 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
             if row_split != wanted:
                 continue
 
-        label = _parse_labels(record.get("label"), where)
+        label = parse_labels(record.get("label"), where)
         row = rows.get(image)
         if row is None:
             row = rows[image] = len(rows)
@@ -176,7 +176,7 @@ def labels_array(labels: list[tuple[int, ...]]) -> np.ndarray:
     return out
 
 
-def _parse_labels(value: Any, where: str) -> tuple[int, ...] | None:
+def parse_labels(value: Any, where: str) -> tuple[int, ...] | None:
     """The label(s) of a row: one class id, or several (multi-label: a JSON list, or ids separated by ``|``,
     ``;``, ``,`` or spaces in a CSV cell); None when absent or blank."""
     if isinstance(value, list):

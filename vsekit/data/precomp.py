@@ -14,7 +14,6 @@ reads anyway.
 from __future__ import annotations
 
 import math
-import re
 import threading
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def read_labels(root: Path, prefix: str, expected: int | None, keep: int) -> np.
     ``{prefix}_labels.txt`` (one line per image: a class id, or several separated by spaces, commas, ``|`` or
     ``;`` for multi-label data). ``expected``: the number of image rows the file must have (None when only the
     first ``keep`` rows are read)."""
-    from vsekit.data.pairs import labels_array
+    from vsekit.data.pairs import labels_array, parse_labels
     from vsekit.data.textio import read_caption_lines
 
     npy, txt = root / f"{prefix}_labels.npy", root / f"{prefix}_labels.txt"
@@ -109,12 +108,7 @@ def read_labels(root: Path, prefix: str, expected: int | None, keep: int) -> np.
             raise DataError(f"{npy}: expected (N,) integer class ids or (N, C) 0/1 rows, got {y.dtype} {y.shape}")
         where, y = npy, np.asarray(y, dtype=np.int64)
     elif txt.is_file():
-        rows = []
-        for i, line in enumerate(read_caption_lines(txt), 1):
-            try:
-                rows.append(tuple(sorted({int(v) for v in re.split(r"[|;,\s]+", line) if v})))
-            except ValueError:
-                raise DataError(f"{txt}:{i}: expected integer class ids, got {line[:60]!r}") from None
+        rows = [parse_labels(line, f"{txt}:{i}") or () for i, line in enumerate(read_caption_lines(txt), 1)]
         where, y = txt, labels_array(rows)
     else:
         return None

@@ -111,3 +111,13 @@ def read_caption_lines(path: Path, *, allow_empty_file: bool = False) -> list[st
     if not captions and not allow_empty_file:
         raise DataError(f"{path}: holds no captions")
     return captions
+
+
+def first_char(path: Path) -> str:
+    """The first non-blank character of a file (``{`` for a Karpathy JSON object, ``[`` for a pairs array)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return ""
+    return head[:1].decode("ascii", "replace")

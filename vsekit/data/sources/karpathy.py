@@ -8,16 +8,7 @@ from typing import Any, Literal
 from vsekit.data.corpus import Corpus
 from vsekit.data.karpathy import read_karpathy
 from vsekit.data.sources.base import DataConfig, register_source
-
-
-def first_char(path: Path) -> str:
-    """The first non-blank character of a file (``{`` for a Karpathy JSON object, ``[`` for a pairs array)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    except OSError:
-        return ""
-    return head[:1].decode("ascii", "replace")
+from vsekit.data.textio import first_char
 
 
 @register_source("karpathy", sniff_priority=20)

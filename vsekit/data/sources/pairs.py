@@ -10,6 +10,7 @@ from pydantic import Field
 from vsekit.data.corpus import Corpus
 from vsekit.data.pairs import read_pairs
 from vsekit.data.sources.base import DataConfig, register_source
+from vsekit.data.textio import first_char
 
 PAIRS_SUFFIXES = (".csv", ".tsv", ".jsonl")
 REQUESTED = "requested"
@@ -32,8 +33,6 @@ class PairsData(DataConfig):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        from vsekit.data.sources.karpathy import first_char
-
         suffix = path.suffix.lower()
         return path.is_file() and (suffix in PAIRS_SUFFIXES or (suffix == ".json" and first_char(path) == "["))
 
