@@ -113,11 +113,18 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
         cfg = RunConfig.model_validate({**raw, "data": data})
     except ValidationError as e:
         raise config_error_from(e, where, RunConfig) from None
-    for i, stage in enumerate(cfg.train.stages):
-        merged = cfg.to_dict()
-        merged["train"]["stages"] = []
-        validate_config(deep_merge(merged, stage.overrides()), where=f"{prefix}train.stages[{i}]")
+    stage_configs(cfg, where)
     return cfg
+
+
+def stage_configs(cfg: RunConfig, where: str = "") -> list[RunConfig]:
+    """The validated config of each training stage: the run's config with the stage's overrides merged in
+    (a stage does not inherit the previous stage's overrides)."""
+    prefix = f"{where}." if where else ""
+    base = cfg.to_dict()
+    base["train"]["stages"] = []
+    return [validate_config(deep_merge(base, stage.overrides()), where=f"{prefix}train.stages[{i}]")
+            for i, stage in enumerate(cfg.train.stages)]
 
 
 def resolve_config(recipe: str | Path | dict | RunConfig | None, overrides: Iterable[str] = ()) -> RunConfig:

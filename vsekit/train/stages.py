@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vsekit.config import RunConfig, deep_merge, validate_config
+from vsekit.config import RunConfig
+from vsekit.config.resolve import stage_configs
 
 
 @dataclass
@@ -43,10 +44,7 @@ class StagePlan:
         self.cfg = cfg
         self.stages: list[Stage] = []
         start = 0
-        base = cfg.to_dict()
-        base["train"]["stages"] = []
-        for i, s in enumerate(cfg.train.stages):
-            merged = validate_config(deep_merge(base, s.overrides()), where=f"train.stages[{i}]")
+        for i, (s, merged) in enumerate(zip(cfg.train.stages, stage_configs(cfg))):
             self.stages.append(Stage(s.name or f"stage{i + 1}", start, s.epochs, merged))
             start += s.epochs
 
