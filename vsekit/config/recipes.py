@@ -7,6 +7,7 @@ the typed schema (a typo anywhere is an error naming the key).
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,8 +39,9 @@ def _default_format() -> str:
     return DataConfig.model_fields["format"].default
 
 
+@functools.cache
 def _default_name(path: str) -> str:
-    """The component a section names when it leaves ``name`` out (the schema's default)."""
+    """The component a section names when it leaves ``name`` out (the schema's default; computed once)."""
     from vsekit.config.schema import RunConfig
 
     node: Any = RunConfig().to_dict()
