@@ -126,6 +126,17 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
                                                                       strict=False), **fields)
 
 
+def validate_section(model: Any, value: Any, where: str) -> Any:
+    """``model.model_validate(value)`` (a pydantic model class), with any problem a one-line
+    :class:`ConfigError` naming the dotted key under ``where``."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise config_error_from(e, where, model) from None
+
+
 def config_error_from(err: Any, where: str, model: Any = None, also: Iterable[str] = ()) -> ConfigError:
     """One-line :class:`ConfigError` from a pydantic ``ValidationError``: the first problem, with its dotted
     key under ``where`` and, for an unknown key, the nearest valid one."""

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torchvision import transforms
 
 from vsekit.data.corpus import DataError
@@ -184,12 +184,9 @@ def augment_options(augment: dict | AugmentConfig | None) -> AugmentConfig:
     """Checked augmentation options (a typo or a value out of range is a ConfigError naming the key)."""
     if isinstance(augment, AugmentConfig):
         return augment
-    from vsekit.registry import config_error_from
+    from vsekit.registry import validate_section
 
-    try:
-        return AugmentConfig.model_validate(augment or {})
-    except ValidationError as e:
-        raise config_error_from(e, "transform.augment", AugmentConfig) from None
+    return validate_section(AugmentConfig, augment or {}, "transform.augment")
 
 
 def _resize_size(image_size: int, resize: int | None, policy: str) -> int:

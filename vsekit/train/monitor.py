@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import Tensor
 
 from vsekit.config.schema import CollapseConfig
 from vsekit.errors import TrainingCollapsed  # noqa: F401  (raised here, re-exported)
 from vsekit.losses.base import same_image_mask
-from vsekit.registry import config_error_from
+from vsekit.registry import validate_section
 
 log = logging.getLogger("vsekit.train")
 
@@ -72,10 +71,7 @@ def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
 
 def check_collapse_options(opts: dict[str, Any] | None) -> CollapseConfig:
     """``train.collapse`` options, checked (defaults: :class:`~vsekit.config.schema.CollapseConfig`)."""
-    try:
-        return CollapseConfig.model_validate(dict(opts or {}))
-    except ValidationError as e:
-        raise config_error_from(e, "train.collapse", CollapseConfig) from None
+    return validate_section(CollapseConfig, dict(opts or {}), "train.collapse")
 
 
 @dataclass

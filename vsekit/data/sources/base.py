@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.errors import ConfigError, did_you_mean
@@ -114,7 +114,7 @@ def source_class(name: str) -> type[DataConfig]:
 
 def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataConfig:
     """Validate a ``data`` section into its source's options (a :class:`ConfigError` names a bad key)."""
-    from vsekit.registry import config_error_from
+    from vsekit.registry import validate_section
 
     if isinstance(spec, DataConfig):
         return spec
@@ -124,11 +124,7 @@ def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataC
     if fmt not in _SOURCES:
         raise ConfigError(f"{where}.format: unknown data format {fmt!r}{did_you_mean(fmt, _SOURCES)} "
                           f"(known: {', '.join(source_names())})")
-    cls = _SOURCES[fmt]
-    try:
-        return cls.model_validate(spec)
-    except ValidationError as e:
-        raise config_error_from(e, where, cls) from None
+    return validate_section(_SOURCES[fmt], spec, where)
 
 
 def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | None = None) -> Corpus:
