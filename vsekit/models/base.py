@@ -36,6 +36,12 @@ class Encoder(nn.Module):
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def forward_parts(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(feature before :meth:`finish`, context) from one pass. The context is what a term that looks
+        inside the encoder needs, e.g. the (B, R, D) reasoned regions a caption decoder attends to, or the
+        (B, T, D) word features of a local-alignment similarity; ``None`` when the encoder has none."""
+        return self.forward_features(*inputs), None
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.finish(self.forward_features(*inputs))
 

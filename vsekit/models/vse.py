@@ -34,12 +34,16 @@ class PairOutput:
     caption_features: torch.Tensor
     negative_emb: torch.Tensor | None = None
     negative_features: torch.Tensor | None = None
+    # what the encoders' forward_parts returned beside the features (e.g. regions for a caption decoder)
+    image_context: torch.Tensor | None = None
+    caption_context: torch.Tensor | None = None
 
 
-def _encode_with_features(encoder: Encoder, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embedding, pre-normalisation feature) from one pass through the encoder."""
-    feats = encoder.forward_features(*inputs)
-    return encoder.finish(feats), feats
+def _encode_with_features(encoder: Encoder, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor | None]:
+    """(embedding, pre-normalisation feature, context) from one pass through the encoder."""
+    feats, context = encoder.forward_parts(*inputs)
+    return encoder.finish(feats), feats, context
 
 
 class VSEModel(nn.Module):
@@ -82,12 +86,13 @@ class VSEModel(nn.Module):
         with the positives (as in the Dual-Path reference, where mined captions fill half of the text batch),
         so batch norm sees both.
         """
-        img, img_feat = _encode_with_features(self.image_encoder, images)
+        img, img_feat, img_ctx = _encode_with_features(self.image_encoder, images)
         b = text[0].shape[0]
         if negative_text is not None:
             text = concat_text(text, negative_text)
-        cap, cap_feat = _encode_with_features(self.text_encoder, *text)
-        out = PairOutput(img, cap[:b], self.similarity(img, cap[:b]), img_feat, cap_feat[:b])
+        cap, cap_feat, cap_ctx = _encode_with_features(self.text_encoder, *text)
+        out = PairOutput(img, cap[:b], self.similarity(img, cap[:b]), img_feat, cap_feat[:b],
+                         image_context=img_ctx, caption_context=cap_ctx[:b] if cap_ctx is not None else None)
         if negative_text is not None:
             out.negative_emb, out.negative_features = cap[b:], cap_feat[b:]
         return out
