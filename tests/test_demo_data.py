@@ -366,3 +366,19 @@ def test_describe_scene_round_trips(built):
         scene = demo.Scene.from_json(e["scene"])
         assert scene.to_json() == e["scene"]
         assert demo.describe_scene(scene).count(";") == len(e["scene"]) - 1
+
+
+def test_grid_regions_are_patch_means(tmp_path):
+    from vsekit.data.sources import data_config, load_split
+
+    cfg = data_config({"format": "demo", "root": str(tmp_path / "demo"), "num_images": 20, "regions": "grid",
+                       "grid": 2, "patch": 2})
+    corpus = load_split(cfg, "train")
+    assert corpus.is_precomputed and corpus.features.shape == (corpus.num_images, 4, 12)
+    raw = load_split(data_config({"format": "demo", "root": str(tmp_path / "demo"), "num_images": 20}), "train")
+    img = np.asarray(Image.open(raw.image_paths[0]).convert("RGB"), dtype=np.float64) / 255.0  # 64 x 64
+    # region 1 = top-right patch (rows 0-31, columns 32-63); its pixel (0, 1) averages rows 0-15, columns 48-63
+    expected = img[0:16, 48:64].mean(axis=(0, 1))
+    np.testing.assert_allclose(corpus.features[0, 1].reshape(2, 2, 3)[0, 1], expected, atol=1e-5)
+    again = load_split(cfg, "train")  # the cached array
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(corpus.features))
