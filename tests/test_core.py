@@ -91,6 +91,11 @@ def test_registry_errors():
         r.validate({"name": "typd"}, "loss")
 
 
+# a randomly initialised CLIP small enough for a CPU test (open_clip's BPE needs the full 49,408-id vocabulary)
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
 IMAGE_SPECS = [
     ({"name": "precomp"}, (20,)),
     ({"name": "precomp", "head": "mlp"}, (20,)),
@@ -104,6 +109,8 @@ IMAGE_SPECS = [
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "projector", "hidden": [12]}, None),
     ({"name": "projector", "normalize": True}, (20,)),
     ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
+    ({"name": "timm", "model": "test_resnet"}, None),
+    ({"name": "open_clip", "config": TINY_CLIP}, None),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
@@ -112,6 +119,7 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "textcnn", "word_dim": 8, "width_mult": 0.03125, "blocks": [1, 1, 1, 1]}, None),
     ({"name": "bow", "hidden": [12, 10]}, None),
     ({"name": "projector", "hidden": [12]}, 9),
+    ({"name": "open_clip", "config": TINY_CLIP}, None),
 ]
 
 

@@ -27,6 +27,7 @@ from vsekit.data.datasets import (
 )
 from vsekit.errors import ConfigError, VsekitError
 from vsekit.models.vse import VSEModel, build_model
+from vsekit.models.weights import restoring_weights
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils.device import resolve_device
 from vsekit.utils.progress import iterate
@@ -71,8 +72,9 @@ class Embedder:
         except ConfigError as e:
             raise CheckpointError(f"{state['path']}: its config is not valid for this vsekit: {e}") from None
         shape = tuple(state["feature_shape"]) if state.get("feature_shape") else None
-        model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape,
-                            text_feature_dim=state.get("text_feature_dim"))
+        with restoring_weights():  # the checkpoint's weights, not the encoders' initial weights files
+            model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape,
+                                text_feature_dim=state.get("text_feature_dim"))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -91,7 +93,9 @@ class Embedder:
         return bool(self.feature_shape)
 
     def encode_tokens(self, caption: str) -> list[int]:
-        return self.vocab.encode(caption, self.max_len)
+        """Token ids of a caption: the text encoder's own tokenizer when it has one, else the vocabulary."""
+        tokenize = getattr(self.model.text_encoder, "tokenize", None)
+        return tokenize(caption, self.max_len) if tokenize is not None else self.vocab.encode(caption, self.max_len)
 
     def eval_transform(self):
         return self.config.transform.build(train=False)

@@ -1,6 +1,8 @@
 """Encoders, similarities and the VSE model, each behind a registry."""
 
+import vsekit.models.open_clip_encoders  # noqa: F401  (registers the open_clip image and text encoders)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
+import vsekit.models.timm_encoder  # noqa: F401  (registers the timm image encoder)
 from vsekit.models.heads import DualPathHead, ProjectorHead, SharedClassifier
 from vsekit.models.image import BACKBONES, IMAGE_ENCODERS, PretrainedWeightsMissing
 from vsekit.models.similarity import SIMILARITIES, cosine_sim, order_sim

@@ -9,18 +9,14 @@ import torch
 import torchvision
 from torch import nn
 
-from vsekit.errors import VsekitError
 from vsekit.models.base import Encoder
 from vsekit.models.heads import DualPathHead, ProjectorHead
 from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
+from vsekit.models.weights import PretrainedWeightsMissing, initial_weights_wanted
 from vsekit.registry import Registry
 
 IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
 BACKBONES = Registry("CNN backbone")
-
-
-class PretrainedWeightsMissing(VsekitError, FileNotFoundError):
-    """Pretrained weights were asked for but are not on this machine (vsekit never downloads them)."""
 
 
 def _finish(x: torch.Tensor, no_imgnorm: bool, use_abs: bool) -> torch.Tensor:
@@ -87,6 +83,8 @@ def _local_weights_file(weights) -> Path:
 
 def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Module:
     model = torchvision.models.get_model(arch, weights=None)
+    if not initial_weights_wanted():  # a checkpoint is being rebuilt: its weights replace these
+        return model
     if weights_path:
         path = Path(weights_path)
         if not path.is_file():
@@ -150,7 +148,7 @@ def _small_cnn(pretrained: bool = False, weights_path: str | None = None, width:
     if pretrained and not weights_path:
         raise PretrainedWeightsMissing("backbone small_cnn has no published pretrained weights; use pretrained=false")
     m = SmallCNN(width)
-    if weights_path:
+    if weights_path and initial_weights_wanted():
         m.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return m, m.out_dim
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from vsekit.errors import ConfigError
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
 from vsekit.models.vse import VSEModel, build_model
+from vsekit.models.weights import restoring_weights
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
@@ -81,8 +83,10 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
         vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count)
     shape = feature_shape(train_corpus)
     text_dim = text_feature_dim(train_corpus)
-    model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape,
-                        text_feature_dim=text_dim)
+    # a run that continues a checkpoint takes its weights, not the encoders' initial weights files
+    with restoring_weights() if weights_from is not None else contextlib.nullcontext():
+        model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape,
+                            text_feature_dim=text_dim)
     loss_fn = build_loss(cfg.loss)
     if not isinstance(loss_fn, RankingLoss):
         raise ConfigError(f"loss {cfg.loss['name']!r} is not a RankingLoss; the trainer needs one")
@@ -98,9 +102,10 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
         vectors = caption_vectors(cfg, train_corpus)
 
     max_len = cfg.text.max_len
+    tokenize = getattr(model.text_encoder, "tokenize", None)  # an encoder's own tokenizer (open_clip's BPE)
 
     def encode(caption: str) -> list[int]:
-        return vocab.encode(caption, max_len)
+        return tokenize(caption, max_len) if tokenize is not None else vocab.encode(caption, max_len)
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
     text = TextSource(train_corpus, encode)

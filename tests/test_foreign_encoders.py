@@ -1,0 +1,212 @@
+"""Encoders around timm and open_clip models with user-supplied weights: loading, freezing, the tokenizer
+hook, training with vsekit's losses, and checkpoints that open without the weights file or a network."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vsekit.config import resolve_config
+from vsekit.data.datasets import pad_tokens
+from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vsekit.inference import Embedder
+from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS, build_model
+from vsekit.models.weights import PretrainedWeightsMissing, WeightsFileError
+from vsekit.train.optim import param_groups
+from vsekit.train.trainer import Trainer
+
+timm = pytest.importorskip("timm")
+open_clip = pytest.importorskip("open_clip")
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _imagenet_normalised(raw: torch.Tensor) -> torch.Tensor:
+    return (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+# -- timm ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_weights_from_a_local_file_with_its_classifier(tmp_path, no_network, suffix):
+    torch.manual_seed(0)
+    ref = timm.create_model("test_resnet", pretrained=False)  # with its classifier, as timm publishes them
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(ref.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
+    enc = IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "weights": str(path)}, embed_size=8)
+    for k, v in enc.backbone.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    assert "fc.weight" not in enc.backbone.state_dict()
+    # the pooled features are the reference model's pre-logits features, after re-normalisation
+    raw = torch.rand(2, 3, 32, 32)
+    ref.eval(), enc.eval()
+    with torch.no_grad():
+        want = ref.forward_head(ref.forward_features((raw - 0.5) / 0.5), pre_logits=True)  # test_resnet: 0.5/0.5
+        got = enc.backbone(enc.renorm(_imagenet_normalised(raw)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(PretrainedWeightsMissing, match="no_such.pth"):
+        IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "weights": str(tmp_path / "no_such.pth")},
+                             embed_size=8)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), other)
+    with pytest.raises(WeightsFileError, match=r"other.pth does not fit the model \(missing .*unexpected"):
+        IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "weights": str(other)}, embed_size=8)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"w": torch.zeros(1), "obj": np.random.default_rng(0)}, pickled)  # needs the full unpickler
+    with pytest.raises(WeightsFileError, match="pickled.pth is not a readable weights file"):
+        IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "weights": str(pickled)}, embed_size=8)
+    with pytest.raises(ValueError, match="hf-hub"):
+        IMAGE_ENCODERS.build({"name": "timm", "model": "hf-hub:timm/resnet18.a1_in1k"}, embed_size=8)
+    with pytest.raises(ValueError, match="did you mean 'test_resnet'"):
+        IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnat"}, embed_size=8)
+
+
+def test_timm_finetune_false_freezes_the_backbone_and_its_batch_norm():
+    torch.manual_seed(0)
+    enc = IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "finetune": False}, embed_size=8)
+    enc.train()
+    bn = next(m for m in enc.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    enc(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert not bn.training and torch.equal(before, bn.running_mean)
+    assert all(p.grad is None and not p.requires_grad for p in enc.backbone.parameters())
+    assert enc.head.weight.grad is not None
+    enc.set_finetune(True)
+    enc.train()
+    assert bn.training and all(p.requires_grad for p in enc.backbone.parameters())
+
+
+# -- open_clip -------------------------------------------------------------------------------------------
+def _clip_file(tmp_path):
+    torch.manual_seed(1)
+    ref = open_clip.CLIP(**TINY_CLIP).eval()
+    path = tmp_path / "clip.pt"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_open_clip_towers_reproduce_open_clip_embeddings(tmp_path, no_network):
+    ref, path = _clip_file(tmp_path)
+    spec = {"name": "open_clip", "config": TINY_CLIP, "weights": str(path)}
+    model = build_model({"embed_size": 16, "image_encoder": spec, "text_encoder": spec}, vocab_size=5).eval()
+    assert isinstance(model.image_encoder.proj, torch.nn.Identity)  # embed_size == CLIP's embed_dim: its space
+    captions = ["A red circle!", "two blue squares next to a green triangle " * 3]
+    raw = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want_img = F.normalize(ref.encode_image((raw - torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1))
+                                                / torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)), dim=-1)
+        want_txt = F.normalize(ref.encode_text(open_clip.SimpleTokenizer(context_length=16)(captions)), dim=-1)
+        got_img = model.encode_images(_imagenet_normalised(raw))
+        tokens, lengths = pad_tokens([torch.tensor(model.text_encoder.tokenize(c)) for c in captions])
+        got_txt = model.encode_captions(tokens, lengths)
+    torch.testing.assert_close(got_img, want_img, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_txt, want_txt, rtol=1e-4, atol=1e-5)
+    assert not any(n.startswith("tower.visual") or "logit_scale" in n
+                   for n, _ in model.text_encoder.named_parameters())
+
+
+def test_open_clip_tokenize_pads_with_zero_only_and_respects_the_lengths():
+    enc = TEXT_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP}, vocab_size=5, embed_size=8, itos=None)
+    bpe = open_clip.SimpleTokenizer(context_length=16)
+    ids = enc.tokenize("a red circle!")
+    assert ids[0] == bpe.sot_token_id + 1 and ids[-1] == bpe.eot_token_id + 1 and 0 not in ids
+    assert [i - 1 for i in ids] == bpe("a red circle!")[0, : len(ids)].tolist()  # "!" is CLIP's id 0
+    long = enc.tokenize("word " * 100)
+    assert len(long) == 16 and long[-1] == bpe.eot_token_id + 1
+    assert len(enc.tokenize("word " * 100, max_len=3)) == 5
+    # right padding with 0 does not change a caption's embedding
+    enc.eval()
+    tok = torch.tensor([ids])
+    with torch.no_grad():
+        a = enc(tok, torch.tensor([len(ids)]))
+        b = enc(F.pad(tok, (0, 16 - len(ids))), torch.tensor([len(ids)]))
+    torch.testing.assert_close(a, b)
+
+
+def test_open_clip_freezing_and_lr_mult_names():
+    model = build_model({"embed_size": 8, "image_encoder": {"name": "open_clip", "config": TINY_CLIP, "finetune": False},
+                         "text_encoder": {"name": "open_clip", "config": TINY_CLIP, "finetune": False}}, vocab_size=5)
+    assert isinstance(model.text_encoder.proj, torch.nn.Linear)  # 16-d CLIP space -> embed_size 8
+    img, cap, sim = model(torch.randn(2, 3, 32, 32), torch.tensor([[5, 6, 49408], [5, 49408, 0]]), torch.tensor([3, 2]))
+    sim.sum().backward()
+    for enc in (model.image_encoder, model.text_encoder):
+        assert all(p.grad is None for p in enc.tower.parameters())
+        assert enc.proj.weight.grad is not None
+    groups = param_groups(model, 1e-3, {"image_encoder.tower": 0.1, "text_encoder.tower": 0.1})
+    assert {g["lr_mult"] for g in groups} == {0.1, 1.0}
+    with pytest.raises(ValueError, match="proj: none keeps CLIP's 16-d space"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP, "proj": "none"}, embed_size=8)
+    with pytest.raises(ValueError, match="exactly one of arch"):
+        IMAGE_ENCODERS.build({"name": "open_clip"}, embed_size=8)
+    with pytest.raises(PretrainedWeightsMissing, match="'openai' is not a file"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "arch": "ViT-B-32", "weights": "openai"}, embed_size=8)
+
+
+def test_open_clip_foreign_or_pickled_weights_are_refused(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), other)
+    with pytest.raises(WeightsFileError, match="other.pt cannot be loaded into this architecture"):
+        TEXT_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP, "weights": str(other)}, vocab_size=5,
+                            embed_size=16, itos=None)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"obj": np.random.default_rng(0)}, pickled)
+    with pytest.raises(WeightsFileError, match="pickled.pt cannot be loaded.*(Unpickling|weights_only|Weights only)"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP, "weights": str(pickled)}, embed_size=16)
+
+
+def _clip_run(tmp_path, loss, weights):
+    spec = {"name": "open_clip", "config": TINY_CLIP, "weights": str(weights)}
+    cfg = resolve_config(None, [
+        f"output_dir={tmp_path / loss}", "seed=2", "data.format=demo", "data.num_images=60",
+        "transform.image_size=32", "transform.resize=32", "data.val_max_images=10", "text.min_count=1",
+        "model.embed_size=16", f"loss.name={loss}", "semantics.n_components=8",
+        f"semantics.cache_dir={tmp_path / 'sem'}", "train.batch_size=8", "train.epochs=1",
+        "train.max_steps_per_epoch=2", "train.progress=false", "train.log_every=1", "optim.lr=1e-4"]).to_dict()
+    cfg["model"]["image_encoder"] = dict(spec)
+    cfg["model"]["text_encoder"] = dict(spec)
+    return cfg
+
+
+@pytest.mark.parametrize("loss", ["lseh", "infonce"])
+def test_a_clip_model_fine_tunes_with_vsekit_losses_and_reopens_offline(tmp_path, cache, no_network, loss):
+    ref, path = _clip_file(tmp_path)
+    t = Trainer(_clip_run(tmp_path, loss, path))
+    first_tokens = t.dataset[0][1].tolist()
+    assert first_tokens == t.model.text_encoder.tokenize(t.train_corpus.captions[0])  # the hook, not the vocab
+    t.fit()
+    assert t.step == 2
+    moved = t.model.image_encoder.tower.conv1.weight.detach().cpu()
+    assert not torch.equal(moved, ref.visual.conv1.weight)  # the tower was trained, from the file's weights
+    path.unlink()  # the checkpoint opens without the initial weights file
+    emb = Embedder.from_checkpoint(tmp_path / loss / "last.pt", device="cpu")
+    assert torch.equal(emb.model.image_encoder.tower.conv1.weight, moved)
+    assert emb.encode_tokens("a red circle") == t.model.text_encoder.tokenize("a red circle")
+    t.model.eval()
+    with torch.no_grad():
+        tokens, lengths = pad_tokens([torch.tensor(t.model.text_encoder.tokenize("a red circle"))])
+        want = t.model.encode_captions(tokens.to(t.device), lengths).cpu().numpy()
+    np.testing.assert_allclose(emb.encode_captions(["a red circle"]), want, rtol=1e-5, atol=1e-6)

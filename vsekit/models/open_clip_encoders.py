@@ -1,0 +1,203 @@
+"""open_clip's image and text towers as vsekit encoders, so that any vsekit loss can fine-tune a CLIP model.
+
+The image encoder ``open_clip`` keeps a CLIP model's vision tower, the text encoder ``open_clip`` its text
+tower and tokenizer; both are built from one architecture (``arch``, a name in open_clip's registry, or
+``config``, an architecture dict as in open_clip's ``model_configs/*.json``) and load the same local
+weights file (``weights``). The model is built directly from its config class: open_clip's factory would
+resolve a pretrained tag or an ``hf-hub:`` name by downloading, and vsekit reads local files only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vsekit.errors import did_you_mean
+from vsekit.models.base import Encoder
+from vsekit.models.foreign import Renormalize, registry_name
+from vsekit.models.image import IMAGE_ENCODERS, _finish
+from vsekit.models.text import TEXT_ENCODERS
+from vsekit.models.weights import PretrainedWeightsMissing, WeightsFileError, initial_weights_wanted
+from vsekit.utils.optional import import_optional
+
+#: the longest text context an architecture may ask for (CLIP: 77); bounds the tokenizer's work per caption
+MAX_CONTEXT_LENGTH = 1024
+
+
+def _open_clip(where: str):
+    return import_optional("open_clip", "clip", f"{where}: the open_clip encoder")
+
+
+def clip_config(arch: str | None, config: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """The architecture dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) of ``arch`` or ``config``."""
+    if (arch is None) == (config is None):
+        raise ValueError(f"{where}: set exactly one of arch (an open_clip architecture name) and config "
+                         "(an architecture dict)")
+    if config is None:
+        open_clip = _open_clip(where)
+        registry_name(arch, "open_clip", f"{where}.arch")
+        found = open_clip.get_model_config(arch.replace("/", "-"))
+        if found is None:
+            raise ValueError(f"{where}.arch: open_clip has no architecture {arch!r}"
+                             f"{did_you_mean(arch, open_clip.list_models())}")
+        config = found
+    cfg = copy.deepcopy(dict(config))
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ValueError(f"{where}.config: needs the key {key!r} (keys: embed_dim, vision_cfg, text_cfg)")
+    text_cfg, vision_cfg = dict(cfg["text_cfg"]), dict(cfg["vision_cfg"])
+    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+        raise ValueError(f"{where}: architectures with a Hugging Face text tower or tokenizer are not supported "
+                         "(they fetch their config from the Hub)")
+    if "multimodal_cfg" in cfg:
+        raise ValueError(f"{where}: CoCa architectures (multimodal_cfg) are not supported")
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False  # never fetch a timm tower's weights
+    ctx = int(text_cfg.get("context_length", 77))
+    if not 1 < ctx <= MAX_CONTEXT_LENGTH:
+        raise ValueError(f"{where}: text_cfg.context_length must be in [2, {MAX_CONTEXT_LENGTH}], got {ctx}")
+    cfg["text_cfg"], cfg["vision_cfg"] = text_cfg, vision_cfg
+    return cfg
+
+
+def build_clip(arch: str | None, config: dict[str, Any] | None, weights: str | None, where: str) -> nn.Module:
+    """A CLIP (or CustomTextCLIP) model of the architecture, with the local ``weights`` file loaded
+    (strictly: every tensor must fit), or randomly initialised."""
+    open_clip = _open_clip(where)
+    cfg = clip_config(arch, config, where)
+    cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    load = bool(weights) and initial_weights_wanted()
+    path = Path(weights).expanduser() if load else None
+    if path is not None and not path.is_file():
+        raise PretrainedWeightsMissing(f"{where}.weights: no such file {path} (vsekit reads weights from "
+                                       "local files only; a pretrained tag such as 'openai' is not a file)")
+    try:
+        model = cls(**cfg)
+    except TypeError as e:
+        raise ValueError(f"{where}: not an open_clip architecture: {e}") from None
+    if path is not None:
+        try:
+            open_clip.load_checkpoint(model, str(path.resolve()), strict=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a foreign file: torch, safetensors or a shape mismatch
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise WeightsFileError(f"{where}.weights: {path} cannot be loaded into this architecture "
+                                   f"({type(e).__name__}: {first[:300]})") from None
+    return model
+
+
+def _projection(in_dim: int, embed_size: int, proj: str, where: str) -> nn.Module:
+    """CLIP's joint space as it is (``none``), or a new linear map into ``embed_size`` (``linear``; ``auto``:
+    only when the sizes differ)."""
+    if proj == "none" or (proj == "auto" and in_dim == embed_size):
+        if in_dim != embed_size:
+            raise ValueError(f"{where}.proj: none keeps CLIP's {in_dim}-d space, but model.embed_size is "
+                             f"{embed_size}; set model.embed_size: {in_dim} or proj: linear")
+        return nn.Identity()
+    layer = nn.Linear(in_dim, embed_size)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+@IMAGE_ENCODERS.register("open_clip")
+class OpenCLIPImageEncoder(Encoder):
+    """The vision tower of an open_clip model (its pooled, projected CLIP embedding), L2-normalised.
+
+    ``arch`` or ``config``: the architecture; ``weights``: a local CLIP checkpoint (``.safetensors``,
+    ``.pt``/``.bin``), read without running code, or null for random weights. ``proj``: ``auto`` keeps CLIP's
+    joint space when ``model.embed_size`` equals its ``embed_dim`` and adds a linear map otherwise. Images
+    arrive with ImageNet statistics and are re-normalised to ``mean`` / ``std`` (default: CLIP's).
+    ``finetune: false`` freezes the tower (the projection, if any, trains).
+    """
+
+    finetune_scope = "tower"
+
+    def __init__(self, embed_size: int = 512, arch: str | None = None, config: dict[str, Any] | None = None,
+                 weights: str | None = None, finetune: bool = True, proj: Literal["auto", "linear", "none"] = "auto",
+                 mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+                 no_imgnorm: bool = False, use_abs: bool = False) -> None:
+        super().__init__()
+        where = "model.image_encoder"
+        open_clip = _open_clip(where)
+        embed_dim = int(clip_config(arch, config, where)["embed_dim"])
+        self.tower = build_clip(arch, config, weights, where).visual
+        self.renorm = Renormalize(mean or open_clip.OPENAI_DATASET_MEAN, std or open_clip.OPENAI_DATASET_STD)
+        self.proj = _projection(embed_dim, embed_size, proj, where)
+        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.set_finetune(finetune)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.tower(self.renorm(images)))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return _finish(x, self.no_imgnorm, self.use_abs)
+
+
+@functools.lru_cache(maxsize=4)
+def _bpe_tokenizer(context_length: int):
+    open_clip = _open_clip("model.text_encoder")
+    return open_clip.SimpleTokenizer(context_length=context_length)  # BPE merges shipped with open_clip
+
+
+@TEXT_ENCODERS.register("open_clip")
+class OpenCLIPTextEncoder(Encoder):
+    """The text tower of an open_clip model with its own BPE tokenizer, L2-normalised.
+
+    Captions are tokenised by :meth:`tokenize` (CLIP's BPE, ``<start> ... <end>``, cut to the context length
+    or to ``text.max_len`` tokens between the two), which the training run and the embedder use instead of
+    vsekit's vocabulary. The ids are CLIP's plus one, so that 0 is only ever padding (CLIP's own id 0 is
+    "!"). A batch arrives right-padded with 0 as ``(tokens (B, T), lengths (B,))``; the tower sees CLIP's ids
+    padded to its context length, with its causal mask, and pools at the ``<end>`` token (CLIP's argmax
+    pooling: ``<end>`` has the largest id), so padding never reaches the embedding.
+    Options as for the ``open_clip`` image encoder; ``finetune: false`` freezes the tower.
+    """
+
+    finetune_scope = "tower"
+
+    def __init__(self, vocab_size: int = 0, embed_size: int = 512, arch: str | None = None,
+                 config: dict[str, Any] | None = None, weights: str | None = None, finetune: bool = True,
+                 proj: Literal["auto", "linear", "none"] = "auto", itos: list[str] | None = None,
+                 no_txtnorm: bool = False, use_abs: bool = False) -> None:
+        super().__init__()
+        where = "model.text_encoder"
+        cfg = clip_config(arch, config, where)
+        clip = build_clip(arch, config, weights, where)
+        self.custom = hasattr(clip, "text")  # CustomTextCLIP: the tower is one module
+        if self.custom:
+            self.tower = clip.text
+        else:  # CLIP: the text tower is the model itself, without the vision tower and the logit scale
+            del clip.visual, clip.logit_scale
+            if getattr(clip, "logit_bias", None) is not None:
+                del clip.logit_bias
+            self.tower = clip
+        self.context_length = int(cfg["text_cfg"].get("context_length", 77))
+        self.proj = _projection(int(cfg["embed_dim"]), embed_size, proj, where)
+        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        _bpe_tokenizer(self.context_length)  # fail now, not in the first batch, if it cannot be built
+        self.set_finetune(finetune)
+
+    def tokenize(self, caption: str, max_len: int | None = None) -> list[int]:
+        """CLIP's BPE ids + 1 of ``[<start>, caption..., <end>]``, at most the context length (or ``max_len`` + 2)
+        long; never 0, the padding id."""
+        tok = _bpe_tokenizer(self.context_length)
+        limit = self.context_length if max_len is None else max(2, min(self.context_length, int(max_len) + 2))
+        # BPE works word by word: text past 64 characters per token cannot reach the first `limit` tokens
+        ids = tok.encode(caption[: 64 * limit])[: limit - 2]
+        return [i + 1 for i in (tok.sot_token_id, *ids, tok.eot_token_id)]
+
+    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.context_length:
+            raise ValueError(f"token batch of length {t} is longer than the context length {self.context_length}")
+        tokens = F.pad((tokens - 1).clamp_min(0), (0, self.context_length - t))  # CLIP's ids; padding after <end>
+        x = self.tower(tokens) if self.custom else self.tower.encode_text(tokens)
+        return self.proj(x)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return _finish(out, self.no_txtnorm, self.use_abs)
