@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"vsekit.config"},
     {"vsekit.checkpoint"},
     {"vsekit.inference"},
-    {"vsekit.train", "vsekit.index"},
+    {"vsekit.train", "vsekit.index", "vsekit.features"},  # features: a backbone, or a checkpoint's CNN
     {"vsekit.serve"},
     {"vsekit.cli"},
     {"vsekit.__main__"},

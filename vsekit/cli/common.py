@@ -38,6 +38,22 @@ def data_from_arg(arg: str | None, image_root: str | None, base: Any) -> Any:
     return sniff_source(arg, image_root, base)
 
 
+def data_spec(arg: str, image_root: str | None = None) -> Any:
+    """``--data`` of the verbs that write data (``features extract``, ``shards``): anything ``--data``
+    recognises, or a YAML file: a data section (``{format: demo, num_images: 500}``) or a recipe (its data)."""
+    from vsekit.data.sources import data_config, sniff_source
+
+    if arg.endswith((".yaml", ".yml")):
+        from vsekit.config import load_recipe, resolve_config
+
+        raw = load_recipe(arg)
+        spec = data_config(raw, "data") if "format" in raw and "data" not in raw else resolve_config(arg).data
+        if image_root and "image_root" in type(spec).model_fields:
+            spec = data_config({**spec.model_dump(), "image_root": image_root})
+        return spec
+    return sniff_source(arg, image_root)
+
+
 def parse_size(text: str) -> int:
     """``10485760``, ``512K``, ``10M``, ``1GiB`` -> bytes (K/M/G are powers of 1024)."""
     m = _SIZE.match(text)

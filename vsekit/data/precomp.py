@@ -2,7 +2,9 @@
 
 A folder holds ``{split}_ims.npy`` (N x D global or N x R x D region features) and ``{split}_caps.txt``
 (one caption per line). The feature file is memory-mapped, never loaded whole: COCO's BUTD training
-features alone are ~33 GB. The number of captions per image is inferred from the two counts.
+features alone are ~33 GB. The number of captions per image is inferred from the two counts. An optional
+``{split}_ids.txt`` (one id per image row, as ``vsekit features extract`` writes) names the images; with it
+the captions file may be absent (images only, for ``encode`` and ``index build``).
 
 Feature rows holding NaN or inf are an error naming the file and the first such row. They are found by one
 pass over the memory map in chunks of ~64 MB (a float32 sum per chunk; only a chunk whose sum is not finite
@@ -48,11 +50,12 @@ def read_precomp(root: str | Path, split: str, *, max_images: int | None = None)
     prefix = _find_prefix(root, split)
     ims_path = root / f"{prefix}_ims.npy"
     caps_path = root / f"{prefix}_caps.txt"
-    if not caps_path.is_file():
+    ids_path = root / f"{prefix}_ids.txt"
+    if not caps_path.is_file() and not ids_path.is_file():
         raise DataError(f"{caps_path}: caption file not found (it goes with {ims_path.name})")
 
     features = _open_features(ims_path)
-    captions = read_caption_lines(caps_path)
+    captions = read_caption_lines(caps_path) if caps_path.is_file() else []
     n, m = features.shape[0], len(captions)
     if n == 0:
         raise DataError(f"{ims_path}: holds no feature rows")
@@ -62,20 +65,26 @@ def read_precomp(root: str | Path, split: str, *, max_images: int | None = None)
             f"{m} is not a multiple of {n}, so captions cannot be assigned to images"
         )
     per_image = m // n
+    image_ids = [str(i) for i in range(n)]
+    if ids_path.is_file():
+        image_ids = read_caption_lines(ids_path)
+        if len(image_ids) != n:
+            raise DataError(f"{ids_path}: {len(image_ids)} ids for the {n} image rows of {ims_path.name}")
     caption_ids = [f"{caps_path.name}:{line}" for line in range(1, m + 1)]
     if max_images is not None and max_images < n:
         n = max_images
         features = features[:n]  # slicing a memmap gives a memmap: nothing is read
         captions = captions[: n * per_image]
         caption_ids = caption_ids[: n * per_image]
+        image_ids = image_ids[:n]
     check_finite(features, ims_path, n, caption_file=caps_path.name, captions_per_image=per_image)
     labels = read_labels(root, prefix, features.shape[0] if max_images is None else None, n)
 
     return Corpus(
         name=f"{root.name or 'precomp'}_{prefix}",
         captions=captions,
-        caption_to_image=np.arange(len(captions), dtype=np.int64) // per_image,
-        image_ids=[str(i) for i in range(n)],
+        caption_to_image=np.arange(len(captions), dtype=np.int64) // max(per_image, 1),
+        image_ids=image_ids,
         features=features,
         labels=labels,
         caption_ids=caption_ids,

@@ -1,5 +1,5 @@
 """Precomputed image features (``{split}_ims.npy``, memory-mapped) and ``{split}_caps.txt``: the VSE++ / SCAN
-releases."""
+releases, and what ``vsekit features extract`` writes (with ``{split}_ids.txt``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vsekit.data.sources.base import DataConfig, register_source
 
 @register_source("precomp", sniff_priority=10)
 class PrecompData(DataConfig):
-    """a folder of {split}_ims.npy + {split}_caps.txt."""
+    """a folder of {split}_ims.npy + {split}_caps.txt (or {split}_ids.txt)."""
 
     format: Literal["precomp"] = "precomp"
     path: str
@@ -25,4 +25,5 @@ class PrecompData(DataConfig):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return path.is_dir() and any(path.glob("*_caps.txt")) and any(path.glob("*_ims.npy"))
+        return path.is_dir() and any(path.glob("*_ims.npy")) and (any(path.glob("*_caps.txt"))
+                                                                  or any(path.glob("*_ids.txt")))
