@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.images import ImageLoadError, load_rgb
+from vsekit.data.images import ImageLoadError, load_rgb, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,10 @@ def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False) 
 
 def _header_problem(path: Path) -> str | None:
     try:
-        with Image.open(path):
+        with open_image(path):
             return None
+    except DataError as exc:  # a shard member that cannot be read
+        return str(exc).removeprefix(f"{path}: ")
     except FileNotFoundError:
         return "file not found"
     except IsADirectoryError:

@@ -7,6 +7,7 @@ instead of through a PIL traceback from a data-loader worker.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torchvision import transforms
 
+from vsekit.data.archive import MemberPath
 from vsekit.data.corpus import DataError
 
 # ImageNet statistics: every torchvision/timm backbone we start from was trained with these.
@@ -53,12 +55,12 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
     IndexError, ... depending on the format) is an :class:`ImageLoadError` naming the file, with no PIL
     traceback attached.
     """
-    path = Path(path)
+    path = path if isinstance(path, MemberPath) else Path(path)
     im = None
     try:
         # no ``with``: closing the image would also free the pixels of an RGB result returned as is;
         # load() already closes the file of a single-frame image, and ``finally`` covers the failures
-        im = Image.open(path)
+        im = open_image(path)
         im.load()
         if exif_transpose:
             im = ImageOps.exif_transpose(im)
@@ -81,12 +83,21 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
         reason = f"refused as a decompression bomb ({exc})"
     except MemoryError:
         reason = "cannot decode: out of memory"
+    except DataError as exc:  # a shard member that cannot be read (the message names the shard)
+        raise ImageLoadError(str(exc)) from None
     except Exception as exc:  # corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ...
         reason = f"cannot decode: {exc or type(exc).__name__}"
     finally:
         if im is not None:
             im.close()
     raise ImageLoadError(f"{path}: {reason}")
+
+
+def open_image(path: Path | MemberPath) -> Image.Image:
+    """``Image.open`` of an image file, or of an image stored in a tar shard (:class:`MemberPath`)."""
+    if isinstance(path, MemberPath):
+        return Image.open(io.BytesIO(path.read_bytes()))
+    return Image.open(path)
 
 
 def _holds_open_file(im: Image.Image) -> bool:

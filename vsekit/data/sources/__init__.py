@@ -1,6 +1,6 @@
 """Data sources: each ``data.format`` is a typed options class with its reader (see :mod:`.base`)."""
 
-from vsekit.data.sources import demo, folder, karpathy, pairs, precomp, xmodal  # noqa: F401  (registers them)
+from vsekit.data.sources import demo, folder, karpathy, pairs, precomp, shards, xmodal  # noqa: F401  (registers them)
 from vsekit.data.sources.base import (
     DataConfig,
     common_keys,
@@ -17,8 +17,9 @@ from vsekit.data.sources.folder import FolderData, list_images, read_folder
 from vsekit.data.sources.karpathy import KarpathyData
 from vsekit.data.sources.pairs import PairsData
 from vsekit.data.sources.precomp import PrecompData
+from vsekit.data.sources.shards import ShardsData
 from vsekit.data.sources.xmodal import CrossModalFeatureData
 
-__all__ = ["CrossModalFeatureData", "DataConfig", "DemoData", "FolderData", "KarpathyData", "PairsData", "PrecompData", "common_keys",
+__all__ = ["CrossModalFeatureData", "DataConfig", "DemoData", "FolderData", "KarpathyData", "PairsData", "PrecompData", "ShardsData", "common_keys",
            "data_config", "list_images", "load_corpus", "load_split", "read_folder", "register_source", "sniff_source",
            "source_class", "source_names"]

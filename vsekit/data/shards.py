@@ -1,0 +1,446 @@
+"""webdataset tar shards of a data set: written by ``vsekit shards``, read back as a :class:`Corpus`.
+
+**Layout.** One sample per image, in corpus row order, key ``%09d`` (the row): the image file's own bytes as
+``<key>.<ext>`` (``jpg``, ``png``, ...; never re-encoded) or its precomputed features as ``<key>.npy``, and
+``<key>.json`` = ``{"image_id", "captions": [...], "caption_ids": [...], "label"}`` (``label``: a class id,
+a 0/1 multi-hot list, or null). Shards are ``{split}-000000.tar``, ``{split}-000001.tar``, ... Shards
+written by other tools read too when each sample has one image (or ``.npy``) and its captions in a
+``.json`` as above or in a ``.txt`` (one caption), as img2dataset writes them.
+
+**Reading: random access through an index, not a stream.** The first read of a set of shards scans their
+tar headers (and reads the small ``.json`` members) once and stores an index: for every sample the shard,
+the byte offset and size of its image or ``.npy`` data, and its captions, ids and label. The corpus then
+holds :class:`~vsekit.data.archive.MemberPath` images (or lazy :class:`~vsekit.data.archive.ShardFeatures`
+rows), so every command reads shards through the same Corpus / Dataset / sampler code as image files:
+the seeded per-epoch permutation, mid-epoch resume and the loss of a run are exactly those of the source
+the shards were written from. A streaming ``IterableDataset`` would read shards sequentially (faster on
+object stores and network disks, which vsekit does not read) but shuffle only within a buffer, so the
+order, the resume point and hence the loss could not match. The index is ``{split}.index.json`` beside
+the shards (written by ``vsekit shards``), else in ``$VSEKIT_CACHE/shards``, and is rebuilt when a shard's
+size or modification time changes; each read also checks the member's tar header.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsekit.data.archive import MAX_MEMBER_BYTES, MemberPath, ShardFeatures, npy_header, read_member
+from vsekit.data.corpus import Corpus, DataError
+
+log = logging.getLogger("vsekit.data")
+
+INDEX_FORMAT = "vsekit-shards-index"
+INDEX_VERSION = 1
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm"})
+CAPTION_EXTS = ("txt", "caption", "cap")
+MAX_JSON_BYTES = 1 << 20  # one sample's metadata
+MAX_INDEX_BYTES = 4 << 30
+MAX_SHARDS = 100_000
+_SPLIT_ALIASES = {"val": ("val", "dev"), "dev": ("dev", "val")}
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset: the key is the name up to the first dot
+
+
+# -- finding the shards -----------------------------------------------------------------------------------
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar``; ``{x,y}`` alternatives (webdataset's
+    notation). Ranges keep the width of their first bound; at most :data:`MAX_SHARDS` names."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = int(r.group(1)), int(r.group(2))
+        if b < a or b - a >= MAX_SHARDS:
+            raise DataError(f"{pattern}: bad shard range {{{body}}}")
+        options = [str(i).zfill(len(r.group(1))) for i in range(a, b + 1)]
+    else:
+        options = body.split(",")
+    out: list[str] = []
+    for o in options:
+        out.extend(expand_braces(head + o + tail))
+        if len(out) > MAX_SHARDS:
+            raise DataError(f"{pattern}: names more than {MAX_SHARDS} shards")
+    return out
+
+
+def find_shards(path: str | Path, split: str) -> tuple[list[Path], Path | None]:
+    """The shard files of ``split`` and the folder whose ``{split}.index.json`` may index them.
+
+    ``path``: a folder (its ``{split}-*.tar``; ``dev`` and ``val`` stand in for each other), one ``.tar``, or
+    a pattern with ``{split}``, brace ranges (``{000000..000009}``) or ``*`` (without ``{split}`` every split
+    reads the same shards)."""
+    text = str(path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        for name in _SPLIT_ALIASES.get(split, (split,)):
+            found = sorted(p for p in folder.glob(f"{glob.escape(name)}-*.tar") if p.is_file())
+            if found:
+                return found, folder
+        raise DataError(f"{folder}: no shards of split {split!r} ({split}-000000.tar, ...)")
+    files: list[Path] = []
+    for name in expand_braces(text.replace("{split}", split)):
+        name = os.path.expanduser(name)
+        matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
+        files.extend(Path(m) for m in matches)
+    if not files:
+        raise DataError(f"{text}: matches no shard files")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found (of {len(files)} named by {text})")
+    return files, None
+
+
+# -- the index --------------------------------------------------------------------------------------------
+def _stamp(files: Sequence[Path]) -> list[list[Any]]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _read_index(path: Path, files: Sequence[Path]) -> dict[str, Any] | None:
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_INDEX_BYTES:
+            return None
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION
+            or index.get("shards") != _stamp(files)):
+        return None
+    return index
+
+
+def _cache_path(files: Sequence[Path]) -> Path:
+    from vsekit.utils.io import cache_root
+
+    h = hashlib.sha256("\n".join(str(f.resolve()) for f in files).encode()).hexdigest()[:24]
+    return cache_root() / "shards" / f"{h}.index.json"
+
+
+def load_index(files: Sequence[Path], beside: Path | None = None, name: str = "") -> dict[str, Any]:
+    """The index of ``files``: a valid stored one, else built (:func:`build_index`) and stored beside the
+    shards when that folder is writable, else in vsekit's cache."""
+    from vsekit.utils.io import atomic_write_text
+
+    places = ([beside / f"{name}.index.json"] if beside is not None and name else []) + [_cache_path(files)]
+    for p in places:
+        index = _read_index(p, files)
+        if index is not None:
+            return index
+    index = build_index(files)
+    text = json.dumps(index, separators=(",", ":"))
+    for p in places:
+        try:
+            atomic_write_text(p, text)
+            break
+        except OSError:
+            continue
+    return index
+
+
+def _split_name(member: str) -> tuple[str, str] | None:
+    m = _KEY.match(member)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def build_index(files: Sequence[Path]) -> dict[str, Any]:
+    """Scan the shards once: per sample its shard, the offset and size of its image or ``.npy`` data (for
+    ``.npy`` also the length of the array header), and its id, captions, caption ids and label."""
+    b = _IndexBuilder()
+    for s, path in enumerate(files):
+        try:
+            tf = tarfile.open(path, mode="r:")
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: not an uncompressed tar file ({e}); shards are read by byte offset, "
+                            "so they cannot be compressed") from None
+        with tf:
+            sample: dict[str, tarfile.TarInfo] = {}
+            key = None
+            try:
+                for m in tf:
+                    name = _split_name(m.name) if m.isfile() else None
+                    if name is None:
+                        continue
+                    if name[0] != key:
+                        if key is not None:
+                            b.add(tf, path, s, key, sample)
+                        key, sample = name[0], {}
+                    if name[1] in sample:
+                        raise DataError(f"{path}: {m.name}: a second {name[1]!r} member in sample {key!r}")
+                    sample[name[1]] = m
+                if key is not None:
+                    b.add(tf, path, s, key, sample)
+            except tarfile.TarError as e:
+                raise DataError(f"{path}: damaged tar file ({e})") from None
+    if b.kind is None:
+        raise DataError(f"{files[0]}: the shards hold no samples (an image or .npy member per sample)")
+    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shards": _stamp(files), **b.columns()}
+
+
+class _IndexBuilder:
+    def __init__(self) -> None:
+        self.kind: str | None = None  # "images" or "features"
+        self.feature: dict[str, Any] | None = None  # row shape and dtype of features
+        self.cols: dict[str, list] = {k: [] for k in ("shard", "member", "offset", "size", "header", "image_id",
+                                                       "captions", "caption_ids", "label")}
+
+    def columns(self) -> dict[str, Any]:
+        return {"kind": self.kind, "feature": self.feature, **self.cols}
+
+    def add(self, tf: tarfile.TarFile, path: Path, shard: int, key: str, sample: dict[str, tarfile.TarInfo]) -> None:
+        where = f"{path}: sample {key!r}"
+        images = [e for e in sample if e in IMAGE_EXTS]
+        kind = "features" if "npy" in sample else "images" if images else None
+        if kind is None or len(images) + ("npy" in sample) != 1:
+            raise DataError(f"{where} needs exactly one image or .npy member, has {sorted(sample)}")
+        if self.kind not in (None, kind):
+            raise DataError(f"{where} holds {kind}, earlier samples hold {self.kind}: one kind per set of shards")
+        self.kind = kind
+        data = sample["npy"] if kind == "features" else sample[images[0]]
+        if data.size > MAX_MEMBER_BYTES:
+            raise DataError(f"{where}: {data.name} has {data.size} bytes (at most {MAX_MEMBER_BYTES})")
+        header = 0
+        if kind == "features":
+            header = self._check_npy(path, data, f"{path}: {data.name}")
+        meta = self._meta(tf, sample, where)
+        c = self.cols
+        c["shard"].append(shard)
+        c["member"].append(data.name)
+        c["offset"].append(data.offset_data)
+        c["size"].append(data.size)
+        c["header"].append(header)
+        c["image_id"].append(meta["image_id"] if meta.get("image_id") is not None else key)
+        c["captions"].append(meta["captions"])
+        c["caption_ids"].append(meta.get("caption_ids"))
+        c["label"].append(meta.get("label"))
+
+    def _check_npy(self, path: Path, m: tarfile.TarInfo, where: str) -> int:
+        raw = read_member(path, m.offset_data, m.size, m.name)
+        header, shape, dtype = npy_header(raw[: min(len(raw), 1 << 16)], where)
+        spec = {"shape": list(shape), "dtype": dtype.str}
+        if self.feature is None:
+            if len(shape) not in (1, 2) or 0 in shape:
+                raise DataError(f"{where}: a feature row must be (D,) or (R, D), got {shape}")
+            self.feature = spec
+        elif spec != self.feature:
+            raise DataError(f"{where}: shape {shape} {dtype}, earlier rows are {tuple(self.feature['shape'])} "
+                            f"{np.dtype(self.feature['dtype'])}")
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if m.size != header + nbytes:
+            raise DataError(f"{where}: {m.size} bytes for a {shape} {dtype} array")
+        row = np.frombuffer(raw, dtype=dtype, offset=header)
+        if np.issubdtype(dtype, np.floating) and not np.isfinite(row).all():
+            raise DataError(f"{where}: holds NaN or inf")
+        return header
+
+    @staticmethod
+    def _meta(tf: tarfile.TarFile, sample: dict[str, tarfile.TarInfo], where: str) -> dict[str, Any]:
+        def text(m: tarfile.TarInfo) -> str:
+            if m.size > MAX_JSON_BYTES:
+                raise DataError(f"{where}: {m.name} has {m.size} bytes (at most {MAX_JSON_BYTES})")
+            try:
+                return tf.extractfile(m).read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: {m.name} is not UTF-8") from None
+
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(text(sample["json"]))
+            except ValueError as e:
+                raise DataError(f"{where}: {sample['json'].name} is not JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise DataError(f"{where}: {sample['json'].name} is not a JSON object")
+        caps = meta.get("captions")
+        if caps is None:
+            found = next((e for e in CAPTION_EXTS if e in sample), None)
+            caps = [text(sample[found]).strip()] if found else []
+        if not isinstance(caps, list) or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DataError(f"{where}: captions must be a list of non-empty strings")
+        ids = meta.get("caption_ids")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != len(caps)
+                                or not all(isinstance(i, (str, int)) for i in ids)):
+            raise DataError(f"{where}: caption_ids must be a list of {len(caps)} ids, one per caption")
+        label = meta.get("label")
+        if not (label is None or type(label) is int
+                or isinstance(label, list) and all(v in (0, 1) and type(v) is int for v in label)):
+            raise DataError(f"{where}: label must be a class id, a 0/1 multi-hot list, or null; got {label!r}")
+        image_id = meta.get("image_id")
+        return {"image_id": None if image_id is None else str(image_id), "captions": list(caps),
+                "caption_ids": None if ids is None else [str(i) for i in ids], "label": label}
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read_shards(path: str | Path, split: str, *, max_images: int | None = None) -> Corpus:
+    """One split of a set of shards as a :class:`Corpus` (image members as :class:`MemberPath`, or lazy
+    :class:`ShardFeatures` rows), its first ``max_images`` images when given."""
+    files, beside = find_shards(path, split)
+    index = load_index(files, beside, files[0].name.rsplit("-", 1)[0] if beside is not None else "")
+    n = len(index["shard"]) if max_images is None else min(max_images, len(index["shard"]))
+    cols = {k: index[k][:n] for k in ("shard", "member", "offset", "size", "header", "image_id", "captions",
+                                      "caption_ids", "label")}
+    names = [str(f) for f in files]
+    captions, owner, caption_ids = [], [], []
+    for i, (caps, ids) in enumerate(zip(cols["captions"], cols["caption_ids"])):
+        captions.extend(caps)
+        owner.extend([i] * len(caps))
+        caption_ids.extend(ids if ids is not None else
+                           [f"{Path(names[cols['shard'][i]]).name}:{cols['member'][i]}:{k}" for k in range(len(caps))])
+    kw: dict[str, Any] = {}
+    if index["kind"] == "images":
+        kw["image_paths"] = [MemberPath(names[s], m, o, z) for s, m, o, z in
+                             zip(cols["shard"], cols["member"], cols["offset"], cols["size"])]
+    else:
+        f = index["feature"]
+        kw["features"] = ShardFeatures(names, np.asarray(cols["shard"], np.int32), np.asarray(cols["offset"], np.int64),
+                                       np.asarray(cols["header"], np.int64), tuple(f["shape"]), np.dtype(f["dtype"]),
+                                       cols["member"])
+    return Corpus(name=f"{Path(str(path)).name or 'shards'}_{split}", captions=captions,
+                  caption_to_image=np.asarray(owner, dtype=np.int64), image_ids=cols["image_id"],
+                  labels=_labels(cols["label"], files[0]), caption_ids=caption_ids,
+                  meta={"format": "shards", "source": str(path), "split": split, "shards": len(files),
+                        "max_images": max_images}, **kw)
+
+
+def _labels(values: list[Any], where: Path) -> np.ndarray | None:
+    if all(v is None for v in values):
+        return None
+    if all(isinstance(v, list) for v in values):
+        widths = {len(v) for v in values}
+        if len(widths) != 1:
+            raise DataError(f"{where}: multi-hot labels of different widths {sorted(widths)}")
+        return np.asarray(values, dtype=np.int64)
+    if any(isinstance(v, list) for v in values):
+        raise DataError(f"{where}: some labels are class ids, others multi-hot lists")
+    return np.asarray([-1 if v is None else v for v in values], dtype=np.int64)
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+@dataclass
+class ShardsResult:
+    split: str
+    files: list[Path]
+    index: Path
+    samples: int
+    captions: int
+
+
+def _image_bytes(path: Any) -> tuple[bytes, str]:
+    """A corpus image's file bytes and their extension (from the name, else from the format PIL reads)."""
+    from vsekit.data.images import ImageLoadError
+
+    if isinstance(path, MemberPath):
+        data, ext = path.read_bytes(), path.suffix.lstrip(".").lower()
+    else:
+        p = Path(path)
+        try:
+            if p.stat().st_size > MAX_MEMBER_BYTES:
+                raise ImageLoadError(f"{p}: larger than {MAX_MEMBER_BYTES} bytes")
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageLoadError(f"{p}: cannot read ({e.strerror or e})") from None
+        ext = p.suffix.lstrip(".").lower()
+    if ext not in IMAGE_EXTS:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = (im.format or "").lower()
+        except Exception:  # noqa: BLE001 - PIL raises many kinds for non-images
+            fmt = ""
+        ext = {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+        if ext not in IMAGE_EXTS:
+            raise ImageLoadError(f"{path}: not an image format a shard can hold ({', '.join(sorted(IMAGE_EXTS))})")
+    return data, ext
+
+
+def _sample_meta(corpus: Corpus, row: int, caps: np.ndarray) -> dict[str, Any]:
+    meta: dict[str, Any] = {"image_id": corpus.image_ids[row], "captions": [corpus.captions[j] for j in caps]}
+    if corpus.caption_ids is not None:
+        meta["caption_ids"] = [corpus.caption_ids[j] for j in caps]
+    label = None
+    if corpus.labels is not None:
+        v = corpus.labels[row]
+        label = [int(x) for x in v] if corpus.multi_label else int(v)
+    meta["label"] = label
+    return meta
+
+
+def write_shards(corpus: Corpus, out_dir: str | Path, split: str, *, max_per_shard: int = 10_000,
+                 max_shard_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> ShardsResult:
+    """Write ``corpus`` as ``{split}-%06d.tar`` shards in ``out_dir`` with ``wds.ShardWriter`` (a new shard
+    after ``max_per_shard`` samples or ``max_shard_bytes``), then their index ``{split}.index.json``.
+    A shard is written as ``*.tar.part`` and renamed when complete; tar headers carry no time, so the same
+    corpus gives the same bytes."""
+    from vsekit.utils.optional import import_optional
+    from vsekit.utils.progress import progress as progress_bar
+
+    wds = import_optional("webdataset", "shards", "vsekit shards")
+    out = Path(out_dir)
+    if not split or not re.fullmatch(r"[A-Za-z0-9_.]+", split) or split.startswith("."):
+        raise DataError(f"bad split name {split!r} (letters, digits, _ and . only)")
+    if corpus.caption_features is not None:
+        raise DataError(f"{corpus.name}: ships its text as feature vectors; shards hold captions as text")
+    if max_per_shard < 1 or max_shard_bytes < 1:
+        raise DataError("max_per_shard and max_shard_bytes must be >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob(f"{split}-*.tar")) + sorted(out.glob(f"{split}-*.tar.part"))
+    if old and not overwrite:
+        raise DataError(f"{out}: holds shards of split {split!r} already ({old[0].name}, ...); --overwrite "
+                        "replaces them")
+    for f in [*old, out / f"{split}.index.json"]:
+        f.unlink(missing_ok=True)
+
+    order = np.argsort(corpus.caption_to_image, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(corpus.captions_per_image())])
+    if (np.diff(corpus.caption_to_image) < 0).any():
+        log.info("%s: captions are stored image by image, so their order changes", corpus.name)
+    open_files: dict[str, Any] = {}
+
+    def opener(fname: str):
+        open_files[fname] = f = open(fname + ".part", "wb")  # noqa: SIM115 - closed in done()
+        return f
+
+    def done(fname: str) -> None:
+        f = open_files.pop(fname)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(fname + ".part", fname)
+
+    pattern = str(out / f"{split}-%06d.tar")
+    bar = progress_bar(corpus.num_images, desc=f"shards {split}", unit="image", enabled=progress, logger=log)
+    with bar, wds.ShardWriter(pattern, maxcount=max_per_shard, maxsize=max_shard_bytes, verbose=0,
+                              opener=opener, post=done, encoder=False, mtime=0.0) as writer:
+        for row in range(corpus.num_images):
+            sample: dict[str, Any] = {"__key__": f"{row:09d}"}
+            if corpus.features is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(np.asarray(corpus.features[row])), allow_pickle=False)
+                sample["npy"] = buf.getvalue()
+            else:
+                data, ext = _image_bytes(corpus.image_paths[row])
+                sample[ext] = data
+            meta = _sample_meta(corpus, row, order[bounds[row]: bounds[row + 1]])
+            sample["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+            writer.write(sample)
+            bar.update(1)
+    files, _ = find_shards(out, split)
+    index = load_index(files, out, split)
+    return ShardsResult(split, files, out / f"{split}.index.json", len(index["shard"]), corpus.num_captions)
