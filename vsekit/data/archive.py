@@ -70,8 +70,12 @@ class MemberPath:
     def read_bytes(self) -> bytes:
         return read_member(self.archive, self.offset, self.size, self.member)
 
-    def __str__(self) -> str:
-        return f"{self.archive}:{self.member}"
+    def __str__(self) -> str:  # zipfile.Path's convention: archive/member
+        return f"{self.archive}/{self.member}"
+
+    def __fspath__(self) -> str:
+        """A path that names the image (an index records it) but is no file: open it with ``load_rgb``."""
+        return str(self)
 
 
 class ShardFeatures:
