@@ -145,6 +145,15 @@ def test_shards_written_elsewhere_and_bad_shards(tmp_path, cache):
     assert expand_braces("s-{08..10}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar"]
     assert read_shards(tmp_path / "web-*.tar", "train").num_images == 3  # no {split}: every split
 
+    # the image check reads headers (a member truncated past it passes), decoding names the member
+    _tar(tmp_path / "cut.tar", [("a.png", png[0][: len(png[0]) // 2]), ("b.png", png[1])])
+    corpus = load_split({"format": "shards", "path": str(tmp_path / "cut.tar")}, "train")
+    with pytest.raises(DataError, match=r"cut.tar/a.png: cannot decode"):
+        load_rgb(corpus.image_paths[0])
+    _tar(tmp_path / "junk.tar", [("a.png", b"not an image"), ("b.png", png[1])])
+    with pytest.raises(DataError, match=r"1 of 2 images are missing or unreadable, e.g. \S+/junk.tar/a.png \(not a recognised image"):
+        load_split({"format": "shards", "path": str(tmp_path / "junk.tar")}, "train")
+
     _tar(tmp_path / "gz.tar", [("a.jpg", png[0])], compress=True)
     with pytest.raises(DataError, match="gz.tar: not an uncompressed tar"):
         read_shards(tmp_path / "gz.tar", "train")

@@ -25,8 +25,9 @@ BLOCK = 512  # a tar header
 MAX_MEMBER_BYTES = 1 << 30  # one image or feature row
 
 
-def read_member(archive: str | Path, offset: int, size: int, what: str) -> bytes:
-    """The ``size`` bytes of data at ``offset`` of a tar file, after checking the member header before it."""
+def _open_checked(archive: str | Path, offset: int, size: int, what: str, read: int) -> tuple[int, bytes]:
+    """A descriptor of ``archive`` and the first ``read`` bytes of the member at ``offset``, after checking the
+    member's tar header (the ``ustar`` magic and its size) and that the shard still holds all of it."""
     if not 0 <= size <= MAX_MEMBER_BYTES:
         raise DataError(f"{archive}: {what}: member of {size} bytes (at most {MAX_MEMBER_BYTES})")
     if offset < BLOCK:
@@ -36,18 +37,62 @@ def read_member(archive: str | Path, offset: int, size: int, what: str) -> bytes
     except OSError as e:
         raise DataError(f"{archive}: cannot open shard ({e.strerror or e})") from None
     try:
-        buf = os.pread(fd, BLOCK + size, offset - BLOCK)
-    finally:
+        buf = os.pread(fd, BLOCK + read, offset - BLOCK)
+        header = buf[:BLOCK]
+        try:
+            recorded = tarfile.nti(header[124:136])
+        except tarfile.InvalidHeaderError:
+            recorded = -1
+        if (len(buf) != BLOCK + read or header[257:262] != b"ustar" or recorded != size
+                or os.fstat(fd).st_size < offset + size):
+            raise DataError(f"{archive}: {what} is not where its index says (byte {offset}, {size} bytes): the "
+                            "shard was changed or truncated after it was indexed")
+    except BaseException:
         os.close(fd)
-    header = buf[:BLOCK]
-    try:
-        recorded = tarfile.nti(header[124:136])
-    except tarfile.InvalidHeaderError:
-        recorded = -1
-    if len(buf) != BLOCK + size or header[257:262] != b"ustar" or recorded != size:
-        raise DataError(f"{archive}: {what} is not where its index says (byte {offset}, {size} bytes): the shard "
-                        "was changed or truncated after it was indexed")
-    return buf[BLOCK:]
+        raise
+    return fd, buf[BLOCK:]
+
+
+def read_member(archive: str | Path, offset: int, size: int, what: str) -> bytes:
+    """The ``size`` bytes of data at ``offset`` of a tar file, after checking the member header before it."""
+    fd, data = _open_checked(archive, offset, size, what, size)
+    os.close(fd)
+    return data
+
+
+class _MemberReader(io.RawIOBase):
+    """A read-only, seekable file of one member's bytes, read on demand (an image header without the rest)."""
+
+    def __init__(self, archive: str, offset: int, size: int, what: str) -> None:
+        super().__init__()
+        self._fd, _ = _open_checked(archive, offset, size, what, 0)
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        data = os.pread(self._fd, n, self._offset + self._pos) if n else b""
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -69,6 +114,10 @@ class MemberPath:
 
     def read_bytes(self) -> bytes:
         return read_member(self.archive, self.offset, self.size, self.member)
+
+    def open(self) -> io.BufferedReader:
+        """The member as a binary file read on demand (close it, or use ``with``)."""
+        return io.BufferedReader(_MemberReader(self.archive, self.offset, self.size, self.member), 1 << 16)
 
     def __str__(self) -> str:  # zipfile.Path's convention: archive/member
         return f"{self.archive}/{self.member}"

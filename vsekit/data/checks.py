@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vsekit.data.archive import MemberPath
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.images import ImageLoadError, load_rgb, open_image
+from vsekit.data.images import ImageLoadError, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False) 
 
 def _header_problem(path: Path) -> str | None:
     try:
-        with open_image(path):
+        if isinstance(path, MemberPath):  # an image in a shard: only the bytes of its header are read
+            with path.open() as f, Image.open(f):
+                return None
+        with Image.open(path):
             return None
     except DataError as exc:  # a shard member that cannot be read
         return str(exc).removeprefix(f"{path}: ")
