@@ -210,3 +210,17 @@ def test_a_clip_model_fine_tunes_with_vsekit_losses_and_reopens_offline(tmp_path
         tokens, lengths = pad_tokens([torch.tensor(t.model.text_encoder.tokenize("a red circle"))])
         want = t.model.encode_captions(tokens.to(t.device), lengths).cpu().numpy()
     np.testing.assert_allclose(emb.encode_captions(["a red circle"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rebuilding_a_checkpoint_reads_no_initial_weights_file(tmp_path, monkeypatch):
+    from vsekit.models.weights import restoring_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no torchvision weights in this hub cache
+    specs = [{"name": "cnn", "backbone": "resnet18", "pretrained": True},
+             {"name": "timm", "model": "test_resnet", "weights": str(tmp_path / "gone.safetensors")},
+             {"name": "open_clip", "config": TINY_CLIP, "weights": str(tmp_path / "gone.pt")}]
+    for spec in specs:
+        with pytest.raises(PretrainedWeightsMissing):
+            IMAGE_ENCODERS.build(spec, embed_size=16)
+        with restoring_weights():  # what Embedder.from_checkpoint and --resume do: the checkpoint's weights follow
+            assert IMAGE_ENCODERS.build(spec, embed_size=16) is not None
