@@ -87,7 +87,8 @@ def find_shards(path: str | Path, split: str) -> tuple[list[Path], Path | None]:
     folder = Path(text).expanduser()
     if folder.is_dir():
         for name in _SPLIT_ALIASES.get(split, (split,)):
-            found = sorted(p for p in folder.glob(f"{glob.escape(name)}-*.tar") if p.is_file())
+            found = sorted(p for p in folder.glob(f"{glob.escape(name)}-*.tar")
+                           if re.fullmatch(rf"{re.escape(name)}-\d+\.tar", p.name) and p.is_file())
             if found:
                 return found, folder
         raise DataError(f"{folder}: no shards of split {split!r} ({split}-000000.tar, ...)")
@@ -397,6 +398,8 @@ def write_shards(corpus: Corpus, out_dir: str | Path, split: str, *, max_per_sha
         raise DataError(f"bad split name {split!r} (letters, digits, _ and . only)")
     if corpus.caption_features is not None:
         raise DataError(f"{corpus.name}: ships its text as feature vectors; shards hold captions as text")
+    if corpus.num_images == 0:
+        raise DataError(f"{corpus.name}: no images to write")
     if max_per_shard < 1 or max_shard_bytes < 1:
         raise DataError("max_per_shard and max_shard_bytes must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
