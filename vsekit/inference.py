@@ -126,10 +126,9 @@ class Embedder:
 
     def _encode_text(self, dataset: CaptionDataset, batch_size: int, progress: bool) -> np.ndarray:
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
-        out = np.zeros((len(dataset), self._dim()), dtype=np.float32)
-        for text, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
-            out[idx.numpy()] = self.model.encode_captions(*text_to(text, self.device)).float().cpu().numpy()
-        return out
+        batches = iterate(loader, desc="captions", enabled=progress, unit="batch")
+        return self._fill(len(dataset), ((self.model.encode_captions(*text_to(text, self.device)), idx)
+                                         for text, idx in batches))
 
     @torch.no_grad()
     def encode_corpus_images(self, corpus: Corpus, batch_size: int = 128, num_workers: int = 0,
@@ -138,10 +137,19 @@ class Embedder:
         source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
         ds = ImageDataset(source, rows)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-        out = np.zeros((len(ds), self._dim()), dtype=np.float32)
-        for images, idx in iterate(loader, desc="images", enabled=progress, unit="batch"):
-            out[idx.numpy()] = self.model.encode_images(images.to(self.device)).float().cpu().numpy()
-        return out
+        batches = iterate(loader, desc="images", enabled=progress, unit="batch")
+        return self._fill(len(ds), ((self.model.encode_images(images.to(self.device)), idx) for images, idx in batches))
+
+    def _fill(self, n: int, batches) -> np.ndarray:
+        """(n, D) float32 rows from (embeddings, row indices) batches; D is what the model outputs (a
+        two-level model's vectors are twice ``embed_size``)."""
+        out = None
+        for emb, idx in batches:
+            emb = emb.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((n, emb.shape[1]), dtype=np.float32)
+            out[idx.numpy()] = emb
+        return out if out is not None else np.zeros((0, self._dim()), dtype=np.float32)
 
     @torch.no_grad()
     def encode_pil_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -209,4 +217,5 @@ class Embedder:
                 self.encode_corpus_captions(corpus, batch_size, progress=progress))
 
     def _dim(self) -> int:
-        return self.config.model.embed_size
+        """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""
+        return self.config.model.embed_size * int(getattr(self.model.image_encoder, "levels", 1))

@@ -89,12 +89,14 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     plan = StagePlan(cfg)
     objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size,
                                 num_images=train_corpus.num_images,
-                                num_classes_of_labels=num_label_classes(train_corpus))
+                                num_classes_of_labels=num_label_classes(train_corpus), vocab=vocab,
+                                corpus=train_corpus, feature_shape=shape)
     if "mined" in objective.terms and model.similarity_name != "cosine":
         raise ConfigError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
 
     vectors = None
-    if loss_fn.requires_caption_vectors and any(c.objective.loss_weight for c in plan.configs()):
+    if (loss_fn.requires_caption_vectors and any(c.objective.loss_weight for c in plan.configs())) or \
+            objective.needs_caption_vectors:
         vectors = caption_vectors(cfg, train_corpus)
 
     max_len = cfg.text.max_len

@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from vsekit.checkpoint import load_checkpoint
+from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
+from vsekit.config.schema import OptimConfig
 from vsekit.data.datasets import collate_pairs, text_to
 from vsekit.errors import TrainingCollapsed, TrainingDiverged
+from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
 from vsekit.train.checkpointing import LAST, CheckpointPolicy
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
@@ -147,6 +150,9 @@ class Trainer:
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
         if len(self.objective.terms):
             state["objective"] = self.objective.terms.state_dict()
+        if self.aux:
+            state["aux_optimizers"] = {name: {"optimizer": a.optimizer.state_dict(),
+                                              "scheduler": a.scheduler.state_dict()} for name, a in self.aux.items()}
         if self.plan.configured:
             state["stage"] = self.stage_index
         return state
@@ -158,6 +164,12 @@ class Trainer:
             self.objective.terms.load_state_dict(s["objective"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        for name, a in self.aux.items():
+            saved = (s.get("aux_optimizers") or {}).get(name)
+            if saved is None:
+                raise CheckpointError(f"{self.out / LAST}: no optimizer state for the objective's {name!r} part")
+            a.optimizer.load_state_dict(saved["optimizer"])
+            a.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
         self.checkpoints.best, self.history = s["best_rsum"], list(s["history"])
@@ -200,8 +212,19 @@ class Trainer:
         self.freezer.freeze(scfg.train.freeze, self.trainable.named_parameters(), self.trainable.named_parts())
         self.objective.set_weights(scfg.objective)
         self.optim_cfg = scfg.optim
-        self.optimizer = build_optimizer(self.trainable, self.optim_cfg)
+        # parts of the objective's terms with optimizers of their own (a discriminator), out of the main one
+        self.aux = {}
+        for upd in self.objective.auxiliary_updates():
+            term = next(n for n in self.objective.registered
+                        if any(m is upd.module for m in self.objective.terms[n].modules()))
+            section = scfg.objective.terms.get(term, {}).get("optim") or {}
+            cfg = OptimConfig.model_validate({**scfg.optim.model_dump(), **section})
+            opt = build_optimizer(upd.module, cfg)
+            self.aux[upd.name] = _Auxiliary(upd, term, cfg, opt, build_scheduler(opt, cfg))
+        owned = {id(p) for a in self.aux.values() for p in a.update.module.parameters()}
+        self.optimizer = build_optimizer(self.trainable, self.optim_cfg, exclude=owned)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg)
+        self.main_params = [p for p in self.trainable.parameters() if id(p) not in owned]
         self.stage_index = k
         self._train_mode()
         if self.plan.configured:
@@ -242,10 +265,17 @@ class Trainer:
             if self.objective.mining:
                 negatives = self.objective.mine(self.model, images, image_ids, self.caption_pool, self._train_mode)
             out = self.model.embed(images, text, text_to(negatives.text, dev) if negatives else None)
+        term_batch = TermBatch(images, text, image_ids, labels, self.objective.progress, caption_vectors)
+        aux_parts = self._auxiliary_steps(out, term_batch)
+        if aux_parts is None:
+            return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
         loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives,
-                                               labels=labels, inputs=(images, text[0]))
+                                               labels=labels, inputs=(images, text[0]), batch=term_batch)
+        self.last_parts.update(aux_parts)
         if not torch.isfinite(loss.detach()):
             self.optimizer.zero_grad(set_to_none=True)
+            if aux_parts:
+                self.scaler.update()  # the auxiliary steps of this iteration were taken
             return self._nonfinite(batch, "loss", float(loss.detach()))
         self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
         self.diagnostics.add({**self.last_diag, **{f"term_{k}": float(v) for k, v in self.last_parts.items()
@@ -258,7 +288,7 @@ class Trainer:
         clip = self.optim_cfg.grad_clip
         if clip or not self.amp:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.parameters()), float(clip or math.inf))
+            norm = torch.nn.utils.clip_grad_norm_(self.main_params, float(clip or math.inf))
             if not self.amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
                 self.optimizer.zero_grad(set_to_none=True)
                 return self._nonfinite(batch, "gradient norm", float(norm))
@@ -266,6 +296,30 @@ class Trainer:
         self.scaler.update()
         self.nonfinite_streak = 0
         return float(loss.detach())
+
+    def _auxiliary_steps(self, out, term_batch: TermBatch) -> dict[str, torch.Tensor] | None:
+        """One update of each active term's own parts (a discriminator) on the detached forward pass, before
+        the main loss is computed; None when a loss is not finite (the step is skipped)."""
+        parts: dict[str, torch.Tensor] = {}
+        active = [a for a in self.aux.values() if self.objective.active(a.term)]
+        if not active:
+            return parts
+        frozen = detached(out)
+        for a in active:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                value = a.update.loss(frozen, term_batch)
+            if not torch.isfinite(value.detach()):
+                a.optimizer.zero_grad(set_to_none=True)
+                return None
+            a.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(value).backward()
+            if a.cfg.grad_clip:
+                self.scaler.unscale_(a.optimizer)
+                torch.nn.utils.clip_grad_norm_(list(a.update.module.parameters()), float(a.cfg.grad_clip))
+            self.scaler.step(a.optimizer)
+            a.optimizer.zero_grad(set_to_none=True)  # the main loss's gradients into this part are not its own
+            parts[a.update.name] = value.detach()
+        return parts
 
     def _nonfinite(self, batch: dict[str, Any], what: str, value: float) -> None:
         """A step with a non-finite loss or gradient: skipped (no update), reported with the batch's captions;
@@ -405,6 +459,9 @@ class Trainer:
     def end_epoch(self) -> dict[str, float]:
         """After a full epoch: schedule step, validation, log line, checkpoints."""
         self.scheduler.step()
+        for a in self.aux.values():
+            if self.objective.active(a.term):  # an inactive part took no step: its schedule waits
+                a.scheduler.step()
         metrics = self.validate()
         record = self._val_record(metrics)
         self.diagnostics = EpochDiagnostics()
@@ -457,6 +514,17 @@ class Trainer:
         self.history.append(record)
         self.checkpoints.after_partial_epoch(metrics)
         return self._result("max_minutes")
+
+
+@dataclass
+class _Auxiliary:
+    """An objective term's part with its own optimizer and schedule (see vsekit.losses.terms)."""
+
+    update: AuxiliaryUpdate
+    term: str
+    cfg: OptimConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
 
 
 class _ModelAndLoss(torch.nn.Module):
