@@ -109,11 +109,12 @@ def _validate_terms(terms: Any, where: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, section in terms.items():
         section = {} if section is None else section
+        if name not in OBJECTIVE_TERMS:
+            raise ConfigError(f"{where}.{name}: unknown key: not a registered objective term"
+                              f"{did_you_mean(name, OBJECTIVE_TERMS.names())} "
+                              f"(known: {', '.join(OBJECTIVE_TERMS.names()) or 'none'})")
         if not isinstance(section, dict):
             raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
-        if name not in OBJECTIVE_TERMS:
-            raise ConfigError(f"{where}.{name}: unknown objective term{did_you_mean(name, OBJECTIVE_TERMS.names())} "
-                              f"(known: {', '.join(OBJECTIVE_TERMS.names()) or 'none'})")
         own: dict[str, Any] = {}
         if "weight" in section:
             try:
