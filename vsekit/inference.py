@@ -28,8 +28,23 @@ from vsekit.data.datasets import (
 from vsekit.errors import ConfigError, VsekitError
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
+from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
 from vsekit.utils.progress import iterate
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows ``rows`` of a caption dataset, renumbered 0..len-1 (a process's block under torchrun)."""
+
+    def __init__(self, dataset, rows) -> None:
+        self.dataset, self.rows = dataset, [int(r) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[self.rows[i]]
+        return (*item[:-1], i)
 
 
 class EncodeError(VsekitError, ValueError):
@@ -125,16 +140,26 @@ class Embedder:
         return self._encode_text(CaptionDataset(text=TextSource(corpus, self.encode_tokens)), batch_size, progress)
 
     def _encode_text(self, dataset: CaptionDataset, batch_size: int, progress: bool) -> np.ndarray:
+        n = len(dataset)
+        rows = distributed.shard_rows(n)  # all rows in one process; a block of them under torchrun
+        if len(rows) != n:
+            dataset = _Rows(dataset, rows)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
         batches = iterate(loader, desc="captions", enabled=progress, unit="batch")
-        return self._fill(len(dataset), ((self.model.encode_captions(*text_to(text, self.device)), idx)
-                                         for text, idx in batches))
+        out = self._fill(len(rows), ((self.model.encode_captions(*text_to(text, self.device)), idx)
+                                     for text, idx in batches))
+        return distributed.gather_rows(out, n)
 
     @torch.no_grad()
     def encode_corpus_images(self, corpus: Corpus, batch_size: int = 128, num_workers: int = 0,
                              progress: bool = False, rows: Sequence[int] | None = None) -> np.ndarray:
         """(N, D) embeddings of the corpus's images (each image once), in row order."""
         source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
+        if rows is None and distributed.world().distributed:  # under torchrun: a block of rows each, gathered
+            n = corpus.num_images
+            local = self.encode_corpus_images(corpus, batch_size, num_workers, progress,
+                                              rows=distributed.shard_rows(n).tolist())
+            return distributed.gather_rows(local, n)
         ds = ImageDataset(source, rows)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
         batches = iterate(loader, desc="images", enabled=progress, unit="batch")

@@ -195,8 +195,10 @@ class Objective(nn.Module):
     def forward(self, out: PairOutput, image_ids: Tensor, *, caption_vectors: Tensor | None = None,
                 negatives: MinedNegatives | None = None, labels: Tensor | None = None,
                 inputs: tuple[Tensor, Tensor] | None = None,
-                batch: TermBatch | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                batch: TermBatch | None = None, term_out: PairOutput | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(total loss, {term: unweighted value}); ``image_ids`` are the training-corpus rows = instance labels,
+        ``term_out``: the registered terms' PairOutput when ``out`` is a distributed step's gathered one (they
+        read this process's rows, which their TermBatch describes).
         ``labels`` the class labels of the batch's images (label and triplet terms), ``inputs`` the raw image
         and text feature batches (triplets mined in the input space). The adversary also reports its
         accuracy and λ (``adv_accuracy``, ``adv_lambda``), which are not part of the total."""
@@ -239,7 +241,7 @@ class Objective(nn.Module):
                 continue
             if batch is None:
                 raise ValueError(f"objective term {name!r} is on but no TermBatch was given")
-            value = self.terms[name](out, batch)
+            value = self.terms[name](term_out if term_out is not None else out, batch)
             if isinstance(value, tuple):
                 value, extra = value
                 parts.update({k: v.detach() for k, v in extra.items()})

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
 from vsekit.config.schema import OptimConfig
 from vsekit.data.datasets import collate_pairs, text_to
-from vsekit.errors import TrainingCollapsed, TrainingDiverged
+from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
 from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
 from vsekit.train.checkpointing import LAST, CheckpointPolicy
 from vsekit.train.logger import MetricsLogger
@@ -38,6 +39,7 @@ from vsekit.train.optim import build_optimizer, build_scheduler
 from vsekit.train.run import build_run
 from vsekit.train.state import rng_state, seed_everything, set_rng_state
 from vsekit.train.validate import validate
+from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
 from vsekit.utils.freeze import Freezer
 from vsekit.utils.io import atomic_write_text
@@ -58,11 +60,16 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        # one process per device under torchrun: rank 0 logs, validates into the log and writes checkpoints
+        self.world = distributed.init_from_env(str(cfg.device))
         self.device = resolve_device(cfg.device)
         tcfg = cfg.train
+        if tcfg.batch_size % self.world.size:
+            raise ConfigError(f"train.batch_size ({tcfg.batch_size}) is the global batch: it must be a multiple of "
+                              f"the number of processes ({self.world.size})")
         seed_everything(cfg.seed)
         self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps,
-                                            metric=cfg.eval.select_metric)
+                                            metric=cfg.eval.select_metric, writes=self.world.is_main)
 
         # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
         resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
@@ -84,7 +91,14 @@ class Trainer:
                 self.objective.terms.load_state_dict(init_state["objective"])
             log.info("initialised the model from %s", init_state["path"])
 
-        self.batch_size = tcfg.batch_size
+        self.batch_size = tcfg.batch_size  # global: each of the world's processes takes batch_size / world
+        self.local_batch_size = tcfg.batch_size // self.world.size
+        if self.world.distributed:
+            self.sampler.shard(self.world.rank, self.world.size, self.local_batch_size)
+            if getattr(self.model, "learned_similarity", False):
+                raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
+                                  "(model.similarity with parameters) needs its encoders' contexts gathered, which "
+                                  "vsekit does not do yet: train it in one process")
         # one parameter set (named as optim.lr_mult and train.freeze name them) for the optimizer, gradient
         # clipping and freezing
         self.trainable = _ModelAndLoss(self.model, self.loss_fn, self.objective.terms)
@@ -114,9 +128,11 @@ class Trainer:
         self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
-        atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
+        if self.world.is_main:
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
         self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None,
-                                    resume_epoch=self.epoch if resume_state is not None else None)
+                                    resume_epoch=self.epoch if resume_state is not None else None,
+                                    enabled=self.world.is_main)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -191,7 +207,10 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t_start)
 
     def out_of_time(self) -> bool:
-        return self.max_seconds is not None and self.elapsed_s >= self.max_seconds
+        """Whether ``train.max_minutes`` is spent (rank 0's clock decides for every process)."""
+        if self.max_seconds is None:
+            return False
+        return bool(distributed.broadcast_object(self.elapsed_s >= self.max_seconds))
 
     def save(self, name: str) -> Path:
         return self.checkpoints.save(name)
@@ -247,7 +266,7 @@ class Trainer:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, start=self.batches_done * self.batch_size)
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.epoch)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+        return DataLoader(self.dataset, batch_size=self.local_batch_size, sampler=self.sampler,
                           num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
                           generator=g, pin_memory=self.device.type == "cuda")
 
@@ -269,8 +288,16 @@ class Trainer:
         aux_parts = self._auxiliary_steps(out, term_batch)
         if aux_parts is None:
             return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
+        local_out, inputs = out, (images, text[0])
+        if self.world.distributed:  # the in-batch terms see the global batch, as one process would
+            out = self._gather(out)
+            image_ids = distributed.all_gather(image_ids)
+            caption_vectors = distributed.all_gather(caption_vectors) if caption_vectors is not None else None
+            labels = distributed.all_gather(labels) if labels is not None else None
+            negatives = self._gather_negatives(negatives) if negatives is not None else None
+            inputs = None
         loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives,
-                                               labels=labels, inputs=(images, text[0]), batch=term_batch)
+                                               labels=labels, inputs=inputs, batch=term_batch, term_out=local_out)
         self.last_parts.update(aux_parts)
         if not torch.isfinite(loss.detach()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -285,6 +312,7 @@ class Trainer:
             self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(self.main_params)
         clip = self.optim_cfg.grad_clip
         if clip or not self.amp:
             self.scaler.unscale_(self.optimizer)
@@ -313,6 +341,7 @@ class Trainer:
                 return None
             a.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(value).backward()
+            distributed.average_gradients(a.update.module.parameters())
             if a.cfg.grad_clip:
                 self.scaler.unscale_(a.optimizer)
                 torch.nn.utils.clip_grad_norm_(list(a.update.module.parameters()), float(a.cfg.grad_clip))
@@ -320,6 +349,19 @@ class Trainer:
             a.optimizer.zero_grad(set_to_none=True)  # the main loss's gradients into this part are not its own
             parts[a.update.name] = value.detach()
         return parts
+
+    def _gather(self, out):
+        """The PairOutput of the global batch: every process's rows, the local ones with their gradients,
+        and the similarity of the gathered embeddings."""
+        fields = {f.name: getattr(out, f.name) for f in dataclass_fields(out)}
+        gathered = {k: distributed.all_gather_with_grad(v) if isinstance(v, torch.Tensor) and k != "sim" else v
+                    for k, v in fields.items()}
+        gathered["sim"] = self.model.similarity(gathered["image_emb"], gathered["caption_emb"])
+        return type(out)(**gathered)
+
+    @staticmethod
+    def _gather_negatives(neg):
+        return type(neg)(neg.text, distributed.all_gather(neg.image_ids), distributed.all_gather(neg.valid))
 
     def _nonfinite(self, batch: dict[str, Any], what: str, value: float) -> None:
         """A step with a non-finite loss or gradient: skipped (no update), reported with the batch's captions;
@@ -389,7 +431,7 @@ class Trainer:
         return metrics
 
     def _steps_in_epoch(self) -> int:
-        total = math.ceil(len(self.dataset) / self.batch_size)
+        total = self.sampler.num_batches(self.batch_size)
         cap = self.cfg.train.max_steps_per_epoch
         return min(total, cap) if cap else total
 
