@@ -92,3 +92,34 @@ def test_resume_with_another_number_of_processes(tmp_path, cache):
     _run(2, _overrides(tmp_path / "changed", "lseh", "train.epochs=1"))  # 2 processes, then "killed"
     _run(1, _overrides(tmp_path / "changed", "lseh"), resume=True)  # resumed in one process
     _assert_same_weights(tmp_path / "whole" / "last.pt", tmp_path / "changed" / "last.pt")
+
+
+@pytest.mark.slow
+def test_torchrun_trains_and_evaluates_like_one_process(tmp_path, cache):
+    import json
+    import subprocess
+    import sys
+
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(_free_port()), "-m", "vsekit"]
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    done = subprocess.run([*launch, "train", str(recipe), *_overrides(run, "hinge")], env=env, text=True,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _run(1, _overrides(tmp_path / "one", "hinge"))
+    _assert_same_weights(tmp_path / "one" / "last.pt", run / "last.pt")
+    out = tmp_path / "m.json"
+    done = subprocess.run([*launch, "eval", str(run / "last.pt"), "--split", "test", "--out", str(out)], env=env,
+                          text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("rsum") >= 1  # printed once, by rank 0
+    sharded = json.loads(out.read_text())["metrics"]
+    emb = Embedder.from_checkpoint(run / "last.pt")
+    whole = emb.evaluate(load_split(emb.config.data, "test"))
+    assert sharded["rsum"] == pytest.approx(whole["rsum"], abs=1e-6)
