@@ -114,6 +114,8 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "bow", "hidden": [12, 10]}, None),
     ({"name": "projector", "hidden": [12]}, 9),
     ({"name": "bigru_gpo", "word_dim": 8}, None),
+    ({"name": "bert", "config": {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 32, "max_position_embeddings": 16}}, None),
 ]
 
 

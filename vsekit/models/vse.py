@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
