@@ -105,6 +105,7 @@ IMAGE_SPECS = [
     ({"name": "projector", "normalize": True}, (20,)),
     ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
     ({"name": "two_level", "encoder": {"name": "precomp"}}, (20,)),
+    ({"name": "vse_infty"}, (5, 20)),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
@@ -114,6 +115,9 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "bow", "hidden": [12, 10]}, None),
     ({"name": "projector", "hidden": [12]}, 9),
     ({"name": "two_level", "encoder": {"name": "gru", "word_dim": 8}}, None),
+    ({"name": "bigru_gpo", "word_dim": 8}, None),
+    ({"name": "bert", "config": {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 32, "max_position_embeddings": 16}}, None),
 ]
 
 

@@ -26,6 +26,7 @@ from vsekit.data.datasets import (
     text_to,
 )
 from vsekit.errors import ConfigError, VsekitError
+from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils import distributed
@@ -106,6 +107,10 @@ class Embedder:
         return bool(self.feature_shape)
 
     def encode_tokens(self, caption: str) -> list[int]:
+        """Token ids of a caption: the text encoder's own tokenizer when it has one (BERT), else the vocabulary."""
+        tokenize = caption_tokenizer(self.model.text_encoder)
+        if tokenize is not None:
+            return tokenize(caption, self.max_len)
         return self.vocab.encode(caption, self.max_len)
 
     def eval_transform(self):

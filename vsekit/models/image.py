@@ -11,8 +11,9 @@ from torch import nn
 
 from vsekit.errors import VsekitError
 from vsekit.models.base import Encoder
+from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
+from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.registry import Registry
 
 IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
@@ -74,7 +75,7 @@ class PrecompImageEncoder(Encoder):
                 return x.mean(1)
             if self.pooling == "max":
                 return x.max(1).values
-            return self.gpo(x)
+            return self.gpo(x)[0]
         return self.head(feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

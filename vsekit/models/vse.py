@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
+import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS

@@ -16,6 +16,7 @@ from vsekit.data.sources import load_split
 from vsekit.errors import ConfigError
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
+from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
@@ -100,8 +101,13 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
         vectors = caption_vectors(cfg, train_corpus)
 
     max_len = cfg.text.max_len
+    tokenize = caption_tokenizer(model.text_encoder)  # e.g. BERT's word pieces, in place of the vocabulary
+    if tokenize is not None and len(train_corpus.captions):
+        tokenize(train_corpus.captions[0], max_len)  # a missing tokenizer fails here, not in a loader worker
 
     def encode(caption: str) -> list[int]:
+        if tokenize is not None:
+            return tokenize(caption, max_len)
         return vocab.encode(caption, max_len)
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
