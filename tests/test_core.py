@@ -109,6 +109,8 @@ IMAGE_SPECS = [
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "projector", "hidden": [12]}, None),
     ({"name": "projector", "normalize": True}, (20,)),
     ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
+    ({"name": "two_level", "encoder": {"name": "precomp"}}, (20,)),
+    ({"name": "vse_infty"}, (5, 20)),
     ({"name": "timm", "model": "test_resnet"}, None),
     ({"name": "open_clip", "config": TINY_CLIP}, None),
 ]
@@ -119,6 +121,10 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "textcnn", "word_dim": 8, "width_mult": 0.03125, "blocks": [1, 1, 1, 1]}, None),
     ({"name": "bow", "hidden": [12, 10]}, None),
     ({"name": "projector", "hidden": [12]}, 9),
+    ({"name": "two_level", "encoder": {"name": "gru", "word_dim": 8}}, None),
+    ({"name": "bigru_gpo", "word_dim": 8}, None),
+    ({"name": "bert", "config": {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 32, "max_position_embeddings": 16}}, None),
     ({"name": "open_clip", "config": TINY_CLIP}, None),
 ]
 
@@ -132,11 +138,13 @@ def test_every_text_encoder_is_covered():
 @pytest.mark.parametrize("spec,text_dim", TEXT_SPECS, ids=lambda x: str(x))
 def test_every_text_encoder_forward_backward(spec, text_dim):
     torch.manual_seed(0)
-    model = build_model({"embed_size": 16, "image_encoder": {"name": "precomp"}, "text_encoder": spec},
+    levels = 2 if spec["name"] == "two_level" else 1  # a two-level text side needs a two-level image side
+    image = {"name": "two_level", "encoder": {"name": "precomp"}} if levels == 2 else {"name": "precomp"}
+    model = build_model({"embed_size": 16, "image_encoder": image, "text_encoder": spec},
                         vocab_size=30, feature_shape=(20,), text_feature_dim=text_dim)
     text = (torch.randn(4, text_dim),) if text_dim else (torch.randint(4, 30, (4, 7)), torch.tensor([7, 3, 5, 2]))
     img, cap, sim = model(torch.randn(4, 20), *text)
-    assert cap.shape == (4, 16) and sim.shape == (4, 4) and torch.isfinite(cap).all()
+    assert cap.shape == (4, 16 * levels) and sim.shape == (4, 4) and torch.isfinite(cap).all()
     sim.sum().backward()
     assert all(p.grad is not None for p in model.text_encoder.parameters() if p.requires_grad)
     assert model.reads_text_features == bool(text_dim)
@@ -150,18 +158,20 @@ def test_every_image_encoder_is_covered():
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_model_forward_backward(spec, shape, bidirectional):
     torch.manual_seed(0)
+    text = {"name": "gru", "word_dim": 8, "bidirectional": bidirectional}
+    levels = 2 if spec["name"] == "two_level" else 1
     model = build_model({"embed_size": 16, "image_encoder": spec,
-                         "text_encoder": {"name": "gru", "word_dim": 8, "bidirectional": bidirectional}},
+                         "text_encoder": {"name": "two_level", "encoder": text} if levels == 2 else text},
                         vocab_size=30, feature_shape=shape)
     images = torch.randn(4, *shape) if shape else torch.randn(4, 3, 32, 32)
     tokens = torch.randint(4, 30, (4, 7))
     lengths = torch.tensor([7, 3, 5, 2])
     img, cap, sim = model(images, tokens, lengths)
-    assert img.shape == cap.shape == (4, 16) and sim.shape == (4, 4)
-    torch.testing.assert_close(img.norm(dim=1), torch.ones(4))
-    torch.testing.assert_close(cap.norm(dim=1), torch.ones(4))
+    assert img.shape == cap.shape == (4, 16 * levels) and sim.shape == (4, 4)
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(4) * levels ** 0.5)  # each level has norm 1
+    torch.testing.assert_close(cap.norm(dim=1), torch.ones(4) * levels ** 0.5)
     sim.sum().backward()
-    assert model.text_encoder.embed.weight.grad is not None
+    assert all(p.grad is not None for n, p in model.text_encoder.named_parameters() if n.endswith("embed.weight"))
 
 
 def test_gru_uses_last_valid_state_not_padding():

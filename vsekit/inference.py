@@ -26,11 +26,27 @@ from vsekit.data.datasets import (
     text_to,
 )
 from vsekit.errors import ConfigError, VsekitError
+from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
 from vsekit.text.vocab import Vocabulary
+from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
 from vsekit.utils.progress import iterate
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows ``rows`` of a caption dataset, renumbered 0..len-1 (a process's block under torchrun)."""
+
+    def __init__(self, dataset, rows) -> None:
+        self.dataset, self.rows = dataset, [int(r) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[self.rows[i]]
+        return (*item[:-1], i)
 
 
 class EncodeError(VsekitError, ValueError):
@@ -93,9 +109,11 @@ class Embedder:
         return bool(self.feature_shape)
 
     def encode_tokens(self, caption: str) -> list[int]:
-        """Token ids of a caption: the text encoder's own tokenizer when it has one, else the vocabulary."""
-        tokenize = getattr(self.model.text_encoder, "tokenize", None)
-        return tokenize(caption, self.max_len) if tokenize is not None else self.vocab.encode(caption, self.max_len)
+        """Token ids of a caption: the text encoder's own tokenizer when it has one (BERT), else the vocabulary."""
+        tokenize = caption_tokenizer(self.model.text_encoder)
+        if tokenize is not None:
+            return tokenize(caption, self.max_len)
+        return self.vocab.encode(caption, self.max_len)
 
     def eval_transform(self):
         return self.config.transform.build(train=False)
@@ -129,23 +147,41 @@ class Embedder:
         return self._encode_text(CaptionDataset(text=TextSource(corpus, self.encode_tokens)), batch_size, progress)
 
     def _encode_text(self, dataset: CaptionDataset, batch_size: int, progress: bool) -> np.ndarray:
+        n = len(dataset)
+        rows = distributed.shard_rows(n)  # all rows in one process; a block of them under torchrun
+        if len(rows) != n:
+            dataset = _Rows(dataset, rows)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
-        out = np.zeros((len(dataset), self._dim()), dtype=np.float32)
-        for text, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
-            out[idx.numpy()] = self.model.encode_captions(*text_to(text, self.device)).float().cpu().numpy()
-        return out
+        batches = iterate(loader, desc="captions", enabled=progress, unit="batch")
+        out = self._fill(len(rows), ((self.model.encode_captions(*text_to(text, self.device)), idx)
+                                     for text, idx in batches))
+        return distributed.gather_rows(out, n)
 
     @torch.no_grad()
     def encode_corpus_images(self, corpus: Corpus, batch_size: int = 128, num_workers: int = 0,
                              progress: bool = False, rows: Sequence[int] | None = None) -> np.ndarray:
         """(N, D) embeddings of the corpus's images (each image once), in row order."""
         source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
+        if rows is None and distributed.world().distributed:  # under torchrun: a block of rows each, gathered
+            n = corpus.num_images
+            local = self.encode_corpus_images(corpus, batch_size, num_workers, progress,
+                                              rows=distributed.shard_rows(n).tolist())
+            return distributed.gather_rows(local, n)
         ds = ImageDataset(source, rows)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-        out = np.zeros((len(ds), self._dim()), dtype=np.float32)
-        for images, idx in iterate(loader, desc="images", enabled=progress, unit="batch"):
-            out[idx.numpy()] = self.model.encode_images(images.to(self.device)).float().cpu().numpy()
-        return out
+        batches = iterate(loader, desc="images", enabled=progress, unit="batch")
+        return self._fill(len(ds), ((self.model.encode_images(images.to(self.device)), idx) for images, idx in batches))
+
+    def _fill(self, n: int, batches) -> np.ndarray:
+        """(n, D) float32 rows from (embeddings, row indices) batches; D is what the model outputs (a
+        two-level model's vectors are twice ``embed_size``)."""
+        out = None
+        for emb, idx in batches:
+            emb = emb.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((n, emb.shape[1]), dtype=np.float32)
+            out[idx.numpy()] = emb
+        return out if out is not None else np.zeros((0, self._dim()), dtype=np.float32)
 
     @torch.no_grad()
     def encode_pil_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -213,4 +249,5 @@ class Embedder:
                 self.encode_corpus_captions(corpus, batch_size, progress=progress))
 
     def _dim(self) -> int:
-        return self.config.model.embed_size
+        """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""
+        return self.config.model.embed_size * int(getattr(self.model.image_encoder, "levels", 1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from vsekit.cli.common import RECIPES, recipe_path
@@ -30,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    from vsekit.utils import distributed
+
+    world = distributed.init_from_env()  # under torchrun: join the process group; rank 0 speaks for all
+    if not world.is_main:
+        level = logging.WARNING
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    logging.basicConfig(level=level, format="%(message)s")
     from vsekit.errors import TrainingCollapsed, VsekitError
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vsekit.utils import distributed
+
 
 def _corpus(emb, args):
     from vsekit.cli.common import data_from_arg
@@ -45,11 +47,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         formatter = {LABEL_PROTOCOL: format_label_table, "eccv": format_eccv_table,
                      "semantic": format_semantic_table}[args.protocol]
         print(formatter(result, title=title))
-        if args.out:
+        if args.out and distributed.world().is_main:
             atomic_write_json(args.out, {**context, "metrics": result})
     else:
         print(format_metrics_table(result, title=title))
-        if args.out:
+        if args.out and distributed.world().is_main:
             write_metrics_json(args.out, result, folds=folds if args.protocol != "full" else None, **context)
     if args.out:
         print(f"wrote {args.out}")
@@ -79,8 +81,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         corpus = load_split(data_from_arg(args.images, args.image_root, emb.config.data), args.split)
         vecs = emb.encode_corpus_images(corpus, batch_size=args.batch_size, progress=True)
         ids = list(corpus.image_ids)
-    atomic_write(out, lambda f: np.save(f, vecs))
-    atomic_write_text(out.with_suffix(".ids.txt"), "\n".join(ids) + "\n")
+    if distributed.world().is_main:  # under torchrun every process encoded a block; rank 0 writes
+        atomic_write(out, lambda f: np.save(f, vecs))
+        atomic_write_text(out.with_suffix(".ids.txt"), "\n".join(ids) + "\n")
     print(f"wrote {out} {vecs.shape} and {out.with_suffix('.ids.txt')}")
     return 0
 

@@ -10,10 +10,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from vsekit.config.recipes import apply_overrides, deep_merge, load_recipe
-from vsekit.config.schema import CONFIG_FORMAT, MINED_OWN_KEYS, ModelConfig, ObjectiveConfig, RunConfig
+from vsekit.config.schema import (
+    CONFIG_FORMAT,
+    MINED_OWN_KEYS,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    RunConfig,
+)
 from vsekit.data.sources import data_config, source_class
 from vsekit.errors import ConfigError, did_you_mean
-from vsekit.registry import config_error_from
+from vsekit.registry import config_error_from, validate_section
 
 # keys of the data section that moved to `transform` in config format 2
 _TRANSFORM_KEYS = ("image_size", "resize", "resize_policy", "augment")
@@ -88,6 +95,43 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
         spec = {k: v for k, v in mined.items() if k not in own}
         objective["mined"] = {**_component(MINED_LOSSES, spec, {"name": default["name"]}, f"{prefix}objective.mined",
                                            also=MINED_OWN_KEYS), **own}
+    if isinstance(objective, dict) and objective.get("terms") is not None:
+        objective["terms"] = _validate_terms(objective["terms"], f"{prefix}objective.terms")
+
+
+def _validate_terms(terms: Any, where: str) -> dict[str, dict[str, Any]]:
+    """``objective.terms``: each key a registered term, its section the term's options plus ``weight`` and
+    ``optim`` (an optimizer section for the term's own parts, over the stage's ``optim``)."""
+    from vsekit.losses.terms import OBJECTIVE_TERMS, TERM_OWN_KEYS, term_options
+
+    if not isinstance(terms, dict):
+        raise ConfigError(f"{where}: expected a mapping of term name -> options, got {terms!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, section in terms.items():
+        section = {} if section is None else section
+        if name not in OBJECTIVE_TERMS:
+            raise ConfigError(f"{where}.{name}: unknown key: not a registered objective term"
+                              f"{did_you_mean(name, OBJECTIVE_TERMS.names())} "
+                              f"(known: {', '.join(OBJECTIVE_TERMS.names()) or 'none'})")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
+        own: dict[str, Any] = {}
+        if "weight" in section:
+            try:
+                own["weight"] = float(section["weight"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{name}.weight: expected a number, got {section['weight']!r}") from None
+        if section.get("optim") is not None:
+            optim = section["optim"]
+            if not isinstance(optim, dict):
+                raise ConfigError(f"{where}.{name}.optim: expected a mapping of optimizer options, got {optim!r}")
+            validate_section(OptimConfig, {**OptimConfig().model_dump(), **optim}, f"{where}.{name}.optim")
+            own["optim"] = dict(optim)
+        checked = OBJECTIVE_TERMS.validate({"name": name, **term_options(section)}, f"{where}.{name}",
+                                           also=TERM_OWN_KEYS)
+        checked.pop("name")
+        out[name] = {**checked, **own}
+    return out
 
 
 def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConfig:

@@ -93,6 +93,11 @@ class ObjectiveConfig(Section):
     # ``weight`` and ``pool_size``, the number of random training captions scored per step)
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
                                                            "pool_size": MINED_POOL_SIZE})
+    # registered terms (``vsekit.losses.terms.OBJECTIVE_TERMS``) by name: {weight, optim, the term's options}
+    terms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def term_weight(self, name: str) -> float:
+        return float((self.terms.get(name) or {}).get("weight", 0.0) or 0.0)
 
     @property
     def mined_weight(self) -> float:
@@ -112,7 +117,7 @@ class ObjectiveConfig(Section):
         return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
                 "instance_text": float(self.instance.text_weight), "mined": self.mined_weight,
                 "label": float(self.label.weight), "adversarial": float(self.adversarial.weight),
-                "triplet": float(self.triplet.weight)}
+                "triplet": float(self.triplet.weight), **{name: self.term_weight(name) for name in self.terms}}
 
 
 class SemanticsConfig(Section):

@@ -220,15 +220,42 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.rank, self.world, self.local_batch = 0, 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def shard(self, rank: int, world: int, local_batch: int) -> None:
+        """Yield only process ``rank``'s part of each global batch of ``world * local_batch`` samples (a
+        distributed run): its ``local_batch`` slice, and of a last, shorter batch a near-equal share, so the
+        processes' batches put together are the one-process batches, in order. ``start`` stays a position in
+        the global order, so a resume may change the number of processes."""
+        self.rank, self.world, self.local_batch = int(rank), int(world), int(local_batch)
+
     def permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
+    def _indices(self) -> np.ndarray:
+        order = self.permutation()[self.start:]
+        if self.world == 1:
+            return order
+        g = self.world * self.local_batch
+        full = len(order) // g * g
+        mine = order[:full].reshape(-1, self.world, self.local_batch)[:, self.rank].reshape(-1)
+        tail = order[full:]
+        if len(tail) < self.world:  # too short to give every process a sample: dropped (see num_batches)
+            tail = tail[:0]
+        bounds = np.linspace(0, len(tail), self.world + 1).round().astype(np.int64)
+        return np.concatenate([mine, tail[bounds[self.rank]: bounds[self.rank + 1]]])
+
+    def num_batches(self, batch_size: int) -> int:
+        """Global batches in a whole epoch (``batch_size`` = the global batch)."""
+        if self.world == 1:
+            return -(-self.n // batch_size)
+        return self.n // batch_size + (1 if self.n % batch_size >= self.world else 0)
+
     def __iter__(self):
-        return iter(self.permutation()[self.start:].tolist())
+        return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self._indices()) if self.world > 1 else self.n - self.start

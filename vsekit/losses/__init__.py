@@ -14,12 +14,14 @@ from typing import Any
 
 from torch import nn
 
+import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" term)
 from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask
 from vsekit.losses.dualpath import MINED_LOSSES, DualPathRankingLoss, mine_hard_negatives
 from vsekit.losses.hinge import HingeRankingLoss, WarmupHingeLoss
 from vsekit.losses.infonce import InfoNCELoss
 from vsekit.losses.instance import InstanceLoss
 from vsekit.losses.lseh import LSEHLoss, image_mean_vectors, semantic_margins, semantic_similarity
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm, TermBatch
 
 
 def build_loss(spec: dict[str, Any] | str, **extra: Any) -> nn.Module:
@@ -51,4 +53,7 @@ __all__ = [
     "semantic_similarity",
     "semantic_margins",
     "image_mean_vectors",
+    "OBJECTIVE_TERMS",
+    "ObjectiveTerm",
+    "TermBatch",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,10 @@ class Encoder(nn.Module):
     normalisation (what an instance classifier sees), :meth:`finish` the normalisation (L2, optional abs).
     An encoder with a pretrained part that may stay fixed names it in :attr:`finetune_scope`;
     :meth:`set_finetune` freezes or unfreezes it (no gradients, batch norm in eval mode).
+
+    A text encoder with its own tokenizer (e.g. BERT's word pieces) defines
+    ``tokenize(caption: str, max_len: int | None) -> list[int]``; the training run and the Embedder then use
+    it instead of vsekit's vocabulary (see :func:`caption_tokenizer`). Id 0 must be its padding.
     """
 
     #: the sub-module frozen while the encoder is not fine-tuned (e.g. a CNN backbone); None: none
@@ -65,3 +70,10 @@ class Encoder(nn.Module):
         super().train(mode)
         self._freezer.hold_eval()
         return self
+
+
+def caption_tokenizer(encoder: nn.Module) -> Callable[[str, int | None], list[int]] | None:
+    """The text encoder's own ``tokenize(caption, max_len)`` hook, or None when captions go through vsekit's
+    vocabulary. Token batches are padded with id 0 and carry their lengths, so id 0 must be the padding."""
+    fn = getattr(encoder, "tokenize", None)
+    return fn if callable(fn) else None

@@ -10,8 +10,9 @@ import torchvision
 from torch import nn
 
 from vsekit.models.base import Encoder
+from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import GPO, MLP, l2norm, xavier_linear_
+from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.models.weights import PretrainedWeightsMissing, initial_weights_wanted
 from vsekit.registry import Registry
 
@@ -70,7 +71,7 @@ class PrecompImageEncoder(Encoder):
                 return x.mean(1)
             if self.pooling == "max":
                 return x.max(1).values
-            return self.gpo(x)
+            return self.gpo(x)[0]
         return self.head(feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

@@ -75,17 +75,26 @@ class GRUTextEncoder(Encoder):
         self.bidirectional = bidirectional
         self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
 
-    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The caption feature before the L2 normalisation (what an instance classifier sees)."""
+    def _run(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[nn.utils.rnn.PackedSequence, torch.Tensor]:
         x = self.embed(tokens)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, h = self.rnn(packed)  # h: (layers * dirs, B, H), final state at each sequence's last valid step
-        if self.pooling == "last":
-            return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)  # (B, T, H * dirs), zeros past the end
+        return self.rnn(packed)  # h: (layers * dirs, B, H), final state at each sequence's last valid step
+
+    def word_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last-layer output at every word (bi-directional: the two directions averaged), zeros
+        past each caption's end; T is the longest length in the batch."""
+        out, _ = nn.utils.rnn.pad_packed_sequence(self._run(tokens, lengths)[0], batch_first=True)
         if self.bidirectional:
             half = out.shape[2] // 2
             out = (out[:, :, :half] + out[:, :, half:]) / 2
+        return out
+
+    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The caption feature before the L2 normalisation (what an instance classifier sees)."""
+        if self.pooling == "last":
+            h = self._run(tokens, lengths)[1]
+            return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
+        out = self.word_states(tokens, lengths)
         return out.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
+import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
+import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
@@ -110,6 +113,13 @@ def concat_text(text: tuple[torch.Tensor, ...], more: tuple[torch.Tensor, ...]) 
     return torch.cat([a, b]), torch.cat([lengths, more[1].to(lengths.device)])
 
 
+def _reads_features(registry: Any, spec: dict[str, Any], default: str) -> bool:
+    """Whether the encoder a spec names reads precomputed features (a wrapper encoder asks its inner one)."""
+    factory = registry.get(spec.get("name", default))
+    of_spec = getattr(factory, "reads_features_of", None)
+    return bool(of_spec(spec)) if of_spec is not None else bool(factory.reads_features)
+
+
 def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = None,
                 feature_shape: tuple[int, ...] | None = None, text_feature_dim: int | None = None) -> VSEModel:
     """Build a :class:`VSEModel` from the ``model`` section of a config (a ``ModelConfig`` or a plain dict).
@@ -126,7 +136,7 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
     img_spec = dict(cfg.get("image_encoder") or {"name": "precomp"})
     img_spec.setdefault("use_abs", use_abs)
     extra: dict[str, Any] = {}
-    if IMAGE_ENCODERS.get(img_spec.get("name", "precomp")).reads_features:
+    if _reads_features(IMAGE_ENCODERS, img_spec, "precomp"):
         if feature_shape is None:
             raise ConfigError(f"model.image_encoder {img_spec.get('name')!r} reads precomputed features, but the "
                               "data set holds image files; use an image encoder such as 'cnn', or precomputed data")
@@ -135,7 +145,7 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
     txt_spec = dict(cfg.get("text_encoder") or {"name": "gru"})
     txt_spec.setdefault("use_abs", use_abs)
     txt_extra: dict[str, Any] = {}
-    if TEXT_ENCODERS.get(txt_spec.get("name", "gru")).reads_features:
+    if _reads_features(TEXT_ENCODERS, txt_spec, "gru"):
         if text_feature_dim is None:
             raise ConfigError(f"model.text_encoder {txt_spec.get('name')!r} reads precomputed text features, but "
                               "the data set has caption strings; use a text encoder such as 'gru' or 'bow'")
@@ -146,4 +156,9 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
     image_encoder = IMAGE_ENCODERS.build(img_spec, embed_size=embed_size, **extra)
     text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos,
                                        **txt_extra)
+    levels = [int(getattr(e, "levels", 1)) for e in (image_encoder, text_encoder)]
+    if levels[0] != levels[1]:
+        raise ConfigError(f"model: the image encoder has {levels[0]} embedding level(s) and the text encoder "
+                          f"{levels[1]}; use model.image_encoder.name=two_level and model.text_encoder.name="
+                          "two_level together")
     return VSEModel(image_encoder, text_encoder, similarity=cfg.get("similarity", "cosine"))

@@ -54,10 +54,12 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
 
 class CheckpointPolicy:
     def __init__(self, out: Path, state: Callable[[], dict[str, Any]], every_steps: int = 0,
-                 metric: str = "rsum") -> None:
+                 metric: str = "rsum", writes: bool = True) -> None:
         self.out, self.state, self.every_steps, self.metric = Path(out), state, int(every_steps), metric
         self.best = -math.inf
-        remove_stale_temp_files(self.out)
+        self.writes = writes  # False: another process (rank 0 of a distributed run) writes the checkpoints
+        if writes:
+            remove_stale_temp_files(self.out)
 
     def resume_state(self, *, allow_legacy: bool = False) -> dict[str, Any]:
         """The state of ``last.pt`` to resume from (a clear error when there is none, or when it lacks what a
@@ -69,6 +71,8 @@ class CheckpointPolicy:
         return state
 
     def save(self, name: str = LAST) -> Path:
+        if not self.writes:
+            return self.out / name
         return save_checkpoint(self.out / name, self.state())
 
     def after_step(self, step: int) -> None:

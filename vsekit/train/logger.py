@@ -19,8 +19,12 @@ class MetricsLogger:
     """
 
     def __init__(self, out: Path, resume_step: int | None = None, resume_epoch: int | None = None,
-                 tensorboard: bool = True) -> None:
+                 tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = Path(out) / "metrics.jsonl"
+        self.enabled = enabled  # False: another process (rank 0 of a distributed run) writes the log
+        self.tb = None
+        if not enabled:
+            return
         if self.path.is_file():
             if resume_step is not None:
                 self._truncate_after(resume_step, resume_epoch)
@@ -48,6 +52,8 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:

@@ -26,6 +26,9 @@ Config (``objective`` section; every weight may change per training stage)::
         distance: sq_euclidean  # or cosine
         mine_in: embedding      # or input (raw features, as the ACMR demo)
 
+      terms:                    # registered terms by name (vsekit.losses.terms): caption decoder, GAN, ...
+        caption: {weight: 1.0, ...}
+
 A term is built when some stage gives it a non-zero weight, and computed only while its weight is non-zero.
 With the defaults the objective is exactly the ``loss:`` section, as before the objective existed.
 """
@@ -47,6 +50,7 @@ from vsekit.losses.base import MinedRankingLoss, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSSES, mine_hard_negatives
 from vsekit.losses.instance import InstanceLoss
 from vsekit.losses.labels import LabelClassifierLoss, LabelTripletLoss
+from vsekit.losses.terms import OBJECTIVE_TERMS, AuxiliaryUpdate, ObjectiveTerm, TermBatch, term_options
 from vsekit.models.vse import PairOutput, VSEModel
 
 
@@ -71,7 +75,8 @@ class Objective(nn.Module):
     def __init__(self, rank_loss: RankingLoss, instance: InstanceLoss | None = None,
                  mined: MinedRankingLoss | None = None, pool_size: int = MINED_POOL_SIZE, *,
                  label: LabelClassifierLoss | None = None, adversarial: ModalityAdversarialLoss | None = None,
-                 triplet: LabelTripletLoss | None = None) -> None:
+                 triplet: LabelTripletLoss | None = None,
+                 registered: dict[str, tuple[ObjectiveTerm, dict]] | None = None) -> None:
         super().__init__()
         self.rank_loss = rank_loss
         self.terms = nn.ModuleDict()
@@ -79,6 +84,15 @@ class Objective(nn.Module):
                            ("adversarial", adversarial), ("triplet", triplet)):
             if term is not None:
                 self.terms[name] = term
+        # registered terms (objective.terms) and the options each was built with
+        self.registered: list[str] = []
+        self._built_options: dict[str, dict] = {}
+        for name, (term, options) in (registered or {}).items():
+            if name in self.terms:
+                raise ConfigError(f"objective.terms.{name}: the name of a built-in term")
+            self.terms[name] = term
+            self.registered.append(name)
+            self._built_options[name] = options
         self.pool_size = int(pool_size)
         self.weights = ObjectiveConfig().weights()
         self.adversarial_cfg = ObjectiveConfig().adversarial
@@ -95,6 +109,13 @@ class Objective(nn.Module):
         for name in ("label", "adversarial", "triplet"):
             if w[name] and name not in self.terms:
                 raise ConfigError(f"objective.{name} has a weight but no {name} term was built")
+        for name, section in objective_cfg.terms.items():
+            if w[name] and name not in self.registered:
+                raise ConfigError(f"objective.terms.{name} has a weight but no {name} term was built")
+            if name in self.registered:
+                self._set_term_stage(name, term_options(section))
+        for name in self.registered:
+            w.setdefault(name, 0.0)
         self.weights = w
         self.adversarial_cfg = objective_cfg.adversarial
         if "triplet" in self.terms:
@@ -106,6 +127,28 @@ class Objective(nn.Module):
             if "margin" in objective_cfg.mined:
                 self.terms["mined"].margin = float(objective_cfg.mined["margin"])
             self.pool_size = objective_cfg.mined_pool_size
+
+    def _set_term_stage(self, name: str, options: dict) -> None:
+        term = self.terms[name]
+        built = self._built_options[name]
+        fixed = [k for k in set(options) | set(built) if k not in term.stage_keys and options.get(k) != built.get(k)]
+        if fixed:
+            raise ConfigError(f"objective.terms.{name}.{sorted(fixed)[0]}: cannot change between training stages "
+                              f"(only {', '.join(term.stage_keys) or 'the weight'} can)")
+        term.set_stage(**{k: options[k] for k in term.stage_keys if k in options})
+
+    def auxiliary_updates(self) -> list[AuxiliaryUpdate]:
+        """The parts of the registered terms that have optimizers of their own (every built term's, whatever
+        its weight now: the optimizers persist across stages like the terms)."""
+        return [u for name in self.registered for u in self.terms[name].auxiliary_updates()]
+
+    @property
+    def needs_caption_vectors(self) -> bool:
+        """Whether a registered term reads the LSA vectors of the batch's captions (e.g. LSEH per level)."""
+        return any(getattr(self.terms[n], "requires_caption_vectors", False) for n in self.registered)
+
+    def active(self, name: str) -> bool:
+        return bool(self.weights.get(name))
 
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1] (epoch / epochs, or per step): drives the adversary's λ schedule."""
@@ -151,8 +194,11 @@ class Objective(nn.Module):
     # -- loss ------------------------------------------------------------------------------------------
     def forward(self, out: PairOutput, image_ids: Tensor, *, caption_vectors: Tensor | None = None,
                 negatives: MinedNegatives | None = None, labels: Tensor | None = None,
-                inputs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                inputs: tuple[Tensor, Tensor] | None = None,
+                batch: TermBatch | None = None, term_out: PairOutput | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(total loss, {term: unweighted value}); ``image_ids`` are the training-corpus rows = instance labels,
+        ``term_out``: the registered terms' PairOutput when ``out`` is a distributed step's gathered one (they
+        read this process's rows, which their TermBatch describes).
         ``labels`` the class labels of the batch's images (label and triplet terms), ``inputs`` the raw image
         and text feature batches (triplets mined in the input space). The adversary also reports its
         accuracy and λ (``adv_accuracy``, ``adv_lambda``), which are not part of the total."""
@@ -190,6 +236,16 @@ class Objective(nn.Module):
             adv, accuracy = self.terms["adversarial"](out.image_emb, out.caption_emb, lam)
             add("adversarial", w["adversarial"], adv)
             parts["adv_accuracy"], parts["adv_lambda"] = accuracy, adv.new_tensor(lam)
+        for name in self.registered:
+            if not w[name]:
+                continue
+            if batch is None:
+                raise ValueError(f"objective term {name!r} is on but no TermBatch was given")
+            value = self.terms[name](term_out if term_out is not None else out, batch)
+            if isinstance(value, tuple):
+                value, extra = value
+                parts.update({k: v.detach() for k, v in extra.items()})
+            add(name, w[name], value)
         if total is None:
             raise ConfigError("every objective weight is 0: nothing to train")
         return total, parts
@@ -203,7 +259,8 @@ class Objective(nn.Module):
 
 
 def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, feature_dim: int,
-                    num_images: int, num_classes_of_labels: int | None = None) -> Objective:
+                    num_images: int, num_classes_of_labels: int | None = None, vocab=None, corpus=None,
+                    feature_shape: tuple[int, ...] | None = None) -> Objective:
     """The objective of a run: the terms that some stage switches on, built with the options of the first such
     stage. ``num_images`` (the training corpus's) is the number of instance classes unless
     ``objective.instance.num_classes`` says otherwise.
@@ -237,7 +294,18 @@ def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, f
     first = next((s for s, w in zip(sections, weights) if w["triplet"]), None)
     if first is not None:
         triplet = LabelTripletLoss(first.triplet.margin, first.triplet.distance, first.triplet.mine_in)
+    registered: dict[str, tuple[ObjectiveTerm, dict]] = {}
+    for name in dict.fromkeys(n for s in sections for n in s.terms):
+        first = next((s for s in sections if s.term_weight(name)), None)
+        if first is None:
+            continue
+        options = term_options(first.terms[name])
+        term = OBJECTIVE_TERMS.build({"name": name, **options}, embed_size=feature_dim, vocab=vocab, corpus=corpus,
+                                     feature_shape=feature_shape)
+        if not isinstance(term, ObjectiveTerm):
+            raise ConfigError(f"objective.terms.{name}: the registered factory did not build an ObjectiveTerm")
+        registered[name] = (term, options)
     objective = Objective(rank_loss, instance=instance, mined=mined, pool_size=pool_size, label=label,
-                          adversarial=adversarial, triplet=triplet)
+                          adversarial=adversarial, triplet=triplet, registered=registered)
     objective.set_weights(sections[0])
     return objective

@@ -11,16 +11,20 @@ from vsekit.config.schema import OptimConfig
 from vsekit.errors import ConfigError
 
 
-def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None = None,
+                 exclude: set[int] | frozenset[int] = frozenset()) -> list[dict[str, Any]]:
     """One group per distinct multiplier; a parameter takes the multiplier of the longest matching name prefix.
 
     Frozen parameters are included (they get no gradient, so the optimizer skips them), which lets a later
-    training stage unfreeze them without rebuilding the optimizer.
+    training stage unfreeze them without rebuilding the optimizer. ``exclude``: ids of parameters another
+    optimizer owns (a GAN discriminator's).
     """
     lr_mult = dict(lr_mult or {})
     groups: dict[float, list[nn.Parameter]] = {}
     names: dict[float, list[str]] = {}
     for name, p in model.named_parameters():
+        if id(p) in exclude:
+            continue
         best, mult = -1, 1.0
         for prefix, m in lr_mult.items():
             if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
@@ -33,8 +37,9 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None =
     return [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.lr, cfg.lr_mult)
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    exclude: set[int] | frozenset[int] = frozenset()) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.lr, cfg.lr_mult, exclude)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

@@ -17,6 +17,7 @@ from vsekit.data.sources import load_split
 from vsekit.errors import ConfigError
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
+from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
 from vsekit.text.vocab import Vocabulary
@@ -93,19 +94,25 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     plan = StagePlan(cfg)
     objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size,
                                 num_images=train_corpus.num_images,
-                                num_classes_of_labels=num_label_classes(train_corpus))
+                                num_classes_of_labels=num_label_classes(train_corpus), vocab=vocab,
+                                corpus=train_corpus, feature_shape=shape)
     if "mined" in objective.terms and model.similarity_name != "cosine":
         raise ConfigError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
 
     vectors = None
-    if loss_fn.requires_caption_vectors and any(c.objective.loss_weight for c in plan.configs()):
+    if (loss_fn.requires_caption_vectors and any(c.objective.loss_weight for c in plan.configs())) or \
+            objective.needs_caption_vectors:
         vectors = caption_vectors(cfg, train_corpus)
 
     max_len = cfg.text.max_len
-    tokenize = getattr(model.text_encoder, "tokenize", None)  # an encoder's own tokenizer (open_clip's BPE)
+    tokenize = caption_tokenizer(model.text_encoder)  # e.g. BERT's word pieces, in place of the vocabulary
+    if tokenize is not None and len(train_corpus.captions):
+        tokenize(train_corpus.captions[0], max_len)  # a missing tokenizer fails here, not in a loader worker
 
     def encode(caption: str) -> list[int]:
-        return tokenize(caption, max_len) if tokenize is not None else vocab.encode(caption, max_len)
+        if tokenize is not None:
+            return tokenize(caption, max_len)
+        return vocab.encode(caption, max_len)
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
     text = TextSource(train_corpus, encode)

@@ -11,16 +11,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from vsekit.checkpoint import load_checkpoint
+from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
+from vsekit.config.schema import OptimConfig
 from vsekit.data.datasets import collate_pairs, text_to
-from vsekit.errors import TrainingCollapsed, TrainingDiverged
+from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
+from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
 from vsekit.train.checkpointing import LAST, CheckpointPolicy
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
@@ -35,6 +39,7 @@ from vsekit.train.optim import build_optimizer, build_scheduler
 from vsekit.train.run import build_run
 from vsekit.train.state import rng_state, seed_everything, set_rng_state
 from vsekit.train.validate import validate
+from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
 from vsekit.utils.freeze import Freezer
 from vsekit.utils.io import atomic_write_text
@@ -55,11 +60,16 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        # one process per device under torchrun: rank 0 logs, validates into the log and writes checkpoints
+        self.world = distributed.init_from_env(str(cfg.device))
         self.device = resolve_device(cfg.device)
         tcfg = cfg.train
+        if tcfg.batch_size % self.world.size:
+            raise ConfigError(f"train.batch_size ({tcfg.batch_size}) is the global batch: it must be a multiple of "
+                              f"the number of processes ({self.world.size})")
         seed_everything(cfg.seed)
         self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps,
-                                            metric=cfg.eval.select_metric)
+                                            metric=cfg.eval.select_metric, writes=self.world.is_main)
 
         # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
         resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
@@ -81,7 +91,14 @@ class Trainer:
                 self.objective.terms.load_state_dict(init_state["objective"])
             log.info("initialised the model from %s", init_state["path"])
 
-        self.batch_size = tcfg.batch_size
+        self.batch_size = tcfg.batch_size  # global: each of the world's processes takes batch_size / world
+        self.local_batch_size = tcfg.batch_size // self.world.size
+        if self.world.distributed:
+            self.sampler.shard(self.world.rank, self.world.size, self.local_batch_size)
+            if getattr(self.model, "learned_similarity", False):
+                raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
+                                  "(model.similarity with parameters) needs its encoders' contexts gathered, which "
+                                  "vsekit does not do yet: train it in one process")
         # one parameter set (named as optim.lr_mult and train.freeze name them) for the optimizer, gradient
         # clipping and freezing
         self.trainable = _ModelAndLoss(self.model, self.loss_fn, self.objective.terms)
@@ -111,9 +128,11 @@ class Trainer:
         self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
-        atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
+        if self.world.is_main:
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg.to_dict()))
         self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None,
-                                    resume_epoch=self.epoch if resume_state is not None else None)
+                                    resume_epoch=self.epoch if resume_state is not None else None,
+                                    enabled=self.world.is_main)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -147,6 +166,9 @@ class Trainer:
         # only runs that use them carry these, so the checkpoints of other recipes stay as they were
         if len(self.objective.terms):
             state["objective"] = self.objective.terms.state_dict()
+        if self.aux:
+            state["aux_optimizers"] = {name: {"optimizer": a.optimizer.state_dict(),
+                                              "scheduler": a.scheduler.state_dict()} for name, a in self.aux.items()}
         if self.plan.configured:
             state["stage"] = self.stage_index
         return state
@@ -158,6 +180,12 @@ class Trainer:
             self.objective.terms.load_state_dict(s["objective"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        for name, a in self.aux.items():
+            saved = (s.get("aux_optimizers") or {}).get(name)
+            if saved is None:
+                raise CheckpointError(f"{self.out / LAST}: no optimizer state for the objective's {name!r} part")
+            a.optimizer.load_state_dict(saved["optimizer"])
+            a.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
         self.checkpoints.best, self.history = s["best_rsum"], list(s["history"])
@@ -179,7 +207,10 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t_start)
 
     def out_of_time(self) -> bool:
-        return self.max_seconds is not None and self.elapsed_s >= self.max_seconds
+        """Whether ``train.max_minutes`` is spent (rank 0's clock decides for every process)."""
+        if self.max_seconds is None:
+            return False
+        return bool(distributed.broadcast_object(self.elapsed_s >= self.max_seconds))
 
     def save(self, name: str) -> Path:
         return self.checkpoints.save(name)
@@ -200,8 +231,19 @@ class Trainer:
         self.freezer.freeze(scfg.train.freeze, self.trainable.named_parameters(), self.trainable.named_parts())
         self.objective.set_weights(scfg.objective)
         self.optim_cfg = scfg.optim
-        self.optimizer = build_optimizer(self.trainable, self.optim_cfg)
+        # parts of the objective's terms with optimizers of their own (a discriminator), out of the main one
+        self.aux = {}
+        for upd in self.objective.auxiliary_updates():
+            term = next(n for n in self.objective.registered
+                        if any(m is upd.module for m in self.objective.terms[n].modules()))
+            section = scfg.objective.terms.get(term, {}).get("optim") or {}
+            cfg = OptimConfig.model_validate({**scfg.optim.model_dump(), **section})
+            opt = build_optimizer(upd.module, cfg)
+            self.aux[upd.name] = _Auxiliary(upd, term, cfg, opt, build_scheduler(opt, cfg))
+        owned = {id(p) for a in self.aux.values() for p in a.update.module.parameters()}
+        self.optimizer = build_optimizer(self.trainable, self.optim_cfg, exclude=owned)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg)
+        self.main_params = [p for p in self.trainable.parameters() if id(p) not in owned]
         self.stage_index = k
         self._train_mode()
         if self.plan.configured:
@@ -224,7 +266,7 @@ class Trainer:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, start=self.batches_done * self.batch_size)
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.epoch)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+        return DataLoader(self.dataset, batch_size=self.local_batch_size, sampler=self.sampler,
                           num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
                           generator=g, pin_memory=self.device.type == "cuda")
 
@@ -242,10 +284,25 @@ class Trainer:
             if self.objective.mining:
                 negatives = self.objective.mine(self.model, images, image_ids, self.caption_pool, self._train_mode)
             out = self.model.embed(images, text, text_to(negatives.text, dev) if negatives else None)
+        term_batch = TermBatch(images, text, image_ids, labels, self.objective.progress, caption_vectors)
+        aux_parts = self._auxiliary_steps(out, term_batch)
+        if aux_parts is None:
+            return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
+        local_out, inputs = out, (images, text[0])
+        if self.world.distributed:  # the in-batch terms see the global batch, as one process would
+            out = self._gather(out)
+            image_ids = distributed.all_gather(image_ids)
+            caption_vectors = distributed.all_gather(caption_vectors) if caption_vectors is not None else None
+            labels = distributed.all_gather(labels) if labels is not None else None
+            negatives = self._gather_negatives(negatives) if negatives is not None else None
+            inputs = None
         loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives,
-                                               labels=labels, inputs=(images, text[0]))
+                                               labels=labels, inputs=inputs, batch=term_batch, term_out=local_out)
+        self.last_parts.update(aux_parts)
         if not torch.isfinite(loss.detach()):
             self.optimizer.zero_grad(set_to_none=True)
+            if aux_parts:
+                self.scaler.update()  # the auxiliary steps of this iteration were taken
             return self._nonfinite(batch, "loss", float(loss.detach()))
         self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
         self.diagnostics.add({**self.last_diag, **{f"term_{k}": float(v) for k, v in self.last_parts.items()
@@ -255,10 +312,11 @@ class Trainer:
             self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(self.main_params)
         clip = self.optim_cfg.grad_clip
         if clip or not self.amp:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.parameters()), float(clip or math.inf))
+            norm = torch.nn.utils.clip_grad_norm_(self.main_params, float(clip or math.inf))
             if not self.amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
                 self.optimizer.zero_grad(set_to_none=True)
                 return self._nonfinite(batch, "gradient norm", float(norm))
@@ -266,6 +324,44 @@ class Trainer:
         self.scaler.update()
         self.nonfinite_streak = 0
         return float(loss.detach())
+
+    def _auxiliary_steps(self, out, term_batch: TermBatch) -> dict[str, torch.Tensor] | None:
+        """One update of each active term's own parts (a discriminator) on the detached forward pass, before
+        the main loss is computed; None when a loss is not finite (the step is skipped)."""
+        parts: dict[str, torch.Tensor] = {}
+        active = [a for a in self.aux.values() if self.objective.active(a.term)]
+        if not active:
+            return parts
+        frozen = detached(out)
+        for a in active:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                value = a.update.loss(frozen, term_batch)
+            if not torch.isfinite(value.detach()):
+                a.optimizer.zero_grad(set_to_none=True)
+                return None
+            a.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(value).backward()
+            distributed.average_gradients(a.update.module.parameters())
+            if a.cfg.grad_clip:
+                self.scaler.unscale_(a.optimizer)
+                torch.nn.utils.clip_grad_norm_(list(a.update.module.parameters()), float(a.cfg.grad_clip))
+            self.scaler.step(a.optimizer)
+            a.optimizer.zero_grad(set_to_none=True)  # the main loss's gradients into this part are not its own
+            parts[a.update.name] = value.detach()
+        return parts
+
+    def _gather(self, out):
+        """The PairOutput of the global batch: every process's rows, the local ones with their gradients,
+        and the similarity of the gathered embeddings."""
+        fields = {f.name: getattr(out, f.name) for f in dataclass_fields(out)}
+        gathered = {k: distributed.all_gather_with_grad(v) if isinstance(v, torch.Tensor) and k != "sim" else v
+                    for k, v in fields.items()}
+        gathered["sim"] = self.model.similarity(gathered["image_emb"], gathered["caption_emb"])
+        return type(out)(**gathered)
+
+    @staticmethod
+    def _gather_negatives(neg):
+        return type(neg)(neg.text, distributed.all_gather(neg.image_ids), distributed.all_gather(neg.valid))
 
     def _nonfinite(self, batch: dict[str, Any], what: str, value: float) -> None:
         """A step with a non-finite loss or gradient: skipped (no update), reported with the batch's captions;
@@ -335,7 +431,7 @@ class Trainer:
         return metrics
 
     def _steps_in_epoch(self) -> int:
-        total = math.ceil(len(self.dataset) / self.batch_size)
+        total = self.sampler.num_batches(self.batch_size)
         cap = self.cfg.train.max_steps_per_epoch
         return min(total, cap) if cap else total
 
@@ -405,6 +501,9 @@ class Trainer:
     def end_epoch(self) -> dict[str, float]:
         """After a full epoch: schedule step, validation, log line, checkpoints."""
         self.scheduler.step()
+        for a in self.aux.values():
+            if self.objective.active(a.term):  # an inactive part took no step: its schedule waits
+                a.scheduler.step()
         metrics = self.validate()
         record = self._val_record(metrics)
         self.diagnostics = EpochDiagnostics()
@@ -457,6 +556,17 @@ class Trainer:
         self.history.append(record)
         self.checkpoints.after_partial_epoch(metrics)
         return self._result("max_minutes")
+
+
+@dataclass
+class _Auxiliary:
+    """An objective term's part with its own optimizer and schedule (see vsekit.losses.terms)."""
+
+    update: AuxiliaryUpdate
+    term: str
+    cfg: OptimConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
 
 
 class _ModelAndLoss(torch.nn.Module):

@@ -1,0 +1,51 @@
+"""A ranking loss per embedding level (GXN: ``L = L_rank(v_h, t_h) + L_rank(v_l, t_l)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from vsekit.errors import ConfigError
+from vsekit.losses.base import LOSSES
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm, TermBatch
+from vsekit.models.similarity import SIMILARITIES
+from vsekit.models.twolevel import level_similarities
+
+
+@OBJECTIVE_TERMS.register("level_ranking")
+class LevelRankingLoss(ObjectiveTerm):
+    """The sum over levels of a ranking loss on each level's own similarity matrix.
+
+    A two-level model (``model.image_encoder.name: two_level``) ranks by ``s = s_h + s_l``; GXN trains each
+    level with its own hardest negatives, which this term does: ``loss`` (any ``LOSSES`` spec, default VSE++'s
+    max of hinges at GXN's margin 0.05) on ``similarity(v_h, t_h)`` plus the same on ``(v_l, t_l)``. With
+    ``objective.loss_weight: 0`` it replaces the ranking loss on the summed score; LSEH works here too (the
+    batch's caption vectors are passed on).
+
+    Example::
+
+        objective: {loss_weight: 0, terms: {level_ranking: {weight: 1, loss: {name: hinge, margin: 0.05}}}}
+    """
+
+    def __init__(self, embed_size: int, vocab: Any = None, corpus: Any = None, feature_shape: Any = None,
+                 loss: dict[str, Any] | None = None, similarity: str = "order", levels: int = 2) -> None:
+        super().__init__()
+        spec = dict(loss or {"name": "hinge", "margin": 0.05, "reduction": "max"})
+        spec = LOSSES.validate(spec, "objective.terms.level_ranking.loss")
+        if similarity not in SIMILARITIES:
+            raise ConfigError(f"objective.terms.level_ranking.similarity: unknown similarity {similarity!r}")
+        if levels < 1:
+            raise ConfigError(f"objective.terms.level_ranking.levels: must be >= 1, got {levels}")
+        self.loss = LOSSES.build(spec)
+        self.similarity, self.levels = similarity, int(levels)
+        self.requires_caption_vectors = bool(getattr(self.loss, "requires_caption_vectors", False))
+
+    def forward(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        sims = level_similarities(self.similarity, out.image_emb.float(), out.caption_emb.float(), self.levels)
+        extra = {"caption_vectors": batch.caption_vectors} if self.requires_caption_vectors else {}
+        values = [self.loss(s, batch.image_ids, **extra) for s in sims]
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
+        return total, {f"level{k}_rank": v.detach() for k, v in enumerate(values)}

@@ -1,0 +1,179 @@
+"""A BERT text encoder (VSE-infinity's text side): token outputs -> linear -> GPO -> L2-norm.
+
+BERT brings its own word-piece tokenizer, so this encoder defines the ``tokenize(caption, max_len)`` hook
+(:func:`vsekit.models.base.caption_tokenizer`): the training run and the :class:`~vsekit.inference.Embedder`
+use it instead of vsekit's vocabulary. Weights are read from a local folder only; vsekit never downloads.
+``transformers`` is imported when the encoder is built, never by ``import vsekit``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vsekit.errors import ConfigError, did_you_mean
+from vsekit.models.base import Encoder
+from vsekit.models.gpo import GPO
+from vsekit.models.layers import l2norm
+from vsekit.models.text import TEXT_ENCODERS
+
+WHERE = "model.text_encoder"
+FOLDER_NEEDS = ("a Hugging Face BERT saved with save_pretrained: config.json, the weights (model.safetensors "
+                "or pytorch_model.bin) and the tokenizer's vocabulary (vocab.txt or tokenizer.json), e.g. a "
+                "local copy of bert-base-uncased")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+VOCAB_FILES = ("vocab.txt", "tokenizer.json")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"{WHERE}.name=bert needs the transformers package: pip install 'vsekit[bert]'") from None
+    return transformers
+
+
+def _check_folder(folder: Path, need_vocab: bool) -> None:
+    key = f"{WHERE}.pretrained"
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: no such folder {folder}; it must be {FOLDER_NEEDS} (vsekit never downloads)")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (" + " or ".join(WEIGHT_FILES[:2]) + ")")
+    if need_vocab and not any((folder / f).is_file() for f in VOCAB_FILES):
+        missing.append("vocabulary (vocab.txt or tokenizer.json)")
+    if missing:
+        raise ConfigError(f"{key}: {folder} has no {', no '.join(missing)}; it must be {FOLDER_NEEDS}")
+
+
+def load_bert(pretrained: str | None, config: dict[str, Any] | None, need_vocab: bool) -> nn.Module:
+    """A BERT model without its pooler (unused here): from a local folder, or randomly initialised from
+    ``config`` (BertConfig fields)."""
+    if pretrained is None and config is None:
+        raise ConfigError(f"{WHERE}.pretrained: not set; pass the local folder of a BERT "
+                          f"({WHERE}.pretrained=/path/to/bert-base-uncased: {FOLDER_NEEDS.split(': ', 1)[1]}), "
+                          f"or {WHERE}.config (BertConfig fields) for a randomly initialised one")
+    if pretrained is not None and config is not None:
+        raise ConfigError(f"{WHERE}: set pretrained (a local folder) or config (random weights), not both")
+    tf = _transformers()
+    if config is not None:
+        known = set(tf.BertConfig().to_dict())
+        for key in config:
+            if key not in known:
+                raise ConfigError(f"{WHERE}.config.{key}: not a BertConfig field{did_you_mean(key, known)}")
+        try:
+            return tf.BertModel(tf.BertConfig(**config), add_pooling_layer=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{WHERE}.config: {e}") from None
+    folder = Path(pretrained).expanduser()
+    _check_folder(folder, need_vocab)
+    try:
+        cfg = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        extra = {"add_pooling_layer": False} if cfg.model_type == "bert" else {}
+        model = tf.AutoModel.from_pretrained(folder, config=cfg, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{WHERE}.pretrained: {folder} could not be loaded ({str(e).splitlines()[0]}); "
+                          f"it must be {FOLDER_NEEDS}") from None
+    return model.float()
+
+
+def load_tokenizer(tokenizer: str | None, pretrained: str | None):
+    """The word-piece tokenizer: from ``tokenizer`` (a vocab.txt file or a tokenizer folder), else from the
+    ``pretrained`` folder; None when neither is given."""
+    source, key = (tokenizer, f"{WHERE}.tokenizer") if tokenizer else (pretrained, f"{WHERE}.pretrained")
+    if source is None:
+        return None
+    tf = _transformers()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}: no such file or folder {path}; give a BERT vocab.txt or a folder holding the "
+                          "tokenizer (vocab.txt or tokenizer.json)")
+    try:
+        if path.is_file():
+            # transformers 5 takes the file as `vocab`, 4 as `vocab_file` (5 ignores that name silently)
+            arg = "vocab" if "vocab" in inspect.signature(tf.BertTokenizerFast.__init__).parameters else "vocab_file"
+            tok = tf.BertTokenizerFast(**{arg: str(path)})
+        else:
+            tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: no tokenizer could be read from {path} ({str(e).splitlines()[0]})") from None
+    if path.is_file():
+        with path.open(encoding="utf-8") as f:
+            pieces = sum(1 for line in f if line.strip())
+        if len(tok) != pieces:
+            raise ConfigError(f"{key}: {path} has {pieces} word pieces but the tokenizer read {len(tok)}; "
+                              "expected a BERT vocab.txt, one word piece per line")
+    if tok.pad_token_id != 0:
+        raise ConfigError(f"{key}: the tokenizer's padding id is {tok.pad_token_id}; vsekit pads token batches "
+                          "with 0, so [PAD] must be word piece 0 (as in BERT's vocab.txt)")
+    return tok
+
+
+@TEXT_ENCODERS.register("bert")
+class BertTextEncoder(Encoder):
+    """BERT over word pieces -> Linear(hidden -> embed_size) at every token -> GPO over the valid tokens
+    ([CLS] and [SEP] included, as in VSE-infinity) -> L2-norm.
+
+    Exactly one of ``pretrained`` (a local folder: config.json, weights, vocab; nothing is downloaded) or
+    ``config`` (BertConfig fields; random weights, for tests and from-scratch runs). ``tokenizer`` (a
+    vocab.txt or a tokenizer folder) overrides the pretrained folder's tokenizer; a ``config`` model needs it
+    to tokenize captions. A checkpoint stores these paths in its config and the weights in its state, so
+    re-opening it reads the folder or vocabulary again but never the network.
+
+    The BERT sub-module is named ``bert``: ``optim.lr_mult: {text_encoder.bert: 0.1}`` gives it VSE-infinity's
+    10x lower learning rate; ``finetune: false`` keeps it fixed. The attention mask comes from the lengths.
+    ``vocab_size`` and ``itos`` (vsekit's vocabulary) are not used.
+    """
+
+    finetune_scope = "bert"
+
+    def __init__(self, embed_size: int = 1024, pretrained: str | None = None, config: dict[str, Any] | None = None,
+                 tokenizer: str | None = None, finetune: bool = True, no_txtnorm: bool = False,
+                 use_abs: bool = False, vocab_size: int | None = None, itos: list[str] | None = None) -> None:
+        super().__init__()
+        self.bert = load_bert(pretrained, config, need_vocab=tokenizer is None)
+        self._tokenizer = load_tokenizer(tokenizer, pretrained)
+        bert_vocab = int(self.bert.config.vocab_size)
+        if self._tokenizer is not None and len(self._tokenizer) > bert_vocab:
+            raise ConfigError(f"{WHERE}.tokenizer: {len(self._tokenizer)} word pieces, but the model embeds only "
+                              f"{bert_vocab} (vocab_size)")
+        self.max_positions = int(self.bert.config.max_position_embeddings)
+        self.proj = nn.Linear(int(self.bert.config.hidden_size), embed_size)
+        self.gpo = GPO()
+        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.set_finetune(finetune)
+
+    def tokenize(self, caption: str, max_len: int | None = None) -> list[int]:
+        """Word-piece ids of ``caption``: [CLS] pieces [SEP], at most ``max_len`` pieces (``text.max_len``)
+        and never more than the model's positions."""
+        if self._tokenizer is None:
+            raise ConfigError(f"{WHERE}.tokenizer: this BERT was built from config and has no tokenizer; set "
+                              "model.text_encoder.tokenizer to a vocab.txt or a tokenizer folder")
+        limit = self.max_positions - 2
+        n = limit if max_len is None else min(int(max_len), limit)
+        return list(self._tokenizer(caption, truncation=True, max_length=n + 2)["input_ids"])
+
+    def forward_parts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = lengths.to(tokens.device)
+        t = tokens.shape[1]
+        if t > self.max_positions:
+            raise ValueError(f"captions of {t} tokens; this BERT has {self.max_positions} positions")
+        mask = torch.arange(t, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
+        hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        words = self.proj(hidden)
+        return self.gpo(words, lengths)[0], words
+
+    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts(tokens, lengths)[0]
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.no_txtnorm:
+            x = l2norm(x)
+        return x.abs() if self.use_abs else x
