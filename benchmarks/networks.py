@@ -1,0 +1,202 @@
+"""The networks LSEH was evaluated on, each with the VSE++ loss and with LSEH, on the same real data.
+
+Real data without downloadable region features: the emoji collection (``real_data.py``: npm packages, licences
+there) is turned into precomputed *grid* features by a CNN trained here -- ``scratch_small`` (small CNN, InfoNCE,
+from scratch) for ``--cnn-epochs`` on the raw images, then ``vsekit features extract --backbone vsekit:CKPT
+--pool grid`` at twice the training resolution, which gives a 4 x 4 map = 16 regions of 256-d per image (the
+SCAN/VSRN layout, memory-mapped), 2 captions per image. Every network then trains on those features for the
+same number of epochs, per seed:
+
+  network    image side / text side / similarity
+  vsepp      region features flattened, one linear layer (the LSEH code's VSE++) / GRU / cosine
+  vseinf     fc + MLP per region, GPO / bi-GRU + GPO / cosine
+  vsrn       GCN region reasoning + GRU / GRU / cosine, + the caption-decoder term (weight 1)
+  sgr, saf   regions / words / the learned SGR or SAF similarity network
+
+Losses: ``vsepp`` = VSE++ max of hinges (margin 0.2), ``lseh`` = LSEH (alpha 0.185, lambda 0.025), both with
+hardest negatives from the first epoch. Reported: test rsum of the best-validation checkpoint, epochs to reach
+95 % of the run's best validation rsum (the LSEH paper's "fewer epochs" claim), median step time and the
+process's peak memory (each run is a subprocess).
+
+    python benchmarks/networks.py prepare                       # CNN + grid features (cached)
+    python benchmarks/networks.py run --seeds 0 1 2 --epochs 8  # every network x loss x seed (results appended)
+    python benchmarks/networks.py report                        # the table for benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from real_data import cache_dir, prepare  # noqa: E402
+
+RESULTS = HERE / "results"
+OUT = RESULTS / "networks.jsonl"
+
+NETWORKS: dict[str, list[str]] = {
+    "vsepp": ["model.image_encoder={name: precomp, pooling: flatten}", "model.text_encoder={name: gru}"],
+    "vseinf": ["model.image_encoder={name: vse_infty}", "model.text_encoder={name: bigru_gpo}"],
+    "vsrn": ["model.image_encoder={name: vsrn}", "model.text_encoder={name: gru}",
+             "objective.terms.caption={weight: 1.0, condition: context, mode: xe}"],
+    "sgr": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
+            "model.similarity={name: sgr}"],
+    "saf": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
+            "model.similarity={name: saf}"],
+}
+LOSSES = {
+    "vsepp": ["loss={name: hinge, margin: 0.2, reduction: max}"],
+    "lseh": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max}"],
+}
+
+
+def features_dir() -> Path:
+    return cache_dir() / "emoji_grid"
+
+
+def cmd_prepare(args) -> None:
+    info = prepare("emoji")
+    cnn = cache_dir() / "emoji_cnn"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if not (cnn / "best.pt").is_file():
+        subprocess.run([sys.executable, "-m", "vsekit", "train", "scratch_small", "data.format=karpathy",
+                        f"data.path={info['path']}", f"data.image_root={info['image_root']}",
+                        f"train.epochs={args.cnn_epochs}", "train.progress=false", f"output_dir={cnn}"],
+                       check=True, env=env, cwd=ROOT)
+    feats = features_dir()
+    if not (feats / "test_ims.npy").is_file():
+        subprocess.run([sys.executable, "-m", "vsekit", "features", "extract", "--backbone", f"vsekit:{cnn / 'best.pt'}",
+                        "--data", info["path"], "--image-root", info["image_root"], "--out", str(feats),
+                        "--pool", "grid", "--image-size", "128", "--resize", "128", "--captions-per-image", "2"],
+                       check=True, env=env, cwd=ROOT)
+    print(f"grid features in {feats}")
+
+
+def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> dict:
+    """Train one network x loss x seed (in this process) and return its numbers."""
+    import torch
+
+    from vsekit.config import resolve_config
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+    from vsekit.train.trainer import Trainer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    overrides = ["data.format=precomp", f"data.path={features_dir()}", "data.train_split=train",
+                 "data.val_split=val", "data.test_split=test", "data.val_max_images=1000", "text.min_count=2",
+                 "model.embed_size=256", "train.batch_size=128", f"train.epochs={epochs}", "train.progress=false",
+                 "optim.lr=2e-4", f"optim.lr_decay_every={max(1, epochs * 3 // 4)}", f"seed={seed}",
+                 f"output_dir={out_dir}", *NETWORKS[network], *LOSSES[loss]]
+    cfg = resolve_config(ROOT / "vsekit" / "configs" / "vsepp_base.yaml", overrides)
+    t0 = time.perf_counter()
+    result = Trainer(cfg).fit()
+    train_s = time.perf_counter() - t0
+    emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
+    t1 = time.perf_counter()
+    test = emb.evaluate(load_split(cfg.data, "test"))
+    eval_s = time.perf_counter() - t1
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["pairs_per_s"] for r in records if r["kind"] == "train"]
+    vals = [r["rsum"] for r in records if r["kind"] == "val"]
+    best = max(vals)
+    to95 = next(i + 1 for i, v in enumerate(vals) if v >= 0.95 * best)
+    return {"network": network, "loss": loss, "seed": seed, "epochs": epochs, "test_rsum": test["rsum"],
+            "test": test, "val_rsum": vals, "best_val_rsum": best, "epochs_to_95": to95,
+            "step_s": 128 / statistics.median(rates) if rates else None, "train_s": train_s, "test_eval_s": eval_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "collapse_events": sum(r["kind"] == "collapse" for r in records)}
+
+
+def cmd_one(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = one_run(args.network, args.loss, args.seed, args.epochs, str(Path(tmp) / "run"))
+    print("RESULT " + json.dumps(r))
+
+
+def _read() -> list[dict]:
+    return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+
+
+def cmd_run(args) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    done = {(r["network"], r["loss"], r["seed"], r["epochs"]) for r in _read()}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for seed in args.seeds:
+        for network in args.networks:
+            for loss in args.losses:
+                if (network, loss, seed, args.epochs) in done:
+                    continue
+                p = subprocess.run([sys.executable, __file__, "one", network, loss, str(seed), str(args.epochs)],
+                                   env=env, cwd=ROOT, capture_output=True, text=True)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                if p.returncode or not lines:
+                    print(f"{network} {loss} seed {seed}: FAILED\n{p.stderr[-2000:]}")
+                    continue
+                r = json.loads(lines[-1][7:])
+                r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+                with OUT.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(f"{network:7s} {loss:6s} seed {seed}: test rsum {r['test_rsum']:.1f}, best val "
+                      f"{r['best_val_rsum']:.1f} at 95% after {r['epochs_to_95']} ep, step {r['step_s']:.3f}s, "
+                      f"{r['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def cmd_report(args) -> None:
+    rows = _read()
+    print("| network | loss | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
+          "peak RSS (MB) | collapse events |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for network in NETWORKS:
+        for loss in LOSSES:
+            rs = [r for r in rows if r["network"] == network and r["loss"] == loss]
+            if not rs:
+                continue
+            t = [r["test_rsum"] for r in rs]
+            sd = statistics.stdev(t) if len(t) > 1 else 0.0
+            print(f"| {network} | {loss} | {len(rs)} | {statistics.mean(t):.1f} ± {sd:.1f} | "
+                  f"{statistics.mean(r['best_val_rsum'] for r in rs):.1f} | "
+                  f"{statistics.mean(r['epochs_to_95'] for r in rs):.1f} | "
+                  f"{statistics.median(r['step_s'] for r in rs):.3f} | "
+                  f"{max(r['peak_rss_mb'] for r in rs):.0f} | {sum(r['collapse_events'] for r in rs)} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--cnn-epochs", type=int, default=8)
+    a.add_argument("--threads", type=int, default=2)
+    a.set_defaults(fn=cmd_prepare)
+    r = sub.add_parser("run")
+    r.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    r.add_argument("--losses", nargs="+", default=list(LOSSES))
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--epochs", type=int, default=8)
+    r.add_argument("--threads", type=int, default=2)
+    r.set_defaults(fn=cmd_run)
+    o = sub.add_parser("one")
+    o.add_argument("network")
+    o.add_argument("loss")
+    o.add_argument("seed", type=int)
+    o.add_argument("epochs", type=int)
+    o.set_defaults(fn=cmd_one)
+    sub.add_parser("report").set_defaults(fn=cmd_report)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
