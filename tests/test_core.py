@@ -104,6 +104,7 @@ IMAGE_SPECS = [
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "projector", "hidden": [12]}, None),
     ({"name": "projector", "normalize": True}, (20,)),
     ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
+    ({"name": "vsrn", "gcn_layers": 2}, (5, 20)),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)

@@ -10,6 +10,7 @@ from torch import nn
 
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
+import vsekit.models.vsrn  # noqa: F401  (registers the "vsrn" image encoder)
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
