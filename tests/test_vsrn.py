@@ -228,3 +228,21 @@ def test_every_ranking_loss_trains_a_vsrn_model(name):
     grads = [p.grad for p in model.image_encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.image_encoder.gcn[0].phi.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("recipe,loss,lr,decay", [
+    ("vsrn_f30k_precomp", "hinge", 2e-4, 10), ("vsrn_coco_precomp", "hinge", 2e-4, 15),
+    ("vsrn_lseh_f30k_precomp", "lseh", 4e-4, 5), ("vsrn_lseh_coco_precomp", "lseh", 4e-4, 6),
+    ("vsrn_lseh_iapr_precomp", "lseh", 5e-4, 20)])
+def test_recipes_carry_the_reference_settings(recipe, loss, lr, decay):
+    cfg = resolve_config(RECIPES / f"{recipe}.yaml")
+    assert cfg.model.embed_size == 2048 and cfg.model.image_encoder["name"] == "vsrn"
+    assert cfg.model.text_encoder["name"] == "gru" and cfg.model.text_encoder["word_dim"] == 300
+    assert cfg.loss["name"] == loss and cfg.data.format == "precomp"
+    assert (cfg.optim.lr, cfg.optim.lr_decay_every, cfg.optim.grad_clip) == (lr, decay, 2.0)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.text.max_len) == (30, 128, None)
+    if loss == "lseh":
+        assert (cfg.loss["alpha"], cfg.loss["lam"], cfg.loss["reduction"]) == (0.185, 0.025, "max")
+    else:
+        assert (cfg.loss["margin"], cfg.loss["reduction"]) == (0.2, "max")
+    assert cfg.model.image_encoder.get("feature_bn", False) == ("f30k" in recipe)
