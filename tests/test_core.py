@@ -113,6 +113,7 @@ IMAGE_SPECS = [
     ({"name": "vse_infty"}, (5, 20)),
     ({"name": "timm", "model": "test_resnet"}, None),
     ({"name": "open_clip", "config": TINY_CLIP}, None),
+    ({"name": "vsrn", "gcn_layers": 2}, (5, 20)),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)

@@ -13,6 +13,7 @@ import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
 import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
+import vsekit.models.vsrn  # noqa: F401  (registers the "vsrn" image encoder)
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
