@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from vsekit.config.recipes import apply_overrides, deep_merge, load_recipe
 from vsekit.config.schema import CONFIG_FORMAT, MINED_OWN_KEYS, ModelConfig, ObjectiveConfig, RunConfig
 from vsekit.data.sources import data_config, source_class
-from vsekit.errors import ConfigError, did_you_mean
+from vsekit.errors import ConfigError
 from vsekit.registry import config_error_from
 
 # keys of the data section that moved to `transform` in config format 2
@@ -57,7 +57,8 @@ def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
 def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
     """Check, in place, the sections that name registered components against those components."""
     from vsekit.losses import LOSSES, MINED_LOSSES
-    from vsekit.models import IMAGE_ENCODERS, SIMILARITIES, TEXT_ENCODERS
+    from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
+    from vsekit.models.similarity import check_similarity_spec
 
     model = raw.get("model")
     if isinstance(model, dict):
@@ -66,10 +67,8 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
                                             f"{prefix}model.image_encoder")
         model["text_encoder"] = _component(TEXT_ENCODERS, model.get("text_encoder"), defaults.text_encoder,
                                            f"{prefix}model.text_encoder")
-        sim = model.get("similarity")
-        if sim is not None and sim not in SIMILARITIES:
-            raise ConfigError(f"{prefix}model.similarity: unknown similarity {sim!r}{did_you_mean(sim, SIMILARITIES.names())} "
-                              f"(known: {', '.join(SIMILARITIES.names())})")
+        if model.get("similarity") is not None:
+            model["similarity"] = check_similarity_spec(model["similarity"], f"{prefix}model.similarity")
     if "loss" in raw:
         raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, f"{prefix}loss")
     objective = raw.get("objective")

@@ -5,7 +5,8 @@ Why pydantic: FastAPI (the server) already depends on it, it validates nested se
 locations (``train.collapse.patience``), and a model with ``extra="forbid"`` turns a typo into an error
 instead of a silent default. Sections that name a registered component (``loss``, ``model.image_encoder``,
 ``model.text_encoder``, ``objective.mined``) are checked against that component's signature
-(:meth:`vsekit.registry.Registry.validate`); the ``data`` section is checked by the options class of its
+(:meth:`vsekit.registry.Registry.validate`), and so is a ``model.similarity`` that names a similarity
+network; the ``data`` section is checked by the options class of its
 ``format`` (:mod:`vsekit.data.sources`).
 """
 
@@ -34,7 +35,9 @@ class TextConfig(Section):
 
 class ModelConfig(Section):
     embed_size: int = Field(1024, ge=1)
-    similarity: str = "cosine"  # a registered similarity: cosine | order
+    # a registered similarity function (cosine | order | euclidean), or a similarity network with its options,
+    # e.g. {name: sgr, sim_dim: 256, sgr_step: 3} (vsekit.models.similarity)
+    similarity: str | dict[str, Any] = "cosine"
     use_abs: bool = False  # abs() of both embeddings (order embeddings)
     image_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "precomp"})
     text_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "gru"})
