@@ -104,6 +104,7 @@ IMAGE_SPECS = [
     ({"name": "cnn", "backbone": "small_cnn", "finetune": True, "head": "projector", "hidden": [12]}, None),
     ({"name": "projector", "normalize": True}, (20,)),
     ({"name": "projector", "normalize": True, "hidden": [8]}, (5, 20)),
+    ({"name": "sgraf_regions"}, (5, 20)),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
@@ -112,6 +113,7 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "textcnn", "word_dim": 8, "width_mult": 0.03125, "blocks": [1, 1, 1, 1]}, None),
     ({"name": "bow", "hidden": [12, 10]}, None),
     ({"name": "projector", "hidden": [12]}, 9),
+    ({"name": "sgraf_words", "word_dim": 8}, None),
 ]
 
 
