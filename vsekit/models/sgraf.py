@@ -45,7 +45,7 @@ from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
 # Evaluation tiles: images per tile, and at most this many floats in one (n, m, T, max(E, R)) tensor
 # (64 MiB of float32 on CPU; accelerators take 4x larger tiles).
 IMAGE_TILE = 32
-MAX_TILE_CAPTIONS = 256
+MAX_TILE_CAPTIONS = 64
 TILE_ELEMENTS = {"cpu": 1 << 24, "accel": 1 << 26}
 # fixed_shapes: a caption of length L is always scored padded to the next multiple of this
 LENGTH_STEP = 4
