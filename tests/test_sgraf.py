@@ -250,6 +250,31 @@ def test_lr_mult_reaches_the_similarity_parameters():
     assert by_mult[0.1] == n_reason and by_mult[0.5] == n_sim - n_reason
 
 
+def test_embedding_term_trains_the_pooled_embeddings():
+    """objective.embedding: a ranking loss on the embeddings' cosine, beside (here: instead of) the loss on the
+    network's scores; it reaches the encoders, not the network."""
+    from vsekit.losses import InfoNCELoss
+    from vsekit.train.objective import build_objective
+
+    cfg = config(SPECS["sgr"], **{"objective.loss_weight": 0.0, "objective.embedding.weight": 2.0,
+                                  "objective.embedding.loss.name": "infonce"})
+    assert cfg.objective.embedding.loss == {"name": "infonce"}  # the hinge's options went with it
+    objective = build_objective([cfg], build_loss(cfg.loss), feature_dim=16, num_images=10)
+    model = model_of("sgr")
+    images, tokens, lengths = batch()
+    out = model.embed(images, (tokens, lengths))
+    ids = torch.tensor([0, 1, 1, 2])
+    total, parts = objective(out, ids)
+    assert set(parts) == {"embedding"}
+    want = InfoNCELoss()(out.image_emb @ out.caption_emb.t(), ids)
+    torch.testing.assert_close(total, 2.0 * want)
+    total.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("similarity."))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("image_encoder."))
+    with pytest.raises(ConfigError, match=r"objective\.embedding\.loss\.margn: unknown key"):
+        config(SPECS["sgr"], **{"objective.embedding.loss.margn": 0.1})
+
+
 @pytest.mark.parametrize("kind", ["sgr", "saf"])
 def test_checkpoint_round_trip(kind, tmp_path, small_tiles):
     corpus = tiny_corpus()
@@ -360,11 +385,13 @@ def exact_ranking(emb: Embedder, img_sets: LocalSets, query: str) -> tuple[np.nd
     return order, s[order]
 
 
-def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles):
+def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles, caplog):
     corpus = tiny_corpus(12, seed=1)
     emb = tiny_embedder("sgr", corpus, seed=1)
     n = corpus.num_images
-    m = build_index(emb, corpus, tmp_path / "ix", progress=False, rerank=n)
+    with caplog.at_level("WARNING", logger="vsekit.index"):
+        m = build_index(emb, corpus, tmp_path / "ix", progress=False, rerank=n)
+    assert "trained without objective.embedding" in caplog.text
     assert m["rerank"] == n and m["context_dtype"] == "float32" and m["similarity"] == "sgr"
     assert {"images.sets.npy", "images.offsets.npy", "captions.sets.npy"} <= set(m["files"])
     glob, img_sets = emb.encode_corpus_image_parts(corpus)

@@ -21,7 +21,7 @@ from vsekit.errors import ConfigError
 # options (objective.mined keeps the objective's own keys). A section that leaves `name` out uses the default.
 _COMPONENT_KEY = "name"
 _COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (), "model.similarity": (),
-               "objective.mined": ("weight", "pool_size")}
+               "objective.mined": ("weight", "pool_size"), "objective.embedding.loss": ()}
 # the data section names its source by `format`; switching keeps the options every source shares
 _SOURCE_KEY = "format"
 _SOURCE = "data"

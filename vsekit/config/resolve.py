@@ -72,6 +72,9 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
     if "loss" in raw:
         raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, f"{prefix}loss")
     objective = raw.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("embedding"), dict) and "loss" in objective["embedding"]:
+        term = objective["embedding"]
+        term["loss"] = _component(LOSSES, term["loss"], {"name": "hinge"}, f"{prefix}objective.embedding.loss")
     if isinstance(objective, dict) and isinstance(objective.get("mined"), dict):
         mined = objective["mined"]
         default = ObjectiveConfig().mined

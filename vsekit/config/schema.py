@@ -84,6 +84,15 @@ class TripletConfig(Section):
     mine_in: Literal["embedding", "input"] = "embedding"
 
 
+class EmbeddingTermConfig(Section):
+    """A ranking loss on the cosine similarities of the embeddings, beside the ``loss`` on the model's own scores.
+    For a model with a similarity network (SGRAF), whose loss trains only the network's scores, this is what
+    trains the pooled embeddings that a search index shortlists with (``vsekit.index``)."""
+
+    weight: float = 0.0
+    loss: dict[str, Any] = Field(default_factory=lambda: {"name": "hinge", "margin": 0.2, "reduction": "sum"})
+
+
 class ObjectiveConfig(Section):
     """The weighted terms of the training objective (``vsekit.train.objective``)."""
 
@@ -92,6 +101,7 @@ class ObjectiveConfig(Section):
     label: LabelTermConfig = Field(default_factory=LabelTermConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     triplet: TripletConfig = Field(default_factory=TripletConfig)
+    embedding: EmbeddingTermConfig = Field(default_factory=EmbeddingTermConfig)
     # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
     # ``weight`` and ``pool_size``, the number of random training captions scored per step)
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
@@ -115,7 +125,7 @@ class ObjectiveConfig(Section):
         return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
                 "instance_text": float(self.instance.text_weight), "mined": self.mined_weight,
                 "label": float(self.label.weight), "adversarial": float(self.adversarial.weight),
-                "triplet": float(self.triplet.weight)}
+                "triplet": float(self.triplet.weight), "embedding": float(self.embedding.weight)}
 
 
 class SemanticsConfig(Section):

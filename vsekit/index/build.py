@@ -12,6 +12,7 @@ reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.sear
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from vsekit.index.store import (
 from vsekit.models.local_sets import DTYPES, LocalSets
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
+log = logging.getLogger("vsekit.index")
 
 
 def _now() -> str:
@@ -169,6 +171,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     learned = embedder.learned_similarity
     if learned:
         _check_rerank_options(rerank, context_dtype)
+        _warn_if_shortlist_untrained(embedder.config)
     if not _shortlist_by_inner_product(embedder) and kind != "exact":
         raise SearchIndexError(
             f"this model scores with {embedder.similarity!r} similarity, which is not an inner product: FAISS "
@@ -224,6 +227,15 @@ def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
         raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
     if context_dtype not in DTYPES:
         raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
+
+
+def _warn_if_shortlist_untrained(config) -> None:
+    """The shortlist ranks by the pooled embeddings; only objective.embedding trains them."""
+    stages = [st.objective.get("embedding", {}).get("weight", 0) for st in config.train.stages]
+    if not (config.objective.embedding.weight or any(stages)):
+        log.warning("this model was trained without objective.embedding, so the pooled embeddings the index "
+                    "shortlists with are untrained and the shortlist is close to random: search with a --rerank "
+                    "near the collection size, or train with objective.embedding.weight > 0")
 
 
 def check_local_sets(manifest: dict[str, Any], embedder, index_dir: Path) -> None:
