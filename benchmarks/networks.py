@@ -102,7 +102,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
                  f"output_dir={out_dir}", *NETWORKS[network], *LOSSES[loss]]
     cfg = resolve_config(ROOT / "vsekit" / "configs" / "vsepp_base.yaml", overrides)
     t0 = time.perf_counter()
-    result = Trainer(cfg).fit()
+    Trainer(cfg).fit()
     train_s = time.perf_counter() - t0
     emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
     t1 = time.perf_counter()

@@ -114,6 +114,7 @@ IMAGE_SPECS = [
     ({"name": "timm", "model": "test_resnet"}, None),
     ({"name": "open_clip", "config": TINY_CLIP}, None),
     ({"name": "vsrn", "gcn_layers": 2}, (5, 20)),
+    ({"name": "sgraf_regions"}, (5, 20)),
 ]
 
 TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
@@ -127,6 +128,7 @@ TEXT_SPECS = [  # (spec, precomputed text-feature size or None for tokens)
     ({"name": "bert", "config": {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                                  "intermediate_size": 32, "max_position_embeddings": 16}}, None),
     ({"name": "open_clip", "config": TINY_CLIP}, None),
+    ({"name": "sgraf_words", "word_dim": 8}, None),
 ]
 
 

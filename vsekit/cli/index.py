@@ -15,6 +15,8 @@ from pathlib import Path
 from vsekit.cli.common import parse_size, positive_int
 
 LEGACY_HELP = "load a checkpoint saved by an older vsekit with full pickle: only for files you trust"
+RERANK_HELP = ("an index of a model with a similarity network: shortlisted items each query reranks through the "
+               "network (default: the index's)")
 
 
 def positive_float(text: str) -> float:
@@ -68,9 +70,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     corpus, source = _load_source(args, emb)
     m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
-                    source=source)
+                    source=source, rerank=args.rerank, context_dtype=args.context_dtype)
+    rerank = f", rerank {m['rerank']} through the network" if m.get("rerank") else ""
     print(f"built {m['kind']} index {args.out}: {m['num_images']} images, {m['num_captions']} captions, "
-          f"dim {m['dim']}, {m['similarity']} similarity")
+          f"dim {m['dim']}, {m['similarity']} similarity{rerank}")
     if m.get("recall_at_10"):
         print("recall@10 of the approximate index against exact search: "
               + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))
@@ -123,7 +126,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     index = SearchIndex.open(args.index, checkpoint=args.checkpoint, device=args.device,
                              nprobe=args.nprobe, ef_search=args.ef_search,
-                             allow_legacy_checkpoint=args.allow_legacy_checkpoint)
+                             allow_legacy_checkpoint=args.allow_legacy_checkpoint, rerank=args.rerank)
     if args.image is not None:
         hits = index.search_image(args.image, k=args.k, target=args.target or "captions")
     else:
@@ -153,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
                      max_k=args.max_k, max_image_pixels=args.max_image_pixels,
                      max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
-                     body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint)
+                     body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint,
+                     rerank=args.rerank)
     server = make_server(app, args.host, args.port, read_timeout=args.read_timeout,
                          body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout)
     print(f"serving {args.index} on http://{args.host}:{args.port}/  (API docs at /docs)")
@@ -203,6 +207,11 @@ def add_cli(subparsers) -> None:
                    help="also index the data set's captions for image -> text search (default: when it has any)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
+    b.add_argument("--rerank", type=positive_int, default=100,
+                   help="models with a similarity network (SGR, SAF): shortlisted items each query reranks through "
+                        "the network, recorded as the searches' default (default 100)")
+    b.add_argument("--context-dtype", choices=["float32", "float16"], default="float32",
+                   help="models with a similarity network: storage of the local sets (float16 halves their size)")
     _add_ann(b, build=True)
     b.set_defaults(fn=cmd_index_build)
 
@@ -234,6 +243,7 @@ def add_cli(subparsers) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
+    s.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
     _add_ann(s, build=False)
     s.set_defaults(fn=cmd_search)
 
@@ -265,6 +275,7 @@ def add_cli(subparsers) -> None:
                    metavar="SECONDS", help=f"idle keep-alive connections are closed after this "
                                            f"(default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     v.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
+    v.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
     v.add_argument("--torch-threads", type=positive_int, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")

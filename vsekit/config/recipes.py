@@ -20,8 +20,8 @@ from vsekit.errors import ConfigError
 # Sections that name a registered component by `name`: switching to another component drops the old one's
 # options (objective.mined keeps the objective's own keys). A section that leaves `name` out uses the default.
 _COMPONENT_KEY = "name"
-_COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (),
-               "objective.mined": ("weight", "pool_size")}
+_COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (), "model.similarity": (),
+               "objective.mined": ("weight", "pool_size"), "objective.embedding.loss": ()}
 # the data section names its source by `format`; switching keeps the options every source shares
 _SOURCE_KEY = "format"
 _SOURCE = "data"
@@ -47,7 +47,7 @@ def _default_name(path: str) -> str:
     node: Any = RunConfig().to_dict()
     for part in path.split("."):
         node = node[part]
-    return node["name"]
+    return node["name"] if isinstance(node, dict) else node  # model.similarity's default is a bare name
 
 
 def _switched(old: Any, new: Any, path: str) -> dict | None:

@@ -64,7 +64,8 @@ def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
 def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
     """Check, in place, the sections that name registered components against those components."""
     from vsekit.losses import LOSSES, MINED_LOSSES
-    from vsekit.models import IMAGE_ENCODERS, SIMILARITIES, TEXT_ENCODERS
+    from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
+    from vsekit.models.similarity import check_similarity_spec
 
     model = raw.get("model")
     if isinstance(model, dict):
@@ -73,13 +74,14 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
                                             f"{prefix}model.image_encoder")
         model["text_encoder"] = _component(TEXT_ENCODERS, model.get("text_encoder"), defaults.text_encoder,
                                            f"{prefix}model.text_encoder")
-        sim = model.get("similarity")
-        if sim is not None and sim not in SIMILARITIES:
-            raise ConfigError(f"{prefix}model.similarity: unknown similarity {sim!r}{did_you_mean(sim, SIMILARITIES.names())} "
-                              f"(known: {', '.join(SIMILARITIES.names())})")
+        if model.get("similarity") is not None:
+            model["similarity"] = check_similarity_spec(model["similarity"], f"{prefix}model.similarity")
     if "loss" in raw:
         raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, f"{prefix}loss")
     objective = raw.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("embedding"), dict) and "loss" in objective["embedding"]:
+        term = objective["embedding"]
+        term["loss"] = _component(LOSSES, term["loss"], {"name": "hinge"}, f"{prefix}objective.embedding.loss")
     if isinstance(objective, dict) and isinstance(objective.get("mined"), dict):
         mined = objective["mined"]
         default = ObjectiveConfig().mined

@@ -5,7 +5,8 @@ Why pydantic: FastAPI (the server) already depends on it, it validates nested se
 locations (``train.collapse.patience``), and a model with ``extra="forbid"`` turns a typo into an error
 instead of a silent default. Sections that name a registered component (``loss``, ``model.image_encoder``,
 ``model.text_encoder``, ``objective.mined``) are checked against that component's signature
-(:meth:`vsekit.registry.Registry.validate`); the ``data`` section is checked by the options class of its
+(:meth:`vsekit.registry.Registry.validate`), and so is a ``model.similarity`` that names a similarity
+network; the ``data`` section is checked by the options class of its
 ``format`` (:mod:`vsekit.data.sources`).
 """
 
@@ -34,7 +35,9 @@ class TextConfig(Section):
 
 class ModelConfig(Section):
     embed_size: int = Field(1024, ge=1)
-    similarity: str = "cosine"  # a registered similarity: cosine | order
+    # a registered similarity function (cosine | order | euclidean), or a similarity network with its options,
+    # e.g. {name: sgr, sim_dim: 256, sgr_step: 3} (vsekit.models.similarity)
+    similarity: str | dict[str, Any] = "cosine"
     use_abs: bool = False  # abs() of both embeddings (order embeddings)
     image_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "precomp"})
     text_encoder: dict[str, Any] = Field(default_factory=lambda: {"name": "gru"})
@@ -81,6 +84,15 @@ class TripletConfig(Section):
     mine_in: Literal["embedding", "input"] = "embedding"
 
 
+class EmbeddingTermConfig(Section):
+    """A ranking loss on the cosine similarities of the embeddings, beside the ``loss`` on the model's own scores.
+    For a model with a similarity network (SGRAF), whose loss trains only the network's scores, this is what
+    trains the pooled embeddings that a search index shortlists with (``vsekit.index``)."""
+
+    weight: float = 0.0
+    loss: dict[str, Any] = Field(default_factory=lambda: {"name": "hinge", "margin": 0.2, "reduction": "sum"})
+
+
 class ObjectiveConfig(Section):
     """The weighted terms of the training objective (``vsekit.train.objective``)."""
 
@@ -89,6 +101,7 @@ class ObjectiveConfig(Section):
     label: LabelTermConfig = Field(default_factory=LabelTermConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     triplet: TripletConfig = Field(default_factory=TripletConfig)
+    embedding: EmbeddingTermConfig = Field(default_factory=EmbeddingTermConfig)
     # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
     # ``weight`` and ``pool_size``, the number of random training captions scored per step)
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
@@ -117,7 +130,8 @@ class ObjectiveConfig(Section):
         return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
                 "instance_text": float(self.instance.text_weight), "mined": self.mined_weight,
                 "label": float(self.label.weight), "adversarial": float(self.adversarial.weight),
-                "triplet": float(self.triplet.weight), **{name: self.term_weight(name) for name in self.terms}}
+                "triplet": float(self.triplet.weight), "embedding": float(self.embedding.weight),
+                **{name: self.term_weight(name) for name in self.terms}}
 
 
 class SemanticsConfig(Section):

@@ -3,11 +3,16 @@
 Only images whose files are not in the index yet are encoded on ``add``; ``remove`` needs no model at all.
 An index remembers the fingerprint of the weights that made it, and every operation that embeds new
 inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
+
+For a model whose similarity is a network (SGRAF's SGR/SAF), the index also keeps every item's local sets
+(regions, words): the search shortlists by the inner product of the pooled embeddings (FAISS, any kind) and
+reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.search`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,10 @@ from vsekit.index.store import (
     write_index,
     write_lock,
 )
+from vsekit.models.local_sets import DTYPES, LocalSets
+
+DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
+log = logging.getLogger("vsekit.index")
 
 
 def _now() -> str:
@@ -108,10 +117,36 @@ def _encode(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] 
     return images.astype(np.float32, copy=False), caps
 
 
-def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnParams) -> None:
+def _encode_with_sets(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None,
+                      batch_size: int, progress: bool, dtype: str) -> tuple[np.ndarray, np.ndarray | None,
+                                                                               dict[str, LocalSets]]:
+    """Embeddings and local sets of the given images and captions, for a model with a similarity network."""
+    images, sets = embedder.encode_corpus_image_parts(corpus, batch_size=batch_size, progress=progress, rows=rows,
+                                                      dtype=dtype)
+    out, caps = {"images": sets}, None
+    if caption_index is not None:
+        caps, out["captions"] = embedder.encode_caption_parts([corpus.captions[j] for j in caption_index],
+                                                              batch_size=batch_size, progress=progress, dtype=dtype)
+    return images, caps, out
+
+
+def _encode_any(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None, batch_size: int,
+                progress: bool, dtype: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, LocalSets]]:
+    if embedder.learned_similarity:
+        return _encode_with_sets(embedder, corpus, rows, caption_index, batch_size, progress, dtype)
+    return (*_encode(embedder, corpus, rows, caption_index, batch_size, progress), {})
+
+
+def _shortlist_by_inner_product(embedder) -> bool:
+    """Inner-product models are searched by FAISS, and so is the shortlist of a similarity network's model."""
+    return embedder.similarity == "cosine" or embedder.learned_similarity
+
+
+def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnParams,
+                     inner_product: bool | None = None) -> None:
     data.faiss = {}
-    if similarity != "cosine":  # order similarity is not an inner product: scored exactly, no FAISS
-        return
+    if not (similarity == "cosine" if inner_product is None else inner_product):
+        return  # order similarity is not an inner product: scored exactly, no FAISS
     data.faiss["images"] = build_faiss(data.image_vectors, kind, params)
     if data.caption_vectors is not None:
         data.faiss["captions"] = build_faiss(data.caption_vectors, kind, params)
@@ -119,17 +154,25 @@ def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnPar
 
 def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact",
                 captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
-                progress: bool = True, overwrite: bool = False, source: str | None = None) -> dict[str, Any]:
+                progress: bool = True, overwrite: bool = False, source: str | None = None,
+                rerank: int = DEFAULT_RERANK, context_dtype: str = "float32") -> dict[str, Any]:
     """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
 
     ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.
     Approximate kinds (``ivf``, ``hnsw``) report their recall@10 against exact search in the manifest.
+    A model with a similarity network: ``rerank`` (recorded in the manifest, the default of every search)
+    is how many shortlisted items each query reranks through the network; ``context_dtype`` how the local
+    sets are stored (``float16`` halves their size; the scores then move in the third or fourth decimal).
     """
     out = Path(out)
     params = params or AnnParams()
     if kind not in KINDS:
         raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    if embedder.similarity != "cosine" and kind != "exact":
+    learned = embedder.learned_similarity
+    if learned:
+        _check_rerank_options(rerank, context_dtype)
+        _warn_if_shortlist_untrained(embedder.config)
+    if not _shortlist_by_inner_product(embedder) and kind != "exact":
         raise SearchIndexError(
             f"this model scores with {embedder.similarity!r} similarity, which is not an inner product: FAISS "
             f"{kind} search would rank by the wrong score. Use --kind exact (exact, chunked {embedder.similarity} "
@@ -149,9 +192,9 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     rows = list(range(corpus.num_images))
     ids = list(corpus.image_ids)
     cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-    img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
-    data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records)
-    _build_all_faiss(data, kind, embedder.similarity, params)
+    img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
+    data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
+    _build_all_faiss(data, kind, embedder.similarity, params, _shortlist_by_inner_product(embedder))
     recall = measure_recall(data, kind)
     ckpt = embedder.checkpoint_path
     manifest = {
@@ -167,6 +210,8 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
         "created": _now(),
         "updated": _now(),
     }
+    if learned:
+        manifest.update(rerank=int(rerank), context_dtype=context_dtype)
     with write_lock(out):
         previous = None
         if (out / MANIFEST).exists():
@@ -175,6 +220,29 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
             except SearchIndexError:  # --overwrite replaces a broken index too
                 previous = None
         return write_index(out, data, manifest, previous)
+
+
+def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    if context_dtype not in DTYPES:
+        raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
+
+
+def _warn_if_shortlist_untrained(config) -> None:
+    """The shortlist ranks by the pooled embeddings; only objective.embedding trains them."""
+    stages = [st.objective.get("embedding", {}).get("weight", 0) for st in config.train.stages]
+    if not (config.objective.embedding.weight or any(stages)):
+        log.warning("this model was trained without objective.embedding, so the pooled embeddings the index "
+                    "shortlists with are untrained and the shortlist is close to random: search with a --rerank "
+                    "near the collection size, or train with objective.embedding.weight > 0")
+
+
+def check_local_sets(manifest: dict[str, Any], embedder, index_dir: Path) -> None:
+    """An index of a similarity network's model must hold local sets, and only such an index may."""
+    if embedder.learned_similarity != ("rerank" in manifest):
+        what = "has no local sets for" if embedder.learned_similarity else "holds local sets, not made by"
+        raise IndexMismatchError(f"{index_dir} {what} a model with a similarity network; rebuild it with this model")
 
 
 def _unique(candidate: str, taken: set[str]) -> str:
@@ -194,6 +262,7 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
     with write_lock(index_dir):
         manifest = read_manifest(index_dir)
         check_model(manifest, embedder, index_dir)
+        check_local_sets(manifest, embedder, index_dir)
         _check_can_encode(embedder, corpus)
         old = load_data(index_dir, manifest, mmap=True)
         known_paths = {r["path"] for r in old.images if r.get("path")}
@@ -215,11 +284,13 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
 
         with_captions = bool(manifest.get("has_captions"))
         cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-        img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
+        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress,
+                                     manifest.get("context_dtype", "float32"))
         data = IndexData(np.concatenate([old.image_vectors, img]), old.images + _image_records(corpus, rows, ids))
         if with_captions:
             data.caption_vectors = np.concatenate([old.caption_vectors, cap])
             data.captions = (old.captions or []) + (cap_records or [])
+        data.sets = {t: LocalSets.concat([old.sets[t], new]) for t, new in sets.items()}
         data.faiss = old.faiss
         for target, index in data.faiss.items():
             add_vectors(index, img if target == "images" else cap)
@@ -254,6 +325,10 @@ def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
             ckeep = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
             data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
             data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
+            if "captions" in old.sets:
+                data.sets["captions"] = old.sets["captions"].subset(np.flatnonzero(ckeep))
+        if "images" in old.sets:
+            data.sets["images"] = old.sets["images"].subset(np.flatnonzero(keep))
         kind, params = manifest["kind"], manifest_params(manifest)
         for target, index in old.faiss.items():
             fresh = emptied_like(index, kind, params, int(manifest["dim"]))

@@ -6,6 +6,12 @@ collection, since FAISS only knows inner products and L2. The order similarity r
 caption; between two items of the same side (image -> image, text -> caption) the inner product of the
 embeddings is used.
 
+Models with a similarity network (SGRAF's SGR, SAF) are searched in two stages: an inner-product shortlist
+over the pooled embeddings (FAISS, as for cosine models), then the best ``rerank`` of the shortlist are
+scored through the network against the query's local sets (its words, or its regions) and returned by that
+score. With ``rerank`` >= the collection size the result is the network's exact ranking; below it, what the
+shortlist missed is never seen. The cost per query is ``rerank`` network evaluations.
+
 Image queries are checked before they are decoded in full: their header's size must fit a pixel limit and an
 aspect-ratio limit, and so must the size the model's resize step would make of them (a 100000 x 1 PNG of a
 few hundred bytes would otherwise be resized to gigabytes). Decoding and the transform run outside the model
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
-from vsekit.index.build import check_model
+from vsekit.index.build import check_local_sets, check_model
 from vsekit.index.store import (
     TARGETS,
     AnnParams,
@@ -36,6 +42,7 @@ from vsekit.index.store import (
     read_manifest,
     set_search_params,
 )
+from vsekit.models.local_sets import LocalSets
 
 _ORDER_CHUNK = 4096  # order scoring holds (queries x chunk x D) floats
 # Default limits of an image query: pixels before and after the model's resize, and long side / short side
@@ -83,20 +90,27 @@ class SearchResult:
 class SearchIndex:
     """An opened index plus the model that embeds queries. Safe to share between threads."""
 
-    def __init__(self, index_dir: str | Path, manifest: dict[str, Any], data: IndexData, embedder) -> None:
+    def __init__(self, index_dir: str | Path, manifest: dict[str, Any], data: IndexData, embedder,
+                 rerank: int | None = None) -> None:
         self.index_dir, self.manifest, self.data, self.embedder = Path(index_dir), manifest, data, embedder
         self._row_of_id = {r["id"]: i for i, r in enumerate(data.images)}
         self._model_lock = threading.Lock()
+        if rerank is not None and "rerank" not in manifest:
+            raise SearchIndexError(f"{index_dir}: rerank applies to models with a similarity network; this index's "
+                                   f"model scores by {manifest['similarity']!r}")
+        # None: not a similarity network's index (no second stage)
+        self.rerank = _check_rerank(rerank if rerank is not None else manifest.get("rerank"))
 
     @classmethod
     def open(cls, index_dir: str | Path, embedder=None, *, checkpoint: str | Path | None = None,
              device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
-             verify: bool = True, allow_legacy_checkpoint: bool = False) -> SearchIndex:
+             verify: bool = True, allow_legacy_checkpoint: bool = False, rerank: int | None = None) -> SearchIndex:
         """Open ``index_dir`` with ``embedder``, or with the model at ``checkpoint`` (default: the
         checkpoint recorded in the manifest). A model other than the index's own is refused. With
         ``verify`` (the default) every index file is checked against the sha256 the manifest records.
         ``allow_legacy_checkpoint``: load a checkpoint saved by an older vsekit with full pickle -- only for
-        files you trust."""
+        files you trust. ``rerank``: for a similarity network's model, how many shortlisted items each query
+        reranks through the network (default: the manifest's)."""
         manifest = read_manifest(index_dir)
         if embedder is None:
             from vsekit.inference import Embedder
@@ -108,6 +122,7 @@ class SearchIndex:
             legacy = {"allow_legacy": True} if allow_legacy_checkpoint else {}
             embedder = Embedder.from_checkpoint(path, device=device, **legacy)
         check_model(manifest, embedder, index_dir)
+        check_local_sets(manifest, embedder, Path(index_dir))
         data = load_data(index_dir, manifest, verify=verify)
         if nprobe is not None or ef_search is not None:
             base = manifest_params(manifest)
@@ -115,7 +130,7 @@ class SearchIndex:
                                   **({"ef_search": ef_search} if ef_search else {})})
             for index in data.faiss.values():
                 set_search_params(index, params)
-        return cls(index_dir, manifest, data, embedder)
+        return cls(index_dir, manifest, data, embedder, rerank=rerank)
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -138,6 +153,11 @@ class SearchIndex:
     def similarity(self) -> str:
         return self.manifest["similarity"]
 
+    @property
+    def learned(self) -> bool:
+        """True when results are reranked through the model's similarity network."""
+        return self.rerank is not None
+
     def image_record(self, image_id: str) -> dict[str, Any] | None:
         row = self._row_of_id.get(image_id)
         return None if row is None else self.data.images[row]
@@ -148,9 +168,13 @@ class SearchIndex:
         if not isinstance(query, str) or not query.strip():
             raise SearchIndexError("the query is empty")
         self._check(k, target)
+        sets = None
         with self._model_lock:
-            q = self.embedder.encode_captions([query])
-        return self.search_vectors(q, "captions", target, k)[0]
+            if self.learned:
+                q, sets = self.embedder.encode_caption_parts([query])
+            else:
+                q = self.embedder.encode_captions([query])
+        return self.search_vectors(q, "captions", target, k, query_sets=sets)[0]
 
     def search_image(self, image, k: int = 10, target: str = "captions", *,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -167,6 +191,9 @@ class SearchIndex:
                 self.check_image_size(*size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             image = load_rgb(image, exif_transpose=True)
         self.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+        if self.learned:
+            q, sets = self._embed_image_parts(image)
+            return self.search_vectors(q, "images", target, k, query_sets=sets)[0]
         return self.search_vectors(self.embed_image(image), "images", target, k)[0]
 
     def embed_image(self, image) -> np.ndarray:
@@ -179,6 +206,19 @@ class SearchIndex:
         with self._model_lock, torch.no_grad():
             out = self.embedder.model.encode_images(batch.to(self.embedder.device))
         return out.float().cpu().numpy()
+
+    def _embed_image_parts(self, image):
+        """(1, D) embedding and local set of a PIL image, for the rerank of a similarity network."""
+        from vsekit.models.local_sets import LocalSetsWriter
+
+        if getattr(image, "mode", "RGB") != "RGB":
+            image = image.convert("RGB")
+        batch = self.embedder.eval_transform()(image).unsqueeze(0)
+        with self._model_lock, torch.no_grad():
+            emb, ctx = self.embedder.model.encode_image_parts(batch.to(self.embedder.device))
+        writer = LocalSetsWriter()
+        writer.append(ctx, torch.full((1,), ctx.shape[1], dtype=torch.long))
+        return emb.float().cpu().numpy(), writer.finish()
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) the model's eval transform resizes a ``width`` x ``height`` image to, before
@@ -222,20 +262,51 @@ class SearchIndex:
             raise SearchIndexError("this index holds no captions to return; rebuild it from a data set with "
                                    "--captions, or search images (--target images)")
 
-    def search_vectors(self, queries: np.ndarray, query_side: str, target: str, k: int) -> list[list[SearchResult]]:
-        """Top-``k`` hits for each row of ``queries`` (embeddings of ``query_side``: "images"/"captions")."""
+    def search_vectors(self, queries: np.ndarray, query_side: str, target: str, k: int, *,
+                       query_sets: LocalSets | None = None, rerank: int | None = None) -> list[list[SearchResult]]:
+        """Top-``k`` hits for each row of ``queries`` (embeddings of ``query_side``: "images"/"captions").
+        For a similarity network's index, a query of the other side than ``target`` needs its local sets
+        (``query_sets``, one per row) and is reranked (``rerank``: default, the index's)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         vectors = self.data.vectors(target)
         n = len(vectors)
         if n == 0:
             return [[] for _ in queries]
         k = min(int(k), n)
-        scores, rows = self._top_k(queries, query_side, target, k)
+        if self.learned and query_side != target:
+            scores, rows = self._reranked_top_k(queries, query_sets, query_side, target, k, rerank)
+        else:
+            scores, rows = self._top_k(queries, query_side, target, k)
         return [self._results(s, r, target) for s, r in zip(scores, rows)]
+
+    def _reranked_top_k(self, queries: np.ndarray, query_sets: LocalSets | None, query_side: str, target: str,
+                        k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: the ``rerank`` best by inner product of the embeddings; stage 2: those scored through the
+        similarity network, best first (ties to the lower row, as an exact ranking orders them)."""
+        if query_sets is None or len(query_sets) != len(queries):
+            raise SearchIndexError("this index reranks through the model's similarity network: a query needs its "
+                                   "local sets beside its embedding (use search_text or search_image)")
+        wanted = _check_rerank(rerank) if rerank is not None else self.rerank
+        depth = min(max(wanted, k), len(self.data.vectors(target)))  # never fewer than the k asked for
+        _, short = self._top_k(queries, query_side, target, depth)  # inner product, FAISS when there is one
+        stored = self.data.sets[target]
+        out_s, out_r = [], []
+        for q in range(len(queries)):
+            rows = np.sort(short[q][short[q] >= 0])  # row order: rerank >= N is the very call of an exact ranking
+            one = query_sets.subset([q])
+            with self._model_lock:
+                if target == "images":
+                    s = self.embedder.score_sets(stored, one, image_rows=rows)[:, 0]
+                else:
+                    s = self.embedder.score_sets(one, stored, caption_rows=rows)[0]
+            order = np.lexsort((rows, -s))[:k]
+            out_s.append(s[order])
+            out_r.append(rows[order])
+        return _stack(out_s, k, np.float32, np.nan), _stack(out_r, k, np.int64, -1)
 
     def _top_k(self, queries: np.ndarray, query_side: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.data.vectors(target)
-        if self.similarity == "cosine":
+        if self.similarity == "cosine" or self.learned:
             index = self.data.faiss.get(target)
             if index is not None:
                 return index.search(queries, k)
@@ -273,3 +344,19 @@ class SearchIndex:
                 out.append(SearchResult(len(out) + 1, float(s), target, rec["id"], rec["image"],
                                         img.get("path"), rec["text"]))
         return out
+
+
+def _check_rerank(rerank: Any) -> int | None:
+    if rerank is None:
+        return None
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    return int(rerank)
+
+
+def _stack(rows: list[np.ndarray], k: int, dtype: Any, fill: Any) -> np.ndarray:
+    """Rows of up to ``k`` entries as one (Q, k) array, short rows padded with ``fill`` (FAISS's -1 rows)."""
+    out = np.full((len(rows), k), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out

@@ -9,6 +9,8 @@ Layout of an index folder::
     g000002/images.jsonl     one {"id", "path", "captions"} record per image
     g000002/images.faiss     FAISS index over images.npy (inner-product models only)
     g000002/captions.*       the same for captions ({"id", "text", "image"}), when captions are indexed
+    g000002/{t}.sets.npy     models with a similarity network: the local vectors (regions, words) of every
+    g000002/{t}.offsets.npy  item, packed (vsekit.models.local_sets), which the search reranks with
 
 Why generations: an index is several files that must change together. Every write goes to a fresh
 temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
@@ -50,6 +52,7 @@ from pydantic import (
 )
 
 from vsekit.errors import VsekitError
+from vsekit.models.local_sets import LocalSets
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
 from vsekit.utils.io import atomic_write_json
 
@@ -62,7 +65,8 @@ RECALL_K = 10
 RECALL_QUERIES = 500
 _GENERATION = re.compile(r"^g(\d{6,})$")
 # The only file names a generation holds; the manifest's "files" may name no other (no paths).
-FILE_NAMES = tuple(f"{t}.{ext}" for t in TARGETS for ext in ("npy", "jsonl", "faiss"))
+SET_EXTS = ("sets.npy", "offsets.npy")  # the local sets of a similarity-network model
+FILE_NAMES = tuple(f"{t}.{ext}" for t in TARGETS for ext in ("npy", "jsonl", "faiss", *SET_EXTS))
 _HASH_CHUNK = 1 << 20
 # Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs); versions before that
 # used ".tmp-<random>", which are still cleaned up.
@@ -119,6 +123,7 @@ class IndexData:
     caption_vectors: np.ndarray | None = None
     captions: list[dict[str, Any]] | None = None
     faiss: dict[str, Any] = field(default_factory=dict)  # target -> FAISS index (absent for order models)
+    sets: dict[str, LocalSets] = field(default_factory=dict)  # target -> local sets (similarity networks only)
 
     def vectors(self, target: str) -> np.ndarray:
         v = self.image_vectors if target == "images" else self.caption_vectors
@@ -294,6 +299,7 @@ class _Manifest(BaseModel):
     recall_at_10: dict[StrictStr, float] | None = None
     sources: list[StrictStr] = Field(default_factory=list)
     files: dict[StrictStr, _FileRecord] | None = None
+    rerank: StrictInt | None = Field(None, ge=1)  # similarity networks: shortlist size reranked by the network
 
     @field_validator("generation")
     @classmethod
@@ -473,6 +479,7 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
             path = gen / name
             data.faiss[name.removesuffix(".faiss")] = _read_file(
                 path, "FAISS index", lambda p=path: faiss_module().read_index(str(p)))
+    data.sets = _load_sets(gen, manifest, targets, mmap, verify)
     _check_consistent(gen, manifest, data)
     params = manifest_params(manifest)
     for index in data.faiss.values():
@@ -491,6 +498,10 @@ def _check_consistent(gen: Path, manifest: dict[str, Any], data: IndexData) -> N
         if v.shape[0] != len(recs) or v.shape[0] != want or (v.shape[0] and v.shape[1] != dim):
             raise SearchIndexError(f"{gen}: corrupt index: {target} has {v.shape} vectors and {len(recs)} "
                                    f"records; the manifest says {want} x {dim}")
+        sets = data.sets.get(target)
+        if sets is not None and len(sets) != want:
+            raise SearchIndexError(f"{gen / f'{target}.sets.npy'}: corrupt index: local sets of {len(sets)} items, "
+                                   f"not {want}")
         index = data.faiss.get(target)
         if index is not None and (index.ntotal != want or index.d != dim):
             raise SearchIndexError(f"{gen / f'{target}.faiss'}: corrupt index file: holds {index.ntotal} "
@@ -526,6 +537,24 @@ def _write_files(folder: Path, data: IndexData) -> None:
         _save_jsonl(folder / "captions.jsonl", data.captions or [])
     for target, index in data.faiss.items():
         faiss_module().write_index(index, str(folder / f"{target}.faiss"))
+    for target, sets in data.sets.items():
+        sets.save(folder, target)
+
+
+def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap: bool,
+               verify: bool) -> dict[str, LocalSets]:
+    """The local sets of the targets whose set files the manifest records (memory-mapped unless ``mmap=False``)."""
+    files = manifest.get("files") or {}
+    out = {}
+    for target in targets:
+        names = LocalSets.file_names(target)
+        if not all(n in files for n in names):
+            continue
+        if verify:
+            verify_files(gen, manifest, names)
+        sets = _read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
+        out[target] = sets
+    return out
 
 
 def _commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
+import vsekit.models.sgraf  # noqa: F401  (registers the SGRAF encoders and similarity networks)
 import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
 import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
@@ -17,7 +18,7 @@ import vsekit.models.vsrn  # noqa: F401  (registers the "vsrn" image encoder)
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.similarity import get_similarity
+from vsekit.models.similarity import FixedSimilarity, SimilarityNetwork, build_similarity
 from vsekit.models.text import TEXT_ENCODERS
 
 
@@ -27,7 +28,7 @@ class PairOutput:
 
     ``*_emb`` are the joint-space embeddings (what retrieval uses), ``*_features`` the same vectors before the
     encoder's final L2 normalisation (what an instance classifier sees); ``sim`` is the (B, B) similarity of
-    the batch. ``negative_*`` are the captions given as ``negative_text`` (e.g. mined hard negatives), encoded
+    the batch (for a similarity network: its scores of every pair, from the contexts). ``negative_*`` are the captions given as ``negative_text`` (e.g. mined hard negatives), encoded
     in the same text forward as the positives.
     """
 
@@ -41,6 +42,7 @@ class PairOutput:
     # what the encoders' forward_parts returned beside the features (e.g. regions for a caption decoder)
     image_context: torch.Tensor | None = None
     caption_context: torch.Tensor | None = None
+    caption_lengths: torch.Tensor | None = None  # valid rows of caption_context (token inputs only)
 
 
 def _encode_with_features(encoder: Encoder, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -51,17 +53,34 @@ def _encode_with_features(encoder: Encoder, *inputs: torch.Tensor) -> tuple[torc
 
 
 class VSEModel(nn.Module):
-    """Two encoders into one joint space; ``similarity(images, captions)`` scores every pair."""
+    """Two encoders into one joint space and a similarity that scores every (image, caption) pair.
 
-    def __init__(self, image_encoder: Encoder, text_encoder: Encoder, similarity: str = "cosine") -> None:
+    ``similarity`` is a module: a :class:`~vsekit.models.similarity.FixedSimilarity` (a parameter-free function
+    of the two embedding matrices, ``similarity(image_emb, caption_emb)``) or a
+    :class:`~vsekit.models.similarity.SimilarityNetwork` (parameters ``similarity.*``, trained with the
+    encoders), which scores the encoders' contexts: ``similarity(image_context, caption_context, lengths)``.
+    :meth:`score_pairs` calls either one the right way.
+    """
+
+    def __init__(self, image_encoder: Encoder, text_encoder: Encoder,
+                 similarity: str | FixedSimilarity | SimilarityNetwork = "cosine") -> None:
         super().__init__()
         for what, enc in (("image", image_encoder), ("text", text_encoder)):
             if not isinstance(enc, Encoder):
                 raise TypeError(f"the {what} encoder must be a vsekit.models.base.Encoder, got {type(enc).__name__}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self.similarity_name = similarity
-        self._sim = get_similarity(similarity)
+        self.similarity = FixedSimilarity(similarity) if isinstance(similarity, str) else similarity
+
+    @property
+    def similarity_name(self) -> str:
+        return self.similarity.name
+
+    @property
+    def learned_similarity(self) -> bool:
+        """True when the similarity is a network over the contexts (its scores need the contexts, not just
+        the embeddings)."""
+        return isinstance(self.similarity, SimilarityNetwork)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
@@ -71,16 +90,40 @@ class VSEModel(nn.Module):
         encoder over precomputed text features."""
         return self.text_encoder(*text)
 
+    def encode_image_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeddings, context) of images from one pass: what a similarity network needs beside the vectors."""
+        emb, _, ctx = _encode_with_features(self.image_encoder, images)
+        return emb, ctx
+
+    def encode_caption_parts(self, *text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """(embeddings, context, lengths) of captions from one pass; lengths: the valid context rows."""
+        emb, _, ctx = _encode_with_features(self.text_encoder, *text)
+        return emb, ctx, _lengths(text)
+
     @property
     def reads_text_features(self) -> bool:
         return self.text_encoder.reads_features
 
-    def similarity(self, image_emb: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
-        return self._sim(image_emb, caption_emb)
+    def score_pairs(self, image_emb: torch.Tensor, caption_emb: torch.Tensor,
+                    image_context: torch.Tensor | None = None, caption_context: torch.Tensor | None = None,
+                    caption_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, M) scores of N images against M captions by the model's similarity: of the embeddings, or,
+        for a similarity network, of the contexts."""
+        if not self.learned_similarity:
+            return self.similarity(image_emb, caption_emb)
+        if caption_context is not None and caption_lengths is None:
+            raise ConfigError("model.similarity: a similarity network needs the caption lengths, which only a "
+                              "text encoder over tokens provides")
+        return self.similarity(image_context, caption_context, caption_lengths)
 
     def forward(self, images: torch.Tensor, *text: torch.Tensor):
-        img, cap = self.encode_images(images), self.encode_captions(*text)
-        return img, cap, self.similarity(img, cap)
+        if not self.learned_similarity:
+            img, cap = self.encode_images(images), self.encode_captions(*text)
+            return img, cap, self.similarity(img, cap)
+        img, img_ctx = self.encode_image_parts(images)
+        cap, cap_ctx, lengths = self.encode_caption_parts(*text)
+        return img, cap, self.score_pairs(img, cap, img_ctx, cap_ctx, lengths)
 
     def embed(self, images: torch.Tensor, text: tuple[torch.Tensor, ...],
               negative_text: tuple[torch.Tensor, ...] | None = None) -> PairOutput:
@@ -95,11 +138,20 @@ class VSEModel(nn.Module):
         if negative_text is not None:
             text = concat_text(text, negative_text)
         cap, cap_feat, cap_ctx = _encode_with_features(self.text_encoder, *text)
-        out = PairOutput(img, cap[:b], self.similarity(img, cap[:b]), img_feat, cap_feat[:b],
-                         image_context=img_ctx, caption_context=cap_ctx[:b] if cap_ctx is not None else None)
+        lengths = _lengths(text)
+        cap_ctx = cap_ctx[:b] if cap_ctx is not None else None
+        lengths = lengths[:b] if lengths is not None else None
+        sim = self.score_pairs(img, cap[:b], img_ctx, cap_ctx, lengths)
+        out = PairOutput(img, cap[:b], sim, img_feat, cap_feat[:b], image_context=img_ctx, caption_context=cap_ctx,
+                         caption_lengths=lengths)
         if negative_text is not None:
             out.negative_emb, out.negative_features = cap[b:], cap_feat[b:]
         return out
+
+
+def _lengths(text: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The caption lengths of a text input tuple ``(tokens, lengths)``; None for ``(features,)``."""
+    return text[1] if len(text) == 2 else None
 
 
 def concat_text(text: tuple[torch.Tensor, ...], more: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -162,4 +214,5 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
         raise ConfigError(f"model: the image encoder has {levels[0]} embedding level(s) and the text encoder "
                           f"{levels[1]}; use model.image_encoder.name=two_level and model.text_encoder.name="
                           "two_level together")
-    return VSEModel(image_encoder, text_encoder, similarity=cfg.get("similarity", "cosine"))
+    similarity = build_similarity(cfg.get("similarity", "cosine"), embed_size=embed_size)
+    return VSEModel(image_encoder, text_encoder, similarity=similarity)

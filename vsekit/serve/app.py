@@ -141,11 +141,13 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
                max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False) -> FastAPI:
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False,
+               rerank: int | None = None) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
     :class:`SearchIndex`). The limits bound what a single request may ask for: ``max_aspect_ratio`` the
     shape of an uploaded image, ``read_timeout`` the seconds between two pieces of an upload's body and
-    ``body_timeout`` the seconds the whole body may take (both answered 408)."""
+    ``body_timeout`` the seconds the whole body may take (both answered 408). ``rerank``: for a similarity
+    network's index, the shortlist each query reranks through the network (default: the index's)."""
     if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels) < 1:
         raise ValueError("limits must be >= 1")
     if not max_aspect_ratio >= 1:
@@ -153,7 +155,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     if not (read_timeout > 0 and body_timeout > 0):
         raise ValueError("timeouts must be > 0 seconds")
     sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
-        index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint)
+        index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint, rerank=rerank)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
               "read_timeout_s": read_timeout, "body_timeout_s": body_timeout}
@@ -231,7 +233,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         return {"status": "ok", "images": sx.num_images, "captions": sx.num_captions, "kind": m["kind"],
                 "similarity": sx.similarity, "dim": m["dim"], "fingerprint": m["fingerprint"],
                 "has_captions": sx.has_captions, "can_embed_images": sx.can_embed_images,
-                "recall_at_10": m.get("recall_at_10"), "limits": limits}
+                "recall_at_10": m.get("recall_at_10"), "rerank": sx.rerank, "limits": limits}
 
     @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
     def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),

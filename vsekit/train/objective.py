@@ -25,6 +25,9 @@ Config (``objective`` section; every weight may change per training stage)::
         margin: 0.1
         distance: sq_euclidean  # or cosine
         mine_in: embedding      # or input (raw features, as the ACMR demo)
+      embedding:                # a ranking loss on the embeddings' cosine (trains a similarity network's
+        weight: 0.0             # pooled embeddings, which a search index shortlists with)
+        loss: {name: hinge, margin: 0.2, reduction: sum}   # any registered ranking loss
 
       terms:                    # registered terms by name (vsekit.losses.terms): caption decoder, GAN, ...
         caption: {weight: 1.0, ...}
@@ -46,7 +49,7 @@ from vsekit.config.schema import MINED_POOL_SIZE, ObjectiveConfig
 from vsekit.data.datasets import CaptionPool, text_to
 from vsekit.errors import ConfigError
 from vsekit.losses.adversarial import ModalityAdversarialLoss, dann_lambda
-from vsekit.losses.base import MinedRankingLoss, RankingLoss
+from vsekit.losses.base import LOSSES, MinedRankingLoss, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSSES, mine_hard_negatives
 from vsekit.losses.instance import InstanceLoss
 from vsekit.losses.labels import LabelClassifierLoss, LabelTripletLoss
@@ -75,13 +78,13 @@ class Objective(nn.Module):
     def __init__(self, rank_loss: RankingLoss, instance: InstanceLoss | None = None,
                  mined: MinedRankingLoss | None = None, pool_size: int = MINED_POOL_SIZE, *,
                  label: LabelClassifierLoss | None = None, adversarial: ModalityAdversarialLoss | None = None,
-                 triplet: LabelTripletLoss | None = None,
+                 triplet: LabelTripletLoss | None = None, embedding: RankingLoss | None = None,
                  registered: dict[str, tuple[ObjectiveTerm, dict]] | None = None) -> None:
         super().__init__()
         self.rank_loss = rank_loss
         self.terms = nn.ModuleDict()
         for name, term in (("instance", instance), ("mined", mined), ("label", label),
-                           ("adversarial", adversarial), ("triplet", triplet)):
+                           ("adversarial", adversarial), ("triplet", triplet), ("embedding", embedding)):
             if term is not None:
                 self.terms[name] = term
         # registered terms (objective.terms) and the options each was built with
@@ -106,7 +109,7 @@ class Objective(nn.Module):
             raise ConfigError("objective.instance has a weight but no instance term was built")
         if w["mined"] and "mined" not in self.terms:
             raise ConfigError("objective.mined has a weight but no mined term was built")
-        for name in ("label", "adversarial", "triplet"):
+        for name in ("label", "adversarial", "triplet", "embedding"):
             if w[name] and name not in self.terms:
                 raise ConfigError(f"objective.{name} has a weight but no {name} term was built")
         for name, section in objective_cfg.terms.items():
@@ -231,6 +234,8 @@ class Objective(nn.Module):
             image_inputs, text_inputs = inputs if inputs is not None else (None, None)
             add("triplet", w["triplet"], self.terms["triplet"](out.image_emb, out.caption_emb, labels,
                                                                image_inputs, text_inputs))
+        if w["embedding"]:
+            add("embedding", w["embedding"], self._embedding(out, image_ids, caption_vectors))
         if w["adversarial"]:
             lam = self.adversary_lambda()
             adv, accuracy = self.terms["adversarial"](out.image_emb, out.caption_emb, lam)
@@ -249,6 +254,16 @@ class Objective(nn.Module):
         if total is None:
             raise ConfigError("every objective weight is 0: nothing to train")
         return total, parts
+
+    def _embedding(self, out: PairOutput, image_ids: Tensor, caption_vectors: Tensor | None) -> Tensor:
+        term = self.terms["embedding"]
+        term.set_epoch(self.rank_loss.epoch)  # its schedule (e.g. a warm-up) follows the run's epochs
+        if term.requires_caption_vectors and caption_vectors is None:
+            raise ConfigError("objective.embedding.loss needs the LSA caption vectors, which the run computes only "
+                              "for a `loss:` that needs them too (loss.name=lseh)")
+        extra = {"caption_vectors": caption_vectors} if term.requires_caption_vectors else {}
+        sim = out.image_emb.float() @ out.caption_emb.float().t()  # cosine: the encoders L2-normalise
+        return term(sim, image_ids, **extra)
 
     def _mined(self, out: PairOutput, image_ids: Tensor, negatives: MinedNegatives) -> Tensor:
         b = out.image_emb.shape[0]
@@ -294,6 +309,12 @@ def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, f
     first = next((s for s, w in zip(sections, weights) if w["triplet"]), None)
     if first is not None:
         triplet = LabelTripletLoss(first.triplet.margin, first.triplet.distance, first.triplet.mine_in)
+    embedding = None
+    first = next((s for s, w in zip(sections, weights) if w["embedding"]), None)
+    if first is not None:
+        embedding = LOSSES.build(first.embedding.loss)
+        if not isinstance(embedding, RankingLoss):
+            raise ConfigError(f"objective.embedding.loss {first.embedding.loss['name']!r} is not a ranking loss")
     registered: dict[str, tuple[ObjectiveTerm, dict]] = {}
     for name in dict.fromkeys(n for s in sections for n in s.terms):
         first = next((s for s in sections if s.term_weight(name)), None)
@@ -306,6 +327,6 @@ def build_objective(stage_configs: list[RunConfig], rank_loss: RankingLoss, *, f
             raise ConfigError(f"objective.terms.{name}: the registered factory did not build an ObjectiveTerm")
         registered[name] = (term, options)
     objective = Objective(rank_loss, instance=instance, mined=mined, pool_size=pool_size, label=label,
-                          adversarial=adversarial, triplet=triplet, registered=registered)
+                          adversarial=adversarial, triplet=triplet, embedding=embedding, registered=registered)
     objective.set_weights(sections[0])
     return objective
