@@ -49,22 +49,11 @@ class _ResNet(FeatureBackbone):
         return self.feature_map(x).mean((2, 3))
 
 
-class _VGG(FeatureBackbone):
-    """torchvision VGG: the last conv block's map; pooled = fc7 (4096-d, VSE++'s VGG19 features)."""
+class _FeaturesThenHead(FeatureBackbone):
+    """A net whose ``features`` is its conv stack and whose forward is the pooled vector: torchvision VGG
+    (the last conv block's map; pooled = fc7, 4096-d, VSE++'s VGG19 features) and vsekit's small CNN."""
 
-    def __init__(self, net: torchvision.models.VGG) -> None:
-        super().__init__()
-        self.net = net
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(x)
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _SmallCNN(FeatureBackbone):
-    def __init__(self, net: SmallCNN) -> None:
+    def __init__(self, net: torchvision.models.VGG | SmallCNN) -> None:
         super().__init__()
         self.net = net
 
@@ -100,9 +89,9 @@ def wrap_network(net: nn.Module, what: str) -> FeatureBackbone:
     if isinstance(net, torchvision.models.ResNet):
         return _ResNet(net)
     if isinstance(net, torchvision.models.VGG):
-        return _VGG(net)
+        return _FeaturesThenHead(net)
     if isinstance(net, SmallCNN):
-        return _SmallCNN(net)
+        return _FeaturesThenHead(net)
     if hasattr(net, "forward_features") and hasattr(net, "forward_head"):
         return _Timm(net)
     raise ConfigError(f"{what}: {type(net).__name__} is not a network vsekit can extract features from "

@@ -40,7 +40,7 @@ from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm, xavier_linear_
 from vsekit.models.similarity import SIMILARITY_NETWORKS, SimilarityNetwork
-from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
+from vsekit.models.text import TEXT_ENCODERS, word_embedding
 
 # Evaluation tiles: images per tile, and at most this many floats in one (n, m, T, max(E, R)) tensor
 # (64 MiB of float32 on CPU; accelerators take 4x larger tiles).
@@ -99,13 +99,7 @@ class SGRAFWordEncoder(Encoder):
         _no_abs(use_abs, "sgraf_words")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"text_encoder.dropout must be in [0, 1), got {dropout}")
-        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.words_from_file = 0
-        if word_vectors and itos is not None:  # no itos: rebuilt for a checkpoint, whose weights replace these
-            weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
-            with torch.no_grad():
-                self.embed.weight.copy_(weight)
+        self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         self.dropout = nn.Dropout(dropout)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
         self.bidirectional = bidirectional

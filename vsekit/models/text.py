@@ -47,6 +47,21 @@ def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torc
     return weight, found
 
 
+def word_embedding(vocab_size: int, word_dim: int, word_vectors: str | None = None,
+                   itos: list[str] | None = None) -> tuple[nn.Embedding, int]:
+    """Word embeddings, U(-0.1, 0.1) (VSE++), padding id 0, with the rows of ``word_vectors`` (a GloVe-style
+    text file) for the words of ``itos``; returns the layer and how many words the file had. Without
+    ``itos`` (a model rebuilt for a checkpoint, whose weights replace these) the file is not read."""
+    embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+    nn.init.uniform_(embed.weight, -0.1, 0.1)
+    found = 0
+    if word_vectors and itos is not None:
+        weight, found = load_word_vectors(word_vectors, itos, word_dim)
+        with torch.no_grad():
+            embed.weight.copy_(weight)
+    return embed, found
+
+
 @TEXT_ENCODERS.register("gru")
 class GRUTextEncoder(Encoder):
     """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
@@ -64,13 +79,7 @@ class GRUTextEncoder(Encoder):
         if pooling not in ("last", "mean"):
             raise ValueError(f"text_encoder.pooling must be 'last' or 'mean', got {pooling!r}")
         self.pooling = pooling
-        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.words_from_file = 0
-        if word_vectors and itos is not None:  # no itos: rebuilt for a checkpoint, whose weights replace these
-            weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
-            with torch.no_grad():
-                self.embed.weight.copy_(weight)
+        self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
         self.bidirectional = bidirectional
         self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
