@@ -3,6 +3,9 @@
 Only images whose files are not in the index yet are encoded on ``add``; ``remove`` needs no model at all.
 An index remembers the fingerprint of the weights that made it, and every operation that embeds new
 inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
+
+Where the vectors go (the index folder, or a Qdrant collection) is the backend's business
+(:mod:`vsekit.index.backends`); this module encodes, keeps the records and commits each generation.
 """
 
 from __future__ import annotations
@@ -15,20 +18,16 @@ from typing import Any
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
 from vsekit.index.store import (
     KINDS,
     MANIFEST,
+    TARGETS,
     AnnParams,
     IndexData,
     IndexMismatchError,
     SearchIndexError,
-    add_vectors,
-    build_faiss,
-    emptied_like,
     load_data,
-    manifest_params,
-    measure_recall,
-    params_dict,
     read_manifest,
     write_index,
     write_lock,
@@ -108,32 +107,30 @@ def _encode(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] 
     return images.astype(np.float32, copy=False), caps
 
 
-def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnParams) -> None:
-    data.faiss = {}
-    if similarity != "cosine":  # order similarity is not an inner product: scored exactly, no FAISS
-        return
-    data.faiss["images"] = build_faiss(data.image_vectors, kind, params)
-    if data.caption_vectors is not None:
-        data.faiss["captions"] = build_faiss(data.caption_vectors, kind, params)
+def _commit(index_dir: Path, vector_store: Backend, data: IndexData, manifest: dict[str, Any],
+            previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Write ``data`` as the next generation with the backend's manifest fields, then tell the backend."""
+    written = write_index(index_dir, data, {**manifest, **vector_store.manifest_fields()}, previous)
+    vector_store.committed()
+    return written
 
 
 def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact",
                 captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
-                progress: bool = True, overwrite: bool = False, source: str | None = None) -> dict[str, Any]:
+                progress: bool = True, overwrite: bool = False, source: str | None = None,
+                backend: BackendConfig | None = None) -> dict[str, Any]:
     """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
 
     ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.
     Approximate kinds (``ivf``, ``hnsw``) report their recall@10 against exact search in the manifest.
+    ``backend``: where the vectors go, :class:`~vsekit.index.backends.LocalConfig` (the default: the index
+    folder) or :class:`~vsekit.index.backends.QdrantConfig`.
     """
     out = Path(out)
     params = params or AnnParams()
+    config = backend or LocalConfig()
     if kind not in KINDS:
         raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    if embedder.similarity != "cosine" and kind != "exact":
-        raise SearchIndexError(
-            f"this model scores with {embedder.similarity!r} similarity, which is not an inner product: FAISS "
-            f"{kind} search would rank by the wrong score. Use --kind exact (exact, chunked {embedder.similarity} "
-            "scoring)")
     if captions and not corpus.num_captions:
         raise SearchIndexError(f"{corpus.name} has no captions to index")
     with_captions = bool(corpus.num_captions) if captions is None else captions
@@ -146,35 +143,51 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
 
-    rows = list(range(corpus.num_images))
-    ids = list(corpus.image_ids)
-    cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-    img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
-    data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records)
-    _build_all_faiss(data, kind, embedder.similarity, params)
-    recall = measure_recall(data, kind)
-    ckpt = embedder.checkpoint_path
-    manifest = {
-        "fingerprint": embedder.fingerprint,
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-        "similarity": embedder.similarity,
-        "dim": int(img.shape[1]),
-        "kind": kind,
-        "params": params_dict(params),
-        "nlist": {t: int(ix.nlist) for t, ix in data.faiss.items() if kind == "ivf"} or None,
-        "recall_at_10": recall,
-        "sources": [source or corpus.name],
-        "created": _now(),
-        "updated": _now(),
-    }
-    with write_lock(out):
-        previous = None
-        if (out / MANIFEST).exists():
-            try:
-                previous = read_manifest(out)
-            except SearchIndexError:  # --overwrite replaces a broken index too
-                previous = None
-        return write_index(out, data, manifest, previous)
+    # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
+    # does not answer) comes before the encoding, not after it
+    targets = TARGETS if with_captions else ("images",)
+    vector_store = create_backend(config, index_dir=out, kind=kind, params=params,
+                                  similarity=embedder.similarity, targets=targets, overwrite=overwrite)
+    try:
+        rows = list(range(corpus.num_images))
+        ids = list(corpus.image_ids)
+        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+        img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
+        ckpt = embedder.checkpoint_path
+        manifest = {
+            "fingerprint": embedder.fingerprint,
+            "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+            "similarity": embedder.similarity,
+            "dim": int(img.shape[1]),
+            "sources": [source or corpus.name],
+            "created": _now(),
+            "updated": _now(),
+        }
+        data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records)
+        return _build_and_commit(out, vector_store, data, manifest)
+    finally:
+        vector_store.close()
+
+
+def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
+                      manifest: dict[str, Any]) -> dict[str, Any]:
+    """The backend's build of ``data``, written as the first generation (or replacing the index at ``out``);
+    what the backend made outside the folder is undone when the commit does not happen."""
+    try:
+        data = vector_store.build(data)
+        with write_lock(out):
+            previous = None
+            if (out / MANIFEST).exists():
+                try:
+                    previous = read_manifest(out)
+                except SearchIndexError:  # --overwrite replaces a broken index too
+                    previous = None
+            written = write_index(out, data, {**manifest, **vector_store.manifest_fields()}, previous)
+    except BaseException:
+        vector_store.discard()
+        raise
+    vector_store.committed()
+    return written
 
 
 def _unique(candidate: str, taken: set[str]) -> str:
@@ -196,37 +209,40 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
         check_model(manifest, embedder, index_dir)
         _check_can_encode(embedder, corpus)
         old = load_data(index_dir, manifest, mmap=True)
-        known_paths = {r["path"] for r in old.images if r.get("path")}
-        taken = {r["id"] for r in old.images}
-        rows, ids = [], []
-        for r in range(corpus.num_images):
-            if corpus.image_paths is not None:
-                if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
-                    continue
-            elif corpus.image_ids[r] in taken:
-                continue
-            new_id = _unique(corpus.image_ids[r], taken)
-            taken.add(new_id)
-            rows.append(r)
-            ids.append(new_id)
+        rows, ids = _new_images(old, corpus)
         skipped = corpus.num_images - len(rows)
         if not rows:
             return manifest, 0, skipped
+        vector_store = open_backend(manifest, old)  # before encoding: a backend that cannot serve says so
+        try:
+            with_captions = bool(manifest.get("has_captions"))
+            cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+            img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
+            data = vector_store.add(old, IndexData(img, _image_records(corpus, rows, ids), cap, cap_records))
+            manifest = {**manifest, "updated": _now(),
+                        "sources": [*manifest.get("sources", []), source or corpus.name]}
+            return _commit(index_dir, vector_store, data, manifest, manifest), len(rows), skipped
+        finally:
+            vector_store.close()
 
-        with_captions = bool(manifest.get("has_captions"))
-        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-        img, cap = _encode(embedder, corpus, rows, cap_index, batch_size, progress)
-        data = IndexData(np.concatenate([old.image_vectors, img]), old.images + _image_records(corpus, rows, ids))
-        if with_captions:
-            data.caption_vectors = np.concatenate([old.caption_vectors, cap])
-            data.captions = (old.captions or []) + (cap_records or [])
-        data.faiss = old.faiss
-        for target, index in data.faiss.items():
-            add_vectors(index, img if target == "images" else cap)
-        recall = measure_recall(data, manifest["kind"])
-        manifest = {**manifest, "recall_at_10": recall, "updated": _now(),
-                    "sources": [*manifest.get("sources", []), source or corpus.name]}
-        return write_index(index_dir, data, manifest, manifest), len(rows), skipped
+
+def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
+    """Rows of ``corpus`` that the index does not hold yet (same file, or for precomputed features the same
+    id), and the ids they get (made unique against the index's)."""
+    known_paths = {r["path"] for r in old.images if r.get("path")}
+    taken = {r["id"] for r in old.images}
+    rows, ids = [], []
+    for r in range(corpus.num_images):
+        if corpus.image_paths is not None:
+            if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
+                continue
+        elif corpus.image_ids[r] in taken:
+            continue
+        new_id = _unique(corpus.image_ids[r], taken)
+        taken.add(new_id)
+        rows.append(r)
+        ids.append(new_id)
+    return rows, ids
 
 
 def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
@@ -247,18 +263,13 @@ def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise SearchIndexError(f"{index_dir}: not in the index: {', '.join(unknown[:5])}{more}; nothing removed")
         drop = {row_of_id[i] for i in ids} | {row_of_path[p] for p in paths}
-        keep = np.array([i not in drop for i in range(len(old.images))], dtype=bool)
+        keep = {"images": np.array([i not in drop for i in range(len(old.images))], dtype=bool)}
         gone = {old.images[i]["id"] for i in drop}
-        data = IndexData(np.asarray(old.image_vectors[keep]), [r for r, k in zip(old.images, keep) if k])
-        if manifest.get("has_captions"):
-            ckeep = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
-            data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
-            data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
-        kind, params = manifest["kind"], manifest_params(manifest)
-        for target, index in old.faiss.items():
-            fresh = emptied_like(index, kind, params, int(manifest["dim"]))
-            add_vectors(fresh, data.vectors(target))
-            data.faiss[target] = fresh
-        recall = measure_recall(data, kind)
-        manifest = {**manifest, "recall_at_10": recall, "updated": _now()}
-        return write_index(index_dir, data, manifest, manifest), len(drop)
+        if old.has_captions:
+            keep["captions"] = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
+        vector_store = open_backend(manifest, old)
+        try:
+            data = vector_store.remove(old, keep)
+            return _commit(index_dir, vector_store, data, {**manifest, "updated": _now()}, manifest), len(drop)
+        finally:
+            vector_store.close()
