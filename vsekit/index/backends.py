@@ -591,29 +591,30 @@ class QdrantBackend(Backend):
             rows = self._rows[target] = {r["id"]: i for i, r in enumerate(self._bound().records(target))}
         return rows
 
-    def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _query(self, name: str, queries: Sequence[np.ndarray], limit: int) -> list[list[Any]]:
+        """The scored points of each query: one batch request to a server; one call per query in local mode,
+        with the float32 query itself (a list would make it score the whole collection in float64)."""
+        if self.local:
+            return self._call(f"search {name}", lambda: [self.client.query_points(
+                name, query=q, limit=limit, with_payload=["id"]).points for q in queries])
         models = qdrant_module().models
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        params = models.SearchParams(exact=self.kind == "exact", hnsw_ef=max(self.params.ef_search, limit))
+        requests = [models.QueryRequest(query=q.tolist(), limit=limit, with_payload=["id"], params=params)
+                    for q in queries]
+        answers = self._call(f"search {name}", lambda: self.client.query_batch_points(name, requests=requests))
+        return [a.points for a in answers]
+
+    def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.atleast_2d(np.ascontiguousarray(queries, dtype=np.float32))
         rows_of, name = self._row_map(target), self.collections[target]
         k = max(1, min(int(k), len(rows_of)))
-        params = None  # local mode always scans every point, and warns on every query given search params
-        if not self.local:
-            params = models.SearchParams(exact=self.kind == "exact", hnsw_ef=max(self.params.ef_search, k))
-
-        def request(q: np.ndarray, limit: int):
-            return models.QueryRequest(query=q.tolist(), limit=limit, with_payload=["id"], params=params)
-
-        answers = self._call(f"search {name}", lambda: self.client.query_batch_points(
-            name, requests=[request(q, k) for q in queries]))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
-        for i, answer in enumerate(answers):
-            points, limit = answer.points, k
-            hits = self._known(points, rows_of)
+        for i, points in enumerate(self._query(name, list(queries), k)):
+            limit, hits = k, self._known(points, rows_of)
             while len(hits) < k and len(points) == limit and limit < MAX_FETCH:  # unknown ids took places
                 limit = min(limit * 4, MAX_FETCH)
-                points = self._call(f"search {name}", lambda q=queries[i], n=limit: self.client.query_batch_points(
-                    name, requests=[request(q, n)]))[0].points
+                points = self._query(name, [queries[i]], limit)[0]
                 hits = self._known(points, rows_of)
             hits.sort(key=lambda h: (-h[0], h[1]))  # ties among the hits by row, as the local backends
             for j, (s, r) in enumerate(hits[:k]):
