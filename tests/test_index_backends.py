@@ -230,7 +230,7 @@ def test_qdrant_build_add_remove_match_the_local_index(ckpt, emb, local_index, t
         ref.close()
 
 
-def test_qdrant_cli_round_trip(ckpt, tmp_path, capsys):
+def test_qdrant_cli_round_trip(ckpt, tmp_path, capsys, caplog):
     qd, ix = tmp_path / "qdrant", tmp_path / "ix"
     assert cli("index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", "4", "--no-captions",
                "--out", ix, "-q", *qdrant_args(qd)) == 0
@@ -248,7 +248,11 @@ def test_qdrant_cli_round_trip(ckpt, tmp_path, capsys):
     assert cli(*again, "--out", tmp_path / "other") == 2
     assert "collection 'ix-images' already exists; pass --overwrite" in capsys.readouterr().err
     assert cli(*again, "--out", ix, "--overwrite") == 0
-    assert read_manifest(ix)["num_images"] == 2
+    assert read_manifest(ix)["num_images"] == 2 and "no longer used" not in caplog.text
+    # replaced by a local index: the collections are left alone, and named
+    assert cli(*again[:-len(qdrant_args(qd, "--collection", "ix"))], "--out", ix, "--overwrite") == 0
+    assert read_manifest(ix)["backend"] == "local"
+    assert "Qdrant collections ix-images" in caplog.text and "no longer used" in caplog.text
 
 
 def test_qdrant_refusals_come_before_encoding(ckpt, tmp_path, capsys, monkeypatch):

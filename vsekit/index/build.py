@@ -11,6 +11,7 @@ Where the vectors go (the index folder, or a Qdrant collection) is the backend's
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from vsekit.index.store import (
     write_index,
     write_lock,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -187,7 +190,21 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
         vector_store.discard()
         raise
     vector_store.committed()
+    _warn_left_behind(out, previous, written)
     return written
+
+
+def _warn_left_behind(out: Path, previous: dict[str, Any] | None, written: dict[str, Any]) -> None:
+    """An index replaced with --overwrite may have had Qdrant collections the new one does not use: they are
+    not deleted (they may be on another server, or shared), only named."""
+    old = ((previous or {}).get("qdrant") or {})
+    new = (written.get("qdrant") or {})
+    same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
+    left = [c for c in (old.get("collections") or {}).values()
+            if not same_place or c not in (new.get("collections") or {}).values()]
+    if left:
+        log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
+                    "there if nothing else does", out, ", ".join(left), old.get("url") or old.get("path"))
 
 
 def _unique(candidate: str, taken: set[str]) -> str:
