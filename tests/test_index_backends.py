@@ -90,17 +90,17 @@ def no_ties(vectors: np.ndarray, queries: np.ndarray, k: int) -> None:
 
 
 def test_faiss_flat_numpy_exact_and_qdrant_return_the_same_top_k(tmp_path):
-    x, q, k = unit_rows(120, 24, 0), unit_rows(15, 24, 1), 10
+    x, q, k = unit_rows(60, 24, 0), unit_rows(15, 24, 1), 10
     no_ties(x, q, k)
     want_s, want_r = brute_force(x, q, k)
     flat_s, flat_r = build_faiss(x, "exact", AnnParams()).search(q, k)  # what exact indexes held before
     numpy = NumpyExact("exact", AnnParams())
-    numpy.build(IndexData(x, records(120)))
+    numpy.build(IndexData(x, records(60)))
     np_s, np_r = numpy.search("images", q, k)
     qd = create_backend(QdrantConfig(path=str(tmp_path / "qdrant")), index_dir=tmp_path / "ix", kind="exact",
                         params=AnnParams(), similarity="cosine", targets=("images",))
     try:
-        qd.build(IndexData(x, records(120)))
+        qd.build(IndexData(x, records(60)))
         qd_s, qd_r = qd.search("images", q, k)
         qd.kind = "hnsw"  # local mode scans every point whatever the kind: the same answer
         hn_s, hn_r = qd.search("images", q, k)
@@ -291,6 +291,13 @@ def small_qdrant(ckpt, tmp_path) -> Path:
     return ix
 
 
+@pytest.fixture(scope="module")
+def shared_qdrant(ckpt, tmp_path_factory) -> Path:
+    """A qdrant index for tests that only read (or copy) its folder."""
+    root = tmp_path_factory.mktemp("shared-qdrant")
+    return build_demo_index(ckpt, root / "ix", *qdrant_args(root / "qdrant"), max_images=3)
+
+
 def test_points_the_records_do_not_know_are_skipped_then_deleted(small_qdrant, emb):
     """A write that died between its upsert and its commit leaves points the records do not hold: searches
     never return them (and still fill k), and the next write deletes them."""
@@ -330,9 +337,9 @@ def test_a_collection_changed_outside_the_index_is_refused(small_qdrant, emb):
     ({"kind": "ivf"}, "not ivf"),
     ({"backend": "milvus"}, "backend"),
 ])
-def test_bad_qdrant_manifest_fields_are_named(small_qdrant, tmp_path, change, field):
+def test_bad_qdrant_manifest_fields_are_named(shared_qdrant, tmp_path, change, field):
     ix = tmp_path / "copy"
-    shutil.copytree(small_qdrant, ix)
+    shutil.copytree(shared_qdrant, ix)
     m = {**json.loads((ix / "manifest.json").read_text()), **change}
     (ix / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
     with pytest.raises(SearchIndexError, match="invalid manifest") as e:
@@ -340,17 +347,34 @@ def test_bad_qdrant_manifest_fields_are_named(small_qdrant, tmp_path, change, fi
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_local_mode_folder_used_by_another_process_is_a_clear_error(small_qdrant, emb, tmp_path):
+def test_a_local_mode_folder_used_by_another_process_is_a_clear_error(shared_qdrant, emb):
     import subprocess
     import sys
 
-    folder = read_manifest(small_qdrant)["qdrant"]["path"]
+    folder = read_manifest(shared_qdrant)["qdrant"]["path"]
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, qdrant_client; c = qdrant_client.QdrantClient("
                                f"path={folder!r}); print('ready', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(SearchIndexError, match="in use by another process.*run a Qdrant server"):
-            SearchIndex.open(small_qdrant, emb)
+            SearchIndex.open(shared_qdrant, emb)
     finally:
         holder.communicate("", timeout=30)
+
+
+def test_the_server_serves_a_qdrant_index(shared_qdrant, emb):
+    from fastapi.testclient import TestClient
+
+    from vsekit.serve.app import create_app
+
+    sx = SearchIndex.open(shared_qdrant, emb)
+    try:
+        with TestClient(create_app(sx)) as client:
+            resp = client.get("/search", params={"q": "a red circle", "k": 2})
+            assert resp.status_code == 200, resp.text
+            hits = resp.json()["results"]
+            assert [h["rank"] for h in hits] == [1, 2] and hits[0]["id"] in {r["id"] for r in sx.data.images}
+            assert client.get("/health").json()["images"] == 3
+    finally:
+        sx.close()
