@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[dev,plot]"
+	$(PIP) install --quiet -e ".[dev,plot,qdrant]"
 	touch $(STAMP)
 
 # The browser test drives Debian's Chromium with Playwright (no browser download: playwright install is

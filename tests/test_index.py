@@ -105,6 +105,16 @@ def demo_index(ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hnsw_index(ckpt, tmp_path_factory) -> Path:
+    """An index with FAISS files (the approximate kinds have them)."""
+    return build_demo_index(ckpt, tmp_path_factory.mktemp("ix") / "hnsw", "--kind", "hnsw")
+
+
+def index_holding(name: str, demo_index: Path, hnsw_index: Path) -> Path:
+    return hnsw_index if name.endswith(".faiss") else demo_index
+
+
+@pytest.fixture(scope="module")
 def sx(demo_index, emb) -> SearchIndex:
     return SearchIndex.open(demo_index, emb)
 
@@ -133,11 +143,13 @@ def test_build_writes_manifest_embeddings_and_metadata(demo_index, emb):
     m = read_manifest(demo_index)
     assert m["format"] == "vsekit-index" and m["version"] == 1
     assert m["fingerprint"] == emb.fingerprint and m["similarity"] == "cosine" and m["kind"] == "exact"
+    assert m["backend"] == "local"
     assert Path(m["checkpoint"]) == Path(emb.checkpoint_path).resolve()
     assert m["num_images"] == INDEX_IMAGES and m["num_captions"] == 5 * INDEX_IMAGES and m["dim"] == 128
     gen = demo_index / m["generation"]
+    # an exact index is searched on its .npy files: no FAISS file (a second copy of the vectors)
     assert {p.name for p in gen.iterdir()} == {f"{t}.{ext}" for t in ("images", "captions")
-                                              for ext in ("npy", "jsonl", "faiss")}
+                                              for ext in ("npy", "jsonl")}
     iv = np.load(gen / "images.npy")
     assert iv.dtype == np.float32 and iv.shape == (INDEX_IMAGES, 128)
     np.testing.assert_allclose(np.linalg.norm(iv, axis=1), 1.0, atol=1e-4)
@@ -497,8 +509,9 @@ def test_manifest_records_size_and_sha256_of_every_file(demo_index):
     ("images.faiss", "truncate"), ("images.faiss", "overwrite"), ("images.npy", "truncate"),
     ("images.npy", "overwrite"), ("captions.jsonl", "overwrite"), ("captions.npy", "overwrite"),
 ])
-def test_corrupt_index_file_is_one_line_error_naming_it(demo_index, emb, tmp_path, capfd, name, how):
-    ix = copy_index(demo_index, tmp_path / "ix")
+def test_corrupt_index_file_is_one_line_error_naming_it(demo_index, hnsw_index, emb, tmp_path, capfd, name,
+                                                        how):
+    ix = copy_index(index_holding(name, demo_index, hnsw_index), tmp_path / "ix")
     path = ix / read_manifest(ix)["generation"] / name
     _corrupt(path, how)
     with pytest.raises(SearchIndexError) as e:
@@ -512,10 +525,11 @@ def test_corrupt_index_file_is_one_line_error_naming_it(demo_index, emb, tmp_pat
 
 
 @pytest.mark.parametrize("name", ["images.faiss", "images.npy", "captions.npy", "images.jsonl"])
-def test_truncated_file_of_an_index_without_checksums_is_one_line_error(demo_index, emb, tmp_path, capfd, name):
+def test_truncated_file_of_an_index_without_checksums_is_one_line_error(demo_index, hnsw_index, emb, tmp_path,
+                                                                        capfd, name):
     """Manifests written before checksums are still read; a broken file is still named, in one line (a
     truncated images.faiss used to print FAISS's multi-line C++ assertion)."""
-    ix = copy_index(demo_index, tmp_path / "ix")
+    ix = copy_index(index_holding(name, demo_index, hnsw_index), tmp_path / "ix")
     _strip_checksums(ix)
     assert SearchIndex.open(ix, emb).search_text("a red star", k=2)  # an old manifest opens as before
     path = ix / read_manifest(ix)["generation"] / name

@@ -61,19 +61,45 @@ def _ann_params(args: argparse.Namespace):
                      ef_construction=args.ef_construction, ef_search=args.ef_search)
 
 
+_QDRANT_OPTIONS = {"url": "--url", "qdrant_path": "--qdrant-path", "collection": "--collection",
+                   "qdrant_shards": "--qdrant-shards", "qdrant_replicas": "--qdrant-replicas"}
+
+
+def _backend_config(args: argparse.Namespace):
+    """The backend ``--backend`` and its options describe; an option of another backend is an error."""
+    from vsekit.index.backends import LocalConfig, QdrantConfig
+    from vsekit.index.store import SearchIndexError
+
+    given = [flag for key, flag in _QDRANT_OPTIONS.items() if getattr(args, key) is not None]
+    if args.backend != "qdrant":
+        if given:
+            raise SearchIndexError(f"{', '.join(given)}: options of --backend qdrant")
+        return LocalConfig()
+    return QdrantConfig(url=args.url, path=args.qdrant_path, collection=args.collection,
+                        shards=args.qdrant_shards, replicas=args.qdrant_replicas)
+
+
+def _where(m: dict) -> str:
+    q = m.get("qdrant")
+    if not q:
+        return ""
+    return f" (qdrant {q.get('url') or q.get('path')}: collections {', '.join(q['collections'].values())})"
+
+
 # -- handlers -----------------------------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
     from vsekit.index.build import build_index
     from vsekit.inference import Embedder
 
+    backend = _backend_config(args)  # a bad option is refused before the model is loaded
     emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, **_legacy(args))
     corpus, source = _load_source(args, emb)
     m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
-                    source=source, rerank=args.rerank, context_dtype=args.context_dtype)
+                    source=source, rerank=args.rerank, context_dtype=args.context_dtype, backend=backend)
     rerank = f", rerank {m['rerank']} through the network" if m.get("rerank") else ""
-    print(f"built {m['kind']} index {args.out}: {m['num_images']} images, {m['num_captions']} captions, "
-          f"dim {m['dim']}, {m['similarity']} similarity{rerank}")
+    print(f"built {m['kind']} index {args.out}{_where(m)}: {m['num_images']} images, {m['num_captions']} "
+          f"captions, dim {m['dim']}, {m['similarity']} similarity{rerank}")
     if m.get("recall_at_10"):
         print("recall@10 of the approximate index against exact search: "
               + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))
@@ -202,7 +228,21 @@ def add_cli(subparsers) -> None:
     _add_source(b)
     b.add_argument("--out", required=True, help="index folder to write")
     b.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact",
-                   help="exact inner product (default), or approximate IVF / HNSW for large collections")
+                   help="exact inner product (default), or approximate IVF / HNSW for large collections "
+                        "(qdrant: exact or hnsw)")
+    b.add_argument("--backend", choices=["local", "qdrant"], default="local",
+                   help="where the vectors go: the index folder (default; NumPy exact search, FAISS for ivf / "
+                        "hnsw), or Qdrant collections (a server with --url, local mode with --qdrant-path)")
+    b.add_argument("--url", help="Qdrant server URL, e.g. http://localhost:6333 (its API key, if any, from "
+                                 "the environment variable QDRANT_API_KEY)")
+    b.add_argument("--qdrant-path", metavar="DIR",
+                   help="a folder for the Qdrant client's local mode (no server; one process at a time, small "
+                        "collections: it scans every point and writes each in its own transaction)")
+    b.add_argument("--collection", metavar="NAME",
+                   help="Qdrant collections NAME-images and NAME-captions (default: the --out folder's name)")
+    b.add_argument("--qdrant-shards", type=positive_int, metavar="N", help="shards per collection on a cluster")
+    b.add_argument("--qdrant-replicas", type=positive_int, metavar="N",
+                   help="replication factor of the collections on a cluster")
     b.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                    help="also index the data set's captions for image -> text search (default: when it has any)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")

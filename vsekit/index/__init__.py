@@ -10,6 +10,7 @@ Typical use::
 
 from __future__ import annotations
 
+from vsekit.index.backends import LocalConfig, QdrantConfig
 from vsekit.index.build import add_to_index, build_index, corpus_from_folder, remove_from_index
 from vsekit.index.search import SearchIndex, SearchResult
 from vsekit.index.store import AnnParams, IndexMismatchError, SearchIndexError, read_manifest
@@ -17,6 +18,8 @@ from vsekit.index.store import AnnParams, IndexMismatchError, SearchIndexError, 
 __all__ = [
     "AnnParams",
     "IndexMismatchError",
+    "LocalConfig",
+    "QdrantConfig",
     "SearchIndex",
     "SearchIndexError",
     "SearchResult",

@@ -4,8 +4,11 @@ Only images whose files are not in the index yet are encoded on ``add``; ``remov
 An index remembers the fingerprint of the weights that made it, and every operation that embeds new
 inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
 
+Where the vectors go (the index folder, or a Qdrant collection) is the backend's business
+(:mod:`vsekit.index.backends`); this module encodes, keeps the records and commits each generation.
+
 For a model whose similarity is a network (SGRAF's SGR/SAF), the index also keeps every item's local sets
-(regions, words): the search shortlists by the inner product of the pooled embeddings (FAISS, any kind) and
+(regions, words): the search shortlists by the inner product of the pooled embeddings (any backend) and
 reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.search`).
 """
 
@@ -20,20 +23,16 @@ from typing import Any
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
 from vsekit.index.store import (
     KINDS,
     MANIFEST,
+    TARGETS,
     AnnParams,
     IndexData,
     IndexMismatchError,
     SearchIndexError,
-    add_vectors,
-    build_faiss,
-    emptied_like,
     load_data,
-    manifest_params,
-    measure_recall,
-    params_dict,
     read_manifest,
     write_index,
     write_lock,
@@ -41,7 +40,8 @@ from vsekit.index.store import (
 from vsekit.models.local_sets import DTYPES, LocalSets
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
-log = logging.getLogger("vsekit.index")
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -137,50 +137,42 @@ def _encode_any(embedder, corpus: Corpus, rows: list[int], caption_index: list[i
     return (*_encode(embedder, corpus, rows, caption_index, batch_size, progress), {})
 
 
-def _shortlist_by_inner_product(embedder) -> bool:
-    """Inner-product models are searched by FAISS, and so is the shortlist of a similarity network's model."""
-    return embedder.similarity == "cosine" or embedder.learned_similarity
-
-
-def _build_all_faiss(data: IndexData, kind: str, similarity: str, params: AnnParams,
-                     inner_product: bool | None = None) -> None:
-    data.faiss = {}
-    if not (similarity == "cosine" if inner_product is None else inner_product):
-        return  # order similarity is not an inner product: scored exactly, no FAISS
-    data.faiss["images"] = build_faiss(data.image_vectors, kind, params)
-    if data.caption_vectors is not None:
-        data.faiss["captions"] = build_faiss(data.caption_vectors, kind, params)
+def _commit(index_dir: Path, vector_store: Backend, data: IndexData, manifest: dict[str, Any],
+            previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Write ``data`` as the next generation with the backend's manifest fields, then tell the backend."""
+    written = write_index(index_dir, data, {**manifest, **vector_store.manifest_fields()}, previous)
+    vector_store.committed()
+    return written
 
 
 def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact",
                 captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
                 progress: bool = True, overwrite: bool = False, source: str | None = None,
-                rerank: int = DEFAULT_RERANK, context_dtype: str = "float32") -> dict[str, Any]:
+                backend: BackendConfig | None = None, rerank: int = DEFAULT_RERANK,
+                context_dtype: str = "float32") -> dict[str, Any]:
     """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
 
     ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.
     Approximate kinds (``ivf``, ``hnsw``) report their recall@10 against exact search in the manifest.
-    A model with a similarity network: ``rerank`` (recorded in the manifest, the default of every search)
-    is how many shortlisted items each query reranks through the network; ``context_dtype`` how the local
-    sets are stored (``float16`` halves their size; the scores then move in the third or fourth decimal).
+    ``backend``: where the vectors go, :class:`~vsekit.index.backends.LocalConfig` (the default: the index
+    folder) or :class:`~vsekit.index.backends.QdrantConfig`. A model with a similarity network: ``rerank``
+    (recorded in the manifest, the default of every search) is how many shortlisted items each query reranks
+    through the network; ``context_dtype`` how the local sets are stored (``float16`` halves their size; the
+    scores then move in the third or fourth decimal).
     """
     out = Path(out)
     params = params or AnnParams()
+    config = backend or LocalConfig()
     if kind not in KINDS:
         raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    learned = embedder.learned_similarity
-    if learned:
-        _check_rerank_options(rerank, context_dtype)
-        _warn_if_shortlist_untrained(embedder.config)
-    if not _shortlist_by_inner_product(embedder) and kind != "exact":
-        raise SearchIndexError(
-            f"this model scores with {embedder.similarity!r} similarity, which is not an inner product: FAISS "
-            f"{kind} search would rank by the wrong score. Use --kind exact (exact, chunked {embedder.similarity} "
-            "scoring)")
     if captions and not corpus.num_captions:
         raise SearchIndexError(f"{corpus.name} has no captions to index")
     with_captions = bool(corpus.num_captions) if captions is None else captions
     _check_can_encode(embedder, corpus)
+    learned = embedder.learned_similarity
+    if learned:
+        _check_rerank_options(rerank, context_dtype)
+        _warn_if_shortlist_untrained(embedder.config)
     if (out / MANIFEST).exists() and not overwrite:
         raise SearchIndexError(f"{out} already holds an index; pass --overwrite to replace it, or use "
                                "`vsekit index add` to add images to it")
@@ -189,37 +181,71 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
 
-    rows = list(range(corpus.num_images))
-    ids = list(corpus.image_ids)
-    cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-    img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
-    data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
-    _build_all_faiss(data, kind, embedder.similarity, params, _shortlist_by_inner_product(embedder))
-    recall = measure_recall(data, kind)
-    ckpt = embedder.checkpoint_path
-    manifest = {
-        "fingerprint": embedder.fingerprint,
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-        "similarity": embedder.similarity,
-        "dim": int(img.shape[1]),
-        "kind": kind,
-        "params": params_dict(params),
-        "nlist": {t: int(ix.nlist) for t, ix in data.faiss.items() if kind == "ivf"} or None,
-        "recall_at_10": recall,
-        "sources": [source or corpus.name],
-        "created": _now(),
-        "updated": _now(),
-    }
-    if learned:
-        manifest.update(rerank=int(rerank), context_dtype=context_dtype)
-    with write_lock(out):
-        previous = None
-        if (out / MANIFEST).exists():
-            try:
-                previous = read_manifest(out)
-            except SearchIndexError:  # --overwrite replaces a broken index too
-                previous = None
-        return write_index(out, data, manifest, previous)
+    # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
+    # does not answer) comes before the encoding, not after it
+    targets = TARGETS if with_captions else ("images",)
+    # a similarity network's shortlist ranks by the inner product of the pooled embeddings
+    vector_store = create_backend(config, index_dir=out, kind=kind, params=params,
+                                  similarity="cosine" if learned else embedder.similarity, targets=targets,
+                                  overwrite=overwrite)
+    try:
+        rows = list(range(corpus.num_images))
+        ids = list(corpus.image_ids)
+        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
+        ckpt = embedder.checkpoint_path
+        manifest = {
+            "fingerprint": embedder.fingerprint,
+            "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+            "similarity": embedder.similarity,
+            "dim": int(img.shape[1]),
+            "sources": [source or corpus.name],
+            "created": _now(),
+            "updated": _now(),
+        }
+        if learned:
+            manifest.update(rerank=int(rerank), context_dtype=context_dtype)
+        data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
+        return _build_and_commit(out, vector_store, data, manifest)
+    finally:
+        vector_store.close()
+
+
+def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
+                      manifest: dict[str, Any]) -> dict[str, Any]:
+    """The backend's build of ``data``, written as the first generation (or replacing the index at ``out``);
+    what the backend made outside the folder is undone when the commit does not happen."""
+    try:
+        sets = data.sets
+        data = vector_store.build(data)
+        data.sets = sets
+        with write_lock(out):
+            previous = None
+            if (out / MANIFEST).exists():
+                try:
+                    previous = read_manifest(out)
+                except SearchIndexError:  # --overwrite replaces a broken index too
+                    previous = None
+            written = write_index(out, data, {**manifest, **vector_store.manifest_fields()}, previous)
+    except BaseException:
+        vector_store.discard()
+        raise
+    vector_store.committed()
+    _warn_left_behind(out, previous, written)
+    return written
+
+
+def _warn_left_behind(out: Path, previous: dict[str, Any] | None, written: dict[str, Any]) -> None:
+    """An index replaced with --overwrite may have had Qdrant collections the new one does not use: they are
+    not deleted (they may be on another server, or shared), only named."""
+    old = ((previous or {}).get("qdrant") or {})
+    new = (written.get("qdrant") or {})
+    same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
+    left = [c for c in (old.get("collections") or {}).values()
+            if not same_place or c not in (new.get("collections") or {}).values()]
+    if left:
+        log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
+                    "there if nothing else does", out, ", ".join(left), old.get("url") or old.get("path"))
 
 
 def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
@@ -265,39 +291,42 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
         check_local_sets(manifest, embedder, index_dir)
         _check_can_encode(embedder, corpus)
         old = load_data(index_dir, manifest, mmap=True)
-        known_paths = {r["path"] for r in old.images if r.get("path")}
-        taken = {r["id"] for r in old.images}
-        rows, ids = [], []
-        for r in range(corpus.num_images):
-            if corpus.image_paths is not None:
-                if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
-                    continue
-            elif corpus.image_ids[r] in taken:
-                continue
-            new_id = _unique(corpus.image_ids[r], taken)
-            taken.add(new_id)
-            rows.append(r)
-            ids.append(new_id)
+        rows, ids = _new_images(old, corpus)
         skipped = corpus.num_images - len(rows)
         if not rows:
             return manifest, 0, skipped
+        vector_store = open_backend(manifest, old)  # before encoding: a backend that cannot serve says so
+        try:
+            with_captions = bool(manifest.get("has_captions"))
+            cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+            img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress,
+                                         manifest.get("context_dtype", "float32"))
+            data = vector_store.add(old, IndexData(img, _image_records(corpus, rows, ids), cap, cap_records))
+            data.sets = {t: LocalSets.concat([old.sets[t], new]) for t, new in sets.items()}
+            manifest = {**manifest, "updated": _now(),
+                        "sources": [*manifest.get("sources", []), source or corpus.name]}
+            return _commit(index_dir, vector_store, data, manifest, manifest), len(rows), skipped
+        finally:
+            vector_store.close()
 
-        with_captions = bool(manifest.get("has_captions"))
-        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress,
-                                     manifest.get("context_dtype", "float32"))
-        data = IndexData(np.concatenate([old.image_vectors, img]), old.images + _image_records(corpus, rows, ids))
-        if with_captions:
-            data.caption_vectors = np.concatenate([old.caption_vectors, cap])
-            data.captions = (old.captions or []) + (cap_records or [])
-        data.sets = {t: LocalSets.concat([old.sets[t], new]) for t, new in sets.items()}
-        data.faiss = old.faiss
-        for target, index in data.faiss.items():
-            add_vectors(index, img if target == "images" else cap)
-        recall = measure_recall(data, manifest["kind"])
-        manifest = {**manifest, "recall_at_10": recall, "updated": _now(),
-                    "sources": [*manifest.get("sources", []), source or corpus.name]}
-        return write_index(index_dir, data, manifest, manifest), len(rows), skipped
+
+def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
+    """Rows of ``corpus`` that the index does not hold yet (same file, or for precomputed features the same
+    id), and the ids they get (made unique against the index's)."""
+    known_paths = {r["path"] for r in old.images if r.get("path")}
+    taken = {r["id"] for r in old.images}
+    rows, ids = [], []
+    for r in range(corpus.num_images):
+        if corpus.image_paths is not None:
+            if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
+                continue
+        elif corpus.image_ids[r] in taken:
+            continue
+        new_id = _unique(corpus.image_ids[r], taken)
+        taken.add(new_id)
+        rows.append(r)
+        ids.append(new_id)
+    return rows, ids
 
 
 def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
@@ -318,22 +347,14 @@ def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise SearchIndexError(f"{index_dir}: not in the index: {', '.join(unknown[:5])}{more}; nothing removed")
         drop = {row_of_id[i] for i in ids} | {row_of_path[p] for p in paths}
-        keep = np.array([i not in drop for i in range(len(old.images))], dtype=bool)
+        keep = {"images": np.array([i not in drop for i in range(len(old.images))], dtype=bool)}
         gone = {old.images[i]["id"] for i in drop}
-        data = IndexData(np.asarray(old.image_vectors[keep]), [r for r, k in zip(old.images, keep) if k])
-        if manifest.get("has_captions"):
-            ckeep = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
-            data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
-            data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
-            if "captions" in old.sets:
-                data.sets["captions"] = old.sets["captions"].subset(np.flatnonzero(ckeep))
-        if "images" in old.sets:
-            data.sets["images"] = old.sets["images"].subset(np.flatnonzero(keep))
-        kind, params = manifest["kind"], manifest_params(manifest)
-        for target, index in old.faiss.items():
-            fresh = emptied_like(index, kind, params, int(manifest["dim"]))
-            add_vectors(fresh, data.vectors(target))
-            data.faiss[target] = fresh
-        recall = measure_recall(data, kind)
-        manifest = {**manifest, "recall_at_10": recall, "updated": _now()}
-        return write_index(index_dir, data, manifest, manifest), len(drop)
+        if old.has_captions:
+            keep["captions"] = np.array([c["image"] not in gone for c in old.captions or []], dtype=bool)
+        vector_store = open_backend(manifest, old)
+        try:
+            data = vector_store.remove(old, keep)
+            data.sets = {t: old.sets[t].subset(np.flatnonzero(keep[t])) for t in old.sets if t in keep}
+            return _commit(index_dir, vector_store, data, {**manifest, "updated": _now()}, manifest), len(drop)
+        finally:
+            vector_store.close()

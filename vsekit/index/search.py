@@ -1,8 +1,9 @@
 """Querying an index: text -> image, image -> text and image -> image search.
 
-Scores are the model's own similarity. Inner-product (``cosine``) models are searched with the index's
-FAISS structure. ``order`` models are scored exactly with the order-violation similarity, chunked over the
-collection, since FAISS only knows inner products and L2. The order similarity relates an image to a
+Scores are the model's own similarity. Inner-product (``cosine``) models are searched by the index's
+backend (:mod:`vsekit.index.backends`: NumPy exact, FAISS approximate, or Qdrant). ``order`` models are
+scored exactly with the order-violation similarity, chunked over the collection, since FAISS and vector
+databases only know inner products and distances. The order similarity relates an image to a
 caption; between two items of the same side (image -> image, text -> caption) the inner product of the
 embeddings is used.
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
+from vsekit.index.backends import Backend, open_backend
 from vsekit.index.build import check_local_sets, check_model
 from vsekit.index.store import (
     TARGETS,
@@ -40,7 +42,6 @@ from vsekit.index.store import (
     load_data,
     manifest_params,
     read_manifest,
-    set_search_params,
 )
 from vsekit.models.local_sets import LocalSets
 
@@ -91,8 +92,9 @@ class SearchIndex:
     """An opened index plus the model that embeds queries. Safe to share between threads."""
 
     def __init__(self, index_dir: str | Path, manifest: dict[str, Any], data: IndexData, embedder,
-                 rerank: int | None = None) -> None:
+                 backend: Backend | None = None, rerank: int | None = None) -> None:
         self.index_dir, self.manifest, self.data, self.embedder = Path(index_dir), manifest, data, embedder
+        self.backend = backend or open_backend(manifest, data)
         self._row_of_id = {r["id"]: i for i, r in enumerate(data.images)}
         self._model_lock = threading.Lock()
         if rerank is not None and "rerank" not in manifest:
@@ -124,13 +126,13 @@ class SearchIndex:
         check_model(manifest, embedder, index_dir)
         check_local_sets(manifest, embedder, Path(index_dir))
         data = load_data(index_dir, manifest, verify=verify)
-        if nprobe is not None or ef_search is not None:
-            base = manifest_params(manifest)
-            params = AnnParams(**{**asdict(base), **({"nprobe": nprobe} if nprobe else {}),
-                                  **({"ef_search": ef_search} if ef_search else {})})
-            for index in data.faiss.values():
-                set_search_params(index, params)
-        return cls(index_dir, manifest, data, embedder, rerank=rerank)
+        params = AnnParams(**{**asdict(manifest_params(manifest)), **({"nprobe": nprobe} if nprobe else {}),
+                              **({"ef_search": ef_search} if ef_search else {})})
+        return cls(index_dir, manifest, data, embedder, open_backend(manifest, data, params), rerank=rerank)
+
+    def close(self) -> None:
+        """Release the backend's connection (a Qdrant local-mode folder stays locked until then)."""
+        self.backend.close()
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -143,7 +145,7 @@ class SearchIndex:
 
     @property
     def has_captions(self) -> bool:
-        return self.data.caption_vectors is not None and self.num_captions > 0
+        return self.data.has_captions and self.num_captions > 0
 
     @property
     def can_embed_images(self) -> bool:
@@ -268,8 +270,7 @@ class SearchIndex:
         For a similarity network's index, a query of the other side than ``target`` needs its local sets
         (``query_sets``, one per row) and is reranked (``rerank``: default, the index's)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        vectors = self.data.vectors(target)
-        n = len(vectors)
+        n = self.data.count(target)
         if n == 0:
             return [[] for _ in queries]
         k = min(int(k), n)
@@ -305,12 +306,9 @@ class SearchIndex:
         return _stack(out_s, k, np.float32, np.nan), _stack(out_r, k, np.int64, -1)
 
     def _top_k(self, queries: np.ndarray, query_side: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.similarity == "cosine" or self.learned:  # a similarity network's shortlist: inner product
+            return self.backend.search(target, queries, k)
         vectors = self.data.vectors(target)
-        if self.similarity == "cosine" or self.learned:
-            index = self.data.faiss.get(target)
-            if index is not None:
-                return index.search(queries, k)
-            return inner_product_top_k(vectors, queries, k)
         if query_side == target:
             return inner_product_top_k(vectors, queries, k)
         from vsekit.models.similarity import get_similarity
@@ -331,7 +329,7 @@ class SearchIndex:
     def _results(self, scores: np.ndarray, rows: np.ndarray, target: str) -> list[SearchResult]:
         out = []
         for s, r in zip(scores.tolist(), rows.tolist()):
-            if r < 0:  # FAISS pads with -1 when an approximate search finds fewer than k
+            if r < 0:  # a backend pads with -1 when an approximate search finds fewer than k
                 continue
             if target == "images":
                 rec = self.data.images[r]

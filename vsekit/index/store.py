@@ -3,14 +3,22 @@
 Layout of an index folder::
 
     manifest.json            format, version, checkpoint fingerprint and path, similarity, dim, counts,
-                             kind, ANN parameters, measured recall, the current generation's folder, and
-                             the size and sha256 of each of its files
+                             backend, kind, ANN parameters, measured recall, the current generation's
+                             folder, and the size and sha256 of each of its files
     g000002/images.npy       (N, D) float32 image embeddings; row i belongs to line i of images.jsonl
     g000002/images.jsonl     one {"id", "path", "captions"} record per image
-    g000002/images.faiss     FAISS index over images.npy (inner-product models only)
+    g000002/images.faiss     FAISS index over images.npy (approximate kinds, ivf and hnsw, only)
     g000002/captions.*       the same for captions ({"id", "text", "image"}), when captions are indexed
     g000002/{t}.sets.npy     models with a similarity network: the local vectors (regions, words) of every
     g000002/{t}.offsets.npy  item, packed (vsekit.models.local_sets), which the search reranks with
+
+Exact indexes hold no FAISS file: they are searched by chunked matmul over the memory-mapped ``.npy``, so
+the vectors are in RAM once (an ``IndexFlatIP`` was a second, in-RAM copy). Indexes written before that
+hold an ``images.faiss`` flat index; it is not read (nor checked) any more, and the next write drops it.
+An index whose vectors live in a vector database (``"backend": "qdrant"``, see
+:mod:`vsekit.index.backends`) holds no ``.npy`` or ``.faiss`` files, only the records; its manifest
+says where the collections are, and has format version 2, so that a vsekit that predates backends
+refuses it with "upgrade vsekit" instead of looking for files that are not there.
 
 Why generations: an index is several files that must change together. Every write goes to a fresh
 temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
@@ -49,6 +57,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from vsekit.errors import VsekitError
@@ -57,9 +66,11 @@ from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, rem
 from vsekit.utils.io import atomic_write_json
 
 INDEX_FORMAT = "vsekit-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # the newest format this vsekit reads; version 1 = vectors in the folder (still written)
 MANIFEST = "manifest.json"
 KINDS = ("exact", "ivf", "hnsw")
+ANN_KINDS = ("ivf", "hnsw")  # kinds with a FAISS file beside the vectors
+BACKEND_NAMES = ("local", "qdrant")
 TARGETS = ("images", "captions")
 RECALL_K = 10
 RECALL_QUERIES = 500
@@ -73,6 +84,11 @@ _HASH_CHUNK = 1 << 20
 _WORK_NAME = "generation"
 _LEGACY_TMP_PREFIX = ".tmp-"
 _ADD_CHUNK = 65536
+# Exact search scores the collection in blocks of at most this many (query, row) pairs (16 MiB of float32),
+# whatever the number of queries
+_EXACT_BLOCK_SCORES = 1 << 22
+# A Qdrant collection name (the same characters a folder name may safely hold), bounded
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 # k-means training points per IVF list: FAISS wants 39 to 256; 64 keeps training of 1M x 1024 near a minute
 # on two cores
 _IVF_TRAIN_PER_LIST = 64
@@ -116,23 +132,36 @@ class AnnParams:
 
 @dataclass
 class IndexData:
-    """The vectors and records of one generation. Vectors may be read-only memory maps."""
+    """The vectors and records of one generation. Vectors may be read-only memory maps; they are ``None``
+    when they live in a vector database (the records are always here)."""
 
-    image_vectors: np.ndarray
+    image_vectors: np.ndarray | None
     images: list[dict[str, Any]]
     caption_vectors: np.ndarray | None = None
     captions: list[dict[str, Any]] | None = None
-    faiss: dict[str, Any] = field(default_factory=dict)  # target -> FAISS index (absent for order models)
+    faiss: dict[str, Any] = field(default_factory=dict)  # target -> FAISS index (approximate kinds only)
     sets: dict[str, LocalSets] = field(default_factory=dict)  # target -> local sets (similarity networks only)
 
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
     def vectors(self, target: str) -> np.ndarray:
+        if target == "captions" and not self.has_captions:
+            raise SearchIndexError("this index holds no captions")
         v = self.image_vectors if target == "images" else self.caption_vectors
         if v is None:
-            raise SearchIndexError("this index holds no captions")
+            raise SearchIndexError("this index keeps its vectors in a vector database, not in its folder")
         return v
 
     def records(self, target: str) -> list[dict[str, Any]]:
         return self.images if target == "images" else (self.captions or [])
+
+    def count(self, target: str) -> int:
+        """Number of items of ``target``; an index without captions has none to search."""
+        if target == "captions" and not self.has_captions:
+            raise SearchIndexError("this index holds no captions")
+        return len(self.records(target))
 
 
 # -- approximate and exact nearest neighbours ------------------------------------------------------------
@@ -143,7 +172,8 @@ def default_nlist(n: int) -> int:
 
 def build_faiss(vectors: np.ndarray, kind: str, params: AnnParams, seed: int = 0):
     """A FAISS inner-product index of ``kind`` over ``vectors`` (added in chunks, so a memory map is never
-    copied whole)."""
+    copied whole). Indexes use the approximate kinds; ``exact`` (an ``IndexFlatIP``, what exact indexes
+    held before they were searched with NumPy) is kept for comparisons and benchmarks."""
     faiss = faiss_module()
     n, d = vectors.shape
     if kind == "exact":
@@ -201,9 +231,12 @@ def exact_top_k(score_block: Callable[[int, int], np.ndarray], n: int, k: int,
     for a in range(0, n, chunk):
         s = np.asarray(score_block(a, min(a + chunk, n)), dtype=np.float32)
         r = np.broadcast_to(np.arange(a, a + s.shape[1]), s.shape)
+        # the block's own top k first, so that the merge with the best so far is (Q, 2k), not (Q, k + chunk);
+        # exact under the tie rule because every row of the block is above every row kept so far
+        s, r = _keep_best(s, r, k)
         if best_s is not None:
-            s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
-        best_s, best_r = _keep_best(s, r, k)
+            s, r = _keep_best(np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1), k)
+        best_s, best_r = s, r
     if best_s is None:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
     order = np.lexsort((best_r, -best_s), axis=-1)
@@ -215,15 +248,22 @@ def _keep_best(s: np.ndarray, r: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     each row and so does the result (``argpartition`` alone would cut ties arbitrarily)."""
     if s.shape[1] <= k:
         return s, r
-    kth = np.take_along_axis(s, np.argpartition(-s, k - 1, axis=1)[:, k - 1: k], 1)
+    c = s.shape[1]
+    kth = np.partition(s, c - k, axis=1)[:, c - k: c - k + 1]  # the k-th largest score of each row
     above, tied = s > kth, s == kth
-    need = k - above.sum(1, keepdims=True)
-    keep = above | (tied & (np.cumsum(tied, axis=1) <= need))
+    keep = above | tied
+    if (keep.sum(1) != k).any():  # more ties at the cut than places left: the lowest rows get them
+        need = k - above.sum(1, keepdims=True)
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= need))
     return s[keep].reshape(len(s), k), r[keep].reshape(len(s), k)
 
 
 def inner_product_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return exact_top_k(lambda a, b: queries @ np.asarray(vectors[a:b]).T, len(vectors), k)
+    """Exact inner-product top-``k`` of ``queries`` over ``vectors`` (a memory map is read in place, block by
+    block: no copy of the collection is made), ties by row."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    chunk = max(1024, min(1 << 18, _EXACT_BLOCK_SCORES // max(1, len(queries))))
+    return exact_top_k(lambda a, b: queries @ np.asarray(vectors[a:b]).T, len(vectors), k, chunk=chunk)
 
 
 def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = RECALL_K) -> float:
@@ -245,7 +285,7 @@ def sample_rows(n: int, size: int = RECALL_QUERIES, seed: int = 0) -> np.ndarray
 def measure_recall(data: IndexData, kind: str) -> dict[str, float] | None:
     """recall@10 of each approximate index against exact search, on a sample of realistic queries:
     captions query the images (text -> image), images query the captions (image -> text)."""
-    if kind == "exact" or not data.faiss:
+    if kind not in ANN_KINDS or not data.faiss:
         return None
     out = {}
     for target, index in data.faiss.items():
@@ -278,6 +318,37 @@ class _ManifestParams(BaseModel):
     ef_search: StrictInt = Field(64, ge=1)
 
 
+class _QdrantManifest(BaseModel):
+    """Where the vectors of a ``"backend": "qdrant"`` index are: a server's URL or a local-mode folder,
+    and one collection per target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr | None = Field(None, min_length=1, max_length=2048)
+    path: StrictStr | None = Field(None, min_length=1, max_length=4096)
+    collections: dict[Literal["images", "captions"], StrictStr]
+    distance: Literal["dot"] = "dot"
+    shards: StrictInt | None = Field(None, ge=1, le=1024)
+    replicas: StrictInt | None = Field(None, ge=1, le=1024)
+
+    @field_validator("collections")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        if "images" not in v:
+            raise ValueError("names no images collection")
+        for target, name in v.items():
+            if not COLLECTION_NAME.match(name):
+                raise ValueError(f"{target}: {name[:60]!r} is not a collection name (letters, digits, '_', "
+                                 "'-', '.', at most 200)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_location(self) -> _QdrantManifest:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("needs exactly one of url (a server) and path (local mode)")
+        return self
+
+
 class _Manifest(BaseModel):
     """The fields of ``manifest.json`` that vsekit reads; keys it does not know are kept as they are."""
 
@@ -291,6 +362,8 @@ class _Manifest(BaseModel):
     similarity: StrictStr = Field(min_length=1)
     dim: StrictInt = Field(ge=1)
     kind: Literal["exact", "ivf", "hnsw"]
+    backend: Literal["local", "qdrant"] = "local"
+    qdrant: _QdrantManifest | None = None
     num_images: StrictInt = Field(ge=0)
     num_captions: StrictInt = Field(ge=0)
     has_captions: StrictBool
@@ -316,6 +389,20 @@ class _Manifest(BaseModel):
                 raise ValueError(f"names {name[:60]!r}, which is not a file of an index "
                                  f"({', '.join(FILE_NAMES)})")
         return v
+
+    @model_validator(mode="after")
+    def _backend_section(self) -> _Manifest:
+        if self.backend == "qdrant":
+            if self.qdrant is None:
+                raise ValueError("qdrant: missing (a qdrant index names its server or folder and collections)")
+            if self.kind == "ivf":
+                raise ValueError("kind: a qdrant index is exact or hnsw, not ivf")
+            if ("captions" in self.qdrant.collections) != self.has_captions:
+                raise ValueError("qdrant.collections: a captions collection is named if and only if "
+                                 "has_captions is true")
+        elif self.qdrant is not None:
+            raise ValueError(f"qdrant: only a qdrant index has this section (backend is {self.backend!r})")
+        return self
 
 
 def _field_errors(e: ValidationError) -> str:
@@ -361,6 +448,17 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     except ValidationError as e:
         raise SearchIndexError(f"{path}: invalid manifest: {_field_errors(e)}") from None
     return manifest
+
+
+def vectors_in_folder(manifest: dict[str, Any]) -> bool:
+    """Whether the index's generation folder holds its vectors (only the local backend's does)."""
+    return manifest.get("backend", "local") == "local"
+
+
+def manifest_version(manifest: dict[str, Any]) -> int:
+    """The format version to write: 1 while the vectors are in the folder (readable by every vsekit), 2 when
+    they are in a vector database."""
+    return 1 if vectors_in_folder(manifest) else 2
 
 
 def manifest_params(manifest: dict[str, Any]) -> AnnParams:
@@ -455,10 +553,13 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
     if not gen.is_dir():
         raise SearchIndexError(f"{gen}: missing: the index's manifest names this generation folder")
     targets = TARGETS if manifest.get("has_captions") else ("images",)
-    names = [f"{t}.{ext}" for t in targets for ext in ("npy", "jsonl")]
+    local = vectors_in_folder(manifest)
+    names = [f"{t}.{ext}" for t in targets for ext in (("npy", "jsonl") if local else ("jsonl",))]
     files = manifest.get("files")
-    faiss_names = [f"{t}.faiss" for t in targets
-                   if (f"{t}.faiss" in files if files is not None else (gen / f"{t}.faiss").is_file())]
+    faiss_names = []
+    if local and manifest["kind"] in ANN_KINDS:  # an exact index's flat file (older versions) is not read
+        faiss_names = [f"{t}.faiss" for t in targets
+                       if (f"{t}.faiss" in files if files is not None else (gen / f"{t}.faiss").is_file())]
     if verify:
         verify_files(gen, manifest, names + faiss_names)
     mode = "r" if mmap else None
@@ -471,9 +572,9 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
         path = gen / f"{target}.jsonl"
         return _read_file(path, "records", lambda: _read_jsonl(path, target))
 
-    data = IndexData(vectors("images"), records("images"))
+    data = IndexData(vectors("images") if local else None, records("images"))
     if manifest.get("has_captions"):
-        data.caption_vectors, data.captions = vectors("captions"), records("captions")
+        data.caption_vectors, data.captions = vectors("captions") if local else None, records("captions")
     if with_faiss:
         for name in faiss_names:
             path = gen / name
@@ -490,8 +591,13 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
 def _check_consistent(gen: Path, manifest: dict[str, Any], data: IndexData) -> None:
     dim = int(manifest["dim"])
     for target in TARGETS if manifest.get("has_captions") else ("images",):
-        v, recs = data.vectors(target), data.records(target)
-        want = int(manifest[f"num_{target}"])
+        recs, want = data.records(target), int(manifest[f"num_{target}"])
+        if not vectors_in_folder(manifest):
+            if len(recs) != want:
+                raise SearchIndexError(f"{gen / f'{target}.jsonl'}: corrupt index: {len(recs)} records; the "
+                                       f"manifest says {want}")
+            continue
+        v = data.vectors(target)
         if v.ndim != 2 or v.dtype != np.float32:
             raise SearchIndexError(f"{gen / f'{target}.npy'}: corrupt index file: holds a {v.dtype} array of "
                                    f"shape {v.shape}, not (N, {dim}) float32 vectors")
@@ -530,10 +636,13 @@ def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def _write_files(folder: Path, data: IndexData) -> None:
-    _save_npy(folder / "images.npy", data.image_vectors)
+    """The generation's files; vectors only when they are here (not in a vector database)."""
+    if data.image_vectors is not None:
+        _save_npy(folder / "images.npy", data.image_vectors)
     _save_jsonl(folder / "images.jsonl", data.images)
     if data.caption_vectors is not None:
         _save_npy(folder / "captions.npy", data.caption_vectors)
+    if data.has_captions:
         _save_jsonl(folder / "captions.jsonl", data.captions or [])
     for target, index in data.faiss.items():
         faiss_module().write_index(index, str(folder / f"{target}.faiss"))
@@ -594,9 +703,10 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
         # replaced if it were.
         os.rename(tmp, index_dir / gen)
         fsync_dir(index_dir)
-        manifest = {**manifest, "format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": gen,
-                    "num_images": len(data.images), "num_captions": len(data.captions or []),
-                    "has_captions": data.caption_vectors is not None, "files": files}
+        manifest = {**manifest, "format": INDEX_FORMAT, "version": manifest_version(manifest),
+                    "generation": gen, "num_images": len(data.images),
+                    "num_captions": len(data.captions or []), "has_captions": data.has_captions,
+                    "files": files}
         _commit_manifest(index_dir, manifest)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
