@@ -325,6 +325,7 @@ def trained(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("gan-run")
     Trainer(_cfg(out / "gan", f"objective.terms.gan={GAN}", "train.epochs=1")).fit()
     Trainer(_cfg(out / "plain", "train.epochs=1", "train.max_steps_per_epoch=1")).fit()
+    Trainer(_cfg(out / "warm", *STAGES[1:], "train.epochs=1", "train.max_steps_per_epoch=1")).fit()
     return out
 
 
@@ -352,6 +353,8 @@ def test_imagine_refuses_a_checkpoint_without_a_gan_and_bounds_its_input(trained
     out = str(tmp_path / "x.png")
     assert main(["imagine", str(trained / "plain" / "last.pt"), "a red circle", "--out", out]) == 2
     assert "trained without a text-to-image GAN" in capsys.readouterr().err
+    assert main(["imagine", str(trained / "warm" / "last.pt"), "a red circle", "--out", out]) == 2
+    assert "saved after 1 epoch, before the GAN started training (stage 'joint', from epoch 2)" in capsys.readouterr().err
     ckpt = str(trained / "gan" / "last.pt")
     assert main(["imagine", ckpt, "a red circle", "--n", "65", "--out", out]) == 2
     assert "at most 64" in capsys.readouterr().err
