@@ -140,6 +140,12 @@ class Embedder:
         """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code;
         ``allow_legacy=True`` also opens an older checkpoint that holds pickled objects (trusted files only)."""
         state = load_checkpoint(path, allow_legacy=allow_legacy)  # checks for the model, vocab and config
+        return cls.from_state(state, device)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto") -> Embedder:
+        """The model of a checkpoint already read by :func:`~vsekit.checkpoint.load_checkpoint` (a caller that
+        also needs its other parts, e.g. ``vsekit imagine`` the GAN's weights, reads the file once)."""
         vocab = Vocabulary.from_dict(state["vocab"])
         try:
             config = validate_config(state["config"])

@@ -53,12 +53,13 @@ class AuxiliaryUpdate:
     """A part of a term trained by its own optimizer against its own loss (a discriminator).
 
     ``loss(out, batch)`` gets a detached copy of the forward pass: it must not send gradients into the model.
-    It runs before the main loss, so the main loss sees the part's updated weights.
+    It runs before the main loss, so the main loss sees the part's updated weights. It returns the loss, or
+    ``(loss, {name: tensor})`` with extra numbers to log (a discriminator's accuracies).
     """
 
     name: str
     module: nn.Module
-    loss: Callable[[Any, TermBatch], Tensor]
+    loss: Callable[[Any, TermBatch], Tensor | tuple[Tensor, dict[str, Tensor]]]
 
 
 class ObjectiveTerm(nn.Module):

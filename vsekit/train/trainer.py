@@ -237,7 +237,9 @@ class Trainer:
             term = next(n for n in self.objective.registered
                         if any(m is upd.module for m in self.objective.terms[n].modules()))
             section = scfg.objective.terms.get(term, {}).get("optim") or {}
-            cfg = OptimConfig.model_validate({**scfg.optim.model_dump(), **section})
+            # the stage's lr_mult names parameters of the model (image_encoder.backbone, objective.gan...), not of
+            # this part: only the term's own optim section may give the part multipliers
+            cfg = OptimConfig.model_validate({**scfg.optim.model_dump(), "lr_mult": {}, **section})
             opt = build_optimizer(upd.module, cfg)
             self.aux[upd.name] = _Auxiliary(upd, term, cfg, opt, build_scheduler(opt, cfg))
         owned = {id(p) for a in self.aux.values() for p in a.update.module.parameters()}
@@ -336,6 +338,9 @@ class Trainer:
         for a in active:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 value = a.update.loss(frozen, term_batch)
+            extra: dict[str, torch.Tensor] = {}
+            if isinstance(value, tuple):  # (loss, {extra numbers to log})
+                value, extra = value
             if not torch.isfinite(value.detach()):
                 a.optimizer.zero_grad(set_to_none=True)
                 return None
@@ -348,6 +353,7 @@ class Trainer:
             self.scaler.step(a.optimizer)
             a.optimizer.zero_grad(set_to_none=True)  # the main loss's gradients into this part are not its own
             parts[a.update.name] = value.detach()
+            parts.update({k: v.detach() for k, v in extra.items()})
         return parts
 
     def _gather(self, out):

@@ -1,0 +1,127 @@
+"""Using a trained text-to-image GAN (GXN's "imagine" path): captions in, sampled 64 x 64 images out.
+
+The generator, its conditioning augmentation and the text encoder come from one checkpoint: the GAN is
+rebuilt from the options of ``objective.terms.gan`` in the checkpoint's config and loaded from its
+``objective`` weights. Like :mod:`vsekit.inference` this imports nothing from the training code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vsekit.checkpoint import CheckpointError, load_checkpoint
+from vsekit.config import RunConfig
+from vsekit.config.resolve import stage_configs
+from vsekit.errors import ConfigError
+from vsekit.inference import Embedder
+from vsekit.losses.gan import TextToImageGAN
+from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
+
+TERM = "gan"
+MAX_TEXTS = 32  # rows of one grid
+MAX_SAMPLES = 64  # images per text
+
+
+def _first_gan_stage(config: RunConfig, where: str) -> tuple[RunConfig, int, str]:
+    """(config, first epoch, name) of the first training stage that gives the GAN a weight."""
+    start = 0
+    stages = config.train.stages
+    for k, cfg in enumerate(stage_configs(config) or [config]):
+        if cfg.objective.term_weight(TERM):
+            return cfg, start, (stages[k].name or f"stage{k + 1}") if stages else "main"
+        start += stages[k].epochs if stages else 0
+    raise CheckpointError(f"{where}: this model was trained without a text-to-image GAN (objective.terms.gan has "
+                          "no weight in any stage of its config), so it cannot imagine images; train a recipe with "
+                          "the gan term, e.g. gxn_demo")
+
+
+def gan_options(config: RunConfig, where: str = "the checkpoint") -> dict[str, Any]:
+    """The options the run built its GAN term with: those of the first stage that gives it a weight (the
+    options a term is built with cannot change between stages)."""
+    cfg, _, _ = _first_gan_stage(config, where)
+    return term_options(cfg.objective.terms[TERM])
+
+
+def gan_from_state(state: dict[str, Any], config: RunConfig) -> TextToImageGAN:
+    """The GAN term of a loaded checkpoint, with its trained weights. A checkpoint saved before the GAN's first
+    training step (``best.pt`` of a run whose retrieval peaked in the warm-up) is refused: its generator is
+    the untrained one."""
+    where = state.get("path", "the checkpoint")
+    _, start, stage = _first_gan_stage(config, where)
+    epoch, batches = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+    if epoch < start or (epoch == start and batches == 0):
+        raise CheckpointError(f"{where}: saved after {epoch} epoch{'s' if epoch != 1 else ''}, before the GAN started training (stage "
+                              f"{stage!r}, from epoch {start + 1}): its generator is untrained. Use a checkpoint "
+                              "of a later epoch (last.pt)")
+    options = gan_options(config, where)
+    try:
+        gan = OBJECTIVE_TERMS.build({"name": TERM, **options}, embed_size=config.model.embed_size, vocab=None,
+                                    corpus=None, feature_shape=None)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its GAN options are not valid for this vsekit: {e}") from None
+    prefix = f"{TERM}."
+    weights = {k[len(prefix):]: v for k, v in (state.get("objective") or {}).items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError(f"{where}: its config has a GAN term but the file holds no GAN weights")
+    try:
+        gan.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: its GAN weights do not fit the GAN its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return gan
+
+
+class Imaginer:
+    """A text encoder and a GAN generator from one checkpoint: :meth:`generate` samples images for captions."""
+
+    def __init__(self, embedder: Embedder, gan: TextToImageGAN) -> None:
+        self.embedder = embedder
+        self.device = embedder.device
+        self.gan = gan.to(self.device).eval()  # batch norm with its running statistics
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        allow_legacy: bool = False) -> Imaginer:
+        state = load_checkpoint(path, allow_legacy=allow_legacy)
+        embedder = Embedder.from_state(state, device)
+        return cls(embedder, gan_from_state(state, embedder.config))
+
+    @property
+    def image_size(self) -> int:
+        return self.gan.image_size
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str], n: int = 8, seed: int = 0) -> torch.Tensor:
+        """(len(texts), n, 3, S, S) images in [0, 1] on the CPU: for each text, n draws of the conditioning
+        augmentation's ε and of z, from a generator seeded with ``seed`` (the same call gives the same images)."""
+        texts = list(texts)
+        if not 1 <= len(texts) <= MAX_TEXTS:
+            raise ValueError(f"give 1 to {MAX_TEXTS} texts, got {len(texts)}")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ValueError(f"n (images per text) must be in 1..{MAX_SAMPLES}, got {n}")
+        emb = torch.from_numpy(self.embedder.encode_captions(texts)).to(self.device)
+        t = self.gan.condition_of(emb).repeat_interleave(n, dim=0)
+        g = torch.Generator().manual_seed(int(seed))  # on the CPU: the same draws on every device
+        z = torch.randn(t.shape[0], self.gan.z_dim, generator=g).to(self.device)
+        eps = torch.randn(t.shape[0], self.gan.augment.c_dim, generator=g).to(self.device)
+        images, _, _ = self.gan.generate(t, z, eps)
+        s = self.image_size
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).view(len(texts), n, 3, s, s).cpu()
+
+
+def image_grid(images: torch.Tensor, pad: int = 2):
+    """A PIL image of a (rows, cols, 3, S, S) batch in [0, 1]: one row per text, ``pad`` black pixels
+    around and between the cells; (cols·(S + pad) + pad) x (rows·(S + pad) + pad) pixels."""
+    from PIL import Image
+
+    rows, cols, _, s, _ = images.shape
+    pixels = (images.permute(0, 1, 3, 4, 2).numpy() * 255.0).round().astype(np.uint8)  # (rows, cols, S, S, 3)
+    cells = np.pad(pixels, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)))  # each cell with its right/bottom border
+    step = s + pad
+    canvas = cells.transpose(0, 2, 1, 3, 4).reshape(rows * step, cols * step, 3)
+    return Image.fromarray(np.pad(canvas, ((pad, 0), (pad, 0), (0, 0))))
