@@ -2,6 +2,8 @@
 
 Registered: ``"hinge"`` (VSE0 / VSE++), ``"hinge_warmup"`` (VSE∞ schedule), ``"infonce"`` (CLIP),
 ``"lseh"`` (semantic margins, needs ``caption_vectors``). Build one from a config with :func:`build_loss`.
+Registered objective terms (``OBJECTIVE_TERMS``): ``"level_ranking"`` (a ranking loss per embedding level) and
+``"caption"`` (a caption decoder: cross-entropy or self-critical CIDEr-D training).
 
 Losses that read more than the similarity matrix have their own entry points: ``InstanceLoss`` (a classifier
 shared by both paths, Dual-Path) and the mined-negative losses of ``MINED_LOSSES`` (``"dualpath_rank"``);
@@ -14,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
 import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" term)
 from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask
 from vsekit.losses.dualpath import MINED_LOSSES, DualPathRankingLoss, mine_hard_negatives
