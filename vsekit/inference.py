@@ -65,21 +65,27 @@ class Embedder:
         """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code;
         ``allow_legacy=True`` also opens an older checkpoint that holds pickled objects (trusted files only)."""
         state = load_checkpoint(path, allow_legacy=allow_legacy)  # checks for the model, vocab and config
+        return cls.from_state(state, device)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto") -> Embedder:
+        """The model of an opened checkpoint (:func:`~vsekit.checkpoint.load_checkpoint`'s dict)."""
+        where = state.get("path", "the checkpoint")
         vocab = Vocabulary.from_dict(state["vocab"])
         try:
             config = validate_config(state["config"])
         except ConfigError as e:
-            raise CheckpointError(f"{state['path']}: its config is not valid for this vsekit: {e}") from None
+            raise CheckpointError(f"{where}: its config is not valid for this vsekit: {e}") from None
         shape = tuple(state["feature_shape"]) if state.get("feature_shape") else None
         model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape,
                             text_feature_dim=state.get("text_feature_dim"))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"{state['path']}: its weights do not fit the model its config describes "
+            raise CheckpointError(f"{where}: its weights do not fit the model its config describes "
                                   f"(saved by another vsekit version?): {str(e).splitlines()[0]}") from None
         return cls(model, vocab, config, device, fingerprint=state.get("fingerprint"), feature_shape=shape,
-                   checkpoint_path=state["path"])
+                   checkpoint_path=state.get("path"))
 
     @property
     def similarity(self) -> str:

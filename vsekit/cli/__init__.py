@@ -18,12 +18,12 @@ __all__ = ["RECIPES", "build_parser", "main", "recipe_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vsekit.cli import demo, evaluate, index, semantics, train
+    from vsekit.cli import caption, demo, evaluate, index, semantics, train
 
     p = argparse.ArgumentParser(prog="vsekit", description="Visual-semantic embeddings for image-text retrieval.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="verb", required=True)
-    for module in (train, evaluate, demo, semantics, index):
+    for module in (train, evaluate, caption, demo, semantics, index):
         module.add_cli(sub)
     return p
 
