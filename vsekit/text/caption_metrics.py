@@ -27,6 +27,7 @@ below r, the sum over candidates of the reference length closest to each (the sh
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -44,11 +45,11 @@ Tokens = Sequence[int]
 # -- ragged token arrays ---------------------------------------------------------------------------------
 def _ragged(seqs: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(flat int64 ids, (S + 1,) offsets) of a list of token sequences."""
-    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    seqs = [s.tolist() if isinstance(s, np.ndarray) else s for s in seqs]
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(seqs) if seqs and offsets[-1] else np.zeros(0, dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(offsets[-1]))
     if flat.size and (flat.min() < 0 or flat.max() > MAX_TOKEN_ID):
         raise ValueError(f"caption metrics need token ids in [0, {MAX_TOKEN_ID}], got {flat.min()}..{flat.max()}")
     return flat, offsets
@@ -64,9 +65,8 @@ def _take(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.nd
     return flat[pos], new
 
 
-def _ngram_counts(flat: np.ndarray, offsets: np.ndarray, n_max: int) -> tuple[np.ndarray, ...]:
-    """Every distinct (sequence, n-gram) of a ragged array with its count: (seq, key, n, tf) arrays, sorted
-    by sequence, then key."""
+def _ngram_rows(flat: np.ndarray, offsets: np.ndarray, n_max: int) -> tuple[np.ndarray, ...]:
+    """Every n-gram occurrence (n = 1..n_max) of a ragged array: (seq, key, n) arrays, unsorted."""
     lengths = np.diff(offsets)
     seq_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     pos = np.arange(flat.size, dtype=np.int64) - offsets[:-1][seq_of] if flat.size else flat
@@ -83,16 +83,22 @@ def _ngram_counts(flat: np.ndarray, offsets: np.ndarray, n_max: int) -> tuple[np
         seqs.append(seq_of[valid])
         keys.append(key[valid])
         ns.append(np.full(int(valid.sum()), n, dtype=np.int64))
-    seq, key_all, n_all = np.concatenate(seqs), np.concatenate(keys), np.concatenate(ns)
-    order = np.lexsort((key_all, seq))
-    seq, key_all, n_all = seq[order], key_all[order], n_all[order]
+    return np.concatenate(seqs), np.concatenate(keys), np.concatenate(ns)
+
+
+def _ngram_counts(flat: np.ndarray, offsets: np.ndarray, n_max: int) -> tuple[np.ndarray, ...]:
+    """Every distinct (sequence, n-gram) of a ragged array with its count: (seq, key, n, tf) arrays, sorted
+    by sequence, then key."""
+    seq, key, n = _ngram_rows(flat, offsets, n_max)
+    order = np.lexsort((key, seq))
+    seq, key, n = seq[order], key[order], n[order]
     if seq.size == 0:
-        return seq, key_all, n_all, np.zeros(0, dtype=np.float64)
+        return seq, key, n, np.zeros(0, dtype=np.float64)
     first = np.ones(seq.size, dtype=bool)
-    first[1:] = (seq[1:] != seq[:-1]) | (key_all[1:] != key_all[:-1])
+    first[1:] = (seq[1:] != seq[:-1]) | (key[1:] != key[:-1])
     starts = np.flatnonzero(first)
     tf = np.diff(np.append(starts, seq.size)).astype(np.float64)
-    return seq[starts], key_all[starts], n_all[starts], tf
+    return seq[starts], key[starts], n[starts], tf
 
 
 # -- CIDEr-D ---------------------------------------------------------------------------------------------
@@ -101,7 +107,8 @@ class CiderD:
 
     ``documents[i]`` holds the reference token sequences of image i. :meth:`score_documents` scores
     candidates against stored documents (the self-critical reward: a sampled caption against all training
-    references of its image); :meth:`score` against references given with the call (same df).
+    references of its image; each document of a batch is vectorised once however many candidates it has);
+    :meth:`score` against references given with the call (same df).
     """
 
     def __init__(self, documents: Sequence[Sequence[Tokens]], n: int = MAX_N, sigma: float = 6.0) -> None:
@@ -113,22 +120,32 @@ class CiderD:
         self.num_documents = len(documents)
         if self.num_documents == 0:
             raise ValueError("CIDEr-D needs at least one reference document")
-        refs_per_doc = np.array([len(d) for d in documents], dtype=np.int64)
+        refs_per_doc = np.fromiter(map(len, documents), dtype=np.int64, count=self.num_documents)
         self.doc_offsets = np.zeros(self.num_documents + 1, dtype=np.int64)
         np.cumsum(refs_per_doc, out=self.doc_offsets[1:])
-        self.ref_flat, self.ref_offsets = _ragged(r for d in documents for r in d)
+        self.ref_flat, self.ref_offsets = _ragged(itertools.chain.from_iterable(documents))
         ref_doc = np.repeat(np.arange(self.num_documents, dtype=np.int64), refs_per_doc)
-        seq, key, _, _ = _ngram_counts(self.ref_flat, self.ref_offsets, self.n)
-        doc_key = np.unique(np.stack([ref_doc[seq].astype(np.uint64), key]), axis=1)  # each (image, n-gram) once
-        self.df_keys, counts = np.unique(doc_key[1], return_counts=True)
+        seq, key, _ = _ngram_rows(self.ref_flat, self.ref_offsets, self.n)
+        # df(g): the number of documents with g in some reference -- count each (document, n-gram) once
+        keys, dense = np.unique(key, return_inverse=True)
+        u = np.int64(max(1, keys.size))
+        per_doc = ref_doc[seq] * u + dense.reshape(-1)
+        per_doc.sort()
+        first = np.ones(per_doc.size, dtype=bool)
+        first[1:] = per_doc[1:] != per_doc[:-1]
+        self.df_keys = keys
+        counts = np.bincount(per_doc[first] % u, minlength=keys.size)
         self.df_log = np.log(np.maximum(counts, 1).astype(np.float64))
         self.log_n = math.log(float(self.num_documents))
 
     def _idf(self, keys: np.ndarray) -> np.ndarray:
         """log N - log max(1, df) of each key (an n-gram no document has: log N)."""
-        if self.df_keys.size == 0:
+        if self.df_keys.size == 0 or keys.size == 0:
             return np.full(keys.shape, self.log_n)
-        pos = np.minimum(np.searchsorted(self.df_keys, keys), self.df_keys.size - 1)
+        order = np.argsort(keys, kind="stable")  # sorted queries: searchsorted narrows from the previous hit
+        pos = np.empty(keys.size, dtype=np.int64)
+        pos[order] = np.searchsorted(self.df_keys, keys[order])
+        pos = np.minimum(pos, self.df_keys.size - 1)
         found = self.df_keys[pos] == keys
         return self.log_n - np.where(found, self.df_log[pos], 0.0)
 
@@ -147,52 +164,64 @@ class CiderD:
             raise ValueError(f"{len(candidates)} candidates but {len(rows)} document rows")
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_documents):
             raise ValueError(f"document rows outside [0, {self.num_documents})")
-        counts = self.doc_offsets[rows + 1] - self.doc_offsets[rows]
-        ref_idx = np.repeat(self.doc_offsets[rows], counts) + (np.arange(counts.sum()) -
-                                                               np.repeat(np.cumsum(counts) - counts, counts))
-        ref_flat, ref_offsets = _take(self.ref_flat, self.ref_offsets, ref_idx)
-        return self._score(_ragged(candidates), (ref_flat, ref_offsets), counts)
+        docs, cand_set = np.unique(rows, return_inverse=True)
+        counts = self.doc_offsets[docs + 1] - self.doc_offsets[docs]
+        ref_idx = np.repeat(self.doc_offsets[docs], counts) + _within(counts)
+        refs = _take(self.ref_flat, self.ref_offsets, ref_idx)
+        return self._score(_ragged(candidates), refs, counts, cand_set.reshape(-1))
 
     def score(self, candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> np.ndarray:
         """(C,) CIDEr-D of candidate j against ``references[j]`` (df of this scorer's documents)."""
         if len(references) != len(candidates):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} reference sets")
-        counts = np.array([len(r) for r in references], dtype=np.int64)
-        return self._score(_ragged(candidates), _ragged(r for refs in references for r in refs), counts)
+        counts = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
+        return self._score(_ragged(candidates), _ragged(itertools.chain.from_iterable(references)), counts,
+                           np.arange(len(candidates)))
 
     def _score(self, cand: tuple[np.ndarray, np.ndarray], refs: tuple[np.ndarray, np.ndarray],
-               refs_per_candidate: np.ndarray) -> np.ndarray:
+               refs_per_set: np.ndarray, cand_set: np.ndarray) -> np.ndarray:
+        """Candidate j against reference set ``cand_set[j]``; set k is ``refs_per_set[k]`` consecutive refs."""
         c = len(cand[1]) - 1
         if c == 0:
             return np.zeros(0)
-        if (refs_per_candidate < 1).any():
+        if (refs_per_set < 1).any():
             raise ValueError("every candidate needs at least one reference")
         c_seq, c_key, c_n, c_w, c_norm, c_len = self._vectors(*cand)
         r_seq, r_key, _, r_w, r_norm, r_len = self._vectors(*refs)
-        ref_cand = np.repeat(np.arange(c, dtype=np.int64), refs_per_candidate)  # the candidate of each reference
-        ref_start = np.cumsum(refs_per_candidate) - refs_per_candidate
-        # match each candidate n-gram with the same n-gram of each of its references, on dense local key ids
+        set_start = np.cumsum(refs_per_set) - refs_per_set
+        # pairs (candidate, one of its references), candidate-major
+        pairs_per_cand = refs_per_set[cand_set]
+        pair_cand = np.repeat(np.arange(c, dtype=np.int64), pairs_per_cand)
+        pair_ref = np.repeat(set_start[cand_set], pairs_per_cand) + _within(pairs_per_cand)
+        pair_start = np.cumsum(pairs_per_cand) - pairs_per_cand
+        # join candidate n-grams with the reference n-grams of the candidate's set, on (set, dense key id)
         uniq, inv = np.unique(np.concatenate([c_key, r_key]), return_inverse=True)
         u = np.int64(max(1, uniq.size))
-        c_u, r_u = inv[: c_key.size], inv[c_key.size:]
-        r_comp = r_seq * u + r_u  # sorted: references in order, keys sorted within each
-        reps = refs_per_candidate[c_seq]
-        q_row = np.repeat(np.arange(c_key.size), reps)
-        q_ref = np.repeat(ref_start[c_seq], reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
-        q_comp = q_ref * u + c_u[q_row]
-        num = np.zeros(max(1, r_norm.shape[0]) * self.n)
-        if r_comp.size and q_comp.size:
-            pos = np.minimum(np.searchsorted(r_comp, q_comp), r_comp.size - 1)
-            hit = r_comp[pos] == q_comp
-            qr, pr = q_row[hit], pos[hit]
-            num = np.bincount(q_ref[hit] * self.n + (c_n[qr] - 1),
-                              weights=np.minimum(c_w[qr], r_w[pr]) * r_w[pr], minlength=r_norm.size)
-        num = num[: r_norm.size].reshape(r_norm.shape)
-        denom = c_norm[ref_cand] * r_norm
+        inv = inv.reshape(-1)
+        ref_set = np.repeat(np.arange(refs_per_set.size, dtype=np.int64), refs_per_set)
+        r_comp = ref_set[r_seq] * u + inv[c_key.size:]
+        r_order = np.argsort(r_comp, kind="stable")
+        r_sorted = r_comp[r_order]
+        q_comp = cand_set[c_seq] * u + inv[: c_key.size]
+        lo = np.searchsorted(r_sorted, q_comp, side="left")
+        hits = np.searchsorted(r_sorted, q_comp, side="right") - lo
+        qr = np.repeat(np.arange(c_key.size), hits)  # candidate row of each match
+        pr = r_order[np.repeat(lo, hits) + _within(hits)]  # reference row of each match
+        pair = pair_start[c_seq[qr]] + (r_seq[pr] - set_start[cand_set[c_seq[qr]]])
+        num = np.bincount(pair * self.n + (c_n[qr] - 1), weights=np.minimum(c_w[qr], r_w[pr]) * r_w[pr],
+                          minlength=pair_cand.size * self.n)
+        num = num.reshape(pair_cand.size, self.n)
+        denom = c_norm[pair_cand] * r_norm[pair_ref]
         sim = np.where(denom > 0, num / np.where(denom > 0, denom, 1.0), 0.0)
-        penalty = np.exp(-((c_len[ref_cand] - r_len) ** 2) / (2 * self.sigma ** 2))
-        per_ref = sim.mean(1) * penalty
-        return 10.0 * np.bincount(ref_cand, weights=per_ref, minlength=c) / refs_per_candidate
+        penalty = np.exp(-((c_len[pair_cand] - r_len[pair_ref]) ** 2) / (2 * self.sigma ** 2))
+        per_pair = sim.mean(1) * penalty
+        return 10.0 * np.bincount(pair_cand, weights=per_pair, minlength=c) / pairs_per_cand
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[0] - 1, 0, 1, ..., counts[1] - 1, ...: the position inside each group."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def cider_d(candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]], n: int = MAX_N,
