@@ -46,7 +46,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
         scores = cap.evaluate(corpus, batch_size=args.batch_size, progress=True, **decode)
         how = "greedy" if args.beam == 1 else f"beam {args.beam}"
-        print(f"{corpus.name}: {scores['num_images']} images, {how}, max {args.max_len or cap.term.max_len} words")
+        print(f"{corpus.name}: {scores['num_images']} images, {how}, at most {args.max_len or cap.term.max_len} tokens")
         print(f"BLEU-1 {scores['bleu1']:.4f}  BLEU-2 {scores['bleu2']:.4f}  BLEU-3 {scores['bleu3']:.4f}  "
               f"BLEU-4 {scores['bleu4']:.4f}  CIDEr-D {scores['cider_d']:.4f}")
         if args.out:
