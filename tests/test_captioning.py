@@ -409,3 +409,19 @@ def test_vsekit_caption_prints_one_caption_per_image(tmp_path, cache, capsys):
     save_checkpoint(tmp_path / "plain.pt", state)
     assert main(["caption", str(tmp_path / "plain.pt"), *paths]) == 2
     assert "has no caption decoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["gxn_demo", "gxn_f30k", "gxn_coco"])
+def test_gxn_recipes_switch_the_caption_term_from_xe_to_scst_with_ranking_throughout(recipe):
+    from vsekit.cli.common import recipe_path
+    from vsekit.config.resolve import stage_configs
+
+    cfg = resolve_config(recipe_path(recipe), [])
+    stages = stage_configs(cfg)
+    assert [s.name for s in cfg.train.stages] == ["look_match", "imagine_xe", "imagine_scst"]
+    assert sum(s.epochs for s in cfg.train.stages) == cfg.train.epochs
+    terms = [s.objective.terms for s in stages]
+    assert [t["level_ranking"]["weight"] for t in terms] == [1.0, 1.0, 1.0]
+    assert [t["caption"]["weight"] for t in terms] == [0.0, 1.0, 1.0]
+    assert [t["caption"].get("mode", "xe") for t in terms[1:]] == ["xe", "scst"]
+    assert terms[1]["caption"]["condition"] == "low"
