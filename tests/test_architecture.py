@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"vsekit.config"},
     {"vsekit.checkpoint"},
     {"vsekit.inference"},
-    {"vsekit.imagine"},  # a text-to-image GAN beside the text encoder of an Embedder
+    {"vsekit.captioning", "vsekit.imagine"},  # a checkpoint's caption decoder / GAN beside its Embedder
     {"vsekit.train", "vsekit.index", "vsekit.features"},  # features: a backbone, or a checkpoint's CNN
     {"vsekit.serve"},
     {"vsekit.cli"},
@@ -143,7 +143,7 @@ def test_no_import_circles():
     assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("library", ["vsekit.index", "vsekit.serve", "vsekit.inference", "vsekit.imagine",
+@pytest.mark.parametrize("library", ["vsekit.index", "vsekit.serve", "vsekit.inference", "vsekit.imagine", "vsekit.captioning",
                                      "vsekit.eval"])
 def test_search_and_evaluation_never_reach_training_or_the_cli(library):
     seen, todo = set(), [m for m in MODULES if m == library or m.startswith(library + ".")]

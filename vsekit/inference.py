@@ -146,11 +146,12 @@ class Embedder:
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto") -> Embedder:
         """The model of a checkpoint already read by :func:`~vsekit.checkpoint.load_checkpoint` (a caller that
         also needs its other parts, e.g. ``vsekit imagine`` the GAN's weights, reads the file once)."""
+        where = state.get("path", "the checkpoint")
         vocab = Vocabulary.from_dict(state["vocab"])
         try:
             config = validate_config(state["config"])
         except ConfigError as e:
-            raise CheckpointError(f"{state['path']}: its config is not valid for this vsekit: {e}") from None
+            raise CheckpointError(f"{where}: its config is not valid for this vsekit: {e}") from None
         shape = tuple(state["feature_shape"]) if state.get("feature_shape") else None
         with restoring_weights():  # the checkpoint's weights, not the encoders' initial weights files
             model = build_model(config.model, vocab_size=len(vocab), itos=None, feature_shape=shape,
@@ -158,10 +159,10 @@ class Embedder:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"{state['path']}: its weights do not fit the model its config describes "
+            raise CheckpointError(f"{where}: its weights do not fit the model its config describes "
                                   f"(saved by another vsekit version?): {str(e).splitlines()[0]}") from None
         return cls(model, vocab, config, device, fingerprint=state.get("fingerprint"), feature_shape=shape,
-                   checkpoint_path=state["path"])
+                   checkpoint_path=state.get("path"))
 
     @property
     def similarity(self) -> str:

@@ -19,12 +19,12 @@ __all__ = ["RECIPES", "build_parser", "main", "recipe_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vsekit.cli import demo, evaluate, features, imagine, index, semantics, shards, train
+    from vsekit.cli import caption, demo, evaluate, features, imagine, index, semantics, shards, train
 
     p = argparse.ArgumentParser(prog="vsekit", description="Visual-semantic embeddings for image-text retrieval.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="verb", required=True)
-    for module in (train, evaluate, demo, semantics, index, features, shards, imagine):
+    for module in (train, evaluate, caption, demo, semantics, index, features, shards, imagine):
         module.add_cli(sub)
     return p
 

@@ -3,7 +3,8 @@
 Registered: ``"hinge"`` (VSE0 / VSE++), ``"hinge_warmup"`` (VSE∞ schedule), ``"infonce"`` (CLIP),
 ``"lseh"`` (semantic margins, needs ``caption_vectors``). Build one from a config with :func:`build_loss`.
 Registered objective terms (``OBJECTIVE_TERMS``, ``objective.terms.<name>``): ``"level_ranking"`` (a ranking
-loss per embedding level, GXN) and ``"gan"`` (GXN's text-to-image GAN).
+loss per embedding level, GXN), ``"caption"`` (a caption decoder: cross-entropy or self-critical CIDEr-D
+training) and ``"gan"`` (GXN's text-to-image GAN).
 
 Losses that read more than the similarity matrix have their own entry points: ``InstanceLoss`` (a classifier
 shared by both paths, Dual-Path) and the mined-negative losses of ``MINED_LOSSES`` (``"dualpath_rank"``);
@@ -16,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
 import vsekit.losses.gan  # noqa: E402, F401, I001  (registers the "gan" term)
 import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" term)
 from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask

@@ -1,0 +1,128 @@
+"""Captions from a trained model: the decoder of a checkpoint's caption term, on images or data-set rows.
+
+A run trained with ``objective.terms.caption`` saves the decoder with the objective's state
+(``state["objective"]``, under ``caption.``); this module rebuilds it from the checkpoint's config, encodes
+images with the checkpoint's model and decodes greedily or by beam search. Like :mod:`vsekit.inference`,
+it imports nothing from the training code.
+
+Caption quality (:meth:`Captioner.evaluate`): BLEU-1..4 (corpus) and CIDEr-D of one caption per image against
+that image's references, with CIDEr-D's document frequencies taken from the references of the evaluated
+split, as the COCO caption evaluation does (training uses the training references instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vsekit.checkpoint import CheckpointError, load_checkpoint
+from vsekit.config import RunConfig
+from vsekit.config.resolve import stage_configs
+from vsekit.data.corpus import Corpus
+from vsekit.data.datasets import ImageDataset, ImageSource, collate_images
+from vsekit.inference import Embedder, EncodeError
+from vsekit.losses.caption import CaptionTerm
+from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
+from vsekit.text.caption_metrics import caption_scores
+from vsekit.utils.progress import iterate
+
+TERM = "caption"
+
+
+def caption_term_options(config: RunConfig) -> dict[str, Any] | None:
+    """The options the run built its caption term with (those of the first stage that switched it on),
+    or None when no stage did."""
+    for cfg in [*stage_configs(config), config]:
+        if cfg.objective.term_weight(TERM):
+            return term_options(cfg.objective.terms[TERM])
+    return None
+
+
+class Captioner:
+    """A checkpoint's model and caption decoder: image -> caption string."""
+
+    def __init__(self, embedder: Embedder, term: CaptionTerm) -> None:
+        self.embedder = embedder
+        self.term = term.to(embedder.device).eval()
+        self.vocab = embedder.vocab
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        allow_legacy: bool = False) -> Captioner:
+        state = load_checkpoint(path, allow_legacy=allow_legacy)
+        embedder = Embedder.from_state(state, device)
+        options = caption_term_options(embedder.config)
+        saved = {k[len(TERM) + 1:]: v for k, v in (state.get("objective") or {}).items()
+                 if k.startswith(f"{TERM}.")}
+        if options is None or not saved:
+            raise CheckpointError(f"{state['path']}: this checkpoint has no caption decoder (its run never "
+                                  "switched on objective.terms.caption); train with a caption term, e.g. the "
+                                  "gxn_* recipes")
+        term = OBJECTIVE_TERMS.build({"name": TERM, **options}, embed_size=embedder.config.model.embed_size,
+                                     vocab=embedder.vocab, corpus=None, feature_shape=embedder.feature_shape)
+        try:
+            term.load_state_dict(saved)
+        except RuntimeError as e:
+            raise CheckpointError(f"{state['path']}: its caption decoder does not fit the options in its config: "
+                                  f"{str(e).splitlines()[0]}") from None
+        return cls(embedder, term)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedder.device
+
+    @property
+    def reads_features(self) -> bool:
+        return self.embedder.reads_features
+
+    @torch.no_grad()
+    def caption_batch(self, images: torch.Tensor, *, beam_size: int = 1, max_len: int | None = None,
+                      length_norm: float = 0.0) -> list[str]:
+        """Captions of a batch of model inputs (pixels or feature rows)."""
+        encoder = self.embedder.model.image_encoder
+        feats, context = encoder.forward_parts(images.to(self.device))
+        vec, ctx = self.term.image_inputs(encoder.finish(feats), feats, context)
+        decoded = self.term.decoder.decode(vec, ctx, beam_size=beam_size, max_len=max_len or self.term.max_len,
+                                           length_norm=length_norm)
+        return [self.vocab.decode(w) for w in decoded.words(self.vocab.end_id)]
+
+    def caption_pil_images(self, images: Sequence, *, batch_size: int = 64, **decode: Any) -> list[str]:
+        """Captions of PIL images (RGB); raw-image models only."""
+        if self.reads_features:
+            raise EncodeError("this model reads precomputed image features; it cannot caption image files: "
+                              "caption rows of a data set instead (vsekit caption CKPT --data SPEC --split test "
+                              "--rows 0,1,2)")
+        tf = self.embedder.eval_transform()
+        out: list[str] = []
+        for a in range(0, len(images), batch_size):
+            out += self.caption_batch(torch.stack([tf(im) for im in images[a: a + batch_size]]), **decode)
+        return out
+
+    def caption_corpus(self, corpus: Corpus, rows: Sequence[int] | None = None, *, batch_size: int = 64,
+                       progress: bool = False, **decode: Any) -> list[str]:
+        """Captions of a corpus's images (``rows``, default all), in that order."""
+        source = ImageSource(corpus, None if corpus.is_precomputed else self.embedder.eval_transform())
+        ds = ImageDataset(source, rows)
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_images)
+        out: list[str] = [""] * len(ds)
+        for images, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
+            for i, c in zip(idx.tolist(), self.caption_batch(images, **decode)):
+                out[i] = c
+        return out
+
+    def evaluate(self, corpus: Corpus, *, batch_size: int = 64, progress: bool = False,
+                 **decode: Any) -> dict[str, float]:
+        """BLEU-1..4 and CIDEr-D of one caption per image of ``corpus`` (images without a reference are left
+        out) against the image's references; CIDEr-D's document frequencies from these references."""
+        rows = np.flatnonzero(corpus.captions_per_image() > 0)
+        captions = self.caption_corpus(corpus, rows.tolist(), batch_size=batch_size, progress=progress, **decode)
+        refs: list[list[str]] = [[] for _ in range(corpus.num_images)]
+        for caption, row in zip(corpus.captions, corpus.caption_to_image.tolist()):
+            refs[row].append(caption)
+        scores = caption_scores(captions, [refs[r] for r in rows])
+        return {**scores, "num_images": int(len(rows))}
