@@ -11,6 +11,7 @@ most of them rare). Seeded, so every run fits the same corpus.
 
     .venv/bin/python benchmarks/lsa_scale.py --num-captions 600000
     .venv/bin/python benchmarks/lsa_scale.py --num-captions 600000 --compare-n-iter 10 15 100 --skip-old
+    .venv/bin/python benchmarks/lsa_scale.py --num-captions 100000 --blas-threads 1   # both fits, 1 thread
 
 Accuracy is what LSEH sees of the vectors: the Gram matrix ``L Lᵀ`` of 4,096 random captions (relative
 Frobenius error) and LSEH's row-max-normalised similarity ``S_ij = C_ij / max_k C_ik`` on 200 random batches
@@ -284,8 +285,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-exact", action="store_true", help="no exact SVD, so no accuracy numbers")
     p.add_argument("--tolerance", type=float, default=1.05,
                    help="current fit's error vs exact may be at most this times the previous fit's")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="limit BLAS threads for the whole run (both fits); default: the library's default "
+                        "(the current fit runs its BLAS single-threaded anyway, the previous one used all)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     captions = synthetic_captions(args.num_captions, seed=args.seed)
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                            "python": platform.python_version(), **_library_versions(),
                            "blas": blas_threads()},
                "num_captions": len(captions), "rss_after_corpus_gib": round(rss_corpus, 2),
+               "blas_threads_limit": args.blas_threads,
                "load_avg_start": load_average(), "fits": [], "comparisons": []}
     print(json.dumps({"machine": results["machine"], "load_avg": results["load_avg_start"]}), flush=True)
 

@@ -176,3 +176,24 @@ def test_cache_key_changed_with_the_algorithm(problem, tmp_path, monkeypatch) ->
     metas = [json.loads(p.read_text()) for p in tmp_path.glob("lsa-*/meta.json")]
     assert sorted(m["key"] for m in metas) == sorted([old_key, new_key])
     assert {m["pipeline_version"] for m in metas if m["key"] == new_key} == {PIPELINE_VERSION}
+
+
+def test_blas_is_single_threaded_inside(problem, monkeypatch) -> None:
+    """The dense steps run with one BLAS thread whatever the process's setting (see term_space_svd)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from vsekit.semantics import lsa as lsa_mod
+
+    seen: list[int] = []
+    lu = lsa_mod.la.lu
+
+    def recording_lu(*args, **kwargs):
+        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return lu(*args, **kwargs)
+
+    monkeypatch.setattr(lsa_mod.la, "lu", recording_lu)
+    x = problem[1]
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas") == 2
+        term_space_svd(x, K, n_iter=2, random_state=0)
+    assert seen == [1, 1]

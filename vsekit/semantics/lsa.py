@@ -55,6 +55,7 @@ import scipy.sparse as sp
 from nltk.stem.porter import PorterStemmer
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer, TfidfVectorizer
 from sklearn.preprocessing import normalize
+from threadpoolctl import threadpool_limits
 
 from vsekit.utils.io import atomic_write, atomic_write_json
 
@@ -190,11 +191,22 @@ def term_space_svd(x: sp.spmatrix, n_components: int, *, n_iter: int, random_sta
 
     Forming ``xᵀx`` squares the condition number, which loses the *small* singular values to rounding; it
     does not matter here because only the top K are kept and σ₁²/σ_K² ≈ 55 for 600K TF-IDF captions.
+
+    BLAS runs single-threaded here (``threadpool_limits``): the dense blocks are small (V × (K + 10), ~9M
+    entries), and on a shared 2-core machine two OpenBLAS threads made this function 2x slower (load 5) to
+    2.7x slower (load 9) than one, the spinning worker thread even slowing the (single-threaded) sparse
+    products. It also makes the result independent of the BLAS thread count.
     """
-    n_terms = x.shape[1]
     k = int(n_components)
     if not 1 <= k <= min(x.shape):
         raise ValueError(f"n_components={k} must be in [1, {min(x.shape)}] for a {x.shape} matrix")
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _term_space_svd(x, k, n_iter, random_state, n_oversamples)
+
+
+def _term_space_svd(x: sp.spmatrix, k: int, n_iter: int, random_state: int,
+                    n_oversamples: int) -> tuple[np.ndarray, np.ndarray]:
+    n_terms = x.shape[1]
     width = min(k + n_oversamples, n_terms)
     gram = (x.T @ x).tocsr().astype(np.float64)
     gram32 = gram.astype(np.float32)
