@@ -1,4 +1,8 @@
-"""Time and memory of fitting LSEH's LSA caption vectors at COCO scale (about 600K captions).
+"""Time, memory and accuracy of fitting LSEH's LSA caption vectors at COCO scale (about 600K captions).
+
+Times the current fit (``LSAModel.fit``: randomized SVD in term space) against the previous one
+(scikit-learn's ``TruncatedSVD`` on the same TF-IDF matrix) in one run, and measures both against an exact
+truncated SVD (ARPACK ``eigsh`` of ``XᵀX`` to machine precision).
 
 The corpus is synthetic but shaped like COCO captions: images of a scene type (kitchen, street, beach...),
 five captions per image that share the scene's main objects but word them differently, 8-15 words each,
@@ -6,11 +10,14 @@ a few hundred frequent real words and a Zipf tail of a few thousand rare ones (C
 most of them rare). Seeded, so every run fits the same corpus.
 
     .venv/bin/python benchmarks/lsa_scale.py --num-captions 600000
-    .venv/bin/python benchmarks/lsa_scale.py --num-captions 600000 --compare-n-iter 100
+    .venv/bin/python benchmarks/lsa_scale.py --num-captions 600000 --compare-n-iter 10 15 100 --skip-old
+    .venv/bin/python benchmarks/lsa_scale.py --num-captions 100000 --blas-threads 1   # both fits, 1 thread
 
-``--compare-n-iter`` fits again with other ``n_iter`` values and reports how far the Gram matrix ``L L^T`` on
-a random sample of captions, and LSEH's row-max-normalised similarity S on random batches, are from the
-first fit's. Results: the LSA section of benchmarks/README.md.
+Accuracy is what LSEH sees of the vectors: the Gram matrix ``L Lᵀ`` of 4,096 random captions (relative
+Frobenius error) and LSEH's row-max-normalised similarity ``S_ij = C_ij / max_k C_ik`` on 200 random batches
+of 128. The criterion: the current fit's Gram error against the exact SVD is at most ``--tolerance`` (1.05)
+times the previous fit's, and so is its p99 |ΔS|. ``--compare-n-iter`` adds current-algorithm fits with other
+``n_iter``. Results: the LSA section of benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -27,10 +34,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse.linalg as sla
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vsekit.semantics.lsa import DEFAULT_N_ITER, LSAModel, _library_versions  # noqa: E402
+from vsekit.semantics.lsa import (  # noqa: E402
+    DEFAULT_N_ITER,
+    DEFAULT_RANDOM_STATE,
+    LSAModel,
+    _library_versions,
+    fit_tfidf,
+)
 
 # Scene types: (subjects, actions, objects, places). Captions of one image share a scene.
 SCENES: dict[str, tuple[str, str, str, str]] = {
@@ -224,6 +238,41 @@ def compare(ref: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndar
             "S_max_abs": float(ds.max())}
 
 
+def previous_fit(captions: list[str], n_components: int, n_iter: int,
+                 random_state: int = DEFAULT_RANDOM_STATE) -> tuple[dict[str, float], np.ndarray]:
+    """The fit as vsekit did it before the term-space SVD (PIPELINE_VERSION lsa-1): the same preprocessing
+    and TF-IDF, then ``TruncatedSVD(randomized).fit_transform``, cast to float32. Returns (seconds, vectors)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    _, x, seconds = fit_tfidf(captions)
+    t0 = time.perf_counter()
+    svd = TruncatedSVD(n_components=n_components, algorithm="randomized", n_iter=n_iter,
+                       random_state=random_state)
+    vectors = svd.fit_transform(x).astype(np.float32)
+    seconds["svd"] = time.perf_counter() - t0
+    return seconds, vectors
+
+
+def exact_components(x, n_components: int) -> tuple[np.ndarray, float]:
+    """Exact top right singular vectors (K, V) of the TF-IDF matrix ``x``: ARPACK eigsh of XᵀX at tol=0
+    (machine precision), an algorithm independent of both fits (Lanczos). Returns (components, seconds)."""
+    gram = (x.T @ x).tocsr()
+    t0 = time.perf_counter()
+    values, vectors = sla.eigsh(gram, k=n_components, which="LA", tol=0, v0=np.ones(gram.shape[0]))
+    seconds = time.perf_counter() - t0
+    return vectors[:, np.argsort(values)[::-1]].T, seconds
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def blas_threads() -> list[dict[str, object]]:
+    from threadpoolctl import threadpool_info
+
+    return [{k: d.get(k) for k in ("internal_api", "num_threads", "version")} for d in threadpool_info()]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-captions", type=int, default=600_000)
@@ -231,9 +280,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-components", type=int, default=400)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     p.add_argument("--compare-n-iter", type=int, nargs="*", default=[],
-                   help="also fit with these n_iter; each fit is compared with the one of largest n_iter")
+                   help="also fit (current algorithm) with these n_iter")
+    p.add_argument("--skip-old", action="store_true", help="do not time the previous (TruncatedSVD) fit")
+    p.add_argument("--skip-exact", action="store_true", help="no exact SVD, so no accuracy numbers")
+    p.add_argument("--tolerance", type=float, default=1.05,
+                   help="current fit's error vs exact may be at most this times the previous fit's")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="limit BLAS threads for the whole run (both fits); default: the library's default "
+                        "(the current fit runs its BLAS single-threaded anyway, the previous one used all)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     captions = synthetic_captions(args.num_captions, seed=args.seed)
@@ -244,30 +310,63 @@ def main(argv: list[str] | None = None) -> None:
           f" seen 5+ times), generated in {t_gen:.1f}s; e.g. {captions[:2]}", flush=True)
 
     rows, batches = sample_rows(len(captions), seed=args.seed)
-    samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "python": platform.python_version(), **_library_versions()},
+                           "python": platform.python_version(), **_library_versions(),
+                           "blas": blas_threads()},
                "num_captions": len(captions), "rss_after_corpus_gib": round(rss_corpus, 2),
-               "fits": [], "comparisons": []}
-    for n_iter in [args.n_iter, *args.compare_n_iter]:
+               "blas_threads_limit": args.blas_threads,
+               "load_avg_start": load_average(), "fits": [], "comparisons": []}
+    print(json.dumps({"machine": results["machine"], "load_avg": results["load_avg_start"]}), flush=True)
+
+    def record(name: str, n_iter: int, seconds: dict[str, float], total: float, vectors: np.ndarray,
+               **extra: object) -> None:
+        row = {"fit": name, "n_iter": n_iter, **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
+               "total_s": round(total, 2), "peak_rss_gib": round(peak_rss_gib(), 2), "load_avg": load_average(),
+               "shape": list(vectors.shape), **extra}
+        print(json.dumps(row), flush=True)
+        results["fits"].append(row)
+        samples[name] = (vectors[rows], vectors[batches])
+
+    # The current fit first, so that its peak RSS is its own (ru_maxrss is the process's maximum so far).
+    for i, n_iter in enumerate([args.n_iter, *args.compare_n_iter]):
         t = time.perf_counter()
         model, vectors = LSAModel.fit(captions, n_components=args.n_components, n_iter=n_iter)
         total = time.perf_counter() - t
-        s = model.config["fit_seconds"]
-        row = {"n_iter": n_iter, "preprocess_s": s["preprocess"], "tfidf_s": s["tfidf"], "svd_s": s["svd"],
-               "total_s": round(total, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
-               "num_terms": model.config["num_terms"], "shape": list(vectors.shape)}
-        print(json.dumps(row), flush=True)
-        results["fits"].append(row)
-        samples[n_iter] = (vectors[rows], vectors[batches])
+        record("new" if i == 0 else f"new-{n_iter}", n_iter, model.config["fit_seconds"], total, vectors,
+               num_terms=model.config["num_terms"])
         del model, vectors
-    if len(samples) > 1:  # everything against the most converged fit
-        best = max(samples)
-        for n_iter in sorted(samples):
-            if n_iter != best:
-                cmp = {"n_iter": n_iter, "n_iter_ref": best, **compare(samples[best], samples[n_iter])}
-                print(json.dumps(cmp), flush=True)
-                results["comparisons"].append(cmp)
+    if not args.skip_old:
+        t = time.perf_counter()
+        seconds, vectors = previous_fit(captions, args.n_components, args.n_iter)
+        record("old", args.n_iter, seconds, time.perf_counter() - t, vectors)
+        del vectors
+    if not args.skip_exact:
+        _, x, _ = fit_tfidf(captions)
+        components, seconds = exact_components(x, args.n_components)
+        print(json.dumps({"exact_eigsh_s": round(seconds, 2), "load_avg": load_average()}), flush=True)
+        results["exact_eigsh_s"] = round(seconds, 2)
+        samples["exact"] = (x[rows] @ components.T, np.stack([x[b] @ components.T for b in batches]))
+
+    pairs = [(name, "exact") for name in samples if name != "exact" and "exact" in samples]
+    if "old" in samples:
+        pairs.append(("new", "old"))
+    for name, ref in pairs:
+        cmp = {"fit": name, "ref": ref, **compare(samples[ref], samples[name])}
+        print(json.dumps(cmp), flush=True)
+        results["comparisons"].append(cmp)
+    errors = {c["fit"]: c for c in results["comparisons"] if c["ref"] == "exact"}
+    if "new" in errors and "old" in errors:
+        ok = all(errors["new"][m] <= args.tolerance * errors["old"][m] for m in ("gram_rel_fro", "S_p99_abs"))
+        results["criterion"] = {"tolerance": args.tolerance, "pass": ok,
+                                "gram_ratio": errors["new"]["gram_rel_fro"] / errors["old"]["gram_rel_fro"],
+                                "S_p99_ratio": errors["new"]["S_p99_abs"] / errors["old"]["S_p99_abs"]}
+        print(json.dumps({"criterion": results["criterion"]}), flush=True)
+    times = {f["fit"]: f["total_s"] for f in results["fits"]}
+    if "old" in times:
+        results["speedup_total"] = round(times["old"] / times["new"], 1)
+        print(json.dumps({"speedup_total": results["speedup_total"]}), flush=True)
+    results["load_avg_end"] = load_average()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
