@@ -246,3 +246,17 @@ def test_recipes_carry_the_reference_settings(recipe, loss, lr, decay):
     else:
         assert (cfg.loss["margin"], cfg.loss["reduction"]) == (0.2, "max")
     assert cfg.model.image_encoder.get("feature_bn", False) == ("f30k" in recipe)
+
+
+def test_vsrn_demo_trains_with_its_caption_term_on_the_reasoned_regions(tmp_path, cache):
+    from vsekit.cli.common import recipe_path
+    from vsekit.config import resolve_config
+    from vsekit.train.trainer import Trainer
+
+    cfg = resolve_config(recipe_path("vsrn_demo"), [f"output_dir={tmp_path}", "data.num_images=60",
+                                                    "data.val_max_images=12", "train.epochs=1",
+                                                    "train.max_steps_per_epoch=2", "train.progress=false"])
+    t = Trainer(cfg)
+    t.fit()
+    assert "caption" in t.last_parts and float(t.last_parts["caption"]) > 0
+    assert t.objective.terms["caption"].condition == "context"
