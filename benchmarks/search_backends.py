@@ -26,11 +26,9 @@ benchmarks/results/search_backends.json and .md, and the table in benchmarks/REA
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -76,6 +74,9 @@ import torch  # noqa: E402
 
 from vsekit.index.backends import NumpyExact, QdrantBackend, qdrant_module  # noqa: E402
 from vsekit.index.store import AnnParams, IndexData, build_faiss, faiss_module  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_speed import machine as search_speed_machine  # noqa: E402
 
 
 # -- the data -------------------------------------------------------------------------------------------------
@@ -282,19 +283,14 @@ def run_size(n: int, real: np.ndarray, queries: np.ndarray, tmp: Path, args: arg
 
 
 def machine(args: argparse.Namespace) -> dict[str, str]:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """search_speed.py's machine description, with the thread count set first and the versions this one adds."""
     from importlib.metadata import version
 
-    faiss = faiss_module()
-    faiss.omp_set_num_threads(args.threads)
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "numpy": np.__version__, "faiss": faiss.__version__, "qdrant_client": version("qdrant-client"),
-            "torch": torch.__version__, "threads": str(args.threads),
-            "date": dt.date.today().isoformat(), "load_average_at_start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
+    faiss_module().omp_set_num_threads(args.threads)
+    info = search_speed_machine()
+    info.pop("faiss_threads", None)
+    return {**info, "qdrant_client": version("qdrant-client"), "torch": torch.__version__,
+            "threads": str(args.threads)}
 
 
 def markdown(rows: list[dict]) -> str:
