@@ -132,7 +132,7 @@ class TextToImageGAN(ObjectiveTerm):
         The embedding has unit norm, so its coordinates are about 1/√d: read as it is, the linear layers of the
         CA and of D (default initialisation, made for inputs of unit scale) turn it into codes of a few hundredths,
         buried under the CA's unit noise, and neither player sees the text for hundreds of steps (measured on the
-        demo set: D's mismatch accuracy stayed at 0). Scaled by √d its coordinates are of unit scale."""
+        demo set: D's accuracy on mismatched pairs stayed near 0). Scaled by √d its coordinates are of unit scale."""
         width, e = caption_emb.shape[-1], self.embed_size
         if self.condition == "low":
             if width != 2 * e:
