@@ -58,7 +58,8 @@ class TextToImageGAN(ObjectiveTerm):
     matching-aware discriminator, so that the generator's loss shapes the embedding.
 
     Computes, with t the caption's condition (``condition: low``: the grounded half t_l of a two-level caption
-    embedding; ``embedding``: the whole embedding of a single-level model):
+    embedding; ``embedding``: the whole embedding of a single-level model; read at unit coordinate scale, see
+    :meth:`condition_of`):
 
     - conditioning augmentation ĉ ~ N(μ(t), diag σ²(t)) (:class:`~vsekit.models.gan.ConditioningAugmentation`);
     - the generator loss (this term's value, non-saturating)
@@ -90,7 +91,8 @@ class TextToImageGAN(ObjectiveTerm):
 
         objective:
           terms:
-            gan: {weight: 0.1, condition: low, gf_dim: 16, df_dim: 16, optim: {lr: 2.0e-4, betas: [0.5, 0.999]}}
+            gan: {weight: 1.0, condition: low, gf_dim: 16, df_dim: 16, max_pairs: 32,
+                  optim: {lr: 2.0e-4, betas: [0.5, 0.999]}}
     """
 
     def __init__(self, embed_size: int, vocab: Any = None, corpus: Any = None, feature_shape: Any = None,
