@@ -139,7 +139,7 @@ def test_the_discriminator_sees_matched_mismatched_and_generated_pairs():
     (real, real_code), (fake, fake_code) = encoded
     torch.testing.assert_close(real, to_generator_range(batch.images, 16))
     assert fake.shape == real.shape and not fake.requires_grad  # generated, then detached
-    t_l = out.caption_emb[:, E:].detach()
+    t_l = out.caption_emb[:, E:].detach() * math.sqrt(E)  # the condition: t_l at unit coordinate scale
     (c1, t1), (c2, t2), (c3, t3) = scored
     assert c1 is real_code and torch.equal(t1, t_l)  # real image + its caption
     assert c3 is fake_code and torch.equal(t3, t_l)  # generated image + the caption it was made from
@@ -152,6 +152,27 @@ def test_the_discriminator_sees_matched_mismatched_and_generated_pairs():
     assert out.caption_emb.grad is None  # nothing reaches the text encoder from D's loss
     assert all(p.grad is None for m in (term.generator, term.augment) for p in m.parameters())
     assert all(p.grad is not None for p in d.parameters())
+
+
+def test_max_pairs_sends_only_the_first_pairs_through_both_players():
+    torch.manual_seed(0)
+    term = _term(max_pairs=3)
+    out, batch = _batch()  # 6 pairs, images of rows (0, 0, 1, 2, 3, 3)
+    seen = []
+    logits = term.discriminator.logits
+    term.discriminator.logits = lambda code, t: seen.append((code.shape[0], t)) or logits(code, t)
+    term.discriminator_loss(out, batch)
+    assert [n for n, _ in seen] == [3, 3, 3]  # real, mismatched (every one of the 3 has a partner), generated
+    t_l = out.caption_emb[:3, E:].detach() * math.sqrt(E)
+    assert torch.equal(seen[0][1], t_l) and torch.equal(seen[1][1], t_l[[2, 2, 0]])
+    seen.clear()
+    value, _ = term(out, batch)
+    value.backward()
+    assert [n for n, _ in seen] == [3]
+    grad = out.caption_emb.grad
+    assert grad[:3, E:].abs().sum() > 0 and not grad[3:].any()
+    with pytest.raises(ConfigError, match="max_pairs"):
+        _term(max_pairs=1)
 
 
 def test_mismatch_weight_zero_and_all_same_image_batches_skip_the_wrong_pairs():
@@ -190,7 +211,9 @@ def test_the_generator_loss_reaches_the_grounded_text_encoder_only():
     term = _term()
     images = torch.randn(3, 3, 16, 16)
     value, extra = term(out, TermBatch(images, (), torch.arange(3)))
-    kl = kl_to_standard_normal(*term.augment(out.caption_emb[:, E:].detach())[1:], "dim_mean")
+    t_l = out.caption_emb[:, E:].detach()
+    torch.testing.assert_close(term.condition_of(out.caption_emb).detach(), t_l * math.sqrt(E))
+    kl = kl_to_standard_normal(*term.augment(t_l * math.sqrt(E))[1:], "dim_mean")
     assert float(extra["gan_kl"]) == pytest.approx(float(kl.detach()), abs=1e-6)
     torch.testing.assert_close(value.detach(), extra["gan_adv"] + 2.0 * extra["gan_kl"])
     value.backward()

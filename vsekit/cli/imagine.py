@@ -23,8 +23,8 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     grid = image_grid(imaginer.generate(args.texts, n=args.n, seed=args.seed))
     atomic_write(out, lambda f: grid.save(f, format="PNG"))
     s = imaginer.image_size
-    print(f"wrote {out} ({grid.width} x {grid.height}: {len(args.texts)} rows of {args.n} images of {s} x {s}, "
-          f"seed {args.seed})")
+    rows = f"{len(args.texts)} row{'s' if len(args.texts) != 1 else ''}"
+    print(f"wrote {out} ({grid.width} x {grid.height}: {rows} of {args.n} images of {s} x {s}, seed {args.seed})")
     return 0
 
 

@@ -5,6 +5,7 @@ Registered as the objective term ``gan`` (``objective.terms.gan``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -57,7 +58,8 @@ class TextToImageGAN(ObjectiveTerm):
     matching-aware discriminator, so that the generator's loss shapes the embedding.
 
     Computes, with t the caption's condition (``condition: low``: the grounded half t_l of a two-level caption
-    embedding; ``embedding``: the whole embedding of a single-level model):
+    embedding; ``embedding``: the whole embedding of a single-level model; read at unit coordinate scale, see
+    :meth:`condition_of`):
 
     - conditioning augmentation ĉ ~ N(μ(t), diag σ²(t)) (:class:`~vsekit.models.gan.ConditioningAugmentation`);
     - the generator loss (this term's value, non-saturating)
@@ -78,6 +80,9 @@ class TextToImageGAN(ObjectiveTerm):
     the transform; it is converted by :func:`to_generator_range`) -- precomputed features are refused. The
     batch's ``image_ids`` tell which captions belong to the same image.
 
+    ``max_pairs``: only the first so many pairs of each batch go through the GAN (both players), to bound its
+    cost on a CPU; null: the whole batch.
+
     Logged beside the term: ``gan_adv`` (−log D of the fakes), ``gan_kl``, and from the discriminator's step
     ``d_real_acc`` (matched real pairs called real), ``d_wrong_acc`` (mismatched pairs called fake),
     ``d_fake_acc`` (generated pairs called fake).
@@ -86,14 +91,15 @@ class TextToImageGAN(ObjectiveTerm):
 
         objective:
           terms:
-            gan: {weight: 0.1, condition: low, gf_dim: 16, df_dim: 16, optim: {lr: 2.0e-4, betas: [0.5, 0.999]}}
+            gan: {weight: 1.0, condition: low, gf_dim: 16, df_dim: 16, max_pairs: 32,
+                  optim: {lr: 2.0e-4, betas: [0.5, 0.999]}}
     """
 
     def __init__(self, embed_size: int, vocab: Any = None, corpus: Any = None, feature_shape: Any = None,
                  condition: Literal["low", "embedding"] = "low", z_dim: int = 100, c_dim: int = 128,
                  gf_dim: int = 64, df_dim: int = 64, kl_weight: float = 2.0,
                  kl_reduction: Literal["dim_mean", "sum"] = "dim_mean", mismatch_weight: float = 0.5,
-                 image_size: int = 64) -> None:
+                 image_size: int = 64, max_pairs: int | None = None) -> None:
         super().__init__()
         if feature_shape is not None:
             raise ConfigError(f"{WHERE}: the text-to-image GAN needs image pixels to discriminate, but the training "
@@ -108,29 +114,38 @@ class TextToImageGAN(ObjectiveTerm):
             raise ConfigError(f"{WHERE}.mismatch_weight: must be in [0, 1], got {mismatch_weight}")
         if kl_weight < 0:
             raise ConfigError(f"{WHERE}.kl_weight: must be >= 0, got {kl_weight}")
+        if max_pairs is not None and max_pairs < 2:
+            raise ConfigError(f"{WHERE}.max_pairs: must be >= 2 (or null: the whole batch), got {max_pairs}")
         if kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"{WHERE}.kl_reduction: one of {', '.join(KL_REDUCTIONS)}, got {kl_reduction!r}")
         self.embed_size, self.condition = int(embed_size), condition
         self.z_dim, self.image_size = int(z_dim), int(image_size)
         self.kl_weight, self.kl_reduction, self.mismatch_weight = float(kl_weight), kl_reduction, float(mismatch_weight)
+        self.max_pairs = max_pairs
+        self.condition_scale = math.sqrt(self.embed_size)
         self.augment = ConditioningAugmentation(self.embed_size, c_dim)
         self.generator = ImageGenerator(z_dim, c_dim, gf_dim, image_size)
         self.discriminator = MatchingDiscriminator(self.embed_size, c_dim, df_dim, image_size)
 
     # -- pieces ----------------------------------------------------------------------------------------
     def condition_of(self, caption_emb: Tensor) -> Tensor:
-        """The text condition t of caption embeddings (B, D): t_l, or the whole embedding."""
+        """The text condition t of caption embeddings (B, D): t_l, or the whole embedding, times √embed_size.
+
+        The embedding has unit norm, so its coordinates are about 1/√d: read as it is, the linear layers of the
+        CA and of D (default initialisation, made for inputs of unit scale) turn it into codes of a few hundredths,
+        buried under the CA's unit noise, and neither player sees the text for hundreds of steps (measured on the
+        demo set: D's accuracy on mismatched pairs stayed near 0). Scaled by √d its coordinates are of unit scale."""
         width, e = caption_emb.shape[-1], self.embed_size
         if self.condition == "low":
             if width != 2 * e:
                 raise ConfigError(f"{WHERE}.condition: 'low' reads the grounded half of a two-level caption "
                                   f"embedding (2 x {e} wide), but the model's caption embeddings are {width} wide; "
                                   "use condition: embedding for a single-level model")
-            return caption_emb[..., e:].float()
+            return caption_emb[..., e:].float() * self.condition_scale
         if width != e:
             raise ConfigError(f"{WHERE}.condition: 'embedding' reads a caption embedding of model.embed_size ({e}), "
                               f"but the model's are {width} wide; use condition: low for a two-level model")
-        return caption_emb.float()
+        return caption_emb.float() * self.condition_scale
 
     def generate(self, t: Tensor, z: Tensor | None = None,
                  noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,8 +156,12 @@ class TextToImageGAN(ObjectiveTerm):
             z = torch.randn(t.shape[0], self.z_dim, device=t.device, dtype=c.dtype)
         return self.generator(z, c), mu, logvar
 
+    def _pairs(self, n: int) -> slice:
+        """The batch slots the GAN uses: the first ``max_pairs`` (a batch is a random sample already)."""
+        return slice(0, n if self.max_pairs is None else min(n, self.max_pairs))
+
     def real_images(self, batch: TermBatch) -> Tensor:
-        images = batch.images
+        images = batch.images[self._pairs(batch.images.shape[0])]
         if images.dim() != 4 or images.shape[1] != 3:
             raise ConfigError(f"{WHERE}: needs the batch's images as pixels (B, 3, H, W), got shape "
                               f"{tuple(images.shape)}")
@@ -150,7 +169,8 @@ class TextToImageGAN(ObjectiveTerm):
 
     # -- the two losses --------------------------------------------------------------------------------
     def forward(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        t = self.condition_of(out.caption_emb)
+        cap = out.caption_emb
+        t = self.condition_of(cap[self._pairs(cap.shape[0])])
         fake, mu, logvar = self.generate(t)
         logits = self.discriminator(fake, t)
         adv = F.softplus(-logits).mean()  # −log σ(logit): non-saturating
@@ -159,7 +179,9 @@ class TextToImageGAN(ObjectiveTerm):
 
     def discriminator_loss(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The matching-aware discriminator's loss on real/matched, real/mismatched and generated pairs."""
-        t = self.condition_of(out.caption_emb).detach()
+        cap = out.caption_emb
+        pairs = self._pairs(cap.shape[0])
+        t = self.condition_of(cap[pairs]).detach()
         real = self.real_images(batch)
         with torch.no_grad():
             fake, _, _ = self.generate(t)
@@ -168,7 +190,7 @@ class TextToImageGAN(ObjectiveTerm):
         real_logits = d.logits(code, t)
         loss = F.softplus(-real_logits).mean()
         extra = {"d_real_acc": (real_logits > 0).float().mean()}
-        partner, valid = mismatched_partners(batch.image_ids)
+        partner, valid = mismatched_partners(batch.image_ids[pairs])
         w = self.mismatch_weight
         if w > 0 and bool(valid.any()):
             wrong_logits = d.logits(code[valid], t[partner[valid]])
