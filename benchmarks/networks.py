@@ -11,7 +11,8 @@ same number of epochs, per seed:
   vsepp      region features flattened, one linear layer (the LSEH code's VSE++) / GRU / cosine
   vseinf     fc + MLP per region, GPO / bi-GRU + GPO / cosine
   vsrn       GCN region reasoning + GRU / GRU / cosine, + the caption-decoder term (weight 1)
-  sgr, saf   regions / words / the learned SGR or SAF similarity network
+  sgr, saf   regions / words / the learned SGR or SAF similarity network (sim_dim 32, as the demo recipes:
+             at the paper's 256 one run would take most of an hour on these 2 cores)
 
 Losses: ``vsepp`` = VSE++ max of hinges (margin 0.2), ``lseh`` = LSEH (alpha 0.185, lambda 0.025), both after one
 epoch of the sum of hinges (with hardest negatives from the first step, the max of hinges collapsed here from
@@ -21,7 +22,7 @@ finding on raw images). Reported: test rsum of the best-validation checkpoint, e
 process's peak memory (each run is a subprocess).
 
     python benchmarks/networks.py prepare                       # CNN + grid features (cached)
-    python benchmarks/networks.py run --seeds 0 1 2 --epochs 8  # every network x loss x seed (results appended)
+    python benchmarks/networks.py run --seeds 0 1 2 --epochs 4  # every network x loss x seed, 2 at a time
     python benchmarks/networks.py report                        # the table for benchmarks/README.md
 """
 
@@ -36,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +51,7 @@ from real_data import cache_dir, prepare  # noqa: E402
 
 RESULTS = HERE / "results"
 OUT = RESULTS / "networks.jsonl"
+_LOCK = threading.Lock()
 
 NETWORKS: dict[str, list[str]] = {
     "vsepp": ["model.image_encoder={name: precomp, pooling: flatten}", "model.text_encoder={name: gru}"],
@@ -55,9 +59,9 @@ NETWORKS: dict[str, list[str]] = {
     "vsrn": ["model.image_encoder={name: vsrn}", "model.text_encoder={name: gru}",
              "objective.terms.caption={weight: 1.0, condition: context, mode: xe}"],
     "sgr": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
-            "model.similarity={name: sgr}"],
+            "model.similarity={name: sgr, sim_dim: 32, sgr_step: 3}"],
     "saf": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
-            "model.similarity={name: saf}"],
+            "model.similarity={name: saf, sim_dim: 32}"],
 }
 LOSSES = {  # both after one epoch of sum of hinges (from random weights the max of hinges collapses here)
     "vsepp": ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1}"],
@@ -132,28 +136,31 @@ def _read() -> list[dict]:
     return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
 
 
+def _run_one(job: tuple[str, str, int], args) -> None:
+    network, loss, seed = job
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    p = subprocess.run([sys.executable, __file__, "one", network, loss, str(seed), str(args.epochs)],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        print(f"{network} {loss} seed {seed}: FAILED\n{p.stderr[-2000:]}", flush=True)
+        return
+    r = json.loads(lines[-1][7:])
+    r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {args.threads} thread(s)"
+    with _LOCK, OUT.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+    print(f"{network:7s} {loss:6s} seed {seed}: test rsum {r['test_rsum']:.1f}, best val "
+          f"{r['best_val_rsum']:.1f} at 95% after {r['epochs_to_95']} ep, step {r['step_s']:.3f}s, "
+          f"{r['peak_rss_mb']:.0f} MB, {r['train_s']:.0f} s", flush=True)
+
+
 def cmd_run(args) -> None:
     RESULTS.mkdir(exist_ok=True)
     done = {(r["network"], r["loss"], r["seed"], r["epochs"]) for r in _read()}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for seed in args.seeds:
-        for network in args.networks:
-            for loss in args.losses:
-                if (network, loss, seed, args.epochs) in done:
-                    continue
-                p = subprocess.run([sys.executable, __file__, "one", network, loss, str(seed), str(args.epochs)],
-                                   env=env, cwd=ROOT, capture_output=True, text=True)
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                if p.returncode or not lines:
-                    print(f"{network} {loss} seed {seed}: FAILED\n{p.stderr[-2000:]}")
-                    continue
-                r = json.loads(lines[-1][7:])
-                r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
-                with OUT.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
-                print(f"{network:7s} {loss:6s} seed {seed}: test rsum {r['test_rsum']:.1f}, best val "
-                      f"{r['best_val_rsum']:.1f} at 95% after {r['epochs_to_95']} ep, step {r['step_s']:.3f}s, "
-                      f"{r['peak_rss_mb']:.0f} MB", flush=True)
+    jobs = [(n, lo, s) for s in args.seeds for n in args.networks for lo in args.losses
+            if (n, lo, s, args.epochs) not in done]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: _run_one(job, args), jobs))
 
 
 def cmd_report(args) -> None:
@@ -187,7 +194,8 @@ def main() -> None:
     r.add_argument("--losses", nargs="+", default=list(LOSSES))
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--epochs", type=int, default=4)
-    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
     r.set_defaults(fn=cmd_run)
     o = sub.add_parser("one")
     o.add_argument("network")

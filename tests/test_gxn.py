@@ -46,6 +46,20 @@ def test_two_level_encoders_normalise_each_level_and_are_non_negative():
     assert model.text_encoder.low.embed.weight.grad is not None and model.image_encoder.inner.head.weight.grad is not None
 
 
+def test_a_two_level_text_encoder_keeps_its_inner_encoders_tokenizer(monkeypatch):
+    from vsekit.models.base import caption_tokenizer
+    from vsekit.models.text import GRUTextEncoder
+
+    spec = {"embed_size": 6, "similarity": "two_level_order",
+            "image_encoder": {"name": "two_level", "encoder": {"name": "precomp"}},
+            "text_encoder": {"name": "two_level", "encoder": {"name": "gru", "word_dim": 5}}}
+    assert caption_tokenizer(build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder) is None
+    monkeypatch.setattr(GRUTextEncoder, "tokenize", lambda self, caption, max_len=None: [len(caption)],
+                        raising=False)
+    hook = caption_tokenizer(build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder)
+    assert hook is not None and hook("a red circle") == [12]  # the inner encoder's pieces, not the vocabulary's
+
+
 def test_level_ranking_is_the_loss_of_each_level_summed():
     torch.manual_seed(1)
     img, cap = torch.rand(6, 8).abs(), torch.rand(6, 8).abs()
@@ -60,15 +74,32 @@ def test_level_ranking_is_the_loss_of_each_level_summed():
     assert set(parts) == {"level0_rank", "level1_rank"}
 
 
+def test_level_ranking_passes_the_epoch_to_its_loss_for_a_warm_up():
+    torch.manual_seed(2)
+    img, cap = torch.rand(6, 8).abs(), torch.rand(6, 8).abs()
+    ids = torch.arange(6)
+    term = LevelRankingLoss(embed_size=4, loss={"name": "hinge_warmup", "margin": 0.05, "warmup_epochs": 1})
+    out = PairOutput(img, cap, torch.zeros(6, 6), img, cap)
+    order = SIMILARITIES.get("order")
+    for epoch, reduction in ((0, "sum"), (1, "max")):
+        term.set_epoch(epoch)
+        hinge = LOSSES.build({"name": "hinge", "margin": 0.05, "reduction": reduction})
+        want = hinge(order(img[:, :4], cap[:, :4]), ids) + hinge(order(img[:, 4:], cap[:, 4:]), ids)
+        torch.testing.assert_close(term(out, TermBatch(img, (cap,), ids))[0], want)
+
+
 def test_gxn_embedding_demo_recipe_resolves_and_trains_a_step(tmp_path, cache):
     from vsekit.cli.common import recipe_path
     from vsekit.train.trainer import Trainer
 
     cfg = resolve_config(recipe_path("gxn_demo"), [f"output_dir={tmp_path}", "data.num_images=60",
-                                                   "data.val_max_images=12", "train.epochs=1",
+                                                   "data.val_max_images=12", "train.epochs=2",
                                                    "train.max_steps_per_epoch=2", "train.progress=false",
                                                    "train.stages=[]", "objective.terms={}",
-                                                   "objective.terms.level_ranking.weight=1"])
+                                                   "objective.terms.level_ranking.weight=1",
+                                                   "objective.terms.level_ranking.loss={name: hinge_warmup, "
+                                                   "margin: 0.05, warmup_epochs: 1}"])
     t = Trainer(cfg)
     t.fit()
     assert "level_ranking" in t.last_parts and t.model.similarity_name == "two_level_order"
+    assert t.objective.terms["level_ranking"].loss.epoch == 1  # the trainer's epoch reached the term's loss

@@ -41,6 +41,9 @@ class LevelRankingLoss(ObjectiveTerm):
         self.similarity, self.levels = similarity, int(levels)
         self.requires_caption_vectors = bool(getattr(self.loss, "requires_caption_vectors", False))
 
+    def set_epoch(self, epoch: int) -> None:
+        self.loss.set_epoch(epoch)  # e.g. hinge_warmup: the sum of hinges first, then the max
+
     def forward(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
         sims = level_similarities(self.similarity, out.image_emb.float(), out.caption_emb.float(), self.levels)
         extra = {"caption_vectors": batch.caption_vectors} if self.requires_caption_vectors else {}

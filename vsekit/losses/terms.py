@@ -77,6 +77,10 @@ class ObjectiveTerm(nn.Module):
         for k, v in options.items():
             setattr(self, k, v)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The run's epoch (0-based), given before every call: for a schedule inside the term, e.g. the
+        warm-up of a ranking loss it holds."""
+
     def auxiliary_updates(self) -> list[AuxiliaryUpdate]:
         return []
 

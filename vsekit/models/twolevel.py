@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vsekit.errors import ConfigError
-from vsekit.models.base import Encoder
+from vsekit.models.base import Encoder, caption_tokenizer
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
@@ -105,6 +105,9 @@ class TwoLevelTextEncoder(Encoder):
         self.high = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
         self.low = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
         self.use_abs = use_abs
+        hook = caption_tokenizer(self.high)  # an inner encoder's own tokenizer (e.g. BERT's) serves both levels
+        if hook is not None:
+            self.tokenize = hook
 
     def forward_features(self, *text: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.high.forward_features(*text), self.low.forward_features(*text)], dim=-1)

@@ -246,6 +246,7 @@ class Objective(nn.Module):
                 continue
             if batch is None:
                 raise ValueError(f"objective term {name!r} is on but no TermBatch was given")
+            self.terms[name].set_epoch(self.rank_loss.epoch)  # a term's schedule follows the run's epochs
             value = self.terms[name](term_out if term_out is not None else out, batch)
             if isinstance(value, tuple):
                 value, extra = value

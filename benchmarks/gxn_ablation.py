@@ -1,0 +1,213 @@
+"""GXN (Look, Imagine and Match) ablation: which of its paths helps retrieval, on the demo set and on real data.
+
+Four arms of the one shipped recipe, ``gxn_demo`` (two-level order embeddings; 1 epoch of embedding, then 3 of
+caption cross-entropy with the GAN, 1 of self-critical caption training with the GAN at a tenth of the
+encoders' rate), differing only in the weights of the generative terms in the last two stages -- so every arm
+has the same epochs, stage restarts and learning rates:
+
+  embeddings   the per-level ranking term alone            (caption weight 0, GAN weight 0)
+  caption      + the image-to-text path (XE, then SCST)     (GAN weight 0)
+  gan          + the text-to-image GAN                      (caption weight 0)
+  full         both, as shipped
+
+Collections: ``demo`` (the embedded synthetic scenes, 64 px) and ``emoji`` (real: the npm emoji collection of
+``real_data.py``, 64 px PNGs with human-written names and keywords; licences there), the images trained from
+raw pixels by the small CNN (no pretrained weights; on emoji each image whole, without random crops, as
+``scratch_small`` does). Reported per run: test rsum of the best-validation
+checkpoint (the retrieval protocol), the validation rsum per epoch, and for the arms with a decoder, greedy
+BLEU-4 / CIDEr-D of ``last.pt`` on the test images. ``grid`` writes a sample grid of a GAN arm's ``last.pt``.
+
+    python benchmarks/gxn_ablation.py run --datasets demo emoji --seeds 0 1 2   # results appended
+    python benchmarks/gxn_ablation.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+RESULTS = HERE / "results"
+OUT = RESULTS / "gxn_ablation.jsonl"
+_LOCK = threading.Lock()
+GENERATIVE_STAGES = (1, 2)  # imagine_xe, imagine_scst
+
+ARMS: dict[str, dict[str, float]] = {  # the generative terms' weights in the generative stages
+    "embeddings": {"caption": 0.0, "gan": 0.0},
+    "caption": {"caption": 1.0, "gan": 0.0},
+    "gan": {"caption": 0.0, "gan": 1.0},
+    "full": {"caption": 1.0, "gan": 1.0},
+}
+GRID_TEXTS = {
+    "demo": ["a large red circle", "a small blue square in the top left corner", "two green stars",
+             "a white cross and a yellow triangle", "three purple shapes"],
+    "emoji": ["red apple", "smiling face with heart eyes", "blue heart", "dog face", "sun"],
+}
+
+
+def data_overrides(dataset: str) -> list[str]:
+    if dataset == "demo":
+        return []
+    from real_data import prepare
+
+    info = prepare(dataset)
+    return [f"data={{format: karpathy, path: {info['path']}, image_root: {info['image_root']}, "
+            "val_max_images: 1000}",
+            # whole images, no random crops: what the real-data benchmark found for small images named by their
+            # captions (scratch_small's choice)
+            "transform.resize_policy=square", "transform.augment={crop: center, hflip: true, color_jitter: 0.0}"]
+
+
+def arm_overrides(arm: str) -> list[str]:
+    out = []
+    for stage in GENERATIVE_STAGES:
+        for term, weight in ARMS[arm].items():
+            out.append(f"train.stages[{stage}].objective.terms.{term}.weight={weight}")
+    return out
+
+
+def one_run(dataset: str, arm: str, seed: int, out_dir: str) -> dict:
+    import torch
+
+    from vsekit.captioning import Captioner
+    from vsekit.config import resolve_config
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+    from vsekit.train.trainer import Trainer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    overrides = [*data_overrides(dataset), *arm_overrides(arm), f"seed={seed}", "train.progress=false",
+                 f"output_dir={out_dir}"]
+    cfg = resolve_config(ROOT / "vsekit" / "configs" / "gxn_demo.yaml", overrides)
+    t0 = time.perf_counter()
+    Trainer(cfg).fit()
+    train_s = time.perf_counter() - t0
+    test_corpus = load_split(cfg.data, "test")
+    best = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
+    test = best.evaluate(test_corpus)
+    last_test = Embedder.from_checkpoint(Path(out_dir) / "last.pt").evaluate(test_corpus)
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["rsum"] for r in records if r["kind"] == "val"]
+    result = {"dataset": dataset, "arm": arm, "seed": seed, "test_rsum": test["rsum"], "test": test,
+              "last_test_rsum": last_test["rsum"], "val_rsum": vals, "best_epoch": vals.index(max(vals)) + 1,
+              "train_s": train_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "collapse_events": sum(r["kind"] == "collapse" for r in records)}
+    gan_keys = sorted({k for r in records if r["kind"] == "train" for k in r if k.startswith("gan_")})
+    result["gan_last_epoch"] = {k: statistics.mean(r[k] for r in records if r["kind"] == "train" and k in r
+                                                   and r["epoch"] == records[-1]["epoch"]) for k in gan_keys}
+    if ARMS[arm]["caption"]:
+        cap = Captioner.from_checkpoint(Path(out_dir) / "last.pt")
+        scores = cap.evaluate(test_corpus)
+        captions = cap.caption_corpus(test_corpus)
+        result["caption_test"] = {**scores, "distinct_captions": len(set(captions)),
+                                  "examples": captions[:5]}
+    if ARMS[arm]["gan"] and seed == 0:
+        from vsekit.imagine import Imaginer, image_grid
+
+        im = Imaginer.from_checkpoint(Path(out_dir) / "last.pt")
+        grid = RESULTS / f"gxn_ablation_{dataset}_{arm}_grid.png"
+        image_grid(im.generate(GRID_TEXTS[dataset], n=8, seed=0)).save(grid)
+        result["grid"] = str(grid.relative_to(HERE))
+    return result
+
+
+def cmd_one(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = one_run(args.dataset, args.arm, args.seed, str(Path(tmp) / "run"))
+    print("RESULT " + json.dumps(r))
+
+
+def _read() -> list[dict]:
+    return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+
+
+def _run_one(job: tuple[str, str, int], args) -> None:
+    dataset, arm, seed = job
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    p = subprocess.run([sys.executable, __file__, "one", dataset, arm, str(seed)], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        print(f"{dataset} {arm} seed {seed}: FAILED\n{p.stderr[-3000:]}", flush=True)
+        return
+    r = json.loads(lines[-1][7:])
+    r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {args.threads} thread(s)"
+    with _LOCK, OUT.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+    cap = r.get("caption_test")
+    print(f"{dataset:6s} {arm:10s} seed {seed}: test rsum {r['test_rsum']:.1f} (best epoch {r['best_epoch']}), "
+          f"val {[round(v, 1) for v in r['val_rsum']]}"
+          + (f", BLEU-4 {cap['bleu4']:.3f} CIDEr-D {cap['cider_d']:.3f}" if cap else "")
+          + f", {r['train_s']:.0f} s", flush=True)
+
+
+def cmd_run(args) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    done = {(r["dataset"], r["arm"], r["seed"]) for r in _read()}
+    jobs = [(d, a, s) for s in args.seeds for d in args.datasets for a in args.arms if (d, a, s) not in done]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: _run_one(job, args), jobs))
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def cmd_report(args) -> None:
+    rows = _read()
+    print("| collection | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-4 | "
+          "test CIDEr-D | distinct test captions | min / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dataset in ("demo", "emoji"):
+        for arm in ARMS:
+            rs = sorted((r for r in rows if r["dataset"] == dataset and r["arm"] == arm), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            caps = [r["caption_test"] for r in rs if "caption_test" in r]
+            cap_cols = (f"{statistics.mean(c['bleu4'] for c in caps):.3f} | "
+                        f"{statistics.mean(c['cider_d'] for c in caps):.3f} | "
+                        f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | "
+            print(f"| {dataset} | {arm} | {len(rs)} | {_mean_sd([r['test_rsum'] for r in rs])} | "
+                  f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
+                  f"{_mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
+                  f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=["demo", "emoji"])
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    r.set_defaults(fn=cmd_run)
+    o = sub.add_parser("one")
+    o.add_argument("dataset", choices=["demo", "emoji"])
+    o.add_argument("arm", choices=list(ARMS))
+    o.add_argument("seed", type=int)
+    o.set_defaults(fn=cmd_one)
+    sub.add_parser("report").set_defaults(fn=cmd_report)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
