@@ -78,6 +78,8 @@ def arm_overrides(arm: str) -> list[str]:
     for stage in GENERATIVE_STAGES:
         for term, weight in ARMS[arm].items():
             out.append(f"train.stages[{stage}].objective.terms.{term}.weight={weight}")
+        if not ARMS[arm]["gan"]:  # the generator's learning-rate multiplier has no parameters to name then
+            out.append(f"train.stages[{stage}].optim.lr_mult={{}}")
     return out
 
 

@@ -12,7 +12,7 @@ same number of epochs, per seed:
   vseinf     fc + MLP per region, GPO / bi-GRU + GPO / cosine
   vsrn       GCN region reasoning + GRU / GRU / cosine, + the caption-decoder term (weight 1)
   sgr, saf   regions / words / the learned SGR or SAF similarity network (sim_dim 32, as the demo recipes:
-             at the paper's 256 one run would take most of an hour on these 2 cores)
+             at the paper's 256 one run would take most of an hour on these 2 cores), batch 32
 
 Losses: ``vsepp`` = VSE++ max of hinges (margin 0.2), ``lseh`` = LSEH (alpha 0.185, lambda 0.025), both after one
 epoch of the sum of hinges (with hardest negatives from the first step, the max of hinges collapsed here from
@@ -53,15 +53,18 @@ RESULTS = HERE / "results"
 OUT = RESULTS / "networks.jsonl"
 _LOCK = threading.Lock()
 
+# every (image, caption) pair of a batch goes through SGRAF's network: B^2 pairs a step, 23 pairs/s at B = 128
+# on one core here (a 4-epoch run would take 17 min), so SGR and SAF train on batches of 32 (sgr_demo's size)
+SGRAF_BATCH = ["train.batch_size=32"]
 NETWORKS: dict[str, list[str]] = {
     "vsepp": ["model.image_encoder={name: precomp, pooling: flatten}", "model.text_encoder={name: gru}"],
     "vseinf": ["model.image_encoder={name: vse_infty}", "model.text_encoder={name: bigru_gpo}"],
     "vsrn": ["model.image_encoder={name: vsrn}", "model.text_encoder={name: gru}",
              "objective.terms.caption={weight: 1.0, condition: context, mode: xe}"],
     "sgr": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
-            "model.similarity={name: sgr, sim_dim: 32, sgr_step: 3}"],
+            "model.similarity={name: sgr, sim_dim: 32, sgr_step: 3}", *SGRAF_BATCH],
     "saf": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
-            "model.similarity={name: saf, sim_dim: 32}"],
+            "model.similarity={name: saf, sim_dim: 32}", *SGRAF_BATCH],
 }
 LOSSES = {  # both after one epoch of sum of hinges (from random weights the max of hinges collapses here)
     "vsepp": ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1}"],
@@ -121,7 +124,8 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
     to95 = next(i + 1 for i, v in enumerate(vals) if v >= 0.95 * best)
     return {"network": network, "loss": loss, "seed": seed, "epochs": epochs, "test_rsum": test["rsum"],
             "test": test, "val_rsum": vals, "best_val_rsum": best, "epochs_to_95": to95,
-            "step_s": 128 / statistics.median(rates) if rates else None, "train_s": train_s, "test_eval_s": eval_s,
+            "step_s": cfg.train.batch_size / statistics.median(rates) if rates else None,
+            "batch_size": cfg.train.batch_size, "train_s": train_s, "test_eval_s": eval_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "collapse_events": sum(r["kind"] == "collapse" for r in records)}
 
@@ -165,9 +169,11 @@ def cmd_run(args) -> None:
 
 def cmd_report(args) -> None:
     rows = _read()
-    print("| network | loss | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
+    longest = {n: max(r["epochs"] for r in rows if r["network"] == n) for n in {r["network"] for r in rows}}
+    rows = [r for r in rows if r["epochs"] == longest[r["network"]]]  # each network's longest schedule
+    print("| network | loss | epochs | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
           "peak RSS (MB) | collapse events |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for network in NETWORKS:
         for loss in LOSSES:
             rs = [r for r in rows if r["network"] == network and r["loss"] == loss]
@@ -175,7 +181,7 @@ def cmd_report(args) -> None:
                 continue
             t = [r["test_rsum"] for r in rs]
             sd = statistics.stdev(t) if len(t) > 1 else 0.0
-            print(f"| {network} | {loss} | {len(rs)} | {statistics.mean(t):.1f} ± {sd:.1f} | "
+            print(f"| {network} | {loss} | {rs[0]['epochs']} | {len(rs)} | {statistics.mean(t):.1f} ± {sd:.1f} | "
                   f"{statistics.mean(r['best_val_rsum'] for r in rs):.1f} | "
                   f"{statistics.mean(r['epochs_to_95'] for r in rs):.1f} | "
                   f"{statistics.median(r['step_s'] for r in rs):.3f} | "
