@@ -23,28 +23,16 @@ BLEU-4 / CIDEr-D of ``last.pt`` on the test images. ``grid`` writes a sample gri
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from _jobs import HERE, RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
 
-RESULTS = HERE / "results"
 OUT = RESULTS / "gxn_ablation.jsonl"
-_LOCK = threading.Lock()
 GENERATIVE_STAGES = (1, 2)  # imagine_xe, imagine_scst
 
 ARMS: dict[str, dict[str, float]] = {  # the generative terms' weights in the generative stages
@@ -129,50 +117,24 @@ def one_run(dataset: str, arm: str, seed: int, out_dir: str) -> dict:
 
 
 def cmd_one(args) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        r = one_run(args.dataset, args.arm, args.seed, str(Path(tmp) / "run"))
-    print("RESULT " + json.dumps(r))
+    print_result(one_run, args.dataset, args.arm, args.seed)
 
 
-def _read() -> list[dict]:
-    return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
-
-
-def _run_one(job: tuple[str, str, int], args) -> None:
-    dataset, arm, seed = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    p = subprocess.run([sys.executable, __file__, "one", dataset, arm, str(seed)], env=env, cwd=ROOT,
-                       capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        print(f"{dataset} {arm} seed {seed}: FAILED\n{p.stderr[-3000:]}", flush=True)
-        return
-    r = json.loads(lines[-1][7:])
-    r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {args.threads} thread(s)"
-    with _LOCK, OUT.open("a") as f:
-        f.write(json.dumps(r) + "\n")
+def _summary(r: dict) -> str:
     cap = r.get("caption_test")
-    print(f"{dataset:6s} {arm:10s} seed {seed}: test rsum {r['test_rsum']:.1f} (best epoch {r['best_epoch']}), "
-          f"val {[round(v, 1) for v in r['val_rsum']]}"
-          + (f", BLEU-4 {cap['bleu4']:.3f} CIDEr-D {cap['cider_d']:.3f}" if cap else "")
-          + f", {r['train_s']:.0f} s", flush=True)
+    return (f"{r['dataset']:6s} {r['arm']:10s} seed {r['seed']}: test rsum {r['test_rsum']:.1f} (best epoch "
+            f"{r['best_epoch']}), val {[round(v, 1) for v in r['val_rsum']]}"
+            + (f", BLEU-4 {cap['bleu4']:.3f} CIDEr-D {cap['cider_d']:.3f}" if cap else "") + f", {r['train_s']:.0f} s")
 
 
 def cmd_run(args) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    done = {(r["dataset"], r["arm"], r["seed"]) for r in _read()}
+    done = {(r["dataset"], r["arm"], r["seed"]) for r in read_results(OUT)}
     jobs = [(d, a, s) for s in args.seeds for d in args.datasets for a in args.arms if (d, a, s) not in done]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: _run_one(job, args), jobs))
-
-
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
 
 
 def cmd_report(args) -> None:
-    rows = _read()
+    rows = read_results(OUT)
     print("| collection | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-4 | "
           "test CIDEr-D | distinct test captions | min / run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -185,28 +147,18 @@ def cmd_report(args) -> None:
             cap_cols = (f"{statistics.mean(c['bleu4'] for c in caps):.3f} | "
                         f"{statistics.mean(c['cider_d'] for c in caps):.3f} | "
                         f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | "
-            print(f"| {dataset} | {arm} | {len(rs)} | {_mean_sd([r['test_rsum'] for r in rs])} | "
+            print(f"| {dataset} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
                   f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
-                  f"{_mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
+                  f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
                   f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
+    p, _, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
+                           one_args=[("dataset", {"choices": ["demo", "emoji"]}), ("arm", {"choices": list(ARMS)}),
+                                     ("seed", {"type": int})])
     r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=["demo", "emoji"])
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    r.set_defaults(fn=cmd_run)
-    o = sub.add_parser("one")
-    o.add_argument("dataset", choices=["demo", "emoji"])
-    o.add_argument("arm", choices=list(ARMS))
-    o.add_argument("seed", type=int)
-    o.set_defaults(fn=cmd_one)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)
 

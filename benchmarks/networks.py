@@ -28,30 +28,19 @@ process's peak memory (each run is a subprocess).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from real_data import cache_dir, prepare
 
-from real_data import cache_dir, prepare  # noqa: E402
-
-RESULTS = HERE / "results"
 OUT = RESULTS / "networks.jsonl"
-_LOCK = threading.Lock()
 
 # every (image, caption) pair of a batch goes through SGRAF's network: B^2 pairs a step, 23 pairs/s at B = 128
 # on one core here (a 4-epoch run would take 17 min), so SGR and SAF train on batches of 32 (sgr_demo's size)
@@ -131,44 +120,24 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
 
 
 def cmd_one(args) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        r = one_run(args.network, args.loss, args.seed, args.epochs, str(Path(tmp) / "run"))
-    print("RESULT " + json.dumps(r))
+    print_result(one_run, args.network, args.loss, args.seed, args.epochs)
 
 
-def _read() -> list[dict]:
-    return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
-
-
-def _run_one(job: tuple[str, str, int], args) -> None:
-    network, loss, seed = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    p = subprocess.run([sys.executable, __file__, "one", network, loss, str(seed), str(args.epochs)],
-                       env=env, cwd=ROOT, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        print(f"{network} {loss} seed {seed}: FAILED\n{p.stderr[-2000:]}", flush=True)
-        return
-    r = json.loads(lines[-1][7:])
-    r["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {args.threads} thread(s)"
-    with _LOCK, OUT.open("a") as f:
-        f.write(json.dumps(r) + "\n")
-    print(f"{network:7s} {loss:6s} seed {seed}: test rsum {r['test_rsum']:.1f}, best val "
-          f"{r['best_val_rsum']:.1f} at 95% after {r['epochs_to_95']} ep, step {r['step_s']:.3f}s, "
-          f"{r['peak_rss_mb']:.0f} MB, {r['train_s']:.0f} s", flush=True)
+def _summary(r: dict) -> str:
+    return (f"{r['network']:7s} {r['loss']:6s} seed {r['seed']}: test rsum {r['test_rsum']:.1f}, best val "
+            f"{r['best_val_rsum']:.1f} at 95% after {r['epochs_to_95']} ep, step {r['step_s']:.3f}s, "
+            f"{r['peak_rss_mb']:.0f} MB, {r['train_s']:.0f} s")
 
 
 def cmd_run(args) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    done = {(r["network"], r["loss"], r["seed"], r["epochs"]) for r in _read()}
-    jobs = [(n, lo, s) for s in args.seeds for n in args.networks for lo in args.losses
+    done = {(r["network"], r["loss"], r["seed"], r["epochs"]) for r in read_results(OUT)}
+    jobs = [(n, lo, s, args.epochs) for s in args.seeds for n in args.networks for lo in args.losses
             if (n, lo, s, args.epochs) not in done]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: _run_one(job, args), jobs))
+    run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
 
 
 def cmd_report(args) -> None:
-    rows = _read()
+    rows = read_results(OUT)
     longest = {n: max(r["epochs"] for r in rows if r["network"] == n) for n in {r["network"] for r in rows}}
     rows = [r for r in rows if r["epochs"] == longest[r["network"]]]  # each network's longest schedule
     print("| network | loss | epochs | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
@@ -179,9 +148,7 @@ def cmd_report(args) -> None:
             rs = [r for r in rows if r["network"] == network and r["loss"] == loss]
             if not rs:
                 continue
-            t = [r["test_rsum"] for r in rs]
-            sd = statistics.stdev(t) if len(t) > 1 else 0.0
-            print(f"| {network} | {loss} | {rs[0]['epochs']} | {len(rs)} | {statistics.mean(t):.1f} ± {sd:.1f} | "
+            print(f"| {network} | {loss} | {rs[0]['epochs']} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
                   f"{statistics.mean(r['best_val_rsum'] for r in rs):.1f} | "
                   f"{statistics.mean(r['epochs_to_95'] for r in rs):.1f} | "
                   f"{statistics.median(r['step_s'] for r in rs):.3f} | "
@@ -189,27 +156,16 @@ def cmd_report(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
+                             one_args=[("network", {}), ("loss", {}), ("seed", {"type": int}),
+                                       ("epochs", {"type": int})])
+    r.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    r.add_argument("--losses", nargs="+", default=list(LOSSES))
+    r.add_argument("--epochs", type=int, default=4)
     a = sub.add_parser("prepare")
     a.add_argument("--cnn-epochs", type=int, default=8)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(fn=cmd_prepare)
-    r = sub.add_parser("run")
-    r.add_argument("--networks", nargs="+", default=list(NETWORKS))
-    r.add_argument("--losses", nargs="+", default=list(LOSSES))
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--epochs", type=int, default=4)
-    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    r.set_defaults(fn=cmd_run)
-    o = sub.add_parser("one")
-    o.add_argument("network")
-    o.add_argument("loss")
-    o.add_argument("seed", type=int)
-    o.add_argument("epochs", type=int)
-    o.set_defaults(fn=cmd_one)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)
 

@@ -1,0 +1,87 @@
+"""Benchmark runs as subprocesses, a few at a time, each appending one JSON line of results.
+
+A script exposes a ``one ARG...`` sub-command that trains one configuration in a temporary folder and prints
+``RESULT {json}`` (:func:`print_result`); :func:`run_jobs` starts ``script one ARG...`` for every job not yet
+in the results file, ``parallel`` at a time with ``threads`` torch threads each, and appends each result with
+the machine's description. A failed run is reported with the end of its stderr and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+if str(ROOT) not in sys.path:  # the checkout's vsekit, also when it is not installed
+    sys.path.insert(0, str(ROOT))
+_LOCK = threading.Lock()
+
+
+def job_commands(doc: str, *, run: Callable, one: Callable, report: Callable,
+                 one_args: Sequence[tuple[str, dict[str, Any]]]):
+    """The ``run`` / ``one`` / ``report`` sub-commands of a benchmark: returns (parser, subparsers, run's parser)
+    for the script to add its own options; ``run`` has --seeds, --threads (per run) and --jobs (at a time)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    r.set_defaults(fn=run)
+    o = sub.add_parser("one")
+    for name, options in one_args:
+        o.add_argument(name, **options)
+    o.set_defaults(fn=one)
+    sub.add_parser("report").set_defaults(fn=report)
+    return p, sub, r
+
+
+def mean_sd(values: Sequence[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def print_result(fn: Callable[..., dict], *args: Any) -> None:
+    """Run ``fn(*args, out_dir)`` in a temporary folder and print its result for :func:`run_jobs`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fn(*args, str(Path(tmp) / "run"))
+    print("RESULT " + json.dumps(result))
+
+
+def run_jobs(script: str | Path, jobs: Sequence[Sequence[Any]], out: Path, *, threads: int, parallel: int,
+             summary: Callable[[dict], str], cwd: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {parallel} job(s) of {threads} thread(s)"
+
+    def one(job: Sequence[Any]) -> None:
+        p = subprocess.run([sys.executable, str(script), "one", *map(str, job)], env=env, cwd=cwd,
+                           capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            print(f"{' '.join(map(str, job))}: FAILED\n{p.stderr[-3000:]}", flush=True)
+            return
+        result = {**json.loads(lines[-1][len("RESULT "):]), "machine": machine}
+        with _LOCK, out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(summary(result), flush=True)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, jobs))
