@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_index import INDEX_IMAGES, build_demo_index, trained_checkpoint
+from test_index import INDEX_IMAGES, build_demo_index
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,13 +32,12 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, mp):
+def server(ckpt, tmp_path_factory):
     """``vsekit serve``'s app under uvicorn in a background thread, on a free port of 127.0.0.1."""
     import uvicorn
 
     from vsekit.serve.app import create_app
 
-    ckpt = trained_checkpoint(tmp_path_factory, mp)
     index_dir = build_demo_index(ckpt, tmp_path_factory.mktemp("browser") / "demo")
     app = create_app(index_dir)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_index import INDEX_IMAGES, build_demo_index, cli, foreign_checkpoint, trained_checkpoint
+from test_index import INDEX_IMAGES, build_demo_index, cli, foreign_checkpoint
 
 from vsekit.index import SearchIndex, SearchIndexError, read_manifest, store
 from vsekit.index.backends import (
@@ -28,16 +28,6 @@ from vsekit.inference import Embedder
 qdrant_client = pytest.importorskip("qdrant_client")  # installed by `make test` (the qdrant extra)
 
 QUERIES = ["a red circle left of a square", "two blue shapes", "a big yellow triangle", "a purple star"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, mp) -> Path:
-    return trained_checkpoint(tmp_path_factory, mp)
-
-
-@pytest.fixture(scope="module")
-def emb(ckpt) -> Embedder:
-    return Embedder.from_checkpoint(ckpt, device="cpu")
 
 
 @pytest.fixture(scope="module")

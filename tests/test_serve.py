@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_index import INDEX_IMAGES, build_demo_index, cli, trained_checkpoint
+from test_index import INDEX_IMAGES, build_demo_index, cli
 
 from vsekit.index import SearchIndex
 from vsekit.inference import Embedder
@@ -22,11 +22,6 @@ from vsekit.serve.app import create_app
 MAX_UPLOAD = 64 * 1024
 MAX_QUERY = 50
 MAX_K = 20
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, mp) -> Path:
-    return trained_checkpoint(tmp_path_factory, mp)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,16 @@ seconds; the app is called in process.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from test_index import build_demo_index, trained_checkpoint
+from test_index import build_demo_index
 
 from vsekit.serve.app import create_app
 
 MAX_EXAMPLES = 30
 OPERATIONS = [("GET", "/health"), ("GET", "/search"), ("POST", "/search/image"), ("GET", "/images/{image_id}")]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, mp) -> Path:
-    return trained_checkpoint(tmp_path_factory, mp)
 
 
 @pytest.fixture(scope="module")

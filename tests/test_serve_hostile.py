@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_index import build_demo_index, cli, png_of_size, trained_checkpoint
+from test_index import build_demo_index, cli, png_of_size
 from test_serve import assert_json_error  # tests/ is on sys.path (no package)
 
 from vsekit.index import SearchIndex
@@ -20,11 +20,6 @@ from vsekit.inference import Embedder
 from vsekit.serve.app import create_app
 
 HUGE = [(100_000, 1), (40_000_000, 1), (1, 300_000)]  # the probes: a freeze, a 500, a MemoryError
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, mp) -> Path:
-    return trained_checkpoint(tmp_path_factory, mp)
 
 
 @pytest.fixture(scope="module")

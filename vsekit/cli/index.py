@@ -108,14 +108,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     from vsekit.index.build import add_to_index
-    from vsekit.index.store import read_manifest
+    from vsekit.index.store import SearchIndexError, read_manifest
     from vsekit.inference import Embedder
+    from vsekit.utils import distributed
 
-    manifest = read_manifest(args.index)
-    path = args.checkpoint or manifest["checkpoint"]
+    recorded = distributed.run_on_main(lambda: read_manifest(args.index)["checkpoint"])  # rank 0 reads the index
+    path = args.checkpoint or recorded
     if not path:
-        from vsekit.index.store import SearchIndexError
-
         raise SearchIndexError(f"{args.index}: the manifest names no checkpoint; pass --checkpoint")
     emb = Embedder.from_checkpoint(path, device=args.device, **_legacy(args))
     corpus, source = _load_source(args, emb)

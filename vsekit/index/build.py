@@ -14,9 +14,11 @@ reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.sear
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from vsekit.index.store import (
     write_lock,
 )
 from vsekit.models.local_sets import DTYPES, LocalSets
+from vsekit.utils import distributed
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
 
@@ -107,34 +110,41 @@ def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> tu
     return index, records
 
 
-def _encode(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None,
-            batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    images = embedder.encode_corpus_images(corpus, batch_size=batch_size, progress=progress, rows=rows)
-    caps = None
+def _encode_any(embedder, corpus: Corpus, rows: Sequence[int], caption_index: Sequence[int] | None,
+                batch_size: int, progress: bool, dtype: str) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                      dict[str, LocalSets]]:
+    """Embeddings of the given images and captions, and for a model with a similarity network their local sets.
+
+    Under torchrun each process encodes a contiguous block of the images and one of the captions
+    (:func:`~vsekit.utils.distributed.map_blocks`); rank 0 gets them all, in order, the others (None, None, {})."""
+    learned = embedder.learned_similarity
+    opts = {"batch_size": batch_size, "progress": progress, **({"dtype": dtype} if learned else {})}
+
+    def images(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
+        if learned:
+            return embedder.encode_corpus_image_parts(corpus, rows=block, **opts)
+        return embedder.encode_corpus_images(corpus, rows=block, **opts), None
+
+    def captions(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
+        texts = [corpus.captions[j] for j in block]
+        if learned:
+            return embedder.encode_caption_parts(texts, **opts)
+        return embedder.encode_captions(texts, **opts), None
+
+    img, img_sets = distributed.map_blocks(images, rows, _join_blocks) or (None, None)
+    cap, cap_sets = (None, None)
     if caption_index is not None:
-        caps = embedder.encode_captions([corpus.captions[j] for j in caption_index], batch_size=batch_size,
-                                        progress=progress)
-    return images.astype(np.float32, copy=False), caps
+        cap, cap_sets = distributed.map_blocks(captions, caption_index, _join_blocks) or (None, None)
+    sets = {t: v for t, v in (("images", img_sets), ("captions", cap_sets)) if v is not None}
+    return img, cap, sets
 
 
-def _encode_with_sets(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None,
-                      batch_size: int, progress: bool, dtype: str) -> tuple[np.ndarray, np.ndarray | None,
-                                                                               dict[str, LocalSets]]:
-    """Embeddings and local sets of the given images and captions, for a model with a similarity network."""
-    images, sets = embedder.encode_corpus_image_parts(corpus, batch_size=batch_size, progress=progress, rows=rows,
-                                                      dtype=dtype)
-    out, caps = {"images": sets}, None
-    if caption_index is not None:
-        caps, out["captions"] = embedder.encode_caption_parts([corpus.captions[j] for j in caption_index],
-                                                              batch_size=batch_size, progress=progress, dtype=dtype)
-    return images, caps, out
-
-
-def _encode_any(embedder, corpus: Corpus, rows: list[int], caption_index: list[int] | None, batch_size: int,
-                progress: bool, dtype: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, LocalSets]]:
-    if embedder.learned_similarity:
-        return _encode_with_sets(embedder, corpus, rows, caption_index, batch_size, progress, dtype)
-    return (*_encode(embedder, corpus, rows, caption_index, batch_size, progress), {})
+def _join_blocks(parts: list[tuple[np.ndarray, LocalSets | None]]) -> tuple[np.ndarray, LocalSets | None]:
+    """The embeddings (and local sets) of consecutive blocks of items, as those of all the items."""
+    vectors = np.concatenate([v for v, _ in parts])
+    if parts[0][1] is None:
+        return vectors, None
+    return vectors, LocalSets.concat([s for _, s in parts])
 
 
 def _commit(index_dir: Path, vector_store: Backend, data: IndexData, manifest: dict[str, Any],
@@ -159,20 +169,59 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     (recorded in the manifest, the default of every search) is how many shortlisted items each query reranks
     through the network; ``context_dtype`` how the local sets are stored (``float16`` halves their size; the
     scores then move in the third or fourth decimal).
+
+    Under torchrun every process encodes a block of the collection, and rank 0 alone opens the backend and
+    writes the index (the others do not touch ``out``); every process returns the manifest.
     """
     out = Path(out)
-    params = params or AnnParams()
-    config = backend or LocalConfig()
+    with_captions = _check_build(embedder, corpus, kind, captions, rerank, context_dtype)  # alike on every process
+    learned = embedder.learned_similarity
+    targets = TARGETS if with_captions else ("images",)
+    # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
+    # does not answer) comes before the encoding, not after it; a similarity network's shortlist ranks by the
+    # inner product of the pooled embeddings
+    vector_store = distributed.run_on_main(
+        lambda: _open_output(out, overwrite, backend or LocalConfig(), kind=kind, params=params or AnnParams(),
+                             similarity="cosine" if learned else embedder.similarity, targets=targets,
+                             config=embedder.config if learned else None),
+        share=lambda _: None)
+    try:
+        rows = list(range(corpus.num_images))
+        ids = list(corpus.image_ids)
+        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
+
+        def commit() -> dict[str, Any]:
+            manifest = _new_manifest(embedder, int(img.shape[1]), source or corpus.name)
+            if learned:
+                manifest.update(rerank=int(rerank), context_dtype=context_dtype)
+            data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
+            return _build_and_commit(out, vector_store, data, manifest)
+
+        return distributed.run_on_main(commit)
+    finally:
+        if vector_store is not None:
+            vector_store.close()
+
+
+def _check_build(embedder, corpus: Corpus, kind: str, captions: bool | None, rerank: Any,
+                 context_dtype: str) -> bool:
+    """Refuse what a build cannot do, from the arguments alone; returns whether captions are indexed."""
     if kind not in KINDS:
         raise SearchIndexError(f"unknown index kind {kind!r}; known kinds: {', '.join(KINDS)}")
     if captions and not corpus.num_captions:
         raise SearchIndexError(f"{corpus.name} has no captions to index")
-    with_captions = bool(corpus.num_captions) if captions is None else captions
     _check_can_encode(embedder, corpus)
-    learned = embedder.learned_similarity
-    if learned:
+    if embedder.learned_similarity:
         _check_rerank_options(rerank, context_dtype)
-        _warn_if_shortlist_untrained(embedder.config)
+    return bool(corpus.num_captions) if captions is None else captions
+
+
+def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=None, **options) -> Backend:
+    """The backend a new index at ``out`` writes to, after checking that ``out`` may be written (rank 0's
+    part of a build); ``config``: a similarity network's run config, to warn of an untrained shortlist."""
+    if config is not None:
+        _warn_if_shortlist_untrained(config)
     if (out / MANIFEST).exists() and not overwrite:
         raise SearchIndexError(f"{out} already holds an index; pass --overwrite to replace it, or use "
                                "`vsekit index add` to add images to it")
@@ -180,35 +229,20 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
         raise SearchIndexError(f"{out}: exists and is not a folder")
     if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
+    return create_backend(backend, index_dir=out, overwrite=overwrite, **options)
 
-    # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
-    # does not answer) comes before the encoding, not after it
-    targets = TARGETS if with_captions else ("images",)
-    # a similarity network's shortlist ranks by the inner product of the pooled embeddings
-    vector_store = create_backend(config, index_dir=out, kind=kind, params=params,
-                                  similarity="cosine" if learned else embedder.similarity, targets=targets,
-                                  overwrite=overwrite)
-    try:
-        rows = list(range(corpus.num_images))
-        ids = list(corpus.image_ids)
-        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
-        ckpt = embedder.checkpoint_path
-        manifest = {
-            "fingerprint": embedder.fingerprint,
-            "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-            "similarity": embedder.similarity,
-            "dim": int(img.shape[1]),
-            "sources": [source or corpus.name],
-            "created": _now(),
-            "updated": _now(),
-        }
-        if learned:
-            manifest.update(rerank=int(rerank), context_dtype=context_dtype)
-        data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
-        return _build_and_commit(out, vector_store, data, manifest)
-    finally:
-        vector_store.close()
+
+def _new_manifest(embedder, dim: int, source: str) -> dict[str, Any]:
+    ckpt = embedder.checkpoint_path
+    return {
+        "fingerprint": embedder.fingerprint,
+        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+        "similarity": embedder.similarity,
+        "dim": dim,
+        "sources": [source],
+        "created": _now(),
+        "updated": _now(),
+    }
 
 
 def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
@@ -280,34 +314,66 @@ def _unique(candidate: str, taken: set[str]) -> str:
     return f"{candidate}~{n}"
 
 
+@dataclass
+class _Addition:
+    """What ``add`` does, as rank 0 found it under the write lock: the manifest, the corpus rows to add and
+    their ids; on rank 0 also the index's data and its backend (not sent to the other processes)."""
+
+    manifest: dict[str, Any]
+    rows: list[int]
+    ids: list[str]
+    old: IndexData | None = None
+    vector_store: Backend | None = None
+
+    def shared(self) -> _Addition:
+        return _Addition(self.manifest, self.rows, self.ids)
+
+
 def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size: int = 128,
                  progress: bool = True, source: str | None = None) -> tuple[dict[str, Any], int, int]:
     """Add the images of ``corpus`` that the index does not hold yet (same file, or for precomputed
-    features the same id); only those are encoded. Returns (manifest, added, skipped)."""
+    features the same id); only those are encoded. Returns (manifest, added, skipped).
+
+    Under torchrun rank 0 alone reads and writes the index (holding its write lock throughout) and every
+    process encodes a block of the new images."""
     index_dir = Path(index_dir)
-    with write_lock(index_dir):
-        manifest = read_manifest(index_dir)
-        check_model(manifest, embedder, index_dir)
-        check_local_sets(manifest, embedder, index_dir)
-        _check_can_encode(embedder, corpus)
-        old = load_data(index_dir, manifest, mmap=True)
-        rows, ids = _new_images(old, corpus)
-        skipped = corpus.num_images - len(rows)
-        if not rows:
-            return manifest, 0, skipped
-        vector_store = open_backend(manifest, old)  # before encoding: a backend that cannot serve says so
-        try:
-            with_captions = bool(manifest.get("has_captions"))
-            cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-            img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress,
-                                         manifest.get("context_dtype", "float32"))
-            data = vector_store.add(old, IndexData(img, _image_records(corpus, rows, ids), cap, cap_records))
-            data.sets = {t: LocalSets.concat([old.sets[t], new]) for t, new in sets.items()}
-            manifest = {**manifest, "updated": _now(),
-                        "sources": [*manifest.get("sources", []), source or corpus.name]}
-            return _commit(index_dir, vector_store, data, manifest, manifest), len(rows), skipped
-        finally:
-            vector_store.close()
+    with contextlib.ExitStack() as held:  # rank 0's write lock and backend, until the commit
+        plan = distributed.run_on_main(lambda: _plan_addition(index_dir, embedder, corpus, held),
+                                       share=_Addition.shared)
+        skipped = corpus.num_images - len(plan.rows)
+        if not plan.rows:
+            return plan.manifest, 0, skipped
+        with_captions = bool(plan.manifest.get("has_captions"))
+        cap_index, cap_records = _caption_rows(corpus, plan.rows, plan.ids) if with_captions else (None, None)
+        img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,
+                                     plan.manifest.get("context_dtype", "float32"))
+
+        def commit() -> dict[str, Any]:
+            new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records)
+            data = plan.vector_store.add(plan.old, new)
+            data.sets = {t: LocalSets.concat([plan.old.sets[t], s]) for t, s in sets.items()}
+            manifest = {**plan.manifest, "updated": _now(),
+                        "sources": [*plan.manifest.get("sources", []), source or corpus.name]}
+            return _commit(index_dir, plan.vector_store, data, manifest, manifest)
+
+        return distributed.run_on_main(commit), len(plan.rows), skipped
+
+
+def _plan_addition(index_dir: Path, embedder, corpus: Corpus, held: contextlib.ExitStack) -> _Addition:
+    """Take the index's write lock (into ``held``), check the model and find the new images; opens the
+    backend (into ``held``) when there are some: a backend that cannot serve says so before encoding."""
+    held.enter_context(write_lock(index_dir))
+    manifest = read_manifest(index_dir)
+    check_model(manifest, embedder, index_dir)
+    check_local_sets(manifest, embedder, index_dir)
+    _check_can_encode(embedder, corpus)
+    old = load_data(index_dir, manifest, mmap=True)
+    rows, ids = _new_images(old, corpus)
+    plan = _Addition(manifest, rows, ids, old)
+    if rows:
+        plan.vector_store = open_backend(manifest, old)
+        held.callback(plan.vector_store.close)
+    return plan
 
 
 def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
@@ -332,11 +398,15 @@ def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
 def remove_from_index(index_dir: str | Path, ids: Iterable[str] = (),
                       paths: Iterable[str | Path] = ()) -> tuple[dict[str, Any], int]:
     """Remove images (and their captions) by id or by file path. Unknown ids or paths are an error and
-    nothing is removed. Returns (manifest, number removed)."""
+    nothing is removed. Returns (manifest, number removed); under torchrun rank 0 alone writes."""
     index_dir = Path(index_dir)
     ids, paths = list(ids), [str(Path(p).resolve()) for p in paths]
     if not ids and not paths:
         raise SearchIndexError("nothing to remove: give --ids or --paths")
+    return distributed.run_on_main(lambda: _remove(index_dir, ids, paths))
+
+
+def _remove(index_dir: Path, ids: list[str], paths: list[str]) -> tuple[dict[str, Any], int]:
     with write_lock(index_dir):
         manifest = read_manifest(index_dir)
         old = load_data(index_dir, manifest, mmap=True)
