@@ -58,6 +58,10 @@ NETWORKS: dict[str, list[str]] = {
 LOSSES = {  # both after one epoch of sum of hinges (from random weights the max of hinges collapses here)
     "vsepp": ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1}"],
     "lseh": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max, warmup_epochs: 1}"],
+    # the sum over negatives throughout (VSE0, and LSEH's per-pair margins summed): what the SGRAF demo recipes
+    # train with, since SGRAF's scores collapsed under the max here
+    "vse0": ["loss={name: hinge, margin: 0.2, reduction: sum}"],
+    "lseh_sum": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: sum}"],
 }
 
 
@@ -89,6 +93,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
 
     from vsekit.config import resolve_config
     from vsekit.data.sources import load_split
+    from vsekit.errors import TrainingCollapsed
     from vsekit.inference import Embedder
     from vsekit.train.trainer import Trainer
 
@@ -100,7 +105,11 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
                  f"output_dir={out_dir}", *NETWORKS[network], *LOSSES[loss]]
     cfg = resolve_config(ROOT / "vsekit" / "configs" / "vsepp_base.yaml", overrides)
     t0 = time.perf_counter()
-    Trainer(cfg).fit()
+    stopped = None
+    try:
+        Trainer(cfg).fit()
+    except TrainingCollapsed as e:  # a result too: the detector stopped the run; its best checkpoint is kept
+        stopped = str(e).split(". Try")[0]
     train_s = time.perf_counter() - t0
     emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
     t1 = time.perf_counter()
@@ -116,7 +125,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
             "step_s": cfg.train.batch_size / statistics.median(rates) if rates else None,
             "batch_size": cfg.train.batch_size, "train_s": train_s, "test_eval_s": eval_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "collapse_events": sum(r["kind"] == "collapse" for r in records)}
+            "collapse_events": sum(r["kind"] == "collapse" for r in records), "stopped": stopped}
 
 
 def cmd_one(args) -> None:
@@ -141,8 +150,8 @@ def cmd_report(args) -> None:
     longest = {n: max(r["epochs"] for r in rows if r["network"] == n) for n in {r["network"] for r in rows}}
     rows = [r for r in rows if r["epochs"] == longest[r["network"]]]  # each network's longest schedule
     print("| network | loss | epochs | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
-          "peak RSS (MB) | collapse events |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "peak RSS (MB) | collapse events | runs stopped by the collapse detector |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for network in NETWORKS:
         for loss in LOSSES:
             rs = [r for r in rows if r["network"] == network and r["loss"] == loss]
@@ -152,7 +161,26 @@ def cmd_report(args) -> None:
                   f"{statistics.mean(r['best_val_rsum'] for r in rs):.1f} | "
                   f"{statistics.mean(r['epochs_to_95'] for r in rs):.1f} | "
                   f"{statistics.median(r['step_s'] for r in rs):.3f} | "
-                  f"{max(r['peak_rss_mb'] for r in rs):.0f} | {sum(r['collapse_events'] for r in rs)} |")
+                  f"{max(r['peak_rss_mb'] for r in rs):.0f} | {sum(r['collapse_events'] for r in rs)} | "
+                  f"{sum(bool(r.get('stopped')) for r in rs)} |")
+
+
+def cmd_paired(args) -> None:
+    """LSEH minus the VSE++ loss, seed by seed (the same seed: the same initial weights and batch order)."""
+    rows = read_results(OUT)
+    print("| network | losses | epochs | test rsum difference per seed | mean | seeds where LSEH is ahead |")
+    print("|---|---|---|---|---|---|")
+    for network in NETWORKS:
+        for base, lseh in (("vsepp", "lseh"), ("vse0", "lseh_sum")):
+            by = {(r["loss"], r["seed"], r["epochs"]): r["test_rsum"] for r in rows if r["network"] == network}
+            pairs = sorted((s, e, by[(lseh, s, e)] - by[(base, s, e)]) for (lo, s, e) in by
+                           if lo == base and (lseh, s, e) in by)
+            if not pairs:
+                continue
+            epochs = max(e for _, e, _ in pairs)
+            d = [x for _, e, x in pairs if e == epochs]
+            print(f"| {network} | {lseh} − {base} | {epochs} | {', '.join(f'{x:+.1f}' for x in d)} | "
+                  f"{statistics.mean(d):+.1f} | {sum(x > 0 for x in d)} of {len(d)} |")
 
 
 def main() -> None:
@@ -160,8 +188,9 @@ def main() -> None:
                              one_args=[("network", {}), ("loss", {}), ("seed", {"type": int}),
                                        ("epochs", {"type": int})])
     r.add_argument("--networks", nargs="+", default=list(NETWORKS))
-    r.add_argument("--losses", nargs="+", default=list(LOSSES))
+    r.add_argument("--losses", nargs="+", default=["vsepp", "lseh"], choices=list(LOSSES))
     r.add_argument("--epochs", type=int, default=4)
+    sub.add_parser("paired").set_defaults(fn=cmd_paired)
     a = sub.add_parser("prepare")
     a.add_argument("--cnn-epochs", type=int, default=8)
     a.add_argument("--threads", type=int, default=2)
