@@ -97,9 +97,9 @@ def one_run(dataset: str, arm: str, seed: int, out_dir: str) -> dict:
               "last_test_rsum": last_test["rsum"], "val_rsum": vals, "best_epoch": vals.index(max(vals)) + 1,
               "train_s": train_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "collapse_events": sum(r["kind"] == "collapse" for r in records)}
-    gan_keys = sorted({k for r in records if r["kind"] == "train" for k in r if k.startswith("gan_")})
-    result["gan_last_epoch"] = {k: statistics.mean(r[k] for r in records if r["kind"] == "train" and k in r
-                                                   and r["epoch"] == records[-1]["epoch"]) for k in gan_keys}
+    last = [r for r in records if r["kind"] == "train" and r["epoch"] == records[-1]["epoch"]]
+    term_keys = sorted({k for r in last for k in r if k.startswith("term_")})
+    result["terms_last_epoch"] = {k: statistics.mean(r[k] for r in last if k in r) for k in term_keys}
     if ARMS[arm]["caption"]:
         cap = Captioner.from_checkpoint(Path(out_dir) / "last.pt")
         scores = cap.evaluate(test_corpus)
@@ -135,18 +135,19 @@ def cmd_run(args) -> None:
 
 def cmd_report(args) -> None:
     rows = read_results(OUT)
-    print("| collection | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-4 | "
+    print("| collection | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | test BLEU-4 | "
           "test CIDEr-D | distinct test captions | min / run |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dataset in ("demo", "emoji"):
         for arm in ARMS:
             rs = sorted((r for r in rows if r["dataset"] == dataset and r["arm"] == arm), key=lambda r: r["seed"])
             if not rs:
                 continue
             caps = [r["caption_test"] for r in rs if "caption_test" in r]
-            cap_cols = (f"{statistics.mean(c['bleu4'] for c in caps):.3f} | "
+            cap_cols = (f"{statistics.mean(c['bleu1'] for c in caps):.3f} | "
+                        f"{statistics.mean(c['bleu4'] for c in caps):.3f} | "
                         f"{statistics.mean(c['cider_d'] for c in caps):.3f} | "
-                        f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | "
+                        f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | | "
             print(f"| {dataset} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
                   f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
                   f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
