@@ -1,6 +1,7 @@
 """Search backends on learned embeddings: per-query latency (p50/p95, one query per call and batches of
 queries) and recall@10 against exact search, for vsekit's exact kind (NumPy on a memory map), the FAISS
-IndexFlatIP it replaced, FAISS IVF and HNSW, and Qdrant through the Python client's local mode.
+IndexFlatIP it replaced, FAISS IVF and HNSW, Qdrant through the Python client's local mode, and Qdrant's
+engine (HNSW) in-process.
 
 Data (learned, not i.i.d. random): the distinct captions of the demo set a checkpoint was trained on, embedded
 by that checkpoint (default ``runs/demo_vsepp/best.pt``: ``make demo``, i.e. ``vsekit train demo_vsepp``),
@@ -17,7 +18,10 @@ Every method is searched through vsekit's own classes where vsekit has one (``Nu
 opened with ``mmap_mode="r"``, ``build_faiss`` for FAISS, ``QdrantBackend`` on ``QdrantClient(":memory:")``),
 so the numbers include what vsekit adds (blocking, tie rule, the id -> row map of Qdrant hits). Qdrant's local
 mode is a brute-force NumPy scan in Python, *not* the server's HNSW: a server is needed to measure that (none
-is available here); pass ``--qdrant-url`` to measure one (untested here: no server). Local mode is loaded up
+is available here); pass ``--qdrant-url`` to measure one (untested here: no server). Qdrant's engine itself --
+its segments and HNSW, in-process, without the server's network layer -- is measured through
+``qdrant-edge-py`` (the ``bench`` extra: ``pip install -e '.[bench]'``; skipped with a message when absent),
+``--methods numpy qdrant-edge`` for that alone. Local mode is loaded up
 to 200K points only: its insert costs O(N) per point (half an hour for 1M here). HNSW is built up to 200K
 only (at 1M its build alone would take most of the time budget on two cores). Results:
 benchmarks/results/search_backends.json and .md, and the table in benchmarks/README.md.
@@ -59,6 +63,9 @@ def parse_args() -> argparse.Namespace:
                    help="largest N loaded into Qdrant's local mode: its insert is O(N) per point (the time per "
                         "10K points grows from 2 s at 10K to 7.6 s at 160K here), about half an hour for 1M")
     p.add_argument("--qdrant-url", help="also measure a Qdrant server (its HNSW) at this URL")
+    p.add_argument("--methods", nargs="+", default=["numpy", "faiss", "qdrant-local", "qdrant-edge"],
+                   choices=["numpy", "faiss", "qdrant-local", "qdrant-edge"],
+                   help="what to measure (numpy exact search is always the recall reference)")
     p.add_argument("--noise", type=float, default=0.05, help="norm s of the noise of the synthetic rows")
     p.add_argument("--out", default=str(RESULTS / "search_backends.json"))
     return p.parse_args()
@@ -224,6 +231,17 @@ def run_size(n: int, real: np.ndarray, queries: np.ndarray, tmp: Path, args: arg
     measure("numpy exact", "NumpyExact on memmap", lambda q: exact_backend.search("images", q, K), 0.0, anon0,
             "vsekit's exact kind: no second copy")
 
+    if "faiss" in args.methods:
+        _faiss_rows(x, n, args, measure)
+    if "qdrant-edge" in args.methods:
+        _qdrant_edge_rows(x, tmp / f"edge-{n}", measure)
+    _qdrant_client_rows(x, recs, n, args, measure)
+    x = None
+    gc.collect()
+    return rows
+
+
+def _faiss_rows(x: np.ndarray, n: int, args: argparse.Namespace, measure) -> None:
     gc.collect()
     anon0, t0 = anon_rss_gib(), time.perf_counter()
     flat = build_faiss(x, "exact", AnnParams())
@@ -252,9 +270,48 @@ def run_size(n: int, real: np.ndarray, queries: np.ndarray, tmp: Path, args: arg
                     build, anon0)
         hnsw = None
 
+
+def _qdrant_edge_rows(x: np.ndarray, path: Path, measure) -> None:
+    """Qdrant's own engine in-process (qdrant-edge-py: the server's segments and HNSW, no network hop), HNSW at
+    vsekit's ANN defaults (M 32, ef_construct 40), built on one thread, searched at ef 64 and 256."""
+    try:
+        import qdrant_edge as qe
+    except ImportError:
+        print("   qdrant edge      skipped: qdrant-edge-py is not installed (pip install -e '.[bench]')", flush=True)
+        return
+    p = AnnParams()
+    gc.collect()
+    anon0, t0 = anon_rss_gib(), time.perf_counter()
+    config = qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(size=x.shape[1], distance=qe.Distance.Dot),
+        hnsw_config=qe.HnswIndexConfig(m=p.hnsw_m, ef_construct=p.ef_construction, full_scan_threshold=1000,
+                                       max_indexing_threads=1),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1000, default_segment_number=1), max_search_threads=1)
+    shard = qe.EdgeShard.create(str(path), config)
+    for start in range(0, len(x), 10_000):
+        block = np.asarray(x[start:start + 10_000])
+        shard.update(qe.UpdateOperation.upsert_points([qe.Point(start + i, v.tolist()) for i, v in enumerate(block)]))
+    shard.optimize()  # builds the HNSW graph of the segments, blocking
+    build = time.perf_counter() - t0
+    segments = shard.info().segments_count
+
+    def search(queries: np.ndarray, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        requests = [qe.QueryRequest(limit=K, query=qe.Query.Nearest(v.tolist()), params=qe.SearchParams(hnsw_ef=ef))
+                    for v in queries]
+        hits = [shard.query(requests[0])] if len(requests) == 1 else shard.query_batch(qe.QueryBatchRequest(requests))
+        return (np.array([[h.score for h in r] for r in hits], np.float32),
+                np.array([[h.id for h in r] for r in hits], np.int64))
+
+    for ef in (64, 256):
+        measure("qdrant edge", f"HNSW M={p.hnsw_m} efC={p.ef_construction} ef={ef}", lambda q, e=ef: search(q, e),
+                build, anon0, f"Qdrant's engine in-process (qdrant-edge-py), {segments} segment(s)")
+    shard.close()
+
+
+def _qdrant_client_rows(x: np.ndarray, recs: list[dict], n: int, args: argparse.Namespace, measure) -> None:
     local = [("qdrant local", (":memory:",), "client's local mode: brute-force NumPy scan in Python, not the "
-              "server's HNSW")] if n <= args.qdrant_local_max else []
-    if not local:
+              "server's HNSW")] if n <= args.qdrant_local_max and "qdrant-local" in args.methods else []
+    if not local and "qdrant-local" in args.methods:
         print(f"   qdrant local     skipped: N > --qdrant-local-max {args.qdrant_local_max:,} (its insert is "
               "quadratic in N)", flush=True)
     server = [("qdrant server", (), f"server at {args.qdrant_url}: HNSW")] if args.qdrant_url else []
@@ -277,9 +334,6 @@ def run_size(n: int, real: np.ndarray, queries: np.ndarray, tmp: Path, args: arg
         client.delete_collection(f"bench-{n}")
         client.close()
         backend = client = None
-    x = None
-    gc.collect()
-    return rows
 
 
 def machine(args: argparse.Namespace) -> dict[str, str]:
@@ -289,8 +343,15 @@ def machine(args: argparse.Namespace) -> dict[str, str]:
     faiss_module().omp_set_num_threads(args.threads)
     info = search_speed_machine()
     info.pop("faiss_threads", None)
-    return {**info, "qdrant_client": version("qdrant-client"), "torch": torch.__version__,
-            "threads": str(args.threads)}
+    info = {**info, "qdrant_client": version("qdrant-client"), "torch": torch.__version__, "threads": str(args.threads)}
+    if "qdrant-edge" in args.methods:
+        from importlib.metadata import PackageNotFoundError
+
+        try:
+            info["qdrant_edge"] = version("qdrant-edge-py")
+        except PackageNotFoundError:
+            pass
+    return info
 
 
 def markdown(rows: list[dict]) -> str:
