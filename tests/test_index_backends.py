@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -338,9 +340,6 @@ def test_bad_qdrant_manifest_fields_are_named(shared_qdrant, tmp_path, change, f
 
 
 def test_a_local_mode_folder_used_by_another_process_is_a_clear_error(shared_qdrant, emb):
-    import subprocess
-    import sys
-
     folder = read_manifest(shared_qdrant)["qdrant"]["path"]
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, qdrant_client; c = qdrant_client.QdrantClient("
                                f"path={folder!r}); print('ready', flush=True); sys.stdin.read()"],
@@ -368,3 +367,11 @@ def test_the_server_serves_a_qdrant_index(shared_qdrant, emb):
             assert client.get("/health").json()["images"] == 3
     finally:
         sx.close()
+
+
+def test_a_local_client_left_open_is_closed_at_exit_without_an_error(tmp_path):
+    code = ("import sys; from vsekit.index.backends import _acquire_local; "
+            f"_acquire_local({str(tmp_path / 'q')!r}); print('opened')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "opened" in p.stdout
+    assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -25,6 +25,8 @@ returned; the next add or remove deletes them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import re
@@ -334,6 +336,19 @@ def _release_local(path: str) -> None:
         if entry[1] <= 0:
             del _LOCAL_CLIENTS[path]
             entry[0].close()
+
+
+@atexit.register
+def _close_local_clients() -> None:
+    """Close the local-mode clients still open when the process exits (e.g. a searcher nobody closed) while the
+    interpreter can still import: left to the client's ``__del__`` at shutdown, closing fails with a printed
+    ImportError."""
+    with _LOCAL_LOCK:
+        clients = [client for client, _ in _LOCAL_CLIENTS.values()]
+        _LOCAL_CLIENTS.clear()
+    for client in clients:
+        with contextlib.suppress(Exception):  # exiting: a client that cannot close has nothing left to lose
+            client.close()
 
 
 def _is_local(client: Any) -> bool:
