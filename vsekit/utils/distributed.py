@@ -242,14 +242,12 @@ def run_on_main(fn: Callable[[], R], share: Callable[[R], Any] = lambda result: 
     w = world()
     if not w.distributed:
         return fn()
-    result, error, box = None, None, [None]
+    result, shared, error = None, None, None
     if w.is_main:
         with alone():
             pair, error = _attempt(lambda: _with_share(fn(), share))
         result, shared = pair or (None, None)
-        box = [(shared, _describe(error))]
-    dist.broadcast_object_list(box, src=0)
-    shared, text = box[0]
+    shared, text = broadcast_object((shared, _describe(error)), src=0)
     _raise_first(error, [text], w.size)
     return result if w.is_main else shared
 
