@@ -153,6 +153,13 @@ class Objective(nn.Module):
     def active(self, name: str) -> bool:
         return bool(self.weights.get(name))
 
+    def set_epoch(self, epoch: int) -> None:
+        """The run's epoch (0-based), at the start of every epoch: the schedules inside the embedding term's
+        loss and the registered terms (e.g. a warm-up) follow it, as the ``loss:`` section's does."""
+        for name in ("embedding", *self.registered):
+            if name in self.terms:
+                self.terms[name].set_epoch(epoch)
+
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1] (epoch / epochs, or per step): drives the adversary's λ schedule."""
         self.progress = float(progress)
@@ -246,7 +253,6 @@ class Objective(nn.Module):
                 continue
             if batch is None:
                 raise ValueError(f"objective term {name!r} is on but no TermBatch was given")
-            self.terms[name].set_epoch(self.rank_loss.epoch)  # a term's schedule follows the run's epochs
             value = self.terms[name](term_out if term_out is not None else out, batch)
             if isinstance(value, tuple):
                 value, extra = value
@@ -258,7 +264,6 @@ class Objective(nn.Module):
 
     def _embedding(self, out: PairOutput, image_ids: Tensor, caption_vectors: Tensor | None) -> Tensor:
         term = self.terms["embedding"]
-        term.set_epoch(self.rank_loss.epoch)  # its schedule (e.g. a warm-up) follows the run's epochs
         if term.requires_caption_vectors and caption_vectors is None:
             raise ConfigError("objective.embedding.loss needs the LSA caption vectors, which the run computes only "
                               "for a `loss:` that needs them too (loss.name=lseh)")

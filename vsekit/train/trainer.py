@@ -534,6 +534,7 @@ class Trainer:
             if stage != self.stage_index:
                 self._apply_stage(stage)
             self.loss_fn.set_epoch(self.epoch)
+            self.objective.set_epoch(self.epoch)
             self.objective.set_progress(self.epoch / epochs)
             self._train_mode()
             if not self.train_one_epoch():
