@@ -171,8 +171,8 @@ def cmd_paired(args) -> None:
     print("| network | losses | epochs | test rsum difference per seed | mean | seeds where LSEH is ahead |")
     print("|---|---|---|---|---|---|")
     for network in NETWORKS:
+        by = {(r["loss"], r["seed"], r["epochs"]): r["test_rsum"] for r in rows if r["network"] == network}
         for base, lseh in (("vsepp", "lseh"), ("vse0", "lseh_sum")):
-            by = {(r["loss"], r["seed"], r["epochs"]): r["test_rsum"] for r in rows if r["network"] == network}
             pairs = sorted((s, e, by[(lseh, s, e)] - by[(base, s, e)]) for (lo, s, e) in by
                            if lo == base and (lseh, s, e) in by)
             if not pairs:
