@@ -21,26 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsekit.checkpoint import CheckpointError, load_checkpoint
-from vsekit.config import RunConfig
-from vsekit.config.resolve import stage_configs
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import ImageDataset, ImageSource, collate_images
-from vsekit.inference import Embedder, EncodeError
+from vsekit.inference import Embedder, EncodeError, first_stage_with_term, trained_term
 from vsekit.losses.caption import CaptionTerm
-from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
 from vsekit.text.caption_metrics import caption_scores
 from vsekit.utils.progress import iterate
 
 TERM = "caption"
-
-
-def caption_term_options(config: RunConfig) -> dict[str, Any] | None:
-    """The options the run built its caption term with (those of the first stage that switched it on),
-    or None when no stage did."""
-    for cfg in [*stage_configs(config), config]:
-        if cfg.objective.term_weight(TERM):
-            return term_options(cfg.objective.terms[TERM])
-    return None
 
 
 class Captioner:
@@ -56,20 +44,13 @@ class Captioner:
                         allow_legacy: bool = False) -> Captioner:
         state = load_checkpoint(path, allow_legacy=allow_legacy)
         embedder = Embedder.from_state(state, device)
-        options = caption_term_options(embedder.config)
-        saved = {k[len(TERM) + 1:]: v for k, v in (state.get("objective") or {}).items()
-                 if k.startswith(f"{TERM}.")}
-        if options is None or not saved:
+        first = first_stage_with_term(embedder.config, TERM)
+        if first is None:
             raise CheckpointError(f"{state['path']}: this checkpoint has no caption decoder (its run never "
                                   "switched on objective.terms.caption); train with a caption term, e.g. the "
                                   "gxn_* recipes")
-        term = OBJECTIVE_TERMS.build({"name": TERM, **options}, embed_size=embedder.config.model.embed_size,
-                                     vocab=embedder.vocab, corpus=None, feature_shape=embedder.feature_shape)
-        try:
-            term.load_state_dict(saved)
-        except RuntimeError as e:
-            raise CheckpointError(f"{state['path']}: its caption decoder does not fit the options in its config: "
-                                  f"{str(e).splitlines()[0]}") from None
+        term = trained_term(state, TERM, first[0], "caption decoder", embed_size=embedder.config.model.embed_size,
+                            vocab=embedder.vocab, corpus=None, feature_shape=embedder.feature_shape)
         return cls(embedder, term)
 
     @property

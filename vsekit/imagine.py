@@ -16,11 +16,8 @@ import torch
 
 from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig
-from vsekit.config.resolve import stage_configs
-from vsekit.errors import ConfigError
-from vsekit.inference import Embedder
+from vsekit.inference import Embedder, first_stage_with_term, trained_term
 from vsekit.losses.gan import TextToImageGAN
-from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
 
 TERM = "gan"
 MAX_TEXTS = 32  # rows of one grid
@@ -29,22 +26,12 @@ MAX_SAMPLES = 64  # images per text
 
 def _first_gan_stage(config: RunConfig, where: str) -> tuple[RunConfig, int, str]:
     """(config, first epoch, name) of the first training stage that gives the GAN a weight."""
-    start = 0
-    stages = config.train.stages
-    for k, cfg in enumerate(stage_configs(config) or [config]):
-        if cfg.objective.term_weight(TERM):
-            return cfg, start, (stages[k].name or f"stage{k + 1}") if stages else "main"
-        start += stages[k].epochs if stages else 0
-    raise CheckpointError(f"{where}: this model was trained without a text-to-image GAN (objective.terms.gan has "
-                          "no weight in any stage of its config), so it cannot imagine images; train a recipe with "
-                          "the gan term, e.g. gxn_demo")
-
-
-def gan_options(config: RunConfig, where: str = "the checkpoint") -> dict[str, Any]:
-    """The options the run built its GAN term with: those of the first stage that gives it a weight (the
-    options a term is built with cannot change between stages)."""
-    cfg, _, _ = _first_gan_stage(config, where)
-    return term_options(cfg.objective.terms[TERM])
+    first = first_stage_with_term(config, TERM)
+    if first is None:
+        raise CheckpointError(f"{where}: this model was trained without a text-to-image GAN (objective.terms.gan "
+                              "has no weight in any stage of its config), so it cannot imagine images; train a "
+                              "recipe with the gan term, e.g. gxn_demo")
+    return first
 
 
 def gan_from_state(state: dict[str, Any], config: RunConfig) -> TextToImageGAN:
@@ -52,28 +39,14 @@ def gan_from_state(state: dict[str, Any], config: RunConfig) -> TextToImageGAN:
     training step (``best.pt`` of a run whose retrieval peaked in the warm-up) is refused: its generator is
     the untrained one."""
     where = state.get("path", "the checkpoint")
-    _, start, stage = _first_gan_stage(config, where)
+    stage_config, start, stage = _first_gan_stage(config, where)
     epoch, batches = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
     if epoch < start or (epoch == start and batches == 0):
         raise CheckpointError(f"{where}: saved after {epoch} epoch{'s' if epoch != 1 else ''}, before the GAN started training (stage "
                               f"{stage!r}, from epoch {start + 1}): its generator is untrained. Use a checkpoint "
                               "of a later epoch (last.pt)")
-    options = gan_options(config, where)
-    try:
-        gan = OBJECTIVE_TERMS.build({"name": TERM, **options}, embed_size=config.model.embed_size, vocab=None,
-                                    corpus=None, feature_shape=None)
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its GAN options are not valid for this vsekit: {e}") from None
-    prefix = f"{TERM}."
-    weights = {k[len(prefix):]: v for k, v in (state.get("objective") or {}).items() if k.startswith(prefix)}
-    if not weights:
-        raise CheckpointError(f"{where}: its config has a GAN term but the file holds no GAN weights")
-    try:
-        gan.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: its GAN weights do not fit the GAN its config describes: "
-                              f"{str(e).splitlines()[0]}") from None
-    return gan
+    return trained_term(state, TERM, stage_config, "GAN", embed_size=config.model.embed_size, vocab=None,
+                        corpus=None, feature_shape=None)
 
 
 class Imaginer:

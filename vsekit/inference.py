@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from vsekit.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
 from vsekit.config import RunConfig, validate_config
+from vsekit.config.resolve import stage_configs
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import (
     CaptionDataset,
@@ -28,6 +29,7 @@ from vsekit.data.datasets import (
     text_to,
 )
 from vsekit.errors import ConfigError, VsekitError
+from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
 from vsekit.models.base import caption_tokenizer
 from vsekit.models.local_sets import LocalSets, LocalSetsWriter
 from vsekit.models.vse import VSEModel, build_model
@@ -424,6 +426,38 @@ class Embedder:
     def _dim(self) -> int:
         """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""
         return self.config.model.embed_size * int(getattr(self.model.image_encoder, "levels", 1))
+
+
+# -- objective terms a checkpoint carries (a caption decoder, a GAN) ------------------------------------------
+def first_stage_with_term(config: RunConfig, name: str) -> tuple[RunConfig, int, str] | None:
+    """(config, first epoch, name) of the first training stage that gives objective term ``name`` a weight, or
+    None when no stage does. A term is built with that stage's options (they cannot change between stages)."""
+    start, stages = 0, config.train.stages
+    for k, cfg in enumerate(stage_configs(config) or [config]):
+        if cfg.objective.term_weight(name):
+            return cfg, start, (stages[k].name or f"stage{k + 1}") if stages else "main"
+        start += stages[k].epochs if stages else 0
+    return None
+
+
+def trained_term(state: dict[str, Any], name: str, stage_config: RunConfig, what: str, **build: Any):
+    """Objective term ``name`` built with its options in ``stage_config`` (the factory's other arguments in
+    ``build``) and loaded with the checkpoint's ``objective`` weights; ``what`` names it in errors."""
+    where = state.get("path", "the checkpoint")
+    try:
+        term = OBJECTIVE_TERMS.build({"name": name, **term_options(stage_config.objective.terms[name])}, **build)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its {what} options are not valid for this vsekit: {e}") from None
+    prefix = f"{name}."
+    weights = {k[len(prefix):]: v for k, v in (state.get("objective") or {}).items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError(f"{where}: its config has a {what} but the file holds no {what} weights")
+    try:
+        term.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: its {what} weights do not fit the {what} its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return term
 
 
 def _check_in_order(idx: torch.Tensor, done: int) -> None:
