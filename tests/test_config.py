@@ -158,6 +158,18 @@ def test_switching_from_the_default_component_drops_its_options():
     assert merged == {"objective": {"mined": {"weight": 2.0, "name": "other"}}}
 
 
+def test_an_objective_terms_loss_switches_on_name():
+    """gxn_base's per-level loss is the max of hinges; naming another loss drops `reduction` (which
+    hinge_warmup does not take) instead of failing validation; the same name merges."""
+    cfg = resolve_config(RECIPES / "gxn_demo.yaml", ["objective.terms.level_ranking.loss.name=hinge_warmup"])
+    assert cfg.objective.terms["level_ranking"]["loss"] == {"name": "hinge_warmup"}
+    cfg = resolve_config(RECIPES / "gxn_demo.yaml", ["objective.terms.level_ranking.loss.name=hinge"])
+    assert cfg.objective.terms["level_ranking"]["loss"] == {"name": "hinge", "margin": 0.05, "reduction": "sum"}
+    cfg = resolve_config(RECIPES / "gxn_scratch_small.yaml", [])
+    assert cfg.objective.terms["level_ranking"]["loss"] == {"name": "hinge_warmup", "margin": 0.05,
+                                                             "warmup_epochs": 2, "mask": "same_image"}
+
+
 def test_overrides_reach_list_items():
     cfg = resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages[1].epochs=4", "train.stages.0.epochs=3",
                                                            "train.epochs=7"])

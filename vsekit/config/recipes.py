@@ -22,6 +22,9 @@ from vsekit.errors import ConfigError
 _COMPONENT_KEY = "name"
 _COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (), "model.similarity": (),
                "objective.mined": ("weight", "pool_size"), "objective.embedding.loss": ()}
+# the loss of an objective term (objective.terms.<term>.loss) is a component too; the schema has no default for
+# it, so only a section that names its loss switches
+_TERM_LOSS = re.compile(r"objective\.terms\.[^.]+\.loss")
 # the data section names its source by `format`; switching keeps the options every source shares
 _SOURCE_KEY = "format"
 _SOURCE = "data"
@@ -59,6 +62,8 @@ def _switched(old: Any, new: Any, path: str) -> dict | None:
         if old.get(_COMPONENT_KEY, _default_name(path)) != new[_COMPONENT_KEY]:
             return {k: v for k, v in old.items() if k in _COMPONENTS[path]}
         return None
+    if _TERM_LOSS.fullmatch(path) and _COMPONENT_KEY in new:
+        return {} if old.get(_COMPONENT_KEY, new[_COMPONENT_KEY]) != new[_COMPONENT_KEY] else None
     if path == _SOURCE and _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
         keep = _common_data_keys()
         return {k: v for k, v in old.items() if k in keep}
@@ -68,8 +73,8 @@ def _switched(old: Any, new: Any, path: str) -> dict | None:
 def deep_merge(base: dict, update: dict, _path: str = "") -> dict:
     """A copy of ``base`` with ``update`` merged in (dicts merge recursively, everything else replaces).
 
-    A component section that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``)
-    replaces the old one's options instead of merging with them; a ``data`` section that switches ``format``
+    A component section that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``,
+    also an objective term's ``loss``) replaces the old one's options instead of merging with them; a ``data`` section that switches ``format``
     keeps only the options every data source shares (splits, image checks, ...). Other sections with a
     ``name`` (``optim.name``) merge like any other.
     """
