@@ -58,12 +58,13 @@ def _switched(old: Any, new: Any, path: str) -> dict | None:
     ``old`` to keep; None when nothing switches."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None
-    if path in _COMPONENTS and _COMPONENT_KEY in new:
-        if old.get(_COMPONENT_KEY, _default_name(path)) != new[_COMPONENT_KEY]:
-            return {k: v for k, v in old.items() if k in _COMPONENTS[path]}
+    kept = _COMPONENTS.get(path, () if _TERM_LOSS.fullmatch(path) else None)
+    if kept is not None and _COMPONENT_KEY in new:
+        # a section without a name uses the schema's default; a term's loss has none, so it merges then
+        default = _default_name(path) if path in _COMPONENTS else new[_COMPONENT_KEY]
+        if old.get(_COMPONENT_KEY, default) != new[_COMPONENT_KEY]:
+            return {k: v for k, v in old.items() if k in kept}
         return None
-    if _TERM_LOSS.fullmatch(path) and _COMPONENT_KEY in new:
-        return {} if old.get(_COMPONENT_KEY, new[_COMPONENT_KEY]) != new[_COMPONENT_KEY] else None
     if path == _SOURCE and _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
         keep = _common_data_keys()
         return {k: v for k, v in old.items() if k in keep}
@@ -73,9 +74,10 @@ def _switched(old: Any, new: Any, path: str) -> dict | None:
 def deep_merge(base: dict, update: dict, _path: str = "") -> dict:
     """A copy of ``base`` with ``update`` merged in (dicts merge recursively, everything else replaces).
 
-    A component section that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``,
-    also an objective term's ``loss``) replaces the old one's options instead of merging with them; a ``data`` section that switches ``format``
-    keeps only the options every data source shares (splits, image checks, ...). Other sections with a
+    A component section (also an objective term's ``loss``) that switches component (``loss: {name: lseh}``
+    over ``{name: hinge, margin: 0.2}``) replaces the old one's options instead of merging with them; a
+    ``data`` section that switches ``format`` keeps only the options every data source shares (splits, image
+    checks, ...). Other sections with a
     ``name`` (``optim.name``) merge like any other.
     """
     out = copy.deepcopy(base)
