@@ -404,7 +404,8 @@ def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles, ca
         order, scores = exact_ranking(emb, img_sets, q)
         hits = full.search_text(q, k=n)  # rerank >= N: the network's exact ranking of every image
         assert [h.id for h in hits] == [corpus.image_ids[r] for r in order]
-        assert np.array_equal([h.score for h in hits], scores)
+        # the index's vectors were encoded in other batches than exact_ranking's: equal up to float noise
+        np.testing.assert_allclose([h.score for h in hits], scores, rtol=0, atol=1e-6)
         # rerank < N: the 3 best by inner product of the pooled embeddings, in the network's order
         qv, _ = emb.encode_caption_parts([q])
         ip = glob @ qv[0]
@@ -442,10 +443,13 @@ def test_index_add_remove_and_float16(tmp_path, small_tiles):
     assert added == 5
     grown, fresh = SearchIndex.open(tmp_path / "grown", emb), SearchIndex.open(tmp_path / "fresh", emb)
     for t in ("images", "captions"):
-        assert np.array_equal(grown.data.sets[t].vectors, fresh.data.sets[t].vectors)
+        # encoded in other batch groupings (7 + 5 vs 12): the same vectors up to the last bits on some CPUs
+        np.testing.assert_allclose(grown.data.sets[t].vectors, fresh.data.sets[t].vectors, rtol=0, atol=1e-5)
         assert np.array_equal(grown.data.sets[t].offsets, fresh.data.sets[t].offsets)
     q = "a red circle left of the square"
-    assert [(h.id, h.score) for h in grown.search_text(q, 6)] == [(h.id, h.score) for h in fresh.search_text(q, 6)]
+    got, want = grown.search_text(q, 6), fresh.search_text(q, 6)
+    assert [h.id for h in got] == [h.id for h in want]
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=0, atol=1e-5)
     remove_from_index(tmp_path / "grown", ids=["img3", "img8"])
     small = SearchIndex.open(tmp_path / "grown", emb, rerank=100)
     assert len(small.data.sets["images"]) == 10 == small.num_images
