@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from vsekit.data.corpus import DataError
-from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, build_transform, load_rgb
+from vsekit.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    applies_exif,
+    build_transform,
+    decode_rgb,
+    load_rgb,
+)
 
 SIZE = (12, 9)  # width, height
 
@@ -77,13 +85,16 @@ def test_pixel_values_of_converted_modes(tmp_path: Path) -> None:
     assert (np.asarray(load_rgb(tmp_path / "b.png")) == 255).all()
 
 
-def test_exif_orientation_is_opt_in(tmp_path: Path) -> None:
+def test_exif_orientation_is_applied_unless_turned_off(tmp_path: Path) -> None:
     im = Image.new("RGB", (10, 4), (9, 9, 9))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     im.save(tmp_path / "o.jpg", exif=exif)
-    assert load_rgb(tmp_path / "o.jpg").size == (10, 4)
-    assert load_rgb(tmp_path / "o.jpg", exif_transpose=True).size == (4, 10)
+    assert load_rgb(tmp_path / "o.jpg").size == (4, 10)
+    assert load_rgb(tmp_path / "o.jpg", exif_transpose=False).size == (10, 4)
+    assert decode_rgb((tmp_path / "o.jpg").read_bytes()).size == (4, 10)
+    assert applies_exif({"format": "folder"}) and applies_exif({"format": "pairs"}) and applies_exif(None)
+    assert not applies_exif({"format": "karpathy"})  # the reference benchmarks were read as stored
 
 
 def test_missing_file_raises_image_load_error(tmp_path: Path) -> None:
