@@ -261,7 +261,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-_BAND_PIXELS = 1 << 20  # pixels per band of rows in the wide-grey conversion (a few MB of temporaries)
+_BAND_PIXELS = 1 << 16  # pixels per band of rows in the wide-grey conversion (temporaries under 1 MB)
 
 
 def _bands(im: Image.Image):
@@ -302,8 +302,10 @@ def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
 
 def _band_to_u8(band: np.ndarray, scale: str) -> np.ndarray:
     if scale == "u16":
-        v = np.clip(band.astype(np.int64), 0, 65535)
-        return ((v + 128) // 257).astype(np.uint8)
+        v = np.clip(band, 0, 65535).astype(np.int32)  # int32: room for + 128 above 65535
+        v += 128
+        v //= 257
+        return v.astype(np.uint8)
     if scale == "u8":
         return np.clip(band, 0, 255).astype(np.uint8)
     f = band.astype(np.float64)  # one band: a few MB
