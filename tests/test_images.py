@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from vsekit.data.corpus import DataError
 from vsekit.data.images import (
+    ACCEPTED_FORMATS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageLoadError,
@@ -383,38 +386,29 @@ def _expected_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def _mode_and_format():
-    from hypothesis import strategies as st
-
-    from vsekit.data.images import ACCEPTED_FORMATS
-
-    pairs = [(m, f) for m, fs in _LOSSLESS.items() for f in fs if f in ACCEPTED_FORMATS]
-    return st.sampled_from(pairs)
+_MODES_AND_FORMATS = [(m, f) for m, fs in _LOSSLESS.items() for f in fs if f in ACCEPTED_FORMATS]
 
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev dependency
-    given = None
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mf=st.sampled_from(_MODES_AND_FORMATS), w=st.integers(1, 9), h=st.integers(1, 9), data=st.data())
+def test_load_rgb_matches_pils_conversion_for_every_mode(tmp_path: Path, mf, w: int, h: int, data) -> None:
+    """Random small images of every mode, in each accepted format that stores the mode: load_rgb gives an
+    8-bit RGB image of the same size with the pixels of PIL's own conversion of the same file (alpha over
+    white, wide grey scaled as documented)."""
+    import warnings
 
-if given is not None:
-    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(mf=_mode_and_format(), w=st.integers(1, 9), h=st.integers(1, 9), data=st.data())
-    def test_load_rgb_matches_pils_conversion_for_every_mode(tmp_path: Path, mf, w: int, h: int, data) -> None:
-        import warnings
-
-        mode, fmt = mf
-        raw = data.draw(st.binary(min_size=w * h * _BYTES_PER_PIXEL[mode], max_size=w * h * _BYTES_PER_PIXEL[mode]))
-        src = Image.frombytes("1", (w, h), raw[: (w + 7) // 8 * h]) if mode == "1" else Image.frombytes(mode, (w, h), raw)
-        path = tmp_path / f"x.{fmt.lower()}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NaN in float images
-            src.save(path, format=fmt)
-            im = load_rgb(path)
-            with Image.open(path) as ref:
-                ref.load()
-                want = _expected_rgb(ref)
-        got = np.asarray(im)
-        assert im.mode == "RGB" and im.size == (w, h) and got.dtype == np.uint8
-        assert np.array_equal(got, want), (mode, fmt)
+    mode, fmt = mf
+    n = w * h * _BYTES_PER_PIXEL[mode]
+    raw = data.draw(st.binary(min_size=n, max_size=n))
+    src = Image.frombytes("1", (w, h), raw[: (w + 7) // 8 * h]) if mode == "1" else Image.frombytes(mode, (w, h), raw)
+    path = tmp_path / f"x.{fmt.lower()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaN in float images
+        src.save(path, format=fmt)
+        im = load_rgb(path)
+        with Image.open(path) as ref:
+            ref.load()
+            want = _expected_rgb(ref)
+    got = np.asarray(im)
+    assert im.mode == "RGB" and im.size == (w, h) and got.dtype == np.uint8
+    assert np.array_equal(got, want), (mode, fmt)
