@@ -415,9 +415,9 @@ def test_decode_memory_budget_refuses_from_the_header(sx, monkeypatch):
         create_app(sx, max_decodes=0)
 
 
-def _concurrent_uploads(app, data: bytes, n: int) -> tuple[list, list]:
-    """Send ``n`` uploads at once through ``app``; returns the replies in the order they finished and the
-    number of decodes running at each moment one started."""
+def _concurrent_uploads(app, data: bytes, n: int, on_reply=lambda r: None) -> list:
+    """Send ``n`` uploads at once through ``app``; the replies in the order they finished (``on_reply`` is
+    called with each as it arrives)."""
     import httpx
 
     async def scenario() -> list:
@@ -428,6 +428,7 @@ def _concurrent_uploads(app, data: bytes, n: int) -> tuple[list, list]:
             done: list = []
             for t in asyncio.as_completed(tasks):
                 done.append(await t)
+                on_reply(done[-1])
             return done
 
     return asyncio.run(scenario())
@@ -446,7 +447,7 @@ def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx
             running[0] += 1
             most[0] = max(most[0], running[0])
         try:
-            release.wait(10)
+            release.wait(20)
             return {t: [] for t in targets}
         finally:
             with lock:
@@ -454,8 +455,8 @@ def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx
 
     monkeypatch.setattr(app_module, "_image_query", blocking_query)
     app = create_app(sx, max_decodes=2, decode_wait=0.3)
-    threading.Timer(2.0, release.set).start()  # the first two finish after the third has been refused
-    replies = _concurrent_uploads(app, good_png, 3)
+    # the two decoding are held until the third has its answer
+    replies = _concurrent_uploads(app, good_png, 3, on_reply=lambda r: release.set())
     assert [r.status_code for r in replies] == [503, 200, 200], [r.text for r in replies]
     assert_json_error(replies[0], 503, "busy decoding 2 other images")
     assert replies[0].headers["retry-after"] == "1"
@@ -464,7 +465,15 @@ def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx
     # with a longer wait the third is queued, not refused, and still never runs beside the other two
     release.clear()
     most[0] = 0
+
+    def release_once_two_run() -> None:
+        deadline = time.monotonic() + 20
+        while most[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the third is waiting for a slot now
+        release.set()
+
     app = create_app(sx, max_decodes=2, decode_wait=10)
-    threading.Timer(0.5, release.set).start()
+    threading.Thread(target=release_once_two_run, daemon=True).start()
     replies = _concurrent_uploads(app, good_png, 3)
     assert [r.status_code for r in replies] == [200, 200, 200] and most[0] == 2
