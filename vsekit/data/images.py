@@ -18,10 +18,11 @@ converting it to RGB will hold at once (:func:`decode_bytes`); over the budget i
 rows at a time, and transparent images are composited with one paste, so the conversion holds a few bytes per
 pixel, never a float64 copy of the image.
 
-EXIF orientation: applied by default (:data:`EXIF_POLICY`), so a phone photo that a viewer shows upright is
+EXIF orientation: applied by default, so a phone photo that a viewer shows upright is
 indexed, searched and trained on upright, and indexing a folder loads each file exactly as a query of the
 same file is loaded. The reference benchmarks (COCO and Flickr30K through Karpathy's JSON) were produced
-ignoring it, so images of a ``karpathy`` data set keep being read as stored (:func:`applies_exif`).
+ignoring it, so images of a ``karpathy`` data set keep being read as stored (:func:`applies_exif`,
+:data:`EXIF_IGNORED_FORMATS`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ _FORMAT_NAMES = ", ".join(ACCEPTED_FORMATS)
 # Data-set formats whose images are read as stored, EXIF orientation ignored: the reference benchmarks
 # (COCO/Flickr30K through Karpathy's JSON) published their numbers that way. Every other source applies it.
 EXIF_IGNORED_FORMATS = frozenset({"karpathy"})
-EXIF_POLICY = "applied, except for data sets of format " + ", ".join(sorted(EXIF_IGNORED_FORMATS))
 
 
 class ImageLoadError(DataError):
