@@ -201,6 +201,31 @@ def test_any_decoder_failure_is_an_image_load_error(tmp_path: Path, monkeypatch:
         assert err.value.__context__ is None
 
 
+def test_training_and_checks_follow_the_corpus_exif_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data sets' loader (training, evaluation, index encoding) and the decode check apply EXIF
+    orientation for every source but Karpathy's reference sets, which are read as stored."""
+    from vsekit.data import checks
+    from vsekit.data.corpus import Corpus
+    from vsekit.data.datasets import ImageSource
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (10, 4), (9, 9, 9)).save(tmp_path / "o.jpg", exif=exif)
+
+    def corpus(fmt: str) -> Corpus:
+        return Corpus(name=fmt, captions=["a"], caption_to_image=np.zeros(1, dtype=np.int64), image_ids=["o"],
+                      image_paths=[tmp_path / "o.jpg"], meta={"format": fmt})
+
+    assert ImageSource(corpus("folder"), transform=lambda im: im.size)(0) == (4, 10)
+    assert ImageSource(corpus("pairs"), transform=lambda im: im.size)(0) == (4, 10)
+    assert ImageSource(corpus("karpathy"), transform=lambda im: im.size)(0) == (10, 4)
+    seen = []
+    monkeypatch.setattr(checks, "load_rgb", lambda path, exif_transpose: seen.append(exif_transpose) or load_rgb(path))
+    checks.check_images(corpus("karpathy"), decode=True)
+    checks.check_images(corpus("folder"), decode=True)
+    assert seen == [False, True]
+
+
 # -- formats: an allow-list of raster decoders (issue 21) -----------------------------------------------------
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
        b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
@@ -359,8 +384,8 @@ def test_a_header_over_the_memory_budget_is_refused_before_decoding(tmp_path: Pa
 
 # -- property: every accepted mode decodes to the pixels PIL's own conversion gives ---------------------------
 _LOSSLESS = {"1": ["PNG", "BMP", "TIFF", "PPM"], "L": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "GIF"],
-             "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "WEBP"],
-             "RGBA": ["PNG", "TIFF", "WEBP"], "LA": ["PNG", "TIFF"], "CMYK": ["JPEG", "TIFF"],
+             "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "WEBP", "AVIF"],
+             "RGBA": ["PNG", "TIFF", "WEBP", "AVIF"], "LA": ["PNG", "TIFF"], "CMYK": ["JPEG", "TIFF"],
              "I;16": ["PNG", "TIFF"], "I": ["TIFF"], "F": ["TIFF"]}
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4, "I;16": 2, "I": 4, "F": 4}
 
