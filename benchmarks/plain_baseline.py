@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vsekit.data.images import open_image  # Image.open limited to raster formats, as everywhere
 from vsekit.eval import retrieval_metrics
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -30,7 +31,7 @@ def load(path: str, image_root: str, split: str, size: int = 64):
     items = [i for i in json.loads(Path(path).read_text())["images"] if i["split"] == split]
     ims = []
     for it in items:
-        im = Image.open(Path(image_root) / it["filepath"] / it["filename"]).convert("RGBA")
+        im = open_image(Path(image_root) / it["filepath"] / it["filename"]).convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im).convert("RGB").resize((size, size), Image.BICUBIC)
         ims.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))

@@ -7,10 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from vsekit.data.corpus import DataError
-from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, build_transform, load_rgb
+from vsekit.data.images import (
+    ACCEPTED_FORMATS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    applies_exif,
+    build_transform,
+    decode_rgb,
+    load_rgb,
+)
 
 SIZE = (12, 9)  # width, height
 
@@ -77,13 +88,16 @@ def test_pixel_values_of_converted_modes(tmp_path: Path) -> None:
     assert (np.asarray(load_rgb(tmp_path / "b.png")) == 255).all()
 
 
-def test_exif_orientation_is_opt_in(tmp_path: Path) -> None:
+def test_exif_orientation_is_applied_unless_turned_off(tmp_path: Path) -> None:
     im = Image.new("RGB", (10, 4), (9, 9, 9))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     im.save(tmp_path / "o.jpg", exif=exif)
-    assert load_rgb(tmp_path / "o.jpg").size == (10, 4)
-    assert load_rgb(tmp_path / "o.jpg", exif_transpose=True).size == (4, 10)
+    assert load_rgb(tmp_path / "o.jpg").size == (4, 10)
+    assert load_rgb(tmp_path / "o.jpg", exif_transpose=False).size == (10, 4)
+    assert decode_rgb((tmp_path / "o.jpg").read_bytes()).size == (4, 10)
+    assert applies_exif({"format": "folder"}) and applies_exif({"format": "pairs"}) and applies_exif(None)
+    assert not applies_exif({"format": "karpathy"})  # the reference benchmarks were read as stored
 
 
 def test_missing_file_raises_image_load_error(tmp_path: Path) -> None:
@@ -185,3 +199,241 @@ def test_any_decoder_failure_is_an_image_load_error(tmp_path: Path, monkeypatch:
         with pytest.raises(ImageLoadError, match=r"a\.png: cannot decode") as err:
             load_rgb(tmp_path / "a.png")
         assert err.value.__context__ is None
+
+
+def test_training_and_checks_follow_the_corpus_exif_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data sets' loader (training, evaluation, index encoding) and the decode check apply EXIF
+    orientation for every source but Karpathy's reference sets, which are read as stored."""
+    from vsekit.data import checks
+    from vsekit.data.corpus import Corpus
+    from vsekit.data.datasets import ImageSource
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (10, 4), (9, 9, 9)).save(tmp_path / "o.jpg", exif=exif)
+
+    def corpus(fmt: str) -> Corpus:
+        return Corpus(name=fmt, captions=["a"], caption_to_image=np.zeros(1, dtype=np.int64), image_ids=["o"],
+                      image_paths=[tmp_path / "o.jpg"], meta={"format": fmt})
+
+    assert ImageSource(corpus("folder"), transform=lambda im: im.size)(0) == (4, 10)
+    assert ImageSource(corpus("pairs"), transform=lambda im: im.size)(0) == (4, 10)
+    assert ImageSource(corpus("karpathy"), transform=lambda im: im.size)(0) == (10, 4)
+    seen = []
+    monkeypatch.setattr(checks, "load_rgb", lambda path, exif_transpose: seen.append(exif_transpose) or load_rgb(path))
+    checks.check_images(corpus("karpathy"), decode=True)
+    checks.check_images(corpus("folder"), decode=True)
+    assert seen == [False, True]
+
+
+# -- formats: an allow-list of raster decoders (issue 21) -----------------------------------------------------
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+       b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def _psd(width: int = 5, height: int = 4) -> bytes:
+    """A minimal RGB Photoshop file (header, three empty sections, raw planes): Pillow's PSD plugin reads it."""
+    import struct
+
+    return (b"8BPS" + struct.pack(">H6sHIIHH", 1, b"\0" * 6, 3, height, width, 8, 3) + struct.pack(">I", 0) * 3
+            + struct.pack(">H", 0) + bytes(range(3 * width * height)))
+
+
+def _saved(fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def foreign_plugins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return record_foreign_plugins(monkeypatch)
+
+
+def record_foreign_plugins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every call into a Pillow plugin outside ACCEPTED_FORMATS (its prefix check or its opener),
+    and Ghostscript, which the EPS plugin runs to decode."""
+    from PIL import EpsImagePlugin
+
+    from vsekit.data.images import ACCEPTED_FORMATS
+
+    Image.init()
+    calls: list[str] = []
+
+    def recording(fmt: str, fn):
+        def call(*a, **k):
+            calls.append(fmt)
+            return fn(*a, **k)
+        return call
+
+    for fmt, (factory, accept) in list(Image.OPEN.items()):
+        if fmt not in ACCEPTED_FORMATS:
+            monkeypatch.setitem(Image.OPEN, fmt, (recording(fmt, factory), accept and recording(fmt, accept)))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", recording("gs", EpsImagePlugin.Ghostscript))
+    return calls
+
+
+def test_eps_named_jpg_is_refused_before_its_plugin_or_ghostscript_runs(tmp_path: Path, foreign_plugins) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    with pytest.raises(ImageLoadError, match=r"photo\.jpg: not a recognised image format \(accepted: JPEG, PNG"):
+        load_rgb(path)
+    with pytest.raises(ImageLoadError, match=r"^the upload: not a recognised image format"):
+        decode_rgb(EPS, name="the upload")
+    assert foreign_plugins == []
+
+
+@pytest.mark.parametrize("fmt", ["PSD", "TGA", "ICO", "PCX", "SGI", "QOI", "DDS", "SPIDER"])
+def test_other_formats_are_refused_without_their_decoder(tmp_path: Path, foreign_plugins, fmt: str) -> None:
+    data = _psd() if fmt == "PSD" else _saved(fmt)
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageLoadError, match="not a recognised image format"):
+        load_rgb(path)
+    from vsekit.data.checks import _header_problem
+    from vsekit.index.search import image_header_size
+
+    assert _header_problem(path) == "not a recognised image"  # the header scan of data checks
+    assert image_header_size(path) is None  # the header check of ``vsekit search --image``
+    assert foreign_plugins == []
+
+
+def test_every_accepted_extension_is_listed_and_decodes(tmp_path: Path) -> None:
+    """One table: every extension folder sources list is one the decoder reads (AVIF included when Pillow
+    has it), and a file of each accepted format decodes."""
+    from vsekit.data.images import _FORMAT_EXTENSIONS, ACCEPTED_FORMATS, IMAGE_EXTENSIONS
+    from vsekit.data.sources.folder import list_images
+
+    for fmt in ACCEPTED_FORMATS:
+        ext = _FORMAT_EXTENSIONS[fmt][0]
+        Image.new("RGB", SIZE, (40, 80, 120)).save(tmp_path / f"img_{fmt.lower()}{ext}", format=fmt)
+    (tmp_path / "notes.eps").write_bytes(EPS)
+    listed = list_images(tmp_path)
+    assert sorted(p.suffix for p in listed) == sorted(_FORMAT_EXTENSIONS[f][0] for f in ACCEPTED_FORMATS)
+    assert all(load_rgb(p).size == SIZE for p in listed)
+    assert IMAGE_EXTENSIONS == {e for f in ACCEPTED_FORMATS for e in _FORMAT_EXTENSIONS[f]}
+    from PIL import features
+
+    assert ("AVIF" in ACCEPTED_FORMATS) == bool(features.check_module("avif"))
+    if "AVIF" in ACCEPTED_FORMATS:
+        assert any(p.suffix == ".avif" for p in listed)
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+def test_16bit_grey_conversion_holds_no_wide_copy(tmp_path: Path) -> None:
+    """A 2000 x 2000 16-bit grey PNG (4 Mpixel) converts holding less than a 16-bit copy of it in NumPy
+    arrays (it used to hold two float64 copies, 64 MB), with the same values as round(v / 257)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 65536, size=(2000, 2000), dtype=np.uint16)
+    a[0, :6] = [0, 128, 129, 385, 386, 65535]  # around the rounding boundaries
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    tracemalloc.start()
+    try:
+        out = load_rgb(tmp_path / "g16.png")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * a.size, f"peak {peak / 1e6:.1f} MB of NumPy/Python memory for {a.size / 1e6:.0f} Mpixels"
+    want = np.rint(a / 257.0).astype(np.uint8)
+    got = np.asarray(out)
+    assert (got[..., 0] == want).all() and (got[..., 1] == want).all() and (got[..., 2] == want).all()
+    assert list(got[0, :6, 0]) == [0, 0, 1, 1, 2, 255]
+
+
+def _png_header_only(width: int, height: int, colour_type: int = 6) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (RGBA by default) with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_header_over_the_memory_budget_is_refused_before_decoding(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import PngImagePlugin
+
+    from vsekit.data.images import ImageTooLargeError, decode_bytes
+
+    loads: list[int] = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header_only(9000, 9000))  # 81 Mpixel RGBA: 648 MB to decode and convert
+    assert decode_bytes("RGBA", (9000, 9000)) == 9000 * 9000 * 8
+    with pytest.raises(ImageTooLargeError, match=r"big\.png: decoding this 9000x9000 image \(mode RGBA\) would "
+                                                 r"take about 618 MiB of memory; the limit is 256 MiB"):
+        load_rgb(path, max_bytes=256 << 20)
+    with pytest.raises(ImageTooLargeError, match="^the upload: decoding this 9000x9000"):
+        decode_rgb(path.read_bytes(), name="the upload", max_bytes=256 << 20)
+    assert loads == []  # refused from the header: no pixel was decoded
+    # the estimate follows the mode: 1 byte/pixel grey without rotation, 16-bit grey, RGB rotated by EXIF
+    assert decode_bytes("L", (10, 10), exif_transpose=False) == 100 * (1 + 4)
+    assert decode_bytes("I;16", (10, 10)) == 100 * (2 + 5)
+    assert decode_bytes("RGB", (10, 10)) == 100 * (4 + 4)
+
+
+# -- property: every accepted mode decodes to the pixels PIL's own conversion gives ---------------------------
+_LOSSLESS = {"1": ["PNG", "BMP", "TIFF", "PPM"], "L": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "GIF"],
+             "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "WEBP", "AVIF"],
+             "RGBA": ["PNG", "TIFF", "WEBP", "AVIF"], "LA": ["PNG", "TIFF"], "CMYK": ["JPEG", "TIFF"],
+             "I;16": ["PNG", "TIFF"], "I": ["TIFF"], "F": ["TIFF"]}
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4, "I;16": 2, "I": 4, "F": 4}
+
+
+def _expected_rgb(im: Image.Image) -> np.ndarray:
+    """What load_rgb promises, computed the plain way: alpha over white, wide grey scaled in float64 (the
+    formula load_rgb used before it worked in bands), everything else PIL's convert("RGB")."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode != "RGB" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0
+        elif im.mode == "I":
+            if a.size and a.max() > 255:
+                a = np.clip(a, 0, 65535) / 257.0
+        elif a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        g = np.rint(np.clip(np.nan_to_num(a), 0, 255)).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+_MODES_AND_FORMATS = [(m, f) for m, fs in _LOSSLESS.items() for f in fs if f in ACCEPTED_FORMATS]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mf=st.sampled_from(_MODES_AND_FORMATS), w=st.integers(1, 9), h=st.integers(1, 9), data=st.data())
+def test_load_rgb_matches_pils_conversion_for_every_mode(tmp_path: Path, mf, w: int, h: int, data) -> None:
+    """Random small images of every mode, in each accepted format that stores the mode: load_rgb gives an
+    8-bit RGB image of the same size with the pixels of PIL's own conversion of the same file (alpha over
+    white, wide grey scaled as documented)."""
+    import warnings
+
+    mode, fmt = mf
+    n = w * h * _BYTES_PER_PIXEL[mode]
+    raw = data.draw(st.binary(min_size=n, max_size=n))
+    src = Image.frombytes("1", (w, h), raw[: (w + 7) // 8 * h]) if mode == "1" else Image.frombytes(mode, (w, h), raw)
+    path = tmp_path / f"x.{fmt.lower()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaN in float images
+        src.save(path, format=fmt)
+        im = load_rgb(path)
+        with Image.open(path) as ref:
+            ref.load()
+            want = _expected_rgb(ref)
+    got = np.asarray(im)
+    assert im.mode == "RGB" and im.size == (w, h) and got.dtype == np.uint8
+    assert np.array_equal(got, want), (mode, fmt)

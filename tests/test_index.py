@@ -625,3 +625,27 @@ def test_allow_legacy_checkpoint_reaches_the_loader_only_when_asked(demo_index, 
     assert cli("index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", "2",
                "--out", tmp_path / "b", "-q", "--allow-legacy-checkpoint") == 0
     assert calls == [{"allow_legacy": True}, {}, {"allow_legacy": True}, {"allow_legacy": True}]
+
+
+# -- one image-loading policy: EXIF orientation (issue 21) ----------------------------------------------------
+def test_a_rotated_phone_photo_indexed_from_a_folder_finds_itself_first(ckpt, demo_index, tmp_path, capsys):
+    """A JPEG stored sideways with EXIF orientation 6 (as phones write them) is indexed upright, as a query
+    of the same file is loaded, so ``vsekit search --image`` of the file finds it first with score 1. The
+    index used to embed the stored (sideways) pixels while the query was turned upright."""
+    from PIL import Image
+
+    demo = [Path(r["path"]) for r in snapshot(demo_index)["images"]]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(demo[1:6]):
+        load_rgb(p).save(folder / f"other{i}.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the pixels are stored turned the other way
+    upright = load_rgb(demo[0])
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "phone.jpg", quality=95, exif=exif)
+    assert cli("index", "build", ckpt, "--images", folder, "--out", tmp_path / "ix", "-q") == 0
+    capsys.readouterr()
+    assert cli("search", tmp_path / "ix", "--image", folder / "phone.jpg", "--target", "images", "-k", "3",
+               "--json") == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["id"] == "phone.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4), hits

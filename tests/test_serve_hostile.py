@@ -68,8 +68,8 @@ def test_huge_aspect_images_are_refused_from_their_header(client, sx, monkeypatc
     data = png_of_size(*size)
     assert len(data) < 120_000  # a few hundred bytes to 40 KB
     decoded, transformed, lock = [], [], CountingLock()
-    real_load = images.load_rgb
-    monkeypatch.setattr(images, "load_rgb", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
+    real_load = images._load  # behind load_rgb and decode_rgb
+    monkeypatch.setattr(images, "_load", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
     real_tf = sx.embedder.eval_transform
     monkeypatch.setattr(sx.embedder, "eval_transform", lambda: transformed.append(1) or real_tf())
     monkeypatch.setattr(sx, "_model_lock", lock)
@@ -355,3 +355,125 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch):
     assert seen["app"]["max_aspect_ratio"] == 8.0 and seen["app"]["allow_legacy_checkpoint"] is True
     with pytest.raises(SystemExit):
         cli("serve", sx.index_dir, "--read-timeout", "0")
+
+
+# -- uploads reach only raster decoders, in memory, a bounded number at once (issue 21) -----------------------
+def _no_server_internals(text: str) -> None:
+    import tempfile
+
+    for internal in (tempfile.gettempdir(), "/tmp", ".upload", "Ghostscript", "gs ", "-dBATCH", "-sDEVICE"):
+        assert internal not in text, f"{internal!r} in {text}"
+
+
+@pytest.mark.parametrize("name", ["eps_as.jpg", "psd.png"])
+def test_foreign_formats_are_refused_with_no_decoder_run_and_no_path_echoed(client, monkeypatch, name):
+    from test_images import EPS, _psd, record_foreign_plugins
+
+    calls = record_foreign_plugins(monkeypatch)
+    data = EPS if name.startswith("eps") else _psd()
+    r = client.post("/search/image", files={"file": (name, data, "image/jpeg")})
+    assert_json_error(r, 415, "not an image in a format this server reads", "JPEG, PNG")
+    _no_server_internals(r.text)
+    assert calls == []  # neither the EPS/PSD plugin nor Ghostscript ever ran
+
+
+def test_uploads_are_decoded_in_memory_never_written_to_a_file(client, good_png, monkeypatch):
+    import tempfile
+
+    def no_files(*a, **k):
+        raise AssertionError("an upload was written to a temporary file")
+
+    for fn in ("NamedTemporaryFile", "mkstemp", "TemporaryFile", "SpooledTemporaryFile"):
+        monkeypatch.setattr(tempfile, fn, no_files)
+    assert post_image(client, good_png, k="1").status_code == 200
+    r = post_image(client, good_png[: len(good_png) // 2])  # corrupt: the reason names "the upload" only
+    assert_json_error(r, 415, "not a readable image")
+    _no_server_internals(r.text)
+
+
+def test_decode_memory_budget_refuses_from_the_header(sx, monkeypatch):
+    """An upload whose header says decoding it would take more than max_decode_bytes gets 413 before any
+    pixel is decoded (a 16-bit grey PNG of 2000 x 2000 takes 2 + 5 bytes a pixel: 28 MB)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((2000, 2000), dtype=np.uint16)).save(buf, format="PNG")
+    loads: list[int] = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    with TestClient(create_app(sx, max_decode_bytes=20 << 20)) as c:
+        r = post_image(c, buf.getvalue())
+        assert_json_error(r, 413, "2000x2000", "mode I;16", "27 MiB", "20 MiB")
+        _no_server_internals(r.text)
+        assert loads == []
+    with TestClient(create_app(sx, max_decode_bytes=30 << 20)) as c:
+        assert post_image(c, buf.getvalue()).status_code == 200
+    with pytest.raises(ValueError, match="limits"):
+        create_app(sx, max_decodes=0)
+
+
+def _concurrent_uploads(app, data: bytes, n: int, on_reply=lambda r: None) -> list:
+    """Send ``n`` uploads at once through ``app``; the replies in the order they finished (``on_reply`` is
+    called with each as it arrives)."""
+    import httpx
+
+    async def scenario() -> list:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as c:
+            tasks = [asyncio.ensure_future(c.post("/search/image", files={"file": ("q.png", data, "image/png")},
+                                                  data={"k": "1"})) for _ in range(n)]
+            done: list = []
+            for t in asyncio.as_completed(tasks):
+                done.append(await t)
+                on_reply(done[-1])
+            return done
+
+    return asyncio.run(scenario())
+
+
+def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx, good_png, monkeypatch):
+    """max_decodes=2: two uploads decode at once; a third waits decode_wait seconds for a slot, then gets 503
+    with Retry-After -- never a third decode at the same time."""
+    import vsekit.serve.app as app_module
+
+    running, most, release = [0], [0], threading.Event()
+    lock = threading.Lock()
+
+    def blocking_query(sx, data, targets, k, *limits):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            release.wait(20)
+            return {t: [] for t in targets}
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app_module, "_image_query", blocking_query)
+    app = create_app(sx, max_decodes=2, decode_wait=0.3)
+    # the two decoding are held until the third has its answer
+    replies = _concurrent_uploads(app, good_png, 3, on_reply=lambda r: release.set())
+    assert [r.status_code for r in replies] == [503, 200, 200], [r.text for r in replies]
+    assert_json_error(replies[0], 503, "busy decoding 2 other images")
+    assert replies[0].headers["retry-after"] == "1"
+    assert most[0] == 2 and app.state.decode_slots.busy == 0
+
+    # with a longer wait the third is queued, not refused, and still never runs beside the other two
+    release.clear()
+    most[0] = 0
+
+    def release_once_two_run() -> None:
+        deadline = time.monotonic() + 20
+        while most[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the third is waiting for a slot now
+        release.set()
+
+    app = create_app(sx, max_decodes=2, decode_wait=10)
+    threading.Thread(target=release_once_two_run, daemon=True).start()
+    replies = _concurrent_uploads(app, good_png, 3)
+    assert [r.status_code for r in replies] == [200, 200, 200] and most[0] == 2

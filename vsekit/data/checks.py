@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vsekit.data.archive import MemberPath
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.images import ImageLoadError, load_rgb
+from vsekit.data.images import ImageLoadError, applies_exif, load_rgb, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def check_images(
 ) -> Corpus:
     """Check that every image file exists and has a readable image header, or (``decode``) decodes.
 
-    By default only headers are read (``Image.open`` without loading pixels): cheap enough for 100K images,
+    By default only headers are read (:func:`~vsekit.data.images.open_image`, without loading pixels): cheap enough for 100K images,
     and it catches missing, empty and non-image files before training starts, but not data corrupted past
     the header (a truncated file). With ``decode`` every image is decoded fully by
     :func:`vsekit.data.images.load_rgb`, as training will: slower (the pixels are read and converted), run on
@@ -47,7 +47,7 @@ def check_images(
     log = log or logger.warning
     paths = corpus.image_paths
     started = time.perf_counter()
-    problems = _scan(paths, num_threads, decode)
+    problems = _scan(paths, num_threads, decode, applies_exif(corpus.meta))
     if decode:
         logger.info("%s: decoded %d images in %.1f s: %d cannot be decoded", corpus.name, len(paths),
                     time.perf_counter() - started, len(problems))
@@ -84,11 +84,15 @@ def check_images(
     return filtered
 
 
-def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False) -> dict[int, str]:
-    """Index -> reason for each path whose header cannot be read (``decode``: that cannot be decoded).
-    Threads: the header scan is mostly file I/O, and PIL releases the GIL while it decodes."""
+def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False,
+          exif_transpose: bool = True) -> dict[int, str]:
+    """Index -> reason for each path whose header cannot be read (``decode``: that cannot be decoded, as
+    training loads it: ``exif_transpose`` or not). Threads: the header scan is mostly file I/O, and PIL
+    releases the GIL while it decodes."""
     chunk = 64 if decode else 512
-    problem = _decode_problem if decode else _header_problem
+
+    def problem(path: Path) -> str | None:
+        return _decode_problem(path, exif_transpose) if decode else _header_problem(path)
     starts = range(0, len(paths), chunk)
 
     def scan_chunk(start: int) -> dict[int, str]:
@@ -112,9 +116,9 @@ def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False) 
 def _header_problem(path: Path) -> str | None:
     try:
         if isinstance(path, MemberPath):  # an image in a shard: only the bytes of its header are read
-            with path.open() as f, Image.open(f):
+            with path.open() as f, open_image(f):
                 return None
-        with Image.open(path):
+        with open_image(path):
             return None
     except DataError as exc:  # a shard member that cannot be read
         return str(exc).removeprefix(f"{path}: ")
@@ -132,9 +136,9 @@ def _header_problem(path: Path) -> str | None:
         return f"unreadable header: {exc or type(exc).__name__}"
 
 
-def _decode_problem(path: Path) -> str | None:
+def _decode_problem(path: Path, exif_transpose: bool = True) -> str | None:
     try:
-        load_rgb(path).close()
+        load_rgb(path, exif_transpose=exif_transpose).close()
         return None
     except ImageLoadError as exc:
         return str(exc).removeprefix(f"{path}: ")

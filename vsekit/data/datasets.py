@@ -5,6 +5,7 @@ Images are encoded once per image (never once per caption); captions are encoded
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,9 +26,13 @@ class ImageSource:
             raise ValueError("raw images need a transform")
         self._load = None
         if not corpus.is_precomputed:
-            from vsekit.data.images import load_rgb  # lazily: precomputed-only users never need PIL
+            from vsekit.data.images import (  # lazily: precomputed-only users never need PIL
+                applies_exif,
+                load_rgb,
+            )
 
-            self._load = load_rgb
+            # one loading policy: a folder/pairs image is read exactly as a search query of the same file
+            self._load = functools.partial(load_rgb, exif_transpose=applies_exif(corpus.meta))
 
     def __call__(self, row: int) -> torch.Tensor:
         c = self.corpus

@@ -1,19 +1,40 @@
 """Image decoding and the field-standard torchvision transforms.
 
-``load_rgb`` is the one place where image files are opened for training and search. Every failure becomes
-an :class:`ImageLoadError` that names the file, so a corrupt image in a 100K-image set is found by name
-instead of through a PIL traceback from a data-loader worker.
+``load_rgb`` (a file) and ``decode_rgb`` (bytes: an upload) are the one place where images are decoded, for
+training, indexing and search, and every ``Image.open`` of the project goes through :func:`open_image`. Every
+failure becomes an :class:`ImageLoadError` that names the file, so a corrupt image in a 100K-image set is found
+by name instead of through a PIL traceback from a data-loader worker.
+
+Formats: only the raster formats of :data:`ACCEPTED_FORMATS` are decoded (JPEG and its MPO variant from
+phones, PNG/APNG, GIF, WebP, BMP, TIFF, Netpbm, and AVIF when Pillow has it). Pillow is told to try only
+their plugins, so a file of any other format is refused whatever its name says, before another decoder sees
+it: EPS (and PDF/PS) would run Ghostscript, a whole interpreter; PSD, ICO/ICNS, TGA, SGI, PCX, FITS, JPEG 2000,
+DDS, ... are rarely used parsers that no photo needs. :data:`IMAGE_EXTENSIONS` are the file names folder
+sources list, from the same table.
+
+Memory: before its pixels are decoded, an image's header (mode x pixels) says how many bytes decoding and
+converting it to RGB will hold at once (:func:`decode_bytes`); over the budget it is refused
+(:class:`ImageTooLargeError`) without being decoded. 16/32-bit grey images are scaled to 8 bits a band of
+rows at a time, and transparent images are composited with one paste, so the conversion holds a few bytes per
+pixel, never a float64 copy of the image.
+
+EXIF orientation: applied by default, so a phone photo that a viewer shows upright is
+indexed, searched and trained on upright, and indexing a folder loads each file exactly as a query of the
+same file is loaded. The reference benchmarks (COCO and Flickr30K through Karpathy's JSON) were produced
+ignoring it, so images of a ``karpathy`` data set keep being read as stored (:func:`applies_exif`,
+:data:`EXIF_IGNORED_FORMATS`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torchvision import transforms
 
@@ -36,34 +57,92 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 MAX_QUERY_IMAGE_PIXELS = 40_000_000
 MAX_QUERY_ASPECT_RATIO = 20.0
 
+# The bytes one decode may hold at once (:func:`decode_bytes`) unless a caller says otherwise: a 100-megapixel
+# RGB photo or 16-bit scan fits; a header that claims far more is refused before its pixels are decoded.
+MAX_DECODE_BYTES = 1 << 30
+
+# Pillow format -> its file extensions: the formats decoded, and the files folder sources list. The JPEG
+# plugin also opens MPO (phone photos with a depth map or preview); PPM is the Netpbm family.
+_FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "PNG": (".png", ".apng"),
+    "GIF": (".gif",),
+    "WEBP": (".webp",),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+    "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
+    "AVIF": (".avif",),
+}
+_NEEDS_MODULE = {"WEBP": "webp", "AVIF": "avif"}  # formats that exist only when Pillow was built with the library
+
+
+def _available(fmt: str) -> bool:
+    module = _NEEDS_MODULE.get(fmt)
+    return module is None or bool(features.check_module(module))
+
+
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(f for f in _FORMAT_EXTENSIONS if _available(f))
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(e for f in ACCEPTED_FORMATS for e in _FORMAT_EXTENSIONS[f])
+_FORMAT_NAMES = ", ".join(ACCEPTED_FORMATS)
+
+# Data-set formats whose images are read as stored, EXIF orientation ignored: the reference benchmarks
+# (COCO/Flickr30K through Karpathy's JSON) published their numbers that way. Every other source applies it.
+EXIF_IGNORED_FORMATS = frozenset({"karpathy"})
+
 
 class ImageLoadError(DataError):
     """An image file is missing or cannot be decoded; the message names the file and the reason."""
 
 
-def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image:
+class ImageTooLargeError(ImageLoadError):
+    """An image whose header says that decoding it would hold more bytes than the budget; not decoded."""
+
+
+def applies_exif(meta: Mapping | None) -> bool:
+    """Whether images of a corpus with ``meta`` (its ``format``) are loaded with their EXIF orientation
+    applied: yes, except for the reference data sets of :data:`EXIF_IGNORED_FORMATS`."""
+    return (meta or {}).get("format") not in EXIF_IGNORED_FORMATS
+
+
+def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = True,
+             max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
     """Open ``path``, decode it fully and return an 8-bit RGB image.
 
-    Transparent images (RGBA, LA, palette or grey with a transparent colour) are composited onto white
-    rather than having their alpha dropped. 16-bit and 32-bit grey images are scaled down to 8 bits, not
-    clipped (PIL's own conversion would turn most of a 16-bit PNG white). CMYK, 1-bit and all other modes
-    go through PIL's conversion. EXIF orientation is ignored by default, like the reference loaders of
-    the field (COCO/Flickr30K numbers were produced that way); pass ``exif_transpose=True`` for user photos.
-    An animated image gives its first frame.
+    Only :data:`ACCEPTED_FORMATS` are decoded. Transparent images (RGBA, LA, palette or grey with a
+    transparent colour) are composited onto white rather than having their alpha dropped. 16-bit and
+    32-bit grey images are scaled down to 8 bits, not clipped (PIL's own conversion would turn most of a
+    16-bit PNG white). CMYK, 1-bit and all other modes go through PIL's conversion. EXIF orientation is
+    applied unless ``exif_transpose=False`` (the reference data sets, :func:`applies_exif`). An animated image
+    gives its first frame. An image whose decode would hold more than ``max_bytes`` (:func:`decode_bytes`) is
+    an :class:`ImageTooLargeError`, found from its header before decoding (None: no budget).
 
     Any failure to decode (PIL reports corrupt data as OSError, SyntaxError, ValueError, struct.error,
     IndexError, ... depending on the format) is an :class:`ImageLoadError` naming the file, with no PIL
     traceback attached.
     """
     path = path if isinstance(path, MemberPath) else Path(path)
+    return _load(path, str(path), exif_transpose, max_bytes)
+
+
+def decode_rgb(data: bytes, *, name: str = "the image", exif_transpose: bool = True,
+               max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
+    """:func:`load_rgb` of an image held in memory (an upload): nothing is written to disk, and errors name
+    ``name`` -- never a file of the machine that decodes it."""
+    return _load(io.BytesIO(data), name, exif_transpose, max_bytes)
+
+
+def _load(source: Path | MemberPath | IO[bytes], name: str, exif_transpose: bool,
+          max_bytes: int | None) -> Image.Image:
     im = None
     try:
         # no ``with``: closing the image would also free the pixels of an RGB result returned as is;
         # load() already closes the file of a single-frame image, and ``finally`` covers the failures
-        im = open_image(path)
+        im = open_image(source)
+        _check_budget(im, name, exif_transpose, max_bytes)  # from the header: nothing decoded yet
         im.load()
+        _check_budget(im, name, exif_transpose, max_bytes)  # a decoder that changed the mode while loading
         if exif_transpose:
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # a copy only when the image is rotated
         rgb = _to_rgb(im)
         if rgb is im:
             if _holds_open_file(im):
@@ -71,6 +150,8 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
             else:
                 im = None  # nothing left open: hand the image itself over
         return rgb
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
         reason = "file not found"
     except IsADirectoryError:
@@ -78,7 +159,7 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
     except PermissionError:
         reason = "permission denied"
     except UnidentifiedImageError:
-        reason = "not a recognised image format"
+        reason = f"not a recognised image format (accepted: {_FORMAT_NAMES})"
     except Image.DecompressionBombError as exc:
         reason = f"refused as a decompression bomb ({exc})"
     except MemoryError:
@@ -90,14 +171,65 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.
     finally:
         if im is not None:
             im.close()
-    raise ImageLoadError(f"{path}: {reason}")
+    raise ImageLoadError(f"{name}: {reason}")
 
 
-def open_image(path: Path | MemberPath) -> Image.Image:
-    """``Image.open`` of an image file, or of an image stored in a tar shard (:class:`MemberPath`)."""
-    if isinstance(path, MemberPath):
-        return Image.open(io.BytesIO(path.read_bytes()))
-    return Image.open(path)
+def open_image(source: str | os.PathLike | MemberPath | bytes | IO[bytes], *,
+               formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
+    """``Image.open`` of an image file, an image stored in a tar shard (:class:`MemberPath`), bytes or a
+    binary file object, trying only the plugins of ``formats`` (default :data:`ACCEPTED_FORMATS`): a file of
+    another format is an ``UnidentifiedImageError`` before any other decoder -- or Ghostscript -- sees it.
+    Only the header is read; the pixels are decoded by ``load()``."""
+    if isinstance(source, MemberPath):
+        source = io.BytesIO(source.read_bytes())
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    return Image.open(source, formats=list(formats))
+
+
+def _mode_bytes(mode: str) -> int:
+    """Bytes per pixel Pillow holds for an image of ``mode`` (3-band modes such as RGB are stored in 4)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decode_bytes(mode: str, size: tuple[int, int], *, exif_transpose: bool = True,
+                 transparent: bool = False) -> int:
+    """The most bytes :func:`load_rgb` holds at once for an image of ``mode`` and ``size`` (from its header;
+    ``transparent``: it has a transparent colour): the decoded pixels plus the larger of their EXIF-rotated
+    copy and the conversion to RGB (its output and intermediates, :func:`_to_rgb`)."""
+    pixels = int(size[0]) * int(size[1])
+    stored = _mode_bytes(mode)
+    if mode.startswith("I") or mode == "F":
+        convert = 1 + 4  # the uint8 result and its RGB image; the bands of rows are small
+    elif mode == "RGB":
+        convert = 0  # returned as decoded
+    elif mode == "RGBA":
+        convert = 4  # the RGB result
+    elif mode in _ALPHA_MODES or transparent:
+        convert = 12 if mode == "La" else 8  # an RGBA copy (La: and an LA one) and the RGB result
+    elif mode in ("1", "L", "P", "CMYK", "YCbCr"):
+        convert = 4  # PIL's conversion to RGB
+    else:
+        convert = 8  # rarer modes may convert through an intermediate mode
+    return pixels * (stored + max(stored if exif_transpose else 0, convert))
+
+
+def _check_budget(im: Image.Image, name: str, exif_transpose: bool, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    need = decode_bytes(im.mode, im.size, exif_transpose=exif_transpose, transparent="transparency" in im.info)
+    if need > max_bytes:
+        w, h = im.size
+        raise ImageTooLargeError(f"{name}: decoding this {w}x{h} image (mode {im.mode}) would take about "
+                                 f"{_mib(need)} of memory; the limit is {_mib(max_bytes)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _holds_open_file(im: Image.Image) -> bool:
@@ -120,26 +252,68 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
         if im.mode == "La":
             im = im.convert("LA")
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+        # one paste with the alpha band as mask: the same pixels as Image.alpha_composite onto an opaque
+        # background, without its RGBA background, result and RGB copies
+        out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba)
+        return out
     return im.convert("RGB")
 
 
+_BAND_PIXELS = 1 << 16  # pixels per band of rows in the wide-grey conversion (temporaries under 1 MB)
+
+
+def _bands(im: Image.Image):
+    """The image as 2-D arrays of consecutive bands of rows (each a small copy), top to bottom."""
+    w, h = im.size
+    rows = max(1, _BAND_PIXELS // max(1, w))
+    for top in range(0, h, rows):
+        yield top, np.asarray(im.crop((0, top, w, min(h, top + rows))))
+
+
 def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
-    """Grey images with more than 8 bits per pixel (modes ``I;16*``, ``I``, ``F``) scaled to 0..255."""
-    a = np.asarray(im).astype(np.float64)
-    if im.mode.startswith("I;16"):
-        a = a / 257.0
-    elif im.mode == "I":
-        # 32-bit containers usually hold 16-bit data (PNG, TIFF); keep 8-bit ranges as they are
-        if a.size and a.max() > 255:
-            a = np.clip(a, 0, 65535) / 257.0
-    elif a.size and np.nanmax(a) <= 1.0:  # float images in [0, 1]
-        a = a * 255.0
-    a = np.clip(np.nan_to_num(a), 0, 255)
-    grey = Image.fromarray(np.rint(a).astype(np.uint8))  # 2-D uint8 -> mode "L"
+    """Grey images with more than 8 bits per pixel (modes ``I;16*``, ``I``, ``F``) scaled to 0..255.
+
+    16-bit values v become round(v / 257) computed as (v + 128) // 257 in integers (the same numbers as the
+    float division; no value is ever halfway). ``I`` holds 16-bit data in a 32-bit container when its
+    maximum is over 255 (PNG, TIFF) and 8-bit data otherwise; ``F`` in [0, 1] is scaled by 255, NaN becomes 0.
+    Each band of rows is converted on its own, so the temporaries stay small whatever the image size.
+    """
+    w, h = im.size
+    mode = im.mode
+    if mode.startswith("I;16"):
+        scale = "u16"
+    elif mode == "I":
+        top = im.getextrema()[1] if w * h else 0
+        scale = "u16" if top > 255 else "u8"
+    else:
+        peak = np.nan
+        for _, band in _bands(im):
+            if band.size:
+                peak = np.fmax(peak, np.fmax.reduce(band, axis=None))
+        scale = "unit" if peak <= 1.0 else "float"
+    out = np.empty((h, w), dtype=np.uint8)
+    for top, band in _bands(im):
+        out[top: top + band.shape[0]] = _band_to_u8(band, scale)
+    grey = Image.fromarray(out)  # 2-D uint8 -> mode "L"
     return grey.convert("RGB")
+
+
+def _band_to_u8(band: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "u16":
+        v = np.clip(band, 0, 65535).astype(np.int32)  # int32: room for + 128 above 65535
+        v += 128
+        v //= 257
+        return v.astype(np.uint8)
+    if scale == "u8":
+        return np.clip(band, 0, 255).astype(np.uint8)
+    f = band.astype(np.float64)  # one band: a few MB
+    if scale == "unit":
+        f *= 255.0
+    np.nan_to_num(f, copy=False)
+    np.clip(f, 0, 255, out=f)
+    return np.rint(f, out=f).astype(np.uint8)
 
 
 # Training augmentation and evaluation resizing: the ``transform`` section of a config (separate from ``data``,

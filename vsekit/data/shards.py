@@ -358,10 +358,10 @@ def _image_bytes(path: Any) -> tuple[bytes, str]:
             raise ImageLoadError(f"{p}: cannot read ({e.strerror or e})") from None
         ext = p.suffix.lstrip(".").lower()
     if ext not in IMAGE_EXTS:
-        from PIL import Image
+        from vsekit.data.images import open_image
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(data) as im:
                 fmt = (im.format or "").lower()
         except Exception:  # noqa: BLE001 - PIL raises many kinds for non-images
             fmt = ""

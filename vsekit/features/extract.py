@@ -33,7 +33,7 @@ from torchvision import transforms
 
 from vsekit.checkpoint import model_fingerprint
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.images import ImageLoadError, build_transform, load_rgb
+from vsekit.data.images import ImageLoadError, applies_exif, build_transform, load_rgb
 from vsekit.errors import ConfigError
 from vsekit.features.backbones import ExtractionModel, regions
 from vsekit.utils.device import resolve_device
@@ -97,8 +97,8 @@ class _Rows(Dataset):
     """Item k = (image tensor or None, row, error message or None) for rows[k]: an unreadable image is
     reported by the main process, with its file name, rather than as a worker's traceback."""
 
-    def __init__(self, paths: Sequence[Path], rows: range, transform) -> None:
-        self.paths, self.rows, self.transform = paths, rows, transform
+    def __init__(self, paths: Sequence[Path], rows: range, transform, exif_transpose: bool = True) -> None:
+        self.paths, self.rows, self.transform, self.exif_transpose = paths, rows, transform, exif_transpose
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,7 +106,7 @@ class _Rows(Dataset):
     def __getitem__(self, k: int):
         row = self.rows[k]
         try:
-            return self.transform(load_rgb(self.paths[row])), row, None
+            return self.transform(load_rgb(self.paths[row], exif_transpose=self.exif_transpose)), row, None
         except ImageLoadError as e:
             return None, row, str(e)
 
@@ -232,7 +232,7 @@ def _fill(corpus: Corpus, partial: Path, progress_path: Path, settings: dict[str
     if mm.shape != shape or mm.dtype != dtype:
         raise DataError(f"{partial}: shape {mm.shape} {mm.dtype}, expected {shape} {dtype}; --restart")
     rows = range(start, shape[0])
-    loader = DataLoader(_Rows(corpus.image_paths, rows, transform), batch_size=opts.batch_size,
+    loader = DataLoader(_Rows(corpus.image_paths, rows, transform, applies_exif(corpus.meta)), batch_size=opts.batch_size,
                         num_workers=opts.num_workers, collate_fn=_collate)
     bar = progress(shape[0], desc=f"features {split}", unit="image", initial=start, enabled=opts.progress,
                    logger=log)

@@ -62,11 +62,11 @@ class ImageSizeError(SearchIndexError):
 
 def image_header_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) from an image file's header without decoding its pixels; None when PIL cannot even
-    read the header (:func:`vsekit.data.images.load_rgb` then says why)."""
-    from PIL import Image
+    read the header or its format is not accepted (:func:`vsekit.data.images.load_rgb` then says why)."""
+    from vsekit.data.images import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(Path(path)) as im:
             return im.size
     except Exception:  # noqa: BLE001 - any failure is reported by the full decode that follows
         return None

@@ -7,21 +7,21 @@ longer than the read/body timeouts. Replies that the framework itself makes in p
 header on ``/images/...``) are rewritten to the same JSON shape by :class:`JsonErrors`; those of the HTTP
 layer (malformed requests, stalled headers) by :mod:`vsekit.serve.server`.
 
-Uploaded images are checked from their header (pixels, aspect ratio, and the size the model's resize would
-make of them) before they are decoded; decoding and the transform run in the thread pool, outside the model
-lock, which guards only the forward pass. Images are served by id only: the id is looked up in the index and
+Uploaded images are checked from their header (an accepted raster format, pixels, aspect ratio, the size the
+model's resize would make of them, and the memory decoding them takes) before they are decoded, in memory:
+an upload is never written to a file. At most ``max_decodes`` uploads are decoded at once (each in the
+thread pool, outside the model lock, which guards only the forward pass); a request that waits longer than
+``decode_wait`` seconds for its turn gets 503. Images are served by id only: the id is looked up in the index and
 never joined onto a path, so no request can name a file outside the index.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import mimetypes
 import stat
-import tempfile
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -42,7 +42,10 @@ from vsekit.index.search import ImageSizeError, SearchIndex, SearchResult
 from vsekit.index.store import TARGETS, SearchIndexError
 from vsekit.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DECODE_WAIT,
     DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_DECODES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_K,
     DEFAULT_MAX_QUERY_CHARS,
@@ -142,17 +145,21 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False,
-               rerank: int | None = None) -> FastAPI:
+               rerank: int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+               max_decodes: int = DEFAULT_MAX_DECODES, decode_wait: float = DEFAULT_DECODE_WAIT) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
     :class:`SearchIndex`). The limits bound what a single request may ask for: ``max_aspect_ratio`` the
     shape of an uploaded image, ``read_timeout`` the seconds between two pieces of an upload's body and
     ``body_timeout`` the seconds the whole body may take (both answered 408). ``rerank``: for a similarity
-    network's index, the shortlist each query reranks through the network (default: the index's)."""
-    if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels) < 1:
+    network's index, the shortlist each query reranks through the network (default: the index's).
+    ``max_decode_bytes``: the memory one upload's decode may take (413 over it, from the header);
+    ``max_decodes``: uploads decoded at once; ``decode_wait``: seconds a request waits for one of those slots
+    before it is refused (503, ``Retry-After``)."""
+    if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels, max_decode_bytes, max_decodes) < 1:
         raise ValueError("limits must be >= 1")
     if not max_aspect_ratio >= 1:
         raise ValueError("max_aspect_ratio must be >= 1")
-    if not (read_timeout > 0 and body_timeout > 0):
+    if not (read_timeout > 0 and body_timeout > 0 and decode_wait > 0):
         raise ValueError("timeouts must be > 0 seconds")
     sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
         index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint, rerank=rerank)
@@ -164,6 +171,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                               "Errors are JSON: {\"error\": message, \"status\": code}.")
     app.state.index = sx
     app.state.limits = limits
+    decode_slots = _DecodeSlots(max_decodes, decode_wait)
+    app.state.decode_slots = decode_slots
     app.add_middleware(JsonErrors)
 
     # -- errors ---------------------------------------------------------------------------------------------
@@ -274,7 +283,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             raise ApiError(400, "the uploaded file is empty")
         t0 = time.perf_counter()
         targets = list(TARGETS[::-1]) if tgt == "both" else [tgt]
-        hits = await run_in_threadpool(_image_query, sx, data, targets, kk, max_image_pixels, max_aspect_ratio)
+        hits = await decode_slots.run(_image_query, sx, data, targets, kk, max_image_pixels, max_aspect_ratio,
+                                      max_decode_bytes)
         return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "results": {t: [hit_json(h) for h in hits[t]] for t in targets}}
 
@@ -371,43 +381,81 @@ class _parse_form:
             await self.form.close()
 
 
+class _DecodeSlots:
+    """At most ``n`` uploads decoded (and embedded) at once, each in the thread pool. A request waits up to
+    ``wait`` seconds for a free slot, then is refused with 503 and ``Retry-After``. A slot is given back when
+    its thread has finished, not when its request ends: a client that disconnects mid-decode does not free
+    memory that is still in use."""
+
+    def __init__(self, n: int, wait: float) -> None:
+        self.n, self.wait = n, wait
+        self._free = asyncio.Semaphore(n)
+        self.busy = 0  # slots taken now (for tests and benchmarks)
+
+    async def run(self, fn, *args):
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise StarletteHTTPException(503, f"the server is busy decoding {self.n} other images; retry in a "
+                                              "moment", headers={"Retry-After": "1"}) from None
+        self.busy += 1
+        task = asyncio.ensure_future(run_in_threadpool(fn, *args))
+        task.add_done_callback(self._release)
+        return await asyncio.shield(task)
+
+    def _release(self, task: asyncio.Future) -> None:
+        self.busy -= 1
+        self._free.release()
+        if not task.cancelled():
+            task.exception()  # retrieved: a request that went away leaves no "never retrieved" warning
+
+
 def _image_query(sx: SearchIndex, data: bytes, targets: list[str], k: int, max_pixels: int,
-                 max_aspect_ratio: float) -> dict[str, list[SearchResult]]:
+                 max_aspect_ratio: float, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+                 ) -> dict[str, list[SearchResult]]:
     """Upload bytes -> hits for each target; runs in the thread pool, and holds the model lock only for the
     forward pass (:meth:`SearchIndex.embed_image`)."""
-    image = _decode_image(data, sx, max_pixels, max_aspect_ratio)
+    image = _decode_image(data, sx, max_pixels, max_aspect_ratio, max_decode_bytes)
     q = sx.embed_image(image)
     return {t: sx.search_vectors(q, "images", t, k)[0] for t in targets}
 
 
-def _decode_image(data: bytes, sx: SearchIndex, max_pixels: int, max_aspect_ratio: float):
-    """Bytes -> RGB PIL image, through the same decoder as indexing (:func:`load_rgb`). The size is checked
-    from the header first (pixels, aspect ratio, and the size the model's resize would make of it), so a
-    small file cannot expand into gigabytes."""
+def _decode_image(data: bytes, sx: SearchIndex, max_pixels: int, max_aspect_ratio: float,
+                  max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
+    """Bytes -> RGB PIL image, in memory, through the same decoder and EXIF policy as indexing
+    (:func:`vsekit.data.images.decode_rgb`). The header is checked first: an accepted raster format (no other
+    decoder, and no Ghostscript, ever sees an upload), pixels, aspect ratio, the size the model's resize
+    would make of it, and the memory decoding it takes, so a small file cannot expand into gigabytes.
+    Messages name "the upload", never a file or command of the server."""
     from PIL import Image, UnidentifiedImageError
 
-    from vsekit.data.images import ImageLoadError, load_rgb
+    from vsekit.data.images import (
+        ACCEPTED_FORMATS,
+        ImageLoadError,
+        ImageTooLargeError,
+        decode_rgb,
+        open_image,
+    )
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             w, h = im.size
     except UnidentifiedImageError:
-        raise ApiError(415, "the upload is not an image in a format this server reads (JPEG, PNG, ...)") from None
+        raise ApiError(415, "the upload is not an image in a format this server reads "
+                            f"({', '.join(ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError:
         raise ApiError(413, f"the image has far more pixels than the limit of {max_pixels} (a decompression "
                             "bomb?)") from None
     except Exception as e:  # noqa: BLE001 - a corrupt header: OSError, SyntaxError, struct.error, ... by format
         raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
     sx.check_image_size(w, h, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
-    with tempfile.NamedTemporaryFile(suffix=".upload") as f:
-        f.write(data)
-        f.flush()
-        try:
-            image = load_rgb(f.name, exif_transpose=True)
-        except ImageLoadError as e:
-            reason = str(e).removeprefix(f"{f.name}: ")
-            raise ApiError(415, f"the upload is not a readable image: {reason}") from None
-        except (OverflowError, MemoryError) as e:  # a header that lied about its size; PIL gives up
-            raise ApiError(413, f"the image cannot be decoded within this server's limits ({type(e).__name__})") from None
+    try:
+        image = decode_rgb(data, name="the upload", exif_transpose=True, max_bytes=max_decode_bytes)
+    except ImageTooLargeError as e:
+        raise ApiError(413, str(e).removeprefix("the upload: ")) from None
+    except ImageLoadError as e:
+        raise ApiError(415, f"the upload is not a readable image: {str(e).removeprefix('the upload: ')}") from None
+    except (OverflowError, MemoryError) as e:  # a header that lied about its size; PIL gives up
+        raise ApiError(413, f"the image cannot be decoded within this server's limits ({type(e).__name__})") from None
     sx.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     return image

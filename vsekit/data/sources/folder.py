@@ -15,10 +15,11 @@ from typing import Literal
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.images import IMAGE_EXTENSIONS
 from vsekit.data.sources.base import DataConfig, register_source
 from vsekit.data.textio import read_caption_lines
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTS = IMAGE_EXTENSIONS  # the files of the formats the decoder accepts (vsekit.data.images)
 SPLIT_FOLDERS = ("train", "val", "test")
 logger = logging.getLogger("vsekit.data")
 
