@@ -16,3 +16,8 @@ DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 60.0
 # Seconds an idle keep-alive connection stays open (uvicorn's default).
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
+# Seconds between two looks at the index's manifest for a generation that `index add`/`remove` committed
+# (one stat() of manifest.json; the new generation is opened only when it changed).
+DEFAULT_RELOAD_INTERVAL = 1.0
+# The most digits a request's k may have (it is then compared with --max-k): "k" is ASCII digits only.
+MAX_K_DIGITS = 6
