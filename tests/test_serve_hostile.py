@@ -411,3 +411,39 @@ def test_head_through_the_real_server_keeps_the_connection(port):
     first, _, rest = raw.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200") and b"content-length:" in first.lower()
     assert rest.startswith(b"HTTP/1.1 200")  # no body after the HEAD reply: the next reply follows at once
+
+
+# -- the whole command, as a user runs it ------------------------------------------------------------------------
+@pytest.mark.slow  # a process of its own: about 7 s
+def test_vsekit_serve_end_to_end(ckpt, tmp_path):
+    """``vsekit serve --port 0`` in its own process: the printed port answers; a foreign Host is refused; an id
+    removed by ``vsekit index remove`` meanwhile is gone from the next search (no restart)."""
+    import os
+    import subprocess
+    import sys
+
+    index = build_demo_index(ckpt, tmp_path / "served")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "vsekit", "serve", str(index), "--port", "0", "--device", "cpu",
+                             "--reload-interval", "0"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the socket is bound and listening
+        assert line.startswith("serving ") and "http://127.0.0.1:" in line, (line, proc.poll())
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        ask = b"GET /search?q=red&k=20 HTTP/1.1\r\nHost: localhost:%d\r\nConnection: close\r\n\r\n" % port
+        code, _, body = parse(exchange(port, ask, timeout=60)[0])
+        ids = {h["id"] for h in json.loads(body)["results"]}
+        assert code == 200 and len(ids) == 8
+        raw, _ = exchange(port, b"GET /health HTTP/1.1\r\nHost: rebound.example:%d\r\nConnection: close\r\n\r\n" % port)
+        assert_raw_json_error(raw, 400, "Host")
+        gone = sorted(ids)[0]
+        assert cli("index", "remove", index, "--ids", gone) == 0
+        code, _, body = parse(exchange(port, ask, timeout=60)[0])
+        assert code == 200 and {h["id"] for h in json.loads(body)["results"]} == ids - {gone}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stdout.close()
+        log.close()
