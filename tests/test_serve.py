@@ -489,3 +489,13 @@ def test_host_header_must_name_this_server(app, index_dir, host, ok):
                 if method == "GET":
                     assert_json_error(r, 400, "Host")
                     assert "allow-host" not in r.text  # no server command lines to clients
+
+
+def test_k_digit_bound_follows_a_large_max_k(app):
+    from vsekit.serve.app import ApiError, parse_k
+
+    assert parse_k("1234567", 10**7) == 1234567  # 7 digits: max_k has 8
+    with pytest.raises(ApiError, match="ASCII digits"):
+        parse_k("9" * 5000, MAX_K)  # refused by its length, before any conversion
+    with pytest.raises(ApiError, match="between 1 and 20"):
+        parse_k("000021", MAX_K)

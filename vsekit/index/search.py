@@ -253,7 +253,7 @@ class SearchIndex:
         old = self._current
         try:
             manifest = read_manifest(self.index_dir)
-            if manifest["generation"] == old.manifest.get("generation"):
+            if manifest == old.manifest:  # rewritten as it was (an --overwrite build may reuse a name)
                 return False
             gen = self._generation(*_open_generation(self.index_dir, manifest, self.embedder,
                                                      **self._open_options))

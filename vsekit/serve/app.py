@@ -147,15 +147,17 @@ class JsonErrors:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-_K = re.compile(f"[0-9]{{1,{MAX_K_DIGITS}}}")  # [0-9], not \d: \d is any Unicode digit
+_K = re.compile("[0-9]+")  # [0-9], not \d: \d is any Unicode digit
 
 
 def parse_k(value: Any, max_k: int) -> int:
     """A request's ``k`` (a query parameter or a form field) -> an int in 1..``max_k``, or a 422. One parser
-    for every route: ASCII digits only and at most :data:`MAX_K_DIGITS` of them, so that what Python's
-    ``int()`` also takes (``1_0``, ``" 5"``, ``+5``, Arabic-Indic or full-width digits) is refused alike."""
+    for every route: ASCII digits only, at most :data:`MAX_K_DIGITS` of them (or as many as ``max_k`` has),
+    so that what Python's ``int()`` also takes (``1_0``, ``" 5"``, ``+5``, Arabic-Indic or full-width digits)
+    is refused alike, and a thousand-digit number is not converted at all."""
     text = value if isinstance(value, str) else None
-    if text is None or not _K.fullmatch(text):
+    digits = max(MAX_K_DIGITS, len(str(max_k)))
+    if text is None or len(text) > digits or not _K.fullmatch(text):
         shown = _short(text, 40) if text is not None else f"a {type(value).__name__}"
         raise ApiError(422, f"k must be an integer written in ASCII digits 0-9, got {shown!r}")
     value = int(text)
@@ -187,7 +189,7 @@ class HeadAsGet:
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-_HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[^\[\]:@/\\\s]+))(?::(?P<port>[0-9]{1,5}))?")
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[^\[\]:@/\\\s]+))(?::(?P<port>[0-9]{0,5}))?")
 
 
 def host_name(value: str) -> str | None:
