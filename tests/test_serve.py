@@ -339,7 +339,8 @@ def test_k_accepts_plain_digits_on_every_route(client, records):
     assert_json_error(client.get("/search", params={"q": "red", "k": "1_0"}), 422, "ASCII digits")
     spec = client.get("/openapi.json").json()["paths"]["/search"]["get"]["parameters"]
     k = next(p for p in spec if p["name"] == "k")["schema"]  # still documented as an integer
-    assert k["type"] == "integer" and k["minimum"] == 1 and k["maximum"] == MAX_K
+    assert k == {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "title": "K",
+                 "description": f"number of results, 1..{MAX_K}"}
 
 
 # -- HEAD wherever GET ------------------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def parse_k(value: Any, max_k: int) -> int:
     for every route: ASCII digits only, at most :data:`MAX_K_DIGITS` of them (or as many as ``max_k`` has),
     so that what Python's ``int()`` also takes (``1_0``, ``" 5"``, ``+5``, Arabic-Indic or full-width digits)
     is refused alike, and a thousand-digit number is not converted at all."""
+    if isinstance(value, int) and not isinstance(value, bool):  # a default, not a client's text
+        value = str(value)
     text = value if isinstance(value, str) else None
     digits = max(MAX_K_DIGITS, len(str(max_k)))
     if text is None or len(text) > digits or not _K.fullmatch(text):
@@ -386,8 +388,9 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
 
     @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
     def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
-               k: str | None = Query(None, description=f"number of results, 1..{max_k} (default 10)",
-                                     json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
+               # a str, read by parse_k as the upload's k is; documented as the integer it must be
+               k: str = Query(10, description=f"number of results, 1..{max_k}",
+                              json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
                target: Literal["images", "captions"] = Query("images", description="what to return")
                ) -> dict[str, Any]:
         query = q.strip()
@@ -395,7 +398,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             raise ApiError(422, "q: the query is empty")
         if len(query) > max_query_chars:
             raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is {max_query_chars}")
-        kk, tgt = parse_k("10" if k is None else k, max_k), check_target(target, TARGETS)
+        kk, tgt = parse_k(k, max_k), check_target(target, TARGETS)
         t0 = time.perf_counter()
         hits = sx.search_text(query, kk, tgt)
         return {"query": query, "k": kk, "target": tgt, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
@@ -415,7 +418,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "no image: send it in a multipart field named 'file'")
             data = await upload.read(max_upload_bytes + 1)
-            kk = parse_k(form.get("k", "10"), max_k)
+            kk = parse_k(form.get("k", 10), max_k)
             default = "captions" if sx.has_captions else "images"
             tgt = check_target(form.get("target") or default, (*TARGETS, "both"))
         if len(data) > max_upload_bytes:
