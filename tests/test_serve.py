@@ -500,3 +500,24 @@ def test_k_digit_bound_follows_a_large_max_k(app):
         parse_k("9" * 5000, MAX_K)  # refused by its length, before any conversion
     with pytest.raises(ApiError, match="between 1 and 20"):
         parse_k("000021", MAX_K)
+
+
+def test_a_qdrant_index_is_reopened_after_index_remove(ckpt, tmp_path):
+    """The new generation's backend is opened beside the old one (a local-mode folder's one client is shared)
+    and the old one released: removed ids are gone and the folder is not left locked."""
+    pytest.importorskip("qdrant_client")
+    from vsekit.index.backends import _LOCAL_CLIENTS
+    from vsekit.index.build import remove_from_index
+
+    ix = build_demo_index(ckpt, tmp_path / "ix", "--backend", "qdrant", "--qdrant-path", str(tmp_path / "q"),
+                          max_images=3)
+    sx = SearchIndex.open(ix, Embedder.from_checkpoint(ckpt))
+    try:
+        with TestClient(create_app(sx, reload_interval=0)) as c:
+            before = _ids(c)
+            remove_from_index(ix, ids=[sorted(before)[0]])
+            assert _ids(c) == before - {sorted(before)[0]}
+            assert [n for _, n in _LOCAL_CLIENTS.values()] == [1]  # the replaced backend let go of its share
+    finally:
+        sx.close()
+    assert not _LOCAL_CLIENTS
