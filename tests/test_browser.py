@@ -132,3 +132,30 @@ def test_errors_are_shown_on_the_page(server, browser_page):
     assert "limit is 500" in page.inner_text("#error")
     assert page.locator("#results .card").count() == 0
     errors.clear()  # the browser logs the 422 itself
+
+
+def test_api_docs_render_offline_under_their_policy(server, browser_page, tmp_path):
+    """/docs draws the API from this server's own files: no request leaves it (the page loaded Swagger UI
+    from a CDN, without integrity checks), and nothing breaks the page's Content-Security-Policy."""
+    page, errors = browser_page
+    errors.clear()
+    elsewhere: list[str] = []
+
+    def only_here(route) -> None:  # as offline: anything not from this server fails
+        if route.request.url.startswith(server["url"]):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_here)
+    try:
+        page.goto(server["url"] + "/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=20000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert {"/search", "/search/image", "/health"} <= {p.replace("\u200b", "") for p in paths}
+        page.screenshot(path=str(tmp_path / "docs.png"), full_page=True)
+    finally:
+        page.unroute("**/*")
+    assert not elsewhere, elsewhere
+    assert not errors, errors  # a policy violation is a console error ("Refused to ...")

@@ -321,3 +321,203 @@ def test_valid_ranges_still_work(client, records):
     assert r.headers["content-range"] == f"bytes 0-9/{len(data)}"
     r = client.get(f"/images/{records[0]['id']}", headers={"Range": "bytes=-5"})
     assert r.status_code == 206 and r.content == data[-5:]
+
+
+# -- k: one parser for every route ------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", ["\u0665", "1_0", " 5", "5 ", "+5", "\uff15", "5\n", "0x5", "1e1", "5.0", "0005000",
+                               "9" * 40, "", "-1"], ids=repr)
+def test_k_is_ascii_digits_on_every_route(client, records, k):
+    """Python's int() takes '١_٠', ' 5', '+5' and full-width digits; the upload route took them through it."""
+    assert_json_error(client.get("/search", params={"q": "red", "k": k}), 422, "k")
+    assert_json_error(post_image(client, png_bytes(records[0]["path"]), k=k), 422, "k")
+
+
+def test_k_accepts_plain_digits_on_every_route(client, records):
+    assert len(client.get("/search", params={"q": "red", "k": "03"}).json()["results"]) == 3
+    r = post_image(client, png_bytes(records[0]["path"]), k="03")
+    assert r.status_code == 200 and len(r.json()["results"]["captions"]) == 3
+    assert_json_error(client.get("/search", params={"q": "red", "k": "1_0"}), 422, "ASCII digits")
+    spec = client.get("/openapi.json").json()["paths"]["/search"]["get"]["parameters"]
+    k = next(p for p in spec if p["name"] == "k")["schema"]  # still documented as an integer
+    assert k == {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "title": "K",
+                 "description": f"number of results, 1..{MAX_K}"}
+
+
+# -- HEAD wherever GET ------------------------------------------------------------------------------------------
+def test_head_is_answered_wherever_get_is(client, records):
+    paths = ["/", f"/images/{records[0]['id']}", "/health", "/static/app.js", "/docs", "/openapi.json",
+             "/images/no-such-id", "/nowhere"]
+    for path in paths:
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code, (path, head.status_code, head.text)
+        assert head.content == b"", path
+        for name in ("content-type", "content-length", "content-security-policy", "etag"):
+            assert head.headers.get(name) == get.headers.get(name), (path, name)
+    head = client.head("/search", params={"q": "red", "k": 2})
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "application/json"
+    assert client.head("/search", params={"q": "red", "k": "x"}).status_code == 422
+    r = client.head("/search/image")  # POST only: no GET, so no HEAD either
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+# -- the API page works offline ---------------------------------------------------------------------------------
+def test_docs_page_loads_nothing_from_elsewhere(client):
+    import re
+
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "http" not in csp and "unsafe" not in csp
+    assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", r.text)  # no inline script: the policy forbids one
+    refs = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert any(u.endswith("swagger-ui-bundle.js") for u in refs) and any(u.endswith(".css") for u in refs)
+    for url in refs:
+        assert url.startswith("/"), url
+        got = client.get(url)
+        assert got.status_code == 200 and len(got.content) > 100, url
+    assert "SwaggerUIBundle" in client.get("/static/docs.js").text
+    assert client.get("/redoc").status_code == 404  # FastAPI's ReDoc page loaded its script from a CDN
+
+
+# -- new index generations are served without a restart ----------------------------------------------------------
+@pytest.fixture
+def fresh_index(ckpt, tmp_path) -> Path:
+    return build_demo_index(ckpt, tmp_path / "live")
+
+
+def _ids(c, k: int = MAX_K) -> set[str]:
+    r = c.get("/search", params={"q": "red", "k": k})
+    assert r.status_code == 200, r.text
+    return {h["id"] for h in r.json()["results"]}
+
+
+def test_removed_ids_are_not_served_after_index_remove(fresh_index, ckpt):
+    from vsekit.index.build import remove_from_index
+
+    with TestClient(create_app(fresh_index, reload_interval=0)) as c:
+        before = _ids(c)
+        gone = sorted(before)[0]
+        assert len(before) == INDEX_IMAGES and c.get(f"/images/{gone}").status_code == 200
+        remove_from_index(fresh_index, ids=[gone])
+        after = _ids(c)
+        assert after == before - {gone}  # the very next query
+        assert c.get(f"/images/{gone}").status_code == 404
+        assert c.get("/health").json()["images"] == INDEX_IMAGES - 1
+        caps = c.get("/search", params={"q": "red", "k": MAX_K, "target": "captions"}).json()["results"]
+        assert caps and all(h["image_id"] != gone for h in caps)
+
+
+def test_reload_is_checked_at_most_every_interval(fresh_index, ckpt):
+    from vsekit.index.build import remove_from_index
+
+    with TestClient(create_app(fresh_index, reload_interval=3600)) as c:
+        before = _ids(c)  # the first request looked; the next look is an hour away
+        remove_from_index(fresh_index, ids=[sorted(before)[0]])
+        assert _ids(c) == before
+        sx = c.app.state.index
+        sx._next_check = 0.0  # the hour is over
+        assert len(_ids(c)) == INDEX_IMAGES - 1
+
+
+def test_a_broken_new_generation_keeps_the_old_one_serving(fresh_index, ckpt, caplog):
+    from vsekit.index.build import remove_from_index
+
+    manifest = fresh_index / "manifest.json"
+    good = manifest.read_text()
+    with TestClient(create_app(fresh_index, reload_interval=0)) as c:
+        before = _ids(c)
+        broken = {**json.loads(good), "generation": "g999999"}  # names a folder that is not there
+        manifest.write_text(json.dumps(broken))
+        with caplog.at_level("WARNING", logger="vsekit.index.search"):
+            assert _ids(c) == before and c.get("/health").json()["images"] == INDEX_IMAGES
+        assert "cannot be opened" in caplog.text and "g999999" in caplog.text
+        manifest.write_text(good)
+        assert _ids(c) == before
+        remove_from_index(fresh_index, ids=[sorted(before)[-1]])  # a good commit after the bad one is served
+        assert _ids(c) == before - {sorted(before)[-1]}
+
+
+def test_a_query_in_flight_keeps_its_generation(fresh_index, ckpt):
+    """A switch while a query runs: the query's rows and records come from the generation it started with."""
+    from vsekit.index.build import remove_from_index
+
+    sx = SearchIndex.open(fresh_index, Embedder.from_checkpoint(ckpt))
+    q = sx.embedder.encode_captions(["red"])
+    with sx._pinned():
+        old_images = sx.data.images
+        remove_from_index(fresh_index, ids=[old_images[0]["id"]])
+        assert sx.refresh() is True
+        hits = sx.search_vectors(q, "captions", "images", MAX_K)[0]
+        assert len(hits) == INDEX_IMAGES and sx.data.images is old_images
+    assert sx.num_images == INDEX_IMAGES - 1 and sx.image_record(old_images[0]["id"]) is None
+    assert sx.refresh() is False  # nothing new
+
+
+# -- the Host header (DNS rebinding) ----------------------------------------------------------------------------
+def test_allowed_hosts_policy():
+    from vsekit.serve.app import allowed_hosts, host_name
+
+    local = {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("127.0.0.1") == local
+    assert allowed_hosts("localhost") == local and allowed_hosts("::1") == local
+    assert allowed_hosts("127.0.0.2", ["Search.Example."]) == local | {"127.0.0.2", "search.example"}
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.0.2.7") is None  # any, unless named
+    assert allowed_hosts("0.0.0.0", ["photos.lan"]) == local | {"photos.lan"}
+    assert allowed_hosts("192.0.2.7", ["photos.lan"]) == local | {"photos.lan", "192.0.2.7"}
+    assert host_name("[::1]:8000") == "::1" and host_name("LOCALHOST:80") == "localhost"
+    for bad in ("", "a b", "evil.com:8000:1", "user@localhost", "[::1", "localhost:99999x", "local/host"):
+        assert host_name(bad) is None, bad
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("localhost", True), ("localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True),
+    ("[::1]", True), ("LocalHost", True), ("photos.lan", True), ("photos.lan:443", True),
+    ("evil.example", False), ("evil.example:8000", False), ("127.0.0.1.evil.example", False),
+    ("localhost@evil.example", False), ("", False), ("localhost:8000:9", False), ("::1", False),
+])
+def test_host_header_must_name_this_server(app, index_dir, host, ok):
+    from vsekit.serve.app import allowed_hosts
+
+    guarded = create_app(app.state.index, allowed_hosts=allowed_hosts("127.0.0.1", ["photos.lan"]))
+    with TestClient(guarded, base_url="http://localhost") as c:
+        for method, path in (("GET", "/health"), ("GET", "/"), ("GET", "/search?q=red"), ("HEAD", "/")):
+            r = c.request(method, path, headers={"host": host})
+            if ok:
+                assert r.status_code == 200, (host, path, r.text)
+            else:
+                assert r.status_code == 400, (host, path)
+                if method == "GET":
+                    assert_json_error(r, 400, "Host")
+                    assert "allow-host" not in r.text  # no server command lines to clients
+
+
+def test_k_digit_bound_follows_a_large_max_k(app):
+    from vsekit.serve.app import ApiError, parse_k
+
+    assert parse_k("1234567", 10**7) == 1234567  # 7 digits: max_k has 8
+    with pytest.raises(ApiError, match="ASCII digits"):
+        parse_k("9" * 5000, MAX_K)  # refused by its length, before any conversion
+    with pytest.raises(ApiError, match="between 1 and 20"):
+        parse_k("000021", MAX_K)
+
+
+def test_a_qdrant_index_is_reopened_after_index_remove(ckpt, tmp_path):
+    """The new generation's backend is opened beside the old one (a local-mode folder's one client is shared)
+    and the old one released: removed ids are gone and the folder is not left locked."""
+    pytest.importorskip("qdrant_client")
+    from vsekit.index.backends import _LOCAL_CLIENTS
+    from vsekit.index.build import remove_from_index
+
+    ix = build_demo_index(ckpt, tmp_path / "ix", "--backend", "qdrant", "--qdrant-path", str(tmp_path / "q"),
+                          max_images=3)
+    sx = SearchIndex.open(ix, Embedder.from_checkpoint(ckpt))
+    try:
+        with TestClient(create_app(sx, reload_interval=0)) as c:
+            before = _ids(c)
+            remove_from_index(ix, ids=[sorted(before)[0]])
+            assert _ids(c) == before - {sorted(before)[0]}
+            assert [n for _, n in _LOCAL_CLIENTS.values()] == [1]  # the replaced backend let go of its share
+    finally:
+        sx.close()
+    assert not _LOCAL_CLIENTS

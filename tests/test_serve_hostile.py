@@ -327,7 +327,7 @@ def test_many_stalled_connections_are_all_released(port):
 
 
 # -- the command line -------------------------------------------------------------------------------------
-def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch):
+def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch, capsys):
     import vsekit.serve.app as app_module
     import vsekit.serve.server as server_module
 
@@ -338,8 +338,8 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch):
         return object()
 
     class FakeServer:
-        def run(self) -> None:
-            seen["ran"] = True
+        def run(self, sockets=None) -> None:
+            seen["ran"] = [s.getsockname() for s in sockets]
 
     def fake_make_server(app, host, port, **kw):
         seen["server"] = {"host": host, "port": port, **kw}
@@ -348,11 +348,17 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch):
     monkeypatch.setattr(app_module, "create_app", fake_create_app)
     monkeypatch.setattr(server_module, "make_server", fake_make_server)
     assert cli("serve", sx.index_dir, "--read-timeout", "2.5", "--body-timeout", "30", "--keep-alive-timeout", "3",
-               "--max-aspect-ratio", "8", "--allow-legacy-checkpoint", "--port", "9") == 0
-    assert seen["ran"] and seen["server"] == {"host": "127.0.0.1", "port": 9, "read_timeout": 2.5,
-                                              "body_timeout": 30.0, "keep_alive_timeout": 3.0}
+               "--max-aspect-ratio", "8", "--allow-legacy-checkpoint", "--port", "0", "--allow-host", "photos.lan",
+               "--allow-host", "[::1]", "--reload-interval", "0.25") == 0
+    port = seen["ran"][0][1]
+    assert port > 0 and seen["ran"] == [("127.0.0.1", port)]  # --port 0: a free port, bound before the run
+    assert seen["server"] == {"host": "127.0.0.1", "port": port, "read_timeout": 2.5, "body_timeout": 30.0,
+                              "keep_alive_timeout": 3.0}
+    assert f"serving {sx.index_dir} on http://127.0.0.1:{port}/" in capsys.readouterr().out  # the real port
     assert seen["app"]["read_timeout"] == 2.5 and seen["app"]["body_timeout"] == 30.0
     assert seen["app"]["max_aspect_ratio"] == 8.0 and seen["app"]["allow_legacy_checkpoint"] is True
+    assert seen["app"]["allowed_hosts"] == {"localhost", "127.0.0.1", "::1", "photos.lan"}
+    assert seen["app"]["reload_interval"] == 0.25
     with pytest.raises(SystemExit):
         cli("serve", sx.index_dir, "--read-timeout", "0")
 
@@ -477,3 +483,89 @@ def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx
     threading.Thread(target=release_once_two_run, daemon=True).start()
     replies = _concurrent_uploads(app, good_png, 3)
     assert [r.status_code for r in replies] == [200, 200, 200] and most[0] == 2
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--port", "99999"), ("--port", "-1"), ("--port", "80a"), ("--port", "\u0665"), ("--max-upload-bytes", "0"),
+    ("--max-upload-bytes", "0K"), ("--reload-interval", "-1"), ("--reload-interval", "inf"),
+])
+def test_serve_refuses_bad_options_in_one_line(tmp_path, capsys, option, value):
+    """argparse's usage error (exit 2), not a traceback from deep in the server or the app."""
+    with pytest.raises(SystemExit) as e:
+        cli("serve", tmp_path, option, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+
+
+def test_serve_on_a_port_in_use_is_one_error_line(sx, capsys):
+    """It used to print "serving on ..." and then exit with 3, the training-collapse code."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = cli("serve", sx.index_dir, "--port", port)
+    out, err = capsys.readouterr()
+    assert rc not in (0, 3) and "serving" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], err
+
+
+# -- HTTP framing and methods through the real server ----------------------------------------------------------
+@pytest.mark.parametrize("head", [
+    b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"POST /search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nContent-Length: 0\r\n",
+    b"POST /search/image HTTP/1.0\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+], ids=["cl-te", "te-cl", "te-case", "http10"])
+def test_content_length_with_transfer_encoding_is_400_and_closed(port, head):
+    """RFC 9112 6.3: both framings in one request is a smuggling attempt; h11 read it as chunked and kept the
+    connection open, so the bytes after the chunks were read as a second request."""
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw, took = exchange(port, head + b"\r\n0\r\n\r\n" + smuggled)
+    assert_raw_json_error(raw, 400, "Content-Length and Transfer-Encoding")
+    assert raw.count(b"HTTP/1.1 ") == 1 and took < 3  # one reply, then closed: the smuggled one is never read
+
+
+def test_head_through_the_real_server_keeps_the_connection(port):
+    req = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    raw, _ = exchange(port, req)
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"content-length:" in first.lower()
+    assert rest.startswith(b"HTTP/1.1 200")  # no body after the HEAD reply: the next reply follows at once
+
+
+# -- the whole command, as a user runs it ------------------------------------------------------------------------
+@pytest.mark.slow  # a process of its own: about 7 s
+def test_vsekit_serve_end_to_end(ckpt, tmp_path):
+    """``vsekit serve --port 0`` in its own process: the printed port answers; a foreign Host is refused; an id
+    removed by ``vsekit index remove`` meanwhile is gone from the next search (no restart)."""
+    import os
+    import subprocess
+    import sys
+
+    index = build_demo_index(ckpt, tmp_path / "served")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "vsekit", "serve", str(index), "--port", "0", "--device", "cpu",
+                             "--reload-interval", "0"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the socket is bound and listening
+        assert line.startswith("serving ") and "http://127.0.0.1:" in line, (line, proc.poll())
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        ask = b"GET /search?q=red&k=20 HTTP/1.1\r\nHost: localhost:%d\r\nConnection: close\r\n\r\n" % port
+        code, _, body = parse(exchange(port, ask, timeout=60)[0])
+        ids = {h["id"] for h in json.loads(body)["results"]}
+        assert code == 200 and len(ids) == 8
+        raw, _ = exchange(port, b"GET /health HTTP/1.1\r\nHost: rebound.example:%d\r\nConnection: close\r\n\r\n" % port)
+        assert_raw_json_error(raw, 400, "Host")
+        gone = sorted(ids)[0]
+        assert cli("index", "remove", index, "--ids", gone) == 0
+        code, _, body = parse(exchange(port, ask, timeout=60)[0])
+        assert code == 200 and {h["id"] for h in json.loads(body)["results"]} == ids - {gone}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stdout.close()
+        log.close()

@@ -29,6 +29,31 @@ def positive_float(text: str) -> float:
     return v
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free port)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535 (0: any free port), got {text!r}")
+    return int(text)
+
+
+def positive_size(text: str) -> int:
+    """A size in bytes (``parse_size``: 512K, 10M, ...) of at least one byte."""
+    v = parse_size(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return v
+
+
 def aspect_ratio(text: str) -> float:
     v = positive_float(text)
     if v < 1:
@@ -171,22 +196,39 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import torch
 
-    from vsekit.serve.app import create_app
-    from vsekit.serve.server import make_server
+    from vsekit.serve.app import allowed_hosts, create_app, is_loopback
+    from vsekit.serve.server import bound_socket, make_server
 
-    torch.set_num_threads(args.torch_threads)
-    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device,
-                     max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
-                     max_k=args.max_k, max_image_pixels=args.max_image_pixels,
-                     max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
-                     body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint,
-                     rerank=args.rerank)
-    server = make_server(app, args.host, args.port, read_timeout=args.read_timeout,
-                         body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout)
-    print(f"serving {args.index} on http://{args.host}:{args.port}/  (API docs at /docs)")
-    server.run()
+    # bound (and listening) first: a port in use is one error line before the model is loaded, and
+    # "serving on" is printed only once the address is ours, with the real port when --port 0 picked one
+    sock = bound_socket(args.host, args.port)
+    try:
+        address, port = sock.getsockname()[:2]
+        local = is_loopback(address)
+        hosts = allowed_hosts(address, [*args.allow_host, args.host] if local else args.allow_host)
+        torch.set_num_threads(args.torch_threads)
+        app = create_app(args.index, checkpoint=args.checkpoint, device=args.device,
+                         max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
+                         max_k=args.max_k, max_image_pixels=args.max_image_pixels,
+                         max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
+                         body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint,
+                         rerank=args.rerank, allowed_hosts=hosts, reload_interval=args.reload_interval)
+        server = make_server(app, address, port, read_timeout=args.read_timeout, body_timeout=args.body_timeout,
+                             keep_alive_timeout=args.keep_alive_timeout)
+        name = args.host.strip("[]")
+        shown = f"[{name}]" if ":" in name else name
+        print(f"serving {args.index} on http://{shown}:{port}/  (API docs at /docs)", flush=True)
+        if hosts is None:
+            logging.getLogger(__name__).info(
+                "bound to %s, not a loopback address: requests for any Host name are answered "
+                "(--allow-host NAME answers only NAME and this machine's loopback names)", args.host)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
@@ -291,10 +333,19 @@ def add_cli(subparsers) -> None:
     v = subparsers.add_parser("serve", help="serve an index over HTTP: JSON API and a search page")
     v.add_argument("index", help="index folder")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=port_number, default=8000, help="TCP port, 0..65535 (0: any free port, printed)")
+    v.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header names NAME (repeatable). Bound to a loopback "
+                        "address (the default), only localhost, 127.0.0.1, [::1] and --host are answered, so "
+                        "that a web page whose name resolves to 127.0.0.1 (DNS rebinding) cannot use the API; "
+                        "bound elsewhere, any Host is answered unless --allow-host names some")
+    v.add_argument("--reload-interval", type=non_negative_float, default=limits.DEFAULT_RELOAD_INTERVAL,
+                   metavar="SECONDS", help="how often the index is checked for a generation that `index add` / "
+                                           "`index remove` committed, which is then served without a restart "
+                                           f"(default {limits.DEFAULT_RELOAD_INTERVAL:g}; 0: before every request)")
     v.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     v.add_argument("--device", default="auto")
-    v.add_argument("--max-upload-bytes", type=parse_size, default=limits.DEFAULT_MAX_UPLOAD_BYTES,
+    v.add_argument("--max-upload-bytes", type=positive_size, default=limits.DEFAULT_MAX_UPLOAD_BYTES,
                    help=f"largest accepted image upload, e.g. 512K, 10M (default {limits.DEFAULT_MAX_UPLOAD_BYTES})")
     v.add_argument("--max-query-chars", type=positive_int, default=limits.DEFAULT_MAX_QUERY_CHARS,
                    help=f"longest text query (default {limits.DEFAULT_MAX_QUERY_CHARS})")

@@ -21,7 +21,11 @@ lock; only the forward pass is serialised, so a slow upload never stalls the oth
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
 from vsekit.index.backends import Backend, open_backend
 from vsekit.index.build import check_local_sets, check_model
 from vsekit.index.store import (
+    MANIFEST,
     TARGETS,
     AnnParams,
     IndexData,
@@ -44,6 +49,8 @@ from vsekit.index.store import (
     read_manifest,
 )
 from vsekit.models.local_sets import LocalSets
+
+logger = logging.getLogger(__name__)
 
 _ORDER_CHUNK = 4096  # order scoring holds (queries x chunk x D) floats
 # Default limits of an image query: pixels before and after the model's resize, and long side / short side
@@ -88,14 +95,41 @@ class SearchResult:
         return asdict(self)
 
 
+@dataclass(eq=False)
+class _Generation:
+    """One opened generation of the index: what a query reads, replaced whole by :meth:`SearchIndex.refresh`."""
+
+    manifest: dict[str, Any]
+    data: IndexData
+    backend: Backend
+    row_of_id: dict[str, int]
+    users: int = 0  # queries reading it now
+    retired: bool = False  # replaced: its backend is closed when its last query ends
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when ``manifest.json`` is replaced (a commit renames a new file over it)."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SearchIndex:
-    """An opened index plus the model that embeds queries. Safe to share between threads."""
+    """An opened index plus the model that embeds queries. Safe to share between threads.
+
+    A long-lived searcher (``vsekit serve``) calls :meth:`refresh` to pick up the generations that ``index
+    add``/``remove`` commit meanwhile. Each query reads one generation from start to end (the one current
+    when it began), so a switch never mixes the rows of one with the records of another."""
 
     def __init__(self, index_dir: str | Path, manifest: dict[str, Any], data: IndexData, embedder,
                  backend: Backend | None = None, rerank: int | None = None) -> None:
-        self.index_dir, self.manifest, self.data, self.embedder = Path(index_dir), manifest, data, embedder
-        self.backend = backend or open_backend(manifest, data)
-        self._row_of_id = {r["id"]: i for i, r in enumerate(data.images)}
+        self.index_dir, self.embedder = Path(index_dir), embedder
+        self._current = self._generation(manifest, data, backend or open_backend(manifest, data))
+        self._pin = threading.local()  # the generation this thread's query reads
+        self._swap_lock = threading.Lock()  # guards _current and the generations' users/retired
+        self._reload_lock = threading.Lock()  # one refresh at a time
+        self._stamp: tuple[int, int, int] | None = None  # manifest.json as of the generation opened
+        self._next_check = 0.0  # time.monotonic() before which refresh() does not look
+        self._open_options: dict[str, Any] = {"verify": True, "params": {}}
         self._model_lock = threading.Lock()
         if rerank is not None and "rerank" not in manifest:
             raise SearchIndexError(f"{index_dir}: rerank applies to models with a similarity network; this index's "
@@ -113,6 +147,10 @@ class SearchIndex:
         ``allow_legacy_checkpoint``: load a checkpoint saved by an older vsekit with full pickle -- only for
         files you trust. ``rerank``: for a similarity network's model, how many shortlisted items each query
         reranks through the network (default: the manifest's)."""
+        try:  # before the manifest is read: a commit in between then shows as a change to refresh()
+            stamp = _stamp(Path(index_dir) / MANIFEST)
+        except OSError:
+            stamp = None  # read_manifest says what is wrong
         manifest = read_manifest(index_dir)
         if embedder is None:
             from vsekit.inference import Embedder
@@ -123,16 +161,115 @@ class SearchIndex:
             # the flag is passed only when set, so this works with an Embedder that does not know it
             legacy = {"allow_legacy": True} if allow_legacy_checkpoint else {}
             embedder = Embedder.from_checkpoint(path, device=device, **legacy)
-        check_model(manifest, embedder, index_dir)
-        check_local_sets(manifest, embedder, Path(index_dir))
-        data = load_data(index_dir, manifest, verify=verify)
-        params = AnnParams(**{**asdict(manifest_params(manifest)), **({"nprobe": nprobe} if nprobe else {}),
-                              **({"ef_search": ef_search} if ef_search else {})})
-        return cls(index_dir, manifest, data, embedder, open_backend(manifest, data, params), rerank=rerank)
+        options = {"verify": verify, "params": {**({"nprobe": nprobe} if nprobe else {}),
+                                                **({"ef_search": ef_search} if ef_search else {})}}
+        manifest, data, backend = _open_generation(index_dir, manifest, embedder, **options)
+        sx = cls(index_dir, manifest, data, embedder, backend, rerank=rerank)
+        sx._stamp, sx._open_options = stamp, options
+        return sx
 
     def close(self) -> None:
         """Release the backend's connection (a Qdrant local-mode folder stays locked until then)."""
         self.backend.close()
+
+    # -- the current generation, and picking up a newer one -------------------------------------------
+    @staticmethod
+    def _generation(manifest: dict[str, Any], data: IndexData, backend: Backend) -> _Generation:
+        return _Generation(manifest, data, backend, {r["id"]: i for i, r in enumerate(data.images)})
+
+    def _read(self) -> _Generation:
+        """The generation this thread's query reads (:meth:`_pinned`), else the current one."""
+        return getattr(self._pin, "gen", None) or self._current
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._read().manifest
+
+    @property
+    def data(self) -> IndexData:
+        return self._read().data
+
+    @property
+    def backend(self) -> Backend:
+        return self._read().backend
+
+    @property
+    def _row_of_id(self) -> dict[str, int]:
+        return self._read().row_of_id
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[_Generation]:
+        """Hold this thread's query to the current generation until it ends (re-entrant)."""
+        held = getattr(self._pin, "gen", None)
+        if held is not None:
+            yield held
+            return
+        with self._swap_lock:
+            gen = self._current
+            gen.users += 1
+        self._pin.gen = gen
+        try:
+            yield gen
+        finally:
+            self._pin.gen = None
+            with self._swap_lock:
+                gen.users -= 1
+                done = gen.retired and gen.users == 0
+            if done:
+                _close_quietly(gen.backend)
+
+    def refresh_due(self) -> bool:
+        """Whether :meth:`refresh` would look at the manifest now (cheap: no file is touched)."""
+        return time.monotonic() >= self._next_check
+
+    def refresh(self, min_interval: float = 0.0) -> bool:
+        """Switch to the generation the manifest names now, if one was committed since this index was opened
+        (``vsekit index add``/``remove``); True when it switched. Looks at most once every ``min_interval``
+        seconds, by one ``stat`` of ``manifest.json``; a new generation is opened (checked as
+        :meth:`open` checks it) while queries go on with the old one, and replaces it only once it is
+        ready. One that cannot be opened (a model other than this one, a file that fails its checksum)
+        leaves the old one serving, is logged with the reason, and is not tried again until the manifest
+        changes again. While another thread refreshes, returns False at once."""
+        if not self.refresh_due() or not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
+            self._next_check = time.monotonic() + min_interval
+            return self._reload()
+        finally:
+            self._reload_lock.release()
+
+    def _reload(self) -> bool:
+        try:
+            stamp = _stamp(self.index_dir / MANIFEST)
+        except OSError as e:
+            if self._stamp is not None:
+                logger.warning("%s: cannot read the manifest (%s); still serving generation %s", self.index_dir,
+                               e.strerror or e, self.manifest.get("generation"))
+            self._stamp = None
+            return False
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # one look per commit, whether its generation opens or not
+        old = self._current
+        try:
+            manifest = read_manifest(self.index_dir)
+            if manifest == old.manifest:  # rewritten as it was (an --overwrite build may reuse a name)
+                return False
+            gen = self._generation(*_open_generation(self.index_dir, manifest, self.embedder,
+                                                     **self._open_options))
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the old generation goes on serving
+            logger.warning("%s: a new generation was committed but cannot be opened; still serving generation "
+                           "%s: %s", self.index_dir, old.manifest.get("generation"), e)
+            return False
+        with self._swap_lock:
+            self._current = gen
+            old.retired = True
+            done = old.users == 0
+        if done:
+            _close_quietly(old.backend)
+        logger.info("%s: now serving generation %s (%d images, %d captions)", self.index_dir,
+                    manifest["generation"], len(gen.data.images), len(gen.data.captions or []))
+        return True
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -161,8 +298,9 @@ class SearchIndex:
         return self.rerank is not None
 
     def image_record(self, image_id: str) -> dict[str, Any] | None:
-        row = self._row_of_id.get(image_id)
-        return None if row is None else self.data.images[row]
+        gen = self._read()  # the row and the record from one generation
+        row = gen.row_of_id.get(image_id)
+        return None if row is None else gen.data.images[row]
 
     # -- queries ----------------------------------------------------------------------------------------
     def search_text(self, query: str, k: int = 10, target: str = "images") -> list[SearchResult]:
@@ -270,15 +408,16 @@ class SearchIndex:
         For a similarity network's index, a query of the other side than ``target`` needs its local sets
         (``query_sets``, one per row) and is reranked (``rerank``: default, the index's)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        n = self.data.count(target)
-        if n == 0:
-            return [[] for _ in queries]
-        k = min(int(k), n)
-        if self.learned and query_side != target:
-            scores, rows = self._reranked_top_k(queries, query_sets, query_side, target, k, rerank)
-        else:
-            scores, rows = self._top_k(queries, query_side, target, k)
-        return [self._results(s, r, target) for s, r in zip(scores, rows)]
+        with self._pinned():  # one generation from the first row to the last record
+            n = self.data.count(target)
+            if n == 0:
+                return [[] for _ in queries]
+            k = min(int(k), n)
+            if self.learned and query_side != target:
+                scores, rows = self._reranked_top_k(queries, query_sets, query_side, target, k, rerank)
+            else:
+                scores, rows = self._top_k(queries, query_side, target, k)
+            return [self._results(s, r, target) for s, r in zip(scores, rows)]
 
     def _reranked_top_k(self, queries: np.ndarray, query_sets: LocalSets | None, query_side: str, target: str,
                         k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -358,3 +497,22 @@ def _stack(rows: list[np.ndarray], k: int, dtype: Any, fill: Any) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
+
+
+def _open_generation(index_dir: str | Path, manifest: dict[str, Any], embedder, *, verify: bool,
+                     params: dict[str, Any]) -> tuple[dict[str, Any], IndexData, Backend]:
+    """The data and backend of the generation ``manifest`` names, after checking that ``embedder`` is the
+    index's model; ``params``: search parameters that override the manifest's (nprobe, ef_search)."""
+    check_model(manifest, embedder, index_dir)
+    check_local_sets(manifest, embedder, Path(index_dir))
+    data = load_data(index_dir, manifest, verify=verify)
+    merged = AnnParams(**{**asdict(manifest_params(manifest)), **params})
+    return manifest, data, open_backend(manifest, data, merged)
+
+
+def _close_quietly(backend: Backend) -> None:
+    """Close a replaced generation's backend; a failure there must not fail the query that happened to end last."""
+    try:
+        backend.close()
+    except Exception as e:  # noqa: BLE001
+        logger.warning("closing the backend of a replaced index generation failed: %s", e)

@@ -18,12 +18,16 @@ never joined onto a path, so no request can name a file outside the index.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import mimetypes
+import re
 import stat
 import time
+from collections.abc import Iterable
 from http import HTTPStatus
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -51,15 +55,25 @@ from vsekit.serve.limits import (
     DEFAULT_MAX_QUERY_CHARS,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_READ_TIMEOUT,
+    DEFAULT_RELOAD_INTERVAL,
+    MAX_K_DIGITS,
 )
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+# Swagger UI (swagger-ui-bundle.js, swagger-ui.css, favicon.png) as the fastapi-offline package ships it
+SWAGGER_UI = Path(str(resources.files("fastapi_offline") / "static"))
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small fields beside the file
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+# /docs: Swagger UI's files are served from here (SWAGGER_UI); its icons are data: URIs in its own stylesheet
+DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
 }
 _UPLOAD_BODY = {
@@ -136,6 +150,132 @@ class JsonErrors:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+_K = re.compile("[0-9]+")  # [0-9], not \d: \d is any Unicode digit
+
+
+def parse_k(value: Any, max_k: int) -> int:
+    """A request's ``k`` (a query parameter or a form field) -> an int in 1..``max_k``, or a 422. One parser
+    for every route: ASCII digits only, at most :data:`MAX_K_DIGITS` of them (or as many as ``max_k`` has),
+    so that what Python's ``int()`` also takes (``1_0``, ``" 5"``, ``+5``, Arabic-Indic or full-width digits)
+    is refused alike, and a thousand-digit number is not converted at all."""
+    if isinstance(value, int) and not isinstance(value, bool):  # a default, not a client's text
+        value = str(value)
+    text = value if isinstance(value, str) else None
+    digits = max(MAX_K_DIGITS, len(str(max_k)))
+    if text is None or len(text) > digits or not _K.fullmatch(text):
+        shown = _short(text, 40) if text is not None else f"a {type(value).__name__}"
+        raise ApiError(422, f"k must be an integer written in ASCII digits 0-9, got {shown!r}")
+    value = int(text)
+    if not 1 <= value <= max_k:
+        raise ApiError(422, f"k must be between 1 and {max_k}, got {value}")
+    return value
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered wherever GET is (RFC 9110 9.3.2), by the GET route itself, with the
+    same status and headers (``Content-Length`` and ``Content-Type`` included) and no body. FastAPI's routes
+    answer only the methods they name, so without this a HEAD on the page or an image was a 405."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif not message.get("more_body"):  # the body's last piece (or a pathsend): end it empty
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[^\[\]:@/\\\s]+))(?::(?P<port>[0-9]{0,5}))?")
+
+
+def host_name(value: str) -> str | None:
+    """The host a ``Host`` header names, lowercased, without its port, brackets or one trailing dot
+    (``[::1]:8000`` -> ``::1``, ``LocalHost.`` -> ``localhost``); None when it is not a plain host[:port]."""
+    m = _HOST.fullmatch(value)
+    if m is None:
+        return None
+    name = (m.group("ip6") or m.group("name")).lower()
+    return name[:-1] if name.endswith(".") and len(name) > 1 else name
+
+
+def name_of(host: str) -> str | None:
+    """A host as the command line gives it (``photos.lan``, ``::1``, ``[::1]``, ``localhost:8000``) in the
+    form :func:`host_name` gives a ``Host`` header's; None when it is not a host name or address."""
+    text = host.strip()
+    return host_name(f"[{text}]" if text.count(":") > 1 and not text.startswith("[") else text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: ``localhost``, 127.0.0.0/8, ::1."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bound: str, extra: Iterable[str] = ()) -> frozenset[str] | None:
+    """The ``Host`` names a server bound to ``bound`` answers (None: any). Bound to a loopback address, only
+    the names of this machine (``localhost``, ``127.0.0.1``, ``[::1]``, ``bound`` itself) and ``extra``: a web
+    page elsewhere whose name an attacker points at 127.0.0.1 (DNS rebinding) then gets a 400, not the API.
+    Bound elsewhere (a LAN address, ``0.0.0.0``), any Host unless ``extra`` names some: then those, the
+    loopback names and ``bound`` (when it is one address, not a wildcard)."""
+    extra = [n for n in (name_of(e) for e in extra) if n]
+    if not is_loopback(bound) and not extra:
+        return None
+    names = set(LOOPBACK_NAMES) | set(extra)
+    own = name_of(bound)
+    if own and own not in ("0.0.0.0", "::"):
+        names.add(own)
+    return frozenset(names)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose ``Host`` header is not one of ``names`` (see :func:`allowed_hosts`),
+    or that has none or several, gets a JSON 400 before any route sees it."""
+
+    def __init__(self, app, names: Iterable[str]) -> None:
+        self.app, self.names = app, frozenset(names)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            hosts = [v for k, v in scope["headers"] if k.lower() == b"host"]
+            name = host_name(hosts[0].decode("latin-1")) if len(hosts) == 1 else None
+            if name not in self.names:
+                shown = _short(hosts[0].decode("latin-1"), 60) if len(hosts) == 1 else f"{len(hosts)} Host headers"
+                logger.info("refused a request for Host %r (vsekit serve --allow-host NAME accepts a name)", shown)
+                resp = _error(400, f"this server does not answer for the host in the request's Host header "
+                                   f"({shown!r})")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class ReloadIndex:
+    """ASGI middleware: before a request, at most every ``interval`` seconds, the index looks whether a newer
+    generation was committed (:meth:`SearchIndex.refresh`: one ``stat``), and switches to it. Opening it
+    runs in the thread pool; requests meanwhile are answered from the generation they found."""
+
+    def __init__(self, app, index: SearchIndex, interval: float) -> None:
+        self.app, self.index, self.interval = app, index, interval
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.index.refresh_due():
+            await run_in_threadpool(self.index.refresh, self.interval)
+        await self.app(scope, receive, send)
+
+
 def _short(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
@@ -146,7 +286,9 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False,
                rerank: int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-               max_decodes: int = DEFAULT_MAX_DECODES, decode_wait: float = DEFAULT_DECODE_WAIT) -> FastAPI:
+               max_decodes: int = DEFAULT_MAX_DECODES, decode_wait: float = DEFAULT_DECODE_WAIT,
+               allowed_hosts: Iterable[str] | None = None,
+               reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
     :class:`SearchIndex`). The limits bound what a single request may ask for: ``max_aspect_ratio`` the
     shape of an uploaded image, ``read_timeout`` the seconds between two pieces of an upload's body and
@@ -154,26 +296,38 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     network's index, the shortlist each query reranks through the network (default: the index's).
     ``max_decode_bytes``: the memory one upload's decode may take (413 over it, from the header);
     ``max_decodes``: uploads decoded at once; ``decode_wait``: seconds a request waits for one of those slots
-    before it is refused (503, ``Retry-After``)."""
+    before it is refused (503, ``Retry-After``).
+    ``allowed_hosts``: the only ``Host`` header names answered (:func:`allowed_hosts` makes the set
+    ``vsekit serve`` uses); None, any. ``reload_interval``: how often (seconds; 0, before every request) the
+    index is checked for a generation committed since (``vsekit index add``/``remove``), which is then
+    served from the next request on."""
     if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels, max_decode_bytes, max_decodes) < 1:
         raise ValueError("limits must be >= 1")
     if not max_aspect_ratio >= 1:
         raise ValueError("max_aspect_ratio must be >= 1")
     if not (read_timeout > 0 and body_timeout > 0 and decode_wait > 0):
         raise ValueError("timeouts must be > 0 seconds")
+    if not reload_interval >= 0:
+        raise ValueError("reload_interval must be >= 0 seconds")
     sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
         index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint, rerank=rerank)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
               "read_timeout_s": read_timeout, "body_timeout_s": body_timeout}
-    app = FastAPI(title="vsekit search", version="1",
+    app = FastAPI(title="vsekit search", version="1", docs_url=None, redoc_url=None,
                   description="Text -> image and image -> text search over one vsekit index. "
                               "Errors are JSON: {\"error\": message, \"status\": code}.")
     app.state.index = sx
     app.state.limits = limits
     decode_slots = _DecodeSlots(max_decodes, decode_wait)
     app.state.decode_slots = decode_slots
+    # the last added runs first: HEAD -> GET, then the Host check, a look for a new index generation, and
+    # JSON for the framework's own plain-text errors
     app.add_middleware(JsonErrors)
+    app.add_middleware(ReloadIndex, index=sx, interval=reload_interval)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, names=[n for n in (name_of(h) for h in allowed_hosts) if n])
+    app.add_middleware(HeadAsGet)
 
     # -- errors ---------------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -207,15 +361,6 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         return _error(500, "internal server error")
 
     # -- checks ---------------------------------------------------------------------------------------------
-    def check_k(k: Any) -> int:
-        try:
-            value = int(str(k).strip())
-        except ValueError:
-            raise ApiError(422, f"k must be an integer, got {_short(str(k), 40)!r}") from None
-        if not 1 <= value <= max_k:
-            raise ApiError(422, f"k must be between 1 and {max_k}, got {value}")
-        return value
-
     def check_target(target: Any, allowed: tuple[str, ...]) -> str:
         if target not in allowed:
             raise ApiError(422, f"target must be one of {', '.join(allowed)}, got {_short(str(target), 40)!r}")
@@ -236,6 +381,13 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        """The API page: Swagger UI from this server, under a policy that allows nothing from elsewhere."""
+        return FileResponse(STATIC / "docs.html", media_type="text/html", headers=DOCS_HEADERS)
+
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
+
     @app.get("/health", summary="Index facts and request limits")
     def health() -> dict[str, Any]:
         m = sx.manifest
@@ -246,7 +398,9 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
 
     @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
     def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
-               k: int = Query(10, ge=1, le=max_k, description=f"number of results, 1..{max_k}"),
+               # a str, read by parse_k as the upload's k is; documented as the integer it must be
+               k: str = Query(10, description=f"number of results, 1..{max_k}",
+                              json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
                target: Literal["images", "captions"] = Query("images", description="what to return")
                ) -> dict[str, Any]:
         query = q.strip()
@@ -254,7 +408,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             raise ApiError(422, "q: the query is empty")
         if len(query) > max_query_chars:
             raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is {max_query_chars}")
-        kk, tgt = k, check_target(target, TARGETS)
+        kk, tgt = parse_k(k, max_k), check_target(target, TARGETS)
         t0 = time.perf_counter()
         hits = sx.search_text(query, kk, tgt)
         return {"query": query, "k": kk, "target": tgt, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
@@ -274,7 +428,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "no image: send it in a multipart field named 'file'")
             data = await upload.read(max_upload_bytes + 1)
-            kk = check_k(form.get("k") or "10")
+            kk = parse_k(form.get("k", 10), max_k)
             default = "captions" if sx.has_captions else "images"
             tgt = check_target(form.get("target") or default, (*TARGETS, "both"))
         if len(data) > max_upload_bytes:

@@ -25,3 +25,8 @@ DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
 DEFAULT_DECODE_MEMORY = 2 * 1024 * 1024 * 1024
 DEFAULT_MAX_DECODES = DEFAULT_DECODE_MEMORY // DEFAULT_MAX_DECODE_BYTES
 DEFAULT_DECODE_WAIT = 10.0
+# Seconds between two looks at the index's manifest for a generation that `index add`/`remove` committed
+# (one stat() of manifest.json; the new generation is opened only when it changed).
+DEFAULT_RELOAD_INTERVAL = 1.0
+# The most digits a request's k may have (it is then compared with --max-k): "k" is ASCII digits only.
+MAX_K_DIGITS = 6

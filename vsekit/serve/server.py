@@ -10,6 +10,10 @@ requests with the app's JSON error shape, and bounds each phase of a request:
 * body: a request body must be complete within ``body_timeout`` (+1) seconds of its headers (the app refuses
   an upload that stalls or trickles sooner, with a 408 of its own; this catches bodies nobody reads);
 * idle: a kept-alive connection with no request is closed after ``keep_alive_timeout`` (uvicorn's own).
+
+A request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with a 400 and the connection
+closed (RFC 9112 6.3): a proxy in front that reads the other length would see a second, smuggled request in
+its body, and h11 on its own reads the chunks and keeps the connection open.
 """
 
 from __future__ import annotations
@@ -24,9 +28,30 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from vsekit.errors import VsekitError
 from vsekit.serve.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_READ_TIMEOUT
 
 _DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # h11's default bound on a request's head, which uvicorn keeps
+
+
+class BindError(VsekitError):
+    """The server cannot listen on the address asked for (in use, not this machine's, a privileged port)."""
+
+
+class _StrictConnection(h11.Connection):
+    """h11's server side, refusing (as a protocol error, which uvicorn answers with ``send_400_response`` and
+    a closed connection) what h11 accepts but RFC 9112 calls a smuggling risk; ``refused`` says why."""
+
+    refused: str | None = None
+
+    def next_event(self):  # type: ignore[override]
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}  # lowercased by h11
+            if b"content-length" in names and b"transfer-encoding" in names:
+                self.refused = "the request has both Content-Length and Transfer-Encoding; send one of them"
+                raise h11.RemoteProtocolError(self.refused, error_status_hint=400)
+        return event
 
 
 def json_error_bytes(status: int, message: str) -> bytes:
@@ -43,6 +68,13 @@ class JsonH11Protocol(H11Protocol):
 
     read_timeout: float = DEFAULT_READ_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _StrictConnection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes())
+
+    def _max_head_bytes(self) -> int:
+        return self.config.h11_max_incomplete_event_size or _DEFAULT_MAX_HEADER_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._phase: str | None = None
@@ -114,8 +146,10 @@ class JsonH11Protocol(H11Protocol):
         """Called by uvicorn when h11 cannot parse the request: the same JSON shape as the app's errors
         (431 when the request's head outgrew h11's buffer)."""
         self._arm(None)
-        limit = self.config.h11_max_incomplete_event_size or _DEFAULT_MAX_HEADER_BYTES
-        if len(self.conn.trailing_data[0]) > limit:
+        limit = self._max_head_bytes()
+        if getattr(self.conn, "refused", None):
+            status, message = 400, self.conn.refused
+        elif len(self.conn.trailing_data[0]) > limit:
             status, message = 431, f"the request's headers are larger than {limit} bytes"
         else:
             status, message = 400, "malformed HTTP request"
@@ -138,10 +172,23 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
     return uvicorn.Server(config)
 
 
-def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening-ready TCP socket bound to ``host:port`` (port 0: a free one), for ``server.run(sockets=[s])``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def bound_socket(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 2048) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: a free one; ``[::1]`` or ``::1`` for IPv6) and
+    listening, for ``server.run(sockets=[s])``: connections made from here on wait in its backlog until
+    the server runs. A failure (address in use, not an address of this machine, a privileged port) is a
+    :class:`BindError` naming ``host:port`` and the reason."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    shown = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+    if not 0 <= port <= 65535:
+        raise BindError(f"cannot listen on {shown}: a port is 0..65535")
+    family = socket.AF_INET6 if ":" in name else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((name, port))
+        sock.listen(backlog)
+    except (OSError, OverflowError, UnicodeError) as e:
+        sock.close()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BindError(f"cannot listen on {shown}: {reason}") from None
     return sock
