@@ -253,3 +253,18 @@ def test_any_non_finite_float_or_out_of_range_int_is_a_config_error_naming_its_k
     # a list's own check (transform.augment.scale: [min, max]) may name the list rather than its item
     named = (f"{key}: ", re.sub(r"\[\d+\]$", "", key) + ": ")
     assert str(err.value).startswith(named), (key, value, str(err.value))
+
+
+def test_a_batch_larger_than_the_training_set_is_a_warning_naming_the_key(cache, caplog):
+    """train.batch_size above the training pairs makes every step one batch of the whole set: said, by key."""
+    import logging
+
+    from vsekit.train.run import build_run
+
+    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
+        "data.num_images=20", "transform.image_size=32", "transform.resize=32", "data.val_max_images=10",
+        "model.embed_size=16", "model.image_encoder.width=4", "model.text_encoder.word_dim=8",
+        "train.batch_size=4096", "train.progress=false"])
+    with caplog.at_level(logging.WARNING, logger="vsekit.train"):
+        run = build_run(cfg)
+    assert f"train.batch_size (4096) is more than the {len(run.dataset)} training pairs" in caplog.text
