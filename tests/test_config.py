@@ -201,11 +201,18 @@ def test_overrides_reach_list_items():
     ("data.max_images=100000000000000000000000", r"^data.max_images: 100000000000000000000000 does not fit a 64-bit"),
     ("objective.mined.pool_size=inf", r"^objective.mined.pool_size: expected an integer, got 'inf'"),
     ("config_format=-3", r"^config_format: -3 is not a config format"),
-    ("text.max_len=200", r"^text.max_len: .*more than text.max_tokens \(128\)"),
+    ("text.max_tokens=100;text.max_len=200", r"^text.max_len: .*more than text.max_tokens \(100\)"),
 ])
 def test_non_finite_and_out_of_range_numbers_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_config(RECIPES / "demo_vsepp.yaml", [override])
+        resolve_config(RECIPES / "demo_vsepp.yaml", override.split(";"))
+
+
+def test_a_max_len_above_the_default_bound_raises_it():
+    """A config that sets text.max_len above 128 and no text.max_tokens (a checkpoint's, written before
+    max_tokens existed) keeps its window: the bound follows it."""
+    assert resolve_config(None, ["text.max_len=200"]).text.max_tokens == 200
+    assert resolve_config(None, ["text.max_len=20"]).text.max_tokens == 128
 
 
 def _numbers(node, path: str = ""):

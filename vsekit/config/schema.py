@@ -44,13 +44,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+MAX_TOKENS_LIMIT = 1 << 20
+
+
 class TextConfig(Section):
     min_count: int = Field(4, ge=1, description="words seen fewer times in the training captions are <unk>")
     # every caption, in training, encoding and search, is cut to this many tokens (with a warning): a caption
     # of a million words would otherwise cost seconds and gigabytes. text.max_len, when set, is the tighter cut
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=1 << 20,
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT,
                             description="bound on the tokens of any caption; longer ones are cut, with a warning")
-    max_len: int | None = Field(None, ge=1, description="captions are cut to this many words")
+    max_len: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="captions are cut to this many words")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_follows_max_len(cls, data: Any) -> Any:
+        """A config that sets a ``max_len`` above the default bound and no ``max_tokens`` (one written before
+        ``max_tokens`` existed) raises the bound to it."""
+        if isinstance(data, dict) and "max_tokens" not in data:
+            max_len = data.get("max_len")
+            if isinstance(max_len, int) and not isinstance(max_len, bool) and \
+                    DEFAULT_MAX_TOKENS < max_len <= MAX_TOKENS_LIMIT:
+                return {**data, "max_tokens": max_len}
+        return data
 
     @field_validator("max_len")
     @classmethod
