@@ -46,7 +46,8 @@ def head_at_space(text: str, chars: int) -> str:
     if len(text) <= chars:
         return text
     head = text[:chars]
-    space = _LAST_SPACE.search(head)
+    tail = max(0, chars - 256)  # the last space is almost always in the last few words: look there first
+    space = _LAST_SPACE.search(head, tail) or (_LAST_SPACE.search(head, 0, tail) if tail else None)
     return head[: space.start()] if space else head
 
 
