@@ -183,7 +183,7 @@ class SemanticsConfig(Section):
 
     n_components: int = Field(DEFAULT_N_COMPONENTS, ge=1)
     n_iter: int | None = Field(None, ge=1)  # randomized-SVD power iterations (null: vsekit's default)
-    random_state: int = DEFAULT_RANDOM_STATE
+    random_state: int = Field(DEFAULT_RANDOM_STATE, ge=0, lt=MAX_SEED)  # a NumPy seed: 32 bits
     cache_dir: str | None = None  # default: $VSEKIT_CACHE/semantics
 
     def lsa_params(self) -> dict[str, int]:
