@@ -74,7 +74,7 @@ class CaptionEncoder:
         if not self._warned:
             self._warned = True
             log.warning("a caption of more than %d tokens was cut to its first %d (text.max_tokens; this is said "
-                        "once): %.60s...", self.max_tokens, self.max_tokens, caption)
+                        "once): %r...", self.max_tokens, self.max_tokens, caption[:60])  # repr: no escape codes
 
     def known_words(self, caption: str) -> int:
         """How many of the caption's (first ``max_tokens``) tokens the model knows as words."""
