@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vsekit.cli import RECIPES, main
 from vsekit.config import CONFIG_FORMAT, ConfigError, RunConfig, resolve_config, validate_config
@@ -180,3 +184,94 @@ def test_overrides_reach_list_items():
         resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages.x.epochs=4"])
     with pytest.raises(ConfigError, match=r"^train.stages\[1\].optim.lrr: unknown key; did you mean"):
         resolve_config(RECIPES / "dualpath_demo.yaml", ["train.stages[1].optim.lrr=1"])
+
+
+# -- numbers: every float finite, every integer in range -------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", r"^optim.lr: Input should be a finite number \(got 'inf'\)"),
+    ("loss.margin=nan", r"^loss.margin: Input should be a finite number \(got 'nan'\)"),
+    ("loss.margin=.nan", r"^loss.margin: must be a finite number \(got nan\)"),
+    ("optim.betas=[0.9, .nan]", r"^optim.betas\[1\]: must be a finite number"),
+    ("optim.lr_mult={text_encoder: .inf}", r"^optim.lr_mult.text_encoder: must be a finite number"),
+    ("optim.betas=[1.5, 0.999]", r"^optim.betas\[0\]: Input should be less than 1"),
+    ("train.stages=[{epochs: 30, optim: {lr: .inf}}]", r"^train.stages\[0\].optim.lr: must be a finite number \(got inf\)"),
+    ("seed=-1", r"^seed: Input should be greater than or equal to 0 \(got -1\)"),
+    ("seed=4294967296", r"^seed: Input should be less than 4294967296"),
+    ("train.batch_size=100000000", r"^train.batch_size: Input should be less than or equal to 65536"),
+    ("data.max_images=100000000000000000000000", r"^data.max_images: 100000000000000000000000 does not fit a 64-bit"),
+    ("objective.mined.pool_size=inf", r"^objective.mined.pool_size: expected an integer, got 'inf'"),
+    ("config_format=-3", r"^config_format: -3 is not a config format"),
+    ("text.max_tokens=100;text.max_len=200", r"^text.max_len: .*more than text.max_tokens \(100\)"),
+])
+def test_non_finite_and_out_of_range_numbers_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(RECIPES / "demo_vsepp.yaml", override.split(";"))
+
+
+def test_a_max_len_above_the_default_bound_raises_it():
+    """A config that sets text.max_len above 128 and no text.max_tokens (a checkpoint's, written before
+    max_tokens existed) keeps its window: the bound follows it."""
+    assert resolve_config(None, ["text.max_len=200"]).text.max_tokens == 200
+    assert resolve_config(None, ["text.max_len=20"]).text.max_tokens == 128
+
+
+def _numbers(node, path: str = ""):
+    """(dotted key, "float" | "int") of every number in a config dict (list items as key[i])."""
+    if isinstance(node, bool):
+        return
+    if isinstance(node, float):
+        yield path, "float"
+    elif isinstance(node, int):
+        yield path, "int"
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{path}.{k}" if path else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+_PROPERTY_RECIPES = ("demo_vsepp", "dualpath_demo", "gxn_demo", "acmr_demo", "sgr_demo", "vseinf_demo")
+
+
+@functools.cache
+def _number_keys() -> tuple[dict, list]:
+    """The resolved recipes, and (recipe, key, kind) for every number in them, plus component options the
+    recipes leave at their defaults."""
+    recipes = {r: resolve_config(RECIPES / f"{r}.yaml").to_dict() for r in _PROPERTY_RECIPES}
+    # optim.lr_mult's keys are parameter-name prefixes with dots, which an override cannot address one by one
+    keys = [(r, k, kind) for r, cfg in recipes.items() for k, kind in _numbers(cfg) if ".lr_mult." not in k]
+    keys += [("demo_vsepp", "loss.margin", "float"), ("demo_vsepp", "model.text_encoder.word_dim", "int")]
+    return recipes, keys
+
+
+_NON_FINITE = st.sampled_from([".nan", ".inf", "-.inf", "nan", "inf", "-inf", "NaN", "1e999", "-1e999"])
+_OUT_OF_RANGE = st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)).map(str)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_any_non_finite_float_or_out_of_range_int_is_a_config_error_naming_its_key(data):
+    recipes, keys = _number_keys()
+    recipe, key, kind = data.draw(st.sampled_from(keys), label="key")
+    value = data.draw(_NON_FINITE if kind == "float" else _OUT_OF_RANGE, label="value")
+    with pytest.raises(ConfigError) as err:  # never another exception
+        resolve_config(recipes[recipe], [f"{key}={value}"])
+    # a list's own check (transform.augment.scale: [min, max]) may name the list rather than its item
+    named = (f"{key}: ", re.sub(r"\[\d+\]$", "", key) + ": ")
+    assert str(err.value).startswith(named), (key, value, str(err.value))
+
+
+def test_a_batch_larger_than_the_training_set_is_a_warning_naming_the_key(cache, caplog):
+    """train.batch_size above the training pairs makes every step one batch of the whole set: said, by key."""
+    import logging
+
+    from vsekit.train.run import build_run
+
+    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
+        "data.num_images=20", "transform.image_size=32", "transform.resize=32", "data.val_max_images=10",
+        "model.embed_size=16", "model.image_encoder.width=4", "model.text_encoder.word_dim=8",
+        "train.batch_size=4096", "train.progress=false"])
+    with caplog.at_level(logging.WARNING, logger="vsekit.train"):
+        run = build_run(cfg)
+    assert f"train.batch_size (4096) is more than the {len(run.dataset)} training pairs" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,65 @@ def test_shipped_recipes_resolve():
 # -- text -------------------------------------------------------------------------------------------
 def test_tokenize():
     assert tokenize("A man's T-shirt, red!") == ["a", "man's", "t-shirt", ",", "red", "!"]
+
+
+def test_tokenize_drops_invisible_characters():
+    """A zero-width space or joiner inside a word does not split it; a control character separates words."""
+    assert tokenize("a d\u200bog\u200d on\u00ads\ufeff") == tokenize("a dog ons")
+    assert tokenize("red\x00car\x1fwheel\x7f") == ["red", "car", "wheel"]
+    assert tokenize("\u200b\u200c\u200d\u2060\u00ad\ufeff\u202e") == []
+
+
+def test_bounded_tokenize_is_the_head_of_the_full_one():
+    import random
+
+    rng = random.Random(0)
+    words = ["dog", "a", "man's", "t-shirt", ".", ",", "\u03a3", "\u0130", "\u200b", "caf\u00e9", "x" * 40, " ", "\n"]
+    for _ in range(500):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(0, 200)))
+        n = rng.randint(1, 40)
+        assert tokenize(text, n) == tokenize(text)[:n], (text, n)
+
+
+def _tiny_embedder(*overrides: str):
+    from vsekit.inference import Embedder
+
+    words = ["a", "dog", "runs", "on", "the", "grass", "red", "car"]
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *words])
+    cfg = resolve_config(None, ["model.embed_size=8", "model.image_encoder={name: precomp}",
+                                "model.text_encoder.word_dim=8", "device=cpu", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=(6,))
+    return Embedder(model, vocab, cfg, device="cpu", feature_shape=(6,)), words
+
+
+def test_a_million_word_caption_is_cut_cheaply_to_max_tokens(caplog):
+    """text.max_tokens (default 128) bounds every caption: a caption of 1,000,000 words encodes in well under a
+    second, with little memory, to the vector of its first 128 words; the cut is logged once."""
+    import logging
+    import time
+    import tracemalloc
+
+    emb, words = _tiny_embedder()
+    assert emb.config.text.max_tokens == 128
+    huge = " ".join(words[i % len(words)] for i in range(1_000_000))
+    head = " ".join(huge.split(" ", 128)[:128])
+    caplog.set_level(logging.WARNING, logger="vsekit.text.encoding")
+    tracemalloc.start()
+    start = time.perf_counter()
+    vec = emb.encode_captions([huge])
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 0.5 and peak < 20 * 2**20, (seconds, peak)
+    assert emb.encode_tokens(huge) == emb.encode_tokens(head) and len(emb.encode_tokens(head)) == 130
+    np.testing.assert_allclose(vec, emb.encode_captions([head]), rtol=1e-6)
+    emb.encode_captions([huge, huge + " dog"])
+    assert len([r for r in caplog.records if "text.max_tokens" in r.getMessage()]) == 1
+    # text.max_len, a method's own window, cuts silently
+    short, _ = _tiny_embedder("text.max_len=5")
+    caplog.clear()
+    assert len(short.encode_tokens(huge)) == 7 and not caplog.records
 
 
 def test_vocab_from_train_only_and_roundtrip(tmp_path):

@@ -321,6 +321,34 @@ def test_pairs_split_requested_without_split_column(tmp_path: Path) -> None:
         read_pairs(jsonl, "train")
 
 
+def test_pairs_without_split_column_error_names_real_options(tmp_path: Path) -> None:
+    from vsekit.data.pairs import NoSplitColumn
+
+    path = _write_csv(tmp_path / "p.csv", ["image,caption", "a.png,x"])
+    with pytest.raises(NoSplitColumn) as err:
+        read_pairs(path, "test")
+    assert "--split all" in str(err.value) and "data.split: null" in str(err.value)
+    assert "split=None" not in str(err.value)
+
+
+def test_invisible_and_control_characters_in_captions(tmp_path: Path) -> None:
+    """Zero-width / format characters are dropped and control characters read as spaces, in pairs files and
+    caption-line files; a caption of nothing else is an empty caption, named by its line."""
+    path = tmp_path / "p.jsonl"
+    rows = [{"image": "a.png", "caption": "a d\u200bog\u202e on\x07grass\ufeff"},
+            {"image": "b.png", "caption": "\u200b\u200c\u200d\u2060\ufeff\x00\x1b"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
+    assert read_pairs(path).captions == ["a dog on grass"]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: empty caption \(only invisible or control characters\)"):
+        read_pairs(path)
+    _write_precomp(tmp_path, "train", (2, 3), ["one", "tw\u200bo", "\u200b\u2063", "four"])
+    with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption line \(only invisible"):
+        read_precomp(tmp_path, "train")
+    _write_precomp(tmp_path, "train", (2, 3), ["one", "tw\u200bo", "th\x1bree", "four"])
+    assert read_precomp(tmp_path, "train").captions == ["one", "two", "th ree", "four"]
+
+
 def test_pairs_malformed(tmp_path: Path) -> None:
     missing = _write_csv(tmp_path / "m.csv", ["image,text", "a.png,x"])
     with pytest.raises(DataError, match=r"m\.csv:1: header has no 'caption' column"):

@@ -4,6 +4,7 @@ refusal of a foreign checkpoint, crash safety of writes, approximate kinds, orde
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -305,6 +306,70 @@ def test_folder_index_without_captions_refuses_image_to_text(ckpt, emb, demo_ind
     assert not sx.has_captions and sx.search_text("a red star", k=3)[0].id == "sub/a.png"
     with pytest.raises(SearchIndexError, match="holds no captions"):
         sx.search_image(demo.images[0]["path"])
+
+
+def test_pairs_file_without_split_column_is_indexed_whole(ckpt, emb, demo_index, tmp_path, capsys):
+    """--data of a pairs file without a split column: every row, by default and with --split all; a named
+    split is refused with an error that names the real option."""
+    demo = store.load_data(demo_index, read_manifest(demo_index))
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "caption"])
+        for rec in demo.images[:3]:
+            shutil.copy(rec["path"], tmp_path / Path(rec["path"]).name)
+            out.writerow([Path(rec["path"]).name, rec["captions"][0]])
+    assert cli("index", "build", ckpt, "--data", tmp_path / "pairs.csv", "--out", tmp_path / "a", "-q") == 0
+    assert read_manifest(tmp_path / "a")["num_images"] == 3
+    assert cli("index", "build", ckpt, "--data", tmp_path / "pairs.csv", "--split", "all", "--out",
+               tmp_path / "b", "-q") == 0
+    assert read_manifest(tmp_path / "b")["num_images"] == 3
+    capsys.readouterr()
+    assert cli("index", "build", ckpt, "--data", tmp_path / "pairs.csv", "--split", "test", "--out",
+               tmp_path / "c", "-q") == 2
+    err = capsys.readouterr().err
+    assert "no 'split' column" in err and "--split all" in err and "split=None" not in err
+    assert err.count("\n") == 1
+    assert cli("index", "build", ckpt, "--data", "demo", "--split", "all", "--out", tmp_path / "d", "-q") == 2
+    assert "--split all reads every row of a pairs file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("query", ["!!!", "...?!", "\u200b\u200b\u200b", " \u200d\ufeff\u2060 ", "\x00\x01\x1f",
+                                   "\u202e!", "qwzx vvvqz", "\u00ad-\u00ad"])
+def test_a_query_without_known_words_is_refused(sx, query):
+    from vsekit.index.search import NoKnownWordsError
+
+    with pytest.raises(NoKnownWordsError, match="the query has no known words") as err:
+        sx.search_text(query)
+    assert err.value.status == 422
+    assert sx.search_text("a red\u200b star!", k=1)  # a known word among them: searched
+
+
+def test_no_known_words_is_one_cli_line_and_http_422(demo_index, sx, capsys):
+    from fastapi.testclient import TestClient
+
+    from vsekit.serve.app import create_app
+
+    assert cli("search", demo_index, "?!") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the query has no known words" in err
+    with TestClient(create_app(sx)) as c:
+        r = c.get("/search", params={"q": "\u200b\u200b"})
+        assert r.status_code == 422 and "no known words" in r.json()["error"]
+        assert c.get("/search", params={"q": "a red star"}).status_code == 200
+
+
+def test_invisible_and_control_characters_in_captions_at_index_time(emb, tmp_path):
+    """Zero-width and control characters neither split a caption's words nor make a caption of their own."""
+    from vsekit.data.corpus import DataError
+    from vsekit.data.pairs import read_pairs
+
+    (tmp_path / "p.csv").write_text("image,caption\na.png,a red\u200b st\u200dar\x1b[2J\n")
+    corpus = read_pairs(tmp_path / "p.csv")
+    assert corpus.captions == ["a red star [2J"]  # the escape sequence cannot reach a terminal
+    assert emb.encode_tokens("a red\u200b st\u200dar") == emb.encode_tokens("a red star")
+    (tmp_path / "q.csv").write_text("image,caption\na.png,a red star\nb.png,\u200b\u200c\x00\n")
+    with pytest.raises(DataError, match=r"q.csv:3: empty caption \(only invisible or control characters\)"):
+        read_pairs(tmp_path / "q.csv")
 
 
 # -- crash safety -------------------------------------------------------------------------------------------

@@ -292,6 +292,28 @@ def test_bert_from_local_folder_and_tokenizer(offline, bert_folder, vocab_file):
     assert caption_tokenizer(same) is not None
 
 
+def test_bert_captions_are_bounded_cheaply_and_invisible_ones_have_no_words(offline, vocab_file):
+    """A caption of a million words reaches BERT's tokenizer as a prefix cut at a space: the same pieces as the
+    caption's first ones, fast. A caption of only zero-width / control characters has no known words."""
+    import time
+
+    from vsekit.text.encoding import CaptionEncoder
+
+    enc = _bert_model(config=TINY_BERT, tokenizer=str(vocab_file)).text_encoder
+    pieces = vocab_file.read_text().split()
+    words = [w for w in pieces[len(SPECIALS):] if w.isalpha()][:5]
+    huge = " ".join(words[i % 5] for i in range(1_000_000))
+    start = time.perf_counter()
+    ids = enc.tokenize(huge)
+    assert time.perf_counter() - start < 0.5
+    assert ids == enc.tokenize(" ".join(huge.split(" ", 40)[:40]))
+    encode = CaptionEncoder(None, enc.tokenize, max_len=None, max_tokens=5)
+    assert encode(huge) == ids[:6] + ids[-1:] and encode.known_words(huge) == 5
+    assert encode.known_words("\u200b\u200d\ufeff \x00\x1f") == 0
+    assert encode.known_words("zzzq qqqz") == 0  # only [UNK]
+    assert encode.known_words(f"\u200b{words[0]}\u200b") == 1
+
+
 def test_bert_errors_are_config_errors(tmp_path, offline, vocab_file):
     with pytest.raises(ConfigError, match=r"model\.text_encoder\.pretrained: no such folder .*config\.json"):
         _bert_model(pretrained=str(tmp_path / "missing"))

@@ -34,6 +34,7 @@ from vsekit.models.base import caption_tokenizer
 from vsekit.models.local_sets import LocalSets, LocalSetsWriter
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
+from vsekit.text.encoding import CaptionEncoder
 from vsekit.text.vocab import Vocabulary
 from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
@@ -125,6 +126,9 @@ class Embedder:
         self.vocab = vocab
         self.config = validate_config(config)
         self.max_len = self.config.text.max_len
+        text = self.config.text  # captions cut to text.max_len, and to text.max_tokens with a warning
+        self.captions = CaptionEncoder(vocab, caption_tokenizer(self.model.text_encoder), text.max_len,
+                                       text.max_tokens)
         self.feature_shape = list(feature_shape) if feature_shape else None
         self.checkpoint_path = checkpoint_path
         self._fingerprint = fingerprint
@@ -182,11 +186,14 @@ class Embedder:
         return bool(self.feature_shape)
 
     def encode_tokens(self, caption: str) -> list[int]:
-        """Token ids of a caption: the text encoder's own tokenizer when it has one (BERT), else the vocabulary."""
-        tokenize = caption_tokenizer(self.model.text_encoder)
-        if tokenize is not None:
-            return tokenize(caption, self.max_len)
-        return self.vocab.encode(caption, self.max_len)
+        """Token ids of a caption: the text encoder's own tokenizer when it has one (BERT), else the vocabulary;
+        at most ``text.max_len`` tokens, and at most ``text.max_tokens`` (cut with a warning)."""
+        return self.captions(caption)
+
+    def known_words(self, caption: str) -> int:
+        """How many tokens of ``caption`` the model knows as words (0: only punctuation, unknown words or
+        invisible characters)."""
+        return self.captions.known_words(caption)
 
     def eval_transform(self):
         return self.config.transform.build(train=False)

@@ -122,8 +122,9 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
         if hint is None:  # unannotated: the type of a plain default, else anything
             hint = type(default) if isinstance(default, (bool, int, float, str)) else Any
         fields[p.name] = (hint, default)
+    # allow_inf_nan=False: a float option (a margin, a temperature) must be finite, as in the typed sections
     return create_model(title.replace(" ", "_"), __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
-                                                                      strict=False), **fields)
+                                                                      strict=False, allow_inf_nan=False), **fields)
 
 
 def validate_section(model: Any, value: Any, where: str) -> Any:
@@ -162,10 +163,17 @@ def config_error_from(err: Any, where: str, model: Any = None, also: Iterable[st
         elif e.get("type") == "missing":
             problems.append(f"{key}: required, but missing")
         else:
-            problems.append(f"{key}: {e.get('msg', 'invalid value')} (got {e.get('input')!r})")
+            got = f" (got {short_repr(e['input'])})" if "input" in e else ""
+            problems.append(f"{key}: {e.get('msg', 'invalid value')}{got}")
     n = len(problems) - 1
     more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
     return ConfigError(problems[0] + more if problems else f"{where}: invalid")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote a value the user gave."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _field_names(model: Any, path: list[str]) -> list[str]:

@@ -67,16 +67,37 @@ def _legacy(args: argparse.Namespace) -> dict:
     return {"allow_legacy": True} if getattr(args, "allow_legacy_checkpoint", False) else {}
 
 
+ALL_ROWS = "all"  # --split all: every row of a pairs file
+DEFAULT_SPLIT = "test"
+
+
 def _load_source(args: argparse.Namespace, embedder):
-    """The collection named by ``--images DIR`` or ``--data SPEC`` and a short description of it."""
+    """The collection named by ``--images DIR`` or ``--data SPEC`` and a short description of it.
+
+    ``--split all`` reads every row of a pairs file; without ``--split``, the test split, or every row of a
+    pairs file that has no split column (a file of one collection, the usual thing to index)."""
     from vsekit.cli.common import data_from_arg
-    from vsekit.data.sources import load_split
+    from vsekit.data.corpus import DataError
+    from vsekit.data.pairs import NoSplitColumn
+    from vsekit.data.sources import data_config, load_split
     from vsekit.index.build import corpus_from_folder
 
     if args.images:
         return corpus_from_folder(args.images), f"images:{Path(args.images).resolve()}"
     data = data_from_arg(args.data, args.image_root, embedder.config.data)
-    return load_split(data, args.split, args.max_images), f"data:{args.data}:{args.split}"
+    every_row = data_config({**data.model_dump(), "split": None}) if data.format == "pairs" else None
+    split = args.split or DEFAULT_SPLIT
+    if split == ALL_ROWS:
+        if every_row is None:
+            raise DataError(f"--split {ALL_ROWS} reads every row of a pairs file; {data.describe()} has named "
+                            f"splits: give one, e.g. --split {DEFAULT_SPLIT}")
+        return load_split(every_row, DEFAULT_SPLIT, args.max_images), f"data:{args.data}:{ALL_ROWS}"
+    try:
+        return load_split(data, split, args.max_images), f"data:{args.data}:{split}"
+    except NoSplitColumn:
+        if args.split is not None or every_row is None:
+            raise
+    return load_split(every_row, DEFAULT_SPLIT, args.max_images), f"data:{args.data}:{ALL_ROWS}"
 
 
 def _ann_params(args: argparse.Namespace):
@@ -238,7 +259,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", help="a folder of image files (searched recursively; ids = relative paths)")
     g.add_argument("--data", help="a data set: demo | dataset_*.json | precomp folder | pairs .csv/.jsonl")
     p.add_argument("--image-root", help="folder the data set's image paths are relative to")
-    p.add_argument("--split", default="test", help="split of --data to index (default: test)")
+    p.add_argument("--split", help=f"split of --data to index, or {ALL_ROWS!r}: every row of a pairs file (default: "
+                                   f"{DEFAULT_SPLIT}, or every row of a pairs file without a split column)")
     p.add_argument("--max-images", type=positive_int, help="first N images of the split only")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--device", default="auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from vsekit.config.schema import (
 )
 from vsekit.data.sources import data_config, source_class
 from vsekit.errors import ConfigError, did_you_mean
-from vsekit.registry import config_error_from, validate_section
+from vsekit.registry import config_error_from, short_repr, validate_section
 
 # keys of the data section that moved to `transform` in config format 2
 _TRANSFORM_KEYS = ("image_size", "resize", "resize_policy", "augment")
+# every integer of a config fits torch's and NumPy's 64 bits
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +36,11 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     has a ``transform`` section and per-source data options.
     """
     fmt = raw.get("config_format", CONFIG_FORMAT)
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt < 1:
+        raise ConfigError(f"config_format: {fmt} is not a config format (1 to {CONFIG_FORMAT}); leave it out")
     if not isinstance(fmt, int) or fmt > CONFIG_FORMAT:
-        raise ConfigError(f"config_format: {fmt!r} is newer than this vsekit reads ({CONFIG_FORMAT}); upgrade vsekit")
+        raise ConfigError(f"config_format: {short_repr(fmt)} is newer than this vsekit reads ({CONFIG_FORMAT}); "
+                          "upgrade vsekit")
     if fmt >= CONFIG_FORMAT:
         return raw
     raw = copy.deepcopy(raw)
@@ -90,8 +96,9 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
             if k in own:
                 try:
                     own[k] = typ(own[k])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{prefix}objective.mined.{k}: expected a number, got {own[k]!r}") from None
+                except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+                    kind = "an integer" if typ is int else "a number"
+                    raise ConfigError(f"{prefix}objective.mined.{k}: expected {kind}, got {own[k]!r}") from None
         if own.get("pool_size", 1) < 1:
             raise ConfigError(f"{prefix}objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
         spec = {k: v for k, v in mined.items() if k not in own}
@@ -121,7 +128,7 @@ def _validate_terms(terms: Any, where: str) -> dict[str, dict[str, Any]]:
         if "weight" in section:
             try:
                 own["weight"] = float(section["weight"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
                 raise ConfigError(f"{where}.{name}.weight: expected a number, got {section['weight']!r}") from None
         if section.get("optim") is not None:
             optim = section["optim"]
@@ -132,6 +139,11 @@ def _validate_terms(terms: Any, where: str) -> dict[str, dict[str, Any]]:
         checked = OBJECTIVE_TERMS.validate({"name": name, **term_options(section)}, f"{where}.{name}",
                                            also=TERM_OWN_KEYS)
         checked.pop("name")
+        if isinstance(checked.get("loss"), dict) and "name" in checked["loss"]:
+            # a term's ranking loss (level_ranking) is a LOSSES component: checked now, not when training starts
+            from vsekit.losses import LOSSES
+
+            checked["loss"] = LOSSES.validate(checked["loss"], f"{where}.{name}.loss")
         out[name] = {**checked, **own}
     return out
 
@@ -148,6 +160,7 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
     raw = migrate(copy.deepcopy(raw))
+    check_numbers(raw, where)  # before the sections' own checks, which may quote a bad number under another key
     prefix = f"{where}." if where else ""
     moved = [k for k in _TRANSFORM_KEYS if k in (raw.get("data") or {})]
     if moved:
@@ -159,8 +172,30 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
         cfg = RunConfig.model_validate({**raw, "data": data})
     except ValidationError as e:
         raise config_error_from(e, where, RunConfig) from None
+    check_numbers(cfg.model_dump(), where)  # again: text such as "inf" became a number in validation
     stage_configs(cfg, where)
     return cfg
+
+
+def check_numbers(node: Any, key: str = "") -> None:
+    """Every number of a config (``node``: a plain dict, as given or validated) is finite and fits 64 bits.
+
+    The typed sections already refuse a non-finite float; this also covers what they hold untyped (a stage's
+    optimizer overrides, a component's options of type ``Any``, a BERT config) and the data sources' own
+    options, so that no inf, nan or 100-digit integer reaches the trainer. A :class:`ConfigError` names the key.
+    """
+    if isinstance(node, bool):
+        return
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}: must be a finite number (got {node!r})")
+    if isinstance(node, int) and not _INT64[0] <= node <= _INT64[1]:
+        raise ConfigError(f"{key}: {short_repr(node)} does not fit a 64-bit integer")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_numbers(v, f"{key}[{i}]")
 
 
 def stage_configs(cfg: RunConfig, where: str = "") -> list[RunConfig]:

@@ -13,24 +13,68 @@ network; the ``data`` section is checked by the options class of its
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vsekit.data.images import TransformConfig
 from vsekit.data.sources import DataConfig, DemoData
 from vsekit.semantics.lsa import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
 
 CONFIG_FORMAT = 2
+# the bound on the tokens of any one caption (text.max_tokens): captions of the field are 10 to 50 tokens long
+DEFAULT_MAX_TOKENS = 128
+# the largest train/eval batch: beyond it a typo (batch_size=100000000) would allocate tens of gigabytes
+MAX_BATCH_SIZE = 1 << 16
+# numpy seeds are 32-bit
+MAX_SEED = 2**32
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float of every section is finite (a learning rate of inf or a margin of nan
+    # is a config error naming its key, not a run of NaN losses)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_TOKENS_LIMIT = 1 << 20
 
 
 class TextConfig(Section):
     min_count: int = Field(4, ge=1, description="words seen fewer times in the training captions are <unk>")
-    max_len: int | None = Field(None, ge=1, description="captions are cut to this many words")
+    # every caption, in training, encoding and search, is cut to this many tokens (with a warning): a caption
+    # of a million words would otherwise cost seconds and gigabytes. text.max_len, when set, is the tighter cut
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT,
+                            description="bound on the tokens of any caption; longer ones are cut, with a warning")
+    max_len: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="captions are cut to this many words")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_follows_max_len(cls, data: Any) -> Any:
+        """A config that sets a ``max_len`` above the default bound and no ``max_tokens`` (one written before
+        ``max_tokens`` existed) raises the bound to it."""
+        if isinstance(data, dict) and "max_tokens" not in data:
+            max_len = data.get("max_len")
+            if isinstance(max_len, int) and not isinstance(max_len, bool) and \
+                    DEFAULT_MAX_TOKENS < max_len <= MAX_TOKENS_LIMIT:
+                return {**data, "max_tokens": max_len}
+        return data
+
+    @field_validator("max_len")
+    @classmethod
+    def _max_len_within_bound(cls, v: int | None, info: ValidationInfo) -> int | None:
+        bound = info.data.get("max_tokens")
+        if v is not None and bound is not None and v > bound:
+            raise ValueError(f"{v} words is more than text.max_tokens ({bound}), the bound on every caption; "
+                             f"raise text.max_tokens to {v} too")
+        return v
 
 
 class ModelConfig(Section):
@@ -139,7 +183,7 @@ class SemanticsConfig(Section):
 
     n_components: int = Field(DEFAULT_N_COMPONENTS, ge=1)
     n_iter: int | None = Field(None, ge=1)  # randomized-SVD power iterations (null: vsekit's default)
-    random_state: int = DEFAULT_RANDOM_STATE
+    random_state: int = Field(DEFAULT_RANDOM_STATE, ge=0, lt=MAX_SEED)  # a NumPy seed: 32 bits
     cache_dir: str | None = None  # default: $VSEKIT_CACHE/semantics
 
     def lsa_params(self) -> dict[str, int]:
@@ -153,18 +197,21 @@ class SemanticsConfig(Section):
         return Path(self.cache_dir) if self.cache_dir else cache_root() / "semantics"
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam moment decay
+
+
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw (ACMR: beta1 = 0.5)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # adam, adamw (ACMR: beta1 = 0.5)
     momentum: float = Field(0.9, ge=0.0)  # sgd
     nesterov: bool = True  # sgd
     grad_clip: float | None = Field(2.0, gt=0.0)  # max global gradient norm; null: no clipping
     lr_decay_every: int | None = Field(15, ge=1)  # lr * factor ** (epoch // n) (VSE++ / LSEH)
     lr_decay_factor: float = Field(0.1, gt=0.0)
     lr_milestones: list[int] | None = None  # decay after these epochs instead (set lr_decay_every: null)
-    lr_mult: dict[str, float] = Field(default_factory=dict)  # parameter-name prefix -> lr multiplier
+    lr_mult: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)  # name prefix -> lr multiplier
 
     @field_validator("name", mode="before")
     @classmethod
@@ -230,7 +277,7 @@ class StageConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)  # the global batch; more than the data: a warning
     amp: bool = True  # mixed precision on CUDA
     log_every: int = Field(10, ge=1)  # steps between metrics.jsonl lines
     checkpoint_every_steps: int = Field(0, ge=0)  # also save last.pt every N steps (0: at epoch ends only)
@@ -274,8 +321,8 @@ class EvalConfig(Section):
         if self.protocol == "semantic" and self.select_threshold not in self.thresholds:
             raise ValueError(f"select_threshold {self.select_threshold} is not one of thresholds {self.thresholds}")
         return self
-    chunk_size: int = Field(1024, ge=1)
-    batch_size: int = Field(256, ge=1)
+    chunk_size: int = Field(1024, ge=1, le=MAX_BATCH_SIZE)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH_SIZE)
 
 
 class RunConfig(Section):
@@ -283,7 +330,7 @@ class RunConfig(Section):
 
     config_format: int = CONFIG_FORMAT
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_SEED)  # seeds Python, NumPy (32-bit) and torch
     device: str = "auto"
     output_dir: str = "runs/${name}"
     data: SerializeAsAny[DataConfig] = Field(default_factory=DemoData)

@@ -4,8 +4,13 @@ One row per (image, caption) pair, as CSV/TSV with a header or as JSON lines, wi
 ``caption`` and optionally ``split`` and ``label``. Rows are grouped by image in order of first appearance.
 
 Split rule: ``split=None`` reads every row. Asking for a named split needs a ``split`` value on every row;
-a file without a split column is an error then, not "every row is in every split", which would silently
-evaluate on the training data. ``dev`` and ``val`` name the same split, as in the Karpathy reader.
+a file without a split column is an error then (:class:`NoSplitColumn`), not "every row is in every split",
+which would silently evaluate on the training data. ``dev`` and ``val`` name the same split, as in the
+Karpathy reader.
+
+Captions are kept without invisible format characters (zero-width spaces, direction overrides) and with
+control characters as spaces (:func:`~vsekit.text.tokenizer.clean_text`): they would otherwise split words,
+reorder or hide text where a caption is shown, and a caption of nothing else is an empty caption.
 """
 
 from __future__ import annotations
@@ -21,8 +26,14 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.textio import json_type, open_text, parse_json, read_utf8, short_repr, utf8_error
+from vsekit.text.tokenizer import clean_text
 
 logger = logging.getLogger(__name__)
+
+
+class NoSplitColumn(DataError):
+    """A split was asked of a pairs file whose rows have no split: every row is one set (read it with
+    ``split=None``: ``--split all`` on the command line, ``data.split: null`` in a recipe)."""
 
 PAIRS_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 _SPLIT_ALIASES = {"dev": "val"}
@@ -60,9 +71,11 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
 
     for where, line, record in _records(path):
         image = _required(record, "image", where)
-        caption = _required(record, "caption", where).strip()
+        raw_caption = _required(record, "caption", where)
+        caption = clean_text(raw_caption).strip()
         if not caption:
-            raise DataError(f"{where}: empty caption")
+            invisible = " (only invisible or control characters)" if raw_caption.strip() else ""
+            raise DataError(f"{where}: empty caption{invisible}")
         row_split = record.get("split")
         if row_split is not None and not isinstance(row_split, str):
             raise DataError(f"{where}: 'split' must be a string, got {short_repr(row_split)}")
@@ -103,8 +116,10 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
         caption_to_image.append(row)
 
     if wanted is not None and not has_split_column:
-        raise DataError(
-            f"{path}: has no 'split' column, so split {split!r} cannot be selected; use split=None"
+        raise NoSplitColumn(
+            f"{path}: has no 'split' column, so split {split!r} cannot be selected; read every row with "
+            "--split all (vsekit index build / add) or data.split: null (a recipe's data section), or add a "
+            "'split' column"
         )
     if no_split_where is not None:
         raise DataError(f"{no_split_where}: no split value, but split {split!r} was requested")

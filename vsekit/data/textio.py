@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vsekit.data.corpus import DataError
+from vsekit.text.tokenizer import clean_text
 
 _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
 
@@ -99,15 +100,19 @@ def short_repr(value: Any, limit: int = 60) -> str:
 def read_caption_lines(path: Path, *, allow_empty_file: bool = False) -> list[str]:
     """One caption per line. Split on ``\\n`` only: ``str.splitlines`` would also break captions at
     form feeds or Unicode line separators and shift every later caption onto the wrong image. A byte that is
-    not UTF-8 is an error naming the line and its offset."""
+    not UTF-8 is an error naming the line and its offset. Invisible format characters (zero-width spaces,
+    direction overrides) are dropped and control characters read as spaces; a line of nothing else is an
+    empty caption."""
     text = read_utf8(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
-    captions = [line.strip() for line in lines]
+    # invisible format characters dropped, control characters as spaces (vsekit.text.tokenizer.clean_text)
+    captions = [clean_text(line).strip() for line in lines]
     for number, caption in enumerate(captions, start=1):
         if not caption:
-            raise DataError(f"{path}:{number}: empty caption line")
+            invisible = " (only invisible or control characters)" if lines[number - 1].strip() else ""
+            raise DataError(f"{path}:{number}: empty caption line{invisible}")
     if not captions and not allow_empty_file:
         raise DataError(f"{path}: holds no captions")
     return captions

@@ -67,6 +67,14 @@ class ImageSizeError(SearchIndexError):
         self.status = status
 
 
+class NoKnownWordsError(SearchIndexError):
+    """A text query with no word the model knows (only punctuation, unknown words, or characters that are
+    invisible or control codes): its embedding would be the model's answer to nothing, ranked with confidence.
+    ``status``: the HTTP status the server answers with (422)."""
+
+    status = 422
+
+
 def image_header_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) from an image file's header without decoding its pixels; None when PIL cannot even
     read the header or its format is not accepted (:func:`vsekit.data.images.load_rgb` then says why)."""
@@ -308,6 +316,10 @@ class SearchIndex:
         if not isinstance(query, str) or not query.strip():
             raise SearchIndexError("the query is empty")
         self._check(k, target)
+        known = getattr(self.embedder, "known_words", None)
+        if known is not None and not self.embedder.reads_text_features and known(query) == 0:
+            raise NoKnownWordsError("the query has no known words (only punctuation, unknown words or invisible "
+                                    "characters); search with words of the captions the model was trained on")
         sets = None
         with self._model_lock:
             if self.learned:

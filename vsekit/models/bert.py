@@ -20,6 +20,7 @@ from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.layers import l2norm
 from vsekit.models.text import TEXT_ENCODERS
+from vsekit.text.tokenizer import head_at_space
 
 WHERE = "model.text_encoder"
 FOLDER_NEEDS = ("a Hugging Face BERT saved with save_pretrained: config.json, the weights (model.safetensors "
@@ -150,15 +151,30 @@ class BertTextEncoder(Encoder):
         self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
         self.set_finetune(finetune)
 
+    @property
+    def max_pieces(self) -> int:
+        """The most word pieces of a caption (between [CLS] and [SEP]) the model has positions for."""
+        return self.max_positions - 2
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are no word: [CLS], [SEP], [PAD], [UNK], [MASK] (a caption of only these has no known
+        words: :class:`vsekit.text.encoding.CaptionEncoder`)."""
+        return frozenset(self._tokenizer.all_special_ids) if self._tokenizer is not None else frozenset()
+
     def tokenize(self, caption: str, max_len: int | None = None) -> list[int]:
         """Word-piece ids of ``caption``: [CLS] pieces [SEP], at most ``max_len`` pieces (``text.max_len``)
         and never more than the model's positions."""
         if self._tokenizer is None:
             raise ConfigError(f"{WHERE}.tokenizer: this BERT was built from config and has no tokenizer; set "
                               "model.text_encoder.tokenizer to a vocab.txt or a tokenizer folder")
-        limit = self.max_positions - 2
+        limit = self.max_pieces
         n = limit if max_len is None else min(int(max_len), limit)
-        return list(self._tokenizer(caption, truncation=True, max_length=n + 2)["input_ids"])
+        # the tokenizer would normalise and split all of a caption of a million words before truncating: text
+        # past 64 characters per piece cannot reach the first n pieces (cut at a space: no word is split; a
+        # longer word without one is a single [UNK] either way, BERT's words being at most 100 characters)
+        text = head_at_space(caption, 64 * (n + 2))
+        return list(self._tokenizer(text, truncation=True, max_length=n + 2)["input_ids"])
 
     def forward_parts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = lengths.to(tokens.device)

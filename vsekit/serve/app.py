@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from vsekit.index.search import ImageSizeError, SearchIndex, SearchResult
+from vsekit.index.search import SearchIndex, SearchResult
 from vsekit.index.store import TARGETS, SearchIndexError
 from vsekit.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -339,7 +339,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
 
     @app.exception_handler(SearchIndexError)
     async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
-        return _error(exc.status if isinstance(exc, ImageSizeError) else 400, str(exc))
+        return _error(getattr(exc, "status", 400), str(exc))  # ImageSizeError: 413/422; NoKnownWordsError: 422
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

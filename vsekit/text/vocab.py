@@ -28,11 +28,13 @@ class Vocabulary:
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 4) -> Vocabulary:
-        """Words seen at least ``min_count`` times, most frequent first (ties alphabetical, so deterministic)."""
+    def build(cls, captions: Iterable[str], min_count: int = 4, max_tokens: int | None = None) -> Vocabulary:
+        """Words seen at least ``min_count`` times, most frequent first (ties alphabetical, so deterministic).
+        ``max_tokens``: only the first that many tokens of a caption count, as only they are ever encoded
+        (``text.max_tokens``)."""
         counts = Counter()
         for c in captions:
-            counts.update(tokenize(c))
+            counts.update(tokenize(c, max_tokens))
         words = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
                        key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words)
@@ -41,10 +43,9 @@ class Vocabulary:
         return len(self.itos)
 
     def encode(self, caption: str, max_len: int | None = None) -> list[int]:
-        """``<start> w1 ... wn <end>`` as ids; unknown words map to ``<unk>``; truncated to ``max_len`` words."""
-        words = tokenize(caption)
-        if max_len is not None:
-            words = words[:max_len]
+        """``<start> w1 ... wn <end>`` as ids; unknown words map to ``<unk>``; truncated to ``max_len`` words
+        (reading no more of the caption than those need)."""
+        words = tokenize(caption, max_len)
         unk = self.unk_id
         return [self.start_id, *(self.stoi.get(w, unk) for w in words), self.end_id]
 

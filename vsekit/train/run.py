@@ -20,6 +20,7 @@ from vsekit.losses.base import RankingLoss
 from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
+from vsekit.text.encoding import CaptionEncoder
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
@@ -81,7 +82,7 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     if weights_from is not None:
         vocab = Vocabulary.from_dict(weights_from["vocab"])
     else:
-        vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count)
+        vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count, cfg.text.max_tokens)
     shape = feature_shape(train_corpus)
     text_dim = text_feature_dim(train_corpus)
     # a run that continues a checkpoint takes its weights, not the encoders' initial weights files
@@ -104,20 +105,19 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
             objective.needs_caption_vectors:
         vectors = caption_vectors(cfg, train_corpus)
 
-    max_len = cfg.text.max_len
-    tokenize = caption_tokenizer(model.text_encoder)  # e.g. BERT's word pieces, in place of the vocabulary
-    if tokenize is not None and len(train_corpus.captions):
-        tokenize(train_corpus.captions[0], max_len)  # a missing tokenizer fails here, not in a loader worker
-
-    def encode(caption: str) -> list[int]:
-        if tokenize is not None:
-            return tokenize(caption, max_len)
-        return vocab.encode(caption, max_len)
+    # e.g. BERT's word pieces in place of the vocabulary; text.max_len, and text.max_tokens with a warning
+    encode = CaptionEncoder(vocab, caption_tokenizer(model.text_encoder), cfg.text.max_len, cfg.text.max_tokens)
+    if encode.hook is not None and len(train_corpus.captions):
+        encode(train_corpus.captions[0])  # a missing tokenizer fails here, not in a loader worker
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
     text = TextSource(train_corpus, encode)
     dataset = PairDataset(train_corpus, text, ImageSource(train_corpus, transform), sample=data.sample,
                           seed=cfg.seed, skip_unreadable=data.skip_missing_images)
+    if cfg.train.batch_size > len(dataset):
+        log.warning("train.batch_size (%d) is more than the %d training pairs of %s: every step is one batch of "
+                    "the whole set, and memory grows with it; lower train.batch_size", cfg.train.batch_size,
+                    len(dataset), train_corpus.name)
     sampler = EpochSampler(len(dataset), cfg.seed)
     pool = CaptionPool(train_corpus, text) if "mined" in objective.terms else None
     labels = None
