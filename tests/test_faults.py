@@ -262,18 +262,11 @@ def test_atomic_writes_replace_only_regular_files(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="symlinks")
-def test_encode_out_at_a_symlink_is_refused(tmp_path, capsys, monkeypatch):
-    import numpy as np
-
+def test_encode_out_at_a_symlink_is_refused_before_encoding(tmp_path, capsys, monkeypatch):
     import vsekit.inference as inference
 
-    class Fake:
-        config = None
-
-        def encode_captions(self, lines, **kwargs):
-            return np.zeros((len(lines), 4), np.float32)
-
-    monkeypatch.setattr(inference.Embedder, "from_checkpoint", classmethod(lambda cls, *a, **k: Fake()))
+    monkeypatch.setattr(inference.Embedder, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: pytest.fail("encoding began before --out was checked")))
     caps = tmp_path / "caps.txt"
     caps.write_text("a red circle\n")
     target = tmp_path / "precious"
