@@ -186,3 +186,57 @@ def test_a_signal_stops_after_a_step_with_the_state_saved_and_resume_ends_as_the
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6), k
     assert [r["step"] for r in _records(out) if r["kind"] == "train"] == list(range(1, EPOCHS * STEPS + 1))
+
+
+def _signal_worker(rank: int, world: int, port: int, overrides: list[str], out: Path) -> None:
+    """One of 2 gloo processes training; SIGTERM reaches rank 1 only, during step 3. Writes what ended the run
+    (and at which step) to ``out/<rank>.txt``."""
+    from vsekit.config import resolve_config
+    from vsekit.train.signals import TrainingInterrupted
+    from vsekit.train.trainer import Trainer
+    from vsekit.utils import distributed
+
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu", timeout_s=60)  # a process left waiting fails the test in a minute
+    t = Trainer(resolve_config(None, overrides))
+    real_step = t.train_step
+
+    def step(batch):
+        if rank == 1 and t.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(batch)
+
+    t.train_step = step
+    try:
+        t.fit()
+        result = "finished"
+    except TrainingInterrupted as e:
+        result = f"stopped {e.signum} {t.step}"
+    (out / f"{rank}.txt").write_text(result)
+    distributed.shutdown()
+
+
+def test_under_torchrun_every_process_stops_at_the_same_step(tmp_path, cache):
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", *OVERRIDES, "train.checkpoint_every_steps=0", "train.batch_size=16"]
+    ctx = tmp.start_processes(_signal_worker, args=(2, port, overrides, tmp_path), nprocs=2, join=False,
+                              start_method="spawn")
+    deadline = time.monotonic() + 3 * TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the processes did not stop together (deadlock?)")
+    results = [(tmp_path / f"{r}.txt").read_text() for r in range(2)]
+    assert results == [f"stopped {int(signal.SIGTERM)} 3"] * 2
+    state = load_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["step"]) == (0, 3)
