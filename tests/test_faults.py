@@ -84,6 +84,16 @@ def test_a_new_run_into_an_old_run_folder_is_refused_unless_overwrite(tmp_path, 
     assert load_checkpoint(out / "last.pt")["config"]["seed"] == 4
 
 
+def test_overwrite_does_not_remove_the_checkpoint_train_init_from_names(tmp_path, cache):
+    from vsekit.errors import ConfigError
+
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(out, *TINY)).fit()
+    with pytest.raises(ConfigError, match=r"train.init_from .*last.pt lies in output_dir"):
+        Trainer(tiny_cfg(out, *TINY, f"train.init_from={out / 'last.pt'}"), overwrite=True)
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
 def test_resume_under_a_changed_model_or_optimizer_is_one_line_listing_the_changes(tmp_path, cache, capsys):
     out = tmp_path / "run"
     Trainer(tiny_cfg(out, *TINY)).fit()

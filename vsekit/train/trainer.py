@@ -26,7 +26,7 @@ from vsekit.data.datasets import collate_pairs, text_to
 from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
 from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
 from vsekit.train import signals
-from vsekit.train.checkpointing import LAST, CheckpointPolicy, check_new_run, check_resume_config
+from vsekit.train.checkpointing import LAST, RUN_FILES, CheckpointPolicy, check_new_run, check_resume_config
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
     ADVICE,
@@ -153,6 +153,10 @@ class Trainer:
 
         check_writable_dir(self.out, "output_dir")
         if not resume:
+            init = self.cfg.train.init_from
+            if overwrite and init and Path(init).name in RUN_FILES and Path(init).resolve().parent == self.out.resolve():
+                raise ConfigError(f"train.init_from {init} lies in output_dir {self.out}, whose checkpoints a new "
+                                  "run replaces: copy it elsewhere first, or choose another output_dir")
             check_new_run(self.out, overwrite=overwrite)
 
     # -- state ---------------------------------------------------------------------------------------
