@@ -33,13 +33,13 @@ RESUME_KEYS = ("loss", "optimizer", "scheduler", "scaler", "rng", "epoch", "batc
 _ATOMIC_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # what a finished or interrupted run leaves in its folder; a new run there would replace it
 RUN_FILES = (LAST, BEST, "metrics.jsonl")
-# config keys (and sections) a resumed run may change: how long it trains, how it logs and checkpoints,
-# where it runs and where its images lie. Any other change (the model, the loss, the optimizer, the data)
+# config keys (and sections) a resumed run may change: how long it trains, how it logs, checkpoints and watches
+# itself (train.collapse: read afresh at every step), where it runs and where its images lie. Any other change (the model, the loss, the optimizer, the data)
 # would not apply to the saved state (an optimizer's lr lives in its state) or would not fit it.
 RESUMABLE_KEYS = (
     "name", "output_dir", "device", "config_format",
     "train.epochs", "train.max_minutes", "train.max_steps_per_epoch", "train.progress", "train.log_every",
-    "train.checkpoint_every_steps", "train.max_nonfinite_steps", "train.init_from",
+    "train.checkpoint_every_steps", "train.max_nonfinite_steps", "train.init_from", "train.collapse",
     "data.num_workers", "data.image_root", "eval.batch_size", "eval.chunk_size", "semantics.cache_dir",
 )
 
