@@ -364,3 +364,18 @@ def test_a_safetensors_file_that_overruns_itself_is_refused(tmp_path):
     buf.write(len(header).to_bytes(8, "little") + header + b"\0" * 8)
     path.write_bytes(buf.getvalue())
     check_safetensors_sizes(path)  # a sound file passes
+
+
+def test_a_failed_index_write_names_the_index_folder_and_leaves_no_work_folder(tmp_path, monkeypatch):
+    from vsekit.index import store
+
+    def full(folder, data):
+        (folder / "images.npy").write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_files", full)
+    index_dir = tmp_path / "index"
+    with pytest.raises(OSError) as e:
+        store.write_index(index_dir, None, {})
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(index_dir))
+    assert [p.name for p in index_dir.iterdir()] == []
