@@ -153,8 +153,8 @@ class Trainer:
 
         check_writable_dir(self.out, "output_dir")
         if not resume:
-            init = self.cfg.train.init_from
-            if overwrite and init and Path(init).name in RUN_FILES and Path(init).resolve().parent == self.out.resolve():
+            init = Path(self.cfg.train.init_from) if self.cfg.train.init_from else None
+            if overwrite and init and init.name in RUN_FILES and init.resolve().parent == self.out.resolve():
                 raise ConfigError(f"train.init_from {init} lies in output_dir {self.out}, whose checkpoints a new "
                                   "run replaces: copy it elsewhere first, or choose another output_dir")
             check_new_run(self.out, overwrite=overwrite)
