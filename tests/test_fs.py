@@ -259,3 +259,23 @@ def test_file_lock_is_a_no_op_without_fcntl(tmp_path, monkeypatch):
     t.start()
     t.join(10)
     assert done
+
+
+@pytest.mark.skipif(not POSIX, reason="symlinks")
+def test_publish_refuses_a_symlink_or_a_file_in_the_way(tmp_path):
+    from vsekit.utils.io import OutputPathError
+
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = _fill(tmp_path / "elsewhere", "shared")
+    elsewhere_tree = _tree(elsewhere)
+    link = tmp_path / "set"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    work = _fill(make_work_dir(link), "new")
+    with pytest.raises(OutputPathError, match="is a symbolic link"):
+        publish_dir(work, link)
+    assert link.is_symlink() and _tree(elsewhere) == elsewhere_tree
+    afile = tmp_path / "plain"
+    afile.write_text("keep")
+    with pytest.raises(OutputPathError, match="is not a folder"):
+        publish_dir(_fill(make_work_dir(afile), "new"), afile)
+    assert afile.read_text() == "keep"

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import pickle
 import re
 import struct
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -67,7 +69,12 @@ _COMMENT = re.compile(rb"vsekit-sha256:([0-9a-f]{64})\Z")
 _CHUNK = 1 << 20
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
 _CONTAINERS = (dict, collections.OrderedDict, collections.Counter, list, tuple, set)
-
+# torch.save stores its records uncompressed: what torch.load inflates is about the file's size. A zip whose
+# central directory announces much more (deflated records: a "zip bomb") is refused before it is read.
+MAX_INFLATION = 2.0  # the records' total size over the file's
+_INFLATION_SLACK = 1 << 20  # bytes: headers and padding of a small file
+MAX_RECORDS = 1_000_000
+_SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
 class CheckpointError(VsekitError, ValueError):
@@ -103,10 +110,15 @@ def _check_plain(obj: Any, where: str) -> None:
 
 class _DigestWriter:
     """A file for ``torch.save`` that hashes what it writes and holds back the last 22 bytes (the zip's
-    end-of-central-directory record) so that :meth:`finish` can give the archive its digest comment."""
+    end-of-central-directory record) so that :meth:`finish` can give the archive its digest comment.
+
+    It keeps the first :class:`OSError` of the real file (a full disk, a file-size limit): torch turns a
+    failed write into an ``[enforce fail at inline_container.cc]`` RuntimeError, or goes on past it, and
+    :func:`_save_with_digest` raises the OSError instead, so the caller can name the file."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.h, self.tail = f, hashlib.sha256(), b""
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         data = memoryview(data).cast("B")  # a tensor's storage: not copied, only its last bytes
@@ -122,9 +134,15 @@ class _DigestWriter:
         return n
 
     def _out(self, chunk) -> None:
+        if self.error is not None:
+            raise self.error
         if len(chunk):
             self.h.update(chunk)
-            self.f.write(chunk)
+            try:
+                self.f.write(chunk)
+            except OSError as e:
+                self.error = e
+                raise
 
     def flush(self) -> None:
         pass
@@ -140,7 +158,14 @@ class _DigestWriter:
 
 def _save_with_digest(state: dict[str, Any], f: IO[bytes]) -> None:
     w = _DigestWriter(f)
-    torch.save(state, w)
+    try:
+        torch.save(state, w)
+    except Exception:
+        if w.error is not None:
+            raise w.error from None
+        raise
+    if w.error is not None:  # torch went on past a failed write
+        raise w.error
     w.finish()
 
 
@@ -183,6 +208,48 @@ def checkpoint_digest(path: str | Path) -> str | None:
     return expected
 
 
+def check_archive_sizes(path: str | Path) -> None:
+    """Refuse (:class:`CheckpointError`) a torch zip archive whose records would inflate to more than
+    :data:`MAX_INFLATION` times the file's size, or that has more than :data:`MAX_RECORDS` records, from its
+    central directory alone, before ``torch.load`` allocates anything. A file that is not a zip passes: the
+    reader that follows refuses it."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        return
+    if len(infos) > MAX_RECORDS:
+        raise CheckpointError(f"{path}: holds {len(infos)} records (at most {MAX_RECORDS}): not a checkpoint "
+                              "vsekit will open")
+    inflated = sum(max(0, int(i.file_size)) for i in infos)
+    if inflated > MAX_INFLATION * size + _INFLATION_SLACK:
+        raise CheckpointError(f"{path}: its records would inflate to {inflated} bytes from a {size}-byte file "
+                              f"(more than {MAX_INFLATION:g}x; torch.save stores them uncompressed): a damaged "
+                              "or hostile file, refused before reading")
+
+
+def check_safetensors_sizes(path: str | Path) -> None:
+    """Refuse a ``.safetensors`` file whose header is larger than the file or the library's limit, or whose
+    tensors end beyond the file, before the library reads it (it reads nothing compressed)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if end > size - 8 - n:
+        raise CheckpointError(f"{path}: its tensors end at byte {end} of a {size - 8 - n}-byte data section "
+                              "(truncated or hostile), refused before reading")
+
+
 def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():  # a run folder: take its best checkpoint, else its last
@@ -201,6 +268,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _torch_load(path: Path, map_location, allow_legacy: bool) -> Any:
+    check_archive_sizes(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,14 +1,19 @@
 """The ``vsekit`` command line: a thin layer over the library, one module per verb group.
 
 Every error a user can cause (a bad config key, a missing file, a foreign checkpoint) is printed as one
-``vsekit: error: ...`` line with exit code 2; a training run stopped for collapse exits with 3.
+``vsekit: error: ...`` line with exit code 2; a training run stopped for collapse exits with 3. An error of
+the system (a read-only folder, a full disk, a file-size limit) is one ``vsekit: error: <path>: <reason>``
+line with a hint and exit code 1 (``VSEKIT_DEBUG=1`` shows its traceback instead). A training run stopped by
+SIGTERM or SIGINT saves its state and exits with 128 + the signal's number (143, 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 
 from vsekit.cli.common import RECIPES, recipe_path
@@ -40,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     logging.basicConfig(level=level, format="%(message)s")
     from vsekit.errors import TrainingCollapsed, VsekitError
+    from vsekit.train.signals import TrainingInterrupted
 
+    _ignore_file_size_signal()
     try:
         return args.fn(args)
     except (VsekitError, FileNotFoundError) as e:
@@ -49,11 +56,51 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingCollapsed as e:
         print(f"vsekit: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"vsekit: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("vsekit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if os.environ.get("VSEKIT_DEBUG"):
+            raise
+        print(f"vsekit: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
+
+
+_HINTS = {
+    errno.ENOSPC: "free space there, or write elsewhere",
+    errno.EDQUOT: "free space there (disk quota), or write elsewhere",
+    errno.EFBIG: "the file-size limit (ulimit -f) or the file system's largest file is too small; raise it, or "
+                 "write elsewhere",
+    errno.EACCES: "make it writable for this user, or choose another path",
+    errno.EPERM: "it may be immutable (chattr +i) or protected; make it writable, or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder; name a file",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """``<path>: <reason> (<hint>)`` for an :class:`OSError` that reached the command line (no traceback; set
+    VSEKIT_DEBUG=1 for one)."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = _HINTS.get(e.errno or 0, "check the path and its permissions; VSEKIT_DEBUG=1 shows a traceback")
+    return f"{where}{reason} ({hint})"
+
+
+def _ignore_file_size_signal() -> None:
+    """Past a file-size limit (RLIMIT_FSIZE) the kernel sends SIGXFSZ, which kills a process by default; ignored,
+    the write fails with EFBIG instead, which vsekit reports (and the old file stays)."""
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass
 
 
 if __name__ == "__main__":

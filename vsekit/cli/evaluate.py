@@ -8,6 +8,18 @@ from pathlib import Path
 from vsekit.utils import distributed
 
 
+def check_out_file(out: str | Path | None) -> None:
+    """Before any encoding: ``out`` (with its ``.ids.txt`` sibling for ``encode``) can be written where it is
+    (its folder takes a probe file) and replaces nothing but a regular file (a symlink or a device is refused)."""
+    from vsekit.utils.io import check_replaceable, check_writable_dir
+
+    if out is None or not distributed.world().is_main:
+        return
+    out = Path(out)
+    check_replaceable(out)
+    check_writable_dir(out.parent, "the folder of --out", create=False)
+
+
 def _corpus(emb, args):
     from vsekit.cli.common import data_from_arg
     from vsekit.data.sources import load_split
@@ -29,6 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vsekit.inference import Embedder
     from vsekit.utils.io import atomic_write_json
 
+    check_out_file(args.out)
     emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     corpus = _corpus(emb, args)
     train_captions = None
@@ -68,8 +81,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from vsekit.inference import Embedder
     from vsekit.utils.io import atomic_write, atomic_write_text
 
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     out = Path(args.out)
+    check_out_file(out)
+    check_out_file(out.with_suffix(".ids.txt"))
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
     if args.captions:
         path = Path(args.captions)
         if not path.is_file():

@@ -173,7 +173,11 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     Under torchrun every process encodes a block of the collection, and rank 0 alone opens the backend and
     writes the index (the others do not touch ``out``); every process returns the manifest.
     """
+    from vsekit.utils.io import check_writable_dir
+
     out = Path(out)
+    # a folder that cannot be written is said now, not after encoding the whole collection
+    distributed.run_on_main(lambda: check_writable_dir(out, "index folder", create=False), share=lambda _: None)
     with_captions = _check_build(embedder, corpus, kind, captions, rerank, context_dtype)  # alike on every process
     learned = embedder.learned_similarity
     targets = TARGETS if with_captions else ("images",)
@@ -336,7 +340,12 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
 
     Under torchrun rank 0 alone reads and writes the index (holding its write lock throughout) and every
     process encodes a block of the new images."""
+    from vsekit.utils.io import check_writable_dir
+
     index_dir = Path(index_dir)
+    if index_dir.is_dir():  # a folder that cannot be written is said now, not after encoding the new images
+        distributed.run_on_main(lambda: check_writable_dir(index_dir, "index folder", create=False),
+                                share=lambda _: None)
     with contextlib.ExitStack() as held:  # rank 0's write lock and backend, until the commit
         plan = distributed.run_on_main(lambda: _plan_addition(index_dir, embedder, corpus, held),
                                        share=_Addition.shared)

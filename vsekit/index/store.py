@@ -692,7 +692,12 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
     tmp = make_work_dir(index_dir / _WORK_NAME)
     gen = None
     try:
-        _write_files(tmp, data)
+        try:
+            _write_files(tmp, data)
+        except OSError as e:  # a full disk, a file-size limit: a failed write names no file; name the index
+            if e.filename is not None or e.errno is None:
+                raise
+            raise type(e)(e.errno, e.strerror, str(index_dir)) from e
         files = {}
         for f in sorted(tmp.iterdir()):
             fsync_file(f)

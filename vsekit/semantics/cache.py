@@ -33,7 +33,7 @@ from vsekit.semantics.lsa import (
     LSAModel,
 )
 from vsekit.utils.fs import file_lock, make_work_dir, publish_dir, remove_stale_work
-from vsekit.utils.io import atomic_write, atomic_write_json
+from vsekit.utils.io import OutputPathError, atomic_write, atomic_write_json, check_folder_path
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,12 @@ def fit_or_load_caption_vectors(captions: Sequence[str], caption_ids: Sequence[s
     params = _params(n_components, n_iter, random_state)
     key = caption_set_key(captions, params)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_folder_path(cache_dir, "the LSA cache folder (semantics.cache_dir, or VSEKIT_CACHE/semantics)")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"the LSA cache folder {cache_dir}: cannot be made ({e.strerror}): point "
+                              "semantics.cache_dir or VSEKIT_CACHE at a writable folder") from None
     folder = _cache_folder(cache_dir, key)
     # The lock serialises fits of one key across processes (e.g. data-parallel ranks): one fits, the
     # others wait and then load its folder.

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vsekit.checkpoint import load_checkpoint, save_checkpoint
+from vsekit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vsekit.errors import ConfigError
+from vsekit.train.signals import critical
 
 log = logging.getLogger("vsekit.train")
 
@@ -29,6 +31,17 @@ RESUME_KEYS = ("loss", "optimizer", "scheduler", "scaler", "rng", "epoch", "batc
 # vsekit.utils.io.atomic_write's temporary files: tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"), whose
 # random part is 8 characters of [a-z0-9_]
 _ATOMIC_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# what a finished or interrupted run leaves in its folder; a new run there would replace it
+RUN_FILES = (LAST, BEST, "metrics.jsonl")
+# config keys (and sections) a resumed run may change: how long it trains, how it logs, checkpoints and watches
+# itself (train.collapse: read afresh at every step), where it runs and where its images lie. Any other change (the model, the loss, the optimizer, the data)
+# would not apply to the saved state (an optimizer's lr lives in its state) or would not fit it.
+RESUMABLE_KEYS = (
+    "name", "output_dir", "device", "config_format",
+    "train.epochs", "train.max_minutes", "train.max_steps_per_epoch", "train.progress", "train.log_every",
+    "train.checkpoint_every_steps", "train.max_nonfinite_steps", "train.init_from", "train.collapse",
+    "data.num_workers", "data.image_root", "eval.batch_size", "eval.chunk_size", "semantics.cache_dir",
+)
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
@@ -52,6 +65,70 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def check_new_run(folder: str | Path, *, overwrite: bool = False) -> None:
+    """Before a new (not resumed) run writes to ``folder``: refuse when an earlier run's checkpoints or log are
+    there, unless ``overwrite``, which removes them first (a stale ``best.pt`` must not outlive the new run's
+    start)."""
+    folder = Path(folder)
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{folder} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another output_dir")
+    for name in found:
+        (folder / name).unlink()
+    log.info("--overwrite: removed %s of the earlier run in %s", ", ".join(found), folder)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_KEYS)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every config key that differs between a checkpoint's config and
+    the resumed run's, but for :data:`RESUMABLE_KEYS`. A key one side lacks (added to or dropped from vsekit's
+    schema since the checkpoint) is not a change; a section whose component changed shows in its name."""
+    old, new = _flat(saved), _flat(current)
+    return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if not _resumable(k) and old[k] != new[k] and not _same_number(old[k], new[k])]
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """1e-3 and 0.001, [0.9, 0.999] and (0.9, 0.999): a YAML round trip, not a change."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(x == y or _same_number(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    return isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and float(a) == float(b)
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` under a config that changes more than
+    :data:`RESUMABLE_KEYS`: one line listing each changed key with its old and new value."""
+    changes = config_changes(saved, current)
+    if changes:
+        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changes[:8])
+        more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+        raise CheckpointError(f"--resume: the config differs from the one {path} was trained with ({listed}{more}); "
+                              "a resumed run may change only how long it trains, how it logs and checkpoints "
+                              "(train.epochs, train.max_minutes, ...) and where it runs: undo the change, or "
+                              "start a new run in another output_dir (train.init_from to start from its weights)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class CheckpointPolicy:
     def __init__(self, out: Path, state: Callable[[], dict[str, Any]], every_steps: int = 0,
                  metric: str = "rsum", writes: bool = True) -> None:
@@ -73,7 +150,8 @@ class CheckpointPolicy:
     def save(self, name: str = LAST) -> Path:
         if not self.writes:
             return self.out / name
-        return save_checkpoint(self.out / name, self.state())
+        with critical():  # a second Ctrl-C waits for the write to end (it is atomic anyway)
+            return save_checkpoint(self.out / name, self.state())
 
     def after_step(self, step: int) -> None:
         if self.every_steps and step % self.every_steps == 0:

@@ -54,8 +54,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, a file-size limit: name the log (a failed write names no file)
+            if e.filename is not None or e.errno is None:
+                raise
+            raise type(e)(e.errno, e.strerror, str(self.path)) from e
         if self.tb is not None:
             kind = record.get("kind", "train")
             for k, v in record.items():

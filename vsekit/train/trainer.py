@@ -25,7 +25,8 @@ from vsekit.config.schema import OptimConfig
 from vsekit.data.datasets import collate_pairs, text_to
 from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
 from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
-from vsekit.train.checkpointing import LAST, CheckpointPolicy
+from vsekit.train import signals
+from vsekit.train.checkpointing import LAST, RUN_FILES, CheckpointPolicy, check_new_run, check_resume_config
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import (
     ADVICE,
@@ -52,16 +53,22 @@ _ENCODERS = ("image_encoder", "text_encoder")
 
 class Trainer:
     """Builds a run from a resolved config and trains it with :meth:`fit`. ``resume=True`` continues
-    ``output_dir/last.pt`` so that the result equals an uninterrupted run."""
+    ``output_dir/last.pt`` so that the result equals an uninterrupted run (under a config that changes only
+    what :data:`~vsekit.train.checkpointing.RESUMABLE_KEYS` allows). A new run in a folder that holds an
+    earlier run's checkpoints replaces them when ``overwrite`` (the library's default; the command line
+    refuses unless ``--overwrite``), else it is refused. SIGTERM or SIGINT during :meth:`fit` stop the run
+    after the current step with its state saved (:mod:`vsekit.train.signals`)."""
 
-    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False) -> None:
+    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False,
+                 overwrite: bool = True) -> None:
         # validated afresh: a RunConfig edited in place (cfg.loss = {...}) is checked like a recipe
         cfg = validate_config(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         # one process per device under torchrun: rank 0 logs, validates into the log and writes checkpoints
         self.world = distributed.init_from_env(str(cfg.device))
+        distributed.run_on_main(lambda: self._prepare_folder(resume, overwrite))  # rank 0; an error stops all
+        self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         tcfg = cfg.train
         if tcfg.batch_size % self.world.size:
@@ -73,6 +80,8 @@ class Trainer:
 
         # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
         resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
+        if resume_state is not None:  # before the model is built: a changed embed_size would not fit it
+            check_resume_config(resume_state["config"], cfg.to_dict(), self.out / LAST)
         init_state = None
         if resume_state is None and tcfg.init_from:
             init_state = load_checkpoint(tcfg.init_from, allow_legacy=allow_legacy)  # e.g. VSE++ FT stage 2
@@ -125,6 +134,8 @@ class Trainer:
         self.skipped_images: set[str] = set()  # unreadable images met in training (data.skip_missing_images)
         self.max_seconds = tcfg.max_minutes * 60 if tcfg.max_minutes is not None else None
         self.elapsed_before = 0.0  # seconds of training in earlier runs of this output folder (resume)
+        self._stop: signals.StopSignals | None = None  # SIGTERM/SIGINT, while fit() runs
+        self.stopped_by_signal: int | None = None
         self._t_start = time.perf_counter()
         if resume_state is not None:
             self._restore(resume_state)
@@ -133,6 +144,20 @@ class Trainer:
         self.logger = MetricsLogger(self.out, resume_step=self.step if resume_state is not None else None,
                                     resume_epoch=self.epoch if resume_state is not None else None,
                                     enabled=self.world.is_main)
+
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0, before anything is built: the output folder exists and can be written (a probe file, so that
+        a read-only folder is said now, not after the first epoch), and a new run does not silently replace an
+        earlier one's checkpoints (:func:`~vsekit.train.checkpointing.check_new_run`)."""
+        from vsekit.utils.io import check_writable_dir
+
+        check_writable_dir(self.out, "output_dir")
+        if not resume:
+            init = Path(self.cfg.train.init_from) if self.cfg.train.init_from else None
+            if overwrite and init and init.name in RUN_FILES and init.resolve().parent == self.out.resolve():
+                raise ConfigError(f"train.init_from {init} lies in output_dir {self.out}, whose checkpoints a new "
+                                  "run replaces: copy it elsewhere first, or choose another output_dir")
+            check_new_run(self.out, overwrite=overwrite)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -270,7 +295,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.epoch)
         return DataLoader(self.dataset, batch_size=self.local_batch_size, sampler=self.sampler,
                           num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
-                          generator=g, pin_memory=self.device.type == "cuda")
+                          generator=g, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=signals.worker_init if self.cfg.data.num_workers else None)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float | None:
         dev = self.device
@@ -452,8 +478,20 @@ class Trainer:
             record["collapse_value"] = self.last_collapse_value
         return record
 
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM or SIGINT asked the run to stop (:attr:`stopped_by_signal`); every process of a
+        distributed run stops at the same step (the signal may reach only some of them)."""
+        signum = self._stop.signum if self._stop is not None else None
+        if self.world.distributed:
+            flag = torch.tensor([signum or 0], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item()) or None
+        self.stopped_by_signal = signum
+        return signum is not None
+
     def train_one_epoch(self) -> bool:
-        """Train the rest of the current epoch; False when the time budget ended it early."""
+        """Train the rest of the current epoch; False when the time budget or a signal
+        (:attr:`stopped_by_signal`) ended it early."""
         tcfg = self.cfg.train
         total = self._steps_in_epoch()
         bar = progress(total, desc=f"epoch {self.epoch + 1}/{tcfg.epochs}", initial=self.batches_done,
@@ -484,6 +522,8 @@ class Trainer:
                 if self.step % tcfg.log_every == 0:
                     self._log(self._train_record(loss, rate))
                 self.checkpoints.after_step(self.step)
+                if self.stop_requested():  # after the step, its checkpoint and its log line: saved as it is
+                    return False
                 if self.out_of_time():  # checked after a step, before the loader draws the next batch
                     if self.batches_done < total:
                         return False
@@ -528,6 +568,15 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or the time budget); SIGTERM/SIGINT stop it after the current step with
+        the state saved, raising :class:`~vsekit.train.signals.TrainingInterrupted`."""
+        with signals.StopSignals() as self._stop:
+            try:
+                return self._fit()
+            finally:
+                self._stop = None
+
+    def _fit(self) -> dict[str, Any]:
         epochs = self.cfg.train.epochs
         while self.epoch < epochs:
             stage = self.plan.index_at(self.epoch)
@@ -538,8 +587,12 @@ class Trainer:
             self.objective.set_progress(self.epoch / epochs)
             self._train_mode()
             if not self.train_one_epoch():
+                if self.stopped_by_signal:
+                    self._stop_for_signal()
                 return self._stop_for_time()
             self.end_epoch()
+            if self.epoch < epochs and self.stop_requested():  # a signal during the epoch's validation
+                self._stop_for_signal()
             if self.out_of_time() and self.epoch < epochs:
                 log.info("train.max_minutes reached (%.1f min) after epoch %d", self.elapsed_s / 60, self.epoch)
                 return self._result("max_minutes")
@@ -550,6 +603,19 @@ class Trainer:
         return {"best_rsum": self.best_rsum, "select_metric": self.checkpoints.metric, "history": self.history,
                 "output_dir": str(self.out),
                 "stopped_by": stopped_by}
+
+    def _stop_for_signal(self) -> None:
+        """SIGTERM/SIGINT: save the exact state (no validation: a preempted job has seconds left) and raise."""
+        signum = int(self.stopped_by_signal or 0)
+        name = signals.signal_name(signum)
+        log.info("%s: saving the state at step %d (epoch %d, batch %d)", name, self.step, self.epoch + 1,
+                 self.batches_done)
+        self.save(LAST)
+        self.logger.flush()
+        distributed.barrier()  # rank 0's checkpoint is complete before any process reports the stop
+        raise signals.TrainingInterrupted(
+            f"training stopped by {name} at step {self.step} (epoch {self.epoch + 1}); its exact state is in "
+            f"{self.out / LAST}: run the same command with --resume to continue", signum)
 
     def _stop_for_time(self) -> dict[str, Any]:
         """The wall-clock budget ran out mid-epoch: save the exact state (``--resume`` continues this epoch with
@@ -602,5 +668,6 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.terms.named_modules(prefix="objective")
 
 
-def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False) -> dict[str, Any]:
-    return Trainer(cfg, resume=resume, allow_legacy=allow_legacy).fit()
+def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False,
+          overwrite: bool = True) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, allow_legacy=allow_legacy, overwrite=overwrite).fit()

@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,6 +119,21 @@ def remove_stale_work(target: str | os.PathLike, *, any_pid: bool = False) -> li
     return removed
 
 
+def _check_replaceable_dir(target: Path) -> None:
+    """Refuse (one line) to publish over anything but a missing path or a real folder: a symlink (to a cache on
+    another disk, say), a file or a device would be destroyed by the renames."""
+    from vsekit.utils.io import OutputPathError
+
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+        raise OutputPathError(f"{target}: is {kind}; vsekit replaces only a folder of its own there: remove it "
+                              "or choose another path")
+
+
 def publish_dir(
     work: str | os.PathLike,
     target: str | os.PathLike,
@@ -144,6 +160,7 @@ def publish_dir(
     Safe against concurrent publishers of the same ``target``; a rename race is retried ``attempts`` times.
     """
     work, target = Path(work), Path(target)
+    _check_replaceable_dir(target)
     fsync_dir(work)
     for _ in range(attempts):
         try:
