@@ -68,7 +68,8 @@ def test_health(client):
     assert h["has_captions"] and h["can_embed_images"] and h["kind"] == "exact" and h["similarity"] == "cosine"
     assert h["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_query_chars": MAX_QUERY, "max_k": MAX_K,
                            "max_image_pixels": 512 * 512, "max_aspect_ratio": 20.0, "read_timeout_s": 10.0,
-                           "body_timeout_s": 60.0}
+                           "body_timeout_s": 60.0, "max_decode_bytes": 512 << 20, "max_decodes": 4,
+                           "decode_wait_s": 10.0}
 
 
 def test_text_search(client, app):

@@ -349,7 +349,8 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch, capsys):
     monkeypatch.setattr(server_module, "make_server", fake_make_server)
     assert cli("serve", sx.index_dir, "--read-timeout", "2.5", "--body-timeout", "30", "--keep-alive-timeout", "3",
                "--max-aspect-ratio", "8", "--allow-legacy-checkpoint", "--port", "0", "--allow-host", "photos.lan",
-               "--allow-host", "[::1]", "--reload-interval", "0.25") == 0
+               "--allow-host", "[::1]", "--reload-interval", "0.25", "--max-decode-bytes", "64M", "--max-decodes", "2",
+               "--decode-wait", "1.5") == 0
     port = seen["ran"][0][1]
     assert port > 0 and seen["ran"] == [("127.0.0.1", port)]  # --port 0: a free port, bound before the run
     assert seen["server"] == {"host": "127.0.0.1", "port": port, "read_timeout": 2.5, "body_timeout": 30.0,
@@ -359,6 +360,7 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch, capsys):
     assert seen["app"]["max_aspect_ratio"] == 8.0 and seen["app"]["allow_legacy_checkpoint"] is True
     assert seen["app"]["allowed_hosts"] == {"localhost", "127.0.0.1", "::1", "photos.lan"}
     assert seen["app"]["reload_interval"] == 0.25
+    assert (seen["app"]["max_decode_bytes"], seen["app"]["max_decodes"], seen["app"]["decode_wait"]) == (64 << 20, 2, 1.5)
     with pytest.raises(SystemExit):
         cli("serve", sx.index_dir, "--read-timeout", "0")
 
@@ -487,7 +489,8 @@ def test_concurrent_decodes_are_bounded_and_the_excess_refused_after_the_wait(sx
 
 @pytest.mark.parametrize("option, value", [
     ("--port", "99999"), ("--port", "-1"), ("--port", "80a"), ("--port", "\u0665"), ("--max-upload-bytes", "0"),
-    ("--max-upload-bytes", "0K"), ("--reload-interval", "-1"), ("--reload-interval", "inf"),
+    ("--max-upload-bytes", "0K"), ("--max-decode-bytes", "0"), ("--max-decodes", "0"), ("--decode-wait", "0"),
+    ("--reload-interval", "-1"), ("--reload-interval", "inf"),
 ])
 def test_serve_refuses_bad_options_in_one_line(tmp_path, capsys, option, value):
     """argparse's usage error (exit 2), not a traceback from deep in the server or the app."""

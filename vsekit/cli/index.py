@@ -237,7 +237,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_k=args.max_k, max_image_pixels=args.max_image_pixels,
                          max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
                          body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint,
-                         rerank=args.rerank, allowed_hosts=hosts, reload_interval=args.reload_interval)
+                         rerank=args.rerank, allowed_hosts=hosts, reload_interval=args.reload_interval,
+                         max_decode_bytes=args.max_decode_bytes, max_decodes=args.max_decodes,
+                         decode_wait=args.decode_wait)
         server = make_server(app, address, port, read_timeout=args.read_timeout, body_timeout=args.body_timeout,
                              keep_alive_timeout=args.keep_alive_timeout)
         name = args.host.strip("[]")
@@ -388,6 +390,15 @@ def add_cli(subparsers) -> None:
                                            f"(default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     v.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     v.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
+    v.add_argument("--max-decode-bytes", type=positive_size, default=limits.DEFAULT_MAX_DECODE_BYTES,
+                   help="most memory one upload's decode may take, estimated from its header before any pixel is "
+                        f"decoded (larger: 413), e.g. 256M (default {limits.DEFAULT_MAX_DECODE_BYTES >> 20}M)")
+    v.add_argument("--max-decodes", type=positive_int, default=limits.DEFAULT_MAX_DECODES,
+                   help="uploads decoded and embedded at once; the worst case of decode memory is this times "
+                        f"--max-decode-bytes (default {limits.DEFAULT_MAX_DECODES})")
+    v.add_argument("--decode-wait", type=positive_float, default=limits.DEFAULT_DECODE_WAIT, metavar="SECONDS",
+                   help="longest wait of an upload for a free decode slot before it is answered 503 with "
+                        f"Retry-After (default {limits.DEFAULT_DECODE_WAIT:g})")
     v.add_argument("--torch-threads", type=positive_int, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")

@@ -55,11 +55,11 @@ def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PretrainedWeightsMissing(f"{where}: no such file {path} (vsekit reads weights from local files only)")
-    from vsekit.checkpoint import check_archive_sizes, check_safetensors_sizes
+    from vsekit.utils.archives import check_safetensors_sizes, check_zip_sizes
 
     try:
         # sizes first, from the file's own directory: a file that would inflate far past its size is refused
-        (check_safetensors_sizes if path.suffix == ".safetensors" else check_archive_sizes)(path)
+        (check_safetensors_sizes if path.suffix == ".safetensors" else check_zip_sizes)(path)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

@@ -313,7 +313,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint, rerank=rerank)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
-              "read_timeout_s": read_timeout, "body_timeout_s": body_timeout}
+              "read_timeout_s": read_timeout, "body_timeout_s": body_timeout, "max_decode_bytes": max_decode_bytes,
+              "max_decodes": max_decodes, "decode_wait_s": decode_wait}
     app = FastAPI(title="vsekit search", version="1", docs_url=None, redoc_url=None,
                   description="Text -> image and image -> text search over one vsekit index. "
                               "Errors are JSON: {\"error\": message, \"status\": code}.")
