@@ -108,6 +108,28 @@ def test_build_keeps_reencoded_thumbnails_of_every_image(index_dir, emb, capsys)
     assert json.loads(capsys.readouterr().out)["thumbnails"]["count"] == INDEX_IMAGES
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t["files"].update({"../../etc/passwd": t["files"]["images.thumbs"]}), "thumbnails.files"),
+    (lambda t: t["files"].pop("images.thumbs.npy"), "thumbnails.files"),
+    (lambda t: t.update(format="svg"), "thumbnails.format"),
+    (lambda t: t.update(max_side=100000), "thumbnails.max_side"),
+    (lambda t: t.update(generation="../g000001"), "thumbnails.generation"),
+], ids=["foreign-file", "missing-file", "format", "max-side", "generation"])
+def test_bad_thumbnails_sections_are_refused_naming_the_field(index_dir, tmp_path, change, words):
+    ix = copy_index(index_dir, tmp_path / "ix")
+    m = read_manifest(ix)
+    change(m["thumbnails"])
+    (ix / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    with pytest.raises(store.SearchIndexError, match="invalid manifest") as e:
+        read_manifest(ix)
+    assert words in str(e.value)
+
+
+def test_build_says_how_many_images_have_thumbnails(ckpt, tmp_path, capsys):
+    build_demo_index(ckpt, tmp_path / "ix", max_images=2)
+    assert "2 images (2 with thumbnails)" in capsys.readouterr().out
+
+
 def test_thumbnails_are_bounded_and_carry_nothing_of_the_source(tmp_path):
     im = Image.new("RGB", (1200, 300), (10, 200, 30))
     exif = Image.Exif()
