@@ -127,7 +127,7 @@ def test_bad_thumbnails_sections_are_refused_naming_the_field(index_dir, tmp_pat
 
 def test_build_says_how_many_images_have_thumbnails(ckpt, tmp_path, capsys):
     build_demo_index(ckpt, tmp_path / "ix", max_images=2)
-    assert "2 images (2 with thumbnails)" in capsys.readouterr().out
+    assert capsys.readouterr().out.rstrip().endswith("; thumbnails of 2 images")
 
 
 def test_thumbnails_are_bounded_and_carry_nothing_of_the_source(tmp_path):
@@ -237,10 +237,16 @@ def _swap_pack_to_symlink(pack: Path, tmp_path: Path) -> None:
     pack.symlink_to(target)
 
 
-def _swap_pack_to_svg(pack: Path, tmp_path: Path) -> None:
+def _overwrite_pack_with_svg(pack: Path, tmp_path: Path) -> None:
+    """In place (the same file, the same size): what a descriptor held open sees too."""
     size = pack.stat().st_size
     svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
-    pack.write_bytes((svg * (size // len(svg) + 1))[:size])
+    with open(pack, "r+b") as f:
+        f.write((svg * (size // len(svg) + 1))[:size])
+
+
+def _truncate_pack(pack: Path, tmp_path: Path) -> None:
+    os.truncate(pack, 10)
 
 
 def _swap_pack_to_huge(pack: Path, tmp_path: Path) -> None:
@@ -254,23 +260,54 @@ def _swap_pack_to_fifo(pack: Path, tmp_path: Path) -> None:
     os.mkfifo(pack)
 
 
-@pytest.mark.parametrize("swap", [_swap_pack_to_symlink, _swap_pack_to_svg, _swap_pack_to_huge, _swap_pack_to_fifo],
-                         ids=["symlink", "svg", "huge", "fifo"])
-def test_a_tampered_thumbnail_file_is_never_sent(index_dir, emb, tmp_path, swap, caplog):
+def _swap_generation_to_symlink(pack: Path, tmp_path: Path) -> None:
+    gen = pack.parent
+    elsewhere = tmp_path / "elsewhere-gen"
+    shutil.copytree(gen, elsewhere)
+    shutil.rmtree(gen)
+    gen.symlink_to(elsewhere, target_is_directory=True)
+
+
+SWAPS = [_swap_pack_to_symlink, _overwrite_pack_with_svg, _truncate_pack, _swap_pack_to_huge, _swap_pack_to_fifo,
+         _swap_generation_to_symlink]
+SWAP_IDS = ["symlink", "svg-in-place", "truncated", "huge", "fifo", "generation-symlink"]
+
+
+@pytest.mark.parametrize("swap", SWAPS, ids=SWAP_IDS)
+def test_a_thumbnail_file_tampered_with_under_a_running_server_sends_nothing_else(index_dir, emb, tmp_path, swap,
+                                                                                  caplog):
+    """The server reads the file it checked when it opened the index (held open): what is renamed into the
+    folder since is never read, and a change made to that very file sends a 404, never its bytes."""
     ix = copy_index(index_dir, tmp_path / "ix")
-    sx = SearchIndex.open(ix, emb)  # opened (and checked) first; the folder is changed under the server
+    sx = SearchIndex.open(ix, emb)
     rec = sx.data.images[1]
+    original = sx.thumbnail(rec["id"])
     swap(_pack(ix), tmp_path)
     with TestClient(create_app(sx)) as c:
-        assert_json_404(c.get(f"/images/{rec['id']}"), "unavailable")
-    assert str(_pack(ix)) in caplog.text  # the operator's log says which file
+        r = c.get(f"/images/{rec['id']}")
+    if r.status_code == 200:
+        assert_thumbnail(r)
+        assert r.content == original
+    else:
+        assert_json_404(r, "unavailable")
+        assert str(_pack(ix)) in caplog.text  # the operator's log says which file
+    assert swap not in (_overwrite_pack_with_svg, _truncate_pack) or r.status_code == 404
 
 
-def test_a_tampered_thumbnail_file_is_refused_when_the_index_is_opened(index_dir, emb, tmp_path):
+@pytest.mark.parametrize("swap, words", [
+    (_swap_pack_to_symlink, "cannot open the thumbnails"),
+    (_overwrite_pack_with_svg, "its sha256 is"),
+    (_truncate_pack, "corrupt index file: 10 bytes"),
+    (_swap_pack_to_huge, "corrupt index file: 68719476736 bytes"),
+    (_swap_pack_to_fifo, "cannot open the thumbnails"),
+    (_swap_generation_to_symlink, "cannot"),
+], ids=SWAP_IDS)
+def test_a_tampered_thumbnail_file_is_refused_when_the_index_is_opened(index_dir, emb, tmp_path, swap, words):
     ix = copy_index(index_dir, tmp_path / "ix")
-    _swap_pack_to_svg(_pack(ix), tmp_path)
-    with pytest.raises(store.SearchIndexError, match=r"images.thumbs: corrupt index file"):
+    swap(_pack(ix), tmp_path)
+    with pytest.raises(store.SearchIndexError, match="images.thumbs") as e:
         SearchIndex.open(ix, emb)
+    assert words in str(e.value)
 
 
 # -- generations, add, remove, and indexes without thumbnails -------------------------------------------------

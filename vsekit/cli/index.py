@@ -111,9 +111,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                     source=source, rerank=args.rerank, context_dtype=args.context_dtype, backend=backend,
                     thumbnail_size=args.thumbnail_size)
     rerank = f", rerank {m['rerank']} through the network" if m.get("rerank") else ""
-    thumbs = f" ({m['thumbnails']['count']} with thumbnails)" if m.get("thumbnails") else ""
-    print(f"built {m['kind']} index {args.out}{_where(m)}: {m['num_images']} images{thumbs}, {m['num_captions']} "
-          f"captions, dim {m['dim']}, {m['similarity']} similarity{rerank}")
+    thumbs = f"; thumbnails of {m['thumbnails']['count']} images" if m.get("thumbnails") else "; no thumbnails"
+    print(f"built {m['kind']} index {args.out}{_where(m)}: {m['num_images']} images, {m['num_captions']} "
+          f"captions, dim {m['dim']}, {m['similarity']} similarity{rerank}{thumbs}")
     if m.get("recall_at_10"):
         print("recall@10 of the approximate index against exact search: "
               + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))

@@ -710,7 +710,7 @@ def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
-    """The thumbnails of the current generation (their files checked against their checksums first), or None."""
+    """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
     section = thumbnails_section(manifest)
     if section is None:
         if manifest.get("thumbnails"):
@@ -718,11 +718,9 @@ def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: 
                         "wrote the index): it has none; rebuild it to have them", index_dir,
                         manifest["thumbnails"].get("generation"))
         return None
-    gen = index_dir / manifest["generation"]
-    if verify:
-        verify_files(gen, {"files": section["files"]}, thumbs.FILE_NAMES)
-    try:
-        return thumbs.load(index_dir, manifest["generation"], n, section["max_side"])
+    try:  # checked through the descriptors they are read from: no file can be swapped in between
+        return thumbs.load(index_dir, manifest["generation"], n, section["max_side"],
+                           section["files"] if verify else None)
     except thumbs.ThumbnailError as e:
         raise SearchIndexError(str(e)) from None
 

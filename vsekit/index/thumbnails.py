@@ -17,20 +17,25 @@ that predates thumbnails still reads the index), the generation they belong to, 
 count. A section that names another generation than the manifest (an older vsekit wrote the index since)
 is ignored: the index then has no thumbnails.
 
-Reading one (:meth:`Thumbnails.read`) treats the folder as hostile: the generation folder and the pack are
-opened without following symlinks, only a regular file is read, at most :data:`MAX_THUMBNAIL_BYTES` of it,
-and the bytes must be a JPEG (its start and end markers) or nothing is sent.
+Opening an index treats its folder as hostile: the generation folder and the pack are opened without
+following symlinks, only a regular file is accepted, and it is checked against its size and sha256 through
+the descriptor that is then held open (:class:`Pack`), so what is read later is what was checked, whatever is
+renamed into the folder since. Reading one thumbnail (:meth:`Thumbnails.read`) reads at most
+:data:`MAX_THUMBNAIL_BYTES` from inside the file as it is then, and the bytes must be a JPEG (its start and end
+markers) or nothing is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
 import shutil
 import stat
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,14 +151,59 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
 
 
 # -- a set of thumbnails ------------------------------------------------------------------------------------
+class Pack:
+    """One file of thumbnails, held open: a descriptor of a regular file opened without following links
+    (:func:`open_regular`), read with ``pread`` from any thread. Holding it open is what makes the bytes
+    read later those that were checked when the index was opened, whatever is renamed into the folder since
+    (a symlink, another file), and keeps a running server's thumbnails readable after a writer deletes the
+    generation they belong to (as the memory maps of its vectors are)."""
+
+    def __init__(self, base: Path, *parts: str) -> None:
+        self.path = Path(base, *parts)
+        try:
+            self.fd = open_regular(base, *parts)
+        except OSError as e:
+            raise ThumbnailError(f"{self.path}: cannot open the thumbnails ({e.strerror or e}); a link or "
+                                 "anything but a regular file is refused") from None
+        self._close = weakref.finalize(self, os.close, self.fd)
+
+    def close(self) -> None:
+        self._close()
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def sha256(self) -> str:
+        digest, pos = hashlib.sha256(), 0
+        while chunk := os.pread(self.fd, _COPY_BLOCK, pos):
+            digest.update(chunk)
+            pos += len(chunk)
+        return digest.hexdigest()
+
+    def read(self, offset: int, size: int, row: int) -> bytes:
+        """The JPEG of ``row`` at ``offset``: at most :data:`MAX_THUMBNAIL_BYTES`, inside the file as it is
+        now, and starting and ending like a JPEG, else a ThumbnailError naming the file (for the log)."""
+        if not (0 <= offset and 0 < size <= MAX_THUMBNAIL_BYTES):
+            raise ThumbnailError(f"{self.path}: row {row}: a thumbnail of {size} bytes at {offset} is out of bounds")
+        try:
+            if self.size() < offset + size:
+                raise ThumbnailError(f"{self.path}: shorter than its table says (truncated since it was opened)")
+            data = _pread_all(self.fd, size, offset)
+        except OSError as e:
+            raise ThumbnailError(f"{self.path}: cannot read the thumbnails ({e.strerror or e})") from None
+        if len(data) != size or not is_jpeg(data):
+            raise ThumbnailError(f"{self.path}: row {row}: the bytes are not a JPEG thumbnail (altered since the "
+                                 "index was opened)")
+        return data
+
+
 @dataclass
 class Thumbnails:
-    """The thumbnails of N images: row i's JPEG is ``table[i, 1]`` bytes at ``table[i, 0]`` of the pack
-    ``packs[source[i]]`` (size 0: that image has none). A pack is ``(base folder, relative parts)``, opened
-    with :func:`open_regular`. ``subset`` and ``concat`` only move rows; :meth:`write` copies the bytes into
-    one new pack."""
+    """The thumbnails of N images: row i's JPEG is ``table[i, 1]`` bytes at ``table[i, 0]`` of the open pack
+    ``packs[source[i]]`` (size 0: that image has none). ``subset`` and ``concat`` only move rows; :meth:`write`
+    copies the bytes into one new pack."""
 
-    packs: list[tuple[Path, tuple[str, ...]]]
+    packs: list[Pack]
     source: np.ndarray  # (N,) int64
     table: np.ndarray  # (N, 2) int64 offset, size
     max_side: int
@@ -180,7 +230,7 @@ class Thumbnails:
 
     @staticmethod
     def concat(parts: Sequence[Thumbnails]) -> Thumbnails:
-        packs: list[tuple[Path, tuple[str, ...]]] = []
+        packs: list[Pack] = []
         sources = []
         for p in parts:
             sources.append(p.source + len(packs))
@@ -191,85 +241,80 @@ class Thumbnails:
 
     def read(self, row: int) -> bytes | None:
         """Row ``row``'s JPEG, or None when it has none. Raises :class:`ThumbnailError` (naming the file, for
-        the log) when the pack is not a regular file, is shorter than the table says, or the bytes there are
-        not a JPEG: a folder someone tampered with leaks nothing."""
+        the log) when the pack is shorter than the table says or the bytes there are not a JPEG: a folder
+        someone tampered with leaks nothing."""
         if not self.has(row):
             return None
         offset, size = (int(v) for v in self.table[row])
-        base, parts = self.packs[int(self.source[row])]
-        where = Path(base, *parts)
-        if not (0 <= offset and 0 < size <= MAX_THUMBNAIL_BYTES):
-            raise ThumbnailError(f"{where}: row {row}: a thumbnail of {size} bytes at {offset} is out of bounds")
-        try:
-            fd = open_regular(base, *parts)
-        except OSError as e:
-            raise ThumbnailError(f"{where}: cannot open the thumbnails ({e.strerror or e})") from None
-        try:
-            if os.fstat(fd).st_size < offset + size:
-                raise ThumbnailError(f"{where}: shorter than its table says (truncated or replaced)")
-            data = _pread_all(fd, size, offset)
-        except OSError as e:
-            raise ThumbnailError(f"{where}: cannot read the thumbnails ({e.strerror or e})") from None
-        finally:
-            os.close(fd)
-        if len(data) != size or not is_jpeg(data):
-            raise ThumbnailError(f"{where}: row {row}: the bytes are not a JPEG thumbnail (altered or replaced)")
-        return data
+        return self.packs[int(self.source[row])].read(offset, size, row)
 
     def write(self, folder: Path) -> None:
         """Write the rows as ``folder/images.thumbs`` and ``folder/images.thumbs.npy``, one new pack; every
-        thumbnail copied is checked like :meth:`read` checks it."""
+        thumbnail copied is checked as :meth:`read` checks it."""
         table = np.zeros((len(self), 2), np.int64)
-        with open(folder / PACK, "wb") as out, contextlib.ExitStack() as stack:
-            fds: dict[int, int] = {}
+        with open(folder / PACK, "wb") as out:
             pos = 0
             for row in range(len(self)):
-                if not self.has(row):
+                data = self.read(row)
+                if data is None:
                     continue
-                data = self._read_with(fds, stack, row)
                 out.write(data)
                 table[row] = (pos, len(data))
                 pos += len(data)
         with open(folder / TABLE, "wb") as f:
             np.save(f, table, allow_pickle=False)
 
-    def _read_with(self, fds: dict[int, int], stack: contextlib.ExitStack, row: int) -> bytes:
-        """:meth:`read`, keeping one descriptor per pack open for a whole copy."""
-        s = int(self.source[row])
-        base, parts = self.packs[s]
-        if s not in fds:
-            try:
-                fds[s] = open_regular(base, *parts)
-            except OSError as e:
-                raise ThumbnailError(f"{Path(base, *parts)}: cannot open the thumbnails ({e.strerror or e})") from None
-            stack.callback(os.close, fds[s])
-        offset, size = (int(v) for v in self.table[row])
-        data = _pread_all(fds[s], size, offset) if 0 <= offset and 0 < size <= MAX_THUMBNAIL_BYTES else b""
-        if len(data) != size or not is_jpeg(data):
-            raise ThumbnailError(f"{Path(base, *parts)}: row {row}: the bytes are not a JPEG thumbnail (altered "
-                                 "or replaced); rebuild the index")
-        return data
+
+def _read_small(base: Path, parts: tuple[str, ...], limit: int) -> bytes:
+    """All of a small regular file (opened as :func:`open_regular` does), refused past ``limit`` bytes."""
+    fd = open_regular(base, *parts)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise OSError(f"{size} bytes, more than a table of this index can have")
+        return _pread_all(fd, size, 0)
+    finally:
+        os.close(fd)
 
 
-def load(index_dir: Path, generation: str, n: int, max_side: int) -> Thumbnails:
-    """The thumbnails of a committed generation of ``n`` images (files already checked against the
-    manifest's checksums), with their table checked: (n, 2) integers inside the pack, none too large."""
+def load(index_dir: Path, generation: str, n: int, max_side: int,
+         files: dict[str, dict[str, Any]] | None) -> Thumbnails:
+    """The thumbnails of a committed generation of ``n`` images: the pack held open (:class:`Pack`) and the
+    table read, both checked against the sizes and sha256 in ``files`` (when given) through the very
+    descriptors they are read from, then the table checked: (n, 2) integers inside the pack, none too large."""
     gen = Path(index_dir) / generation
     path = gen / TABLE
     try:
-        table = np.load(path, allow_pickle=False)
-        pack_size = (gen / PACK).stat().st_size
+        raw = _read_small(Path(index_dir), (generation, TABLE), 1024 + 16 * n)
+    except OSError as e:
+        raise ThumbnailError(f"{path}: cannot read the thumbnail table ({e.strerror or e})") from None
+    pack = Pack(Path(index_dir), generation, PACK)
+    if files is not None:
+        _check_record(path, len(raw), lambda: hashlib.sha256(raw).hexdigest(), files[TABLE])
+        _check_record(pack.path, pack.size(), pack.sha256, files[PACK])
+    try:
+        table = np.load(io.BytesIO(raw), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise ThumbnailError(f"{path}: unreadable thumbnail table ({e})") from None
     if table.shape != (n, 2) or not np.issubdtype(table.dtype, np.integer):
         raise ThumbnailError(f"{path}: corrupt index file: a {table.dtype} array of shape {table.shape}, not "
                              f"({n}, 2) offsets and sizes")
     table = np.asarray(table, dtype=np.int64)
-    off, size = table[:, 0], table[:, 1]
+    off, size, pack_size = table[:, 0], table[:, 1], pack.size()
     if n and ((off < 0).any() or (size < 0).any() or (size > MAX_THUMBNAIL_BYTES).any()
               or (off + size > pack_size).any()):
         raise ThumbnailError(f"{path}: corrupt index file: offsets or sizes outside {PACK} ({pack_size} bytes)")
-    return Thumbnails([(Path(index_dir), (generation, PACK))], np.zeros(n, np.int64), table, max_side)
+    return Thumbnails([pack], np.zeros(n, np.int64), table, max_side)
+
+
+def _check_record(path: Path, size: int, digest, rec: dict[str, Any]) -> None:
+    """Size, then sha256 (``digest()``, computed only when the size matches), as the manifest records them."""
+    if size != rec["bytes"]:
+        raise ThumbnailError(f"{path}: corrupt index file: {size} bytes, but the manifest records {rec['bytes']} "
+                             "(truncated or altered)")
+    if (got := digest()) != rec["sha256"]:
+        raise ThumbnailError(f"{path}: corrupt index file: its sha256 is {got[:16]}..., but the manifest records "
+                             f"{rec['sha256'][:16]}... (the file was altered)")
 
 
 # -- making them --------------------------------------------------------------------------------------------
@@ -307,7 +352,7 @@ def make_all(paths: Sequence[Any], max_side: int, folder: Path, *, workers: int 
                     out.write(data)
                     table[a + k] = (pos, len(data))
                     pos += len(data)
-    return Thumbnails([(folder, (PACK,))], np.zeros(len(paths), np.int64), table, max_side)
+    return Thumbnails([Pack(folder, PACK)], np.zeros(len(paths), np.int64), table, max_side)
 
 
 class Background:
