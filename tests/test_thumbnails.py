@@ -335,6 +335,19 @@ def test_add_and_remove_keep_thumbnails_in_step_with_the_records(ckpt, emb, tmp_
         assert_json_404(c.get(f"/images/{gone}"), "no image with id")
 
 
+def test_a_running_server_keeps_its_thumbnails_when_a_writer_replaces_their_generation(ckpt, emb, tmp_path):
+    ix = build_demo_index(ckpt, tmp_path / "ix", max_images=2)
+    first = read_manifest(ix)["generation"]
+    with client_of(ix, emb) as c:
+        rec_id = c.app.state.index.data.images[0]["id"]
+        before = c.get(f"/images/{rec_id}").content
+        assert cli("index", "add", ix, "--data", "demo", "--split", "train", "--max-images", 3, "-q") == 0
+        assert not (ix / first).exists()  # the generation the server opened is gone from the folder
+        r = c.get(f"/images/{rec_id}")
+        assert_thumbnail(r)
+        assert r.content == before
+
+
 def test_index_without_thumbnails_gives_null_urls_and_a_clear_404(ckpt, emb, tmp_path):
     ix = build_demo_index(ckpt, tmp_path / "ix", "--thumbnail-size", "0", max_images=3)
     assert "thumbnails" not in read_manifest(ix) and not list((ix / read_manifest(ix)["generation"]).glob("*thumbs*"))
