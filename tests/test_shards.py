@@ -230,5 +230,9 @@ def test_a_stored_shard_index_naming_members_outside_the_shard_is_refused(tmp_pa
     index_path.write_text(json.dumps(index))
     with pytest.raises(DataError, match=r"test-000000.tar: member '../../secret/x.png' climbs out"):
         read_shards(tmp_path, "test")
+    index["member"][0], index["shard"][0] = "000000000.png", 7
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match="names shard 7 of 1"):
+        read_shards(tmp_path, "test")
     with pytest.raises(DataError, match="is an absolute path"):
         MemberPath(str(tmp_path / "test-000000.tar"), "/etc/passwd", 512, 10)

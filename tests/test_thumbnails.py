@@ -141,6 +141,8 @@ def test_thumbnails_are_bounded_and_carry_nothing_of_the_source(tmp_path):
     assert out.size == (256, 64) and b"script" not in data and "icc_profile" not in out.info
     with pytest.raises(thumbs.ThumbnailError, match="1..1024"):
         thumbs.check_max_side(0)
+    assert thumbs.is_jpeg(data)
+    assert not thumbs.is_jpeg(b"\xff\xd8\xff<svg><script>alert(1)</script></svg>\xff\xd9")  # the markers alone
 
 
 # -- the attacks -------------------------------------------------------------------------------------------

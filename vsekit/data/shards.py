@@ -325,7 +325,10 @@ def read_shards(path: str | Path, split: str, *, max_images: int | None = None) 
                                       "caption_ids", "label")}
     names = [str(f) for f in files]
     for s, m in zip(cols["shard"], cols["member"]):  # a stored index may be stale or crafted
-        check_member_name(names[s] if isinstance(s, int) and 0 <= s < len(names) else files[0], m)
+        if type(s) is not int or not 0 <= s < len(names):
+            raise DataError(f"{files[0]}: the stored index of these shards names shard {s!r} of {len(names)}; "
+                            "delete it to have it rebuilt")
+        check_member_name(names[s], m)
     captions, owner, caption_ids = [], [], []
     for i, (caps, ids) in enumerate(zip(cols["captions"], cols["caption_ids"])):
         captions.extend(caps)

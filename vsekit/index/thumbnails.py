@@ -58,7 +58,8 @@ DEFAULT_MAX_SIDE = 256
 MAX_SIDE_LIMIT = 1024  # a thumbnail, not a copy of the photo
 MAX_THUMBNAIL_BYTES = 4 << 20  # a 1024 x 1024 JPEG of noise at quality 85 is well under this
 JPEG_QUALITY = 85
-_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+# What every JPEG written here starts with (SOI, then a 16-byte JFIF APP0 segment) and ends with (EOI)
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\xff\xd9"
 _CHUNK = 256  # images handed to the worker threads at a time
 _COPY_BLOCK = 8 << 20
 
@@ -77,7 +78,7 @@ def check_max_side(max_side: Any) -> int:
 
 
 def is_jpeg(data: bytes) -> bool:
-    """Whether ``data`` starts and ends like the JPEG files this module writes."""
+    """Whether ``data`` starts and ends like the JPEG files this module writes (a JFIF JPEG)."""
     return len(data) > len(_JPEG_START) + len(_JPEG_END) and data.startswith(_JPEG_START) and data.endswith(_JPEG_END)
 
 
