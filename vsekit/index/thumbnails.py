@@ -21,8 +21,8 @@ Opening an index treats its folder as hostile: the generation folder and the pac
 following symlinks, only a regular file is accepted, and it is checked against its size and sha256 through
 the descriptor that is then held open (:class:`Pack`), so what is read later is what was checked, whatever is
 renamed into the folder since. Reading one thumbnail (:meth:`Thumbnails.read`) reads at most
-:data:`MAX_THUMBNAIL_BYTES` from inside the file as it is then, and the bytes must be a JPEG (its start and end
-markers) or nothing is sent.
+:data:`MAX_THUMBNAIL_BYTES` from inside the file as it is then, and the bytes must start like the JFIF JPEGs
+written here and end with the JPEG end marker, or nothing is sent.
 """
 
 from __future__ import annotations
