@@ -112,7 +112,7 @@ def test_build_writes_manifest_embeddings_and_metadata(demo_index, emb):
     gen = demo_index / m["generation"]
     # an exact index is searched on its .npy files: no FAISS file (a second copy of the vectors)
     assert {p.name for p in gen.iterdir()} == {f"{t}.{ext}" for t in ("images", "captions")
-                                              for ext in ("npy", "jsonl")}
+                                              for ext in ("npy", "jsonl")} | {"images.thumbs", "images.thumbs.npy"}
     iv = np.load(gen / "images.npy")
     assert iv.dtype == np.float32 and iv.shape == (INDEX_IMAGES, 128)
     np.testing.assert_allclose(np.linalg.norm(iv, axis=1), 1.0, atol=1e-4)
@@ -526,8 +526,8 @@ def test_manifest_records_size_and_sha256_of_every_file(demo_index):
 
     m = read_manifest(demo_index)
     gen = demo_index / m["generation"]
-    assert set(m["files"]) == {p.name for p in gen.iterdir()}
-    for name, rec in m["files"].items():
+    assert set(m["files"]) | set(m["thumbnails"]["files"]) == {p.name for p in gen.iterdir()}
+    for name, rec in {**m["files"], **m["thumbnails"]["files"]}.items():
         data = (gen / name).read_bytes()
         assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 

@@ -191,7 +191,8 @@ def test_qdrant_build_add_remove_match_the_local_index(ckpt, emb, local_index, t
     assert m["backend"] == "qdrant" and m["version"] == 2 and m["kind"] == "exact" and m["dim"] == 128
     assert m["qdrant"] == {"path": str(qd.resolve()), "distance": "dot",
                            "collections": {"images": "shapes-images", "captions": "shapes-captions"}}
-    assert set(m["files"]) == {"images.jsonl", "captions.jsonl"} == {p.name for p in (ix / m["generation"]).iterdir()}
+    assert set(m["files"]) == {"images.jsonl", "captions.jsonl"}  # and the thumbnails, which every backend keeps
+    assert {p.name for p in (ix / m["generation"]).iterdir()} == {*m["files"], *m["thumbnails"]["files"]}
     assert cli("index", "add", ix, "--data", "demo", "--split", "train", "--max-images", INDEX_IMAGES, "-q") == 0
     assert "added 4 images (4 already" in capsys.readouterr().out
 
@@ -216,6 +217,7 @@ def test_qdrant_build_add_remove_match_the_local_index(ckpt, emb, local_index, t
         assert after.num_images == INDEX_IMAGES - 2
         ids = {h.image_id for row in QUERIES for h in after.search_text(row, k=INDEX_IMAGES)}
         assert len(ids) == INDEX_IMAGES - 2 and not ids & set(gone)
+        assert all(after.has_thumbnail(i) for i in ids) and after.data.thumbnails.count == INDEX_IMAGES - 2
         assert not {h.image_id for h in after.search_image(ref.data.images[0]["path"], k=50)} & set(gone)
     finally:
         after.close()

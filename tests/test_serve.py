@@ -88,12 +88,13 @@ def test_text_search(client, app):
     assert len(client.get("/search", params={"q": "red", "k": MAX_K}).json()["results"]) == INDEX_IMAGES
 
 
-def test_image_served_by_id(client, records):
+def test_image_served_by_id(client, app, records):
     rec = records[2]
     r = client.get(f"/images/{rec['id']}")
-    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.content == png_bytes(rec["path"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"  # the index's thumbnail, not the file
+    assert r.content == app.state.index.thumbnail(rec["id"]) and r.content != png_bytes(rec["path"])
     assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-security-policy"] == "default-src 'none'; sandbox"
 
 
 def test_image_upload_search(client, records):
@@ -245,12 +246,13 @@ def test_decompression_bomb_header_is_refused_before_decoding(client):
     assert r.json()["status"] == r.status_code
 
 
-def test_missing_image_file_is_404(index_dir, ckpt, tmp_path):
+def test_image_is_served_from_the_index_whatever_its_path(index_dir, ckpt, tmp_path):
     sx = SearchIndex.open(index_dir, Embedder.from_checkpoint(ckpt))
     rec = dict(sx.data.images[0])
-    sx.data.images[0] = {**rec, "path": str(tmp_path / "gone.png")}
+    sx.data.images[0] = {**rec, "path": str(tmp_path / "gone.png")}  # the source file is not needed any more
     with TestClient(create_app(sx)) as c:
-        assert_json_error(c.get(f"/images/{rec['id']}"), 404, "missing")
+        r = c.get(f"/images/{rec['id']}")
+        assert r.status_code == 200 and r.content == sx.thumbnail(rec["id"])
 
 
 def test_index_without_captions_and_feature_models(ckpt, tmp_path, records):
@@ -307,20 +309,21 @@ def test_query_is_stripped_before_its_length_is_checked(client):
     ("items=0-1", 400, ["bytes range"]),
     ("bytes", 400, ["alformed"]),
 ])
-def test_range_errors_on_images_are_json(client, records, range_header, status, words):
-    r = client.get(f"/images/{records[0]['id']}", headers={"Range": range_header})
+def test_range_errors_on_files_are_json(client, range_header, status, words):
+    # thumbnails are sent whole (tests/test_thumbnails.py); the page's static files take ranges
+    r = client.get("/static/style.css", headers={"Range": range_header})
     assert_json_error(r, status, *words)
     if status == 416:
-        size = len(png_bytes(records[0]["path"]))
+        size = len(png_bytes(Path(__file__).parents[1] / "vsekit" / "serve" / "static" / "style.css"))
         assert r.headers["content-range"] == f"bytes */{size}"
 
 
-def test_valid_ranges_still_work(client, records):
-    data = png_bytes(records[0]["path"])
-    r = client.get(f"/images/{records[0]['id']}", headers={"Range": "bytes=0-9"})
+def test_valid_ranges_still_work(client):
+    data = png_bytes(Path(__file__).parents[1] / "vsekit" / "serve" / "static" / "style.css")
+    r = client.get("/static/style.css", headers={"Range": "bytes=0-9"})
     assert r.status_code == 206 and r.content == data[:10]
     assert r.headers["content-range"] == f"bytes 0-9/{len(data)}"
-    r = client.get(f"/images/{records[0]['id']}", headers={"Range": "bytes=-5"})
+    r = client.get("/static/style.css", headers={"Range": "bytes=-5"})
     assert r.status_code == 206 and r.content == data[-5:]
 
 

@@ -179,3 +179,60 @@ def test_cli_writes_shards(tmp_path, cache, capsys):
     assert "val: 6 images, 30 captions in 2 shards" in out
     assert main(["shards", "--data", str(tmp_path / "data.yaml"), "--split", "val", "--out", str(tmp_path / "s")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def _tar_members(path, members):
+    """A tar of ``(TarInfo, data)`` members, so that any type and name can be written."""
+    with tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for ti, data in members:
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+
+
+def _member(name, kind=tarfile.REGTYPE, link=""):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = kind, link
+    return ti
+
+
+@pytest.mark.parametrize("member, words", [
+    (_member("../../secret/x.png"), "climbs out of the shard with '..'"),
+    (_member("a/../../x.png"), "climbs out of the shard with '..'"),
+    (_member("/abs/x.png"), "is an absolute path"),
+    (_member("dir\\..\\x.png"), "backslash or a control character"),
+    (_member("x\n.png"), "backslash or a control character"),
+    (_member("x.png", tarfile.SYMTYPE, "/etc/passwd"), "is a symbolic link"),
+    (_member("x.png", tarfile.LNKTYPE, "a.png"), "is a hard link"),
+    (_member("x.png", tarfile.CHRTYPE), "is a character device"),
+    (_member("x.png", tarfile.BLKTYPE), "is a block device"),
+    (_member("x.png", tarfile.FIFOTYPE), "is a FIFO"),
+    (_member("x.png", tarfile.GNUTYPE_SPARSE), "is a sparse file"),  # its data is not one run at its offset
+], ids=["dotdot", "inner-dotdot", "absolute", "backslash", "newline", "symlink", "hardlink", "chardev", "blockdev",
+        "fifo", "sparse"])
+def test_members_outside_the_shard_or_not_plain_files_are_refused(tmp_path, cache, member, words):
+    png = load_split(DEMO, "test").image_paths[0].read_bytes()
+    data = b"" if member.type in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                                  tarfile.FIFOTYPE) else png
+    _tar_members(tmp_path / "bad.tar", [(_member("a.png"), png), (member, data)])
+    with pytest.raises(DataError, match="bad.tar: member ") as e:
+        read_shards(tmp_path / "bad.tar", "train")
+    assert words in str(e.value) and repr(member.name)[:20] in str(e.value)
+
+
+def test_a_stored_shard_index_naming_members_outside_the_shard_is_refused(tmp_path, cache):
+    """The index beside the shards is a file like any other: one whose member names were edited (and whose
+    shard stamps still match) is refused, not turned into paths outside the shard."""
+    src = load_split(DEMO, "test")
+    write_shards(src, tmp_path, "test", progress=False)
+    index_path = tmp_path / "test.index.json"
+    index = json.loads(index_path.read_text())
+    index["member"][0] = "../../secret/x.png"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"test-000000.tar: member '../../secret/x.png' climbs out"):
+        read_shards(tmp_path, "test")
+    index["member"][0], index["shard"][0] = "000000000.png", 7
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match="names shard 7 of 1"):
+        read_shards(tmp_path, "test")
+    with pytest.raises(DataError, match="is an absolute path"):
+        MemberPath(str(tmp_path / "test-000000.tar"), "/etc/passwd", 512, 10)

@@ -54,6 +54,18 @@ def positive_size(text: str) -> int:
     return v
 
 
+def thumbnail_size(text: str) -> int:
+    from vsekit.index.thumbnails import MAX_SIDE_LIMIT
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    if not 0 <= v <= MAX_SIDE_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 0 (no thumbnails) to {MAX_SIDE_LIMIT} pixels, got {v}")
+    return v
+
+
 def aspect_ratio(text: str) -> float:
     v = positive_float(text)
     if v < 1:
@@ -142,10 +154,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     corpus, source = _load_source(args, emb)
     m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
-                    source=source, rerank=args.rerank, context_dtype=args.context_dtype, backend=backend)
+                    source=source, rerank=args.rerank, context_dtype=args.context_dtype, backend=backend,
+                    thumbnail_size=args.thumbnail_size)
     rerank = f", rerank {m['rerank']} through the network" if m.get("rerank") else ""
+    thumbs = f"; thumbnails of {m['thumbnails']['count']} images" if m.get("thumbnails") else "; no thumbnails"
     print(f"built {m['kind']} index {args.out}{_where(m)}: {m['num_images']} images, {m['num_captions']} "
-          f"captions, dim {m['dim']}, {m['similarity']} similarity{rerank}")
+          f"captions, dim {m['dim']}, {m['similarity']} similarity{rerank}{thumbs}")
     if m.get("recall_at_10"):
         print("recall@10 of the approximate index against exact search: "
               + ", ".join(f"{t} {r:.3f}" for t, r in m["recall_at_10"].items()))
@@ -315,6 +329,9 @@ def add_cli(subparsers) -> None:
     b.add_argument("--rerank", type=positive_int, default=100,
                    help="models with a similarity network (SGR, SAF): shortlisted items each query reranks through "
                         "the network, recorded as the searches' default (default 100)")
+    b.add_argument("--thumbnail-size", type=thumbnail_size, default=256, metavar="PIXELS",
+                   help="long side of the JPEG thumbnails the index keeps of its images, the only image bytes "
+                        "`vsekit serve` sends (default 256; 0: none)")
     b.add_argument("--context-dtype", choices=["float32", "float16"], default="float32",
                    help="models with a similarity network: storage of the local sets (float16 halves their size)")
     _add_ann(b, build=True)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,20 @@ from vsekit.data.corpus import DataError
 
 BLOCK = 512  # a tar header
 MAX_MEMBER_BYTES = 1 << 30  # one image or feature row
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def check_member_name(shard: str | Path, name: Any) -> str:
+    """``name`` if it is a relative member name that stays inside the shard, else a DataError naming both."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{shard}: a member with no name ({name!r})")
+    parts = name.split("/")
+    why = ("is an absolute path" if name.startswith("/") else
+           "climbs out of the shard with '..'" if ".." in parts else
+           "holds a backslash or a control character" if _BAD_NAME_CHARS.search(name) else None)
+    if why:
+        raise DataError(f"{shard}: member {name[:200]!r} {why}; shards hold plain relative names only")
+    return name
 
 
 def _open_checked(archive: str | Path, offset: int, size: int, what: str, read: int) -> tuple[int, bytes]:
@@ -103,6 +119,9 @@ class MemberPath:
     member: str
     offset: int  # of the member's data
     size: int
+
+    def __post_init__(self) -> None:  # its name becomes part of a path an index records: it stays inside
+        check_member_name(self.archive, self.member)
 
     @property
     def name(self) -> str:

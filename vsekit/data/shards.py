@@ -18,6 +18,12 @@ object stores and network disks, which vsekit does not read) but shuffle only wi
 order, the resume point and hence the loss could not match. The index is ``{split}.index.json`` beside
 the shards (written by ``vsekit shards``), else in ``$VSEKIT_CACHE/shards``, and is rebuilt when a shard's
 size or modification time changes; each read also checks the member's tar header.
+
+**Member names and types are checked** when a shard is scanned and again when a stored index is read (it
+may be stale or crafted): a name that is absolute, climbs out with ``..``, holds a backslash or a control
+character, and a member that is a symbolic or hard link, a device, a FIFO or a sparse file, is refused with
+an error naming the shard and the member. A member is only ever read from inside its shard, but its name
+ends up in the paths an index records, and a sparse member's data is not where its offset says.
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from vsekit.data.archive import MAX_MEMBER_BYTES, MemberPath, ShardFeatures, npy_header, read_member
+from vsekit.data.archive import (
+    MAX_MEMBER_BYTES,
+    MemberPath,
+    ShardFeatures,
+    check_member_name,
+    npy_header,
+    read_member,
+)
 from vsekit.data.corpus import Corpus, DataError
 
 log = logging.getLogger("vsekit.data")
@@ -51,6 +64,8 @@ MAX_INDEX_BYTES = 4 << 30
 MAX_SHARDS = 100_000
 _SPLIT_ALIASES = {"val": ("val", "dev"), "dev": ("dev", "val")}
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset: the key is the name up to the first dot
+_LINK_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character "
+               "device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 
 
 # -- finding the shards -----------------------------------------------------------------------------------
@@ -160,6 +175,17 @@ def _split_name(member: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+def _check_member(shard: Path, m: tarfile.TarInfo) -> None:
+    """Refuse a member whose name leaves the shard, or that is not a plain file or folder (links, devices,
+    FIFOs, sparse files, whose data is not one contiguous run at its offset)."""
+    check_member_name(shard, m.name)
+    kind = _LINK_KINDS.get(m.type) or ("a sparse file" if m.issparse() else None)
+    if kind is None and not (m.isfile() or m.isdir()):
+        kind = f"of tar type {m.type!r}"
+    if kind:
+        raise DataError(f"{shard}: member {m.name[:200]!r} is {kind}; shards hold plain files only")
+
+
 def build_index(files: Sequence[Path]) -> dict[str, Any]:
     """Scan the shards once: per sample its shard, the offset and size of its image or ``.npy`` data (for
     ``.npy`` also the length of the array header), and its id, captions, caption ids and label."""
@@ -175,6 +201,7 @@ def build_index(files: Sequence[Path]) -> dict[str, Any]:
             key = None
             try:
                 for m in tf:
+                    _check_member(path, m)
                     name = _split_name(m.name) if m.isfile() else None
                     if name is None:
                         continue
@@ -297,6 +324,11 @@ def read_shards(path: str | Path, split: str, *, max_images: int | None = None) 
     cols = {k: index[k][:n] for k in ("shard", "member", "offset", "size", "header", "image_id", "captions",
                                       "caption_ids", "label")}
     names = [str(f) for f in files]
+    for s, m in zip(cols["shard"], cols["member"]):  # a stored index may be stale or crafted
+        if type(s) is not int or not 0 <= s < len(names):
+            raise DataError(f"{files[0]}: the stored index of these shards names shard {s!r} of {len(names)}; "
+                            "delete it to have it rebuilt")
+        check_member_name(names[s], m)
     captions, owner, caption_ids = [], [], []
     for i, (caps, ids) in enumerate(zip(cols["captions"], cols["caption_ids"])):
         captions.extend(caps)

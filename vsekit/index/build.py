@@ -10,6 +10,10 @@ Where the vectors go (the index folder, or a Qdrant collection) is the backend's
 For a model whose similarity is a network (SGRAF's SGR/SAF), the index also keeps every item's local sets
 (regions, words): the search shortlists by the inner product of the pooled embeddings (any backend) and
 reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.search`).
+
+An index of image files also keeps its own JPEG thumbnails (:mod:`vsekit.index.thumbnails`), made on
+``build`` and ``add`` by a few threads while the model encodes the same images, and carried along by every
+later generation: the server sends only those, never the file a record's ``path`` names.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.index import thumbnails as thumbs
 from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
 from vsekit.index.store import (
     KINDS,
@@ -36,6 +41,7 @@ from vsekit.index.store import (
     SearchIndexError,
     load_data,
     read_manifest,
+    thumbnails_section,
     write_index,
     write_lock,
 )
@@ -43,6 +49,7 @@ from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
+DEFAULT_THUMBNAIL_SIZE = thumbs.DEFAULT_MAX_SIDE  # long side of the index's thumbnails, in pixels
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +154,20 @@ def _join_blocks(parts: list[tuple[np.ndarray, LocalSets | None]]) -> tuple[np.n
     return vectors, LocalSets.concat([s for _, s in parts])
 
 
+@contextlib.contextmanager
+def _thumbnails_made(index_dir: Path, corpus: Corpus, rows: Sequence[int],
+                     max_side: int | None) -> Iterator[thumbs.Background | None]:
+    """Thumbnails of the given rows made in the background (on rank 0, which writes the index) while the
+    ``with`` block encodes them; None when there are to be none (``max_side`` 0 or None, precomputed
+    features, another rank). Their work folder in ``index_dir`` lives until the block is left."""
+    if not max_side or corpus.image_paths is None or not distributed.world().is_main:
+        yield None
+        return
+    paths = [corpus.image_paths[r] for r in rows]
+    with thumbs.staging(index_dir) as work, thumbs.Background(paths, max_side, work) as made:
+        yield made
+
+
 def _commit(index_dir: Path, vector_store: Backend, data: IndexData, manifest: dict[str, Any],
             previous: dict[str, Any] | None) -> dict[str, Any]:
     """Write ``data`` as the next generation with the backend's manifest fields, then tell the backend."""
@@ -159,7 +180,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
                 captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
                 progress: bool = True, overwrite: bool = False, source: str | None = None,
                 backend: BackendConfig | None = None, rerank: int = DEFAULT_RERANK,
-                context_dtype: str = "float32") -> dict[str, Any]:
+                context_dtype: str = "float32", thumbnail_size: int | None = DEFAULT_THUMBNAIL_SIZE) -> dict[str, Any]:
     """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
 
     ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.
@@ -168,7 +189,9 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     folder) or :class:`~vsekit.index.backends.QdrantConfig`. A model with a similarity network: ``rerank``
     (recorded in the manifest, the default of every search) is how many shortlisted items each query reranks
     through the network; ``context_dtype`` how the local sets are stored (``float16`` halves their size; the
-    scores then move in the third or fourth decimal).
+    scores then move in the third or fourth decimal). ``thumbnail_size``: the long side, in pixels, of the
+    JPEG thumbnails the index keeps of its images (the only image bytes ``vsekit serve`` sends); 0 or None:
+    none (an index of precomputed features has none either).
 
     Under torchrun every process encodes a block of the collection, and rank 0 alone opens the backend and
     writes the index (the others do not touch ``out``); every process returns the manifest.
@@ -179,6 +202,8 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     # a folder that cannot be written is said now, not after encoding the whole collection
     distributed.run_on_main(lambda: check_writable_dir(out, "index folder", create=False), share=lambda _: None)
     with_captions = _check_build(embedder, corpus, kind, captions, rerank, context_dtype)  # alike on every process
+    if thumbnail_size:
+        thumbnail_size = _check_thumbnail_size(thumbnail_size)
     learned = embedder.learned_similarity
     targets = TARGETS if with_captions else ("images",)
     # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
@@ -193,16 +218,18 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
         rows = list(range(corpus.num_images))
         ids = list(corpus.image_ids)
         cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
-        img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
+        with _thumbnails_made(out, corpus, rows, thumbnail_size) as made:
+            img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
 
-        def commit() -> dict[str, Any]:
-            manifest = _new_manifest(embedder, int(img.shape[1]), source or corpus.name)
-            if learned:
-                manifest.update(rerank=int(rerank), context_dtype=context_dtype)
-            data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets)
-            return _build_and_commit(out, vector_store, data, manifest)
+            def commit() -> dict[str, Any]:
+                manifest = _new_manifest(embedder, int(img.shape[1]), source or corpus.name)
+                if learned:
+                    manifest.update(rerank=int(rerank), context_dtype=context_dtype)
+                data = IndexData(img, _image_records(corpus, rows, ids), cap, cap_records, sets=sets,
+                                 thumbnails=made.result() if made is not None else None)
+                return _build_and_commit(out, vector_store, data, manifest)
 
-        return distributed.run_on_main(commit)
+            return distributed.run_on_main(commit)
     finally:
         if vector_store is not None:
             vector_store.close()
@@ -219,6 +246,13 @@ def _check_build(embedder, corpus: Corpus, kind: str, captions: bool | None, rer
     if embedder.learned_similarity:
         _check_rerank_options(rerank, context_dtype)
     return bool(corpus.num_captions) if captions is None else captions
+
+
+def _check_thumbnail_size(size: Any) -> int:
+    try:
+        return thumbs.check_max_side(size)
+    except thumbs.ThumbnailError as e:
+        raise SearchIndexError(str(e)) from None
 
 
 def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=None, **options) -> Backend:
@@ -254,9 +288,9 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
     """The backend's build of ``data``, written as the first generation (or replacing the index at ``out``);
     what the backend made outside the folder is undone when the commit does not happen."""
     try:
-        sets = data.sets
+        sets, thumbnails = data.sets, data.thumbnails
         data = vector_store.build(data)
-        data.sets = sets
+        data.sets, data.thumbnails = sets, thumbnails
         with write_lock(out):
             previous = None
             if (out / MANIFEST).exists():
@@ -354,18 +388,29 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
             return plan.manifest, 0, skipped
         with_captions = bool(plan.manifest.get("has_captions"))
         cap_index, cap_records = _caption_rows(corpus, plan.rows, plan.ids) if with_captions else (None, None)
-        img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,
-                                     plan.manifest.get("context_dtype", "float32"))
+        section = thumbnails_section(plan.manifest)  # an index with thumbnails gets them for the new images
+        with _thumbnails_made(index_dir, corpus, plan.rows, section and section["max_side"]) as made:
+            img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,
+                                         plan.manifest.get("context_dtype", "float32"))
 
-        def commit() -> dict[str, Any]:
-            new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records)
-            data = plan.vector_store.add(plan.old, new)
-            data.sets = {t: LocalSets.concat([plan.old.sets[t], s]) for t, s in sets.items()}
-            manifest = {**plan.manifest, "updated": _now(),
-                        "sources": [*plan.manifest.get("sources", []), source or corpus.name]}
-            return _commit(index_dir, plan.vector_store, data, manifest, manifest)
+            def commit() -> dict[str, Any]:
+                new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records)
+                data = plan.vector_store.add(plan.old, new)
+                data.sets = {t: LocalSets.concat([plan.old.sets[t], s]) for t, s in sets.items()}
+                data.thumbnails = _added_thumbnails(plan.old, made, len(plan.rows))
+                manifest = {**plan.manifest, "updated": _now(),
+                            "sources": [*plan.manifest.get("sources", []), source or corpus.name]}
+                return _commit(index_dir, plan.vector_store, data, manifest, manifest)
 
-        return distributed.run_on_main(commit), len(plan.rows), skipped
+            return distributed.run_on_main(commit), len(plan.rows), skipped
+
+
+def _added_thumbnails(old: IndexData, made: thumbs.Background | None, n: int) -> thumbs.Thumbnails | None:
+    """The old generation's thumbnails followed by those of the ``n`` new images; None if the index has none."""
+    if old.thumbnails is None:
+        return None
+    new = made.result() if made is not None else thumbs.Thumbnails.empty(n, old.thumbnails.max_side)
+    return thumbs.Thumbnails.concat([old.thumbnails, new])
 
 
 def _plan_addition(index_dir: Path, embedder, corpus: Corpus, held: contextlib.ExitStack) -> _Addition:
@@ -434,6 +479,8 @@ def _remove(index_dir: Path, ids: list[str], paths: list[str]) -> tuple[dict[str
         try:
             data = vector_store.remove(old, keep)
             data.sets = {t: old.sets[t].subset(np.flatnonzero(keep[t])) for t in old.sets if t in keep}
+            if old.thumbnails is not None:
+                data.thumbnails = old.thumbnails.subset(np.flatnonzero(keep["images"]))
             return _commit(index_dir, vector_store, data, {**manifest, "updated": _now()}, manifest), len(drop)
         finally:
             vector_store.close()

@@ -310,6 +310,20 @@ class SearchIndex:
         row = gen.row_of_id.get(image_id)
         return None if row is None else gen.data.images[row]
 
+    def has_thumbnail(self, image_id: str) -> bool:
+        """Whether the index holds a thumbnail of image ``image_id`` (the server links only those)."""
+        gen = self._read()  # the row and the thumbnails from one generation
+        thumbnails, row = gen.data.thumbnails, gen.row_of_id.get(image_id)
+        return thumbnails is not None and row is not None and thumbnails.has(row)
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The index's own JPEG thumbnail of image ``image_id`` (:mod:`vsekit.index.thumbnails`), None when
+        there is no such image or it has none; a thumbnail file that must not be sent (a link, not a JPEG,
+        truncated) raises :class:`~vsekit.index.thumbnails.ThumbnailError`. Never reads a record's ``path``."""
+        gen = self._read()
+        thumbnails, row = gen.data.thumbnails, gen.row_of_id.get(image_id)
+        return None if thumbnails is None or row is None else thumbnails.read(row)
+
     # -- queries ----------------------------------------------------------------------------------------
     def search_text(self, query: str, k: int = 10, target: str = "images") -> list[SearchResult]:
         """Text -> image (or, with ``target="captions"``, text -> caption) search."""

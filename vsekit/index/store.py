@@ -11,6 +11,8 @@ Layout of an index folder::
     g000002/captions.*       the same for captions ({"id", "text", "image"}), when captions are indexed
     g000002/{t}.sets.npy     models with a similarity network: the local vectors (regions, words) of every
     g000002/{t}.offsets.npy  item, packed (vsekit.models.local_sets), which the search reranks with
+    g000002/images.thumbs    the index's own JPEG thumbnails of the images, and where each one is
+    g000002/images.thumbs.npy   (vsekit.index.thumbnails): the only image bytes the server sends
 
 Exact indexes hold no FAISS file: they are searched by chunked matmul over the memory-mapped ``.npy``, so
 the vectors are in RAM once (an ``IndexFlatIP`` was a second, in-RAM copy). Indexes written before that
@@ -61,6 +63,7 @@ from pydantic import (
 )
 
 from vsekit.errors import VsekitError
+from vsekit.index import thumbnails as thumbs
 from vsekit.models.local_sets import LocalSets
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
 from vsekit.utils.io import atomic_write_json
@@ -79,6 +82,7 @@ _GENERATION = re.compile(r"^g(\d{6,})$")
 SET_EXTS = ("sets.npy", "offsets.npy")  # the local sets of a similarity-network model
 FILE_NAMES = tuple(f"{t}.{ext}" for t in TARGETS for ext in ("npy", "jsonl", "faiss", *SET_EXTS))
 _HASH_CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 # Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs); versions before that
 # used ".tmp-<random>", which are still cleaned up.
 _WORK_NAME = "generation"
@@ -141,6 +145,7 @@ class IndexData:
     captions: list[dict[str, Any]] | None = None
     faiss: dict[str, Any] = field(default_factory=dict)  # target -> FAISS index (approximate kinds only)
     sets: dict[str, LocalSets] = field(default_factory=dict)  # target -> local sets (similarity networks only)
+    thumbnails: thumbs.Thumbnails | None = None  # one row per image; None: the index has none
 
     @property
     def has_captions(self) -> bool:
@@ -349,6 +354,26 @@ class _QdrantManifest(BaseModel):
         return self
 
 
+class _ThumbnailsManifest(BaseModel):
+    """The ``thumbnails`` section: the generation whose folder holds them, their size and count, and the
+    checksums of their two files (kept out of ``files``, which a vsekit that predates thumbnails checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation: StrictStr = Field(pattern=_GENERATION.pattern)
+    format: Literal["jpeg"] = "jpeg"
+    max_side: StrictInt = Field(ge=1, le=thumbs.MAX_SIDE_LIMIT)
+    count: StrictInt = Field(ge=0)
+    files: dict[Literal["images.thumbs", "images.thumbs.npy"], _FileRecord]
+
+    @field_validator("files")
+    @classmethod
+    def _both(cls, v: dict[str, _FileRecord]) -> dict[str, _FileRecord]:
+        if set(v) != set(thumbs.FILE_NAMES):
+            raise ValueError(f"must record {' and '.join(thumbs.FILE_NAMES)}")
+        return v
+
+
 class _Manifest(BaseModel):
     """The fields of ``manifest.json`` that vsekit reads; keys it does not know are kept as they are."""
 
@@ -373,6 +398,7 @@ class _Manifest(BaseModel):
     sources: list[StrictStr] = Field(default_factory=list)
     files: dict[StrictStr, _FileRecord] | None = None
     rerank: StrictInt | None = Field(None, ge=1)  # similarity networks: shortlist size reranked by the network
+    thumbnails: _ThumbnailsManifest | None = None
 
     @field_validator("generation")
     @classmethod
@@ -581,6 +607,7 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
             data.faiss[name.removesuffix(".faiss")] = _read_file(
                 path, "FAISS index", lambda p=path: faiss_module().read_index(str(p)))
     data.sets = _load_sets(gen, manifest, targets, mmap, verify)
+    data.thumbnails = _load_thumbnails(Path(index_dir), manifest, len(data.images), verify)
     _check_consistent(gen, manifest, data)
     params = manifest_params(manifest)
     for index in data.faiss.values():
@@ -648,6 +675,13 @@ def _write_files(folder: Path, data: IndexData) -> None:
         faiss_module().write_index(index, str(folder / f"{target}.faiss"))
     for target, sets in data.sets.items():
         sets.save(folder, target)
+    if data.thumbnails is not None:
+        if len(data.thumbnails) != len(data.images):
+            raise SearchIndexError(f"{len(data.thumbnails)} thumbnail rows for {len(data.images)} images")
+        try:
+            data.thumbnails.write(folder)
+        except thumbs.ThumbnailError as e:
+            raise SearchIndexError(str(e)) from None
 
 
 def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap: bool,
@@ -664,6 +698,31 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
         sets = _read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
         out[target] = sets
     return out
+
+
+def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's ``thumbnails`` section when it belongs to the current generation; None when the index
+    has none, or when a vsekit that predates thumbnails wrote the generation (the section names an older one)."""
+    section = manifest.get("thumbnails")
+    if not section or section.get("generation") != manifest.get("generation"):
+        return None
+    return section
+
+
+def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
+    """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
+    section = thumbnails_section(manifest)
+    if section is None:
+        if manifest.get("thumbnails"):
+            log.warning("%s: the thumbnails recorded are of generation %s, not the current one (an older vsekit "
+                        "wrote the index): it has none; rebuild it to have them", index_dir,
+                        manifest["thumbnails"].get("generation"))
+        return None
+    try:  # checked through the descriptors they are read from: no file can be swapped in between
+        return thumbs.load(index_dir, manifest["generation"], n, section["max_side"],
+                           section["files"] if verify else None)
+    except thumbs.ThumbnailError as e:
+        raise SearchIndexError(str(e)) from None
 
 
 def _commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
@@ -698,10 +757,10 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
             if e.filename is not None or e.errno is None:
                 raise
             raise type(e)(e.errno, e.strerror, str(index_dir)) from e
-        files = {}
+        files, thumb_files = {}, {}
         for f in sorted(tmp.iterdir()):
             fsync_file(f)
-            files[f.name] = file_record(f)
+            (thumb_files if f.name in thumbs.FILE_NAMES else files)[f.name] = file_record(f)
         fsync_dir(tmp)
         gen = _next_generation(index_dir, previous)
         # A plain rename, not publish_dir: a fresh generation name is never in the way, and must not be
@@ -712,6 +771,11 @@ def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any]
                     "generation": gen, "num_images": len(data.images),
                     "num_captions": len(data.captions or []), "has_captions": data.has_captions,
                     "files": files}
+        manifest.pop("thumbnails", None)
+        if data.thumbnails is not None:
+            manifest["thumbnails"] = {"generation": gen, "format": thumbs.FORMAT,
+                                      "max_side": data.thumbnails.max_side, "count": data.thumbnails.count,
+                                      "files": thumb_files}
         _commit_manifest(index_dir, manifest)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -730,6 +794,7 @@ def remove_stale(index_dir: Path, keep: str) -> None:
         if p.name != keep and p.is_dir() and old:
             shutil.rmtree(p, ignore_errors=True)
     remove_stale_work(index_dir / _WORK_NAME, any_pid=True)
+    remove_stale_work(index_dir / thumbs.STAGING)  # a build stages thumbnails without the lock: dead ones only
 
 
 def params_dict(params: AnnParams) -> dict[str, Any]:

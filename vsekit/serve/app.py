@@ -11,19 +11,20 @@ Uploaded images are checked from their header (an accepted raster format, pixels
 model's resize would make of them, and the memory decoding them takes) before they are decoded, in memory:
 an upload is never written to a file. At most ``max_decodes`` uploads are decoded at once (each in the
 thread pool, outside the model lock, which guards only the forward pass); a request that waits longer than
-``decode_wait`` seconds for its turn gets 503. Images are served by id only: the id is looked up in the index and
-never joined onto a path, so no request can name a file outside the index.
+``decode_wait`` seconds for its turn gets 503. Images are served by id only, and only as the index's own JPEG
+thumbnails (:mod:`vsekit.index.thumbnails`), never the file a record's ``path`` names: the id is looked up in
+the index, and what is sent was re-encoded from decoded pixels at build time and is checked to be a JPEG
+before it is sent, with a ``Content-Security-Policy`` that lets nothing in it run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
-import mimetypes
 import re
-import stat
 import time
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -34,7 +35,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -44,6 +45,8 @@ from starlette.requests import ClientDisconnect
 
 from vsekit.index.search import SearchIndex, SearchResult
 from vsekit.index.store import TARGETS, SearchIndexError
+from vsekit.index.thumbnails import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
+from vsekit.index.thumbnails import ThumbnailError
 from vsekit.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_WAIT,
@@ -75,6 +78,15 @@ DOCS_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
                                "frame-ancestors 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
+}
+# What a thumbnail is sent with: its bytes are a JPEG the index made (checked before sending), and even so
+# nothing in it may run or be sniffed into something else; caches revalidate after a while (an id removed and
+# added again is another image), cheaply through the ETag.
+THUMBNAIL_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "public, max-age=300",
+    "Accept-Ranges": "none",
 }
 _UPLOAD_BODY = {
     "required": True,
@@ -372,7 +384,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     def hit_json(h: SearchResult) -> dict[str, Any]:
         d = h.to_dict()
         d.pop("path")  # server file paths stay on the server; clients fetch image_url
-        d["image_url"] = f"/images/{quote(h.image_id, safe='')}" if h.path else None
+        # only images the index holds a thumbnail of have a URL (not those of precomputed features or old indexes)
+        d["image_url"] = f"/images/{quote(h.image_id, safe='')}" if sx.has_thumbnail(h.image_id) else None
         return d
 
     # -- pages ----------------------------------------------------------------------------------------------
@@ -443,25 +456,25 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
         return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
                 "results": {t: [hit_json(h) for h in hits[t]] for t in targets}}
 
-    @app.get("/images/{image_id:path}", summary="An indexed image file, by its id in the index",
-             response_class=FileResponse)
-    def image(image_id: str) -> FileResponse:
-        rec = sx.image_record(image_id)
-        if rec is None:
+    @app.get("/images/{image_id:path}", summary="An indexed image's thumbnail (JPEG), by its id in the index",
+             response_class=Response, responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}}},
+                                                 304: {"description": "not modified (If-None-Match)"}})
+    def image(image_id: str, request: Request) -> Response:
+        if sx.image_record(image_id) is None:
             raise ApiError(404, f"no image with id {_short(image_id)!r} in this index")
-        if not rec.get("path"):
-            raise ApiError(404, f"image {_short(image_id)!r} has no image file (the index holds features only)")
-        path = Path(rec["path"])
         try:
-            st = path.stat()  # given to the response, which then needs no second look (that could race)
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
-            raise ApiError(404, f"the file of image {_short(image_id)!r} is missing on the server")
-        media = mimetypes.guess_type(path.name)[0] or ""
-        return FileResponse(path, media_type=media if media.startswith("image/") else "application/octet-stream",
-                            stat_result=st,
-                            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+            data = sx.thumbnail(image_id)
+        except ThumbnailError as e:  # a tampered or damaged index folder: said in the log, not to the client
+            logger.warning("not sending the thumbnail of image %r: %s", _short(image_id), e)
+            raise ApiError(404, f"the thumbnail of image {_short(image_id)!r} is unavailable on this server") from None
+        if data is None:
+            raise ApiError(404, f"image {_short(image_id)!r} has no thumbnail in this index (an index of precomputed "
+                                "features, or one built without thumbnails)")
+        etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+        headers = {**THUMBNAIL_HEADERS, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=THUMBNAIL_MEDIA_TYPE, headers=headers)
 
     return app
 

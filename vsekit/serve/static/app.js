@@ -34,6 +34,7 @@ function card(hit) {
     box.className = "thumb";
     box.href = hit.image_url;
     box.target = "_blank";
+    box.rel = "noopener";  // the index's JPEG thumbnail, opened on its own: no handle back to this page
     const img = document.createElement("img");
     img.src = hit.image_url;
     img.alt = hit.text || hit.image_id;
