@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vsekit.data.shards as shards_mod
 from vsekit.checkpoint import load_checkpoint
@@ -236,3 +237,18 @@ def test_a_stored_shard_index_naming_members_outside_the_shard_is_refused(tmp_pa
         read_shards(tmp_path, "test")
     with pytest.raises(DataError, match="is an absolute path"):
         MemberPath(str(tmp_path / "test-000000.tar"), "/etc/passwd", 512, 10)
+
+
+def test_a_shard_member_of_every_accepted_format_is_an_image(tmp_path):
+    """Shard members are images by the decoder's own extension list: an AVIF member (accepted by uploads and
+    folder listing) was skipped as an unknown file before."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(buf, format="AVIF")
+    _tar_members(tmp_path / "a.tar", [(_member("s0.avif"), buf.getvalue()), (_member("s0.txt"), b"a red square")])
+    corpus = read_shards(tmp_path / "a.tar", "train")
+    assert corpus.num_images == 1 and corpus.captions == ["a red square"]
+    assert load_rgb(corpus.image_paths[0]).size == (8, 6)

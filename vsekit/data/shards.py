@@ -52,12 +52,14 @@ from vsekit.data.archive import (
     read_member,
 )
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger("vsekit.data")
 
 INDEX_FORMAT = "vsekit-shards-index"
 INDEX_VERSION = 1
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm"})
+# a member is an image when its extension is one of the formats the decoder accepts (AVIF included)
+IMAGE_EXTS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 CAPTION_EXTS = ("txt", "caption", "cap")
 MAX_JSON_BYTES = 1 << 20  # one sample's metadata
 MAX_INDEX_BYTES = 4 << 30
