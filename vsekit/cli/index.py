@@ -19,24 +19,23 @@ RERANK_HELP = ("an index of a model with a similarity network: shortlisted items
                "network (default: the index's)")
 
 
-def positive_float(text: str) -> float:
+def _finite_float(text: str, *, above_zero: bool) -> float:
+    """A finite number, > 0 (``above_zero``) or >= 0, as an argparse type."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    if not ((v > 0) if above_zero else (v >= 0)) or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number {'>' if above_zero else '>='} 0, got {text}")
     return v
+
+
+def positive_float(text: str) -> float:
+    return _finite_float(text, above_zero=True)
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
+    return _finite_float(text, above_zero=False)
 
 
 def port_number(text: str) -> int:
