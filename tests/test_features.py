@@ -171,7 +171,7 @@ def test_backbone_and_weights_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(PretrainedWeightsMissing, match="does not download"):
         build_backbone("resnet18")
-    with pytest.raises(ConfigError, match="--weights FILE"):
+    with pytest.raises(PretrainedWeightsMissing, match="not fetched while VSEKIT_OFFLINE is set; pass --weights FILE"):
         build_backbone("timm:test_resnet")
     with pytest.raises(ConfigError, match="unknown backbone 'resnet19'"):
         build_backbone("resnet19")

@@ -4,8 +4,11 @@
 
 * a torchvision backbone of :data:`vsekit.models.image.BACKBONES` (``resnet152``, ``resnet50``, ``vgg19``,
   ``small_cnn``, ...): weights from ``--weights FILE``, else torchvision's file in the torch hub cache
-  (``pretrained``), else random (``pretrained=False``); nothing is downloaded;
-* ``timm:<name>``: any timm model, with ``--weights FILE`` (``.safetensors`` / ``.pth``);
+  (``pretrained``; torchvision downloads it there when it is missing, unless ``$VSEKIT_OFFLINE``), else
+  random (``--no-pretrained``);
+* ``timm:<name>``: any timm model, with ``--weights FILE`` (``.safetensors`` / ``.pth``; another
+  implementation's file of the same network loads by position), else timm's own pretrained weights (its
+  download into the Hugging Face cache, unless ``$VSEKIT_OFFLINE``), else random (``--no-pretrained``);
 * ``vsekit:<checkpoint>``: the CNN (``cnn`` or ``timm`` image encoder) of a model trained with vsekit, with
   the image size and statistics it was trained with.
 """
@@ -121,10 +124,7 @@ def build_backbone(name: str, weights: str | None = None, pretrained: bool = Tru
     if name.startswith("timm:"):
         from vsekit.models.timm_encoder import create_timm_model, timm_statistics
 
-        if not weights and pretrained:
-            raise ConfigError(f"--backbone {name}: timm weights come from --weights FILE (vsekit downloads "
-                              "nothing); --no-pretrained for random weights")
-        net = create_timm_model(name[len("timm:"):], weights, where="--backbone")
+        net = create_timm_model(name[len("timm:"):], weights, where="--backbone", pretrained=pretrained)
         mean, std = timm_statistics(net)
         return ExtractionModel(name, _Timm(net), mean, std)
     if name not in BACKBONES:

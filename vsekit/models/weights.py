@@ -1,9 +1,14 @@
-"""Weights a user brings: read from a local file without running code, and never downloaded.
+"""Weights a user brings: read from a local file without running code.
 
 A ``.safetensors`` file is read with safetensors; anything else with ``torch.load(weights_only=True)``,
 whose unpickler builds tensors and plain containers only. A state dict wrapped in a training checkpoint
 (``{"state_dict": ...}``, ``{"model": ...}``) or saved from ``DataParallel`` (``module.`` prefixes) is
 unwrapped. Every problem is one line naming the file and the config key that gave it.
+
+A file named by the user is never downloaded. Only ``pretrained: true`` (torchvision's ImageNet weights of the
+``cnn`` backbones, timm's of a timm model without ``weights``) uses the library's own download into its own
+cache, as that library's users expect, when the file is not there yet and :func:`downloads_allowed`
+(``VSEKIT_OFFLINE`` unset; the tests set it). A failed download is the same one-line error as a missing file.
 
 While a checkpoint is being rebuilt (:func:`restoring_weights`), encoders skip their initial weights files:
 the checkpoint's own weights replace them next, so a fine-tuned model opens on a machine that does not hold
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +34,14 @@ log = logging.getLogger("vsekit.models")
 
 class PretrainedWeightsMissing(VsekitError, FileNotFoundError):
     """Pretrained weights were asked for but are not on this machine (vsekit never downloads them)."""
+
+
+OFFLINE_ENV = "VSEKIT_OFFLINE"
+
+
+def downloads_allowed() -> bool:
+    """False when ``$VSEKIT_OFFLINE`` is 1/true/yes/on: pretrained weights then come from the caches only."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
 class WeightsFileError(VsekitError, ValueError):
