@@ -180,6 +180,7 @@ def test_backbone_and_weights_errors(tmp_path, monkeypatch):
     torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), w)
     model = build_backbone("timm:test_resnet", weights=str(w))
     assert model.mean == (0.5, 0.5, 0.5)  # the model's own statistics, not ImageNet's
+    assert model.image_size == 160  # and its own input size (test_resnet's pretrained_cfg), not 224
     with pytest.raises(ConfigError, match="--grid needs --pool grid"):
         ExtractOptions(grid=3).check()
 

@@ -66,8 +66,8 @@ def add_cli(sub) -> None:
                    help="without --weights: the library's own pretrained weights, from its cache (torchvision: "
                         "the torch hub cache; timm: the Hugging Face cache), downloaded there by the library "
                         "when missing unless VSEKIT_OFFLINE=1; --no-pretrained: random weights")
-    e.add_argument("--image-size", type=positive_int, help="the crop the backbone sees (default 224; a vsekit "
-                                                           "checkpoint's own size)")
+    e.add_argument("--image-size", type=positive_int, help="the crop the backbone sees (default 224; a timm "
+                                                           "model's own input size; a vsekit checkpoint's own size)")
     e.add_argument("--resize", type=positive_int, help="short side before the centre crop")
     e.add_argument("--captions-per-image", type=positive_int,
                    help="keep each image's first K captions (needed when images have different numbers)")

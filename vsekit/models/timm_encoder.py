@@ -51,9 +51,10 @@ def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, A
         return _timm_pretrained(timm, model, kwargs, where)
     net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     if weights and initial_weights_wanted():
-        state = read_state_dict(weights, f"{where}.weights")
+        key = "--weights" if where.startswith("--") else f"{where}.weights"  # a CLI flag, or a config key
+        state = read_state_dict(weights, key)
         head = net.pretrained_cfg.get("classifier") or ()
-        load_into(net, state, f"{where}.weights", weights, ignore=(head,) if isinstance(head, str) else head,
+        load_into(net, state, key, weights, ignore=(head,) if isinstance(head, str) else head,
                   by_position=True, head_features=int(net.num_features))
     return net
 

@@ -121,7 +121,9 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str, pat
              if k in own or not any(k == p or k.startswith(p + ".") for p in ignore)}
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unexpected:
-        parts = [f"missing {_show(missing)}" if missing else "", f"unexpected {_show(unexpected)}" if unexpected else ""]
+        n = 1 if by_position else 4  # a failed position load names its own first mismatch: keep this short
+        parts = [f"missing {_show(missing, n)}" if missing else "",
+                 f"unexpected {_show(unexpected, n)}" if unexpected else ""]
         names = f"{path} does not fit the model ({'; '.join(p for p in parts if p)})"
         if not by_position:
             raise WeightsFileError(f"{where}: {names}: weights of another architecture?")
