@@ -145,6 +145,12 @@ def test_timm_weights_that_do_not_fit_by_position_are_clear_errors(tmp_path):
                                      r"position \d+: the model's bn2.running_var has no tensor in the file\)")
     refused("extra.pth", items + [("_odd.weight", torch.zeros(3, 3))], r"extra.pth .*first unmatched at position "
                                                                         r"\d+: the file's extra _layer")
+    # batch norm step counters that are not scalars are not copied into the model's (nor a traceback)
+    odd = [(k, torch.zeros(5, dtype=torch.long) if k.endswith("num_batches_tracked") else v) for k, v in items]
+    path = tmp_path / "odd_counters.pth"
+    torch.save(dict(odd), path)
+    enc = IMAGE_ENCODERS.build({**build, "weights": str(path)}, embed_size=8)
+    assert all(v.shape == () for k, v in enc.backbone.state_dict().items() if k.endswith("num_batches_tracked"))
     # a file of another network whose shapes differ cannot pass for this one
     refused("resnet.pth", _renamed(timm.create_model("test_resnet", pretrained=False).state_dict()).items(),
             "resnet.pth .*cannot be loaded by position either")

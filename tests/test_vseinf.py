@@ -409,6 +409,10 @@ def test_bert_folders_that_do_not_hold_a_usable_transformer_are_config_errors(tm
     with pytest.raises(ConfigError, match=r"fewer_layers: the weights do not fit its config\.json \(no weights for "
                                           r"encoder\.layer\.2\."):
         _bert_model(pretrained=str(folder))
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 10}))
+    with pytest.raises(ConfigError, match=r"fewer_layers: the weights do not fit its config\.json \(a tensor of "
+                                          r"another shape"):
+        _bert_model(pretrained=str(folder))
 
 
 def _tiny_run_cfg(out, bert_folder, *extra):

@@ -87,6 +87,10 @@ def load_bert(pretrained: str | None, config: dict[str, Any] | None, need_vocab:
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{WHERE}.pretrained: {folder} could not be loaded ({str(e).splitlines()[0]}); "
                           f"it must be {FOLDER_NEEDS}") from None
+    except RuntimeError as e:  # transformers refuses tensors whose shapes differ from the config's
+        raise ConfigError(f"{WHERE}.pretrained: {folder}: the weights do not fit its config.json (a tensor of "
+                          f"another shape: {(str(e).strip().splitlines() or [''])[0][:200]}); it must be "
+                          f"{FOLDER_NEEDS}") from None
     # transformers initialises what the file lacks at random and only warns: here that is an error
     missing = sorted(info.get("missing_keys") or ())
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]

@@ -175,7 +175,8 @@ def positional_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     out = {m: v for (_, v), (m, _) in zip(theirs, mine)}
     their_counters = [v for k, v in state.items() if _counter(k)]
     my_counters = [k for k in own if _counter(k)]
-    same = len(their_counters) == len(my_counters)
+    same = len(their_counters) == len(my_counters) and all(
+        v.shape == own[k].shape for v, k in zip(their_counters, my_counters))
     for i, k in enumerate(my_counters):
         out[k] = their_counters[i] if same else own[k]
     return out, dropped
