@@ -17,6 +17,12 @@ ITOS = ["<pad>", "<start>", "<end>", "<unk>", "red", "circle", "blue", "square"]
 VECTORS = {"circle": [4.0, 5.0, 6.0], "the": [9.0, 9.0, 9.0], "red": [1.0, 2.0, 3.0]}  # blue, square: absent
 
 
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
 def _text_file(tmp_path):
     path = tmp_path / "glove.txt"
     path.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in VECTORS.items()))
@@ -84,6 +90,17 @@ def test_word_vector_files_that_do_not_fit_are_clear_errors(tmp_path, monkeypatc
     endless.write_text("red " + "1 " * (MAX_LINE // 2 + 10))
     with pytest.raises(DataError, match=r"endless.txt:1: a line longer than"):
         load_word_vectors(endless, ITOS, 3)
+    # a parquet index whose row count is not the matrix's is refused from its metadata, before its data is read
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    np.save(bomb / "v.npy", np.zeros((2, 3), np.float32))
+    if _has_pyarrow():  # (the dev extra installs it)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"w": ["a"] * 100_000}), bomb / "w.parquet")  # compresses to a few KiB
+        with pytest.raises(DataError, match=r"w.parquet lists 100000 words, the matrix has 2 rows"):
+            load_word_vectors(bomb, ITOS, 3)
     with pytest.raises(DataError, match=r"no such file or folder"):
         load_word_vectors(tmp_path / "missing", ITOS, 3)
     # a parquet index without pyarrow: the package to install is named

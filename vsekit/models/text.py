@@ -21,7 +21,7 @@ TEXT_ENCODERS = Registry("text encoder", injected=("vocab_size", "embed_size", "
 
 
 MAX_LINE = 1 << 20  # characters of one line of a word-vector text file
-MAX_INDEX_BYTES = 1 << 30  # a word index (.parquet / .txt) larger than this is refused
+MAX_INDEX_BYTES = 1 << 28  # a word index (.parquet / .txt; parquet: uncompressed) larger than this is refused
 
 
 def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
@@ -89,8 +89,10 @@ def _one(folder: Path, suffixes: tuple[str, ...], what: str) -> Path:
     return files[0]
 
 
-def _word_index(path: Path) -> list[str]:
-    """The words of a ``.parquet`` (its first string column) or ``.txt`` (one a line) index, in row order."""
+def _word_index(path: Path, rows: int) -> list[str]:
+    """The words of a ``.parquet`` (its first string column) or ``.txt`` (one a line) index, in row order;
+    ``rows``: the matrix's row count, which the index must match (checked from parquet's metadata before its
+    data is read: a small file that would inflate to millions of rows or huge strings is refused first)."""
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise DataError(f"word vectors: {path} is larger than {MAX_INDEX_BYTES >> 20} MiB")
     if path.suffix == ".txt":
@@ -100,7 +102,16 @@ def _word_index(path: Path) -> list[str]:
 
     pq = import_optional("pyarrow.parquet", "glove", f"word vectors: reading the word index {path.name}")
     try:
+        meta = pq.ParquetFile(path).metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if meta.num_rows != rows:
+            raise DataError(f"word vectors: {path} lists {meta.num_rows} words, the matrix has {rows} rows")
+        if size > MAX_INDEX_BYTES:
+            raise DataError(f"word vectors: {path} holds {size >> 20} MiB uncompressed, more than "
+                            f"{MAX_INDEX_BYTES >> 20} MiB")
         table = pq.read_table(path)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
         raise DataError(f"word vectors: {path} is not a readable parquet file ({type(e).__name__})") from None
     import pyarrow as pa
@@ -125,7 +136,7 @@ def _from_matrix(folder: Path, itos: list[str], dim: int) -> tuple[torch.Tensor,
     if matrix.shape[1] != dim:
         raise DataError(f"word vectors: {matrix_path} has {matrix.shape[1]}-d vectors, the encoder's word_dim is "
                         f"{dim}: set model.text_encoder.word_dim={matrix.shape[1]}")
-    words = _word_index(index_path)
+    words = _word_index(index_path, matrix.shape[0])
     if len(words) != matrix.shape[0]:
         raise DataError(f"word vectors: {index_path} lists {len(words)} words, {matrix_path.name} has "
                         f"{matrix.shape[0]} rows")
