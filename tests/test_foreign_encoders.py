@@ -233,8 +233,12 @@ def test_open_clip_freezing_and_lr_mult_names():
         IMAGE_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP, "proj": "none"}, embed_size=8)
     with pytest.raises(ValueError, match="exactly one of arch"):
         IMAGE_ENCODERS.build({"name": "open_clip"}, embed_size=8)
-    with pytest.raises(PretrainedWeightsMissing, match="'openai' is not a file"):
+    with pytest.raises(PretrainedWeightsMissing, match="'openai' is open_clip's pretrained tag of ViT-B-32, not a "
+                                                       "file, and vsekit does not download it while VSEKIT_OFFLINE"):
         IMAGE_ENCODERS.build({"name": "open_clip", "arch": "ViT-B-32", "weights": "openai"}, embed_size=8)
+    with pytest.raises(PretrainedWeightsMissing, match="no such file openaii \\(nor an open_clip pretrained tag of "
+                                                       "ViT-B-32"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "arch": "ViT-B-32", "weights": "openaii"}, embed_size=8)
 
 
 def test_open_clip_foreign_or_pickled_weights_are_refused(tmp_path):

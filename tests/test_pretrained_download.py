@@ -1,4 +1,5 @@
-"""``pretrained: true`` with the libraries' own caches and downloads (torchvision, timm): a prepared cache is
+"""``pretrained: true`` with the libraries' own caches and downloads (torchvision, timm, open_clip's pretrained
+tags): a prepared cache is
 read without any download, a missing file is fetched by the library itself when downloads are allowed, and
 a failed download or ``VSEKIT_OFFLINE`` is one clear error. No test touches the network: every download
 function is replaced."""
@@ -116,3 +117,62 @@ def test_timm_pretrained_uses_timms_own_loading_and_fails_clearly(monkeypatch, o
     calls.clear()
     IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet"}, embed_size=8)  # default: random, no download
     assert calls == [False]
+
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture
+def tiny_clip_tag(monkeypatch, tmp_path):
+    """An open_clip architecture ``tiny-test`` with a pretrained tag ``tinytag`` (OpenAI-style: QuickGELU);
+    open_clip's download is replaced by one that hands over a local file and records the call."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip import factory, pretrained
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "tiny-test", TINY_CLIP)
+    real_cfg = pretrained.get_pretrained_cfg
+    tag = {"url": "https://example.invalid/tiny.pt", "hf_hub": "", "quick_gelu": True}
+    monkeypatch.setattr(pretrained, "get_pretrained_cfg",
+                        lambda arch, name: dict(tag) if (arch, name) == ("tiny-test", "tinytag") else real_cfg(arch, name))
+    torch.manual_seed(3)
+    ref = open_clip.CLIP(**TINY_CLIP, quick_gelu=True)
+    path = tmp_path / "open_clip_cache" / "tiny.pt"
+    path.parent.mkdir()
+    torch.save(ref.state_dict(), path)
+    calls = []
+
+    def download(cfg, *a, **k):
+        calls.append(cfg["url"])
+        return str(path)
+
+    monkeypatch.setattr(pretrained, "download_pretrained", download)
+    return ref, calls
+
+
+def test_open_clip_pretrained_tag_uses_open_clips_download(online_allowed, tiny_clip_tag):
+    ref, calls = tiny_clip_tag
+    enc = IMAGE_ENCODERS.build({"name": "open_clip", "arch": "tiny-test", "weights": "tinytag"}, embed_size=16)
+    assert calls == ["https://example.invalid/tiny.pt"]
+    want = ref.visual.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in enc.tower.state_dict().items())
+    assert type(enc.tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"  # as open_clip gives them
+
+
+def test_open_clip_tag_download_failure_or_offline_is_the_clear_error(monkeypatch, online_allowed, tiny_clip_tag):
+    from open_clip import pretrained
+
+    _, calls = tiny_clip_tag
+    monkeypatch.setenv("VSEKIT_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsMissing, match="'tinytag' is open_clip's pretrained tag of tiny-test, not a file"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "arch": "tiny-test", "weights": "tinytag"}, embed_size=16)
+    assert calls == []
+    monkeypatch.delenv("VSEKIT_OFFLINE")
+
+    def fail(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(pretrained, "download_pretrained", fail)
+    with pytest.raises(PretrainedWeightsMissing, match=r"open_clip's download of tiny-test/tinytag failed \(URLError"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "arch": "tiny-test", "weights": "tinytag"}, embed_size=16)
