@@ -6,8 +6,8 @@ whose unpickler builds tensors and plain containers only. A state dict wrapped i
 unwrapped. Every problem is one line naming the file and the config key that gave it.
 
 A file named by the user is never downloaded. Only ``pretrained: true`` (torchvision's ImageNet weights of the
-``cnn`` backbones, timm's of a timm model without ``weights``) uses the library's own download into its own
-cache, as that library's users expect, when the file is not there yet and :func:`downloads_allowed`
+``cnn`` backbones, timm's of a timm model without ``weights``) and open_clip's pretrained tags (``weights:
+openai``) use the library's own download into its own cache, as that library's users expect, when the file is not there yet and :func:`downloads_allowed`
 (``VSEKIT_OFFLINE`` unset; the tests set it). A failed download is the same one-line error as a missing file.
 
 While a checkpoint is being rebuilt (:func:`restoring_weights`), encoders skip their initial weights files:
@@ -33,7 +33,7 @@ log = logging.getLogger("vsekit.models")
 
 
 class PretrainedWeightsMissing(VsekitError, FileNotFoundError):
-    """Pretrained weights were asked for but are not on this machine (vsekit never downloads them)."""
+    """Pretrained weights were asked for but are not on this machine, and could not (or may not) be fetched."""
 
 
 OFFLINE_ENV = "VSEKIT_OFFLINE"
@@ -128,8 +128,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str, pat
         if not by_position:
             raise WeightsFileError(f"{where}: {names}: weights of another architecture?")
         state, note = positional_state(own, state, where, path, head_features, names)
-        log.info("%s: %s: parameter names differ from the model's; loaded by position (%d tensors, same order "
-                 "and shapes%s)", where, path, sum(1 for k in state if not _counter(k)), note)
+        log.warning("%s: %s: parameter names differ from the model's; loaded by position (%d tensors, same order "
+                    "and shapes%s)", where, path, sum(1 for k in state if not _counter(k)), note)
         module.load_state_dict(state, strict=True)
         return
     bad = [k for k, v in state.items() if v.shape != own[k].shape]
