@@ -174,6 +174,10 @@ def word_embedding(vocab_size: int, word_dim: int, word_vectors: str | None = No
 class GRUTextEncoder(Encoder):
     """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
 
+    ``word_vectors``: GloVe-style vectors initialising the embedding (:func:`load_word_vectors`; a text file,
+    or a folder of an ``.npy`` matrix and its word index, docs/pretrained.md); ``train.freeze:
+    [text_encoder.embed]`` keeps them fixed.
+
     ``pooling="last"`` (VSE++): uni-directional, the final state of the last layer; bi-directional, the mean
     of the two directions' final states. ``pooling="mean"`` (VSE-infinity's text side): the last layer's
     outputs averaged over the valid tokens (bi-directional: the two directions' outputs averaged first).
