@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# tests never download: pretrained weights come only from caches a test prepares (vsekit.models.weights)
+os.environ["VSEKIT_OFFLINE"] = "1"
 
 # The model of the index, search and serve tests: small enough to train in seconds on CPU, trained long enough
 # (60 epochs of 24 images, InfoNCE, high LR) to tell the 8 training images of the index apart: measured R@1

@@ -171,7 +171,7 @@ def test_backbone_and_weights_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(PretrainedWeightsMissing, match="does not download"):
         build_backbone("resnet18")
-    with pytest.raises(ConfigError, match="--weights FILE"):
+    with pytest.raises(PretrainedWeightsMissing, match="not fetched while VSEKIT_OFFLINE is set; pass --weights FILE"):
         build_backbone("timm:test_resnet")
     with pytest.raises(ConfigError, match="unknown backbone 'resnet19'"):
         build_backbone("resnet19")
@@ -180,6 +180,7 @@ def test_backbone_and_weights_errors(tmp_path, monkeypatch):
     torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), w)
     model = build_backbone("timm:test_resnet", weights=str(w))
     assert model.mean == (0.5, 0.5, 0.5)  # the model's own statistics, not ImageNet's
+    assert model.image_size == 160  # and its own input size (test_resnet's pretrained_cfg), not 224
     with pytest.raises(ConfigError, match="--grid needs --pool grid"):
         ExtractOptions(grid=3).check()
 

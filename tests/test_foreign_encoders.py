@@ -85,6 +85,77 @@ def test_timm_bad_weights_are_clear_errors(tmp_path):
         IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnat"}, embed_size=8)
 
 
+def _renamed(state: dict, counters: bool = True) -> dict:
+    """The tensors of ``state`` in its order under other names (another implementation's naming)."""
+    return {f"_layer{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(state.items())
+            if counters or not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("counters", [True, False])
+def test_timm_weights_of_another_implementation_load_by_position(tmp_path, no_network, caplog, counters):
+    from vsekit.features import build_backbone
+
+    torch.manual_seed(0)
+    ref = timm.create_model("test_efficientnet", pretrained=False).eval()  # with its classifier
+    with torch.no_grad():
+        for b in ref.buffers():  # batch norm statistics that are not the defaults
+            if b.is_floating_point():
+                b.copy_(torch.rand_like(b) + 0.5)
+    path = tmp_path / "converted.pth"
+    torch.save(_renamed(ref.state_dict(), counters), path)
+    caplog.set_level("INFO", logger="vsekit.models")
+    enc = IMAGE_ENCODERS.build({"name": "timm", "model": "test_efficientnet", "weights": str(path)}, embed_size=8)
+    assert "converted.pth: parameter names differ from the model's; loaded by position" in caplog.text
+    assert "classifier _layer" in caplog.text  # the file's trailing classifier was dropped, and said so
+    own = enc.backbone.state_dict()
+    for k, v in own.items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, ref.state_dict()[k]), k
+    raw = torch.rand(2, 3, 32, 32)
+    enc.eval()
+    with torch.no_grad():
+        want = ref.forward_head(ref.forward_features((raw - 0.5) / 0.5), pre_logits=True)
+        assert torch.equal(enc.backbone((raw - 0.5) / 0.5), want)  # identical outputs
+        # the same file through `vsekit features extract --backbone timm:test_efficientnet --weights FILE`
+        fx = build_backbone("timm:test_efficientnet", str(path))
+        assert torch.equal(fx.backbone.eval().pooled((raw - 0.5) / 0.5), want)
+
+
+def test_timm_weights_that_do_not_fit_by_position_are_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    items = list(_renamed(timm.create_model("test_efficientnet", pretrained=False).state_dict()).items())
+    build = {"name": "timm", "model": "test_efficientnet"}
+
+    def refused(name: str, pairs: list, match: str) -> None:
+        path = tmp_path / name
+        torch.save(dict(pairs), path)
+        with pytest.raises(WeightsFileError, match=match):
+            IMAGE_ENCODERS.build({**build, "weights": str(path)}, embed_size=8)
+
+    # two tensors of different shapes swapped: the first position where the shapes part is named
+    swapped = items[:]
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    refused("swapped.pth", swapped, r"swapped.pth does not fit the model .*cannot be loaded by position either: "
+                                    r"tensor 0 of the file \(_layer1.weight, shape \(\d+,\)\) does not have the shape "
+                                    r"of the model's tensor 0 \(conv_stem.weight")
+    refused("shuffled.pth", [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(1))],
+            "shuffled.pth .* cannot be loaded by position either: tensor \\d+ of the file")
+    # one tensor short, or one extra that is not a classifier: the count and the first unmatched one
+    refused("short.pth", items[:-4], r"short.pth .*the file has \d+ tensors, the model \d+ \(first unmatched at "
+                                     r"position \d+: the model's bn2.running_var has no tensor in the file\)")
+    refused("extra.pth", items + [("_odd.weight", torch.zeros(3, 3))], r"extra.pth .*first unmatched at position "
+                                                                        r"\d+: the file's extra _layer")
+    # batch norm step counters that are not scalars are not copied into the model's (nor a traceback)
+    odd = [(k, torch.zeros(5, dtype=torch.long) if k.endswith("num_batches_tracked") else v) for k, v in items]
+    path = tmp_path / "odd_counters.pth"
+    torch.save(dict(odd), path)
+    enc = IMAGE_ENCODERS.build({**build, "weights": str(path)}, embed_size=8)
+    assert all(v.shape == () for k, v in enc.backbone.state_dict().items() if k.endswith("num_batches_tracked"))
+    # a file of another network whose shapes differ cannot pass for this one
+    refused("resnet.pth", _renamed(timm.create_model("test_resnet", pretrained=False).state_dict()).items(),
+            "resnet.pth .*cannot be loaded by position either")
+
+
 def test_timm_finetune_false_freezes_the_backbone_and_its_batch_norm():
     torch.manual_seed(0)
     enc = IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "finetune": False}, embed_size=8)
@@ -162,8 +233,12 @@ def test_open_clip_freezing_and_lr_mult_names():
         IMAGE_ENCODERS.build({"name": "open_clip", "config": TINY_CLIP, "proj": "none"}, embed_size=8)
     with pytest.raises(ValueError, match="exactly one of arch"):
         IMAGE_ENCODERS.build({"name": "open_clip"}, embed_size=8)
-    with pytest.raises(PretrainedWeightsMissing, match="'openai' is not a file"):
+    with pytest.raises(PretrainedWeightsMissing, match="'openai' is open_clip's pretrained tag of ViT-B-32, not a "
+                                                       "file, and vsekit does not download it while VSEKIT_OFFLINE"):
         IMAGE_ENCODERS.build({"name": "open_clip", "arch": "ViT-B-32", "weights": "openai"}, embed_size=8)
+    with pytest.raises(PretrainedWeightsMissing, match="no such file openaii \\(nor an open_clip pretrained tag of "
+                                                       "ViT-B-32"):
+        IMAGE_ENCODERS.build({"name": "open_clip", "arch": "ViT-B-32", "weights": "openaii"}, embed_size=8)
 
 
 def test_open_clip_foreign_or_pickled_weights_are_refused(tmp_path):

@@ -338,6 +338,83 @@ def test_bert_errors_are_config_errors(tmp_path, offline, vocab_file):
         _bert_model(config=TINY_BERT, tokenizer=str(bad))
 
 
+MINI_BERT = {**TINY_BERT, "hidden_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
+             "intermediate_size": 48}  # MiniLM's shape in small: another hidden size and depth than TINY_BERT
+ST_MODULES = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+              {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+
+
+def _sentence_transformers_folder(root, vocab_file, inner: str, modules: bool):
+    """A sentence-transformers folder as all-MiniLM-L6-v2 ships it (``inner=""``: the BERT at the top, with
+    modules.json and 1_Pooling/) or as older ones do (the BERT in ``0_Transformer/``)."""
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    bert = root / inner if inner else root
+    BertModel(BertConfig(**MINI_BERT)).save_pretrained(bert)  # with its pooler, as MiniLM's file has it
+    (bert / "vocab.txt").write_text(vocab_file.read_text())
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 24}')
+    if modules:
+        transformer = {"idx": 0, "name": "0", "path": inner, "type": "sentence_transformers.models.Transformer"}
+        (root / "modules.json").write_text(json.dumps([transformer, *ST_MODULES]))
+    return bert
+
+
+@pytest.mark.parametrize("inner, modules", [("", True), ("0_Transformer", True), ("0_Transformer", False)])
+def test_bert_reads_minilm_shaped_sentence_transformers_folders(tmp_path, offline, vocab_file, inner, modules):
+    from safetensors.torch import load_file
+
+    bert = _sentence_transformers_folder(tmp_path, vocab_file, inner, modules)
+    enc = _bert_model(pretrained=str(tmp_path)).text_encoder
+    assert enc.proj.in_features == 24 and len(enc.bert.encoder.layer) == 3  # read from the folder's config
+    state = enc.bert.state_dict()
+    saved = {k: v for k, v in load_file(bert / "model.safetensors").items() if not k.startswith("pooler.")}
+    assert saved.keys() <= state.keys() and all(torch.equal(state[k], v) for k, v in saved.items())
+    pieces = vocab_file.read_text().split()
+    word = pieces[len(SPECIALS)]
+    assert [pieces[i] for i in enc.tokenize(word)] == ["[CLS]", word, "[SEP]"]  # the folder's tokenizer
+    enc.eval()
+    ids = torch.tensor([enc.tokenize(f"{word} {word}")])
+    with torch.no_grad():
+        out = enc(ids, torch.tensor([ids.shape[1]]))
+    assert out.shape == (1, 8) and torch.isfinite(out).all()
+
+
+def test_bert_folders_that_do_not_hold_a_usable_transformer_are_config_errors(tmp_path, offline, vocab_file):
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    def refused(name: str, modules, match: str) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "modules.json").write_text(modules if isinstance(modules, str) else json.dumps(modules))
+        with pytest.raises(ConfigError, match=match):
+            _bert_model(pretrained=str(folder))
+
+    refused("no_transformer", ST_MODULES, r"modules\.json lists no Transformer module \(types: "
+                                          r"sentence_transformers\.models\.Pooling")
+    refused("outside", [{"path": "../elsewhere", "type": "sentence_transformers.models.Transformer"}],
+            r"the Transformer module's path '\.\./elsewhere' leaves the folder")
+    refused("garbage", "{not json", r"modules\.json is not a sentence-transformers module list")
+    # weights that do not fit the folder's config: an error, not layers left at random initialisation
+    folder = tmp_path / "fewer_layers"
+    BertModel(BertConfig(**{**MINI_BERT, "num_hidden_layers": 2})).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    (folder / "vocab.txt").write_text(vocab_file.read_text())
+    with pytest.raises(ConfigError, match=r"fewer_layers: the weights do not fit its config\.json \(no weights for "
+                                          r"encoder\.layer\.2\."):
+        _bert_model(pretrained=str(folder))
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 10}))
+    with pytest.raises(ConfigError, match=r"fewer_layers: the weights do not fit its config\.json \(a tensor of "
+                                          r"another shape"):
+        _bert_model(pretrained=str(folder))
+
+
 def _tiny_run_cfg(out, bert_folder, *extra):
     return resolve_config(None, [
         f"output_dir={out}", "seed=4", "data.format=demo", "data.regions=grid", "data.num_images=120",

@@ -44,7 +44,7 @@ def add_cli(sub) -> None:
                                     "for --data, {split}_caps.txt (and labels). Resumable: run the same command "
                                     "again after an interruption.")
     e.add_argument("--backbone", required=True,
-                   help="a torchvision backbone (resnet152, resnet50, vgg19, ...), timm:<name> (with --weights), or "
+                   help="a torchvision backbone (resnet152, resnet50, vgg19, ...), timm:<name>, or "
                         "vsekit:<checkpoint> (the CNN of a model trained with vsekit)")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="a folder of images: features and an ids file only")
@@ -60,12 +60,14 @@ def add_cli(sub) -> None:
                    help="global: one pooled vector per image (N x D); grid: the last conv map's cells as "
                         "regions (N x R x D)")
     e.add_argument("--grid", type=positive_int, help="with --pool grid: average-pool the map to G x G regions")
-    e.add_argument("--weights", help="a local weights file (.safetensors / .pth); nothing is downloaded")
+    e.add_argument("--weights", help="a local weights file (.safetensors / .pth; a file whose names differ from "
+                                     "timm's loads by position when every shape fits, in order)")
     e.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="torchvision backbones without --weights: torchvision's file in the torch hub cache "
-                        "(an error when absent); --no-pretrained: random weights")
-    e.add_argument("--image-size", type=positive_int, help="the crop the backbone sees (default 224; a vsekit "
-                                                           "checkpoint's own size)")
+                   help="without --weights: the library's own pretrained weights, from its cache (torchvision: "
+                        "the torch hub cache; timm: the Hugging Face cache), downloaded there by the library "
+                        "when missing unless VSEKIT_OFFLINE=1; --no-pretrained: random weights")
+    e.add_argument("--image-size", type=positive_int, help="the crop the backbone sees (default 224; a timm "
+                                                           "model's own input size; a vsekit checkpoint's own size)")
     e.add_argument("--resize", type=positive_int, help="short side before the centre crop")
     e.add_argument("--captions-per-image", type=positive_int,
                    help="keep each image's first K captions (needed when images have different numbers)")

@@ -4,8 +4,12 @@
 
 * a torchvision backbone of :data:`vsekit.models.image.BACKBONES` (``resnet152``, ``resnet50``, ``vgg19``,
   ``small_cnn``, ...): weights from ``--weights FILE``, else torchvision's file in the torch hub cache
-  (``pretrained``), else random (``pretrained=False``); nothing is downloaded;
-* ``timm:<name>``: any timm model, with ``--weights FILE`` (``.safetensors`` / ``.pth``);
+  (``pretrained``; torchvision downloads it there when it is missing, unless ``$VSEKIT_OFFLINE``), else
+  random (``--no-pretrained``);
+* ``timm:<name>``: any timm model, with ``--weights FILE`` (``.safetensors`` / ``.pth``; another
+  implementation's file of the same network loads by position), else timm's own pretrained weights (its
+  download into the Hugging Face cache, unless ``$VSEKIT_OFFLINE``), else random (``--no-pretrained``);
+  its images are cropped at the model's own input size unless ``--image-size`` says otherwise;
 * ``vsekit:<checkpoint>``: the CNN (``cnn`` or ``timm`` image encoder) of a model trained with vsekit, with
   the image size and statistics it was trained with.
 """
@@ -121,12 +125,9 @@ def build_backbone(name: str, weights: str | None = None, pretrained: bool = Tru
     if name.startswith("timm:"):
         from vsekit.models.timm_encoder import create_timm_model, timm_statistics
 
-        if not weights and pretrained:
-            raise ConfigError(f"--backbone {name}: timm weights come from --weights FILE (vsekit downloads "
-                              "nothing); --no-pretrained for random weights")
-        net = create_timm_model(name[len("timm:"):], weights, where="--backbone")
+        net = create_timm_model(name[len("timm:"):], weights, where="--backbone", pretrained=pretrained)
         mean, std = timm_statistics(net)
-        return ExtractionModel(name, _Timm(net), mean, std)
+        return ExtractionModel(name, _Timm(net), mean, std, image_size=timm_input_size(net))
     if name not in BACKBONES:
         raise ConfigError(f"--backbone: unknown backbone {name!r} (torchvision: {', '.join(BACKBONES.names())}; "
                           "or timm:<name>, or vsekit:<checkpoint>)")
@@ -134,6 +135,15 @@ def build_backbone(name: str, weights: str | None = None, pretrained: bool = Tru
     net, _ = BACKBONES.build({"name": name, "pretrained": bool(pretrained and not weights and name != "small_cnn"),
                               "weights_path": weights, **kwargs})
     return ExtractionModel(name, wrap_network(net, f"--backbone {name}"))
+
+
+def timm_input_size(net: nn.Module) -> int | None:
+    """The square input size a timm model was trained at (its ``pretrained_cfg``: EfficientNet-Lite0 224,
+    Lite1 240, Lite2 260), the default crop of its features; None when it does not say."""
+    size = (getattr(net, "pretrained_cfg", None) or {}).get("input_size")
+    if isinstance(size, (tuple, list)) and len(size) == 3 and size[1] == size[2] and int(size[1]) > 0:
+        return int(size[1])
+    return None
 
 
 def _from_checkpoint(path: str) -> ExtractionModel:

@@ -8,7 +8,10 @@ use it instead of vsekit's vocabulary. Weights are read from a local folder only
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +76,79 @@ def load_bert(pretrained: str | None, config: dict[str, Any] | None, need_vocab:
             return tf.BertModel(tf.BertConfig(**config), add_pooling_layer=False)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{WHERE}.config: {e}") from None
-    folder = Path(pretrained).expanduser()
+    folder = transformer_folder(Path(pretrained).expanduser())
     _check_folder(folder, need_vocab)
     try:
         cfg = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
         extra = {"add_pooling_layer": False} if cfg.model_type == "bert" else {}
-        model = tf.AutoModel.from_pretrained(folder, config=cfg, local_files_only=True, **extra)
+        with _quiet(tf):
+            model, info = tf.AutoModel.from_pretrained(folder, config=cfg, local_files_only=True,
+                                                       output_loading_info=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{WHERE}.pretrained: {folder} could not be loaded ({str(e).splitlines()[0]}); "
                           f"it must be {FOLDER_NEEDS}") from None
+    except RuntimeError as e:  # transformers refuses tensors whose shapes differ from the config's
+        raise ConfigError(f"{WHERE}.pretrained: {folder}: the weights do not fit its config.json (a tensor of "
+                          f"another shape: {(str(e).strip().splitlines() or [''])[0][:200]}); it must be "
+                          f"{FOLDER_NEEDS}") from None
+    # transformers initialises what the file lacks at random and only warns: here that is an error
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        what = f"no weights for {missing[0]}" if missing else f"{mismatched[0]} has another shape"
+        n = len(missing) + len(mismatched)
+        raise ConfigError(f"{WHERE}.pretrained: {folder}: the weights do not fit its config.json ({what}, "
+                          f"{n} tensors in all); it must be {FOLDER_NEEDS}")
     return model.float()
+
+
+ST_MODULES_MAX = 1 << 16  # bytes of a sentence-transformers modules.json
+
+
+def transformer_folder(folder: Path) -> Path:
+    """The folder holding the transformer itself. A sentence-transformers folder (``modules.json``, e.g.
+    all-MiniLM-L6-v2) lists its modules; its ``Transformer`` module's ``path`` is the folder ("" in newer
+    ones, ``0_Transformer`` in older ones). An older folder without ``modules.json`` but with
+    ``0_Transformer/config.json`` is read from there. Any other folder is taken as it is."""
+    key = f"{WHERE}.pretrained"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            if modules.stat().st_size > ST_MODULES_MAX:
+                raise ValueError(f"larger than {ST_MODULES_MAX} bytes")
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise ValueError("not a list of modules")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: {modules} is not a sentence-transformers module list ({e})") from None
+        paths = [e.get("path") for e in entries if str(e.get("type", "")).endswith("models.Transformer")]
+        if not paths or not isinstance(paths[0], str):
+            raise ConfigError(f"{key}: {modules} lists no Transformer module (types: "
+                              f"{', '.join(str(e.get('type')) for e in entries[:4]) or 'none'}); give the "
+                              "folder of the transformer itself")
+        inner = Path(paths[0])
+        if inner.is_absolute() or ".." in inner.parts:
+            raise ConfigError(f"{key}: {modules}: the Transformer module's path {paths[0]!r} leaves the folder")
+        return folder / inner
+    if not (folder / "config.json").is_file() and (folder / "0_Transformer" / "config.json").is_file():
+        return folder / "0_Transformer"
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet(tf) -> Iterator[None]:
+    """transformers' loading report and progress bar off (vsekit checks the loading info itself)."""
+    logging_ = tf.utils.logging
+    level = logging_.get_verbosity()
+    logging_.set_verbosity_error()
+    bars = logging_.is_progress_bar_enabled()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(level)
+        if bars:
+            logging_.enable_progress_bar()
 
 
 def load_tokenizer(tokenizer: str | None, pretrained: str | None):
@@ -93,6 +159,8 @@ def load_tokenizer(tokenizer: str | None, pretrained: str | None):
         return None
     tf = _transformers()
     path = Path(source).expanduser()
+    if not tokenizer and path.is_dir():
+        path = transformer_folder(path)
     if not path.exists():
         raise ConfigError(f"{key}: no such file or folder {path}; give a BERT vocab.txt or a folder holding the "
                           "tokenizer (vocab.txt or tokenizer.json)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,8 +14,15 @@ from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
 from vsekit.models.layers import MLP, l2norm, xavier_linear_
-from vsekit.models.weights import PretrainedWeightsMissing, initial_weights_wanted
+from vsekit.models.weights import (
+    OFFLINE_ENV,
+    PretrainedWeightsMissing,
+    downloads_allowed,
+    initial_weights_wanted,
+)
 from vsekit.registry import Registry
+
+log = logging.getLogger("vsekit.models")
 
 IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
 BACKBONES = Registry("CNN backbone")
@@ -94,14 +102,31 @@ def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> 
     elif pretrained:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         path = _local_weights_file(weights)
-        if not path.is_file():
-            raise PretrainedWeightsMissing(
-                f"pretrained ImageNet weights for {arch} are not on this machine: expected {path}.\n"
-                f"vsekit does not download weights. Fetch {weights.url} into {path.parent} "
-                f"(or set TORCH_HOME), pass image_encoder.weights_path=FILE, or use image_encoder.pretrained=false."
-            )
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = _torchvision_download(arch, weights, path)
+        model.load_state_dict(state)
     return model
+
+
+def _torchvision_download(arch: str, weights, path: Path) -> dict[str, torch.Tensor]:
+    """torchvision's own download of ``weights`` into its cache (``path``, under ``$TORCH_HOME``), hash
+    checked, read without running code; a clear error when downloads are off or it fails."""
+    how = (f"Fetch {weights.url} into {path.parent} (or set TORCH_HOME), pass image_encoder.weights_path=FILE, "
+           "or use image_encoder.pretrained=false.")
+    if not downloads_allowed():
+        raise PretrainedWeightsMissing(f"pretrained ImageNet weights for {arch} are not on this machine: expected "
+                                       f"{path}, and vsekit does not download weights while {OFFLINE_ENV} is set. "
+                                       f"{how}")
+    log.info("pretrained weights for %s: downloading %s into torchvision's cache %s", arch, weights.url, path.parent)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad hash, a full disk: all the same to the user
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PretrainedWeightsMissing(f"pretrained ImageNet weights for {arch} are not on this machine (expected "
+                                       f"{path}) and torchvision's download failed ({type(e).__name__}: {first}); "
+                                       f"vsekit does not download them otherwise. {how}") from None
 
 
 def _resnet(arch: str):

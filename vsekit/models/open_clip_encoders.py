@@ -3,14 +3,17 @@
 The image encoder ``open_clip`` keeps a CLIP model's vision tower, the text encoder ``open_clip`` its text
 tower and tokenizer; both are built from one architecture (``arch``, a name in open_clip's registry, or
 ``config``, an architecture dict as in open_clip's ``model_configs/*.json``) and load the same local
-weights file (``weights``). The model is built directly from its config class: open_clip's factory would
-resolve a pretrained tag or an ``hf-hub:`` name by downloading, and vsekit reads local files only.
+weights file (``weights``). The model is built directly from its config class (open_clip's factory would
+resolve an ``hf-hub:`` name by downloading). ``weights`` may instead be one of open_clip's pretrained tags of
+``arch`` (``openai``, ``laion2b_s34b_b79k``, ...): open_clip's own download then fetches it into its cache, as
+its users expect, unless ``$VSEKIT_OFFLINE`` (see :mod:`vsekit.models.weights`).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +26,16 @@ from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS, _finish
 from vsekit.models.text import TEXT_ENCODERS
-from vsekit.models.weights import PretrainedWeightsMissing, WeightsFileError, initial_weights_wanted
+from vsekit.models.weights import (
+    OFFLINE_ENV,
+    PretrainedWeightsMissing,
+    WeightsFileError,
+    downloads_allowed,
+    initial_weights_wanted,
+)
 from vsekit.utils.optional import import_optional
+
+log = logging.getLogger("vsekit.models")
 
 #: the longest text context an architecture may ask for (CLIP: 77); bounds the tokenizer's work per caption
 MAX_CONTEXT_LENGTH = 1024
@@ -75,8 +86,13 @@ def build_clip(arch: str | None, config: dict[str, Any] | None, weights: str | N
     load = bool(weights) and initial_weights_wanted()
     path = Path(weights).expanduser() if load else None
     if path is not None and not path.is_file():
-        raise PretrainedWeightsMissing(f"{where}.weights: no such file {path} (vsekit reads weights from "
-                                       "local files only; a pretrained tag such as 'openai' is not a file)")
+        tag_cfg = _pretrained_tag(open_clip, arch, str(weights))
+        if tag_cfg is None:
+            raise PretrainedWeightsMissing(f"{where}.weights: no such file {path} (nor an open_clip pretrained tag "
+                                           f"of {arch or 'this config'}: give a local file)")
+        path = _download_tag(open_clip, arch, str(weights), tag_cfg, where)
+        if tag_cfg.get("quick_gelu"):  # what open_clip's own factory does for these weights (OpenAI's CLIP)
+            cfg["quick_gelu"] = True
     try:
         model = cls(**cfg)
     except TypeError as e:
@@ -89,6 +105,34 @@ def build_clip(arch: str | None, config: dict[str, Any] | None, weights: str | N
             raise WeightsFileError(f"{where}.weights: {path} cannot be loaded into this architecture "
                                    f"({type(e).__name__}: {first[:300]})") from None
     return model
+
+
+def _pretrained_tag(open_clip, arch: str | None, name: str) -> dict[str, Any] | None:
+    """open_clip's pretrained config of tag ``name`` (``openai``, ``laion2b_s34b_b79k``, ...) for ``arch``;
+    None when ``name`` is no tag of it (or the architecture came as a config dict)."""
+    if arch is None or "/" in name or "\\" in name:
+        return None
+    cfg = open_clip.pretrained.get_pretrained_cfg(arch.replace("/", "-"), name)
+    return cfg or None
+
+
+def _download_tag(open_clip, arch: str, tag: str, cfg: dict[str, Any], where: str) -> Path:
+    """open_clip's own download of a pretrained tag into its cache (the Hugging Face cache, or its URL's),
+    as open_clip's users get it; then read like any local file. A clear error when downloads are off or fail."""
+    how = f"give {where}.weights a local checkpoint file (e.g. open_clip_pytorch_model.bin of {arch}/{tag})"
+    if not downloads_allowed():
+        raise PretrainedWeightsMissing(f"{where}.weights: {tag!r} is open_clip's pretrained tag of {arch}, not a "
+                                       f"file, and vsekit does not download it while {OFFLINE_ENV} is set; {how}")
+    log.info("%s.weights: open_clip's pretrained %s/%s (open_clip downloads it into its cache once)", where, arch, tag)
+    try:
+        found = open_clip.pretrained.download_pretrained(cfg)
+    except Exception as e:  # noqa: BLE001 - no network, the Hub, a bad checksum: all the same to the user
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PretrainedWeightsMissing(f"{where}.weights: open_clip's download of {arch}/{tag} failed "
+                                       f"({type(e).__name__}: {first}); {how}") from None
+    if not found or not Path(found).is_file():
+        raise PretrainedWeightsMissing(f"{where}.weights: open_clip gave no file for {arch}/{tag}; {how}")
+    return Path(found)
 
 
 def _projection(in_dim: int, embed_size: int, proj: str, where: str) -> nn.Module:
@@ -110,7 +154,8 @@ class OpenCLIPImageEncoder(Encoder):
     """The vision tower of an open_clip model (its pooled, projected CLIP embedding), L2-normalised.
 
     ``arch`` or ``config``: the architecture; ``weights``: a local CLIP checkpoint (``.safetensors``,
-    ``.pt``/``.bin``), read without running code, or null for random weights. ``proj``: ``auto`` keeps CLIP's
+    ``.pt``/``.bin``), read without running code, or a pretrained tag of ``arch`` (open_clip's download), or
+    null for random weights. ``proj``: ``auto`` keeps CLIP's
     joint space when ``model.embed_size`` equals its ``embed_dim`` and adds a linear map otherwise. Images
     arrive with ImageNet statistics and are re-normalised to ``mean`` / ``std`` (default: CLIP's).
     ``finetune: false`` freezes the tower (the projection, if any, trains).

