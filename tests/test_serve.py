@@ -122,6 +122,24 @@ def test_page_static_files_and_docs(client):
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/static/index.html", "/static/docs.html", "/static/app.js", "/static/style.css",
+                                  "/docs-assets/swagger-ui-bundle.js", "/docs-assets/redoc.standalone.js",
+                                  "/health", "/openapi.json", "/nothing-here", "/images/no-such-id",
+                                  "/static/..%2fapp.py"])
+def test_every_reply_is_nosniff_and_no_file_is_a_page_that_runs(client, path):
+    """The page's own HTML reached under /static (not through "/" and its policy), Swagger UI's files, JSON
+    and the framework's errors: none is sniffed into another type, none opened as a document may run."""
+    for r in (client.get(path), client.head(path)):
+        assert r.headers["x-content-type-options"] == "nosniff", (path, r.status_code)
+        assert "sandbox" in r.headers["content-security-policy"] and "default-src 'none'" in r.headers[
+            "content-security-policy"], (path, r.headers.get("content-security-policy"))
+
+
+def test_pages_keep_their_own_policies(client):
+    assert "default-src 'self'" in client.get("/").headers["content-security-policy"]
+    assert "default-src 'self'" in client.get("/docs").headers["content-security-policy"]
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, words", [
     ({}, ["empty"]),

@@ -88,6 +88,13 @@ THUMBNAIL_HEADERS = {
     "Cache-Control": "public, max-age=300",
     "Accept-Ranges": "none",
 }
+# What every other reply is sent with (JSON, the page's scripts and styles, Swagger UI's files, the framework's
+# errors): no reply is sniffed into another type, and one that a browser opens as a document -- such as
+# /static/index.html, the page's file reached by its own name instead of through "/" -- may run nothing.
+DEFAULT_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; sandbox",
+    "X-Content-Type-Options": "nosniff",
+}
 _UPLOAD_BODY = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
@@ -160,6 +167,31 @@ class JsonErrors:
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class DefaultHeaders:
+    """ASGI middleware: the headers of :data:`DEFAULT_HEADERS` on every reply that does not set its own, whatever
+    made it (a route, a static files mount, a middleware's refusal). The routes that serve a document (the
+    page, /docs) and the thumbnails set their own policies; nothing else is meant to be opened as a page."""
+
+    def __init__(self, app, headers: dict[str, str] = DEFAULT_HEADERS) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_defaults(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.headers if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_defaults)
 
 
 _K = re.compile("[0-9]+")  # [0-9], not \d: \d is any Unicode digit
@@ -334,13 +366,14 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     app.state.limits = limits
     decode_slots = _DecodeSlots(max_decodes, decode_wait)
     app.state.decode_slots = decode_slots
-    # the last added runs first: HEAD -> GET, then the Host check, a look for a new index generation, and
+    # the last added runs first: the default headers of every reply, HEAD -> GET, then the Host check, a look for a new index generation, and
     # JSON for the framework's own plain-text errors
     app.add_middleware(JsonErrors)
     app.add_middleware(ReloadIndex, index=sx, interval=reload_interval)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, names=[n for n in (name_of(h) for h in allowed_hosts) if n])
     app.add_middleware(HeadAsGet)
+    app.add_middleware(DefaultHeaders)
 
     # -- errors ---------------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
