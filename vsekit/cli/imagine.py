@@ -29,13 +29,13 @@ def cmd_imagine(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int
+    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int, seed_int
 
     p = sub.add_parser("imagine", help="sample images for captions from a checkpoint's text-to-image GAN (GXN)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used) trained with the gan term")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="captions, one grid row each")
     p.add_argument("--n", type=positive_int, default=8, help="images per caption (default 8, at most 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same grid")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise: the same seed gives the same grid")
     p.add_argument("--out", required=True, help="the PNG grid to write")
     p.add_argument("--device", default="auto")
     add_allow_legacy_checkpoint(p)

@@ -23,6 +23,7 @@ def cmd_semantics_fit(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
+    from vsekit.cli.common import positive_int, seed_int
     from vsekit.semantics import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
 
     s = sub.add_parser("semantics", help="LSA caption semantics for the LSEH loss")
@@ -33,7 +34,7 @@ def add_cli(sub) -> None:
     f.add_argument("--split", default="train")
     f.add_argument("--restval", action="store_true", help="Karpathy COCO: merge restval into train")
     f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--n-components", type=int, default=DEFAULT_N_COMPONENTS)
-    f.add_argument("--n-iter", type=int, default=None)
-    f.add_argument("--seed", type=int, default=DEFAULT_RANDOM_STATE)
+    f.add_argument("--n-components", type=positive_int, default=DEFAULT_N_COMPONENTS)
+    f.add_argument("--n-iter", type=positive_int, default=None)
+    f.add_argument("--seed", type=seed_int, default=DEFAULT_RANDOM_STATE)
     f.set_defaults(fn=cmd_semantics_fit)
