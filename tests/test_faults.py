@@ -174,6 +174,23 @@ def test_the_command_line_reports_an_os_error_in_one_line(monkeypatch, capsys):
         main(["train", "demo_vsepp"])
 
 
+def test_a_model_too_large_for_the_machine_is_one_line(tmp_path, cache, capsys, monkeypatch):
+    """torch's allocator failing (a RuntimeError, not a MemoryError) ends in one line that names what to lower,
+    and no other RuntimeError is hidden by it."""
+    monkeypatch.delenv("VSEKIT_DEBUG", raising=False)
+    assert main(["train", "demo_vsepp", *_cli_overrides(tmp_path / "run", "model.embed_size=1000000000000")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("vsekit: error: out of memory (tried to allocate ") and "model.embed_size" in line, line
+    import vsekit.cli.train as cli_train
+
+    def bug(args):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(cli_train, "cmd_train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "demo_vsepp"])
+
+
 def test_vsekit_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "cache-file"
     afile.write_text("not a folder\n")
