@@ -106,10 +106,30 @@ def test_resume_under_a_changed_model_or_optimizer_is_one_line_listing_the_chang
     recipe.write_text("{}\n")
     assert main(["train", str(recipe), *_cli_overrides(out, "optim.lr=0.01"), "--resume"]) == 2
     assert "optim.lr: 0.001 -> 0.01" in _one_error_line(capsys)
+    with pytest.raises(CheckpointError, match=r"optim.lr_mult.backbone: '\(absent\)' -> 0.1"):
+        Trainer(tiny_cfg(out, *TINY, "optim.lr_mult={backbone: 0.1}"), resume=True)
     # how long it trains, how it logs, where it runs: a resume may change those
     t = Trainer(tiny_cfg(out, "train.epochs=2", "train.max_steps_per_epoch=2", "train.log_every=1",
                          "train.max_minutes=30"), resume=True)
     assert t.epoch == 1
+
+
+def test_resume_refuses_an_entry_added_to_a_mapping_the_checkpoint_had_empty_or_without_it(tmp_path):
+    """A key only one side has was never a change: an ``optim.lr_mult`` entry or a component option added on
+    --resume went through silently (the optimizer's groups then no longer matched the saved state's)."""
+    from vsekit.train.checkpointing import ABSENT, config_changes
+
+    saved_cfg = tiny_cfg(tmp_path / "run")
+    saved, schema = saved_cfg.to_dict(), type(saved_cfg)
+    assert "backbone_norm" not in saved_cfg.model.image_encoder  # the component's option was left at its default
+    for override, key, new in [("optim.lr_mult={backbone: 0.1}", "optim.lr_mult.backbone", 0.1),
+                               ("model.image_encoder.backbone_norm=false", "model.image_encoder.backbone_norm", False)]:
+        current = tiny_cfg(tmp_path / "run", override).to_dict()
+        assert (key, ABSENT, new) in config_changes(saved, current, schema), override
+    # a field of a typed section that the checkpoint's vsekit did not have yet is no change
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "max_nonfinite_steps"}}
+    assert config_changes(older, saved, schema) == []
+    assert config_changes(saved, tiny_cfg(tmp_path / "run", "train.epochs=7").to_dict(), schema) == []
 
 
 # -- signals -------------------------------------------------------------------------------------------------
@@ -134,6 +154,68 @@ def test_a_second_sigterm_is_ignored_and_the_handlers_are_restored():
         stop._handle(signal.SIGTERM, None)  # torchrun forwards the scheduler's SIGTERM: no hard stop
         assert stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sighup_stops_training_as_sigterm_does_unless_ignored(monkeypatch):
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with signals.StopSignals() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            stop._handle(signal.SIGHUP, None)
+            assert stop.signum == signal.SIGHUP
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: a hang-up stays ignored
+        with signals.StopSignals(), signals.terminate_raises():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def _index_build(ckpt: Path, out: Path) -> int:
+    return main(["index", "build", str(ckpt), "--data", "demo", "--split", "train", "--max-images", "8",
+                 "--out", str(out), "-q"])
+
+
+def test_sigterm_during_index_build_is_one_line_and_leaves_the_folder_usable(ckpt, tmp_path, capsys, monkeypatch):
+    """SIGTERM ended ``index build`` at once, silently, leaving its thumbnail work folder in the new index folder,
+    which the next build then refused ("not empty and holds no index")."""
+    import vsekit.index.thumbnails as thumbs
+
+    real, sent = thumbs.make_all, []
+
+    def terminated_meanwhile(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # handled in the main thread, wherever it is
+        return real(*args, **kwargs)
+
+    def guard(signum, frame):  # the test runner's own handler: a command that leaves it in place is not stopped
+        sent.append("reached the runner")
+
+    monkeypatch.setattr(thumbs, "make_all", terminated_meanwhile)
+    out = tmp_path / "index"
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        code = _index_build(ckpt, out)
+        assert signal.getsignal(signal.SIGTERM) is guard  # the command's handler is gone with the command
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 128 + signal.SIGTERM and "reached the runner" not in sent
+    assert _one_error_line(capsys).startswith("vsekit: stopped by SIGTERM")
+    assert sorted(p.name for p in out.iterdir()) in ([], [".lock"])  # no work folder left, no half index
+    monkeypatch.setattr(thumbs, "make_all", real)
+    assert _index_build(ckpt, out) == 0
+
+
+def test_a_killed_builds_work_folders_do_not_make_its_folder_taken(ckpt, tmp_path):
+    """kill -9 leaves work folders no ``finally`` removed; a dead writer's are not the user's files."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "index"
+    (out / f".thumbnails.building-{int(dead.stdout)}-0a1b2c3d").mkdir(parents=True)
+    (out / ".lock").touch()
+    assert _index_build(ckpt, out) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file\n")
+    assert _index_build(ckpt, tmp_path / "mine") == 2  # a folder of someone else's files is still refused
 
 
 # -- writability, OS errors ----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Every error a user can cause (a bad config key, a missing file, a foreign checkp
 the system (a read-only folder, a full disk, a file-size limit) is one ``vsekit: error: <path>: <reason>``
 line with a hint and exit code 1 (``VSEKIT_DEBUG=1`` shows its traceback instead), and so is an allocation
 that fails (a model or batch too large for the machine). A training run stopped by
-SIGTERM or SIGINT saves its state and exits with 128 + the signal's number (143, 130).
+SIGTERM, SIGINT or SIGHUP saves its state and exits with 128 + the signal's number (143, 130, 129); any other
+command stopped by SIGTERM or SIGHUP says so in one line, with the same exit codes.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     logging.basicConfig(level=level, format="%(message)s")
     from vsekit.errors import TrainingCollapsed, VsekitError
-    from vsekit.train.signals import TrainingInterrupted
+    from vsekit.train.signals import Terminated, TrainingInterrupted, terminate_raises
 
     _ignore_file_size_signal()
     try:
-        return args.fn(args)
+        with terminate_raises():
+            return args.fn(args)
     except (VsekitError, FileNotFoundError) as e:
         print(f"vsekit: error: {e}", file=sys.stderr)
         return 2
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vsekit: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"vsekit: {e}; files are written whole or not at all, work folders were removed", file=sys.stderr)
+        return e.exit_code
     except OSError as e:
         if os.environ.get("VSEKIT_DEBUG"):
             raise

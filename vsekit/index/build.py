@@ -47,6 +47,7 @@ from vsekit.index.store import (
 )
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
+from vsekit.utils.fs import is_stale_work
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
 DEFAULT_THUMBNAIL_SIZE = thumbs.DEFAULT_MAX_SIDE  # long side of the index's thumbnails, in pixels
@@ -265,7 +266,9 @@ def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=N
                                "`vsekit index add` to add images to it")
     if out.exists() and not out.is_dir():
         raise SearchIndexError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
+    # what a killed build of this folder left (a lock, dead writers' work folders) does not make it taken
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" and not is_stale_work(p)
+                                                               for p in out.iterdir()):
         raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
     return create_backend(backend, index_dir=out, overwrite=overwrite, **options)
 
