@@ -354,6 +354,19 @@ def test_k_is_ascii_digits_on_every_route(client, records, k):
     assert_json_error(post_image(client, png_bytes(records[0]["path"]), k=k), 422, "k")
 
 
+@pytest.mark.parametrize("query", ["q=red&k=1&k=100", "q=red&q=blue", "q=red&target=images&target=captions"])
+def test_a_parameter_given_twice_is_refused_on_every_route(client, records, query):
+    """The framework reads the last of repeated parameters; a proxy or filter in front may have checked the
+    first (``k=1&k=100``): neither is guessed."""
+    name = query.rsplit("&", 1)[1].split("=")[0]
+    assert_json_error(client.get(f"/search?{query}"), 422, f"{name} is given 2 times")
+    if name != "q":
+        values = [v.split("=")[1] for v in query.split("&") if v.startswith(f"{name}=")]
+        r = client.post("/search/image", files=[("file", ("q.png", png_bytes(records[0]["path"]), "image/png")),
+                                                *[(name, (None, v)) for v in values]])
+        assert_json_error(r, 422, f"{name} is given 2 times")
+
+
 def test_k_accepts_plain_digits_on_every_route(client, records):
     assert len(client.get("/search", params={"q": "red", "k": "03"}).json()["results"]) == 3
     r = post_image(client, png_bytes(records[0]["path"]), k="03")

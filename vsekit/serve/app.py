@@ -215,6 +215,14 @@ def parse_k(value: Any, max_k: int) -> int:
     return value
 
 
+def check_once(params: Any, names: Iterable[str]) -> None:
+    """A 422 when a query parameter or form field of ``names`` is given more than once (``k=1&k=100``): the
+    framework would read the last, a proxy or filter in front may have checked the first."""
+    for name in names:
+        if (n := len(params.getlist(name))) > 1:
+            raise ApiError(422, f"{name} is given {n} times; give it once")
+
+
 class HeadAsGet:
     """ASGI middleware: HEAD is answered wherever GET is (RFC 9110 9.3.2), by the GET route itself, with the
     same status and headers (``Content-Length`` and ``Content-Type`` included) and no body. FastAPI's routes
@@ -444,12 +452,13 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                 "recall_at_10": m.get("recall_at_10"), "rerank": sx.rerank, "limits": limits}
 
     @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
-    def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
+    def search(request: Request, q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
                # a str, read by parse_k as the upload's k is; documented as the integer it must be
                k: str = Query(10, description=f"number of results, 1..{max_k}",
                               json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
                target: Literal["images", "captions"] = Query("images", description="what to return")
                ) -> dict[str, Any]:
+        check_once(request.query_params, ("q", "k", "target"))
         query = q.strip()
         if not query:
             raise ApiError(422, "q: the query is empty")
@@ -474,6 +483,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "no image: send it in a multipart field named 'file'")
+            check_once(form, ("k", "target"))
             data = await upload.read(max_upload_bytes + 1)
             kk = parse_k(form.get("k", 10), max_k)
             default = "captions" if sx.has_captions else "images"
