@@ -171,6 +171,31 @@ def test_sighup_stops_training_as_sigterm_does_unless_ignored(monkeypatch):
         signal.signal(signal.SIGHUP, before)
 
 
+def test_a_forked_child_still_ends_by_sigterm_under_terminate_raises():
+    """A data loader worker forked while the handler is in place must not raise Terminated (a traceback in
+    each worker): it ends by the signal, as before."""
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.terminate_raises():
+        ready, started = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            import time
+
+            os.write(started, b"1")  # past the fork (a signal that arrives during it is lost)
+            time.sleep(30)
+            os._exit(0)
+        assert os.read(ready, 1) == b"1"
+        os.close(ready), os.close(started)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        with pytest.raises(signals.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs at the next bytecode
+                pass
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def _index_build(ckpt: Path, out: Path) -> int:
     return main(["index", "build", str(ckpt), "--data", "demo", "--split", "train", "--max-images", "8",
                  "--out", str(out), "-q"])

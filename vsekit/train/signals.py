@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -99,7 +100,13 @@ def terminate_raises() -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked child (a data loader worker): ends as it did before, by the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise Terminated(signum)
 
     previous = {s: signal.signal(s, handle) for s in _handled((signal.SIGTERM, *_HANGUP))}
