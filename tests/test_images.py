@@ -382,6 +382,28 @@ def test_a_header_over_the_memory_budget_is_refused_before_decoding(tmp_path: Pa
     assert decode_bytes("RGB", (10, 10)) == 100 * (4 + 4)
 
 
+def test_a_progressive_jpeg_counts_its_coefficients_in_the_budget(tmp_path: Path) -> None:
+    """libjpeg decodes a progressive JPEG through the DCT coefficients of the whole image, 2 bytes per pixel
+    and component beside the pixels: a 36-megapixel one grew the process by 343 MB where the estimate said
+    274 MB. The same image baseline still fits the budget that the progressive one exceeds."""
+    import io
+
+    from vsekit.data.images import ImageTooLargeError, decode_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    encoded = {}
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", progressive=progressive, subsampling=0)
+        encoded[progressive] = buf.getvalue()
+    baseline_budget = decode_bytes("RGB", (64, 48))
+    assert decode_bytes("RGB", (64, 48), progressive=True) == baseline_budget + 64 * 48 * 6
+    assert decode_rgb(encoded[False], max_bytes=baseline_budget).size == (64, 48)
+    with pytest.raises(ImageTooLargeError, match=r"64x48 image \(mode RGB\)"):
+        decode_rgb(encoded[True], max_bytes=baseline_budget)
+    assert decode_rgb(encoded[True], max_bytes=baseline_budget + 64 * 48 * 6).size == (64, 48)
+
+
 # -- property: every accepted mode decodes to the pixels PIL's own conversion gives ---------------------------
 _LOSSLESS = {"1": ["PNG", "BMP", "TIFF", "PPM"], "L": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "GIF"],
              "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "WEBP", "AVIF"],
