@@ -298,6 +298,25 @@ def test_a_model_too_large_for_the_machine_is_one_line(tmp_path, cache, capsys, 
         main(["train", "demo_vsepp"])
 
 
+def test_semantics_and_imagine_check_their_out_before_any_work(tmp_path, capsys, monkeypatch, refuse_probe):
+    """``semantics fit --out`` was found unwritable only after the captions were read and the LSA fitted;
+    ``imagine --out`` at a link only after the model was loaded and the grid generated."""
+    import vsekit.imagine as imagine
+    import vsekit.semantics as semantics
+
+    monkeypatch.setattr(semantics, "fit_to_folder", lambda *a, **k: pytest.fail("fitted into an unwritable folder"))
+    monkeypatch.setattr(imagine.Imaginer, "from_checkpoint", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.delenv("VSEKIT_DEBUG", raising=False)
+    assert main(["semantics", "fit", "--data", "demo", "--out", str(tmp_path / "sem")]) == 2
+    line = _one_error_line(capsys)
+    assert "--out" in line and "cannot write there" in line, line
+    (tmp_path / "target.png").write_bytes(b"keep me")
+    (tmp_path / "grid.png").symlink_to(tmp_path / "target.png")
+    assert main(["imagine", str(tmp_path / "none.pt"), "red", "--out", str(tmp_path / "grid.png")]) == 2
+    assert "symbolic link" in _one_error_line(capsys)
+    assert (tmp_path / "target.png").read_bytes() == b"keep me"
+
+
 def test_vsekit_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "cache-file"
     afile.write_text("not a folder\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def cmd_imagine(args: argparse.Namespace) -> int:
+    from vsekit.cli.evaluate import check_out_file
     from vsekit.errors import ConfigError
     from vsekit.imagine import MAX_SAMPLES, MAX_TEXTS, Imaginer, image_grid
     from vsekit.utils.io import atomic_write
@@ -18,6 +19,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the grid is written as a PNG; name it *.png")
+    check_out_file(out)  # before the model is loaded: a link, a device or a folder that cannot be written
     imaginer = Imaginer.from_checkpoint(args.checkpoint, device=args.device,
                                         allow_legacy=args.allow_legacy_checkpoint)
     grid = image_grid(imaginer.generate(args.texts, n=args.n, seed=args.seed))

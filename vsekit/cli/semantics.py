@@ -9,7 +9,10 @@ from pathlib import Path
 def cmd_semantics_fit(args: argparse.Namespace) -> int:
     from vsekit.data.sources import data_config, load_split, sniff_source
     from vsekit.semantics import fit_to_folder
+    from vsekit.utils.io import check_writable_dir
 
+    # before the captions are read and the LSA fitted: a folder that cannot be written is said at once
+    check_writable_dir(Path(args.out), "--out", create=False)
     data = sniff_source(args.data, args.image_root)
     spec = {**data.model_dump(), "check_images": False}  # captions only
     if args.restval:
