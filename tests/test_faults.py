@@ -317,6 +317,15 @@ def test_semantics_and_imagine_check_their_out_before_any_work(tmp_path, capsys,
     assert (tmp_path / "target.png").read_bytes() == b"keep me"
 
 
+def test_a_small_cnn_of_width_zero_is_a_config_error(tmp_path):
+    """model.image_encoder.width=0 built a network of empty convolutions that failed in its first forward pass
+    with a torch traceback."""
+    from vsekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"small_cnn.*width must be a whole number >= 1, got 0"):
+        Trainer(tiny_cfg(tmp_path / "run", "model.image_encoder.width=0"))
+
+
 def test_vsekit_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "cache-file"
     afile.write_text("not a folder\n")
