@@ -385,6 +385,35 @@ def test_pairs_multiline_csv_record_line_numbers(tmp_path: Path) -> None:
         read_pairs(path)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_pairs_line_longer_than_the_bound_is_refused_before_it_is_parsed(tmp_path: Path, suffix: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 85 MB CSV line of short fields held 2.9 GB as a list before its field count was checked; a JSON line
+    of 3M keys 1.2 GB. Now a line past textio.MAX_LINE_CHARS is refused while it is read."""
+    import vsekit.data.textio as textio
+
+    sep = "\t" if suffix == ".tsv" else ","
+    wide = sep.join(["ab"] * (textio.MAX_LINE_CHARS // 3 + 2))
+    if suffix == ".jsonl":
+        body = '{"image": "a.png", "caption": "ok"}\n{"image": "b.png", "caption": "' + "x" * textio.MAX_LINE_CHARS + '"}\n'
+    else:
+        body = f"image{sep}caption\na.png{sep}ok\n{wide}\n"
+    path = tmp_path / f"pairs{suffix}"
+    path.write_text(body)
+    parsed = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, *a, **k: parsed.append(len(text)) or real(text, *a, **k))
+    line = 2 if suffix == ".jsonl" else 3
+    with pytest.raises(DataError, match=rf"pairs\{suffix}:{line}: line longer than {textio.MAX_LINE_CHARS:,} characters"):
+        read_pairs(path)
+    assert max(parsed, default=0) < 100  # the long JSON line never reached the parser
+    ok = tmp_path / f"ok{suffix}"  # a line just under the bound is read
+    caption = "y" * (textio.MAX_LINE_CHARS - 200 if suffix == ".jsonl" else 100_000)  # csv's own field limit: 128K
+    ok.write_text('{"image": "a.png", "caption": "' + caption + '"}\n' if suffix == ".jsonl"
+                  else f"image{sep}caption\na.png{sep}{caption}\n")
+    assert read_pairs(ok, image_root=tmp_path).num_captions == 1
+
+
 def test_pairs_cross_split_image_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _write_csv(tmp_path / "p.csv", ["image,caption,split", "a.png,x,train", "a.png,y,test"])
     with caplog.at_level(logging.WARNING, logger="vsekit.data.pairs"):

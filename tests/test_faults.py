@@ -106,10 +106,30 @@ def test_resume_under_a_changed_model_or_optimizer_is_one_line_listing_the_chang
     recipe.write_text("{}\n")
     assert main(["train", str(recipe), *_cli_overrides(out, "optim.lr=0.01"), "--resume"]) == 2
     assert "optim.lr: 0.001 -> 0.01" in _one_error_line(capsys)
+    with pytest.raises(CheckpointError, match=r"optim.lr_mult.backbone: '\(absent\)' -> 0.1"):
+        Trainer(tiny_cfg(out, *TINY, "optim.lr_mult={backbone: 0.1}"), resume=True)
     # how long it trains, how it logs, where it runs: a resume may change those
     t = Trainer(tiny_cfg(out, "train.epochs=2", "train.max_steps_per_epoch=2", "train.log_every=1",
                          "train.max_minutes=30"), resume=True)
     assert t.epoch == 1
+
+
+def test_resume_refuses_an_entry_added_to_a_mapping_the_checkpoint_had_empty_or_without_it(tmp_path):
+    """A key only one side has was never a change: an ``optim.lr_mult`` entry or a component option added on
+    --resume went through silently (the optimizer's groups then no longer matched the saved state's)."""
+    from vsekit.train.checkpointing import ABSENT, config_changes
+
+    saved_cfg = tiny_cfg(tmp_path / "run")
+    saved, schema = saved_cfg.to_dict(), type(saved_cfg)
+    assert "backbone_norm" not in saved_cfg.model.image_encoder  # the component's option was left at its default
+    for override, key, new in [("optim.lr_mult={backbone: 0.1}", "optim.lr_mult.backbone", 0.1),
+                               ("model.image_encoder.backbone_norm=false", "model.image_encoder.backbone_norm", False)]:
+        current = tiny_cfg(tmp_path / "run", override).to_dict()
+        assert (key, ABSENT, new) in config_changes(saved, current, schema), override
+    # a field of a typed section that the checkpoint's vsekit did not have yet is no change
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "max_nonfinite_steps"}}
+    assert config_changes(older, saved, schema) == []
+    assert config_changes(saved, tiny_cfg(tmp_path / "run", "train.epochs=7").to_dict(), schema) == []
 
 
 # -- signals -------------------------------------------------------------------------------------------------
@@ -134,6 +154,93 @@ def test_a_second_sigterm_is_ignored_and_the_handlers_are_restored():
         stop._handle(signal.SIGTERM, None)  # torchrun forwards the scheduler's SIGTERM: no hard stop
         assert stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sighup_stops_training_as_sigterm_does_unless_ignored(monkeypatch):
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with signals.StopSignals() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            stop._handle(signal.SIGHUP, None)
+            assert stop.signum == signal.SIGHUP
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: a hang-up stays ignored
+        with signals.StopSignals(), signals.terminate_raises():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_forked_child_still_ends_by_sigterm_under_terminate_raises():
+    """A data loader worker forked while the handler is in place must not raise Terminated (a traceback in
+    each worker): it ends by the signal, as before."""
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.terminate_raises():
+        ready, started = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            import time
+
+            os.write(started, b"1")  # past the fork (a signal that arrives during it is lost)
+            time.sleep(30)
+            os._exit(0)
+        assert os.read(ready, 1) == b"1"
+        os.close(ready), os.close(started)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        with pytest.raises(signals.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs at the next bytecode
+                pass
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _index_build(ckpt: Path, out: Path) -> int:
+    return main(["index", "build", str(ckpt), "--data", "demo", "--split", "train", "--max-images", "8",
+                 "--out", str(out), "-q"])
+
+
+def test_sigterm_during_index_build_is_one_line_and_leaves_the_folder_usable(ckpt, tmp_path, capsys, monkeypatch):
+    """SIGTERM ended ``index build`` at once, silently, leaving its thumbnail work folder in the new index folder,
+    which the next build then refused ("not empty and holds no index")."""
+    import vsekit.index.thumbnails as thumbs
+
+    real, sent = thumbs.make_all, []
+
+    def terminated_meanwhile(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # handled in the main thread, wherever it is
+        return real(*args, **kwargs)
+
+    def guard(signum, frame):  # the test runner's own handler: a command that leaves it in place is not stopped
+        sent.append("reached the runner")
+
+    monkeypatch.setattr(thumbs, "make_all", terminated_meanwhile)
+    out = tmp_path / "index"
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        code = _index_build(ckpt, out)
+        assert signal.getsignal(signal.SIGTERM) is guard  # the command's handler is gone with the command
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 128 + signal.SIGTERM and "reached the runner" not in sent
+    assert _one_error_line(capsys).startswith("vsekit: stopped by SIGTERM")
+    assert sorted(p.name for p in out.iterdir()) in ([], [".lock"])  # no work folder left, no half index
+    monkeypatch.setattr(thumbs, "make_all", real)
+    assert _index_build(ckpt, out) == 0
+
+
+def test_a_killed_builds_work_folders_do_not_make_its_folder_taken(ckpt, tmp_path):
+    """kill -9 leaves work folders no ``finally`` removed; a dead writer's are not the user's files."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "index"
+    (out / f".thumbnails.building-{int(dead.stdout)}-0a1b2c3d").mkdir(parents=True)
+    (out / ".lock").touch()
+    assert _index_build(ckpt, out) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file\n")
+    assert _index_build(ckpt, tmp_path / "mine") == 2  # a folder of someone else's files is still refused
 
 
 # -- writability, OS errors ----------------------------------------------------------------------------------
@@ -172,6 +279,51 @@ def test_the_command_line_reports_an_os_error_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("VSEKIT_DEBUG", "1")
     with pytest.raises(OSError):
         main(["train", "demo_vsepp"])
+
+
+def test_a_model_too_large_for_the_machine_is_one_line(tmp_path, cache, capsys, monkeypatch):
+    """torch's allocator failing (a RuntimeError, not a MemoryError) ends in one line that names what to lower,
+    and no other RuntimeError is hidden by it."""
+    monkeypatch.delenv("VSEKIT_DEBUG", raising=False)
+    assert main(["train", "demo_vsepp", *_cli_overrides(tmp_path / "run", "model.embed_size=1000000000000")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("vsekit: error: out of memory (tried to allocate ") and "model.embed_size" in line, line
+    import vsekit.cli.train as cli_train
+
+    def bug(args):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(cli_train, "cmd_train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "demo_vsepp"])
+
+
+def test_semantics_and_imagine_check_their_out_before_any_work(tmp_path, capsys, monkeypatch, refuse_probe):
+    """``semantics fit --out`` was found unwritable only after the captions were read and the LSA fitted;
+    ``imagine --out`` at a link only after the model was loaded and the grid generated."""
+    import vsekit.imagine as imagine
+    import vsekit.semantics as semantics
+
+    monkeypatch.setattr(semantics, "fit_to_folder", lambda *a, **k: pytest.fail("fitted into an unwritable folder"))
+    monkeypatch.setattr(imagine.Imaginer, "from_checkpoint", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.delenv("VSEKIT_DEBUG", raising=False)
+    assert main(["semantics", "fit", "--data", "demo", "--out", str(tmp_path / "sem")]) == 2
+    line = _one_error_line(capsys)
+    assert "--out" in line and "cannot write there" in line, line
+    (tmp_path / "target.png").write_bytes(b"keep me")
+    (tmp_path / "grid.png").symlink_to(tmp_path / "target.png")
+    assert main(["imagine", str(tmp_path / "none.pt"), "red", "--out", str(tmp_path / "grid.png")]) == 2
+    assert "symbolic link" in _one_error_line(capsys)
+    assert (tmp_path / "target.png").read_bytes() == b"keep me"
+
+
+def test_a_small_cnn_of_width_zero_is_a_config_error(tmp_path):
+    """model.image_encoder.width=0 built a network of empty convolutions that failed in its first forward pass
+    with a torch traceback."""
+    from vsekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"small_cnn.*width must be a whole number >= 1, got 0"):
+        Trainer(tiny_cfg(tmp_path / "run", "model.image_encoder.width=0"))
 
 
 def test_vsekit_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):

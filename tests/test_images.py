@@ -382,6 +382,77 @@ def test_a_header_over_the_memory_budget_is_refused_before_decoding(tmp_path: Pa
     assert decode_bytes("RGB", (10, 10)) == 100 * (4 + 4)
 
 
+def test_a_progressive_jpeg_counts_its_coefficients_in_the_budget(tmp_path: Path) -> None:
+    """libjpeg decodes a progressive JPEG through the DCT coefficients of the whole image, 2 bytes per pixel
+    and component beside the pixels: a 36-megapixel one grew the process by 343 MB where the estimate said
+    274 MB. The same image baseline still fits the budget that the progressive one exceeds."""
+    import io
+
+    from vsekit.data.images import ImageTooLargeError, decode_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    encoded = {}
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", progressive=progressive, subsampling=0)
+        encoded[progressive] = buf.getvalue()
+    baseline_budget = decode_bytes("RGB", (64, 48))
+    assert decode_bytes("RGB", (64, 48), progressive=True) == baseline_budget + 64 * 48 * 6
+    assert decode_rgb(encoded[False], max_bytes=baseline_budget).size == (64, 48)
+    with pytest.raises(ImageTooLargeError, match=r"64x48 image \(mode RGB\)"):
+        decode_rgb(encoded[True], max_bytes=baseline_budget)
+    assert decode_rgb(encoded[True], max_bytes=baseline_budget + 64 * 48 * 6).size == (64, 48)
+
+
+@pytest.mark.parametrize("fmt, extra", [("WEBP", 8), ("AVIF", 4)])
+def test_webp_and_avif_count_what_their_decoders_hold(fmt: str, extra: int) -> None:
+    """WebP's decoder hands the whole RGBA frame over as bytes that are then copied (a 16-megapixel file grew
+    the process by 244 MB where the estimate said 122 MB); AVIF's holds its YUV planes."""
+    import io
+
+    from vsekit.data.images import ImageTooLargeError, decode_bytes
+
+    if fmt not in ACCEPTED_FORMATS:
+        pytest.skip(f"Pillow without {fmt}")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), 90, dtype=np.uint8)).save(buf, fmt)
+    plain = decode_bytes("RGB", (64, 48))
+    assert decode_bytes("RGB", (64, 48), fmt=fmt) == plain + 64 * 48 * extra
+    with pytest.raises(ImageTooLargeError):
+        decode_rgb(buf.getvalue(), max_bytes=plain)
+    assert decode_rgb(buf.getvalue(), max_bytes=plain + 64 * 48 * extra).size == (64, 48)
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libjpeg decodes each scan over the whole image: 5000 copies of a 59-byte scan made a 1.1 MB,
+    36-megapixel JPEG take 12 s to decode (a 10 MB upload: minutes). The scans are counted in the bytes first."""
+    import io
+
+    from PIL import JpegImagePlugin
+
+    import vsekit.data.images as images
+
+    MAX_JPEG_SCANS = getattr(images, "MAX_JPEG_SCANS", 100)  # noqa: N806 - the module's constant
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(
+        buf, "JPEG", progressive=True)
+    good = buf.getvalue()
+    sos = [i for i in range(len(good) - 1) if good[i: i + 2] == b"\xff\xda"]
+    assert 2 < len(sos) < 20
+    scan = good[sos[-2]: sos[-1]].split(b"\xff\xc4")[0]  # one scan (without a table that may follow it)
+    bomb = good[: sos[-1]] + scan * MAX_JPEG_SCANS + good[sos[-1]:]
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    loads: list[int] = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    with pytest.raises(ImageLoadError, match=rf"bomb\.jpg: a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        load_rgb(tmp_path / "bomb.jpg")
+    with pytest.raises(ImageLoadError, match=rf"^the upload: a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        decode_rgb(bomb, name="the upload")
+    assert loads == []  # refused from the bytes: nothing was decoded
+    assert decode_rgb(good).size == (48, 32)  # a progressive JPEG of the usual scans is read
+
+
 # -- property: every accepted mode decodes to the pixels PIL's own conversion gives ---------------------------
 _LOSSLESS = {"1": ["PNG", "BMP", "TIFF", "PPM"], "L": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "GIF"],
              "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "BMP", "TIFF", "PPM", "JPEG", "WEBP", "AVIF"],

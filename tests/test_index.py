@@ -308,6 +308,27 @@ def test_folder_index_without_captions_refuses_image_to_text(ckpt, emb, demo_ind
         sx.search_image(demo.images[0]["path"])
 
 
+def test_captions_with_no_known_word_are_not_indexed(ckpt, emb, demo_index, tmp_path, caplog):
+    """A caption of only emoji or combining marks embeds to the model's answer to nothing, which every query
+    found near: "red" ranked it (0.78) above the caption that says "red". Such a query is refused; such a
+    caption is not indexed (one warning naming it), on build and on add."""
+    demo = store.load_data(demo_index, read_manifest(demo_index))
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "caption"])
+        for rec, junk in zip(demo.images[:3], ["\U0001f600\U0001f600", "\u0301\u0301\u0301", "!!! ???"]):
+            shutil.copy(rec["path"], tmp_path / Path(rec["path"]).name)
+            out.writerow([Path(rec["path"]).name, rec["captions"][0]])
+            out.writerow([Path(rec["path"]).name, junk])
+    assert emb.known_words("\U0001f600\U0001f600") == 0 and emb.known_words(demo.images[0]["captions"][0]) > 0
+    with caplog.at_level("WARNING", logger="vsekit.index.build"):
+        assert cli("index", "build", ckpt, "--data", tmp_path / "pairs.csv", "--out", tmp_path / "ix", "-q") == 0
+    assert "3 caption(s) with no word the model knows were not indexed" in caplog.text
+    sx = SearchIndex.open(tmp_path / "ix", emb)
+    assert sx.num_captions == 3 and all(emb.known_words(h.text) for h in sx.search_text("red", 10, "captions"))
+    assert {h.id.rsplit("#", 1)[1] for h in sx.search_text("red", 10, "captions")} == {"0"}  # ids keep their k
+
+
 def test_pairs_file_without_split_column_is_indexed_whole(ckpt, emb, demo_index, tmp_path, capsys):
     """--data of a pairs file without a split column: every row, by default and with --split all; a named
     split is refused with an error that names the real option."""

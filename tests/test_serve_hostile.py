@@ -385,6 +385,21 @@ def test_foreign_formats_are_refused_with_no_decoder_run_and_no_path_echoed(clie
     assert calls == []  # neither the EPS/PSD plugin nor Ghostscript ever ran
 
 
+def test_a_jpeg_scan_bomb_upload_is_refused_before_decoding(client):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG", progressive=True)
+    good = buf.getvalue()
+    sos = good.rfind(b"\xff\xda")
+    scan = good[good.rfind(b"\xff\xda", 0, sos): sos].split(b"\xff\xc4")[0]
+    r = client.post("/search/image", files={"file": ("q.jpg", good[:sos] + scan * 150 + good[sos:], "image/jpeg")})
+    assert_json_error(r, 415, "more than 100 scans")
+    _no_server_internals(r.text)
+
+
 def test_uploads_are_decoded_in_memory_never_written_to_a_file(client, good_png, monkeypatch):
     import tempfile
 

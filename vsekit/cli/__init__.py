@@ -3,8 +3,10 @@
 Every error a user can cause (a bad config key, a missing file, a foreign checkpoint) is printed as one
 ``vsekit: error: ...`` line with exit code 2; a training run stopped for collapse exits with 3. An error of
 the system (a read-only folder, a full disk, a file-size limit) is one ``vsekit: error: <path>: <reason>``
-line with a hint and exit code 1 (``VSEKIT_DEBUG=1`` shows its traceback instead). A training run stopped by
-SIGTERM or SIGINT saves its state and exits with 128 + the signal's number (143, 130).
+line with a hint and exit code 1 (``VSEKIT_DEBUG=1`` shows its traceback instead), and so is an allocation
+that fails (a model or batch too large for the machine). A training run stopped by
+SIGTERM, SIGINT or SIGHUP saves its state and exits with 128 + the signal's number (143, 130, 129); any other
+command stopped by SIGTERM or SIGHUP says so in one line, with the same exit codes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -45,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     logging.basicConfig(level=level, format="%(message)s")
     from vsekit.errors import TrainingCollapsed, VsekitError
-    from vsekit.train.signals import TrainingInterrupted
+    from vsekit.train.signals import Terminated, TrainingInterrupted, terminate_raises
 
     _ignore_file_size_signal()
     try:
-        return args.fn(args)
+        with terminate_raises():
+            return args.fn(args)
     except (VsekitError, FileNotFoundError) as e:
         print(f"vsekit: error: {e}", file=sys.stderr)
         return 2
@@ -62,10 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vsekit: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"vsekit: {e}; files are written whole or not at all, work folders were removed", file=sys.stderr)
+        return e.exit_code
     except OSError as e:
         if os.environ.get("VSEKIT_DEBUG"):
             raise
         print(f"vsekit: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if os.environ.get("VSEKIT_DEBUG") or not is_out_of_memory(e):
+            raise
+        print(f"vsekit: error: {describe_out_of_memory(e)}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()
@@ -91,6 +103,26 @@ def describe_os_error(e: OSError) -> str:
     reason = e.strerror or str(e) or type(e).__name__
     hint = _HINTS.get(e.errno or 0, "check the path and its permissions; VSEKIT_DEBUG=1 shows a traceback")
     return f"{where}{reason} ({hint})"
+
+
+# What torch says when an allocation fails (CPU, CUDA, MPS): a RuntimeError, not a MemoryError
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "failed to allocate")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's MemoryError or torch's allocator errors."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        m in str(e).lower() for m in _OUT_OF_MEMORY))
+
+
+def describe_out_of_memory(e: BaseException) -> str:
+    """One line for an allocation that failed: what torch asked for (its allocator's message names the bytes)
+    and what to lower; no traceback (VSEKIT_DEBUG=1 shows one)."""
+    text = " ".join(str(e).split())
+    asked = re.search(r"tried to allocate [0-9.]+ ?[KMGTP]?i?B|tried to allocate [0-9]+ bytes", text)
+    what = f" ({asked.group(0)})" if asked else ""
+    return (f"out of memory{what}: a size in the config or the options is too large for this machine (a model "
+            "size such as model.embed_size, train.batch_size, transform.image_size, --batch-size); lower it")
 
 
 def _ignore_file_size_signal() -> None:

@@ -6,12 +6,15 @@ import argparse
 
 
 def _rows(text: str) -> list[int]:
+    from vsekit.cli.common import non_negative_int
+
     try:
-        rows = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of row numbers: {text!r}") from None
-    if not rows or min(rows) < 0:
-        raise argparse.ArgumentTypeError(f"rows must be non-negative integers, got {text!r}")
+        rows = [non_negative_int(x.strip()) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"rows must be a comma-separated list of row numbers 0, 1, ..., "
+                                         f"got {text[:60]!r}") from None
+    if not rows:
+        raise argparse.ArgumentTypeError(f"rows must be a comma-separated list of row numbers, got {text[:60]!r}")
     return rows
 
 
@@ -64,7 +67,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int
+    from vsekit.cli.common import add_allow_legacy_checkpoint, finite_non_negative, positive_int
 
     p = sub.add_parser("caption", help="caption images with a checkpoint's caption decoder (or score it: --eval)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used), trained with "
@@ -73,14 +76,14 @@ def add_cli(sub) -> None:
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy decoding)")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="most tokens per caption, the end token included (default: the term's max_len)")
-    p.add_argument("--length-norm", type=float, default=0.0,
+    p.add_argument("--length-norm", type=finite_non_negative, default=0.0,
                    help="beam search ranks by sum log p / length**L (0: the plain sum, 1: per word)")
     p.add_argument("--data", help="caption rows of a data set instead (demo | dataset_*.json | precomp folder | "
                                   "pairs file | image folder); needed for a model over precomputed features")
     p.add_argument("--image-root", help="folder the data set's image paths are relative to")
     p.add_argument("--split", default="test")
     p.add_argument("--rows", type=_rows, default=None, help="with --data: image rows, e.g. 0,1,5 (default: all)")
-    p.add_argument("--max-images", type=int, default=None, help="with --data: first N images of the split only")
+    p.add_argument("--max-images", type=positive_int, default=None, help="with --data: first N images of the split only")
     p.add_argument("--eval", action="store_true",
                    help="score one caption per image of the split against its references: BLEU-1..4 and "
                         "CIDEr-D (document frequencies from the split's references, as the COCO caption "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,12 @@ from typing import Any
 from vsekit.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)  # [0-9]: \d is any Unicode digit
+_WHOLE = re.compile("[0-9]+")
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+MAX_CLI_INT = 2**63 - 1  # what torch, NumPy and the data loaders take as an integer
+MAX_THREADS = 4096
+MAX_SEED = 2**32  # seeds reach NumPy, whose seeds are 32-bit (as the config's seed and random_state)
 
 
 def recipe_path(name: str) -> Path:
@@ -63,13 +69,54 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
 
 
+def whole_number(text: str, low: int = 0, high: int = MAX_CLI_INT) -> int:
+    """A command-line integer in ``low..high``: ASCII digits 0-9 only (a leading ``-`` for a negative one), so
+    that what Python's ``int()`` also reads (``1_0``, ``+5``, Arabic-Indic or full-width digits) is refused,
+    as the server refuses it in ``k``, and a number too large for the libraries it reaches is said here."""
+    digits = text[1:] if text.startswith("-") else text
+    if not _WHOLE.fullmatch(digits):
+        raise argparse.ArgumentTypeError(f"not a whole number in ASCII digits 0-9: {text[:40]!r}")
+    if len(digits.lstrip("0")) > len(str(MAX_CLI_INT)):  # not converted: a number of a million digits is slow
+        raise argparse.ArgumentTypeError(f"must be {low}..{high}, got a number of {len(digits)} digits")
+    v = int(text)
+    if not low <= v <= high:
+        raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {v}" if high < MAX_CLI_INT
+                                         else f"must be >= {low}, got {v}")
+    return v
+
+
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return whole_number(text, 0)
+
+
+def thread_count(text: str) -> int:
+    """A number of threads, 1..:data:`MAX_THREADS` (torch refuses more than a C int with a traceback)."""
+    return whole_number(text, 1, MAX_THREADS)
+
+
+def seed_int(text: str) -> int:
+    """A random seed, 0..2**32-1: the seeds NumPy takes (config ``seed`` and ``semantics.random_state`` too)."""
+    return whole_number(text, 0, MAX_SEED - 1)
+
+
+def read_float(text: str) -> float:
+    """A command-line number written as ``12``, ``0.5``, ``.5``, ``1e-3`` or ``-2`` in ASCII: not the ``1_0``,
+    ``+5``, full-width digits or surrounding spaces that Python's ``float()`` also reads; ``nan``/``inf`` are
+    returned as such, for the caller's bounds to refuse."""
+    if _FLOAT.fullmatch(text) or text.lower().lstrip("-") in ("nan", "inf", "infinity"):
+        return float(text)
+    raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}")
+
+
+def finite_non_negative(text: str) -> float:
+    """A finite number >= 0 (not nan or inf, which would turn every score into nan)."""
+    v = read_float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text[:40]!r}")
     return v
 
 

@@ -104,7 +104,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint
+    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int
     from vsekit.eval.metrics import EXTENDED_PROTOCOLS, LABEL_PROTOCOL, PROTOCOLS
 
     e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
@@ -119,8 +119,8 @@ def add_cli(sub) -> None:
                         "eccv (COCO 5K test from the Karpathy JSON: ECCV Caption and CxC positives beside the "
                         "original protocol) or semantic (any data set: a caption also counts when its LSA "
                         "semantics are close to a ground-truth caption's; R@K, mAP@R, R-Precision per threshold)")
-    e.add_argument("--max-images", type=int, default=None, help="first N images of the split only")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--max-images", type=positive_int, default=None, help="first N images of the split only")
+    e.add_argument("--batch-size", type=positive_int, default=128)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="also write the results as JSON here (with the per-fold results of 1k5fold)")
     add_allow_legacy_checkpoint(e)
@@ -134,7 +134,7 @@ def add_cli(sub) -> None:
     n.add_argument("--image-root")
     n.add_argument("--split", default="test", help="split when --images is a data set")
     n.add_argument("--out", required=True, help="output .npy (ids go to OUT.ids.txt)")
-    n.add_argument("--batch-size", type=int, default=128)
+    n.add_argument("--batch-size", type=positive_int, default=128)
     n.add_argument("--device", default="auto")
     add_allow_legacy_checkpoint(n)
     n.set_defaults(fn=cmd_encode)

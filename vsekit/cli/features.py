@@ -35,7 +35,7 @@ def cmd_features_extract(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import positive_int
+    from vsekit.cli.common import non_negative_int, positive_int
 
     f = sub.add_parser("features", help="precomputed image features from a backbone (data.format=precomp)")
     fsub = f.add_subparsers(dest="features_verb", required=True)
@@ -72,7 +72,7 @@ def add_cli(sub) -> None:
     e.add_argument("--captions-per-image", type=positive_int,
                    help="keep each image's first K captions (needed when images have different numbers)")
     e.add_argument("--batch-size", type=positive_int, default=64)
-    e.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    e.add_argument("--workers", type=non_negative_int, default=0, help="data-loader worker processes")
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     e.add_argument("--device", default="auto")
     e.add_argument("--restart", action="store_true", help="discard an earlier (unfinished) extraction of a split")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def cmd_imagine(args: argparse.Namespace) -> int:
+    from vsekit.cli.evaluate import check_out_file
     from vsekit.errors import ConfigError
     from vsekit.imagine import MAX_SAMPLES, MAX_TEXTS, Imaginer, image_grid
     from vsekit.utils.io import atomic_write
@@ -18,6 +19,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the grid is written as a PNG; name it *.png")
+    check_out_file(out)  # before the model is loaded: a link, a device or a folder that cannot be written
     imaginer = Imaginer.from_checkpoint(args.checkpoint, device=args.device,
                                         allow_legacy=args.allow_legacy_checkpoint)
     grid = image_grid(imaginer.generate(args.texts, n=args.n, seed=args.seed))
@@ -29,13 +31,13 @@ def cmd_imagine(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int
+    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int, seed_int
 
     p = sub.add_parser("imagine", help="sample images for captions from a checkpoint's text-to-image GAN (GXN)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used) trained with the gan term")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="captions, one grid row each")
     p.add_argument("--n", type=positive_int, default=8, help="images per caption (default 8, at most 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same grid")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise: the same seed gives the same grid")
     p.add_argument("--out", required=True, help="the PNG grid to write")
     p.add_argument("--device", default="auto")
     add_allow_legacy_checkpoint(p)

@@ -12,30 +12,25 @@ import json
 import sys
 from pathlib import Path
 
-from vsekit.cli.common import parse_size, positive_int
+from vsekit.cli.common import parse_size, positive_int, read_float, thread_count
 
 LEGACY_HELP = "load a checkpoint saved by an older vsekit with full pickle: only for files you trust"
 RERANK_HELP = ("an index of a model with a similarity network: shortlisted items each query reranks through the "
                "network (default: the index's)")
 
 
-def _finite_float(text: str, *, above_zero: bool) -> float:
-    """A finite number, > 0 (``above_zero``) or >= 0, as an argparse type."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not ((v > 0) if above_zero else (v >= 0)) or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number {'>' if above_zero else '>='} 0, got {text}")
+def positive_float(text: str) -> float:
+    v = read_float(text)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return v
 
 
-def positive_float(text: str) -> float:
-    return _finite_float(text, above_zero=True)
-
-
 def non_negative_float(text: str) -> float:
-    return _finite_float(text, above_zero=False)
+    v = read_float(text)
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
 
 
 def port_number(text: str) -> int:
@@ -54,12 +49,10 @@ def positive_size(text: str) -> int:
 
 
 def thumbnail_size(text: str) -> int:
+    from vsekit.cli.common import whole_number
     from vsekit.index.thumbnails import MAX_SIDE_LIMIT
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    v = whole_number(text)
     if not 0 <= v <= MAX_SIDE_LIMIT:
         raise argparse.ArgumentTypeError(f"must be 0 (no thumbnails) to {MAX_SIDE_LIMIT} pixels, got {v}")
     return v
@@ -415,7 +408,7 @@ def add_cli(subparsers) -> None:
     v.add_argument("--decode-wait", type=positive_float, default=limits.DEFAULT_DECODE_WAIT, metavar="SECONDS",
                    help="longest wait of an upload for a free decode slot before it is answered 503 with "
                         f"Retry-After (default {limits.DEFAULT_DECODE_WAIT:g})")
-    v.add_argument("--torch-threads", type=positive_int, default=1,
+    v.add_argument("--torch-threads", type=thread_count, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")
     v.set_defaults(fn=cmd_serve)

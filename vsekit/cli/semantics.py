@@ -9,7 +9,10 @@ from pathlib import Path
 def cmd_semantics_fit(args: argparse.Namespace) -> int:
     from vsekit.data.sources import data_config, load_split, sniff_source
     from vsekit.semantics import fit_to_folder
+    from vsekit.utils.io import check_writable_dir
 
+    # before the captions are read and the LSA fitted: a folder that cannot be written is said at once
+    check_writable_dir(Path(args.out), "--out", create=False)
     data = sniff_source(args.data, args.image_root)
     spec = {**data.model_dump(), "check_images": False}  # captions only
     if args.restval:
@@ -23,6 +26,7 @@ def cmd_semantics_fit(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
+    from vsekit.cli.common import positive_int, seed_int
     from vsekit.semantics import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
 
     s = sub.add_parser("semantics", help="LSA caption semantics for the LSEH loss")
@@ -33,7 +37,7 @@ def add_cli(sub) -> None:
     f.add_argument("--split", default="train")
     f.add_argument("--restval", action="store_true", help="Karpathy COCO: merge restval into train")
     f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--n-components", type=int, default=DEFAULT_N_COMPONENTS)
-    f.add_argument("--n-iter", type=int, default=None)
-    f.add_argument("--seed", type=int, default=DEFAULT_RANDOM_STATE)
+    f.add_argument("--n-components", type=positive_int, default=DEFAULT_N_COMPONENTS)
+    f.add_argument("--n-iter", type=positive_int, default=None)
+    f.add_argument("--seed", type=seed_int, default=DEFAULT_RANDOM_STATE)
     f.set_defaults(fn=cmd_semantics_fit)

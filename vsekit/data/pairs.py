@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.textio import json_type, open_text, parse_json, read_utf8, short_repr, utf8_error
+from vsekit.data.textio import (
+    bounded_lines,
+    json_type,
+    open_text,
+    parse_json,
+    read_utf8,
+    short_repr,
+    utf8_error,
+)
 from vsekit.text.tokenizer import clean_text
 
 logger = logging.getLogger(__name__)
@@ -249,7 +257,7 @@ def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     try:
         with open_text(path, newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            reader = csv.reader(bounded_lines(f, path), delimiter=delimiter)
             try:
                 header = next(reader, None)
                 if not header:
@@ -281,7 +289,7 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, int, dict[st
 def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
     try:
         with open_text(path) as f:
-            for line, text in enumerate(f, start=1):
+            for line, text in enumerate(bounded_lines(f, path), start=1):
                 if not text.strip():
                     continue
                 record = parse_json(text, f"{path}:{line}")

@@ -11,6 +11,10 @@ from vsekit.data.corpus import DataError
 from vsekit.text.tokenizer import clean_text
 
 _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+# The longest line a record of a pairs file (CSV/TSV, JSON lines) may have, in characters: a caption is cut to
+# text.max_tokens tokens anyway, and a line is refused before it is parsed: a CSV line of 85 MB of short fields
+# became a list that held 2.9 GB before its field count was checked.
+MAX_LINE_CHARS = 1 << 22
 
 
 def open_text(path: Path, newline: str | None = None):
@@ -23,6 +27,19 @@ def open_text(path: Path, newline: str | None = None):
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def bounded_lines(f, path: Path, limit: int = MAX_LINE_CHARS):
+    """The lines of the text file ``f``, each read with at most ``limit`` characters held (``readline(limit +
+    1)``): a longer one is a :class:`DataError` naming ``file:line``, raised before it is held whole or parsed.
+    Lines are counted as ``f`` splits them (``newline=""``: ``\n``, ``\r\n`` or a lone ``\r``, as ``csv``)."""
+    number = 0
+    while line := f.readline(limit + 1):
+        number += 1
+        if len(line) > limit:
+            raise DataError(f"{path}:{number}: line longer than {limit:,} characters; a record holds one caption "
+                            "and its image (is this a pairs file?)")
+        yield line
 
 
 def utf8_error(path: Path) -> DataError:

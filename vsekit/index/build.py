@@ -47,6 +47,7 @@ from vsekit.index.store import (
 )
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
+from vsekit.utils.fs import is_stale_work
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
 DEFAULT_THUMBNAIL_SIZE = thumbs.DEFAULT_MAX_SIDE  # long side of the index's thumbnails, in pixels
@@ -103,17 +104,32 @@ def _image_records(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> l
              "captions": caps.get(r, [])} for k, r in enumerate(rows)]
 
 
-def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> tuple[list[int], list[dict]]:
+def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str],
+                  embedder: Any = None) -> tuple[list[int], list[dict]]:
     """Caption indices of the given image rows (corpus order) and their records; a caption's id is
-    ``<image id>#<k>``, unique because image ids are."""
+    ``<image id>#<k>``, unique because image ids are (``k`` counts every caption of the image).
+
+    A caption with no word the ``embedder`` knows (only emoji, combining marks, punctuation or words of
+    another vocabulary) is not indexed, with one warning: its embedding is the model's answer to nothing, which
+    every query finds near (ranked above a caption that has the query's word), as a query with no known words
+    would be -- and such a query is refused."""
+    known = getattr(embedder, "known_words", None)
+    if known is not None and getattr(embedder, "reads_text_features", False):
+        known = None
     id_of_row = dict(zip(rows, ids))
     seen: dict[int, int] = {}
-    index, records = [], []
+    index, records, unknown = [], [], []
     for j, i in enumerate(corpus.caption_to_image.tolist()):
         if i in id_of_row:
             k = seen[i] = seen.get(i, -1) + 1
+            if known is not None and known(corpus.captions[j]) == 0:
+                unknown.append(f"{id_of_row[i]}#{k}")
+                continue
             index.append(j)
             records.append({"id": f"{id_of_row[i]}#{k}", "text": corpus.captions[j], "image": id_of_row[i]})
+    if unknown:
+        log.warning("%d caption(s) with no word the model knows were not indexed (their embedding would match any "
+                    "query): %s%s", len(unknown), ", ".join(unknown[:5]), ", ..." if len(unknown) > 5 else "")
     return index, records
 
 
@@ -217,7 +233,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     try:
         rows = list(range(corpus.num_images))
         ids = list(corpus.image_ids)
-        cap_index, cap_records = _caption_rows(corpus, rows, ids) if with_captions else (None, None)
+        cap_index, cap_records = _caption_rows(corpus, rows, ids, embedder) if with_captions else (None, None)
         with _thumbnails_made(out, corpus, rows, thumbnail_size) as made:
             img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
 
@@ -265,7 +281,9 @@ def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=N
                                "`vsekit index add` to add images to it")
     if out.exists() and not out.is_dir():
         raise SearchIndexError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" for p in out.iterdir()):
+    # what a killed build of this folder left (a lock, dead writers' work folders) does not make it taken
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != ".lock" and not is_stale_work(p)
+                                                               for p in out.iterdir()):
         raise SearchIndexError(f"{out}: folder is not empty and holds no index; choose a new --out")
     return create_backend(backend, index_dir=out, overwrite=overwrite, **options)
 
@@ -387,7 +405,8 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
         if not plan.rows:
             return plan.manifest, 0, skipped
         with_captions = bool(plan.manifest.get("has_captions"))
-        cap_index, cap_records = _caption_rows(corpus, plan.rows, plan.ids) if with_captions else (None, None)
+        cap_index, cap_records = (_caption_rows(corpus, plan.rows, plan.ids, embedder) if with_captions
+                                   else (None, None))
         section = thumbnails_section(plan.manifest)  # an index with thumbnails gets them for the new images
         with _thumbnails_made(index_dir, corpus, plan.rows, section and section["max_side"]) as made:
             img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,

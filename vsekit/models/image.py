@@ -155,6 +155,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:  # 0 built, then failed in forward
+            raise ValueError(f"width must be a whole number >= 1, got {width!r}")
         # a stride-2 stem halves the resolution before the first block: 2.5x fewer FLOPs at 64x64
         layers = [nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         c_in = width

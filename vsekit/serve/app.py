@@ -88,6 +88,13 @@ THUMBNAIL_HEADERS = {
     "Cache-Control": "public, max-age=300",
     "Accept-Ranges": "none",
 }
+# What every other reply is sent with (JSON, the page's scripts and styles, Swagger UI's files, the framework's
+# errors): no reply is sniffed into another type, and one that a browser opens as a document -- such as
+# /static/index.html, the page's file reached by its own name instead of through "/" -- may run nothing.
+DEFAULT_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; sandbox",
+    "X-Content-Type-Options": "nosniff",
+}
 _UPLOAD_BODY = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
@@ -162,6 +169,31 @@ class JsonErrors:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class DefaultHeaders:
+    """ASGI middleware: the headers of :data:`DEFAULT_HEADERS` on every reply that does not set its own, whatever
+    made it (a route, a static files mount, a middleware's refusal). The routes that serve a document (the
+    page, /docs) and the thumbnails set their own policies; nothing else is meant to be opened as a page."""
+
+    def __init__(self, app, headers: dict[str, str] = DEFAULT_HEADERS) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_defaults(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.headers if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_defaults)
+
+
 _K = re.compile("[0-9]+")  # [0-9], not \d: \d is any Unicode digit
 
 
@@ -181,6 +213,14 @@ def parse_k(value: Any, max_k: int) -> int:
     if not 1 <= value <= max_k:
         raise ApiError(422, f"k must be between 1 and {max_k}, got {value}")
     return value
+
+
+def check_once(params: Any, names: Iterable[str]) -> None:
+    """A 422 when a query parameter or form field of ``names`` is given more than once (``k=1&k=100``): the
+    framework would read the last, a proxy or filter in front may have checked the first."""
+    for name in names:
+        if (n := len(params.getlist(name))) > 1:
+            raise ApiError(422, f"{name} is given {n} times; give it once")
 
 
 class HeadAsGet:
@@ -334,13 +374,14 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     app.state.limits = limits
     decode_slots = _DecodeSlots(max_decodes, decode_wait)
     app.state.decode_slots = decode_slots
-    # the last added runs first: HEAD -> GET, then the Host check, a look for a new index generation, and
+    # the last added runs first: the default headers of every reply, HEAD -> GET, then the Host check, a look for a new index generation, and
     # JSON for the framework's own plain-text errors
     app.add_middleware(JsonErrors)
     app.add_middleware(ReloadIndex, index=sx, interval=reload_interval)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, names=[n for n in (name_of(h) for h in allowed_hosts) if n])
     app.add_middleware(HeadAsGet)
+    app.add_middleware(DefaultHeaders)
 
     # -- errors ---------------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -411,12 +452,13 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                 "recall_at_10": m.get("recall_at_10"), "rerank": sx.rerank, "limits": limits}
 
     @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
-    def search(q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
+    def search(request: Request, q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
                # a str, read by parse_k as the upload's k is; documented as the integer it must be
                k: str = Query(10, description=f"number of results, 1..{max_k}",
                               json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
                target: Literal["images", "captions"] = Query("images", description="what to return")
                ) -> dict[str, Any]:
+        check_once(request.query_params, ("q", "k", "target"))
         query = q.strip()
         if not query:
             raise ApiError(422, "q: the query is empty")
@@ -441,6 +483,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "no image: send it in a multipart field named 'file'")
+            check_once(form, ("k", "target"))
             data = await upload.read(max_upload_bytes + 1)
             kk = parse_k(form.get("k", 10), max_k)
             default = "captions" if sx.has_captions else "images"

@@ -18,7 +18,7 @@ DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 # Memory for decoding uploaded images. One decode may hold at most DEFAULT_MAX_DECODE_BYTES (estimated from the
 # image's header before decoding, vsekit.data.images.decode_bytes: a 40-megapixel RGB, RGBA or 16-bit grey
-# upload fits), and at most DEFAULT_MAX_DECODES uploads are decoded and embedded at once, so all of them
+# upload fits, a progressive JPEG of about 36 megapixels), and at most DEFAULT_MAX_DECODES uploads are decoded and embedded at once, so all of them
 # together stay within DEFAULT_DECODE_MEMORY (2 GiB). A request that finds every slot taken waits up to
 # DEFAULT_DECODE_WAIT seconds for one, then gets 503 with Retry-After: a queue bounded in time, not in length.
 DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024

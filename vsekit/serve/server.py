@@ -58,7 +58,7 @@ def json_error_bytes(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 response with the app's JSON error body, that closes the connection."""
     body = json.dumps({"error": message, "status": status}).encode()
     head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            f"content-length: {len(body)}\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n")
     return head.encode("ascii") + body
 
 

@@ -94,13 +94,51 @@ def _resumable(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_KEYS)
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+ABSENT = "(absent)"  # how a key one side lacks is shown
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   schema: type | None = None) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) of every config key that differs between a checkpoint's config and
-    the resumed run's, but for :data:`RESUMABLE_KEYS`. A key one side lacks (added to or dropped from vsekit's
-    schema since the checkpoint) is not a change; a section whose component changed shows in its name."""
+    the resumed run's, but for :data:`RESUMABLE_KEYS`; a section whose component changed shows in its name.
+
+    A key one side lacks is a change when it lies in a free-form mapping of the config ``schema`` (the
+    pydantic model of the config: an ``optim.lr_mult`` entry, a component's option, ``objective.terms``, a
+    ``model.similarity`` given as a mapping instead of a name): those hold what the user wrote, and adding one
+    changes the run as much as editing one. A field of a typed section that one side lacks (added to or
+    dropped from vsekit's schema since the checkpoint) is not; without ``schema``, no missing key is."""
     old, new = _flat(saved), _flat(current)
-    return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
-            if not _resumable(k) and old[k] != new[k] and not _same_number(old[k], new[k])]
+    changes = [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
+               if not _resumable(k) and old[k] != new[k] and not _same_number(old[k], new[k])]
+    if schema is not None:
+        for k in sorted(old.keys() ^ new.keys()):
+            if not _resumable(k) and _in_free_form_mapping(schema, k.split(".")):
+                changes.append((k, old.get(k, ABSENT), new.get(k, ABSENT)))
+    return sorted(changes, key=lambda c: c[0])
+
+
+def _in_free_form_mapping(schema: Any, parts: list[str]) -> bool:
+    """Whether the config key ``parts`` reaches into a ``dict`` field of ``schema`` (its keys are the user's,
+    not vsekit's), walking typed sections (pydantic models, or a union of them) by their field names."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def arms(annotation: Any) -> tuple[Any, ...]:
+        if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            return tuple(a for arm in typing.get_args(annotation) for a in arms(arm))
+        if typing.get_origin(annotation) is typing.Annotated:
+            return arms(typing.get_args(annotation)[0])
+        return (annotation,)
+
+    candidates = arms(schema)
+    for i, part in enumerate(parts):
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:  # not a field of a typed section: a free-form mapping's key if one may hold it
+            return i > 0 and any(c is dict or typing.get_origin(c) is dict for c in candidates)
+        candidates = tuple(a for f in fields for a in arms(f.annotation))
+    return False
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -111,10 +149,12 @@ def _same_number(a: Any, b: Any) -> bool:
     return isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and float(a) == float(b)
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: str | Path,
+                        schema: type | None = None) -> None:
     """Refuse to resume the checkpoint at ``path`` under a config that changes more than
-    :data:`RESUMABLE_KEYS`: one line listing each changed key with its old and new value."""
-    changes = config_changes(saved, current)
+    :data:`RESUMABLE_KEYS`: one line listing each changed key with its old and new value (``schema``: the
+    config's pydantic model, see :func:`config_changes`)."""
+    changes = config_changes(saved, current, schema)
     if changes:
         listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changes[:8])
         more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""

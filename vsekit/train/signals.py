@@ -1,4 +1,4 @@
-"""Stopping a training run cleanly on SIGTERM and SIGINT.
+"""Stopping a training run cleanly on SIGTERM and SIGINT (and SIGHUP), and other commands in one line.
 
 SLURM and Kubernetes preempt a job with SIGTERM (and SIGKILL after a grace period); a user stops one with
 Ctrl-C (SIGINT). While :class:`StopSignals` is active, either signal only *asks* the run to stop: the trainer
@@ -11,13 +11,18 @@ process may receive it twice; the scheduler's SIGKILL ends a stop that takes too
 once, like Ctrl-C always does, except while a checkpoint is being written (:func:`critical`): that write is
 finished first. Checkpoints are written atomically anyway, so no signal can leave a half-written one.
 
-Handlers can only be installed in the main thread; elsewhere :class:`StopSignals` leaves signals alone.
+SIGHUP (the ssh session's terminal closed) stops a run as SIGTERM does, unless it is ignored (``nohup``).
+Outside training (:func:`terminate_raises`), SIGTERM and SIGHUP raise :class:`Terminated`, so that a killed
+``index build`` removes its work folders and the command line says one line, exit 128 + the signal's number.
+
+Handlers can only be installed in the main thread; elsewhere both leave signals alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -62,11 +67,62 @@ def critical() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-class StopSignals:
-    """While active (``with StopSignals() as stop``), SIGTERM and SIGINT set :attr:`signum` instead of ending the
-    process; the trainer looks at it after every step. The previous handlers come back on exit."""
+# SIGHUP: the terminal of an ssh session that ran the command closed. Where it is ignored (``nohup``), it
+# stays ignored; elsewhere it stops a command as SIGTERM does (exit 129).
+_HANGUP = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+def _handled(signals_: tuple[int, ...]) -> list[int]:
+    """The signals of ``signals_`` that this process does not ignore (a SIGHUP under ``nohup`` stays ignored)."""
+    return [s for s in signals_ if s not in _HANGUP or signal.getsignal(s) is not signal.SIG_IGN]
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP outside training, raised in the main thread as Ctrl-C raises KeyboardInterrupt (not an
+    ``Exception``: nothing catches it by accident), so that ``finally`` blocks remove work folders and the
+    command line says one line; ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal_name(signum)}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """While active, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once (a
+    killed ``index build`` left its work folder in the new index folder, and said nothing). Training
+    replaces these handlers with :class:`StopSignals` while it runs. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    owner = os.getpid()
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked child (a data loader worker): ends as it did before, by the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handle) for s in _handled((signal.SIGTERM, *_HANGUP))}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+class StopSignals:
+    """While active (``with StopSignals() as stop``), SIGTERM, SIGINT and SIGHUP (unless ignored) set
+    :attr:`signum` instead of ending the process; the trainer looks at it after every step. The previous
+    handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, *_HANGUP)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -74,7 +130,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
+            for s in _handled(self.SIGNALS):
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -88,7 +144,7 @@ class StopSignals:
         name = signal_name(signum)
         if self.signum is None:
             self.signum = signum
-            again = "" if signum == signal.SIGTERM else " (again: stop at once, without saving)"
+            again = "" if signum != signal.SIGINT else " (again: stop at once, without saving)"
             log.warning("%s received: stopping after this step and saving the state%s", name, again)
             return
         if signum != signal.SIGINT:

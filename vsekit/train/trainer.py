@@ -81,7 +81,7 @@ class Trainer:
         # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
         resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
         if resume_state is not None:  # before the model is built: a changed embed_size would not fit it
-            check_resume_config(resume_state["config"], cfg.to_dict(), self.out / LAST)
+            check_resume_config(resume_state["config"], cfg.to_dict(), self.out / LAST, schema=type(cfg))
         init_state = None
         if resume_state is None and tcfg.init_from:
             init_state = load_checkpoint(tcfg.init_from, allow_legacy=allow_legacy)  # e.g. VSE++ FT stage 2

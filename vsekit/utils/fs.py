@@ -95,6 +95,17 @@ def _leftover_pid(path: Path, target: Path) -> int | None:
     return int(m.group(1)) if m and path.is_dir() else None
 
 
+def is_stale_work(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a work or trash folder (of any target) that a writer no longer running left: what
+    a killed ``index build`` leaves in its new folder, which must not make that folder look taken."""
+    path = Path(path)
+    m = re.fullmatch(rf"\..+\.(?:{WORK_TAG}|{TRASH_TAG})-(\d+)-[0-9a-f]+", path.name)
+    if m is None or not path.is_dir() or path.is_symlink():
+        return False
+    pid = int(m.group(1))
+    return pid != os.getpid() and not pid_alive(pid)
+
+
 def remove_stale_work(target: str | os.PathLike, *, any_pid: bool = False) -> list[Path]:
     """Delete the work and trash folders that killed writers left next to ``target``; returns them.
 
