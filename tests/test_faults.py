@@ -326,6 +326,16 @@ def test_a_small_cnn_of_width_zero_is_a_config_error(tmp_path):
         Trainer(tiny_cfg(tmp_path / "run", "model.image_encoder.width=0"))
 
 
+def test_an_image_size_the_network_cannot_take_is_a_config_error(tmp_path):
+    """transform.image_size=1 passed validation and failed in the first training step with torch's pooling
+    error; the image encoder is now probed with the configured size before any data is read."""
+    from vsekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"transform.image_size=1: the image encoder cannot take images of this"):
+        Trainer(tiny_cfg(tmp_path / "run", "transform.image_size=1", "transform.resize=1"))
+    Trainer(tiny_cfg(tmp_path / "ok"))  # the recipe's own size passes the probe
+
+
 def test_vsekit_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "cache-file"
     afile.write_text("not a folder\n")

@@ -73,6 +73,25 @@ def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
     return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
 
 
+def check_image_size(model: VSEModel, image_size: int) -> None:
+    """One forward pass of two blank images of ``transform.image_size`` through the image encoder, before any
+    data is loaded: a size the network cannot take (each stride and pooling halves it; a 1-pixel image leaves
+    nothing for the last ones) is a :class:`ConfigError` naming the key, not a torch error at the first step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.encode_images(torch.zeros(2, 3, image_size, image_size))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"transform.image_size={image_size}: the image encoder cannot take images of this size "
+                          f"({first}); use a larger transform.image_size") from None
+    except Exception as e:  # noqa: BLE001 - an encoder this probe cannot call alone: the first step will say
+        log.debug("image size probe skipped: %s: %s", type(e).__name__, e)
+    finally:
+        model.train(was_training)
+
+
 def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> TrainingRun:
     """Everything but the optimizer (which belongs to a training stage). ``weights_from`` is a checkpoint
     whose vocabulary the run must keep (a resumed run, or ``train.init_from``)."""
@@ -111,6 +130,8 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
         encode(train_corpus.captions[0])  # a missing tokenizer fails here, not in a loader worker
 
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
+    if transform is not None:
+        check_image_size(model, cfg.transform.image_size)
     text = TextSource(train_corpus, encode)
     dataset = PairDataset(train_corpus, text, ImageSource(train_corpus, transform), sample=data.sample,
                           seed=cfg.seed, skip_unreadable=data.skip_missing_images)
