@@ -77,6 +77,8 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
     no_split_where: str | None = None
     any_label = False
 
+    if wanted is not None and _csv_header_lacks_split(path):
+        raise _no_split_column(path, split)  # known from the header: no need to parse every row first
     for where, line, record in _records(path):
         image = _required(record, "image", where)
         raw_caption = _required(record, "caption", where)
@@ -124,11 +126,7 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
         caption_to_image.append(row)
 
     if wanted is not None and not has_split_column:
-        raise NoSplitColumn(
-            f"{path}: has no 'split' column, so split {split!r} cannot be selected; read every row with "
-            "--split all (vsekit index build / add) or data.split: null (a recipe's data section), or add a "
-            "'split' column"
-        )
+        raise _no_split_column(path, split)
     if no_split_where is not None:
         raise DataError(f"{no_split_where}: no split value, but split {split!r} was requested")
     if not captions:
@@ -237,6 +235,29 @@ def _parse_label(value: Any, where: str) -> int | None:
     if not _INT64_MIN <= label <= _INT64_MAX:
         raise DataError(f"{where}: label {label} is out of range (a 64-bit integer)")
     return label
+
+
+def _no_split_column(path: Path, split: str) -> NoSplitColumn:
+    return NoSplitColumn(
+        f"{path}: has no 'split' column, so split {split!r} cannot be selected; read every row with "
+        "--split all (vsekit index build / add) or data.split: null (a recipe's data section), or add a "
+        "'split' column"
+    )
+
+
+def _csv_header_lacks_split(path: Path) -> bool:
+    """True when ``path`` is a CSV/TSV whose (well-formed) header has image and caption columns but no split
+    column; anything else is left to the full read, which reports it."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return False
+    try:
+        with open_text(path, newline="") as f:
+            header = next(csv.reader(bounded_lines(f, path), delimiter="\t" if suffix == ".tsv" else ","), None)
+    except (UnicodeDecodeError, csv.Error, DataError):
+        return False
+    names = [h.strip() for h in header or ()]
+    return "image" in names and "caption" in names and "split" not in names
 
 
 def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
