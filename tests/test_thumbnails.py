@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_index import INDEX_IMAGES, build_demo_index, cli
+from test_index import INDEX_IMAGES, build_demo_index, cli, copy_index
 
 from vsekit.data.sources import load_split
 from vsekit.index import SearchIndex, read_manifest, store
@@ -34,11 +34,6 @@ CSP = "default-src 'none'; sandbox"
 @pytest.fixture(scope="module")
 def index_dir(ckpt, tmp_path_factory) -> Path:
     return build_demo_index(ckpt, tmp_path_factory.mktemp("thumbs") / "demo")
-
-
-def copy_index(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def client_of(index_dir: Path, emb) -> TestClient:
