@@ -326,11 +326,16 @@ def read_shards(path: str | Path, split: str, *, max_images: int | None = None) 
     cols = {k: index[k][:n] for k in ("shard", "member", "offset", "size", "header", "image_id", "captions",
                                       "caption_ids", "label")}
     names = [str(f) for f in files]
-    for s, m in zip(cols["shard"], cols["member"]):  # a stored index may be stale or crafted
+    images = index["kind"] == "images"
+    paths = []
+    for s, m, o, z in zip(cols["shard"], cols["member"], cols["offset"], cols["size"]):  # may be stale or crafted
         if type(s) is not int or not 0 <= s < len(names):
             raise DataError(f"{files[0]}: the stored index of these shards names shard {s!r} of {len(names)}; "
                             "delete it to have it rebuilt")
-        check_member_name(names[s], m)
+        if images:
+            paths.append(MemberPath(names[s], m, o, z))  # checks the member name
+        else:
+            check_member_name(names[s], m)
     captions, owner, caption_ids = [], [], []
     for i, (caps, ids) in enumerate(zip(cols["captions"], cols["caption_ids"])):
         captions.extend(caps)
@@ -338,9 +343,8 @@ def read_shards(path: str | Path, split: str, *, max_images: int | None = None) 
         caption_ids.extend(ids if ids is not None else
                            [f"{Path(names[cols['shard'][i]]).name}:{cols['member'][i]}:{k}" for k in range(len(caps))])
     kw: dict[str, Any] = {}
-    if index["kind"] == "images":
-        kw["image_paths"] = [MemberPath(names[s], m, o, z) for s, m, o, z in
-                             zip(cols["shard"], cols["member"], cols["offset"], cols["size"])]
+    if images:
+        kw["image_paths"] = paths
     else:
         f = index["feature"]
         kw["features"] = ShardFeatures(names, np.asarray(cols["shard"], np.int32), np.asarray(cols["offset"], np.int64),
