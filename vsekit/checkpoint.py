@@ -47,7 +47,7 @@ from typing import IO, Any
 
 import torch
 
-from vsekit.errors import VsekitError
+from vsekit.errors import VsekitError, first_line
 from vsekit.utils.archives import check_safetensors_sizes as _check_safetensors_sizes
 from vsekit.utils.archives import check_zip_sizes
 from vsekit.utils.io import atomic_write
@@ -224,18 +224,13 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _torch_load(path: Path, map_location, allow_legacy: bool) -> Any:
     check_archive_sizes(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():  # a damaged pickle, not a refused one
-            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {_first_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {first_line(e, limit=None)})") from None
         if allow_legacy:
             log.warning("%s holds pickled Python objects; opening it with the full unpickler "
                         "(allow_legacy=True)", path)
@@ -247,11 +242,11 @@ def _torch_load(path: Path, map_location, allow_legacy: bool) -> Any:
                 "or a hostile file): loading it could run code, so it may only be opened with allow_legacy=True "
                 "(--allow-legacy-checkpoint) if the file is trusted") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e, limit=None)})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e, limit=None)})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, allow_legacy: bool = False,

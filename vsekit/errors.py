@@ -24,6 +24,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def first_line(e: BaseException, limit: int | None = 200, default: str | None = None) -> str:
+    """The first line of an exception's message for a one-line error, cut to ``limit`` characters (None: not
+    cut); an empty message gives ``default`` (None: the exception's type name)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else (type(e).__name__ if default is None else default)
+    return text if limit is None else text[:limit]
+
+
 class TrainingCollapsed(RuntimeError):
     """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``; the
     command line exits with code 3."""

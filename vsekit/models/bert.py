@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vsekit.errors import ConfigError, did_you_mean
+from vsekit.errors import ConfigError, did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.layers import l2norm
@@ -89,7 +89,7 @@ def load_bert(pretrained: str | None, config: dict[str, Any] | None, need_vocab:
                           f"it must be {FOLDER_NEEDS}") from None
     except RuntimeError as e:  # transformers refuses tensors whose shapes differ from the config's
         raise ConfigError(f"{WHERE}.pretrained: {folder}: the weights do not fit its config.json (a tensor of "
-                          f"another shape: {(str(e).strip().splitlines() or [''])[0][:200]}); it must be "
+                          f"another shape: {first_line(e, default='')}); it must be "
                           f"{FOLDER_NEEDS}") from None
     # transformers initialises what the file lacks at random and only warns: here that is an error
     missing = sorted(info.get("missing_keys") or ())

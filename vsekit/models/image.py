@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from vsekit.errors import first_line
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
@@ -123,7 +124,7 @@ def _torchvision_download(arch: str, weights, path: Path) -> dict[str, torch.Ten
     try:
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad hash, a full disk: all the same to the user
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, default="")
         raise PretrainedWeightsMissing(f"pretrained ImageNet weights for {arch} are not on this machine (expected "
                                        f"{path}) and torchvision's download failed ({type(e).__name__}: {first}); "
                                        f"vsekit does not download them otherwise. {how}") from None

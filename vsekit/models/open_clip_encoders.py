@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vsekit.errors import did_you_mean
+from vsekit.errors import did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS, _finish
@@ -101,7 +101,7 @@ def build_clip(arch: str | None, config: dict[str, Any] | None, weights: str | N
         try:
             open_clip.load_checkpoint(model, str(path.resolve()), strict=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - a foreign file: torch, safetensors or a shape mismatch
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e, limit=None)
             raise WeightsFileError(f"{where}.weights: {path} cannot be loaded into this architecture "
                                    f"({type(e).__name__}: {first[:300]})") from None
     return model
@@ -127,7 +127,7 @@ def _download_tag(open_clip, arch: str, tag: str, cfg: dict[str, Any], where: st
     try:
         found = open_clip.pretrained.download_pretrained(cfg)
     except Exception as e:  # noqa: BLE001 - no network, the Hub, a bad checksum: all the same to the user
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, default="")
         raise PretrainedWeightsMissing(f"{where}.weights: open_clip's download of {arch}/{tag} failed "
                                        f"({type(e).__name__}: {first}); {how}") from None
     if not found or not Path(found).is_file():

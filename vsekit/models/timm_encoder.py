@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vsekit.errors import first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS, _finish
@@ -72,7 +73,7 @@ def _timm_pretrained(timm, model: str, kwargs: dict[str, Any], where: str) -> nn
     try:
         return timm.create_model(model, pretrained=True, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as e:  # no network, not in the cache, no pretrained weights for the name
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, default="")
         raise PretrainedWeightsMissing(f"{where}: timm's pretrained weights for {model} could not be loaded "
                                        f"({type(e).__name__}: {first}); {how}") from None
 

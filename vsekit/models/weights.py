@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vsekit.errors import VsekitError
+from vsekit.errors import VsekitError, first_line
 
 log = logging.getLogger("vsekit.models")
 
@@ -84,7 +84,7 @@ def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch and safetensors raise many kinds for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e, limit=None)
         raise WeightsFileError(f"{where}: {path} is not a readable weights file (plain tensors, read without "
                                f"running code): {type(e).__name__}: {first}") from None
     for _ in range(2):  # a training checkpoint around the state dict, possibly twice ({"model": {"state_dict"}})

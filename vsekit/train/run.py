@@ -14,7 +14,7 @@ from vsekit.config import RunConfig
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, TextSource
 from vsekit.data.sources import load_split
-from vsekit.errors import ConfigError
+from vsekit.errors import ConfigError, first_line
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
 from vsekit.models.base import caption_tokenizer
@@ -83,7 +83,7 @@ def check_image_size(model: VSEModel, image_size: int) -> None:
         with torch.no_grad():
             model.encode_images(torch.zeros(2, 3, image_size, image_size))
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ConfigError(f"transform.image_size={image_size}: the image encoder cannot take images of this size "
                           f"({first}); use a larger transform.image_size") from None
     except Exception as e:  # noqa: BLE001 - an encoder this probe cannot call alone: the first step will say
