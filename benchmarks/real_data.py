@@ -33,10 +33,16 @@ PACKAGES = {
     "emoji": ["emoji-datasource-google@16.0.0", "emoji-datasource@16.0.0", "emojibase-data@17.0.0"],
     "tabler": ["@tabler/icons-png@3.48.0", "@tabler/icons@3.52.0"],
 }
+# vector sources of the same images, rendered at a network's input size (``prepare(name, size=224)``)
+VECTOR_PACKAGES = {"emoji": "@iconify-json/noto@1.2.9", "tabler": "@tabler/icons@3.52.0"}
 SOURCES = {
     "emoji": "npm: emoji-datasource-google 16.0.0 (MIT; Noto Emoji images Apache-2.0), emoji-datasource 16.0.0 "
              "(MIT), emojibase-data 17.0.0 (MIT; CLDR annotations, Unicode licence)",
     "tabler": "npm: @tabler/icons-png 3.48.0 and @tabler/icons 3.52.0 (MIT)",
+}
+VECTOR_SOURCES = {
+    "emoji": "the Noto Emoji SVGs of npm @iconify-json/noto 1.2.9 (Apache-2.0, Google Inc), rendered by resvg-py (MIT)",
+    "tabler": "the outline SVGs of npm @tabler/icons 3.52.0 (MIT), rendered by resvg-py (MIT)",
 }
 
 
@@ -127,7 +133,10 @@ def _tabler(root: Path) -> tuple[Path, list[dict]]:
         caps = [_words(name), _words(m.get("category") or "") + " " + " ".join(tags[:half]), " ".join(tags[half:])]
         caps = [" ".join(c.split()) for c in caps]
         if all(caps):
-            groups.append([{"filename": f"{name}.png", "captions": caps}])
+            groups.append([{"filename": f"{name}.png", "captions": caps, "category": m.get("category") or ""}])
+    categories = sorted({g[0]["category"] for g in groups})
+    for g in groups:  # the icon's category as its class label (ACMR)
+        g[0]["label"] = categories.index(g[0].pop("category"))
     return img_dir, _split(groups, 500, 500)
 
 
@@ -149,6 +158,68 @@ def _split(groups: list[list[dict]], n_val: int, n_test: int) -> list[dict]:
 BUILDERS = {"emoji": _emoji, "tabler": _tabler}
 
 
+def _emoji_svgs(pkg: Path):
+    """``filename -> SVG text`` of the Noto emoji (iconify JSON: bodies keyed by name, names by code point)."""
+    data = json.loads((pkg / "icons.json").read_text())
+    chars = json.loads((pkg / "chars.json").read_text())
+    icons, aliases = data["icons"], data.get("aliases", {})
+
+    def svg(code: str) -> str | None:
+        name = chars.get(code) or chars.get(code.replace("-fe0f", ""))
+        while name in aliases:
+            name = aliases[name]["parent"]
+        icon = icons.get(name)
+        if icon is None:
+            return None
+        w, h = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+        return f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}">{icon["body"]}</svg>'
+
+    return lambda filename: svg(filename.rsplit(".", 1)[0].lower())
+
+
+def _tabler_svgs(pkg: Path):
+    folder = pkg / "icons" / "outline"
+
+    def svg(filename: str) -> str | None:
+        f = folder / (filename.rsplit(".", 1)[0] + ".svg")
+        return f.read_text() if f.is_file() else None
+
+    return svg
+
+
+def render_collection(name: str, size: int) -> dict[str, str]:
+    """Collection ``name`` with every image rendered from its vector source at ``size`` x ``size`` (RGB on white),
+    the same captions, splits and labels; images without a vector source are left out (counted in the JSON)."""
+    import io
+
+    import resvg_py
+    from PIL import Image
+
+    base = prepare(name)
+    root = cache_dir() / f"{name}_{size}"
+    out = root / f"dataset_{name}_{size}.json"
+    if not out.is_file():
+        pkg = _fetch(VECTOR_PACKAGES[name], cache_dir() / name / "npm")
+        find = {"emoji": _emoji_svgs, "tabler": _tabler_svgs}[name](pkg)
+        images_dir = root / "images"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        kept, missing = [], 0
+        for entry in json.loads(Path(base["path"]).read_text())["images"]:
+            svg = find(entry["filename"])
+            if svg is None:
+                missing += 1
+                continue
+            target = images_dir / (entry["filename"].rsplit(".", 1)[0] + ".png")
+            if not target.is_file():
+                png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, background="#ffffff")
+                Image.open(io.BytesIO(png)).convert("RGB").save(target)
+            kept.append({**entry, "filename": target.name})
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"dataset": f"{name}_{size}", "images": kept, "left_out_no_vector_source": missing}))
+        tmp.replace(out)
+    return {"path": str(out), "image_root": str(root / "images"), "source": VECTOR_SOURCES[name]}
+
+
 def prepare(name: str) -> dict[str, str]:
     """Fetch (once) and describe collection ``name``: ``{"path": json, "image_root": folder, "source": ...}``."""
     root = cache_dir() / name
@@ -164,8 +235,11 @@ def prepare(name: str) -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else None  # e.g. 224: rendered from the vector sources
     for n in BUILDERS:
-        info = prepare(n)
+        info = render_collection(n, size) if size else prepare(n)
         data = json.loads(Path(info["path"]).read_text())["images"]
         caps = [len(i["sentences"]) for i in data]
         by_split = {s: sum(i["split"] == s for i in data) for s in ("train", "val", "test")}
