@@ -41,6 +41,10 @@ from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_resul
 from real_data import cache_dir, prepare
 
 OUT = RESULTS / "networks.jsonl"
+# issue 22: the same networks on pretrained EfficientNet-Lite0 features (7 x 7 = 49 regions x 1280, and their mean)
+# of two collections rendered at 224 px from vector sources (``pretrained_features.py prepare``)
+PRETRAINED_OUT = RESULTS / "pretrained_networks.jsonl"
+FEATURES = ("emoji_cnn", "emoji_224", "tabler_224")
 
 # every (image, caption) pair of a batch goes through SGRAF's network: B^2 pairs a step, 23 pairs/s at B = 128
 # on one core here (a 4-epoch run would take 17 min), so SGR and SAF train on batches of 32 (sgr_demo's size)
@@ -54,6 +58,11 @@ NETWORKS: dict[str, list[str]] = {
             "model.similarity={name: sgr, sim_dim: 32, sgr_step: 3}", *SGRAF_BATCH],
     "saf": ["model.image_encoder={name: sgraf_regions}", "model.text_encoder={name: sgraf_words}",
             "model.similarity={name: saf, sim_dim: 32}", *SGRAF_BATCH],
+    # issue 22 only: the VSE++ paper's setting (one pooled vector per image, a linear map) and VSE-infinity with
+    # the pretrained MiniLM sentence encoder (BERT, its learning rate x0.1, as VSE-infinity's BERT recipes)
+    "vsepp_pooled": ["model.image_encoder={name: precomp}", "model.text_encoder={name: gru}"],
+    "vseinf_minilm": ["model.image_encoder={name: vse_infty}", "model.text_encoder={name: bert, pretrained: MINILM}",
+                      "optim.lr_mult={text_encoder.bert: 0.1}"],
 }
 LOSSES = {  # both after one epoch of sum of hinges (from random weights the max of hinges collapses here)
     "vsepp": ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1}"],
@@ -62,11 +71,20 @@ LOSSES = {  # both after one epoch of sum of hinges (from random weights the max
     # train with, since SGRAF's scores collapsed under the max here
     "vse0": ["loss={name: hinge, margin: 0.2, reduction: sum}"],
     "lseh_sum": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: sum}"],
+    # issue 22: on pretrained features, as the papers train: the max of hinges from the first step, no warm-up
+    "vsepp_nw": ["loss={name: hinge, margin: 0.2, reduction: max}"],
+    "lseh_nw": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max}"],
 }
 
 
-def features_dir() -> Path:
-    return cache_dir() / "emoji_grid"
+def features_dir(features: str = "emoji_cnn", network: str = "") -> Path:
+    if features == "emoji_cnn":
+        return cache_dir() / "emoji_grid"
+    return cache_dir() / f"{features}_{'pooled' if network == 'vsepp_pooled' else 'grid'}"
+
+
+def results_file(features: str) -> Path:
+    return OUT if features == "emoji_cnn" else PRETRAINED_OUT
 
 
 def cmd_prepare(args) -> None:
@@ -87,7 +105,7 @@ def cmd_prepare(args) -> None:
     print(f"grid features in {feats}")
 
 
-def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> dict:
+def one_run(network: str, loss: str, seed: int, epochs: int, features: str, minutes: float, out_dir: str) -> dict:
     """Train one network x loss x seed (in this process) and return its numbers."""
     import torch
 
@@ -98,11 +116,21 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
     from vsekit.train.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    overrides = ["data.format=precomp", f"data.path={features_dir()}", "data.train_split=train",
+    net = NETWORKS[network]
+    if network == "vseinf_minilm":
+        from pretrained_text_check import minilm_folder
+        net = [o.replace("MINILM", str(minilm_folder())) for o in net]
+    overrides = ["data.format=precomp", f"data.path={features_dir(features, network)}", "data.train_split=train",
                  "data.val_split=val", "data.test_split=test", "data.val_max_images=300", "text.min_count=2",
                  "model.embed_size=256", "train.batch_size=128", f"train.epochs={epochs}", "train.progress=false",
                  "optim.lr=2e-4", f"optim.lr_decay_every={max(1, epochs * 3 // 4)}", f"seed={seed}",
-                 f"output_dir={out_dir}", *NETWORKS[network], *LOSSES[loss]]
+                 f"output_dir={out_dir}", *net, *LOSSES[loss]]
+    if network in ("sgr", "saf") and features != "emoji_cnn":
+        # every validation scores 100 x 100 x captions pairs through the network (not 300: a third of the run's time
+        # went to validating 300 images of 49 regions on one thread); the test still scores every pair
+        overrides.append("data.val_max_images=100")
+    if minutes > 0:  # equal time: the budget ends the run (mid-epoch too: that partial epoch is validated)
+        overrides.append(f"train.max_minutes={minutes}")
     cfg = resolve_config(ROOT / "vsekit" / "configs" / "vsepp_base.yaml", overrides)
     t0 = time.perf_counter()
     stopped = None
@@ -120,7 +148,9 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
     vals = [r["rsum"] for r in records if r["kind"] == "val"]
     best = max(vals)
     to95 = next(i + 1 for i, v in enumerate(vals) if v >= 0.95 * best)
-    return {"network": network, "loss": loss, "seed": seed, "epochs": epochs, "test_rsum": test["rsum"],
+    return {"network": network, "loss": loss, "seed": seed, "epochs": epochs, "features": features,
+            "minutes": minutes, "epochs_run": len(vals),
+            "test_rsum": test["rsum"],
             "test": test, "val_rsum": vals, "best_val_rsum": best, "epochs_to_95": to95,
             "step_s": cfg.train.batch_size / statistics.median(rates) if rates else None,
             "batch_size": cfg.train.batch_size, "train_s": train_s, "test_eval_s": eval_s,
@@ -129,7 +159,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, out_dir: str) -> di
 
 
 def cmd_one(args) -> None:
-    print_result(one_run, args.network, args.loss, args.seed, args.epochs)
+    print_result(one_run, args.network, args.loss, args.seed, args.epochs, args.features, args.minutes)
 
 
 def _summary(r: dict) -> str:
@@ -138,15 +168,20 @@ def _summary(r: dict) -> str:
             f"{r['peak_rss_mb']:.0f} MB, {r['train_s']:.0f} s")
 
 
+def _rows(features: str) -> list[dict]:
+    return [r for r in read_results(results_file(features)) if r.get("features", "emoji_cnn") == features]
+
+
 def cmd_run(args) -> None:
-    done = {(r["network"], r["loss"], r["seed"], r["epochs"]) for r in read_results(OUT)}
-    jobs = [(n, lo, s, args.epochs) for s in args.seeds for n in args.networks for lo in args.losses
-            if (n, lo, s, args.epochs) not in done]
-    run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
+    done = {(r["network"], r["loss"], r["seed"], r["epochs"], r.get("minutes", 0)) for r in _rows(args.features)}
+    jobs = [(n, lo, s, args.epochs, args.features, args.minutes) for s in args.seeds for n in args.networks
+            for lo in args.losses if (n, lo, s, args.epochs, args.minutes) not in done]
+    run_jobs(__file__, jobs, results_file(args.features), threads=args.threads, parallel=args.jobs,
+             summary=_summary, cwd=ROOT)
 
 
 def cmd_report(args) -> None:
-    rows = read_results(OUT)
+    rows = _rows(args.features)
     longest = {n: max(r["epochs"] for r in rows if r["network"] == n) for n in {r["network"] for r in rows}}
     rows = [r for r in rows if r["epochs"] == longest[r["network"]]]  # each network's longest schedule
     print("| network | loss | epochs | seeds | test rsum (mean ± sd) | best val rsum | epochs to 95 % of best | step (s) | "
@@ -167,12 +202,12 @@ def cmd_report(args) -> None:
 
 def cmd_paired(args) -> None:
     """LSEH minus the VSE++ loss, seed by seed (the same seed: the same initial weights and batch order)."""
-    rows = read_results(OUT)
+    rows = _rows(args.features)
     print("| network | losses | epochs | test rsum difference per seed | mean | seeds where LSEH is ahead |")
     print("|---|---|---|---|---|---|")
     for network in NETWORKS:
         by = {(r["loss"], r["seed"], r["epochs"]): r["test_rsum"] for r in rows if r["network"] == network}
-        for base, lseh in (("vsepp", "lseh"), ("vse0", "lseh_sum")):
+        for base, lseh in (("vsepp", "lseh"), ("vse0", "lseh_sum"), ("vsepp_nw", "lseh_nw"), ("vse0", "vsepp_nw")):
             pairs = sorted((s, e, by[(lseh, s, e)] - by[(base, s, e)]) for (lo, s, e) in by
                            if lo == base and (lseh, s, e) in by)
             if not pairs:
@@ -186,11 +221,18 @@ def cmd_paired(args) -> None:
 def main() -> None:
     p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
                              one_args=[("network", {}), ("loss", {}), ("seed", {"type": int}),
-                                       ("epochs", {"type": int})])
+                                       ("epochs", {"type": int}), ("features", {"choices": FEATURES}),
+                                       ("minutes", {"type": float})])
+    sub.add_parser("paired").set_defaults(fn=cmd_paired)
+    for name in ("run", "report", "paired"):
+        sub.choices[name].add_argument("--features", choices=FEATURES, default="emoji_cnn",
+                            help="emoji_cnn: the grid of a CNN trained here (issue 15); emoji_224 / tabler_224: "
+                                 "pretrained EfficientNet-Lite0 features (issue 22)")
     r.add_argument("--networks", nargs="+", default=list(NETWORKS))
     r.add_argument("--losses", nargs="+", default=["vsepp", "lseh"], choices=list(LOSSES))
     r.add_argument("--epochs", type=int, default=4)
-    sub.add_parser("paired").set_defaults(fn=cmd_paired)
+    r.add_argument("--minutes", type=float, default=0.0,
+                   help="a training budget per run (train.max_minutes; 0: none); --epochs stays the cap")
     a = sub.add_parser("prepare")
     a.add_argument("--cnn-epochs", type=int, default=8)
     a.add_argument("--threads", type=int, default=2)

