@@ -293,3 +293,38 @@ def test_two_stage_demo_trains_end_to_end_and_resumes_exactly(tmp_path, cache):
     vecs = emb.encode_captions(["a red circle", "two blue squares"])
     assert vecs.shape == (2, 16)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, rtol=1e-5)
+
+
+def test_a_timm_cnn_with_the_dualpath_head_is_frozen_in_stage_one_and_trained_in_stage_two(tmp_path, cache):
+    """Dual-Path with a pretrained timm CNN (EfficientNet-Lite in benchmarks/pretrained_finetune.py) in place of
+    ResNet-50: the timm encoder takes the Dual-Path head, and the stages freeze and unfreeze its trunk."""
+    pytest.importorskip("timm")
+    cfg = tiny_dualpath_cfg(tmp_path / "timm")
+    cfg["model"]["image_encoder"] = {"name": "timm", "model": "test_efficientnet", "head": "dualpath",
+                                     "finetune": False}
+    cfg["train"]["stages"][1]["model"] = {"image_encoder": {"finetune": True}}
+    cfg["train"]["stages"][1]["optim"]["lr_mult"] = {"image_encoder.backbone": 0.5}
+    t = Trainer(cfg)
+    enc = t.model.image_encoder
+    assert not enc.normalize_backbone and isinstance(enc.head, torch.nn.Module) and hasattr(enc.head, "bn2")
+    backbone = enc.backbone
+    before = _state(backbone)
+    batches = [b for _, b in zip(range(2), t._loader())]
+    for b in batches:
+        t.train_step(b)
+    assert not backbone.training and all(not p.requires_grad for p in backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in _state(backbone).items())
+    t._apply_stage(1)
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
+    assert {g["lr_mult"] for g in t.optimizer.param_groups} == {0.5, 1.0}
+    for b in batches:
+        t.train_step(b)
+    assert set(t.last_parts) == {"instance_image", "instance_text", "mined"}
+    assert any(not torch.equal(before[k], v) for k, v in _state(backbone).items() if "running" not in k)
+    t.model.eval()
+    with torch.no_grad():
+        feats = enc.forward_features(torch.randn(3, 3, 32, 32))
+    assert feats.shape == (3, 16) and (feats >= 0).all()  # Dual-Path's f_img ends in ReLU
+    with pytest.raises(ValueError, match="dualpath"):
+        build_model({"embed_size": 8, "image_encoder": {"name": "timm", "model": "test_efficientnet",
+                                                        "head": "projector"}}, vocab_size=10)

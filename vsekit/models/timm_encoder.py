@@ -11,6 +11,7 @@ from torch import nn
 from vsekit.errors import first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
+from vsekit.models.heads import DualPathHead
 from vsekit.models.image import IMAGE_ENCODERS, _finish
 from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.models.weights import (
@@ -86,6 +87,9 @@ def timm_statistics(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
 
 
+TIMM_HEADS = ("linear", "mlp", "dualpath")
+
+
 @IMAGE_ENCODERS.register("timm")
 class TimmImageEncoder(Encoder):
     """A timm model's pooled features (``num_classes=0``), a head to the joint space, L2.
@@ -96,8 +100,10 @@ class TimmImageEncoder(Encoder):
     position), read without running code; null: ``pretrained: true`` asks timm for its own pretrained
     weights (its download, into the Hugging Face cache), ``pretrained: false`` (default) random weights. ``model_kwargs`` go to ``timm.create_model`` (``img_size``,
     ``drop_path_rate``, ...). Images arrive normalised with ImageNet statistics and are re-normalised to the
-    model's own (``mean`` / ``std``, default its ``pretrained_cfg``'s). ``head``: ``linear`` or ``mlp``;
-    ``backbone_norm`` as for the ``cnn`` encoder (default: L2 before the head, VSE++'s way).
+    model's own (``mean`` / ``std``, default its ``pretrained_cfg``'s). ``head``: ``linear``, ``mlp`` or
+    ``dualpath`` (Dual-Path's (FC + BN + ReLU) x 2, :class:`~vsekit.models.heads.DualPathHead`, as the ``cnn``
+    encoder's, so a timm CNN can stand in for Dual-Path's ResNet-50); ``backbone_norm`` as for the ``cnn``
+    encoder (default: L2 before the head, VSE++'s way; not for the Dual-Path head).
 
     ``finetune: false`` freezes the timm model (no gradients, batch norm in eval mode); the head trains.
     """
@@ -109,15 +115,19 @@ class TimmImageEncoder(Encoder):
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
                  backbone_norm: bool | None = None, no_imgnorm: bool = False, use_abs: bool = False) -> None:
         super().__init__()
-        if head not in ("linear", "mlp"):
-            raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
+        if head not in TIMM_HEADS:
+            raise ValueError(f"image_encoder.head must be one of {TIMM_HEADS}, got {head!r}")
         self.backbone = create_timm_model(model, weights, model_kwargs, pretrained=pretrained)
         own_mean, own_std = timm_statistics(self.backbone)
         self.renorm = Renormalize(mean or own_mean, std or own_std)
         self.feat_dim = int(self.backbone.num_features)
-        self.head = (xavier_linear_(nn.Linear(self.feat_dim, embed_size)) if head == "linear"
-                     else MLP(self.feat_dim, embed_size // 2, embed_size))
-        self.normalize_backbone = True if backbone_norm is None else bool(backbone_norm)
+        if head == "linear":
+            self.head = xavier_linear_(nn.Linear(self.feat_dim, embed_size))
+        elif head == "mlp":
+            self.head = MLP(self.feat_dim, embed_size // 2, embed_size)
+        else:
+            self.head = DualPathHead(self.feat_dim, embed_size)
+        self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
         self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
         self.set_finetune(finetune)
 
