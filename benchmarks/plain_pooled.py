@@ -74,19 +74,19 @@ def run(root: Path, seed: int = 0, minutes: float = 10.0, dim: int = 1024, lr: f
     best, best_state, history, steps, epoch, t0 = -1.0, None, [], 0, 0, time.perf_counter()
     out_of_time = False
     while not out_of_time:
-        batches = torch.randperm(len(tr_caps)).split(batch_size)
-        for k, b in enumerate(batches):
+        batches, done = torch.randperm(len(tr_caps)).split(batch_size), 0
+        for b in batches:
             sim = net.images(tr_ims[tr_c2i[b]]) @ net.texts(tok[b], lengths[b]).T
             loss = hinge(sim, tr_c2i[b], margin, use_max=epoch >= 1)
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 2.0)
             opt.step()
-            steps += 1
+            steps, done = steps + 1, done + 1
             if time.perf_counter() - t0 >= 60 * minutes:
                 out_of_time = True
                 break
-        full_epoch = k == len(batches) - 1
+        full_epoch = done == len(batches)
         m = evaluate(net, *va, stoi)
         history.append({"epoch": epoch, "steps": steps, "minutes": (time.perf_counter() - t0) / 60,
                         "val_rsum": m["rsum"], "loss": float(loss.detach()), "full_epoch": full_epoch})
