@@ -26,9 +26,9 @@ ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, the converted weigh
 ``efficientnet_lite_check.py``) under the two heads. GXN's GAN draws *pixels* (64 x 64) and its
 matching-aware discriminator compares them with the batch's real images (the term refuses precomputed
 features), so these runs read the raw images, not the ``_pooled`` features: each image resized whole to
-``--image-size`` px (default 96, a small size for the CPU: the frozen network's forward runs every step; at 224
-its pooled output is the ``_pooled`` features exactly, no flips, no crops) and the real images given to the
-discriminator are the same input brought to 64 px. All four arms read the same input. The stages are
+``--image-size`` px (default 96, a small size for the CPU: the frozen network's forward runs every step; at
+224 its pooled output is the ``_pooled`` features up to their float16 rounding: no flips, no crops), and the
+real images given to the discriminator are the same input brought to 64 px. All four arms read the same input. The stages are
 ``--stages`` epochs of look/match, caption XE (decayed x0.1 after two thirds of it) and SCST (default 2 3 1: a
 frozen pretrained encoder leaves only the heads to train), the per-level max of hinges after
 ``max(1, look_match // 2)`` epochs of the sum. The captions are all of the JSON's (emoji: 2-4 per image; the
