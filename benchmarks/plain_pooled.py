@@ -41,7 +41,7 @@ def load(root: Path, split: str, max_images: int | None = None):
     per_image = len(caps) // len(ims)
     ims = ims[:max_images]
     caps = caps[: len(ims) * per_image]
-    return torch.from_numpy(np.asarray(ims, dtype=np.float32)), caps, torch.arange(len(caps)) // per_image
+    return torch.from_numpy(np.array(ims, dtype=np.float32)), caps, torch.arange(len(caps)) // per_image
 
 
 class PooledNet(nn.Module):
