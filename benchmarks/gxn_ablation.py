@@ -20,8 +20,23 @@ BLEU-4 / CIDEr-D of ``last.pt`` on the test images. ``grid`` writes a sample gri
 ``--recipe gxn_scratch_small`` runs the same four arms of that recipe instead (tuned for small real images: 12
 epochs, 512-d levels, a bi-GRU, the per-level max of hinges after a warm-up; its rows carry ``recipe``).
 
+On pretrained features (issue 22): ``emoji_224`` and ``tabler_224`` (the collections rendered at 224 px from their
+vector sources) with ``--recipe gxn_pretrained``: ``gxn_scratch_small`` with the small CNN replaced by the frozen
+ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, the converted weights of
+``efficientnet_lite_check.py``) under the two heads. GXN's GAN draws *pixels* (64 x 64) and its
+matching-aware discriminator compares them with the batch's real images (the term refuses precomputed
+features), so these runs read the raw images, not the ``_pooled`` features: each image resized whole to
+``--image-size`` px (default 96, a small size for the CPU: the frozen network's forward runs every step; at
+224 its pooled output is the ``_pooled`` features up to their float16 rounding: no flips, no crops), and the
+real images given to the discriminator are the same input brought to 64 px. All four arms read the same input. The stages are
+``--stages`` epochs of look/match, caption XE (decayed x0.1 after two thirds of it) and SCST (default 2 3 1: a
+frozen pretrained encoder leaves only the heads to train), the per-level max of hinges after
+``max(1, look_match // 2)`` epochs of the sum. The captions are all of the JSON's (emoji: 2-4 per image; the
+precomputed folders keep 2), so the test rsum compares the arms with each other, not with precomp runs.
+
     python benchmarks/gxn_ablation.py run --datasets demo emoji --seeds 0 1 2   # results appended
     python benchmarks/gxn_ablation.py run --datasets emoji --recipe gxn_scratch_small
+    python benchmarks/gxn_ablation.py run --datasets emoji_224 tabler_224 --recipe gxn_pretrained --image-size 96
     python benchmarks/gxn_ablation.py report
 """
 
@@ -50,19 +65,42 @@ GRID_TEXTS = {
     "demo": ["a large red circle", "a small blue square in the top left corner", "two green stars",
              "a white cross and a yellow triangle", "three purple shapes"],
     "emoji": ["red apple", "smiling face with heart eyes", "blue heart", "dog face", "sun"],
+    "tabler": ["arrow left", "shopping cart", "calendar", "user", "home"],
 }
-
-
-RECIPES = ("gxn_demo", "gxn_scratch_small")
+DATASETS = ("demo", "emoji", "emoji_224", "tabler_224")
+PRETRAINED = ("emoji_224", "tabler_224")  # rendered at 224 px from the vector sources (real_data.render_collection)
+RECIPES = ("gxn_demo", "gxn_scratch_small", "gxn_pretrained")
+RECIPE_FILE = {"gxn_pretrained": "gxn_scratch_small"}  # gxn_pretrained = that file + pretrained_overrides()
 
 
 def recipe_of(row: dict) -> str:
     return row.get("recipe", "gxn_demo")  # the first rows were all gxn_demo's
 
 
+def pretrained_overrides(image_size: int, stages: tuple[int, int, int]) -> list[str]:
+    """gxn_scratch_small with the frozen pretrained EfficientNet-Lite0 under the two heads, whole images at
+    ``image_size`` px without flips, and ``stages`` epochs (look/match, caption XE, SCST)."""
+    from efficientnet_lite_check import fetch_weights
+
+    look, xe, scst = stages
+    return ["model.image_encoder={name: two_level, encoder: {name: timm, model: tf_efficientnet_lite0, "
+            f"weights: {fetch_weights()}, finetune: false}}}}",
+            f"transform.image_size={image_size}", f"transform.resize={image_size}",
+            "transform.resize_policy=square", "transform.augment={crop: center, hflip: false, color_jitter: 0.0}",
+            f"objective.terms.level_ranking.loss.warmup_epochs={max(1, look // 2)}",
+            f"train.epochs={look + xe + scst}", f"train.stages[0].epochs={look}", f"train.stages[1].epochs={xe}",
+            f"train.stages[1].optim.lr_decay_every={max(1, 2 * xe // 3)}", f"train.stages[2].epochs={scst}"]
+
+
 def data_overrides(dataset: str, recipe: str) -> list[str]:
     if dataset == "demo":
         return [] if recipe == "gxn_demo" else ["data.format=demo"]
+    if dataset in PRETRAINED:
+        from real_data import render_collection
+
+        info = render_collection(dataset.split("_")[0], int(dataset.split("_")[1]))
+        return [f"data={{format: karpathy, path: {info['path']}, image_root: {info['image_root']}, "
+                "val_max_images: 1000}"]
     from real_data import prepare
 
     info = prepare(dataset)
@@ -85,7 +123,8 @@ def arm_overrides(arm: str) -> list[str]:
     return out
 
 
-def one_run(dataset: str, recipe: str, arm: str, seed: int, out_dir: str) -> dict:
+def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, stages: str, extra: list[str],
+            out_dir: str) -> dict:
     import torch
 
     from vsekit.captioning import Captioner
@@ -95,9 +134,14 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, out_dir: str) -> dic
     from vsekit.train.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    overrides = [*data_overrides(dataset, recipe), *arm_overrides(arm), f"seed={seed}", "train.progress=false",
-                 f"output_dir={out_dir}"]
-    cfg = resolve_config(ROOT / "vsekit" / "configs" / f"{recipe}.yaml", overrides)
+    pretrained = recipe == "gxn_pretrained"
+    if pretrained != (dataset in PRETRAINED):
+        raise SystemExit(f"recipe gxn_pretrained goes with the datasets {', '.join(PRETRAINED)} and only with them, "
+                         f"not {dataset} with {recipe}")
+    epochs = tuple(int(e) for e in stages.split(","))
+    overrides = [*data_overrides(dataset, recipe), *(pretrained_overrides(image_size, epochs) if pretrained else []),
+                 *arm_overrides(arm), f"seed={seed}", "train.progress=false", f"output_dir={out_dir}", *extra]
+    cfg = resolve_config(ROOT / "vsekit" / "configs" / f"{RECIPE_FILE.get(recipe, recipe)}.yaml", overrides)
     t0 = time.perf_counter()
     Trainer(cfg).fit()
     train_s = time.perf_counter() - t0
@@ -111,6 +155,8 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, out_dir: str) -> dic
               "last_test_rsum": last_test["rsum"], "val_rsum": vals, "best_epoch": vals.index(max(vals)) + 1,
               "train_s": train_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "collapse_events": sum(r["kind"] == "collapse" for r in records)}
+    if pretrained:
+        result.update(image_size=image_size, stages=list(epochs), extra_overrides=extra)
     last = [r for r in records if r["kind"] == "train" and r["epoch"] == records[-1]["epoch"]]
     term_keys = sorted({k for r in last for k in r if k.startswith("term_")})
     result["terms_last_epoch"] = {k: statistics.mean(r[k] for r in last if k in r) for k in term_keys}
@@ -126,13 +172,19 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, out_dir: str) -> dic
         im = Imaginer.from_checkpoint(Path(out_dir) / "last.pt")
         tag = "" if recipe == "gxn_demo" else f"_{recipe}"
         grid = RESULTS / f"gxn_ablation_{dataset}{tag}_{arm}_grid.png"
-        image_grid(im.generate(GRID_TEXTS[dataset], n=8, seed=0)).save(grid)
+        image_grid(im.generate(GRID_TEXTS[dataset.split("_")[0]], n=8, seed=0)).save(grid)
         result["grid"] = str(grid.relative_to(HERE))
     return result
 
 
 def cmd_one(args) -> None:
-    print_result(one_run, args.dataset, args.recipe, args.arm, args.seed)
+    print_result(one_run, args.dataset, args.recipe, args.arm, args.seed, args.image_size, args.stages, args.override)
+
+
+def run_key(r: dict) -> tuple:
+    """What makes runs the same configuration (the pretrained recipe's image size and stages included)."""
+    return (r["dataset"], recipe_of(r), r["arm"], r["seed"], r.get("image_size"), tuple(r.get("stages") or ()),
+            tuple(r.get("extra_overrides") or ()))
 
 
 def _summary(r: dict) -> str:
@@ -143,20 +195,38 @@ def _summary(r: dict) -> str:
 
 
 def cmd_run(args) -> None:
-    done = {(r["dataset"], recipe_of(r), r["arm"], r["seed"]) for r in read_results(OUT)}
-    jobs = [(d, args.recipe, a, s) for s in args.seeds for d in args.datasets for a in args.arms
-            if (d, args.recipe, a, s) not in done]
+    done = {run_key(r) for r in read_results(OUT)}
+    pretrained = args.recipe == "gxn_pretrained"
+    if any((d in PRETRAINED) != pretrained for d in args.datasets):
+        raise SystemExit(f"--recipe gxn_pretrained goes with --datasets {' '.join(PRETRAINED)}, and only with them")
+    size, stages = (args.image_size, tuple(args.stages)) if pretrained else (None, ())
+    if args.override and not pretrained:
+        raise SystemExit("--override is for --recipe gxn_pretrained (its rows record them)")
+    extra = [x for o in args.override for x in ("--override", o)]
+    jobs = [(d, args.recipe, a, s, args.image_size, ",".join(map(str, args.stages)), *extra)
+            for s in args.seeds for d in args.datasets for a in args.arms
+            if run_key({"dataset": d, "recipe": args.recipe, "arm": a, "seed": s, "image_size": size,
+                        "stages": stages, "extra_overrides": args.override}) not in done]
     run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
+
+
+def _setting(r: dict) -> str:
+    if not r.get("image_size"):
+        return ""
+    return " ".join([f"{r['image_size']} px, stages {'+'.join(map(str, r['stages']))}", *r.get("extra_overrides", [])])
 
 
 def cmd_report(args) -> None:
     rows = read_results(OUT)
-    print("| collection | recipe | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | test BLEU-4 | "
-          "test CIDEr-D | distinct test captions | min / run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for dataset, recipe, arm in itertools.product(("demo", "emoji"), RECIPES, ARMS):
-        rs = sorted((r for r in rows if r["dataset"] == dataset and recipe_of(r) == recipe and r["arm"] == arm),
-                    key=lambda r: r["seed"])
+    configs = list(dict.fromkeys((r["dataset"], recipe_of(r), _setting(r)) for r in rows))
+    configs.sort(key=lambda c: (DATASETS.index(c[0]), RECIPES.index(c[1])))
+    print("| collection | recipe | setting | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | "
+          "test BLEU-4 | test CIDEr-D | distinct test captions | min / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    paired = []
+    for (dataset, recipe, setting), arm in itertools.product(configs, ARMS):
+        rs = sorted((r for r in rows if (r["dataset"], recipe_of(r), _setting(r)) == (dataset, recipe, setting)
+                     and r["arm"] == arm), key=lambda r: r["seed"])
         if not rs:
             continue
         caps = [r["caption_test"] for r in rs if "caption_test" in r]
@@ -164,19 +234,40 @@ def cmd_report(args) -> None:
                     f"{statistics.mean(c['bleu4'] for c in caps):.3f} | "
                     f"{statistics.mean(c['cider_d'] for c in caps):.3f} | "
                     f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | | "
-        print(f"| {dataset} | {recipe} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
+        print(f"| {dataset} | {recipe} | {setting} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
               f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
               f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
               f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
+        if arm != "embeddings":  # paired with the embeddings-only arm of the same seed (same init, same batches)
+            base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == "embeddings"
+                    and (r["dataset"], recipe_of(r), _setting(r)) == (dataset, recipe, setting)}
+            d = [(r["seed"], r["test_rsum"] - base[r["seed"]]) for r in rs if r["seed"] in base]
+            if d:
+                paired.append(f"| {dataset} | {recipe} | {setting} | {arm} − embeddings | "
+                              f"{', '.join(f'{x:+.1f} (seed {s})' for s, x in d)} | "
+                              f"{statistics.mean(x for _, x in d):+.1f} | {sum(x > 0 for _, x in d)} of {len(d)} |")
+    if paired:
+        print("\n| collection | recipe | setting | arms | test rsum difference per seed | mean | seeds ahead |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(paired))
 
 
 def main() -> None:
     p, _, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
-                           one_args=[("dataset", {"choices": ["demo", "emoji"]}), ("recipe", {"choices": RECIPES}),
-                                     ("arm", {"choices": list(ARMS)}), ("seed", {"type": int})])
-    r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=["demo", "emoji"])
+                           one_args=[("dataset", {"choices": DATASETS}), ("recipe", {"choices": RECIPES}),
+                                     ("arm", {"choices": list(ARMS)}), ("seed", {"type": int}),
+                                     ("image_size", {"type": int}), ("stages", {"help": "e.g. 2,3,1"}),
+                                     ("--override", {"action": "append", "default": [],
+                                                     "help": "an extra config override (smoke tests)"})])
+    r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=DATASETS)
     r.add_argument("--recipe", default="gxn_demo", choices=RECIPES)
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--image-size", type=int, default=96, help="gxn_pretrained: the frozen encoder's input size")
+    r.add_argument("--stages", type=int, nargs=3, default=[2, 3, 1], metavar=("LOOK", "XE", "SCST"),
+                   help="gxn_pretrained: epochs of each stage")
+    r.add_argument("--override", action="append", default=[],
+                   help="gxn_pretrained: an extra config override for every run, recorded in its row "
+                        "(e.g. data.sample=image: one caption per image per epoch)")
     args = p.parse_args()
     args.fn(args)
 
