@@ -1,0 +1,133 @@
+"""A recipe for one's own images with a pretrained backbone, against the plain script and ``scratch_small``
+(issue 22, item 4 and its bar), at equal training time on the two real collections rendered at 224 px.
+
+Arms (each trained through the CLI, ``vsekit train RECIPE ... train.max_minutes=M``, except the plain script):
+
+* ``pretrained_small``: ``configs/pretrained_small.yaml`` on the EfficientNet-Lite0 features a user gets from
+  ``vsekit features extract --backbone timm:tf_efficientnet_lite0 --weights ... --pool grid``
+  (``pretrained_features.py``; the extraction is a one-off cost, reported beside the table);
+* ``cand_*``: candidate variants of it, screened to choose the recipe (overrides on the same recipe);
+* ``scratch_small``: the recipe for raw images from random weights (64 px: the 224 px renders resized);
+* ``plain_pooled``: ``plain_pooled.py``, the hand-written script on the frozen pooled features (linear map +
+  bi-GRU, one epoch of sum of hinges then max of hinges).
+
+Each run keeps its best-validation checkpoint and reports test metrics (VSE++ protocol, every caption of the test
+split) through the same evaluation code. ``run`` starts one run at a time with ``--threads`` torch threads.
+
+    python benchmarks/pretrained_recipe.py run --arms pretrained_small scratch_small plain_pooled --minutes 2
+    python benchmarks/pretrained_recipe.py report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from pretrained_features import grid_dir, pooled_dir
+from real_data import render_collection
+
+OUT = RESULTS / "pretrained_recipe.jsonl"
+COLLECTIONS = ("emoji", "tabler")
+RECIPE_ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides); data keys added per collection
+    "pretrained_small": ("pretrained_small", []),
+    "cand_pooled": ("pretrained_small", ["model.image_encoder={name: precomp, pooling: mean}"]),
+    "cand_vsepp_loss": ("pretrained_small", ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1, "
+                                             "mask: same_image}"]),
+    "cand_lseh": ("pretrained_small", ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max, "
+                                       "warmup_epochs: 1}"]),
+    "scratch_small": ("scratch_small", []),
+}
+ARMS = (*RECIPE_ARMS, "plain_pooled")
+PLAIN_DIM = 512
+
+
+def data_overrides(arm: str, collection: str) -> list[str]:
+    if arm == "scratch_small":
+        info = render_collection(collection, 224)
+        return ["data.format=karpathy", f"data.path={info['path']}", f"data.image_root={info['image_root']}"]
+    return ["data.format=precomp", f"data.path={grid_dir(collection)}"]
+
+
+def one_run(arm: str, collection: str, seed: int, minutes: float, out_dir: str) -> dict:
+    threads = os.environ.get("OMP_NUM_THREADS", "2")
+    t0 = time.perf_counter()
+    if arm == "plain_pooled":  # the joint space of the recipe (512), so that neither side is larger
+        import torch
+        from plain_pooled import run
+
+        torch.set_num_threads(int(threads))
+        r = run(pooled_dir(collection), seed=seed, minutes=minutes, dim=PLAIN_DIM)
+        return {"arm": arm, "collection": collection, "seed": seed, "minutes": minutes, "dim": PLAIN_DIM, **r,
+                "wall_s": time.perf_counter() - t0, "threads": threads, "features": str(pooled_dir(collection))}
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+
+    recipe, extra = RECIPE_ARMS[arm]
+    cmd = [sys.executable, "-m", "vsekit", "train", recipe, *data_overrides(arm, collection), *extra,
+           f"seed={seed}", f"train.max_minutes={minutes}", "train.epochs=200", "train.progress=false",
+           f"output_dir={out_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
+    test = emb.evaluate(load_split(emb.config.data, "test"))
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["rsum"] for r in records if r["kind"] == "val"]
+    return {"arm": arm, "collection": collection, "seed": seed, "minutes": minutes, "test_rsum": test["rsum"],
+            "test": test, "best_val_rsum": max(vals), "epochs_run": len(vals), "wall_s": wall, "threads": threads,
+            "features": str(pooled_dir(collection) if "pooled" in arm else grid_dir(collection))}
+
+
+def cmd_one(args) -> None:
+    print_result(one_run, args.arm, args.collection, args.seed, args.minutes)
+
+
+def _summary(r: dict) -> str:
+    return f"{r['arm']:16s} {r['collection']:6s} seed {r['seed']}: test rsum {r['test_rsum']:.1f} ({r['wall_s']:.0f} s)"
+
+
+def cmd_run(args) -> None:
+    done = {(r["arm"], r["collection"], r["seed"], r["minutes"]) for r in read_results(OUT)}
+    jobs = [(a, c, s, args.minutes) for c in args.collections for s in args.seeds for a in args.arms
+            if (a, c, s, args.minutes) not in done]
+    run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
+
+
+def cmd_report(args) -> None:
+    rows = read_results(OUT)
+    print("| collection | minutes | arm | seeds | test rsum (mean ± sd) | ratio to plain_pooled | "
+          "ratio to scratch_small |")
+    print("|---|---|---|---|---|---|---|")
+    for c in COLLECTIONS:
+        for m in sorted({r["minutes"] for r in rows if r["collection"] == c}):
+            by = {a: [r["test_rsum"] for r in rows if (r["arm"], r["collection"], r["minutes"]) == (a, c, m)]
+                  for a in ARMS}
+            base = {b: statistics.mean(by[b]) if by[b] else None for b in ("plain_pooled", "scratch_small")}
+            for a, v in by.items():
+                if v:
+                    ratios = [f"{statistics.mean(v) / base[b]:.2f}×" if base[b] else "–" for b in base]
+                    print(f"| {c} | {m:g} | {a} | {len(v)} | {mean_sd(v)} | {' | '.join(ratios)} |")
+
+
+def main() -> None:
+    p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
+                             one_args=[("arm", {"choices": ARMS}), ("collection", {"choices": COLLECTIONS}),
+                                       ("seed", {"type": int}), ("minutes", {"type": float})])
+    r.set_defaults(threads=2, jobs=1)
+    r.add_argument("--arms", nargs="+", default=["pretrained_small", "scratch_small", "plain_pooled"],
+                   choices=ARMS)
+    r.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=COLLECTIONS)
+    r.add_argument("--minutes", type=float, default=2.0)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
