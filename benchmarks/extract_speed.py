@@ -113,6 +113,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--collection", choices=["emoji", "tabler"],
+                    help="time the first --images images of a real collection rendered at 224 px "
+                         "(real_data.render_collection: PNGs) instead of generated JPEGs")
     ap.add_argument("--one", nargs=4, metavar=("ARM", "POOL", "WORKERS", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     from efficientnet_lite_check import fetch_weights
@@ -126,7 +129,17 @@ def main() -> int:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        render(Path(tmp) / "images", args.images)
+        if args.collection:
+            import shutil
+
+            from real_data import render_collection
+
+            src = sorted(Path(render_collection(args.collection, 224)["image_root"]).iterdir())[:args.images]
+            (Path(tmp) / "images").mkdir()
+            for f in src:
+                shutil.copyfile(f, Path(tmp) / "images" / f.name)
+        else:
+            render(Path(tmp) / "images", args.images)
         arms = [("bare", "grid", 0), ("extract", "grid", 0), ("extract", "grid", 1),
                 ("bare", "global", 0), ("extract", "global", 0), ("extract", "global", 1)]
         best: dict[tuple, dict] = {}
@@ -149,10 +162,12 @@ def main() -> int:
         r["cpu_this_over_bare"] = round(r["cpu_ms_per_image"] / best[("bare", r["pool"], 0)]["cpu_ms_per_image"], 3)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    report = {"backbone": BACKBONE, "image_size": 224, "images": args.images, "batch_size": args.batch_size,
+    report = {"backbone": BACKBONE, "image_size": 224, "images": args.images,
+              "source": args.collection or "generated JPEGs", "batch_size": args.batch_size,
               "repeats": args.repeats, "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "rows": rows}
-    (HERE / "results" / "extract_speed.json").write_text(json.dumps(report, indent=1) + "\n")
+    name = f"extract_speed_{args.collection}.json" if args.collection else "extract_speed.json"
+    (HERE / "results" / name).write_text(json.dumps(report, indent=1) + "\n")
     print("| layout | arm | workers | images/s (best) | time vs bare | CPU ms/image (min) | CPU vs bare | "
           "RSS before -> peak MiB (+ worker) |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

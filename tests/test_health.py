@@ -129,6 +129,75 @@ def test_fallback_switches_to_sum_and_lowers_the_lr(tmp_path, cache):
     assert t2.loss_fn.sum_until_epoch == 2 and len(t2.detector.events) == 1
 
 
+# the loss pinned at its collapse value, the embeddings spread: a suspected collapse, judged by validation
+PINNED = ["train.collapse.patience=2", "train.collapse.loss_tol=1e9", "train.collapse.max_mean_cos=1.0",
+          "train.collapse.action=fallback", "optim.lr_decay_every=null", "train.epochs=3",
+          "train.max_steps_per_epoch=3"]
+
+
+def _chance(t):
+    from vsekit.eval.chance import chance_rsum
+
+    return chance_rsum(t.val_corpus.caption_to_image, t.val_corpus.num_images)
+
+
+def _scripted_validation(t, values):
+    """Replace the trainer's validation by a script of rsum values, one per epoch."""
+    it = iter(values)
+
+    def fake():
+        v = next(it)
+        return {"rsum": v, "i2t_r1": 0.0, "t2i_r1": 0.0}
+
+    t.validate = fake
+
+
+def test_a_pinned_loss_while_validation_rises_is_a_plateau_not_a_collapse(tmp_path, cache):
+    run = tmp_path / "plateau"
+    t = Trainer(tiny_cfg(run, *PINNED))
+    floor = 3 * _chance(t)  # about 3 x 150 on 20 images of 5 captions
+    _scripted_validation(t, [floor + 1, floor + 2, floor + 3])  # learning from the first validation
+    t.fit()
+    events = [r for r in _records(run) if r["kind"] == "collapse"]
+    assert [e["action"] for e in events] == ["none", "none", "none"]  # one suspicion per epoch, each dismissed
+    assert events[1]["best_before"] == floor + 1 and events[1]["validation"] == floor + 2
+    assert t.loss_fn.reduction_now("max") == "max" and t._base_lr() == pytest.approx(1e-3)
+
+
+def test_a_pinned_loss_without_progress_falls_back_after_the_validation(tmp_path, cache):
+    run = tmp_path / "stalled"
+    t = Trainer(tiny_cfg(run, *PINNED))
+    floor = 3 * _chance(t)
+    _scripted_validation(t, [floor + 10, floor, floor])  # epoch 2 falls below epoch 1's best
+    t.fit()
+    events = [r for r in _records(run) if r["kind"] == "collapse"]
+    assert [e["action"] for e in events][:2] == ["none", "fallback"]
+    fb = events[1]
+    assert fb["epoch"] == 1 and fb["validation"] == floor and fb["best_before"] == floor + 10
+    assert fb["sum_of_hinges_until_epoch"] == 3 and fb["lr"] == pytest.approx(1e-4)  # decided at epoch 2's end
+
+
+def test_a_first_validation_near_chance_confirms_the_collapse(tmp_path, cache):
+    run = tmp_path / "chance"
+    t = Trainer(tiny_cfg(run, *PINNED, "train.collapse.action=stop"))
+    _scripted_validation(t, [3 * _chance(t) - 1])  # no earlier validation, and under 3 x chance
+    with pytest.raises(TrainingCollapsed, match="collapse"):
+        t.fit()
+    assert [r["action"] for r in _records(run) if r["kind"] == "collapse"] == ["stop"]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1  # the epoch it validated is kept
+
+
+def test_a_suspected_collapse_survives_a_resume(tmp_path, cache):
+    run = tmp_path / "resume"
+    t = Trainer(tiny_cfg(run, *PINNED, "train.epochs=1", "train.max_steps_per_epoch=3"))
+    t.detector.update(1.0, 1.0, 0.1, 0.1)
+    t.detector.pending = {"epoch": 0, "step": 2, "loss": 1.0, "collapse_value": 1.0, "image_mean_cos": 0.1,
+                          "caption_mean_cos": 0.1, "best_before": 12.5}
+    t.save("last.pt")
+    t2 = Trainer(tiny_cfg(run, *PINNED, "train.epochs=1", "train.max_steps_per_epoch=3"), resume=True)
+    assert t2.detector.pending == t.detector.pending and t2.detector.streak == 1
+
+
 def test_stop_action_saves_and_says_what_to_change(tmp_path, cache, capsys):
     from vsekit.cli import main
 

@@ -16,6 +16,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -24,6 +25,7 @@ from vsekit.config import RunConfig, dump_config, validate_config
 from vsekit.config.schema import OptimConfig
 from vsekit.data.datasets import collate_pairs, text_to
 from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
+from vsekit.eval.chance import chance_rsum
 from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
 from vsekit.train import signals
 from vsekit.train.checkpointing import LAST, RUN_FILES, CheckpointPolicy, check_new_run, check_resume_config
@@ -420,7 +422,9 @@ class Trainer:
                 f"for NaN/inf features and broken captions. The last state is in {self.out / LAST}.")
 
     def check_collapse(self) -> None:
-        """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says."""
+        """After a step: feed the detector; when it fires, act as ``train.collapse.action`` says -- at once when
+        the embeddings are squeezed, after the epoch's validation when only the loss is pinned (a plateau of a
+        run that still learns looks the same: :mod:`vsekit.train.monitor`)."""
         d, opts = self.last_diag, self.collapse_opts
         if opts.action == "off" or not d:
             return
@@ -428,32 +432,65 @@ class Trainer:
         cv = self.last_collapse_value or 0.0
         if not self.detector.update(loss, cv, d["image_mean_cos"], d["caption_mean_cos"]):
             return
+        event = {"epoch": self.epoch, "step": self.step, "loss": loss, "collapse_value": cv,
+                 "image_mean_cos": d["image_mean_cos"], "caption_mean_cos": d["caption_mean_cos"]}
+        if self.detector.is_squeezed(d["image_mean_cos"], d["caption_mean_cos"]):
+            self._act_on_collapse(event)
+        elif self.detector.pending is None:
+            self.detector.pending = {**event, "best_before": self.best_rsum}
+            log.info("step %d: the loss has stayed at its collapse value (%.4g) for %d steps while the embeddings "
+                     "are spread; this epoch's validation decides whether the run is still learning", self.step, cv,
+                     opts.patience)
+
+    def _judge_suspected_collapse(self, metrics: dict[str, float]) -> None:
+        """After a validation: a suspected collapse is dismissed if the run is learning, acted on otherwise."""
+        pending, self.detector.pending = self.detector.pending, None
+        if pending is None or self.checkpoints.metric not in metrics:
+            return
+        value = float(metrics[self.checkpoints.metric])
+        chance = None
+        if self.checkpoints.metric == "rsum" and self.val_corpus.num_images:
+            chance = chance_rsum(np.asarray(self.val_corpus.caption_to_image), self.val_corpus.num_images)
+        best_before = pending.pop("best_before")
+        if self.detector.still_learning(value, best_before, chance):
+            event = {**pending, "action": "none", "validation": value, "best_before": best_before}
+            self.detector.events.append(event)
+            self._log({"kind": "collapse", **event})
+            log.info("not a collapse: the loss sat at its collapse value from step %d, but validation %s rose to "
+                     "%.2f (best before %.2f): training goes on unchanged", pending["step"], self.checkpoints.metric,
+                     value, best_before)
+            return
+        self._act_on_collapse({**pending, "validation": value, "best_before": best_before})
+
+    def _act_on_collapse(self, event: dict[str, Any]) -> None:
+        opts = self.collapse_opts
         action = opts.action
         fallbacks = sum(e["action"] == "fallback" for e in self.detector.events)
         if action == "fallback" and fallbacks >= opts.max_fallbacks:
             action = "stop"
-        event = {"epoch": self.epoch, "step": self.step, "loss": loss, "collapse_value": cv,
-                 "image_mean_cos": d["image_mean_cos"], "caption_mean_cos": d["caption_mean_cos"], "action": action}
-        symptom = collapse_symptom(loss, cv, d["image_mean_cos"], d["caption_mean_cos"])
+        event = {**event, "action": action}
+        symptom = collapse_symptom(event["loss"], event["collapse_value"], event["image_mean_cos"],
+                                   event["caption_mean_cos"])
         if action == "fallback":
-            until = self.epoch + 1 + opts.fallback_epochs
+            # the rest of this epoch and fallback_epochs more; decided at an epoch's end: the next ones
+            until = self.epoch + (1 + opts.fallback_epochs if self.batches_done else max(1, opts.fallback_epochs))
             event["sum_of_hinges_until_epoch"] = until if self.loss_fn.fall_back_to_sum(until) else None
             factor = opts.lr_factor
             for g in self.optimizer.param_groups:
                 g["lr"] *= factor
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
             event["lr"] = self._base_lr()
-            log.warning("step %d: %s. Falling back: %s, learning rate x%g -> %.3g.", self.step, symptom,
+            log.warning("step %d: %s. Falling back: %s, learning rate x%g -> %.3g.", event["step"], symptom,
                         f"sum of hinges until epoch {until}" if event["sum_of_hinges_until_epoch"] else
                         "(this loss has no sum-of-hinges form)", factor, event["lr"])
         elif action == "warn":
-            log.warning("step %d: %s. %s", self.step, symptom, ADVICE)
+            log.warning("step %d: %s. %s", event["step"], symptom, ADVICE)
         self.detector.events.append(event)
         self._log({"kind": "collapse", **event})
         if action == "stop":
             self.save(LAST)
-            raise TrainingCollapsed(f"training stopped at step {self.step} (epoch {self.epoch + 1}): {symptom}. "
-                                    f"{ADVICE} The last state is in {self.out / LAST}.")
+            raise TrainingCollapsed(f"training stopped at step {event['step']} (epoch {event['epoch'] + 1}): "
+                                    f"{symptom}. {ADVICE} The last state is in {self.out / LAST}.")
 
     # -- one epoch -----------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -564,6 +601,7 @@ class Trainer:
         self.epoch += 1
         self.batches_done, self.epoch_loss_sum = 0, 0.0
         self.checkpoints.after_epoch(metrics)
+        self._judge_suspected_collapse(metrics)
         return metrics
 
     # -- the run -------------------------------------------------------------------------------------
