@@ -77,6 +77,8 @@ LOSSES = {  # both after one epoch of sum of hinges (from random weights the max
     # issue 22: on pretrained features, as the papers train: the max of hinges from the first step, no warm-up
     "vsepp_nw": ["loss={name: hinge, margin: 0.2, reduction: max}"],
     "lseh_nw": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max}"],
+    # the max of hinges with the trainer's default collapse handling (fallback), as a user runs it
+    "vsepp_default": ["loss={name: hinge, margin: 0.2, reduction: max}", "train.collapse.action=fallback"],
 }
 
 
@@ -130,8 +132,9 @@ def one_run(network: str, loss: str, seed: int, epochs: int, features: str, minu
                  f"output_dir={out_dir}", *net, *LOSSES[loss]]
     if features != "emoji_cnn":
         # each arm trains with its own loss throughout: the collapse detector reports, it does not switch a run
-        # to the sum of hinges (its default fallback), which would mix the two losses a claim compares
-        overrides.append("train.collapse.action=warn")
+        # to the sum of hinges (its default fallback), which would mix the two losses a claim compares; an arm
+        # may set its own action (vsepp_default: what a user gets)
+        overrides.insert(0, "train.collapse.action=warn")
     if network in ("sgr", "saf") and features != "emoji_cnn":
         # every validation scores 100 x 100 x captions pairs through the network (not 300: a third of the run's time
         # went to validating 300 images of 49 regions on one thread); the test still scores every pair

