@@ -23,7 +23,6 @@ from vsekit.train.monitor import (
     CollapseDetector,
     TrainingCollapsed,
     batch_diagnostics,
-    check_collapse_options,
     collapse_value,
     mean_pairwise_cosine,
 )
@@ -93,13 +92,6 @@ def test_detector_fires_on_a_collapsed_batch_and_not_on_a_healthy_one():
     assert not det.update(2 * b * 0.2, 2 * b * 0.2, 0.1, 0.1)
     assert not det.update(1.0, 2 * b * 0.2, 0.1, 0.1)
     assert not det.update(2 * b * 0.2, 2 * b * 0.2, 0.1, 0.1)
-
-
-def test_collapse_options_are_checked():
-    with pytest.raises(ValueError, match="train.collapse.acton"):
-        check_collapse_options({"acton": "warn"})
-    with pytest.raises(ValueError, match="train.collapse.action: Input should be 'off', 'warn'"):
-        check_collapse_options({"action": "panic"})
 
 
 # -- the trainer's actions ----------------------------------------------------------------------------------

@@ -504,7 +504,8 @@ def test_order_model_is_scored_exactly_and_refuses_faiss_kinds(ckpt, tmp_path, c
     hits = sx.search_text("a big yellow triangle", k=INDEX_IMAGES)
     np.testing.assert_allclose([h.score for h in hits], np.sort(want)[::-1], rtol=1e-5, atol=1e-6)
     assert [sx.data.images[i]["id"] for i in np.argsort(-want, kind="stable")] == [h.id for h in hits]
-    img = emb.encode_pil_images([load_rgb(hits[0].path)])
+    with torch.no_grad():
+        img = emb.model.encode_images(emb.eval_transform()(load_rgb(hits[0].path))[None]).numpy()
     want_t = order_sim(torch.from_numpy(img), torch.from_numpy(np.array(sx.data.caption_vectors)))[0].numpy()
     got = sx.search_image(hits[0].path, k=4)
     np.testing.assert_allclose([h.score for h in got], np.sort(want_t)[::-1][:4], rtol=1e-5, atol=1e-6)

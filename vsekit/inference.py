@@ -332,18 +332,6 @@ class Embedder:
         cap = np.arange(len(caption_sets)) if caption_rows is None else np.asarray(caption_rows, dtype=np.int64)
         return scorer.scores(img, cap)
 
-    @torch.no_grad()
-    def encode_pil_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
-        """Embeddings of PIL images (already RGB); raw-image models only."""
-        if self.reads_features:
-            raise ValueError("this model reads precomputed features; it cannot embed raw images")
-        tf = self.eval_transform()
-        outs = []
-        for a in range(0, len(images), batch_size):
-            batch = torch.stack([tf(im) for im in images[a: a + batch_size]]).to(self.device)
-            outs.append(self.model.encode_images(batch).float().cpu().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, self._dim()), dtype=np.float32)
-
     def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
                  chunk_size: int | None = None, progress: bool = False, return_folds: bool = False,
                  train_captions: Sequence[str] | None = None):
