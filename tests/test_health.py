@@ -277,10 +277,10 @@ def test_gru_mean_pooling_matches_unpadded_loop(bidirectional):
 
 
 def test_scratch_small_recipe_trains(tmp_path, cache):
-    from vsekit.cli import _recipe_path
+    from vsekit.cli import recipe_path
     from vsekit.config import resolve_config
 
-    cfg = resolve_config(_recipe_path("scratch_small"), [
+    cfg = resolve_config(recipe_path("scratch_small"), [
         f"output_dir={tmp_path / 'scratch'}", "data.format=demo", "data.num_images=120", "transform.image_size=32",
         "transform.resize=32", "data.val_max_images=20", "model.embed_size=16", "model.image_encoder.width=4",
         "model.text_encoder.word_dim=8", "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=3",
