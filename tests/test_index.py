@@ -689,31 +689,6 @@ def test_resized_size_matches_the_eval_transform(sx):
         assert resize(Image.new("RGB", (w, h))).size == sx.resized_size(w, h), (w, h)
 
 
-def test_allow_legacy_checkpoint_reaches_the_loader_only_when_asked(demo_index, ckpt, emb, tmp_path, monkeypatch):
-    """``--allow-legacy-checkpoint`` (search, serve, index build/add) and ``SearchIndex.open(...,
-    allow_legacy_checkpoint=True)`` pass ``allow_legacy=True`` to the checkpoint loader; without them the
-    keyword is not passed at all."""
-    calls = []
-
-    def fake_from_checkpoint(cls, path, device="auto", **kw):
-        calls.append(kw)
-        return emb
-
-    monkeypatch.setattr(Embedder, "from_checkpoint", classmethod(fake_from_checkpoint))
-    SearchIndex.open(demo_index)
-    SearchIndex.open(demo_index, allow_legacy_checkpoint=True)
-    assert calls == [{}, {"allow_legacy": True}]
-    calls.clear()
-    ix = copy_index(demo_index, tmp_path / "ix")
-    assert cli("search", ix, "red", "--allow-legacy-checkpoint") == 0
-    assert cli("search", ix, "red") == 0
-    assert cli("index", "add", ix, "--data", "demo", "--split", "val", "--max-images", "1", "-q",
-               "--allow-legacy-checkpoint") == 0
-    assert cli("index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", "2",
-               "--out", tmp_path / "b", "-q", "--allow-legacy-checkpoint") == 0
-    assert calls == [{"allow_legacy": True}, {}, {"allow_legacy": True}, {"allow_legacy": True}]
-
-
 # -- one image-loading policy: EXIF orientation (issue 21) ----------------------------------------------------
 def test_a_rotated_phone_photo_indexed_from_a_folder_finds_itself_first(ckpt, demo_index, tmp_path, capsys):
     """A JPEG stored sideways with EXIF orientation 6 (as phones write them) is indexed upright, as a query

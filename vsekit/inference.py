@@ -141,11 +141,9 @@ class Embedder:
         return self._fingerprint
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
-                        allow_legacy: bool = False) -> Embedder:
-        """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code;
-        ``allow_legacy=True`` also opens an older checkpoint that holds pickled objects (trusted files only)."""
-        state = load_checkpoint(path, allow_legacy=allow_legacy)  # checks for the model, vocab and config
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
+        """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code."""
+        state = load_checkpoint(path)  # checks for the model, vocab and config
         return cls.from_state(state, device)
 
     @classmethod
