@@ -418,7 +418,7 @@ class Embedder:
 
     def _dim(self) -> int:
         """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""
-        return self.config.model.embed_size * int(getattr(self.model.image_encoder, "levels", 1))
+        return self.config.model.embed_size * self.model.image_encoder.levels
 
 
 # -- objective terms a checkpoint carries (a caption decoder, a GAN) ------------------------------------------

@@ -102,7 +102,7 @@ class Trainer:
         self.local_batch_size = tcfg.batch_size // self.world.size
         if self.world.distributed:
             self.sampler.shard(self.world.rank, self.world.size, self.local_batch_size)
-            if getattr(self.model, "learned_similarity", False):
+            if self.model.learned_similarity:
                 raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
                                   "(model.similarity with parameters) needs its encoders' contexts gathered, which "
                                   "vsekit does not do yet: train it in one process")
