@@ -354,7 +354,7 @@ class _QdrantManifest(BaseModel):
 
 class _ThumbnailsManifest(BaseModel):
     """The ``thumbnails`` section: the generation whose folder holds them, their size and count, and the
-    checksums of their two files (kept out of ``files``, which a vsekit that predates thumbnails checks)."""
+    checksums of their two files."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -696,23 +696,18 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
 
 
 def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest's ``thumbnails`` section when it belongs to the current generation; None when the index
-    has none, or when a vsekit that predates thumbnails wrote the generation (the section names an older one)."""
-    section = manifest.get("thumbnails")
-    if not section or section.get("generation") != manifest.get("generation"):
-        return None
-    return section
+    """The manifest's ``thumbnails`` section, or None when the index has none."""
+    return manifest.get("thumbnails") or None
 
 
 def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
     """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
     section = thumbnails_section(manifest)
     if section is None:
-        if manifest.get("thumbnails"):
-            log.warning("%s: the thumbnails recorded are of generation %s, not the current one (an older vsekit "
-                        "wrote the index): it has none; rebuild it to have them", index_dir,
-                        manifest["thumbnails"].get("generation"))
         return None
+    if section["generation"] != manifest["generation"]:
+        raise SearchIndexError(f"{index_dir / MANIFEST}: thumbnails of generation {section['generation']}, not the "
+                               f"current one: an index {_BEFORE_RELEASE}")
     try:  # checked through the descriptors they are read from: no file can be swapped in between
         return thumbs.load(index_dir, manifest["generation"], n, section["max_side"],
                            section["files"] if verify else None)
