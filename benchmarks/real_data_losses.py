@@ -44,14 +44,14 @@ OLD = ["transform.image_size=64", "transform.resize=64", "optim.lr=2e-4", "optim
 
 # The recipe chosen from the measurements (configs/scratch_small.yaml), with each loss of the comparison.
 # Every loss is spelled out, so the rows do not depend on which loss the recipe ships with.
-HINGE_WARMUP = ["loss.name=hinge_warmup", "+loss.margin=0.2", "+loss.warmup_epochs=1", "+loss.mask=same_image"]
+HINGE_WARMUP = ["loss.name=hinge_warmup", "loss.margin=0.2", "loss.warmup_epochs=1", "loss.mask=same_image"]
 LOSSES = {
     "vse0": ("scratch_small", ["loss.name=hinge", "loss.reduction=sum", "loss.mask=same_image"]),
     "vsepp": ("scratch_small", ["loss.name=hinge", "loss.reduction=max", "loss.mask=same_image"]),
     "vsepp_warmup": ("scratch_small", HINGE_WARMUP),
-    "lseh": ("scratch_small", ["loss.name=lseh", "+loss.warmup_epochs=0"]),
-    "lseh_warmup": ("scratch_small", ["loss.name=lseh", "+loss.warmup_epochs=1"]),
-    "infonce": ("scratch_small", ["loss.name=infonce", "+loss.mask=same_image"]),
+    "lseh": ("scratch_small", ["loss.name=lseh", "loss.warmup_epochs=0"]),
+    "lseh_warmup": ("scratch_small", ["loss.name=lseh", "loss.warmup_epochs=1"]),
+    "infonce": ("scratch_small", ["loss.name=infonce", "loss.mask=same_image"]),
     "plain_baseline": (None, []),
 }
 
@@ -100,16 +100,16 @@ LABELS = {
 
 
 def run_vsekit(recipe: str, overrides: list[str], info: dict, seed: int, minutes: float) -> dict:
-    from vsekit.cli import _recipe_path
+    from vsekit.cli import recipe_path
     from vsekit.config import resolve_config
     from vsekit.data.sources import load_split
     from vsekit.inference import Embedder
     from vsekit.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve_config(_recipe_path(recipe), [*data_overrides(info), *overrides, f"seed={seed}",
-                                                    f"train.max_minutes={minutes}", "train.epochs=1000",
-                                                    f"output_dir={tmp}/run"])
+        cfg = resolve_config(recipe_path(recipe), [*data_overrides(info), *overrides, f"seed={seed}",
+                                                   f"train.max_minutes={minutes}", "train.epochs=1000",
+                                                   f"output_dir={tmp}/run"])
         t0 = time.perf_counter()
         result = Trainer(cfg).fit()
         train_s = time.perf_counter() - t0

@@ -1,5 +1,5 @@
 """Checkpoints are safe to open and checked: plain data read with weights_only (a pickle payload is refused
-and never run; a legacy file needs allow_legacy), a sha256 in the zip comment (flipped bytes, truncation,
+and never run; a file of a vsekit before 0.1.0 is refused), a sha256 in the zip comment (flipped bytes, truncation,
 foreign files, missing keys and newer versions are one-line errors naming the file), RNG states that
 round-trip exactly, and run folders cleaned of the temporary files a killed write leaves."""
 
@@ -64,7 +64,7 @@ def _cli_error(capsys, *argv) -> str:
 
 
 def _legacy_copy(src: Path, dst: Path) -> Path:
-    """``src`` as vsekit 0.1 wrote it: numpy's RNG state as the tuple (with an ndarray) np.random.get_state()
+    """``src`` as a vsekit before 0.1.0 wrote it: numpy's RNG state as the tuple (with an ndarray) np.random.get_state()
     returns, format version 1, no digest."""
     state = load_checkpoint(src)
     state.pop("path")
@@ -151,7 +151,7 @@ def test_a_pickle_payload_is_refused_and_not_run(tmp_path, capsys):
     bad = _hostile(tmp_path / "evil.pt", marker)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(bad)
-    _one_line_error(e, bad, "pickled Python objects", "open)", "allow_legacy=True", "trusted")
+    _one_line_error(e, bad, "pickled Python objects", "open)", "not opened")
     with pytest.raises(CheckpointError):
         Embedder.from_checkpoint(bad)
     folder = tmp_path / "run"
@@ -159,17 +159,17 @@ def test_a_pickle_payload_is_refused_and_not_run(tmp_path, capsys):
     shutil.copy(bad, folder / LAST)
     with pytest.raises(CheckpointError):
         CheckpointPolicy(folder, dict).resume_state()  # --resume
-    assert "--allow-legacy-checkpoint" in _cli_error(capsys, "eval", bad)
+    assert "pickled Python objects" in _cli_error(capsys, "eval", bad)
     assert not marker.exists()
-    # a raw pickle (not a torch zip) is refused before anything unpickles it, even with allow_legacy
+    # a raw pickle (not a torch zip) is refused before anything unpickles it
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(raw, allow_legacy=True)
+        load_checkpoint(raw)
     _one_line_error(e, raw, "not a checkpoint file")
     assert not marker.exists()
-    # the payload is live: the full unpickler (allow_legacy=True, for trusted files only) does run it
-    load_checkpoint(bad, allow_legacy=True)
+    # the payload is live: the full unpickler does run it
+    torch.load(bad, weights_only=False)
     assert marker.exists()
 
 
@@ -183,48 +183,33 @@ def test_a_pickle_payload_named_by_an_index_is_not_run(tmp_path, run, capsys):
     manifest = json.loads((ix / "manifest.json").read_text())
     (ix / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(bad)}))
     assert main(["search", str(ix), "a red circle"]) == 2
-    assert "allow" in capsys.readouterr().err
+    assert "pickled Python objects" in capsys.readouterr().err
     assert not marker.exists()
 
 
-def test_a_legacy_checkpoint_needs_allow_legacy(tmp_path, run, capsys, caplog):
+def test_a_checkpoint_of_a_vsekit_before_0_1_0_is_refused(tmp_path, run, capsys, cache):
+    """One checkpoint version: a file of a vsekit before 0.1.0 (numpy's state pickled, version 1) is a
+    one-line error naming it and saying to retrain, wherever it is opened (eval, encode, --resume)."""
     old = _legacy_copy(run / LAST, tmp_path / "old.pt")
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(old)
-    _one_line_error(e, old, "numpy", "allow_legacy=True")
-    _cli_error(capsys, "encode", old, "--captions", __file__, "--out", tmp_path / "c.npy")
-    with caplog.at_level(logging.WARNING, logger="vsekit.checkpoint"):
-        state = load_checkpoint(old, allow_legacy=True)
-    assert "no sha256" in caplog.text and state["version"] == 1
-    assert Embedder.from_checkpoint(old, allow_legacy=True).fingerprint == Embedder.from_checkpoint(run / LAST).fingerprint
-    caps = tmp_path / "caps.txt"
-    caps.write_text("a red circle\n")
-    assert main(["encode", str(old), "--captions", str(caps), "--out", str(tmp_path / "c.npy"),
-                 "--allow-legacy-checkpoint"]) == 0
-
-
-def test_resume_from_a_legacy_checkpoint_needs_the_flag(tmp_path, cache, capsys):
-    """``vsekit train --resume`` of a run whose last.pt vsekit 0.1 wrote (numpy's state as a tuple): refused
-    without --allow-legacy-checkpoint; with it the run continues, and its new last.pt is plain data."""
+    _one_line_error(e, old, "numpy", "before 0.1.0", "retrain")
+    assert "before 0.1.0" in _cli_error(capsys, "encode", old, "--captions", __file__, "--out", tmp_path / "c.npy")
     out = tmp_path / "b"
     Trainer(tiny_cfg(out, "train.epochs=1", "train.max_steps_per_epoch=2")).fit()
     _legacy_copy(out / LAST, out / LAST)
     recipe = tmp_path / "r.yaml"
-    shutil.copy(out / "config.yaml", recipe)  # the resolved config of the run: 1 epoch
-    assert "--allow-legacy-checkpoint" in _cli_error(capsys, "train", recipe, "train.epochs=2", "--resume")
-    assert main(["train", str(recipe), "train.epochs=2", "--resume", "--allow-legacy-checkpoint"]) == 0
-    state = torch.load(out / LAST, weights_only=True)
-    assert (state["version"], state["epoch"], state["step"]) == (CHECKPOINT_VERSION, 2, 4)
-
-
-def test_a_legacy_numpy_state_restores_exactly():
-    np.random.seed(5)
-    np.random.standard_normal(1)
-    legacy, plain = np.random.get_state(), rng_state()["numpy"]
-    want = np.random.standard_normal(4).tolist()
-    for state in (legacy, plain):
-        set_rng_state({**rng_state(), "numpy": state})
-        assert np.random.standard_normal(4).tolist() == want
+    shutil.copy(out / "config.yaml", recipe)
+    assert "before 0.1.0" in _cli_error(capsys, "train", recipe, "train.epochs=2", "--resume")
+    # plain data but version 1: refused too
+    state = torch.load(run / LAST, weights_only=True)
+    save_checkpoint(tmp_path / "v1.pt", state)
+    s = torch.load(tmp_path / "v1.pt", weights_only=True)
+    s["version"] = 1
+    torch.save(s, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "v1.pt")
+    _one_line_error(e, tmp_path / "v1.pt", "checkpoint version 1", "before 0.1.0", "retrain")
 
 
 # -- corrupt and foreign files ---------------------------------------------------------------------------

@@ -100,15 +100,11 @@ def test_switching_data_format_keeps_the_shared_options_only():
     assert not hasattr(cfg.data, "num_images")
 
 
-def test_config_of_format_1_is_migrated():
-    """A checkpoint saved before the transform section existed still loads."""
-    old = resolve_config(RECIPES / "scratch_small.yaml").to_dict()
-    transform = old.pop("transform")
-    old["config_format"] = 1
-    old["data"] = {**old["data"], **transform, "path": None, "image_root": None}  # format 1 had every key
-    cfg = validate_config(old)
-    assert cfg.transform.resize_policy == "square" and cfg.transform.augment.crop == "center"
-    assert cfg.data.format == "demo" and cfg.config_format == CONFIG_FORMAT
+def test_config_of_another_format_is_refused():
+    """One config format: an older one (before 0.1.0) or a newer one is refused in one line."""
+    old = {**resolve_config(RECIPES / "scratch_small.yaml").to_dict(), "config_format": 1}
+    with pytest.raises(ConfigError, match=r"^config_format: 1 was written by a vsekit before 0.1.0.*retrain"):
+        validate_config(old)
     newer = {**old, "config_format": CONFIG_FORMAT + 1}
     with pytest.raises(ConfigError, match="newer than this vsekit"):
         validate_config(newer)

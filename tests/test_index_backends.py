@@ -127,30 +127,23 @@ def test_exact_index_holds_one_memory_mapped_copy(local_index, emb, monkeypatch)
     np.testing.assert_allclose([[h.score for h in hs] for hs in hits], want_s, atol=1e-6)
 
 
-def test_an_exact_index_with_a_flat_faiss_file_still_opens(local_index, emb, tmp_path, monkeypatch):
-    """Indexes written before NumPy exact search hold images.faiss / captions.faiss (IndexFlatIP): they open,
-    are searched without reading those files, and the next write leaves them behind."""
+def test_an_exact_index_with_a_flat_faiss_file_is_refused(local_index, emb, tmp_path, capsys):
+    """Exact indexes of a vsekit before 0.1.0 held images.faiss (IndexFlatIP): one line naming the file, saying
+    to rebuild."""
     ix = tmp_path / "old"
     shutil.copytree(local_index, ix)
     m = json.loads((ix / "manifest.json").read_text())
     gen = ix / m["generation"]
-    for target in ("images", "captions"):
-        store.faiss_module().write_index(build_faiss(np.load(gen / f"{target}.npy"), "exact", AnnParams()),
-                                         str(gen / f"{target}.faiss"))
-        m["files"][f"{target}.faiss"] = file_record(gen / f"{target}.faiss")
+    store.faiss_module().write_index(build_faiss(np.load(gen / "images.npy"), "exact", AnnParams()),
+                                     str(gen / "images.faiss"))
+    m["files"]["images.faiss"] = file_record(gen / "images.faiss")
     (ix / "manifest.json").write_text(json.dumps(m))
-    before = [[h.id for h in SearchIndex.open(local_index, emb).search_text(t, k=4)] for t in QUERIES]
-
-    def refuse(*a, **k):
-        raise AssertionError("read the flat file")
-
-    monkeypatch.setattr(store.faiss_module(), "read_index", refuse)
-    sx = SearchIndex.open(ix, emb)
-    assert sx.data.faiss == {} and [[h.id for h in sx.search_text(t, k=4)] for t in QUERIES] == before
-    assert cli("index", "remove", ix, "--ids", sx.data.images[0]["id"]) == 0
-    m2 = read_manifest(ix)
-    assert not any(f.endswith(".faiss") for f in m2["files"])
-    assert not list((ix / m2["generation"]).glob("*.faiss"))
+    with pytest.raises(SearchIndexError, match=r"images.faiss: an exact index with a FAISS file.*before 0.1.0"):
+        SearchIndex.open(ix, emb)
+    capsys.readouterr()
+    assert cli("search", ix, "red") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(gen / "images.faiss") in err and "rebuild" in err, err
 
 
 def test_open_backend_picks_the_class_from_the_manifest(local_index, tmp_path):

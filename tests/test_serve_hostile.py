@@ -137,10 +137,14 @@ def test_embed_image_equals_the_embedders_own(sx, good_png):
     import io
 
     import numpy as np
+    import torch
     from PIL import Image
 
     image = Image.open(io.BytesIO(good_png)).convert("RGB")
-    np.testing.assert_allclose(sx.embed_image(image), sx.embedder.encode_pil_images([image]), atol=1e-6)
+    emb = sx.embedder
+    with torch.no_grad():
+        own = emb.model.encode_images(emb.eval_transform()(image)[None].to(emb.device)).float().cpu().numpy()
+    np.testing.assert_allclose(sx.embed_image(image), own, atol=1e-6)
 
 
 # -- stalled uploads, in process --------------------------------------------------------------------------
@@ -348,7 +352,7 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch, capsys):
     monkeypatch.setattr(app_module, "create_app", fake_create_app)
     monkeypatch.setattr(server_module, "make_server", fake_make_server)
     assert cli("serve", sx.index_dir, "--read-timeout", "2.5", "--body-timeout", "30", "--keep-alive-timeout", "3",
-               "--max-aspect-ratio", "8", "--allow-legacy-checkpoint", "--port", "0", "--allow-host", "photos.lan",
+               "--max-aspect-ratio", "8", "--port", "0", "--allow-host", "photos.lan",
                "--allow-host", "[::1]", "--reload-interval", "0.25", "--max-decode-bytes", "64M", "--max-decodes", "2",
                "--decode-wait", "1.5") == 0
     port = seen["ran"][0][1]
@@ -357,7 +361,7 @@ def test_serve_options_reach_the_app_and_the_server(sx, monkeypatch, capsys):
                               "keep_alive_timeout": 3.0}
     assert f"serving {sx.index_dir} on http://127.0.0.1:{port}/" in capsys.readouterr().out  # the real port
     assert seen["app"]["read_timeout"] == 2.5 and seen["app"]["body_timeout"] == 30.0
-    assert seen["app"]["max_aspect_ratio"] == 8.0 and seen["app"]["allow_legacy_checkpoint"] is True
+    assert seen["app"]["max_aspect_ratio"] == 8.0
     assert seen["app"]["allowed_hosts"] == {"localhost", "127.0.0.1", "::1", "photos.lan"}
     assert seen["app"]["reload_interval"] == 0.25
     assert (seen["app"]["max_decode_bytes"], seen["app"]["max_decodes"], seen["app"]["decode_wait"]) == (64 << 20, 2, 1.5)

@@ -356,16 +356,15 @@ def test_index_without_thumbnails_gives_null_urls_and_a_clear_404(ckpt, emb, tmp
     assert "thumbnails" not in read_manifest(ix)  # an index without them does not grow some
 
 
-def test_thumbnails_of_another_generation_are_ignored(index_dir, emb, tmp_path, caplog):
-    """A vsekit that predates thumbnails writes a generation without them, keeping the manifest's section."""
+def test_thumbnails_of_another_generation_are_refused(index_dir, emb, tmp_path):
+    """A vsekit before 0.1.0, which predates thumbnails, wrote a generation without them, keeping the
+    manifest's section: refused in one line, saying to rebuild."""
     ix = copy_index(index_dir, tmp_path / "ix")
     m = read_manifest(ix)
     m["thumbnails"]["generation"] = "g000000"
     (ix / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-    sx = SearchIndex.open(ix, emb)
-    assert sx.data.thumbnails is None and "not the current one" in caplog.text
-    with TestClient(create_app(sx)) as c:
-        assert_json_404(c.get(f"/images/{sx.data.images[0]['id']}"), "has no thumbnail")
+    with pytest.raises(store.SearchIndexError, match=r"thumbnails of generation g000000, not the current one.*rebuild"):
+        SearchIndex.open(ix, emb)
 
 
 def test_cache_validators_and_ranges(index_dir, emb):

@@ -40,9 +40,8 @@ class Captioner:
         self.vocab = embedder.vocab
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
-                        allow_legacy: bool = False) -> Captioner:
-        state = load_checkpoint(path, allow_legacy=allow_legacy)
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Captioner:
+        state = load_checkpoint(path)
         embedder = Embedder.from_state(state, device)
         first = first_stage_with_term(embedder.config, TERM)
         if first is None:

@@ -7,10 +7,9 @@ search without the training code.
 **Opening a checkpoint never runs code.** A checkpoint is plain data: tensors, numbers, strings, ``None``,
 and lists, tuples and dicts of them (:func:`save_checkpoint` refuses anything else, naming the key), and
 :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``, whose unpickler builds nothing
-else. A file that holds pickled Python objects (a checkpoint of vsekit 0.1, whose RNG state held a numpy
-array, or a hostile file named by an index manifest) is refused with a one-line
-:class:`CheckpointError`; ``allow_legacy=True`` (``--allow-legacy-checkpoint`` on the command line) opens
-it with the full unpickler, for a file you trust.
+else. A file that holds pickled Python objects (a checkpoint of a vsekit before 0.1.0, whose RNG state held
+a numpy array, or a hostile file named by an index manifest) is refused with a one-line
+:class:`CheckpointError`, and so is any other version than :data:`CHECKPOINT_VERSION`.
 
 **Integrity: a sha256 in the zip comment.** ``torch.save`` writes a zip archive; its CRC32s are not checked
 when torch reads it, so flipped bytes load silently. vsekit stores a digest in the archive's own comment
@@ -27,10 +26,9 @@ field (the standard place for free text at the end of a zip): the file ends with
   -z`` prints the digest, and ``head -c -78 last.pt | sha256sum`` recomputes it;
 - the digest is computed while the file is written (no second pass) and checked by one streaming read.
 
-A checkpoint without that comment (written by an older vsekit) still loads, with a logged warning. Every
+A checkpoint without that comment (re-saved by hand with ``torch.save``) still loads, with a logged warning. Every
 way a file can be wrong is a one-line :class:`CheckpointError` naming it: a digest mismatch, a truncated
-file, a file that is not a torch zip archive, pickled objects, a missing key, a version newer than this
-vsekit.
+file, a file that is not a torch zip archive, pickled objects, a missing key, another version.
 """
 
 from __future__ import annotations
@@ -55,8 +53,9 @@ from vsekit.utils.io import atomic_write
 log = logging.getLogger("vsekit.checkpoint")
 
 CHECKPOINT_FORMAT = "vsekit-checkpoint"
-# 1: pickled numpy RNG state, no digest. 2: plain data only (weights_only) and a sha256 in the zip comment.
+# plain data only (weights_only) and a sha256 in the zip comment; 1 was a vsekit before 0.1.0 (pickled numpy)
 CHECKPOINT_VERSION = 2
+_BEFORE_RELEASE = "written by a vsekit before 0.1.0, which this one does not read: retrain with this vsekit"
 # what every consumer of a checkpoint needs: search and evaluation, ``train.init_from`` and ``--resume``
 REQUIRED_KEYS = ("model", "vocab", "config")
 
@@ -224,48 +223,40 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _torch_load(path: Path, map_location, allow_legacy: bool) -> Any:
+def _torch_load(path: Path, map_location) -> Any:
     check_archive_sizes(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():  # a damaged pickle, not a refused one
             raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {first_line(e, limit=None)})") from None
-        if allow_legacy:
-            log.warning("%s holds pickled Python objects; opening it with the full unpickler "
-                        "(allow_legacy=True)", path)
-        else:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path}: holds pickled Python objects{what}, not plain data (a checkpoint of an older vsekit, "
-                "or a hostile file): loading it could run code, so it may only be opened with allow_legacy=True "
-                "(--allow-legacy-checkpoint) if the file is trusted") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects{what}, not plain data: loading it could run code, so it is not "
+            f"opened (a hostile file, or a checkpoint {_BEFORE_RELEASE})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e, limit=None)})") from None
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e, limit=None)})") from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, allow_legacy: bool = False,
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
                     require: Iterable[str] = ()) -> dict[str, Any]:
     """Open a checkpoint (a ``.pt`` file, or a run folder: its ``best.pt``, else its ``last.pt``) without
     running code: its digest is checked, then it is read with ``torch.load(weights_only=True)``.
 
-    ``allow_legacy``: also open a checkpoint that holds pickled Python objects (older vsekit) -- only for
-    a trusted file. ``require``: keys the caller needs beyond :data:`REQUIRED_KEYS`. Any problem is a
+    ``require``: keys the caller needs beyond :data:`REQUIRED_KEYS`. Any problem is a
     one-line :class:`CheckpointError` naming the file."""
     path = _resolve(path)
     digest = checkpoint_digest(path)
-    state = _torch_load(path, map_location, allow_legacy)
+    state = _torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a vsekit checkpoint")
     version = state.get("version", 0)
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {version} is newer than this vsekit understands "
                               f"({CHECKPOINT_VERSION}); upgrade vsekit")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version}, {_BEFORE_RELEASE}")
     for key in (*REQUIRED_KEYS, *require):
         if key not in state:
             raise CheckpointError(f"{path}: not a complete vsekit checkpoint: the key {key!r} is missing")
@@ -274,7 +265,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             raise CheckpointError(f"{path}: not a valid vsekit checkpoint: {key!r} is a "
                                   f"{type(state[key]).__name__}, not a dict")
     if digest is None:  # said once the file is usable (a refusal is the one line the user sees)
-        log.warning("%s has no sha256 (written by an older vsekit): its integrity cannot be checked", path)
+        log.warning("%s has no sha256 (saved by hand with torch.save?): its integrity cannot be checked", path)
     state["path"] = str(path)
     return state
 

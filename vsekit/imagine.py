@@ -58,9 +58,8 @@ class Imaginer:
         self.gan = gan.to(self.device).eval()  # batch norm with its running statistics
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
-                        allow_legacy: bool = False) -> Imaginer:
-        state = load_checkpoint(path, allow_legacy=allow_legacy)
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Imaginer:
+        state = load_checkpoint(path)
         embedder = Embedder.from_state(state, device)
         return cls(embedder, gan_from_state(state, embedder.config))
 

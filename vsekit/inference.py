@@ -141,11 +141,9 @@ class Embedder:
         return self._fingerprint
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
-                        allow_legacy: bool = False) -> Embedder:
-        """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code;
-        ``allow_legacy=True`` also opens an older checkpoint that holds pickled objects (trusted files only)."""
-        state = load_checkpoint(path, allow_legacy=allow_legacy)  # checks for the model, vocab and config
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
+        """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code."""
+        state = load_checkpoint(path)  # checks for the model, vocab and config
         return cls.from_state(state, device)
 
     @classmethod
@@ -332,18 +330,6 @@ class Embedder:
         cap = np.arange(len(caption_sets)) if caption_rows is None else np.asarray(caption_rows, dtype=np.int64)
         return scorer.scores(img, cap)
 
-    @torch.no_grad()
-    def encode_pil_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
-        """Embeddings of PIL images (already RGB); raw-image models only."""
-        if self.reads_features:
-            raise ValueError("this model reads precomputed features; it cannot embed raw images")
-        tf = self.eval_transform()
-        outs = []
-        for a in range(0, len(images), batch_size):
-            batch = torch.stack([tf(im) for im in images[a: a + batch_size]]).to(self.device)
-            outs.append(self.model.encode_images(batch).float().cpu().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, self._dim()), dtype=np.float32)
-
     def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
                  chunk_size: int | None = None, progress: bool = False, return_folds: bool = False,
                  train_captions: Sequence[str] | None = None):
@@ -432,7 +418,7 @@ class Embedder:
 
     def _dim(self) -> int:
         """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""
-        return self.config.model.embed_size * int(getattr(self.model.image_encoder, "levels", 1))
+        return self.config.model.embed_size * self.model.image_encoder.levels
 
 
 # -- objective terms a checkpoint carries (a caption decoder, a GAN) ------------------------------------------

@@ -21,8 +21,6 @@ import sys
 
 from vsekit.cli.common import RECIPES, recipe_path
 
-_recipe_path = recipe_path  # the name benchmarks and older scripts import
-
 __all__ = ["RECIPES", "build_parser", "main", "recipe_path"]
 
 

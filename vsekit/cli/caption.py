@@ -31,7 +31,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not args.images and not args.data and not args.eval and args.rows is None:
         raise ConfigError("vsekit caption: give image files, or data-set rows (--data SPEC --split SPLIT --rows "
                           "0,1,2; without --data, the checkpoint's own data), or --eval")
-    cap = Captioner.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
+    cap = Captioner.from_checkpoint(args.checkpoint, device=args.device)
     if args.images:
         from vsekit.data.images import load_rgb
 
@@ -67,7 +67,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, finite_non_negative, positive_int
+    from vsekit.cli.common import finite_non_negative, positive_int
 
     p = sub.add_parser("caption", help="caption images with a checkpoint's caption decoder (or score it: --eval)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used), trained with "
@@ -91,5 +91,4 @@ def add_cli(sub) -> None:
     p.add_argument("--out", help="with --eval: also write the scores as JSON here")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
-    add_allow_legacy_checkpoint(p)
     p.set_defaults(fn=cmd_caption)

@@ -120,8 +120,3 @@ def finite_non_negative(text: str) -> float:
     return v
 
 
-def add_allow_legacy_checkpoint(p: argparse.ArgumentParser) -> None:
-    """``--allow-legacy-checkpoint`` (-> ``args.allow_legacy_checkpoint``), for every verb that opens one."""
-    p.add_argument("--allow-legacy-checkpoint", action="store_true",
-                   help="also open a checkpoint that holds pickled Python objects (written by vsekit 0.1): "
-                        "loading it can run code, so only for a file you trust")

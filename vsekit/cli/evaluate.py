@@ -42,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vsekit.utils.io import atomic_write_json
 
     check_out_file(args.out)
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
     corpus = _corpus(emb, args)
     train_captions = None
     if args.protocol == "semantic":  # the LSA model is fitted on the checkpoint's training captions
@@ -84,7 +84,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_file(out)
     check_out_file(out.with_suffix(".ids.txt"))
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, allow_legacy=args.allow_legacy_checkpoint)
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
     if args.captions:
         path = Path(args.captions)
         if not path.is_file():
@@ -104,7 +104,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int
+    from vsekit.cli.common import positive_int
     from vsekit.eval.metrics import EXTENDED_PROTOCOLS, LABEL_PROTOCOL, PROTOCOLS
 
     e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
@@ -123,7 +123,6 @@ def add_cli(sub) -> None:
     e.add_argument("--batch-size", type=positive_int, default=128)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="also write the results as JSON here (with the per-fold results of 1k5fold)")
-    add_allow_legacy_checkpoint(e)
     e.set_defaults(fn=cmd_eval)
 
     n = sub.add_parser("encode", help="embed images or captions to a .npy file")
@@ -136,5 +135,4 @@ def add_cli(sub) -> None:
     n.add_argument("--out", required=True, help="output .npy (ids go to OUT.ids.txt)")
     n.add_argument("--batch-size", type=positive_int, default=128)
     n.add_argument("--device", default="auto")
-    add_allow_legacy_checkpoint(n)
     n.set_defaults(fn=cmd_encode)

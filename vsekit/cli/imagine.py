@@ -20,8 +20,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the grid is written as a PNG; name it *.png")
     check_out_file(out)  # before the model is loaded: a link, a device or a folder that cannot be written
-    imaginer = Imaginer.from_checkpoint(args.checkpoint, device=args.device,
-                                        allow_legacy=args.allow_legacy_checkpoint)
+    imaginer = Imaginer.from_checkpoint(args.checkpoint, device=args.device)
     grid = image_grid(imaginer.generate(args.texts, n=args.n, seed=args.seed))
     atomic_write(out, lambda f: grid.save(f, format="PNG"))
     s = imaginer.image_size
@@ -31,7 +30,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    from vsekit.cli.common import add_allow_legacy_checkpoint, positive_int, seed_int
+    from vsekit.cli.common import positive_int, seed_int
 
     p = sub.add_parser("imagine", help="sample images for captions from a checkpoint's text-to-image GAN (GXN)")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used) trained with the gan term")
@@ -40,5 +39,4 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise: the same seed gives the same grid")
     p.add_argument("--out", required=True, help="the PNG grid to write")
     p.add_argument("--device", default="auto")
-    add_allow_legacy_checkpoint(p)
     p.set_defaults(fn=cmd_imagine)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from vsekit.cli.common import parse_size, positive_int, read_float, thread_count
 
-LEGACY_HELP = "load a checkpoint saved by an older vsekit with full pickle: only for files you trust"
 RERANK_HELP = ("an index of a model with a similarity network: shortlisted items each query reranks through the "
                "network (default: the index's)")
 
@@ -63,12 +62,6 @@ def aspect_ratio(text: str) -> float:
     if v < 1:
         raise argparse.ArgumentTypeError(f"is long side / short side, at least 1; got {text}")
     return v
-
-
-def _legacy(args: argparse.Namespace) -> dict:
-    """``allow_legacy=True`` for the checkpoint loader when ``--allow-legacy-checkpoint`` was given (and
-    nothing otherwise, so this works with a loader that does not know the option)."""
-    return {"allow_legacy": True} if getattr(args, "allow_legacy_checkpoint", False) else {}
 
 
 ALL_ROWS = "all"  # --split all: every row of a pairs file
@@ -142,7 +135,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from vsekit.inference import Embedder
 
     backend = _backend_config(args)  # a bad option is refused before the model is loaded
-    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device, **_legacy(args))
+    emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
     corpus, source = _load_source(args, emb)
     m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
@@ -168,7 +161,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     path = args.checkpoint or recorded
     if not path:
         raise SearchIndexError(f"{args.index}: the manifest names no checkpoint; pass --checkpoint")
-    emb = Embedder.from_checkpoint(path, device=args.device, **_legacy(args))
+    emb = Embedder.from_checkpoint(path, device=args.device)
     corpus, source = _load_source(args, emb)
     m, added, skipped = add_to_index(args.index, emb, corpus, batch_size=args.batch_size,
                                      progress=not args.quiet, source=source)
@@ -202,8 +195,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("vsekit: error: give either a text query or --image PATH", file=sys.stderr)
         return 2
     index = SearchIndex.open(args.index, checkpoint=args.checkpoint, device=args.device,
-                             nprobe=args.nprobe, ef_search=args.ef_search,
-                             allow_legacy_checkpoint=args.allow_legacy_checkpoint, rerank=args.rerank)
+                             nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank)
     if args.image is not None:
         hits = index.search_image(args.image, k=args.k, target=args.target or "captions")
     else:
@@ -242,8 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
                          max_k=args.max_k, max_image_pixels=args.max_image_pixels,
                          max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
-                         body_timeout=args.body_timeout, allow_legacy_checkpoint=args.allow_legacy_checkpoint,
-                         rerank=args.rerank, allowed_hosts=hosts, reload_interval=args.reload_interval,
+                         body_timeout=args.body_timeout, rerank=args.rerank, allowed_hosts=hosts,
+                         reload_interval=args.reload_interval,
                          max_decode_bytes=args.max_decode_bytes, max_decodes=args.max_decodes,
                          decode_wait=args.decode_wait)
         server = make_server(app, address, port, read_timeout=args.read_timeout, body_timeout=args.body_timeout,
@@ -317,7 +309,6 @@ def add_cli(subparsers) -> None:
     b.add_argument("--captions", action=argparse.BooleanOptionalAction, default=None,
                    help="also index the data set's captions for image -> text search (default: when it has any)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
-    b.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     b.add_argument("--rerank", type=positive_int, default=100,
                    help="models with a similarity network (SGR, SAF): shortlisted items each query reranks through "
                         "the network, recorded as the searches' default (default 100)")
@@ -333,7 +324,6 @@ def add_cli(subparsers) -> None:
     a.add_argument("index", help="index folder")
     _add_source(a)
     a.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
-    a.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     a.set_defaults(fn=cmd_index_add)
 
     r = isub.add_parser("remove", help="remove images (and their captions) from an index")
@@ -356,7 +346,6 @@ def add_cli(subparsers) -> None:
     s.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
-    s.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     s.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
     _add_ann(s, build=False)
     s.set_defaults(fn=cmd_search)
@@ -397,7 +386,6 @@ def add_cli(subparsers) -> None:
     v.add_argument("--keep-alive-timeout", type=positive_float, default=limits.DEFAULT_KEEP_ALIVE_TIMEOUT,
                    metavar="SECONDS", help=f"idle keep-alive connections are closed after this "
                                            f"(default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
-    v.add_argument("--allow-legacy-checkpoint", action="store_true", help=LEGACY_HELP)
     v.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
     v.add_argument("--max-decode-bytes", type=positive_size, default=limits.DEFAULT_MAX_DECODE_BYTES,
                    help="most memory one upload's decode may take, estimated from its header before any pixel is "

@@ -6,9 +6,9 @@
 """
 
 from vsekit.config.recipes import apply_overrides, deep_merge, dump_config, load_recipe
-from vsekit.config.resolve import migrate, resolve_config, validate_config
+from vsekit.config.resolve import resolve_config, validate_config
 from vsekit.config.schema import CONFIG_FORMAT, RunConfig
 from vsekit.errors import ConfigError
 
 __all__ = ["CONFIG_FORMAT", "ConfigError", "RunConfig", "apply_overrides", "deep_merge", "dump_config",
-           "load_recipe", "migrate", "resolve_config", "validate_config"]
+           "load_recipe", "resolve_config", "validate_config"]

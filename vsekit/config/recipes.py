@@ -136,7 +136,9 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        key = key.strip().lstrip("+")  # "+key=": the old way to add a key; the schema now says what exists
+        key = key.strip()
+        if key.startswith("+"):
+            raise ConfigError(f"override {item!r}: write it without the '+' ({item.strip().lstrip('+')!r})")
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:

@@ -19,43 +19,28 @@ from vsekit.config.schema import (
     OptimConfig,
     RunConfig,
 )
-from vsekit.data.sources import data_config, source_class
+from vsekit.data.sources import data_config
 from vsekit.errors import ConfigError, did_you_mean
 from vsekit.registry import config_error_from, short_repr, validate_section
 
-# keys of the data section that moved to `transform` in config format 2
+# keys of the data section that belong to `transform`
 _TRANSFORM_KEYS = ("image_size", "resize", "resize_policy", "augment")
 # every integer of a config fits torch's and NumPy's 64 bits
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def migrate(raw: dict[str, Any]) -> dict[str, Any]:
-    """Bring a config of an older format (e.g. inside an old checkpoint) to the current one.
-
-    Format 1 kept the image transform in ``data`` and gave every data section every reader's keys; format 2
-    has a ``transform`` section and per-source data options.
-    """
+def check_format(raw: dict[str, Any]) -> None:
+    """Refuse a config of another format than this vsekit's (one format: :data:`CONFIG_FORMAT`)."""
     fmt = raw.get("config_format", CONFIG_FORMAT)
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt < 1:
-        raise ConfigError(f"config_format: {fmt} is not a config format (1 to {CONFIG_FORMAT}); leave it out")
-    if not isinstance(fmt, int) or fmt > CONFIG_FORMAT:
-        raise ConfigError(f"config_format: {short_repr(fmt)} is newer than this vsekit reads ({CONFIG_FORMAT}); "
-                          "upgrade vsekit")
-    if fmt >= CONFIG_FORMAT:
-        return raw
-    raw = copy.deepcopy(raw)
-    data = dict(raw.get("data") or {})
-    transform = dict(raw.get("transform") or {})
-    for k in _TRANSFORM_KEYS:
-        if k in data:
-            value = data.pop(k)
-            if value is not None or k == "resize":
-                transform[k] = value
-    fields = set(source_class(data.get("format", "demo")).model_fields)
-    raw["data"] = {k: v for k, v in data.items() if k in fields}
-    raw["transform"] = transform
-    raw["config_format"] = CONFIG_FORMAT
-    return raw
+    if fmt == CONFIG_FORMAT and not isinstance(fmt, bool):
+        return
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise ConfigError(f"config_format: {short_repr(fmt)} is not a config format (this vsekit reads "
+                          f"{CONFIG_FORMAT}); leave it out")
+    if fmt > CONFIG_FORMAT:
+        raise ConfigError(f"config_format: {fmt} is newer than this vsekit reads ({CONFIG_FORMAT}); upgrade vsekit")
+    raise ConfigError(f"config_format: {fmt} was written by a vsekit before 0.1.0, which this one does not read: "
+                      "retrain with this vsekit")
 
 
 def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
@@ -159,7 +144,8 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
         return raw
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
-    raw = migrate(copy.deepcopy(raw))
+    check_format(raw)
+    raw = copy.deepcopy(raw)
     check_numbers(raw, where)  # before the sections' own checks, which may quote a bad number under another key
     prefix = f"{where}." if where else ""
     moved = [k for k in _TRANSFORM_KEYS if k in (raw.get("data") or {})]

@@ -429,13 +429,3 @@ def eccv_metrics(
         out.update({f"cxc_{d}_r{k}": v for k, v in _recall_at(hits, ks).items()})
     return out
 
-
-def eccv_metrics_for_corpus(image_emb: ArrayLike, caption_emb: ArrayLike, corpus: Any, **kwargs: Any) -> dict[str, float]:
-    """:func:`eccv_metrics` for embeddings in a Karpathy COCO test corpus's row order (all its captions; the
-    ones outside the protocol are left out, see :func:`coco_ids_from_corpus`)."""
-    ids = coco_ids_from_corpus(corpus, kwargs.get("annotations"))
-    if isinstance(caption_emb, torch.Tensor):
-        caps = caption_emb[torch.as_tensor(ids.caption_rows, device=caption_emb.device)]
-    else:
-        caps = caption_emb[ids.caption_rows]
-    return eccv_metrics(image_emb, caps, ids.image_cocoids, ids.caption_ids, **kwargs)

@@ -148,12 +148,11 @@ class SearchIndex:
     @classmethod
     def open(cls, index_dir: str | Path, embedder=None, *, checkpoint: str | Path | None = None,
              device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
-             verify: bool = True, allow_legacy_checkpoint: bool = False, rerank: int | None = None) -> SearchIndex:
+             verify: bool = True, rerank: int | None = None) -> SearchIndex:
         """Open ``index_dir`` with ``embedder``, or with the model at ``checkpoint`` (default: the
         checkpoint recorded in the manifest). A model other than the index's own is refused. With
         ``verify`` (the default) every index file is checked against the sha256 the manifest records.
-        ``allow_legacy_checkpoint``: load a checkpoint saved by an older vsekit with full pickle -- only for
-        files you trust. ``rerank``: for a similarity network's model, how many shortlisted items each query
+        ``rerank``: for a similarity network's model, how many shortlisted items each query
         reranks through the network (default: the manifest's)."""
         try:  # before the manifest is read: a commit in between then shows as a change to refresh()
             stamp = _stamp(Path(index_dir) / MANIFEST)
@@ -166,9 +165,7 @@ class SearchIndex:
             path = checkpoint or manifest.get("checkpoint")
             if not path:
                 raise SearchIndexError(f"{index_dir}: the manifest names no checkpoint; pass one")
-            # the flag is passed only when set, so this works with an Embedder that does not know it
-            legacy = {"allow_legacy": True} if allow_legacy_checkpoint else {}
-            embedder = Embedder.from_checkpoint(path, device=device, **legacy)
+            embedder = Embedder.from_checkpoint(path, device=device)
         options = {"verify": verify, "params": {**({"nprobe": nprobe} if nprobe else {}),
                                                 **({"ef_search": ef_search} if ef_search else {})}}
         manifest, data, backend = _open_generation(index_dir, manifest, embedder, **options)

@@ -15,9 +15,8 @@ Layout of an index folder::
     g000002/images.thumbs.npy   (vsekit.index.thumbnails): the only image bytes the server sends
 
 Exact indexes hold no FAISS file: they are searched by chunked matmul over the memory-mapped ``.npy``, so
-the vectors are in RAM once (an ``IndexFlatIP`` was a second, in-RAM copy). Indexes written before that
-hold an ``images.faiss`` flat index; it is not read (nor checked) any more, and the next write drops it.
-An index whose vectors live in a vector database (``"backend": "qdrant"``, see
+the vectors are in RAM once. An exact index that holds an ``images.faiss`` (a vsekit before 0.1.0 wrote it)
+is refused in one line: rebuild it. An index whose vectors live in a vector database (``"backend": "qdrant"``, see
 :mod:`vsekit.index.backends`) holds no ``.npy`` or ``.faiss`` files, only the records; its manifest
 says where the collections are, and has format version 2, so that a vsekit that predates backends
 refuses it with "upgrade vsekit" instead of looking for files that are not there.
@@ -29,9 +28,8 @@ generation; the leftovers are removed by the next successful write.
 
 Why checksums: a truncated or overwritten file must not be served, nor reach FAISS's reader (which answers
 with a C++ assertion). Opening an index checks every file of the generation against the size and sha256
-the manifest records, and refuses a mismatch in one line naming the file. Manifests written before
-checksums existed are still read (their files are then only checked as they are parsed). The manifest
-itself is validated field by field on reading (:func:`read_manifest`).
+the manifest records, and refuses a mismatch in one line naming the file; a manifest without checksums
+(a vsekit before 0.1.0) is refused. The manifest itself is validated field by field on reading (:func:`read_manifest`).
 """
 
 from __future__ import annotations
@@ -83,10 +81,10 @@ SET_EXTS = ("sets.npy", "offsets.npy")  # the local sets of a similarity-network
 FILE_NAMES = tuple(f"{t}.{ext}" for t in TARGETS for ext in ("npy", "jsonl", "faiss", *SET_EXTS))
 _HASH_CHUNK = 1 << 20
 log = logging.getLogger(__name__)
-# Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs); versions before that
-# used ".tmp-<random>", which are still cleaned up.
+# Work folders of writes are ".generation.building-<pid>-<hex>" (vsekit.utils.fs)
 _WORK_NAME = "generation"
-_LEGACY_TMP_PREFIX = ".tmp-"
+# what a user is told of an index of a vsekit before 0.1.0
+_BEFORE_RELEASE = "written by a vsekit before 0.1.0, which this one does not read: rebuild it with `vsekit index build`"
 _ADD_CHUNK = 65536
 # Exact search scores the collection in blocks of at most this many (query, row) pairs (16 MiB of float32),
 # whatever the number of queries
@@ -356,7 +354,7 @@ class _QdrantManifest(BaseModel):
 
 class _ThumbnailsManifest(BaseModel):
     """The ``thumbnails`` section: the generation whose folder holds them, their size and count, and the
-    checksums of their two files (kept out of ``files``, which a vsekit that predates thumbnails checks)."""
+    checksums of their two files."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -396,7 +394,7 @@ class _Manifest(BaseModel):
     nlist: dict[StrictStr, StrictInt] | None = None
     recall_at_10: dict[StrictStr, float] | None = None
     sources: list[StrictStr] = Field(default_factory=list)
-    files: dict[StrictStr, _FileRecord] | None = None
+    files: dict[StrictStr, _FileRecord]
     rerank: StrictInt | None = Field(None, ge=1)  # similarity networks: shortlist size reranked by the network
     thumbnails: _ThumbnailsManifest | None = None
 
@@ -409,8 +407,8 @@ class _Manifest(BaseModel):
 
     @field_validator("files")
     @classmethod
-    def _file_names(cls, v: dict[str, _FileRecord] | None) -> dict[str, _FileRecord] | None:
-        for name in v or {}:
+    def _file_names(cls, v: dict[str, _FileRecord]) -> dict[str, _FileRecord]:
+        for name in v:
             if name not in FILE_NAMES:
                 raise ValueError(f"names {name[:60]!r}, which is not a file of an index "
                                  f"({', '.join(FILE_NAMES)})")
@@ -469,6 +467,8 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     if isinstance(version, int) and not isinstance(version, bool) and version > INDEX_VERSION:
         raise SearchIndexError(f"{path}: index format version {version} is newer than this vsekit "
                                f"reads ({INDEX_VERSION}); upgrade vsekit")
+    if "files" not in manifest:
+        raise SearchIndexError(f"{path}: an index without checksums, {_BEFORE_RELEASE}")
     try:
         _Manifest.model_validate(manifest)
     except ValidationError as e:
@@ -501,11 +501,8 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> None:
-    """Check the files ``names`` of generation ``gen`` against the sizes and sha256 the manifest records
-    (nothing to check in a manifest written before checksums existed)."""
-    files = manifest.get("files")
-    if files is None:
-        return
+    """Check the files ``names`` of generation ``gen`` against the sizes and sha256 the manifest records."""
+    files = manifest["files"]
     for name in names:
         path = gen / name
         rec = files.get(name)
@@ -581,11 +578,9 @@ def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = T
     targets = TARGETS if manifest.get("has_captions") else ("images",)
     local = vectors_in_folder(manifest)
     names = [f"{t}.{ext}" for t in targets for ext in (("npy", "jsonl") if local else ("jsonl",))]
-    files = manifest.get("files")
-    faiss_names = []
-    if local and manifest["kind"] in ANN_KINDS:  # an exact index's flat file (older versions) is not read
-        faiss_names = [f"{t}.faiss" for t in targets
-                       if (f"{t}.faiss" in files if files is not None else (gen / f"{t}.faiss").is_file())]
+    faiss_names = [f"{t}.faiss" for t in targets if f"{t}.faiss" in manifest["files"]]
+    if faiss_names and not (local and manifest["kind"] in ANN_KINDS):
+        raise SearchIndexError(f"{gen / faiss_names[0]}: an exact index with a FAISS file, {_BEFORE_RELEASE}")
     if verify:
         verify_files(gen, manifest, names + faiss_names)
     mode = "r" if mmap else None
@@ -687,7 +682,7 @@ def _write_files(folder: Path, data: IndexData) -> None:
 def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap: bool,
                verify: bool) -> dict[str, LocalSets]:
     """The local sets of the targets whose set files the manifest records (memory-mapped unless ``mmap=False``)."""
-    files = manifest.get("files") or {}
+    files = manifest["files"]
     out = {}
     for target in targets:
         names = LocalSets.file_names(target)
@@ -701,23 +696,18 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
 
 
 def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest's ``thumbnails`` section when it belongs to the current generation; None when the index
-    has none, or when a vsekit that predates thumbnails wrote the generation (the section names an older one)."""
-    section = manifest.get("thumbnails")
-    if not section or section.get("generation") != manifest.get("generation"):
-        return None
-    return section
+    """The manifest's ``thumbnails`` section, or None when the index has none."""
+    return manifest.get("thumbnails") or None
 
 
 def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
     """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
     section = thumbnails_section(manifest)
     if section is None:
-        if manifest.get("thumbnails"):
-            log.warning("%s: the thumbnails recorded are of generation %s, not the current one (an older vsekit "
-                        "wrote the index): it has none; rebuild it to have them", index_dir,
-                        manifest["thumbnails"].get("generation"))
         return None
+    if section["generation"] != manifest["generation"]:
+        raise SearchIndexError(f"{index_dir / MANIFEST}: thumbnails of generation {section['generation']}, not the "
+                               f"current one: an index {_BEFORE_RELEASE}")
     try:  # checked through the descriptors they are read from: no file can be swapped in between
         return thumbs.load(index_dir, manifest["generation"], n, section["max_side"],
                            section["files"] if verify else None)
@@ -790,8 +780,7 @@ def remove_stale(index_dir: Path, keep: str) -> None:
     """Delete old generations and temporary folders left by earlier writes or crashes (call under
     :func:`write_lock`, so that no other write is under way)."""
     for p in index_dir.iterdir():
-        old = _GENERATION.match(p.name) or p.name.startswith(_LEGACY_TMP_PREFIX)
-        if p.name != keep and p.is_dir() and old:
+        if p.name != keep and p.is_dir() and _GENERATION.match(p.name):
             shutil.rmtree(p, ignore_errors=True)
     remove_stale_work(index_dir / _WORK_NAME, any_pid=True)
     remove_stale_work(index_dir / thumbs.STAGING)  # a build stages thumbnails without the lock: dead ones only

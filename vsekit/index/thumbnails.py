@@ -12,10 +12,9 @@ Layout, in each generation folder (committed, checksummed and replaced with the 
     images.thumbs       the JPEG files of the images, one after the other
     images.thumbs.npy   (N, 2) int64: offset and size in ``images.thumbs`` of row i's JPEG (size 0: none)
 
-The manifest's ``thumbnails`` section records their sizes and sha256 apart from ``files`` (so that a vsekit
-that predates thumbnails still reads the index), the generation they belong to, the ``max_side`` and the
-count. A section that names another generation than the manifest (an older vsekit wrote the index since)
-is ignored: the index then has no thumbnails.
+The manifest's ``thumbnails`` section records their sizes and sha256 apart from ``files``, the generation
+they belong to (always the manifest's: another one is refused, as an index of a vsekit before 0.1.0), the
+``max_side`` and the count.
 
 Opening an index treats its folder as hostile: the generation folder and the pack are opened without
 following symlinks, only a regular file is accepted, and it is checked against its size and sha256 through

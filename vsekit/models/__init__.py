@@ -1,8 +1,18 @@
-"""Encoders, similarities and the VSE model, each behind a registry."""
+"""Encoders, similarities and the VSE model, each behind a registry.
 
+Every module that registers an encoder or a similarity is imported here, and only here: importing any part of
+``vsekit.models`` (e.g. ``vsekit.models.vse``) runs this first, so the registries are complete.
+"""
+
+import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
 import vsekit.models.open_clip_encoders  # noqa: F401  (registers the open_clip image and text encoders)
 import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
+import vsekit.models.sgraf  # noqa: F401  (registers the SGRAF encoders and similarity networks)
+import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
 import vsekit.models.timm_encoder  # noqa: F401  (registers the timm image encoder)
+import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
+import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
+import vsekit.models.vsrn  # noqa: F401  (registers the "vsrn" image encoder)
 from vsekit.models.heads import DualPathHead, ProjectorHead, SharedClassifier
 from vsekit.models.image import BACKBONES, IMAGE_ENCODERS, PretrainedWeightsMissing
 from vsekit.models.sgraf import SGRAFRegionEncoder, SGRAFSimilarity, SGRAFWordEncoder

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,11 +29,21 @@ class Encoder(nn.Module):
     finetune_scope: ClassVar[str | None] = None
     #: image encoders over precomputed features get their input size from the data set
     reads_features: ClassVar[bool] = False
+    #: the embedding is this many equal parts, one per level (GXN's two-level encoders: 2)
+    levels: ClassVar[int] = 1
+    #: a text encoder's own tokenizer, ``tokenize(caption, max_len) -> ids`` (a method); None: the vocabulary's
+    tokenize: Callable[[str, int | None], list[int]] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.finetune = True
         self._freezer = Freezer()
+
+    @classmethod
+    def reads_features_of(cls, spec: dict[str, Any]) -> bool:
+        """Whether the encoder ``spec`` (its config section) builds reads precomputed features (a wrapper
+        encoder asks its inner one)."""
+        return cls.reads_features
 
     def forward_features(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -72,8 +82,7 @@ class Encoder(nn.Module):
         return self
 
 
-def caption_tokenizer(encoder: nn.Module) -> Callable[[str, int | None], list[int]] | None:
+def caption_tokenizer(encoder: Encoder) -> Callable[[str, int | None], list[int]] | None:
     """The text encoder's own ``tokenize(caption, max_len)`` hook, or None when captions go through vsekit's
     vocabulary. Token batches are padded with id 0 and carry their lengths, so id 0 must be the padding."""
-    fn = getattr(encoder, "tokenize", None)
-    return fn if callable(fn) else None
+    return encoder.tokenize

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vsekit.errors import ConfigError
-from vsekit.models.base import Encoder, caption_tokenizer
+from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
@@ -71,8 +71,8 @@ class TwoLevelImageEncoder(Encoder):
         self.finetune_scope = f"inner.{scope}" if scope else None
         self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
 
-    @staticmethod
-    def reads_features_of(spec: dict[str, Any]) -> bool:
+    @classmethod
+    def reads_features_of(cls, spec: dict[str, Any]) -> bool:
         inner = spec.get("encoder") or {}
         return bool(inner.get("name") and IMAGE_ENCODERS.get(inner["name"]).reads_features)
 
@@ -105,9 +105,7 @@ class TwoLevelTextEncoder(Encoder):
         self.high = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
         self.low = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
         self.use_abs = use_abs
-        hook = caption_tokenizer(self.high)  # an inner encoder's own tokenizer (e.g. BERT's) serves both levels
-        if hook is not None:
-            self.tokenize = hook
+        self.tokenize = self.high.tokenize  # an inner encoder's own tokenizer (e.g. BERT's) serves both levels
 
     def forward_features(self, *text: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.high.forward_features(*text), self.low.forward_features(*text)], dim=-1)

@@ -8,13 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import vsekit.models.bert  # noqa: F401  (registers the "bert" text encoder)
-import vsekit.models.projectors  # noqa: F401  (registers the ACMR projectors)
-import vsekit.models.sgraf  # noqa: F401  (registers the SGRAF encoders and similarity networks)
-import vsekit.models.textcnn  # noqa: F401  (registers the "textcnn" text encoder)
-import vsekit.models.twolevel  # noqa: F401  (registers GXN's two-level encoders and similarity)
-import vsekit.models.vse_infty  # noqa: F401  (registers "vse_infty" and "bigru_gpo")
-import vsekit.models.vsrn  # noqa: F401  (registers the "vsrn" image encoder)
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
@@ -168,9 +161,7 @@ def concat_text(text: tuple[torch.Tensor, ...], more: tuple[torch.Tensor, ...]) 
 
 def _reads_features(registry: Any, spec: dict[str, Any], default: str) -> bool:
     """Whether the encoder a spec names reads precomputed features (a wrapper encoder asks its inner one)."""
-    factory = registry.get(spec.get("name", default))
-    of_spec = getattr(factory, "reads_features_of", None)
-    return bool(of_spec(spec)) if of_spec is not None else bool(factory.reads_features)
+    return bool(registry.get(spec.get("name", default)).reads_features_of(spec))
 
 
 def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = None,
@@ -209,7 +200,7 @@ def build_model(model_cfg: Any, *, vocab_size: int, itos: list[str] | None = Non
     image_encoder = IMAGE_ENCODERS.build(img_spec, embed_size=embed_size, **extra)
     text_encoder = TEXT_ENCODERS.build(txt_spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos,
                                        **txt_extra)
-    levels = [int(getattr(e, "levels", 1)) for e in (image_encoder, text_encoder)]
+    levels = [image_encoder.levels, text_encoder.levels]
     if levels[0] != levels[1]:
         raise ConfigError(f"model: the image encoder has {levels[0]} embedding level(s) and the text encoder "
                           f"{levels[1]}; use model.image_encoder.name=two_level and model.text_encoder.name="

@@ -336,8 +336,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
                max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, allow_legacy_checkpoint: bool = False,
-               rerank: int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, rerank: int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
                max_decodes: int = DEFAULT_MAX_DECODES, decode_wait: float = DEFAULT_DECODE_WAIT,
                allowed_hosts: Iterable[str] | None = None,
                reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> FastAPI:
@@ -362,7 +361,7 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
     if not reload_interval >= 0:
         raise ValueError("reload_interval must be >= 0 seconds")
     sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
-        index, checkpoint=checkpoint, device=device, allow_legacy_checkpoint=allow_legacy_checkpoint, rerank=rerank)
+        index, checkpoint=checkpoint, device=device, rerank=rerank)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
               "read_timeout_s": read_timeout, "body_timeout_s": body_timeout, "max_decode_bytes": max_decode_bytes,

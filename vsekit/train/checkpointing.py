@@ -178,13 +178,13 @@ class CheckpointPolicy:
         if writes:
             remove_stale_temp_files(self.out)
 
-    def resume_state(self, *, allow_legacy: bool = False) -> dict[str, Any]:
+    def resume_state(self) -> dict[str, Any]:
         """The state of ``last.pt`` to resume from (a clear error when there is none, or when it lacks what a
         resume needs)."""
         last = self.out / LAST
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
-        state = load_checkpoint(last, allow_legacy=allow_legacy, require=RESUME_KEYS)
+        state = load_checkpoint(last, require=RESUME_KEYS)
         return state
 
     def save(self, name: str = LAST) -> Path:

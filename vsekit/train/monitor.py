@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vsekit.config.schema import CollapseConfig
 from vsekit.errors import TrainingCollapsed  # noqa: F401  (raised here, re-exported)
 from vsekit.losses.base import same_image_mask
-from vsekit.registry import validate_section
 
 log = logging.getLogger("vsekit.train")
 LEARNING_OVER_CHANCE = 3.0  # a first validation this many times the chance rsum: learning, not collapsed
@@ -78,11 +76,6 @@ def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
     """
     extra = {"caption_vectors": caption_vectors} if caption_vectors is not None else {}
     return float(loss_fn(torch.zeros_like(sim, dtype=torch.float32), image_ids, **extra))
-
-
-def check_collapse_options(opts: dict[str, Any] | None) -> CollapseConfig:
-    """``train.collapse`` options, checked (defaults: :class:`~vsekit.config.schema.CollapseConfig`)."""
-    return validate_section(CollapseConfig, dict(opts or {}), "train.collapse")
 
 
 @dataclass

@@ -164,10 +164,6 @@ class Objective(nn.Module):
         """Training progress in [0, 1] (epoch / epochs, or per step): drives the adversary's λ schedule."""
         self.progress = float(progress)
 
-    @property
-    def needs_labels(self) -> bool:
-        return bool(self.weights["label"] or self.weights["triplet"])
-
     def adversary_lambda(self) -> float:
         """λ of the gradient reversal now: the DANN schedule at the current progress, or a constant."""
         a = self.adversarial_cfg

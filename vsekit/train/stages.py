@@ -52,10 +52,6 @@ class StagePlan:
     def configured(self) -> bool:
         return bool(self.stages)
 
-    @property
-    def total_epochs(self) -> int:
-        return self.stages[-1].end if self.stages else self.cfg.train.epochs
-
     def __len__(self) -> int:
         return max(1, len(self.stages))
 

@@ -28,14 +28,11 @@ def numpy_rng_state() -> dict[str, Any]:
             "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
 
 
-def set_numpy_rng_state(state: dict[str, Any] | tuple) -> None:
-    """Restore :func:`numpy_rng_state` (or the tuple ``np.random.get_state()`` returns, as vsekit 0.1 stored
-    it)."""
-    if isinstance(state, dict):
-        key = np.asarray(torch.as_tensor(state["key"]).numpy(), dtype=np.int64).astype(np.uint32)
-        state = (state["bit_generator"], key, int(state["pos"]), int(state["has_gauss"]),
-                 float(state["cached_gaussian"]))
-    np.random.set_state(state)
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`numpy_rng_state`."""
+    key = np.asarray(torch.as_tensor(state["key"]).numpy(), dtype=np.int64).astype(np.uint32)
+    np.random.set_state((state["bit_generator"], key, int(state["pos"]), int(state["has_gauss"]),
+                         float(state["cached_gaussian"])))
 
 
 def rng_state() -> dict[str, Any]:

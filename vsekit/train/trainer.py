@@ -61,8 +61,7 @@ class Trainer:
     refuses unless ``--overwrite``), else it is refused. SIGTERM or SIGINT during :meth:`fit` stop the run
     after the current step with its state saved (:mod:`vsekit.train.signals`)."""
 
-    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False,
-                 overwrite: bool = True) -> None:
+    def __init__(self, cfg: RunConfig | dict[str, Any], resume: bool = False, *, overwrite: bool = True) -> None:
         # validated afresh: a RunConfig edited in place (cfg.loss = {...}) is checked like a recipe
         cfg = validate_config(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
         self.cfg = cfg
@@ -80,13 +79,12 @@ class Trainer:
         self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps,
                                             metric=cfg.eval.select_metric, writes=self.world.is_main)
 
-        # allow_legacy: open a checkpoint saved by an older vsekit with full pickle (only for trusted files)
-        resume_state = self.checkpoints.resume_state(allow_legacy=allow_legacy) if resume else None
+        resume_state = self.checkpoints.resume_state() if resume else None
         if resume_state is not None:  # before the model is built: a changed embed_size would not fit it
             check_resume_config(resume_state["config"], cfg.to_dict(), self.out / LAST, schema=type(cfg))
         init_state = None
         if resume_state is None and tcfg.init_from:
-            init_state = load_checkpoint(tcfg.init_from, allow_legacy=allow_legacy)  # e.g. VSE++ FT stage 2
+            init_state = load_checkpoint(tcfg.init_from)  # e.g. VSE++ FT stage 2
         run = build_run(cfg, weights_from=resume_state or init_state)
         self.run = run
         self.train_corpus, self.val_corpus, self.vocab = run.train_corpus, run.val_corpus, run.vocab
@@ -106,7 +104,7 @@ class Trainer:
         self.local_batch_size = tcfg.batch_size // self.world.size
         if self.world.distributed:
             self.sampler.shard(self.world.rank, self.world.size, self.local_batch_size)
-            if getattr(self.model, "learned_similarity", False):
+            if self.model.learned_similarity:
                 raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
                                   "(model.similarity with parameters) needs its encoders' contexts gathered, which "
                                   "vsekit does not do yet: train it in one process")
@@ -706,6 +704,5 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.terms.named_modules(prefix="objective")
 
 
-def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, allow_legacy: bool = False,
-          overwrite: bool = True) -> dict[str, Any]:
-    return Trainer(cfg, resume=resume, allow_legacy=allow_legacy, overwrite=overwrite).fit()
+def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, overwrite: bool = True) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, overwrite=overwrite).fit()
