@@ -32,6 +32,13 @@ def first_line(e: BaseException, limit: int | None = 200, default: str | None = 
     return text if limit is None else text[:limit]
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's whole message on one line (whitespace runs joined), cut to ``limit`` characters with
+    "..."; an empty message gives the exception's type name."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class TrainingCollapsed(RuntimeError):
     """Raised by the trainer (after saving ``last.pt``) when ``train.collapse.action`` is ``stop``; the
     command line exits with code 3."""

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from vsekit.errors import one_line
 from vsekit.index.store import (
     ANN_KINDS,
     COLLECTION_NAME,
@@ -305,11 +306,6 @@ def point_id(record_id: str) -> str:
     return str(uuid.uuid5(_POINT_NAMESPACE, record_id))
 
 
-def _one_line(e: BaseException, n: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= n else text[:n] + "..."
-
-
 def _acquire_local(path: str):
     """The process's one client of a local-mode folder (Qdrant's local mode locks its folder: a second client,
     even in the same process, is refused), counted so the last user closes it."""
@@ -321,7 +317,7 @@ def _acquire_local(path: str):
                 entry = _LOCAL_CLIENTS[path] = [qc.QdrantClient(path=path), 0]
             except RuntimeError as e:
                 raise SearchIndexError(
-                    f"{path}: Qdrant local-mode folder is in use by another process ({_one_line(e)}); local "
+                    f"{path}: Qdrant local-mode folder is in use by another process ({one_line(e)}); local "
                     "mode serves one process at a time: run a Qdrant server for shared access") from None
         entry[1] += 1
         return entry[0]
@@ -405,7 +401,7 @@ class QdrantBackend(Backend):
             return qc.QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None, timeout=_TIMEOUT_S,
                                    check_compatibility=False)  # its failure is a warning; ours an error
         except Exception as e:  # noqa: BLE001 - a bad URL, port or TLS setting, reported in one line
-            raise SearchIndexError(f"qdrant at {url}: cannot connect ({_one_line(e)})") from None
+            raise SearchIndexError(f"qdrant at {url}: cannot connect ({one_line(e)})") from None
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -480,7 +476,7 @@ class QdrantBackend(Backend):
         except SearchIndexError:
             raise
         except Exception as e:  # noqa: BLE001 - connection, HTTP, gRPC and validation errors alike
-            raise SearchIndexError(f"qdrant at {self.where}: could not {what} ({_one_line(e)})") from None
+            raise SearchIndexError(f"qdrant at {self.where}: could not {what} ({one_line(e)})") from None
 
     def _payload(self, target: str, rec: dict[str, Any]) -> dict[str, Any]:
         return {"id": rec["id"], "image": rec["image"]} if target == "captions" else {"id": rec["id"]}

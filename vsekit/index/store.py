@@ -60,7 +60,7 @@ from pydantic import (
     model_validator,
 )
 
-from vsekit.errors import VsekitError
+from vsekit.errors import VsekitError, one_line
 from vsekit.index import thumbnails as thumbs
 from vsekit.models.local_sets import LocalSets
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
@@ -460,7 +460,7 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SearchIndexError(f"{path}: unreadable manifest ({_one_line(e)})") from None
+        raise SearchIndexError(f"{path}: unreadable manifest ({one_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise SearchIndexError(f"{path}: not a vsekit index manifest (no \"format\": \"{INDEX_FORMAT}\")")
     version = manifest.get("version")
@@ -513,25 +513,20 @@ def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> N
         except FileNotFoundError:
             raise SearchIndexError(f"{path}: missing: the index's manifest lists it") from None
         except OSError as e:
-            raise SearchIndexError(f"{path}: unreadable ({_one_line(e)})") from None
+            raise SearchIndexError(f"{path}: unreadable ({one_line(e)})") from None
         if size != rec["bytes"]:
             raise SearchIndexError(f"{path}: corrupt index file: {size} bytes, but the manifest records "
                                    f"{rec['bytes']} (truncated or altered)")
         try:
             digest = file_record(path)["sha256"]
         except OSError as e:
-            raise SearchIndexError(f"{path}: unreadable ({_one_line(e)})") from None
+            raise SearchIndexError(f"{path}: unreadable ({one_line(e)})") from None
         if digest != rec["sha256"]:
             raise SearchIndexError(f"{path}: corrupt index file: its sha256 is {digest[:16]}..., but the "
                                    f"manifest records {rec['sha256'][:16]}... (the file was altered)")
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-def _one_line(e: BaseException, n: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= n else text[:n] + "..."
-
-
 _RECORD_KEYS = {"images": ("id",), "captions": ("id", "text", "image")}
 
 
@@ -545,7 +540,7 @@ def _read_jsonl(path: Path, target: str = "images") -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except ValueError as e:
-                raise SearchIndexError(f"{path}: line {n}: not a JSON record ({_one_line(e)})") from None
+                raise SearchIndexError(f"{path}: line {n}: not a JSON record ({one_line(e)})") from None
             if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in keys):
                 raise SearchIndexError(f"{path}: line {n}: not a {target[:-1]} record (needs string "
                                        f"{', '.join(repr(k) for k in keys)})")
@@ -565,7 +560,7 @@ def _read_file(path: Path, what: str, read: Callable[[], Any]) -> Any:
         raise SearchIndexError(f"{path}: unreadable {what} file (not UTF-8 text at byte {e.start})") from None
     except (OSError, ValueError, EOFError, RuntimeError, MemoryError) as e:
         # FAISS reports a truncated file as a RuntimeError whose text is a C++ location and assertion
-        raise SearchIndexError(f"{path}: unreadable {what} file, truncated or corrupt ({_one_line(e)})") from None
+        raise SearchIndexError(f"{path}: unreadable {what} file, truncated or corrupt ({one_line(e)})") from None
 
 
 def load_data(index_dir: str | Path, manifest: dict[str, Any], *, mmap: bool = True,
