@@ -215,7 +215,8 @@ def cmd_report(args) -> None:
 def cmd_paired(args) -> None:
     """LSEH minus the VSE++ loss, seed by seed (the same seed: the same initial weights and batch order)."""
     rows = _rows(args.features)
-    print("| network | losses | epochs | test rsum difference per seed | mean | seeds where the first is ahead |")
+    print("| network | losses | epochs (or budget) | test rsum difference per seed | mean | "
+          "seeds where the first is ahead |")
     print("|---|---|---|---|---|---|")
     for network in NETWORKS:
         by = {(r["loss"], r["seed"], r["epochs"]): r["test_rsum"] for r in rows if r["network"] == network}
@@ -226,7 +227,10 @@ def cmd_paired(args) -> None:
                 continue
             epochs = max(e for _, e, _ in pairs)
             d = [x for _, e, x in pairs if e == epochs]
-            print(f"| {network} | {lseh} − {base} | {epochs} | {', '.join(f'{x:+.1f}' for x in d)} | "
+            minutes = {r.get("minutes") for r in rows if r["network"] == network and r["epochs"] == epochs}
+            budget = f"{minutes.pop():g} min" if len(minutes) == 1 and None not in minutes and 0 not in minutes \
+                else epochs
+            print(f"| {network} | {lseh} − {base} | {budget} | {', '.join(f'{x:+.1f}' for x in d)} | "
                   f"{statistics.mean(d):+.1f} | {sum(x > 0 for x in d)} of {len(d)} |")
 
 

@@ -182,6 +182,18 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _stage_two_trains_the_cnn(t, backbone, batches, before):
+    """Stage II: the CNN is unfrozen at half the learning rate, the ranking term joins, and its weights move."""
+    t._apply_stage(1)
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
+    assert {g["lr_mult"] for g in t.optimizer.param_groups} == {0.5, 1.0}
+    for b in batches:
+        t.train_step(b)
+    assert set(t.last_parts) == {"instance_image", "instance_text", "mined"}
+    changed = _state(backbone)
+    assert any(not torch.equal(before[k], changed[k]) for k in before if "running" not in k)
+
+
 def test_stage_one_freezes_the_cnn_and_stage_two_trains_it(tmp_path, cache):
     cfg = tiny_dualpath_cfg(tmp_path / "run")
     cfg["train"]["stages"][0]["model"] = {"image_encoder": {"finetune": False}}  # the paper's stage I
@@ -200,14 +212,8 @@ def test_stage_one_freezes_the_cnn_and_stage_two_trains_it(tmp_path, cache):
     assert any(not torch.equal(head_before[k], v) for k, v in _state(t.model.image_encoder.head).items())
     assert set(t.last_parts) == {"instance_image", "instance_text"}
 
-    t._apply_stage(1)
-    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
-    assert {g["lr_mult"] for g in t.optimizer.param_groups} == {0.5, 1.0}
-    for b in batches:
-        t.train_step(b)
-    assert set(t.last_parts) == {"instance_image", "instance_text", "mined"}
+    _stage_two_trains_the_cnn(t, backbone, batches, before)
     changed = _state(backbone)
-    assert any(not torch.equal(before[k], changed[k]) for k in before if "running" not in k)
     assert any(not torch.equal(before[k], changed[k]) for k in before if "running_mean" in k)
 
 
@@ -314,13 +320,7 @@ def test_a_timm_cnn_with_the_dualpath_head_is_frozen_in_stage_one_and_trained_in
         t.train_step(b)
     assert not backbone.training and all(not p.requires_grad for p in backbone.parameters())
     assert all(torch.equal(before[k], v) for k, v in _state(backbone).items())
-    t._apply_stage(1)
-    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
-    assert {g["lr_mult"] for g in t.optimizer.param_groups} == {0.5, 1.0}
-    for b in batches:
-        t.train_step(b)
-    assert set(t.last_parts) == {"instance_image", "instance_text", "mined"}
-    assert any(not torch.equal(before[k], v) for k, v in _state(backbone).items() if "running" not in k)
+    _stage_two_trains_the_cnn(t, backbone, batches, before)
     t.model.eval()
     with torch.no_grad():
         feats = enc.forward_features(torch.randn(3, 3, 32, 32))
