@@ -58,6 +58,23 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def train_keeping_best(cfg: Any) -> tuple[float, str | None]:
+    """Train ``cfg`` in this process; returns (seconds, why the collapse detector stopped it or None). A run the
+    detector stopped is a result too: its best checkpoint is kept."""
+    import time
+
+    from vsekit.errors import TrainingCollapsed
+    from vsekit.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    stopped = None
+    try:
+        Trainer(cfg).fit()
+    except TrainingCollapsed as e:
+        stopped = str(e).split(". Try")[0]
+    return time.perf_counter() - t0, stopped
+
+
 def print_result(fn: Callable[..., dict], *args: Any) -> None:
     """Run ``fn(*args, out_dir)`` in a temporary folder and print its result for :func:`run_jobs`."""
     with tempfile.TemporaryDirectory() as tmp:

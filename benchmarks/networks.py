@@ -37,7 +37,16 @@ import sys
 import time
 from pathlib import Path
 
-from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from _jobs import (
+    RESULTS,
+    ROOT,
+    job_commands,
+    mean_sd,
+    print_result,
+    read_results,
+    run_jobs,
+    train_keeping_best,
+)
 from real_data import cache_dir, prepare
 
 OUT = RESULTS / "networks.jsonl"
@@ -116,9 +125,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, features: str, minu
 
     from vsekit.config import resolve_config
     from vsekit.data.sources import load_split
-    from vsekit.errors import TrainingCollapsed
     from vsekit.inference import Embedder
-    from vsekit.train.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     net = NETWORKS[network]
@@ -142,13 +149,7 @@ def one_run(network: str, loss: str, seed: int, epochs: int, features: str, minu
     if minutes > 0:  # equal time: the budget ends the run (mid-epoch too: that partial epoch is validated)
         overrides.append(f"train.max_minutes={minutes}")
     cfg = resolve_config(ROOT / "vsekit" / "configs" / "vsepp_base.yaml", overrides)
-    t0 = time.perf_counter()
-    stopped = None
-    try:
-        Trainer(cfg).fit()
-    except TrainingCollapsed as e:  # a result too: the detector stopped the run; its best checkpoint is kept
-        stopped = str(e).split(". Try")[0]
-    train_s = time.perf_counter() - t0
+    train_s, stopped = train_keeping_best(cfg)
     emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
     t1 = time.perf_counter()
     test = emb.evaluate(load_split(cfg.data, "test"))

@@ -66,7 +66,16 @@ import statistics
 import time
 from pathlib import Path
 
-from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from _jobs import (
+    RESULTS,
+    ROOT,
+    job_commands,
+    mean_sd,
+    print_result,
+    read_results,
+    run_jobs,
+    train_keeping_best,
+)
 from real_data import cache_dir, render_collection
 
 OUT = RESULTS / "pretrained_finetune.jsonl"
@@ -171,9 +180,7 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
     import torch
 
     from vsekit.data.sources import load_split
-    from vsekit.errors import TrainingCollapsed
     from vsekit.inference import Embedder
-    from vsekit.train.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     info = subset_collection(collection, max_train or None)
@@ -186,13 +193,7 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
         cfg = vsepp_config(arm, epochs, common, warmup)
     else:
         cfg = dualpath_config(arm, (stage1, epochs - stage1), cnn_lr_mult, common)
-    t0 = time.perf_counter()
-    stopped = None
-    try:
-        Trainer(cfg).fit()
-    except TrainingCollapsed as e:  # a result too: the detector stopped the run; its best checkpoint is kept
-        stopped = str(e).split(". Try")[0]
-    train_s = time.perf_counter() - t0
+    train_s, stopped = train_keeping_best(cfg)
     emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
     train = load_split(cfg["data"], "train")
     test = load_split(cfg["data"], "test")
