@@ -73,6 +73,8 @@ NETWORKS: dict[str, list[str]] = {
     # the VSE++ paper's schedule: lr 2e-4 for 15 epochs, then 2e-5 for 15 (run with --epochs 30)
     "vsepp_pooled_lr15": ["model.image_encoder={name: precomp}", "model.text_encoder={name: gru}",
                           "optim.lr_decay_every=15"],
+    "vsepp_pooled_const": ["model.image_encoder={name: precomp}", "model.text_encoder={name: gru}",
+                           "optim.lr_decay_every=1000"],  # its counterpart: lr 2e-4 throughout
     "vseinf_minilm": ["model.image_encoder={name: vse_infty}", "model.text_encoder={name: bert, pretrained: MINILM}",
                       "optim.lr_mult={text_encoder.bert: 0.1}"],
 }
