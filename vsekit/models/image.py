@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import torch
 import torchvision
 from torch import nn
 
-from vsekit.errors import first_line
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
@@ -18,12 +16,10 @@ from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
-    downloads_allowed,
     initial_weights_wanted,
+    library_download,
 )
 from vsekit.registry import Registry
-
-log = logging.getLogger("vsekit.models")
 
 IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
 BACKBONES = Registry("CNN backbone")
@@ -116,18 +112,13 @@ def _torchvision_download(arch: str, weights, path: Path) -> dict[str, torch.Ten
     checked, read without running code; a clear error when downloads are off or it fails."""
     how = (f"Fetch {weights.url} into {path.parent} (or set TORCH_HOME), pass image_encoder.weights_path=FILE, "
            "or use image_encoder.pretrained=false.")
-    if not downloads_allowed():
-        raise PretrainedWeightsMissing(f"pretrained ImageNet weights for {arch} are not on this machine: expected "
-                                       f"{path}, and vsekit does not download weights while {OFFLINE_ENV} is set. "
-                                       f"{how}")
-    log.info("pretrained weights for %s: downloading %s into torchvision's cache %s", arch, weights.url, path.parent)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad hash, a full disk: all the same to the user
-        first = first_line(e, default="")
-        raise PretrainedWeightsMissing(f"pretrained ImageNet weights for {arch} are not on this machine (expected "
-                                       f"{path}) and torchvision's download failed ({type(e).__name__}: {first}); "
-                                       f"vsekit does not download them otherwise. {how}") from None
+    return library_download(
+        lambda: weights.get_state_dict(progress=False, check_hash=True, weights_only=True),
+        announce=f"pretrained weights for {arch}: downloading {weights.url} into torchvision's cache {path.parent}",
+        offline=f"pretrained ImageNet weights for {arch} are not on this machine: expected {path}, and vsekit does "
+                f"not download weights while {OFFLINE_ENV} is set. {how}",
+        failed=lambda why: f"pretrained ImageNet weights for {arch} are not on this machine (expected {path}) and "
+                           f"torchvision's download failed ({why}); vsekit does not download them otherwise. {how}")
 
 
 def _resnet(arch: str):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,12 +29,10 @@ from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
     WeightsFileError,
-    downloads_allowed,
     initial_weights_wanted,
+    library_download,
 )
 from vsekit.utils.optional import import_optional
-
-log = logging.getLogger("vsekit.models")
 
 #: the longest text context an architecture may ask for (CLIP: 77); bounds the tokenizer's work per caption
 MAX_CONTEXT_LENGTH = 1024
@@ -120,16 +117,12 @@ def _download_tag(open_clip, arch: str, tag: str, cfg: dict[str, Any], where: st
     """open_clip's own download of a pretrained tag into its cache (the Hugging Face cache, or its URL's),
     as open_clip's users get it; then read like any local file. A clear error when downloads are off or fail."""
     how = f"give {where}.weights a local checkpoint file (e.g. open_clip_pytorch_model.bin of {arch}/{tag})"
-    if not downloads_allowed():
-        raise PretrainedWeightsMissing(f"{where}.weights: {tag!r} is open_clip's pretrained tag of {arch}, not a "
-                                       f"file, and vsekit does not download it while {OFFLINE_ENV} is set; {how}")
-    log.info("%s.weights: open_clip's pretrained %s/%s (open_clip downloads it into its cache once)", where, arch, tag)
-    try:
-        found = open_clip.pretrained.download_pretrained(cfg)
-    except Exception as e:  # noqa: BLE001 - no network, the Hub, a bad checksum: all the same to the user
-        first = first_line(e, default="")
-        raise PretrainedWeightsMissing(f"{where}.weights: open_clip's download of {arch}/{tag} failed "
-                                       f"({type(e).__name__}: {first}); {how}") from None
+    found = library_download(
+        lambda: open_clip.pretrained.download_pretrained(cfg),
+        announce=f"{where}.weights: open_clip's pretrained {arch}/{tag} (open_clip downloads it into its cache once)",
+        offline=f"{where}.weights: {tag!r} is open_clip's pretrained tag of {arch}, not a file, and vsekit does not "
+                f"download it while {OFFLINE_ENV} is set; {how}",
+        failed=lambda why: f"{where}.weights: open_clip's download of {arch}/{tag} failed ({why}); {how}")
     if not found or not Path(found).is_file():
         raise PretrainedWeightsMissing(f"{where}.weights: open_clip gave no file for {arch}/{tag}; {how}")
     return Path(found)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from vsekit.errors import first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.heads import DualPathHead
@@ -16,15 +14,12 @@ from vsekit.models.image import IMAGE_ENCODERS, _finish
 from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.models.weights import (
     OFFLINE_ENV,
-    PretrainedWeightsMissing,
-    downloads_allowed,
     initial_weights_wanted,
+    library_download,
     load_into,
     read_state_dict,
 )
 from vsekit.utils.optional import import_optional
-
-log = logging.getLogger("vsekit.models")
 
 
 def create_timm_model(model: str, weights: str | None, model_kwargs: dict[str, Any] | None = None,
@@ -66,17 +61,13 @@ def _timm_pretrained(timm, model: str, kwargs: dict[str, Any], where: str) -> nn
     how = ("pass --weights FILE (a local .safetensors / .pth), or --no-pretrained for random weights"
            if where.startswith("--") else
            f"pass {where}.weights=FILE (a local .safetensors / .pth), or {where}.pretrained=false for random weights")
-    if not downloads_allowed():
-        raise PretrainedWeightsMissing(f"{where}: timm's pretrained weights for {model} are not fetched while "
-                                       f"{OFFLINE_ENV} is set; {how}")
-    log.info("%s: timm's pretrained weights for %s (timm downloads them into the Hugging Face cache once)",
-             where, model)
-    try:
-        return timm.create_model(model, pretrained=True, num_classes=0, **kwargs)
-    except (OSError, RuntimeError) as e:  # no network, not in the cache, no pretrained weights for the name
-        first = first_line(e, default="")
-        raise PretrainedWeightsMissing(f"{where}: timm's pretrained weights for {model} could not be loaded "
-                                       f"({type(e).__name__}: {first}); {how}") from None
+    return library_download(
+        lambda: timm.create_model(model, pretrained=True, num_classes=0, **kwargs),
+        announce=f"{where}: timm's pretrained weights for {model} (timm downloads them into the Hugging Face cache "
+                 "once)",
+        offline=f"{where}: timm's pretrained weights for {model} are not fetched while {OFFLINE_ENV} is set; {how}",
+        failed=lambda why: f"{where}: timm's pretrained weights for {model} could not be loaded ({why}); {how}",
+        catch=(OSError, RuntimeError))  # no network, not in the cache, no pretrained weights for the name
 
 
 def timm_statistics(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -21,8 +21,9 @@ import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -42,6 +43,24 @@ OFFLINE_ENV = "VSEKIT_OFFLINE"
 def downloads_allowed() -> bool:
     """False when ``$VSEKIT_OFFLINE`` is 1/true/yes/on: pretrained weights then come from the caches only."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+T = TypeVar("T")
+
+
+def library_download(fetch: Callable[[], T], *, announce: str, offline: str, failed: Callable[[str], str],
+                     catch: tuple[type[BaseException], ...] = (Exception,)) -> T:
+    """A library's own download of its pretrained weights into its own cache (torchvision, timm, open_clip):
+    refused with the message ``offline`` while :func:`downloads_allowed` says no, announced in the log, and any
+    failure of ``fetch`` among ``catch`` (no network, a proxy, a bad hash, a full disk: all the same to the user)
+    turned into one :class:`PretrainedWeightsMissing` line, ``failed("Type: first line of the error")``."""
+    if not downloads_allowed():
+        raise PretrainedWeightsMissing(offline)
+    log.info("%s", announce)
+    try:
+        return fetch()
+    except catch as e:
+        raise PretrainedWeightsMissing(failed(f"{type(e).__name__}: {first_line(e, default='')}")) from None
 
 
 class WeightsFileError(VsekitError, ValueError):
