@@ -29,16 +29,20 @@ def open_text(path: Path, newline: str | None = None):
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def bounded_lines(f, path: Path, limit: int = MAX_LINE_CHARS):
+PAIRS_LINE_TOO_LONG = ("line longer than {limit:,} characters; a record holds one caption and its image "
+                       "(is this a pairs file?)")
+
+
+def bounded_lines(f, path: Path, limit: int = MAX_LINE_CHARS, too_long: str = PAIRS_LINE_TOO_LONG):
     """The lines of the text file ``f``, each read with at most ``limit`` characters held (``readline(limit +
-    1)``): a longer one is a :class:`DataError` naming ``file:line``, raised before it is held whole or parsed.
-    Lines are counted as ``f`` splits them (``newline=""``: ``\n``, ``\r\n`` or a lone ``\r``, as ``csv``)."""
+    1)``): a longer one is a :class:`DataError` ``"{path}:{line}: " + too_long`` (``{limit}`` filled in), raised
+    before it is held whole or parsed. Lines are counted as ``f`` splits them (``newline=""``: ``\n``, ``\r\n``
+    or a lone ``\r``, as ``csv``)."""
     number = 0
     while line := f.readline(limit + 1):
         number += 1
         if len(line) > limit:
-            raise DataError(f"{path}:{number}: line longer than {limit:,} characters; a record holds one caption "
-                            "and its image (is this a pairs file?)")
+            raise DataError(f"{path}:{number}: " + too_long.format(limit=limit))
         yield line
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from vsekit.data.corpus import DataError
+from vsekit.data.textio import bounded_lines
 from vsekit.models.base import Encoder
 from vsekit.models.layers import l2norm
 from vsekit.registry import Registry
@@ -53,14 +53,9 @@ def _from_text(path: Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int
     index = {w: i for i, w in enumerate(itos)}
     weight = torch.empty(len(itos), dim).uniform_(-0.1, 0.1)
     found = 0
+    too_long = "a line longer than {limit} characters; not a word-vector text file (word v1 ... vd per line)"
     with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno in itertools.count(1):
-            line = f.readline(MAX_LINE + 1)
-            if not line:
-                break
-            if len(line) > MAX_LINE:
-                raise DataError(f"{path}:{lineno}: a line longer than {MAX_LINE} characters; not a word-vector "
-                                "text file (word v1 ... vd per line)")
+        for lineno, line in enumerate(bounded_lines(f, path, MAX_LINE, too_long), 1):
             parts = line.rstrip().split(" ")
             if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 continue
