@@ -105,7 +105,7 @@ def _image_records(corpus: Corpus, rows: Sequence[int], ids: Sequence[str]) -> l
 
 
 def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str],
-                  embedder: Any = None) -> tuple[list[int], list[dict]]:
+                  embedder: Any) -> tuple[list[int], list[dict]]:
     """Caption indices of the given image rows (corpus order) and their records; a caption's id is
     ``<image id>#<k>``, unique because image ids are (``k`` counts every caption of the image).
 
@@ -113,9 +113,7 @@ def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str],
     another vocabulary) is not indexed, with one warning: its embedding is the model's answer to nothing, which
     every query finds near (ranked above a caption that has the query's word), as a query with no known words
     would be -- and such a query is refused."""
-    known = getattr(embedder, "known_words", None)
-    if known is not None and getattr(embedder, "reads_text_features", False):
-        known = None
+    known = None if embedder.reads_text_features else embedder.known_words  # text features have no words
     id_of_row = dict(zip(rows, ids))
     seen: dict[int, int] = {}
     index, records, unknown = [], [], []

@@ -102,10 +102,11 @@ class CollapseDetector:
         return bool(max(image_mean_cos, caption_mean_cos) > self.max_mean_cos)
 
     @staticmethod
-    def still_learning(value: float, best_before: float, chance: float | None) -> bool:
+    def still_learning(value: float, best_before: float | None, chance: float | None) -> bool:
         """Whether a validation ``value`` shows the run learning despite a pinned loss: above the best before the
-        suspicion, or -- with no earlier validation -- well above what random embeddings score."""
-        if best_before > float("-inf"):
+        suspicion, or -- with no earlier validation (``best_before`` None) -- well above what random embeddings
+        score."""
+        if best_before is not None:
             return value > best_before
         return chance is not None and value > LEARNING_OVER_CHANCE * chance
 

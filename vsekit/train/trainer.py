@@ -435,7 +435,9 @@ class Trainer:
         if self.detector.is_squeezed(d["image_mean_cos"], d["caption_mean_cos"]):
             self._act_on_collapse(event)
         elif self.detector.pending is None:
-            self.detector.pending = {**event, "best_before": self.best_rsum}
+            # None before any validation (JSON has no -inf for the log line and the checkpoint)
+            best = self.best_rsum
+            self.detector.pending = {**event, "best_before": best if math.isfinite(best) else None}
             log.info("step %d: the loss has stayed at its collapse value (%.4g) for %d steps while the embeddings "
                      "are spread; this epoch's validation decides whether the run is still learning", self.step, cv,
                      opts.patience)
@@ -454,9 +456,9 @@ class Trainer:
             event = {**pending, "action": "none", "validation": value, "best_before": best_before}
             self.detector.events.append(event)
             self._log({"kind": "collapse", **event})
+            before = f"best before {best_before:.2f}" if best_before is not None else "first validation"
             log.info("not a collapse: the loss sat at its collapse value from step %d, but validation %s rose to "
-                     "%.2f (best before %.2f): training goes on unchanged", pending["step"], self.checkpoints.metric,
-                     value, best_before)
+                     "%.2f (%s): training goes on unchanged", pending["step"], self.checkpoints.metric, value, before)
             return
         self._act_on_collapse({**pending, "validation": value, "best_before": best_before})
 
