@@ -303,8 +303,8 @@ def test_other_formats_are_refused_without_their_decoder(tmp_path: Path, foreign
 def test_every_accepted_extension_is_listed_and_decodes(tmp_path: Path) -> None:
     """One table: every extension folder sources list is one the decoder reads (AVIF included when Pillow
     has it), and a file of each accepted format decodes."""
+    from vsekit.data.formats.folder import list_images
     from vsekit.data.images import _FORMAT_EXTENSIONS, ACCEPTED_FORMATS, IMAGE_EXTENSIONS
-    from vsekit.data.sources.folder import list_images
 
     for fmt in ACCEPTED_FORMATS:
         ext = _FORMAT_EXTENSIONS[fmt][0]

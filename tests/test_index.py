@@ -382,7 +382,7 @@ def test_no_known_words_is_one_cli_line_and_http_422(demo_index, sx, capsys):
 def test_invisible_and_control_characters_in_captions_at_index_time(emb, tmp_path):
     """Zero-width and control characters neither split a caption's words nor make a caption of their own."""
     from vsekit.data.corpus import DataError
-    from vsekit.data.pairs import read_pairs
+    from vsekit.data.formats.pairs import read_pairs
 
     (tmp_path / "p.csv").write_text("image,caption\na.png,a red\u200b st\u200dar\x1b[2J\n")
     corpus = read_pairs(tmp_path / "p.csv")

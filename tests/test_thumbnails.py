@@ -208,7 +208,7 @@ def test_svg_polyglot_is_served_as_a_jpeg_that_cannot_run(ckpt, emb, tmp_path, c
 
 
 def test_index_built_from_shards_serves_its_images(ckpt, emb, tmp_path):
-    from vsekit.data.shards import write_shards
+    from vsekit.data.formats.shards import write_shards
 
     src = load_split({"format": "demo", "num_images": 30}, "train")
     write_shards(src, tmp_path / "shards", "train", progress=False)

@@ -75,7 +75,7 @@ def _load_source(args: argparse.Namespace, embedder):
     pairs file that has no split column (a file of one collection, the usual thing to index)."""
     from vsekit.cli.common import data_from_arg
     from vsekit.data.corpus import DataError
-    from vsekit.data.pairs import NoSplitColumn
+    from vsekit.data.formats.pairs import NoSplitColumn
     from vsekit.data.sources import data_config, load_split
     from vsekit.index.build import corpus_from_folder
 

@@ -171,7 +171,7 @@ def _examples(values: Sequence[int] | np.ndarray, n: int = 5) -> str:
 
 
 def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None) -> CocoTestIds:
-    """Map a Karpathy-JSON COCO test corpus (:func:`vsekit.data.karpathy.read_karpathy`, split ``test``)
+    """Map a Karpathy-JSON COCO test corpus (:func:`vsekit.data.formats.karpathy.read_karpathy`, split ``test``)
     onto the COCO 5K ids of ``eccv-caption``.
 
     Images map by ``cocoid`` (the corpus image id), captions by ``sentid`` (the corpus caption id, which in
