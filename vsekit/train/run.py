@@ -133,7 +133,8 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     if transform is not None:
         check_image_size(model, cfg.transform.image_size)
     text = TextSource(train_corpus, encode)
-    dataset = PairDataset(train_corpus, text, ImageSource(train_corpus, transform), sample=data.sample,
+    images = ImageSource(train_corpus, transform, cache_bytes=data.image_cache_mb << 20)
+    dataset = PairDataset(train_corpus, text, images, sample=data.sample,
                           seed=cfg.seed, skip_unreadable=data.skip_missing_images)
     if cfg.train.batch_size > len(dataset):
         log.warning("train.batch_size (%d) is more than the %d training pairs of %s: every step is one batch of "

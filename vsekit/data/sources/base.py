@@ -44,6 +44,8 @@ class DataConfig(BaseModel):
     check_images: bool | Literal["decode"] = True
     skip_missing_images: bool = False
     num_workers: int = Field(0, ge=0)
+    # decoded, resized training images kept in memory (MiB; 0: off): epochs after the first skip decoding
+    image_cache_mb: int = Field(512, ge=0, le=1 << 20)
     sample: Literal["caption", "image"] = "caption"
 
     #: True when the source reads image files (its corpus has ``image_paths``) rather than features
