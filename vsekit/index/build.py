@@ -31,20 +31,9 @@ import numpy as np
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.index import thumbnails as thumbs
 from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
-from vsekit.index.store import (
-    KINDS,
-    MANIFEST,
-    TARGETS,
-    AnnParams,
-    IndexData,
-    IndexMismatchError,
-    SearchIndexError,
-    load_data,
-    read_manifest,
-    thumbnails_section,
-    write_index,
-    write_lock,
-)
+from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
+from vsekit.index.generations import load_data, write_index, write_lock
+from vsekit.index.manifest import MANIFEST, read_manifest, thumbnails_section
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
 from vsekit.utils.fs import is_stale_work

@@ -35,19 +35,11 @@ import torch
 
 from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
 from vsekit.index.backends import Backend, open_backend
+from vsekit.index.backends.numpy import exact_top_k, inner_product_top_k
 from vsekit.index.build import check_local_sets, check_model
-from vsekit.index.store import (
-    MANIFEST,
-    TARGETS,
-    AnnParams,
-    IndexData,
-    SearchIndexError,
-    exact_top_k,
-    inner_product_top_k,
-    load_data,
-    manifest_params,
-    read_manifest,
-)
+from vsekit.index.data import TARGETS, AnnParams, IndexData, SearchIndexError
+from vsekit.index.generations import load_data
+from vsekit.index.manifest import MANIFEST, read_manifest
 from vsekit.models.local_sets import LocalSets
 
 logger = logging.getLogger(__name__)
@@ -529,7 +521,7 @@ def _open_generation(index_dir: str | Path, manifest: dict[str, Any], embedder, 
     check_model(manifest, embedder, index_dir)
     check_local_sets(manifest, embedder, Path(index_dir))
     data = load_data(index_dir, manifest, verify=verify)
-    merged = AnnParams(**{**asdict(manifest_params(manifest)), **params})
+    merged = AnnParams(**{**asdict(AnnParams.of_manifest(manifest)), **params})
     return manifest, data, open_backend(manifest, data, merged)
 
 
