@@ -31,8 +31,7 @@ from vsekit.index import (
     read_manifest,
 )
 from vsekit.index.backends.faiss import build_faiss
-from vsekit.index.backends.numpy import exact_top_k
-from vsekit.index.recall import recall_at_k
+from vsekit.index.backends.numpy import exact_top_k, recall_at_k
 from vsekit.inference import Embedder
 
 INDEX_IMAGES = 8  # images of the demo index (the test model tells them apart: conftest.py)

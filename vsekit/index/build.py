@@ -30,7 +30,14 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.index import thumbnails as thumbs
-from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
+from vsekit.index.backends import (
+    Backend,
+    BackendConfig,
+    LocalConfig,
+    create_backend,
+    manifest_backend,
+    open_backend,
+)
 from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
 from vsekit.index.generations import load_data, write_index, write_lock
 from vsekit.index.manifest import MANIFEST, read_manifest, thumbnails_section
@@ -308,26 +315,20 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
         vector_store.discard()
         raise
     vector_store.committed()
-    _warn_left_behind(out, previous, written)
+    if previous is not None:  # its backend may have left things outside the folder that are no longer used
+        manifest_backend(previous).replaced(out, previous, written)
     return written
 
 
-def _warn_left_behind(out: Path, previous: dict[str, Any] | None, written: dict[str, Any]) -> None:
-    """An index replaced with --overwrite may have had Qdrant collections the new one does not use: they are
-    not deleted (they may be on another server, or shared), only named."""
-    old = ((previous or {}).get("qdrant") or {})
-    new = (written.get("qdrant") or {})
-    same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
-    left = [c for c in (old.get("collections") or {}).values()
-            if not same_place or c not in (new.get("collections") or {}).values()]
-    if left:
-        log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
-                    "there if nothing else does", out, ", ".join(left), old.get("url") or old.get("path"))
+def check_rerank(rerank: Any) -> int:
+    """``rerank`` (a shortlist size) as an int, refused unless it is a positive integer."""
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    return int(rerank)
 
 
 def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
-    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
-        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    check_rerank(rerank)
     if context_dtype not in DTYPES:
         raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
 

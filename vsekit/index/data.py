@@ -76,6 +76,28 @@ class IndexData:
             raise SearchIndexError("this index keeps its vectors in a vector database, not in its folder")
         return v
 
+    def appended(self, new: IndexData, vectors: bool = True) -> IndexData:
+        """These items followed by those of ``new``: their vectors (without ``vectors``, none) and records."""
+        def join(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if not vectors else a if b is None else b if a is None else np.concatenate([a, b])
+
+        data = IndexData(join(self.image_vectors, new.image_vectors), self.images + new.images)
+        if self.has_captions:
+            data.caption_vectors = join(self.caption_vectors, new.caption_vectors)
+            data.captions = (self.captions or []) + (new.captions or [])
+        return data
+
+    def subset(self, keep: dict[str, np.ndarray]) -> IndexData:
+        """The items whose ``keep[target]`` is True: their vectors (where these data hold them) and records."""
+        def pick(v: np.ndarray | None, k: np.ndarray) -> np.ndarray | None:
+            return np.asarray(v[k]) if v is not None and len(k) else v
+
+        data = IndexData(pick(self.image_vectors, keep["images"]), [r for r, k in zip(self.images, keep["images"]) if k])
+        if self.has_captions:
+            data.caption_vectors = pick(self.caption_vectors, keep["captions"])
+            data.captions = [c for c, k in zip(self.captions or [], keep["captions"]) if k]
+        return data
+
     def records(self, target: str) -> list[dict[str, Any]]:
         return self.images if target == "images" else (self.captions or [])
 

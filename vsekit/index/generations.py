@@ -77,21 +77,12 @@ def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> N
         if rec is None:
             raise SearchIndexError(f"{path}: corrupt index: the manifest records no checksum for this file")
         try:
-            size = path.stat().st_size
+            thumbs.check_record(path, path.stat().st_size, lambda p=path: file_record(p)["sha256"], rec,
+                                SearchIndexError)
         except FileNotFoundError:
             raise SearchIndexError(f"{path}: missing: the index's manifest lists it") from None
         except OSError as e:
             raise SearchIndexError(f"{path}: unreadable ({one_line(e)})") from None
-        if size != rec["bytes"]:
-            raise SearchIndexError(f"{path}: corrupt index file: {size} bytes, but the manifest records "
-                                   f"{rec['bytes']} (truncated or altered)")
-        try:
-            digest = file_record(path)["sha256"]
-        except OSError as e:
-            raise SearchIndexError(f"{path}: unreadable ({one_line(e)})") from None
-        if digest != rec["sha256"]:
-            raise SearchIndexError(f"{path}: corrupt index file: its sha256 is {digest[:16]}..., but the "
-                                   f"manifest records {rec['sha256'][:16]}... (the file was altered)")
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -196,11 +187,6 @@ def write_lock(index_dir: str | Path) -> Iterator[None]:
         yield
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array, dtype=np.float32))
-
-
 def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:
@@ -211,10 +197,10 @@ def _write_files(folder: Path, data: IndexData) -> None:
     """The generation's files; vectors only when they are here (not in a vector database). The backend's own
     structures (``data.ann``) are its to write."""
     if data.image_vectors is not None:
-        _save_npy(folder / "images.npy", data.image_vectors)
+        np.save(folder / "images.npy", np.ascontiguousarray(data.image_vectors, dtype=np.float32))
     _save_jsonl(folder / "images.jsonl", data.images)
     if data.caption_vectors is not None:
-        _save_npy(folder / "captions.npy", data.caption_vectors)
+        np.save(folder / "captions.npy", np.ascontiguousarray(data.caption_vectors, dtype=np.float32))
     if data.has_captions:
         _save_jsonl(folder / "captions.jsonl", data.captions or [])
     for target, sets in data.sets.items():

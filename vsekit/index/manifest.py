@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,8 @@ from pydantic import (
 from vsekit.errors import one_line
 from vsekit.index import thumbnails as thumbs
 from vsekit.index.backends import BACKENDS, backend_class, backend_files, kinds_of
-from vsekit.index.data import BEFORE_RELEASE, TARGETS, IndexData, SearchIndexError
+from vsekit.index.data import BEFORE_RELEASE, TARGETS, AnnParams, IndexData, SearchIndexError
+from vsekit.registry import short_repr
 from vsekit.utils.io import atomic_write_json
 
 INDEX_FORMAT = "vsekit-index"
@@ -56,14 +58,10 @@ class _FileRecord(BaseModel):
     sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class _ManifestParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    nlist: StrictInt | None = Field(None, ge=1)
-    nprobe: StrictInt = Field(16, ge=1)
-    hnsw_m: StrictInt = Field(32, ge=1)
-    ef_construction: StrictInt = Field(40, ge=1)
-    ef_search: StrictInt = Field(64, ge=1)
+# the fields of AnnParams, strict
+_ManifestParams = create_model(
+    "_ManifestParams", __config__=ConfigDict(extra="forbid"),
+    **{f.name: (StrictInt | None if f.default is None else StrictInt, Field(f.default, ge=1)) for f in fields(AnnParams)})
 
 
 class _ThumbnailsManifest(BaseModel):
@@ -161,15 +159,10 @@ def _field_errors(e: ValidationError) -> str:
         if err.get("type") == "missing":
             msg = "missing"
         elif "input" in err and err["type"] not in ("value_error",):
-            msg += f" (got {_short_repr(err['input'])})"
+            msg += f" (got {short_repr(err['input'], 43)})"
         out.append(f"{field}: {msg}")
     more = len(e.errors()) - len(out)
     return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
-
-
-def _short_repr(value: Any, n: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[:n] + "..."
 
 
 def read_manifest(index_dir: str | Path) -> dict[str, Any]:

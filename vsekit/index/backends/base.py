@@ -27,6 +27,7 @@ class Backend(ABC):
     name: ClassVar[str]
     files: ClassVar[dict[str, str]] = {}
     manifest_section: ClassVar[type | None] = None
+    inner_product_only: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, kind: str, params: AnnParams) -> None:
         self.kind, self.params = kind, params
@@ -49,11 +50,22 @@ class Backend(ABC):
         """Write the structures of ``data`` into the generation ``folder``."""
         return None
 
+    @classmethod
+    def replaced(cls, index_dir: Path, previous: dict[str, Any], written: dict[str, Any]) -> None:
+        """Called when the index ``previous`` (of this backend) at ``index_dir`` was replaced by ``written``."""
+        return None
+
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
     def check_model(cls, similarity: str, kind: str) -> None:
-        """Refuse a model whose similarity this backend cannot rank by (before anything is encoded)."""
-        return None
+        """Refuse a model whose similarity this backend cannot rank by (before anything is encoded): a backend
+        with ``inner_product_only`` (what it would rank by, and what to use instead) serves cosine models
+        only."""
+        if similarity != "cosine" and cls.inner_product_only is not None:
+            wrong, instead = cls.inner_product_only
+            raise SearchIndexError(f"this model scores with {similarity!r} similarity, which is not an inner "
+                                   f"product: {wrong.format(kind=kind)} would rank by the wrong score. "
+                                   f"{instead.format(similarity=similarity)}")
 
     @classmethod
     def create(cls, config: Any, *, index_dir: str | Path, kind: str, params: AnnParams,

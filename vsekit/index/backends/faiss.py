@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from vsekit.index.backends.numpy import LocalBackend
+from vsekit.index.backends.numpy import LocalBackend, measure_recall
 from vsekit.index.data import KINDS, AnnParams, IndexData, SearchIndexError, read_file
-from vsekit.index.recall import measure_recall
 
 _ADD_CHUNK = 65536  # vectors per call of index.add: a memory map is never copied whole
 # k-means training points per IVF list: FAISS wants 39 to 256; 64 keeps training of 1M x 1024 near a minute
@@ -91,13 +90,7 @@ class FaissAnn(LocalBackend):
     search is measured on every write."""
 
     files = {"faiss": "FAISS"}
-
-    @classmethod
-    def check_model(cls, similarity: str, kind: str) -> None:
-        if similarity != "cosine":
-            raise SearchIndexError(
-                f"this model scores with {similarity!r} similarity, which is not an inner product: FAISS {kind} "
-                f"search would rank by the wrong score. Use --kind exact (exact, chunked {similarity} scoring)")
+    inner_product_only = ("FAISS {kind} search", "Use --kind exact (exact, chunked {similarity} scoring)")
 
     @classmethod
     def load_files(cls, gen: Path, names: Sequence[str], manifest: dict[str, Any]) -> dict[str, Any]:

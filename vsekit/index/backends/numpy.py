@@ -1,12 +1,12 @@
 """Vectors in the index folder, searched exactly: the generation's memory-mapped ``.npy``, chunked matmul
-and a partial sort. Also the exact top-``k`` that the approximate kinds are measured against and that
-similarity-network and order searches rank with."""
+and a partial sort. Also the exact top-``k`` that similarity-network and order searches rank with, and the
+recall of an approximate search against it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from vsekit.index.backends.base import Backend
 from vsekit.index.data import TARGETS, IndexData
 
 _CHUNK = 65536  # default rows per block of exact_top_k
+RECALL_K = 10
+RECALL_QUERIES = 500
 # Exact search scores the collection in blocks of at most this many (query, row) pairs (16 MiB of float32),
 # whatever the number of queries
 _EXACT_BLOCK_SCORES = 1 << 22
@@ -74,13 +76,37 @@ def inner_product_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tup
     return exact_top_k(lambda a, b: queries @ np.asarray(vectors[a:b]).T, len(vectors), k, chunk=chunk)
 
 
+# -- recall of an approximate search --------------------------------------------------------------------
+def recall_at_k(search: Callable[[np.ndarray, int], Any], vectors: np.ndarray, queries: np.ndarray,
+                k: int = RECALL_K) -> float:
+    """Mean fraction of the exact top-``k`` (inner product) of ``queries`` over ``vectors`` that
+    ``search(queries, k) -> (scores, rows)`` also returns in its top ``k``."""
+    n = len(vectors)
+    if n == 0 or len(queries) == 0:
+        return 1.0
+    k = min(k, n)
+    _, exact = inner_product_top_k(vectors, queries, k)
+    _, approx = search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    hits = [len(set(e.tolist()) & set(a.tolist())) for e, a in zip(exact, approx)]
+    return float(np.sum(hits) / (k * len(queries)))
+
+
+def measure_recall(data: IndexData, targets: list[str],
+                   search: Callable[[str, np.ndarray, int], Any]) -> dict[str, float]:
+    """recall@10 of ``search(target, queries, k)`` on each of ``targets`` against exact search, on a sample of
+    realistic queries: captions query the images (text -> image), images query the captions (image -> text)."""
+    out = {}
+    for target in targets:
+        qv = data.caption_vectors if target == "images" else data.image_vectors
+        if qv is None or len(qv) == 0:  # no captions: images query themselves
+            qv = data.vectors(target)
+        sample = np.sort(np.random.default_rng(0).choice(len(qv), min(len(qv), RECALL_QUERIES), replace=False))
+        queries = np.asarray(qv[sample], dtype=np.float32)
+        out[target] = round(recall_at_k(lambda q, k, t=target: search(t, q, k), data.vectors(target), queries), 4)
+    return out
+
+
 # -- the backends of the folder's vectors --------------------------------------------------------------------
-def _concat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return np.concatenate([a, b])
-
-
 class LocalBackend(Backend):
     """Vectors in the generation's ``.npy`` files (written with the records); a subclass keeps its search
     structures in ``data.ann`` up to date through :meth:`_index`, :meth:`_added` and :meth:`_rebuilt`."""
@@ -94,22 +120,14 @@ class LocalBackend(Backend):
         return data
 
     def add(self, old: IndexData, new: IndexData) -> IndexData:
-        data = IndexData(_concat(old.image_vectors, new.image_vectors), old.images + new.images)
-        if old.has_captions:
-            data.caption_vectors = _concat(old.caption_vectors, new.caption_vectors)
-            data.captions = (old.captions or []) + (new.captions or [])
+        data = old.appended(new)
         data.ann = old.ann
         self._added(data, new)
         self.data = data
         return data
 
     def remove(self, old: IndexData, keep: dict[str, np.ndarray]) -> IndexData:
-        data = IndexData(np.asarray(old.vectors("images")[keep["images"]]),
-                         [r for r, k in zip(old.images, keep["images"]) if k])
-        if old.has_captions:
-            ckeep = keep["captions"]
-            data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
-            data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
+        data = old.subset(keep)
         self._rebuilt(old, data)
         self.data = data
         return data

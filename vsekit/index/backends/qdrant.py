@@ -183,6 +183,8 @@ class QdrantBackend(Backend):
 
     name = "qdrant"
     manifest_section = QdrantManifest
+    inner_product_only = ("a vector database", "Index it with the local backend (--backend local --kind exact: "
+                          "exact, chunked scoring by the model's own similarity)")
 
     def __init__(self, kind: str, params: AnnParams, *, url: str | None, path: str | None,
                  collections: dict[str, str], dim: int | None, shards: int | None = None,
@@ -214,20 +216,24 @@ class QdrantBackend(Backend):
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
-    def check_model(cls, similarity: str, kind: str) -> None:
-        if similarity != "cosine":
-            raise SearchIndexError(
-                f"this model scores with {similarity!r} similarity, which is not an inner product: a vector "
-                "database would rank by the wrong score. Index it with the local backend (--backend local "
-                "--kind exact: exact, chunked scoring by the model's own similarity)")
-
-    @classmethod
     def check_manifest(cls, manifest: Any) -> None:
         if manifest.qdrant is None:
             raise ValueError("qdrant: missing (a qdrant index names its server or folder and collections)")
         if ("captions" in manifest.qdrant.collections) != manifest.has_captions:
             raise ValueError("qdrant.collections: a captions collection is named if and only if has_captions is "
                              "true")
+
+    @classmethod
+    def replaced(cls, index_dir: Path, previous: dict[str, Any], written: dict[str, Any]) -> None:
+        """The replaced index's collections that the new one does not use are not deleted (they may be on
+        another server, or shared), only named."""
+        old, new = previous["qdrant"], (written.get("qdrant") or {})
+        same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
+        left = [c for c in old["collections"].values()
+                if not same_place or c not in (new.get("collections") or {}).values()]
+        if left:
+            log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
+                        "there if nothing else does", index_dir, ", ".join(left), old.get("url") or old.get("path"))
 
     @classmethod
     def create(cls, config: Any, *, index_dir: str | Path, kind: str, params: AnnParams,
@@ -366,10 +372,7 @@ class QdrantBackend(Backend):
             self._drop_unknown(target, old.records(target))
             if new.records(target):
                 self._upsert(target, new.vectors(target), new.records(target))
-        data = IndexData(None, old.images + new.images)
-        if old.has_captions:
-            data.captions = (old.captions or []) + (new.captions or [])
-        return self._bind(data)
+        return self._bind(old.appended(new, vectors=False))
 
     def remove(self, old: IndexData, keep: dict[str, np.ndarray]) -> IndexData:
         self._pending_deletes = {}
@@ -377,10 +380,7 @@ class QdrantBackend(Backend):
             recs = old.records(target)
             self._drop_unknown(target, recs)
             self._pending_deletes[target] = [point_id(r["id"]) for r, k in zip(recs, keep[target]) if not k]
-        data = IndexData(None, [r for r, k in zip(old.images, keep["images"]) if k])
-        if old.has_captions:
-            data.captions = [c for c, k in zip(old.captions or [], keep["captions"]) if k]
-        return self._bind(data)
+        return self._bind(old.subset(keep))
 
     def committed(self) -> None:
         """The removed points go only now that the manifest no longer lists them."""
