@@ -300,9 +300,7 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
     """The backend's build of ``data``, written as the first generation (or replacing the index at ``out``);
     what the backend made outside the folder is undone when the commit does not happen."""
     try:
-        sets, thumbnails = data.sets, data.thumbnails
         data = vector_store.build(data)
-        data.sets, data.thumbnails = sets, thumbnails
         with write_lock(out):
             previous = None
             if (out / MANIFEST).exists():
@@ -401,23 +399,14 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
                                          plan.manifest.get("context_dtype", "float32"))
 
             def commit() -> dict[str, Any]:
-                new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records)
+                new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records, sets=sets,
+                                thumbnails=made.result() if made is not None else None)
                 data = plan.vector_store.add(plan.old, new)
-                data.sets = {t: LocalSets.concat([plan.old.sets[t], s]) for t, s in sets.items()}
-                data.thumbnails = _added_thumbnails(plan.old, made, len(plan.rows))
                 manifest = {**plan.manifest, "updated": _now(),
                             "sources": [*plan.manifest.get("sources", []), source or corpus.name]}
                 return _commit(index_dir, plan.vector_store, data, manifest, manifest)
 
             return distributed.run_on_main(commit), len(plan.rows), skipped
-
-
-def _added_thumbnails(old: IndexData, made: thumbs.Background | None, n: int) -> thumbs.Thumbnails | None:
-    """The old generation's thumbnails followed by those of the ``n`` new images; None if the index has none."""
-    if old.thumbnails is None:
-        return None
-    new = made.result() if made is not None else thumbs.Thumbnails.empty(n, old.thumbnails.max_side)
-    return thumbs.Thumbnails.concat([old.thumbnails, new])
 
 
 def _plan_addition(index_dir: Path, embedder, corpus: Corpus, held: contextlib.ExitStack) -> _Addition:
@@ -485,9 +474,6 @@ def _remove(index_dir: Path, ids: list[str], paths: list[str]) -> tuple[dict[str
         vector_store = open_backend(manifest, old)
         try:
             data = vector_store.remove(old, keep)
-            data.sets = {t: old.sets[t].subset(np.flatnonzero(keep[t])) for t in old.sets if t in keep}
-            if old.thumbnails is not None:
-                data.thumbnails = old.thumbnails.subset(np.flatnonzero(keep["images"]))
             return _commit(index_dir, vector_store, data, {**manifest, "updated": _now()}, manifest), len(drop)
         finally:
             vector_store.close()

@@ -77,7 +77,8 @@ class IndexData:
         return v
 
     def appended(self, new: IndexData, vectors: bool = True) -> IndexData:
-        """These items followed by those of ``new``: their vectors (without ``vectors``, none) and records."""
+        """These items followed by those of ``new``: vectors (without ``vectors``, none), records, local sets
+        and thumbnails (empty ones for new items that have none, when these items have thumbnails)."""
         def join(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             return None if not vectors else a if b is None else b if a is None else np.concatenate([a, b])
 
@@ -85,10 +86,17 @@ class IndexData:
         if self.has_captions:
             data.caption_vectors = join(self.caption_vectors, new.caption_vectors)
             data.captions = (self.captions or []) + (new.captions or [])
+        data.sets = {t: LocalSets.concat([self.sets[t], s]) for t, s in new.sets.items()}
+        if self.thumbnails is not None:
+            added = new.thumbnails
+            if added is None:
+                added = thumbs.Thumbnails.empty(len(new.images), self.thumbnails.max_side)
+            data.thumbnails = thumbs.Thumbnails.concat([self.thumbnails, added])
         return data
 
     def subset(self, keep: dict[str, np.ndarray]) -> IndexData:
-        """The items whose ``keep[target]`` is True: their vectors (where these data hold them) and records."""
+        """The items whose ``keep[target]`` is True: their vectors (where these data hold them), records,
+        local sets and thumbnails."""
         def pick(v: np.ndarray | None, k: np.ndarray) -> np.ndarray | None:
             return np.asarray(v[k]) if v is not None and len(k) else v
 
@@ -96,6 +104,9 @@ class IndexData:
         if self.has_captions:
             data.caption_vectors = pick(self.caption_vectors, keep["captions"])
             data.captions = [c for c, k in zip(self.captions or [], keep["captions"]) if k]
+        data.sets = {t: s.subset(np.flatnonzero(keep[t])) for t, s in self.sets.items() if t in keep}
+        if self.thumbnails is not None:
+            data.thumbnails = self.thumbnails.subset(np.flatnonzero(keep["images"]))
         return data
 
     def records(self, target: str) -> list[dict[str, Any]]:

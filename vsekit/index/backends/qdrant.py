@@ -12,7 +12,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -357,7 +357,7 @@ class QdrantBackend(Backend):
                 hnsw_config=hnsw, **extra))
             self._created.append(name)
             self._upsert(target, data.vectors(target), data.records(target))
-        return self._bind(IndexData(None, data.images, None, data.captions))
+        return self._bind(replace(data, image_vectors=None, caption_vectors=None))  # the rest stays here
 
     def discard(self) -> None:
         for name in self._created:
