@@ -100,7 +100,8 @@ class IndexData:
         def pick(v: np.ndarray | None, k: np.ndarray) -> np.ndarray | None:
             return np.asarray(v[k]) if v is not None and len(k) else v
 
-        data = IndexData(pick(self.image_vectors, keep["images"]), [r for r, k in zip(self.images, keep["images"]) if k])
+        data = IndexData(pick(self.image_vectors, keep["images"]),
+                         [r for r, k in zip(self.images, keep["images"]) if k])
         if self.has_captions:
             data.caption_vectors = pick(self.caption_vectors, keep["captions"])
             data.captions = [c for c, k in zip(self.captions or [], keep["captions"]) if k]

@@ -1,12 +1,9 @@
-"""``manifest.json``: the one file of an index that names everything else, its schema, and reading it
-(validated field by field) and writing it.
-
-It records the format and version, the checkpoint's fingerprint and path, the similarity, dimension and
-counts, the backend, kind, ANN parameters and measured recall, the current generation's folder, and the size
-and sha256 of each of its files. A backend's own section (``"qdrant"``) is the model that backend declares
-(:attr:`Backend.manifest_section`); its own files are the extensions it declares (:attr:`Backend.files`).
-An index whose vectors live in a vector database has format version 2, so that a vsekit that predates
-backends refuses it with "upgrade vsekit" instead of looking for files that are not there.
+"""``manifest.json``, the file of an index that names all others: its schema, reading (validated field by
+field) and writing. It records the model's fingerprint, similarity and dimension, the counts, the backend, kind,
+ANN parameters and recall, the current generation and the size and sha256 of each of its files; a backend's
+own section (``"qdrant"``) and files are those it declares (:attr:`Backend.manifest_section`,
+:attr:`Backend.files`). An index whose vectors live in a vector database has format version 2, so that a
+vsekit that predates backends refuses it ("upgrade vsekit") instead of looking for files that are not there.
 """
 
 from __future__ import annotations
@@ -61,7 +58,8 @@ class _FileRecord(BaseModel):
 # the fields of AnnParams, strict
 _ManifestParams = create_model(
     "_ManifestParams", __config__=ConfigDict(extra="forbid"),
-    **{f.name: (StrictInt | None if f.default is None else StrictInt, Field(f.default, ge=1)) for f in fields(AnnParams)})
+    **{f.name: (StrictInt | None if f.default is None else StrictInt, Field(f.default, ge=1))
+       for f in fields(AnnParams)})
 
 
 class _ThumbnailsManifest(BaseModel):

@@ -77,12 +77,11 @@ def set_search_params(index, params: AnnParams) -> None:
 
 def emptied_like(index, kind: str, params: AnnParams, dim: int):
     """An empty index of the same kind; an IVF index keeps its trained lists so removal needs no k-means."""
-    faiss = faiss_module()
-    if kind == "ivf":
-        index = faiss.clone_index(index)
-        index.reset()
-        return index
-    return faiss.IndexFlatIP(dim) if kind == "exact" else build_faiss(np.zeros((0, dim), np.float32), kind, params)
+    if kind != "ivf":
+        return build_faiss(np.zeros((0, dim), np.float32), kind, params)
+    index = faiss_module().clone_index(index)
+    index.reset()
+    return index
 
 
 class FaissAnn(LocalBackend):
