@@ -29,9 +29,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vsekit.errors import VsekitError
-from vsekit.serve.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_READ_TIMEOUT
+from vsekit.serve.limits import Limits
 
 _DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # h11's default bound on a request's head, which uvicorn keeps
+_DEFAULT = Limits()
 
 
 class BindError(VsekitError):
@@ -66,8 +67,8 @@ class JsonH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with JSON 4xx replies of its own and bounded header and body phases. The
     timeouts are class attributes; :func:`make_server` makes a subclass with the ones asked for."""
 
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    read_timeout: float = _DEFAULT.read_timeout
+    body_timeout: float = _DEFAULT.body_timeout
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,17 +159,16 @@ class JsonH11Protocol(H11Protocol):
 
 
 def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                read_timeout: float = DEFAULT_READ_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, log_level: str = "info",
+                read_timeout: float = _DEFAULT.read_timeout, body_timeout: float = _DEFAULT.body_timeout,
+                keep_alive_timeout: float = _DEFAULT.keep_alive_timeout, log_level: str = "info",
                 access_log: bool = True) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds);
-    ``server.run()`` serves until stopped (``server.should_exit = True``)."""
-    if not (read_timeout > 0 and body_timeout > 0 and keep_alive_timeout > 0):
-        raise ValueError("timeouts must be > 0 seconds")
+    """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds, those of
+    :class:`Limits`); ``server.run()`` serves until stopped (``server.should_exit = True``)."""
+    limits = Limits(read_timeout=read_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
     protocol = type("VsekitH11Protocol", (JsonH11Protocol,),
-                    {"read_timeout": float(read_timeout), "body_timeout": float(body_timeout)})
+                    {"read_timeout": float(limits.read_timeout), "body_timeout": float(limits.body_timeout)})
     config = uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", lifespan="off",
-                            timeout_keep_alive=keep_alive_timeout, log_level=log_level, access_log=access_log)
+                            timeout_keep_alive=limits.keep_alive_timeout, log_level=log_level, access_log=access_log)
     return uvicorn.Server(config)
 
 
