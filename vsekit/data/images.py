@@ -170,21 +170,13 @@ def _load_error(name: str, exc: Exception) -> ImageLoadError:
         return exc
     if isinstance(exc, DataError):  # a shard member that cannot be read (the message names the shard)
         return ImageLoadError(str(exc))
-    if isinstance(exc, FileNotFoundError):
-        reason = "file not found"
-    elif isinstance(exc, IsADirectoryError):
-        reason = "is a directory, not an image file"
-    elif isinstance(exc, PermissionError):
-        reason = "permission denied"
-    elif isinstance(exc, UnidentifiedImageError):
-        reason = f"not a recognised image format (accepted: {_FORMAT_NAMES})"
-    elif isinstance(exc, Image.DecompressionBombError):
-        reason = f"refused as a decompression bomb ({exc})"
-    elif isinstance(exc, MemoryError):
-        reason = "cannot decode: out of memory"
-    else:  # corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ...
-        reason = f"cannot decode: {exc or type(exc).__name__}"
-    return ImageLoadError(f"{name}: {reason}")
+    reasons = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory, not an image file",
+               PermissionError: "permission denied", MemoryError: "cannot decode: out of memory",
+               UnidentifiedImageError: f"not a recognised image format (accepted: {_FORMAT_NAMES})",
+               Image.DecompressionBombError: f"refused as a decompression bomb ({exc})"}
+    # else corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ... depending on the format
+    reason = next((r for kind, r in reasons.items() if isinstance(exc, kind)), None)
+    return ImageLoadError(f"{name}: {reason or f'cannot decode: {exc or type(exc).__name__}'}")
 
 
 def open_image(source: str | os.PathLike | MemberPath | bytes | IO[bytes], *,

@@ -15,6 +15,10 @@ thread pool, outside the model lock, which guards only the forward pass); a requ
 thumbnails (:mod:`vsekit.index.thumbnails`), never the file a record's ``path`` names: the id is looked up in
 the index, and what is sent was re-encoded from decoded pixels at build time and is checked to be a JPEG
 before it is sent, with a ``Content-Security-Policy`` that lets nothing in it run.
+
+The routes are module-level functions on :data:`router`, shared by every app; what one app serves -- its
+index, its :class:`~vsekit.serve.limits.Limits`, its decode slots -- is in ``app.state``, read through
+dependencies.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from http import HTTPStatus
 from importlib import resources
@@ -39,14 +44,16 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from vsekit.index.search import SearchIndex, SearchResult
-from vsekit.index.store import TARGETS, SearchIndexError
+from vsekit.data import images
+from vsekit.index import SearchIndex, SearchIndexError, SearchResult
+from vsekit.index.search import TARGETS
 from vsekit.index.thumbnails import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 from vsekit.index.thumbnails import ThumbnailError
 from vsekit.serve.limits import DEFAULT_RELOAD_INTERVAL, Limits
@@ -363,7 +370,8 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI schema, with its own limits in the documentation of ``/search``'s ``q`` and ``k``
-    (the routes are shared by every app; the limits are each app's)."""
+    (the routes are shared by every app; the limits are each app's). ``k`` is read as a string by
+    :func:`parse_k`, as the upload's is, and documented as the integer it must be."""
     if app.openapi_schema is None:
         limits = app.state.limits
         said = {"q": f"the text query, at most {limits.max_query_chars} characters",
@@ -423,7 +431,6 @@ async def _limits(request: Request) -> Limits:
 Index = Annotated[SearchIndex, Depends(_index)]
 RequestLimits = Annotated[Limits, Depends(_limits)]
 router = APIRouter()
-_DEFAULT = Limits()  # what the routes document; each app's schema says its own limits (_openapi)
 
 
 def _check_target(sx: SearchIndex, target: Any, allowed: tuple[str, ...]) -> str:
@@ -464,10 +471,8 @@ def health(sx: Index, limits: RequestLimits) -> dict[str, Any]:
 
 @router.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
 def search(request: Request, sx: Index, limits: RequestLimits,
-           q: str = Query("", description=f"the text query, at most {_DEFAULT.max_query_chars} characters"),
-           # a str, read by parse_k as the upload's k is; documented as the integer it must be
-           k: str = Query(10, description=f"number of results, 1..{_DEFAULT.max_k}",
-                          json_schema_extra={"type": "integer", "minimum": 1, "maximum": _DEFAULT.max_k}),
+           q: str = Query(""),  # q and k are documented with each app's limits (_openapi)
+           k: str = Query(10, json_schema_extra={"type": "integer", "minimum": 1}),  # read by parse_k
            target: Literal["images", "captions"] = Query("images", description="what to return")
            ) -> dict[str, Any]:
     check_once(request.query_params, ("q", "k", "target"))
@@ -574,33 +579,24 @@ async def _read_body(request: Request, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-class _parse_form:
+@asynccontextmanager
+async def _parse_form(scope: dict, body: bytes):
     """``async with _parse_form(scope, body) as form``: a multipart form parsed from bytes already read."""
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
 
-    def __init__(self, scope: dict, body: bytes) -> None:
-        self.scope, self.body, self.form = scope, body, None
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
 
-    async def __aenter__(self):
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
-
-        try:
-            self.form = await Request(self.scope, receive).form(max_files=1, max_fields=8)
-        except MultiPartException as e:
-            raise ApiError(400, f"malformed multipart form: {e.message}") from None
-        except StarletteHTTPException as e:
-            raise ApiError(400, f"malformed multipart form: {e.detail}") from None
-        return self.form
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.form is not None:
-            await self.form.close()
+    try:
+        form = await Request(scope, receive).form(max_files=1, max_fields=8)
+    except MultiPartException as e:
+        raise ApiError(400, f"malformed multipart form: {e.message}") from None
+    except StarletteHTTPException as e:
+        raise ApiError(400, f"malformed multipart form: {e.detail}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 class _DecodeSlots:
@@ -646,35 +642,23 @@ def _decode_image(data: bytes, sx: SearchIndex, limits: Limits):
     Ghostscript, ever sees an upload), pixels, aspect ratio, the size the model's resize would make of it, and
     the memory decoding it takes, so a small file cannot expand into gigabytes. Messages name "the upload",
     never a file or command of the server."""
-    from PIL import Image, UnidentifiedImageError
-
-    from vsekit.data.images import (
-        ACCEPTED_FORMATS,
-        ImageLoadError,
-        ImageTooLargeError,
-        decode_rgb,
-        open_image,
-    )
-
     try:
-        with open_image(data) as im:
+        with images.open_image(data) as im:
             w, h = im.size
     except UnidentifiedImageError:
         raise ApiError(415, "the upload is not an image in a format this server reads "
-                            f"({', '.join(ACCEPTED_FORMATS)})") from None
+                            f"({', '.join(images.ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError:
-        raise ApiError(413, f"the image has far more pixels than the limit of {limits.max_image_pixels} (a decompression "
-                            "bomb?)") from None
+        raise ApiError(413, f"the image has far more pixels than the limit of {limits.max_image_pixels} "
+                            "(a decompression bomb?)") from None
     except Exception as e:  # noqa: BLE001 - a corrupt header: OSError, SyntaxError, struct.error, ... by format
         raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
-    sx.check_image_size(w, h, max_pixels=limits.max_image_pixels,
-                        max_aspect_ratio=limits.max_aspect_ratio)
+    sx.check_image_size(w, h, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio)
     try:
-        image = decode_rgb(data, name="the upload", exif_transpose=True, max_bytes=limits.max_decode_bytes)
-    except ImageTooLargeError as e:
+        image = images.decode_rgb(data, name="the upload", exif_transpose=True, max_bytes=limits.max_decode_bytes)
+    except images.ImageTooLargeError as e:
         raise ApiError(413, str(e).removeprefix("the upload: ")) from None
-    except ImageLoadError as e:
+    except images.ImageLoadError as e:
         raise ApiError(415, f"the upload is not a readable image: {str(e).removeprefix('the upload: ')}") from None
-    sx.check_image_size(*image.size, max_pixels=limits.max_image_pixels,
-                        max_aspect_ratio=limits.max_aspect_ratio)
+    sx.check_image_size(*image.size, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio)
     return image

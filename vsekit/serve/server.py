@@ -14,6 +14,10 @@ requests with the app's JSON error shape, and bounds each phase of a request:
 A request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with a 400 and the connection
 closed (RFC 9112 6.3): a proxy in front that reads the other length would see a second, smuggled request in
 its body, and h11 on its own reads the chunks and keeps the connection open.
+
+uvicorn offers no public hook for any of this, so :class:`JsonH11Protocol` relies on its ``H11Protocol``'s
+internals (``conn``, ``cycle``, ``send_400_response``, ``on_response_complete``); pyproject.toml bounds uvicorn
+to the versions whose tests passed.
 """
 
 from __future__ import annotations
