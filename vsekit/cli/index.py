@@ -279,17 +279,18 @@ def _add_ann(p: argparse.ArgumentParser, build: bool) -> None:
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
-    """An option for each of the server's limits (:class:`vsekit.serve.limits.Limits`; its fields say them)."""
+    """An option for each of the server's limits: the fields of :class:`vsekit.serve.limits.Limits`."""
     from dataclasses import fields
 
     from vsekit.serve.limits import Limits  # the defaults, without the web stack
 
     kinds = {"bytes": positive_size, "count": positive_int, "ratio": aspect_ratio, "seconds": positive_float}
     for f in fields(Limits):
-        kind = f.metadata["kind"]
-        shown = f"{f.default >> 20}M" if kind == "bytes" else f"{f.default:g}" if kind != "count" else f.default
+        kind, d = f.metadata["kind"], f.default
+        shown = f"{d >> 20}M" if kind == "bytes" else f"{d:g}" if isinstance(d, float) else d
         p.add_argument("--" + f.name.replace("_", "-"), type=kinds[kind], default=f.default,
-                       metavar="SECONDS" if kind == "seconds" else None, help=f"{f.metadata['help']} (default {shown})")
+                       metavar="SECONDS" if kind == "seconds" else None,
+                       help=f"{f.metadata['help']} (default {shown})")
 
 
 def add_cli(subparsers) -> None:

@@ -1,8 +1,8 @@
 """Image decoding and the field-standard torchvision transforms.
 
-:func:`decode_rgb` (bytes or a binary file: an upload, a shard member) is the one place where images are decoded,
-for training, indexing and search (:func:`load_rgb` opens a file and calls it), and every ``Image.open`` of the
-project goes through :func:`open_image`. Every
+:func:`decode_rgb` (bytes or a binary file: an upload, a shard member) is the one place where images are
+decoded, for training, indexing and search (:func:`load_rgb` opens a file and calls it), and every
+``Image.open`` of the project goes through :func:`open_image`. Every
 failure becomes an :class:`ImageLoadError` that names the file, so a corrupt image in a 100K-image set is found
 by name instead of through a PIL traceback from a data-loader worker.
 
@@ -174,7 +174,7 @@ def _load_error(name: str, exc: Exception) -> ImageLoadError:
                PermissionError: "permission denied", MemoryError: "cannot decode: out of memory",
                UnidentifiedImageError: f"not a recognised image format (accepted: {_FORMAT_NAMES})",
                Image.DecompressionBombError: f"refused as a decompression bomb ({exc})"}
-    # else corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ... depending on the format
+    # else corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ... by format
     reason = next((r for kind, r in reasons.items() if isinstance(exc, kind)), None)
     return ImageLoadError(f"{name}: {reason or f'cannot decode: {exc or type(exc).__name__}'}")
 

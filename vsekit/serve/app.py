@@ -384,7 +384,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-# -- errors ---------------------------------------------------------------------------------------------------
+# -- errors ---------------------------------------------------------------------------------------------
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     resp = _error(exc.status, exc.message)
     if exc.close:
@@ -398,8 +398,7 @@ async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     resp = _error(exc.status_code, str(exc.detail))
-    for k, v in (exc.headers or {}).items():
-        resp.headers[k] = v
+    resp.headers.update(exc.headers or {})
     return resp
 
 
@@ -419,7 +418,7 @@ ERROR_HANDLERS = {ApiError: _api_error, SearchIndexError: _index_error, Starlett
                   RequestValidationError: _validation_error, Exception: _unexpected}
 
 
-# -- routes: every app's; what each app serves, with its limits, is in app.state ---------------------------------
+# -- routes: every app's; what each app serves, with its limits, is in app.state ---------------------------
 async def _index(request: Request) -> SearchIndex:
     return request.app.state.index
 
@@ -480,7 +479,8 @@ def search(request: Request, sx: Index, limits: RequestLimits,
     if not query:
         raise ApiError(422, "q: the query is empty")
     if len(query) > limits.max_query_chars:
-        raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is {limits.max_query_chars}")
+        raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is "
+                            f"{limits.max_query_chars}")
     kk, tgt = parse_k(k, limits.max_k), _check_target(sx, target, TARGETS)
     t0 = time.perf_counter()
     hits = sx.search_text(query, kk, tgt)
@@ -538,11 +538,12 @@ def image(image_id: str, request: Request, sx: Index) -> Response:
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
-    """The request body, refused (413) as soon as it grows past an upload of ``max_upload_bytes`` and its form:
-    nothing oversized is kept. A body whose next piece takes more than ``read_timeout`` seconds, or that is
-    not complete after ``body_timeout`` seconds, is refused (408): a stalled client does not hold the request
-    forever."""
-    limit, read_timeout, body_timeout = limits.max_upload_bytes + FORM_OVERHEAD, limits.read_timeout, limits.body_timeout
+    """The request body, refused (413) as soon as it grows past an upload of ``max_upload_bytes`` and its
+    form: nothing oversized is kept. A body whose next piece takes more than ``read_timeout`` seconds, or that
+    is not complete after ``body_timeout`` seconds, is refused (408): a stalled client does not hold the
+    request forever."""
+    limit = limits.max_upload_bytes + FORM_OVERHEAD
+    read_timeout, body_timeout = limits.read_timeout, limits.body_timeout
     too_big = f"the upload is larger than the limit of {limits.max_upload_bytes} bytes"
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -637,11 +638,11 @@ def _image_query(sx: SearchIndex, data: bytes, targets: list[str], k: int, limit
 
 
 def _decode_image(data: bytes, sx: SearchIndex, limits: Limits):
-    """Bytes -> RGB PIL image, in memory, through the decoder of every image (:func:`vsekit.data.images.decode_rgb`,
-    with its EXIF policy). The header is checked first: an accepted raster format (no other decoder, and no
-    Ghostscript, ever sees an upload), pixels, aspect ratio, the size the model's resize would make of it, and
-    the memory decoding it takes, so a small file cannot expand into gigabytes. Messages name "the upload",
-    never a file or command of the server."""
+    """Bytes -> RGB PIL image, in memory, through the decoder of every image (:func:`images.decode_rgb`, EXIF
+    applied). The header is checked first: an accepted raster format (no other decoder, and no Ghostscript,
+    ever sees an upload), pixels, aspect ratio, the size the model's resize would make of it, and the memory
+    decoding it takes, so a small file cannot expand into gigabytes. Messages name "the upload", never a file
+    or command of the server."""
     try:
         with images.open_image(data) as im:
             w, h = im.size
@@ -653,12 +654,13 @@ def _decode_image(data: bytes, sx: SearchIndex, limits: Limits):
                             "(a decompression bomb?)") from None
     except Exception as e:  # noqa: BLE001 - a corrupt header: OSError, SyntaxError, struct.error, ... by format
         raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
-    sx.check_image_size(w, h, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio)
+    bounds = {"max_pixels": limits.max_image_pixels, "max_aspect_ratio": limits.max_aspect_ratio}
+    sx.check_image_size(w, h, **bounds)
     try:
-        image = images.decode_rgb(data, name="the upload", exif_transpose=True, max_bytes=limits.max_decode_bytes)
+        image = images.decode_rgb(data, name="the upload", max_bytes=limits.max_decode_bytes)
     except images.ImageTooLargeError as e:
         raise ApiError(413, str(e).removeprefix("the upload: ")) from None
     except images.ImageLoadError as e:
         raise ApiError(415, f"the upload is not a readable image: {str(e).removeprefix('the upload: ')}") from None
-    sx.check_image_size(*image.size, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio)
+    sx.check_image_size(*image.size, **bounds)
     return image

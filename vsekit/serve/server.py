@@ -16,8 +16,8 @@ closed (RFC 9112 6.3): a proxy in front that reads the other length would see a 
 its body, and h11 on its own reads the chunks and keeps the connection open.
 
 uvicorn offers no public hook for any of this, so :class:`JsonH11Protocol` relies on its ``H11Protocol``'s
-internals (``conn``, ``cycle``, ``send_400_response``, ``on_response_complete``); pyproject.toml bounds uvicorn
-to the versions whose tests passed.
+internals (``conn``, ``cycle``, ``send_400_response``, ``on_response_complete``); pyproject.toml bounds
+uvicorn to the versions whose tests passed.
 """
 
 from __future__ import annotations
@@ -168,11 +168,11 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
                 access_log: bool = True) -> uvicorn.Server:
     """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds, those of
     :class:`Limits`); ``server.run()`` serves until stopped (``server.should_exit = True``)."""
-    limits = Limits(read_timeout=read_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
+    Limits(read_timeout=read_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)  # > 0
     protocol = type("VsekitH11Protocol", (JsonH11Protocol,),
-                    {"read_timeout": float(limits.read_timeout), "body_timeout": float(limits.body_timeout)})
+                    {"read_timeout": float(read_timeout), "body_timeout": float(body_timeout)})
     config = uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", lifespan="off",
-                            timeout_keep_alive=limits.keep_alive_timeout, log_level=log_level, access_log=access_log)
+                            timeout_keep_alive=keep_alive_timeout, log_level=log_level, access_log=access_log)
     return uvicorn.Server(config)
 
 
