@@ -68,8 +68,8 @@ def test_huge_aspect_images_are_refused_from_their_header(client, sx, monkeypatc
     data = png_of_size(*size)
     assert len(data) < 120_000  # a few hundred bytes to 40 KB
     decoded, transformed, lock = [], [], CountingLock()
-    real_load = images._load  # behind load_rgb and decode_rgb
-    monkeypatch.setattr(images, "_load", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
+    real_load = images.decode_rgb  # the decoder of every image (load_rgb calls it)
+    monkeypatch.setattr(images, "decode_rgb", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
     real_tf = sx.embedder.eval_transform
     monkeypatch.setattr(sx.embedder, "eval_transform", lambda: transformed.append(1) or real_tf())
     monkeypatch.setattr(sx, "_model_lock", lock)

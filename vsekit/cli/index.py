@@ -216,10 +216,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import fields
 
     import torch
 
     from vsekit.serve.app import allowed_hosts, create_app, is_loopback
+    from vsekit.serve.limits import Limits
     from vsekit.serve.server import bound_socket, make_server
 
     # bound (and listening) first: a port in use is one error line before the model is loaded, and
@@ -230,14 +232,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         local = is_loopback(address)
         hosts = allowed_hosts(address, [*args.allow_host, args.host] if local else args.allow_host)
         torch.set_num_threads(args.torch_threads)
-        app = create_app(args.index, checkpoint=args.checkpoint, device=args.device,
-                         max_upload_bytes=args.max_upload_bytes, max_query_chars=args.max_query_chars,
-                         max_k=args.max_k, max_image_pixels=args.max_image_pixels,
-                         max_aspect_ratio=args.max_aspect_ratio, read_timeout=args.read_timeout,
-                         body_timeout=args.body_timeout, rerank=args.rerank, allowed_hosts=hosts,
-                         reload_interval=args.reload_interval,
-                         max_decode_bytes=args.max_decode_bytes, max_decodes=args.max_decodes,
-                         decode_wait=args.decode_wait)
+        limits = {f.name: getattr(args, f.name) for f in fields(Limits)}
+        app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, rerank=args.rerank,
+                         allowed_hosts=hosts, reload_interval=args.reload_interval, **limits)
         server = make_server(app, address, port, read_timeout=args.read_timeout, body_timeout=args.body_timeout,
                              keep_alive_timeout=args.keep_alive_timeout)
         name = args.host.strip("[]")
@@ -279,6 +276,21 @@ def _add_ann(p: argparse.ArgumentParser, build: bool) -> None:
                    help=f"IVF lists scanned per query (default {d.nprobe})")
     p.add_argument("--ef-search", type=positive_int, default=d.ef_search if build else None,
                    help=f"HNSW search breadth (default {d.ef_search})")
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """An option for each of the server's limits: the fields of :class:`vsekit.serve.limits.Limits`."""
+    from dataclasses import fields
+
+    from vsekit.serve.limits import Limits  # the defaults, without the web stack
+
+    kinds = {"bytes": positive_size, "count": positive_int, "ratio": aspect_ratio, "seconds": positive_float}
+    for f in fields(Limits):
+        kind, d = f.metadata["kind"], f.default
+        shown = f"{d >> 20}M" if kind == "bytes" else f"{d:g}" if isinstance(d, float) else d
+        p.add_argument("--" + f.name.replace("_", "-"), type=kinds[kind], default=f.default,
+                       metavar="SECONDS" if kind == "seconds" else None,
+                       help=f"{f.metadata['help']} (default {shown})")
 
 
 def add_cli(subparsers) -> None:
@@ -350,7 +362,7 @@ def add_cli(subparsers) -> None:
     _add_ann(s, build=False)
     s.set_defaults(fn=cmd_search)
 
-    from vsekit.serve import limits  # the defaults, without the web stack
+    from vsekit.serve.limits import DEFAULT_RELOAD_INTERVAL
 
     v = subparsers.add_parser("serve", help="serve an index over HTTP: JSON API and a search page")
     v.add_argument("index", help="index folder")
@@ -361,41 +373,14 @@ def add_cli(subparsers) -> None:
                         "address (the default), only localhost, 127.0.0.1, [::1] and --host are answered, so "
                         "that a web page whose name resolves to 127.0.0.1 (DNS rebinding) cannot use the API; "
                         "bound elsewhere, any Host is answered unless --allow-host names some")
-    v.add_argument("--reload-interval", type=non_negative_float, default=limits.DEFAULT_RELOAD_INTERVAL,
+    v.add_argument("--reload-interval", type=non_negative_float, default=DEFAULT_RELOAD_INTERVAL,
                    metavar="SECONDS", help="how often the index is checked for a generation that `index add` / "
                                            "`index remove` committed, which is then served without a restart "
-                                           f"(default {limits.DEFAULT_RELOAD_INTERVAL:g}; 0: before every request)")
+                                           f"(default {DEFAULT_RELOAD_INTERVAL:g}; 0: before every request)")
     v.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
     v.add_argument("--device", default="auto")
-    v.add_argument("--max-upload-bytes", type=positive_size, default=limits.DEFAULT_MAX_UPLOAD_BYTES,
-                   help=f"largest accepted image upload, e.g. 512K, 10M (default {limits.DEFAULT_MAX_UPLOAD_BYTES})")
-    v.add_argument("--max-query-chars", type=positive_int, default=limits.DEFAULT_MAX_QUERY_CHARS,
-                   help=f"longest text query (default {limits.DEFAULT_MAX_QUERY_CHARS})")
-    v.add_argument("--max-k", type=positive_int, default=limits.DEFAULT_MAX_K,
-                   help=f"most results per request (default {limits.DEFAULT_MAX_K})")
-    v.add_argument("--max-image-pixels", type=positive_int, default=limits.DEFAULT_MAX_IMAGE_PIXELS,
-                   help=f"largest accepted upload in pixels, before and after the model's resize "
-                        f"(default {limits.DEFAULT_MAX_IMAGE_PIXELS})")
-    v.add_argument("--max-aspect-ratio", type=aspect_ratio, default=limits.DEFAULT_MAX_ASPECT_RATIO,
-                   help=f"most elongated accepted upload, long side / short side (default {limits.DEFAULT_MAX_ASPECT_RATIO:g})")
-    v.add_argument("--read-timeout", type=positive_float, default=limits.DEFAULT_READ_TIMEOUT, metavar="SECONDS",
-                   help="longest wait for a request's headers, or for the next piece of an upload "
-                        f"(default {limits.DEFAULT_READ_TIMEOUT:g}); a stalled client gets 408 and is disconnected")
-    v.add_argument("--body-timeout", type=positive_float, default=limits.DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
-                   help=f"longest time a whole request body may take to arrive (default {limits.DEFAULT_BODY_TIMEOUT:g})")
-    v.add_argument("--keep-alive-timeout", type=positive_float, default=limits.DEFAULT_KEEP_ALIVE_TIMEOUT,
-                   metavar="SECONDS", help=f"idle keep-alive connections are closed after this "
-                                           f"(default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     v.add_argument("--rerank", type=positive_int, help=RERANK_HELP)
-    v.add_argument("--max-decode-bytes", type=positive_size, default=limits.DEFAULT_MAX_DECODE_BYTES,
-                   help="most memory one upload's decode may take, estimated from its header before any pixel is "
-                        f"decoded (larger: 413), e.g. 256M (default {limits.DEFAULT_MAX_DECODE_BYTES >> 20}M)")
-    v.add_argument("--max-decodes", type=positive_int, default=limits.DEFAULT_MAX_DECODES,
-                   help="uploads decoded and embedded at once; the worst case of decode memory is this times "
-                        f"--max-decode-bytes (default {limits.DEFAULT_MAX_DECODES})")
-    v.add_argument("--decode-wait", type=positive_float, default=limits.DEFAULT_DECODE_WAIT, metavar="SECONDS",
-                   help="longest wait of an upload for a free decode slot before it is answered 503 with "
-                        f"Retry-After (default {limits.DEFAULT_DECODE_WAIT:g})")
+    _add_limits(v)
     v.add_argument("--torch-threads", type=thread_count, default=1,
                    help="intra-op threads of the model (default 1: a query is small work, and more threads "
                         "only contend with concurrent requests)")

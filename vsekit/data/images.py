@@ -1,7 +1,8 @@
 """Image decoding and the field-standard torchvision transforms.
 
-``load_rgb`` (a file) and ``decode_rgb`` (bytes: an upload) are the one place where images are decoded, for
-training, indexing and search, and every ``Image.open`` of the project goes through :func:`open_image`. Every
+:func:`decode_rgb` (bytes or a binary file: an upload, a shard member) is the one place where images are
+decoded, for training, indexing and search (:func:`load_rgb` opens a file and calls it), and every
+``Image.open`` of the project goes through :func:`open_image`. Every
 failure becomes an :class:`ImageLoadError` that names the file, so a corrupt image in a 100K-image set is found
 by name instead of through a PIL traceback from a data-loader worker.
 
@@ -106,7 +107,25 @@ def applies_exif(meta: Mapping | None) -> bool:
 
 def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = True,
              max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
-    """Open ``path``, decode it fully and return an 8-bit RGB image.
+    """Open ``path`` -- an image file, or an image stored in a tar shard (:class:`MemberPath`) -- and
+    :func:`decode_rgb` it. A file that cannot be opened is an :class:`ImageLoadError` naming it, as one that
+    cannot be decoded."""
+    path = path if isinstance(path, MemberPath) else Path(path)
+    try:
+        f = path.open() if isinstance(path, MemberPath) else open(path, "rb")
+    except Exception as exc:  # noqa: BLE001 - said as the reason, with the file's name
+        error = _load_error(str(path), exc)
+    else:
+        with f:
+            return decode_rgb(f, name=str(path), exif_transpose=exif_transpose, max_bytes=max_bytes)
+    raise error  # outside the except: no OSError traceback attached
+
+
+def decode_rgb(source: bytes | IO[bytes], *, name: str = "the image", exif_transpose: bool = True,
+               max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
+    """Decode an image -- its bytes, or a binary file object: an upload, a shard member, an open file -- fully
+    into an 8-bit RGB image. The one decoder of the project (:func:`load_rgb` opens a file and calls it);
+    nothing is written to disk, and errors name ``name``, never a file of the machine that decodes it.
 
     Only :data:`ACCEPTED_FORMATS` are decoded. Transparent images (RGBA, LA, palette or grey with a
     transparent colour) are composited onto white rather than having their alpha dropped. 16-bit and
@@ -117,26 +136,12 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = True,
     an :class:`ImageTooLargeError`, found from its header before decoding (None: no budget).
 
     Any failure to decode (PIL reports corrupt data as OSError, SyntaxError, ValueError, struct.error,
-    IndexError, ... depending on the format) is an :class:`ImageLoadError` naming the file, with no PIL
+    IndexError, ... depending on the format) is an :class:`ImageLoadError` naming ``name``, with no PIL
     traceback attached.
     """
-    path = path if isinstance(path, MemberPath) else Path(path)
-    return _load(path, str(path), exif_transpose, max_bytes)
-
-
-def decode_rgb(data: bytes, *, name: str = "the image", exif_transpose: bool = True,
-               max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
-    """:func:`load_rgb` of an image held in memory (an upload): nothing is written to disk, and errors name
-    ``name`` -- never a file of the machine that decodes it."""
-    return _load(io.BytesIO(data), name, exif_transpose, max_bytes)
-
-
-def _load(source: Path | MemberPath | IO[bytes], name: str, exif_transpose: bool,
-          max_bytes: int | None) -> Image.Image:
     im = None
     try:
-        # no ``with``: closing the image would also free the pixels of an RGB result returned as is;
-        # load() already closes the file of a single-frame image, and ``finally`` covers the failures
+        # no ``with``: closing the image would also free the pixels of an RGB result returned as is
         im = open_image(source)
         _check_budget(im, name, exif_transpose, max_bytes)  # from the header: nothing decoded yet
         _check_scans(im, name)
@@ -147,32 +152,31 @@ def _load(source: Path | MemberPath | IO[bytes], name: str, exif_transpose: bool
         rgb = _to_rgb(im)
         if rgb is im:
             if _holds_open_file(im):
-                rgb = im.copy()  # a multi-frame file stays open for seeking: keep the frame, close the file
+                rgb = im.copy()  # a multi-frame file stays open for seeking: keep the frame, not the file
             else:
                 im = None  # nothing left open: hand the image itself over
         return rgb
-    except ImageLoadError:
-        raise
-    except FileNotFoundError:
-        reason = "file not found"
-    except IsADirectoryError:
-        reason = "is a directory, not an image file"
-    except PermissionError:
-        reason = "permission denied"
-    except UnidentifiedImageError:
-        reason = f"not a recognised image format (accepted: {_FORMAT_NAMES})"
-    except Image.DecompressionBombError as exc:
-        reason = f"refused as a decompression bomb ({exc})"
-    except MemoryError:
-        reason = "cannot decode: out of memory"
-    except DataError as exc:  # a shard member that cannot be read (the message names the shard)
-        raise ImageLoadError(str(exc)) from None
-    except Exception as exc:  # corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ...
-        reason = f"cannot decode: {exc or type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - every failure is said as an ImageLoadError
+        error = _load_error(name, exc)
     finally:
         if im is not None:
             im.close()
-    raise ImageLoadError(f"{name}: {reason}")
+    raise error  # outside the except: no PIL traceback attached
+
+
+def _load_error(name: str, exc: Exception) -> ImageLoadError:
+    """The :class:`ImageLoadError` that says why ``name`` could not be opened or decoded."""
+    if isinstance(exc, ImageLoadError):
+        return exc
+    if isinstance(exc, DataError):  # a shard member that cannot be read (the message names the shard)
+        return ImageLoadError(str(exc))
+    reasons = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory, not an image file",
+               PermissionError: "permission denied", MemoryError: "cannot decode: out of memory",
+               UnidentifiedImageError: f"not a recognised image format (accepted: {_FORMAT_NAMES})",
+               Image.DecompressionBombError: f"refused as a decompression bomb ({exc})"}
+    # else corrupt data: OSError, SyntaxError, ValueError, struct.error, IndexError, ... by format
+    reason = next((r for kind, r in reasons.items() if isinstance(exc, kind)), None)
+    return ImageLoadError(f"{name}: {reason or f'cannot decode: {exc or type(exc).__name__}'}")
 
 
 def open_image(source: str | os.PathLike | MemberPath | bytes | IO[bytes], *,
@@ -205,7 +209,7 @@ _DECODER_BYTES = {"WEBP": 8, "AVIF": 4}
 
 def decode_bytes(mode: str, size: tuple[int, int], *, exif_transpose: bool = True,
                  transparent: bool = False, progressive: bool = False, fmt: str | None = None) -> int:
-    """The most bytes :func:`load_rgb` holds at once for an image of ``mode`` and ``size`` (from its header;
+    """The most bytes :func:`decode_rgb` holds at once for an image of ``mode`` and ``size`` (from its header;
     ``transparent``: it has a transparent colour): the decoded pixels plus the larger of their EXIF-rotated
     copy and the conversion to RGB (its output and intermediates, :func:`_to_rgb`). ``progressive``: a
     progressive JPEG, which libjpeg decodes through the DCT coefficients of the whole image, held beside the

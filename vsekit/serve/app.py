@@ -15,11 +15,16 @@ thread pool, outside the model lock, which guards only the forward pass); a requ
 thumbnails (:mod:`vsekit.index.thumbnails`), never the file a record's ``path`` names: the id is looked up in
 the index, and what is sent was re-encoded from decoded pixels at build time and is checked to be a JPEG
 before it is sent, with a ``Content-Security-Policy`` that lets nothing in it run.
+
+The routes are module-level functions on :data:`router`, shared by every app; what one app serves -- its
+index, its :class:`~vsekit.serve.limits.Limits`, its decode slots -- is in ``app.state``, read through
+dependencies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import json
@@ -27,40 +32,31 @@ import logging
 import re
 import time
 from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from vsekit.index.data import TARGETS, SearchIndexError
-from vsekit.index.search import SearchIndex, SearchResult
+from vsekit.data import images
+from vsekit.index import SearchIndex, SearchIndexError, SearchResult
+from vsekit.index.data import TARGETS
 from vsekit.index.thumbnails import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 from vsekit.index.thumbnails import ThumbnailError
-from vsekit.serve.limits import (
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_DECODE_WAIT,
-    DEFAULT_MAX_ASPECT_RATIO,
-    DEFAULT_MAX_DECODE_BYTES,
-    DEFAULT_MAX_DECODES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_K,
-    DEFAULT_MAX_QUERY_CHARS,
-    DEFAULT_MAX_UPLOAD_BYTES,
-    DEFAULT_READ_TIMEOUT,
-    DEFAULT_RELOAD_INTERVAL,
-    MAX_K_DIGITS,
-)
+from vsekit.serve.limits import DEFAULT_RELOAD_INTERVAL, Limits
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +191,8 @@ class DefaultHeaders:
 
 
 _K = re.compile("[0-9]+")  # [0-9], not \d: \d is any Unicode digit
+# The most digits a request's k may have (it is then compared with max_k).
+MAX_K_DIGITS = 6
 
 
 def parse_k(value: Any, max_k: int) -> int:
@@ -333,200 +331,220 @@ def _short(text: str, n: int = 120) -> str:
 
 
 def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None = None, device: str = "auto",
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
-               max_k: int = DEFAULT_MAX_K, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, rerank: int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-               max_decodes: int = DEFAULT_MAX_DECODES, decode_wait: float = DEFAULT_DECODE_WAIT,
-               allowed_hosts: Iterable[str] | None = None,
-               reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> FastAPI:
+               rerank: int | None = None, allowed_hosts: Iterable[str] | None = None,
+               reload_interval: float = DEFAULT_RELOAD_INTERVAL, limits: Limits | None = None,
+               **limit: Any) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
-    :class:`SearchIndex`). The limits bound what a single request may ask for: ``max_aspect_ratio`` the
-    shape of an uploaded image, ``read_timeout`` the seconds between two pieces of an upload's body and
-    ``body_timeout`` the seconds the whole body may take (both answered 408). ``rerank``: for a similarity
-    network's index, the shortlist each query reranks through the network (default: the index's).
-    ``max_decode_bytes``: the memory one upload's decode may take (413 over it, from the header);
-    ``max_decodes``: uploads decoded at once; ``decode_wait``: seconds a request waits for one of those slots
-    before it is refused (503, ``Retry-After``).
-    ``allowed_hosts``: the only ``Host`` header names answered (:func:`allowed_hosts` makes the set
-    ``vsekit serve`` uses); None, any. ``reload_interval``: how often (seconds; 0, before every request) the
-    index is checked for a generation committed since (``vsekit index add``/``remove``), which is then
-    served from the next request on."""
-    if min(max_upload_bytes, max_query_chars, max_k, max_image_pixels, max_decode_bytes, max_decodes) < 1:
-        raise ValueError("limits must be >= 1")
-    if not max_aspect_ratio >= 1:
-        raise ValueError("max_aspect_ratio must be >= 1")
-    if not (read_timeout > 0 and body_timeout > 0 and decode_wait > 0):
-        raise ValueError("timeouts must be > 0 seconds")
+    :class:`SearchIndex`). ``limits`` bound what a single request may ask for (:class:`Limits`, whose fields
+    say each); a keyword named as one of its fields sets that one (``create_app(ix, max_k=20)``).
+    ``rerank``: for a similarity network's index, the shortlist each query reranks through the network
+    (default: the index's). ``allowed_hosts``: the only ``Host`` header names answered (:func:`allowed_hosts`
+    makes the set ``vsekit serve`` uses); None, any. ``reload_interval``: how often (seconds; 0, before every
+    request) the index is checked for a generation committed since (``vsekit index add``/``remove``), which
+    is then served from the next request on."""
+    limits = replace(limits or Limits(), **limit)
     if not reload_interval >= 0:
         raise ValueError("reload_interval must be >= 0 seconds")
     sx = index if isinstance(index, SearchIndex) else SearchIndex.open(
         index, checkpoint=checkpoint, device=device, rerank=rerank)
-    limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
-              "max_image_pixels": max_image_pixels, "max_aspect_ratio": max_aspect_ratio,
-              "read_timeout_s": read_timeout, "body_timeout_s": body_timeout, "max_decode_bytes": max_decode_bytes,
-              "max_decodes": max_decodes, "decode_wait_s": decode_wait}
     app = FastAPI(title="vsekit search", version="1", docs_url=None, redoc_url=None,
                   description="Text -> image and image -> text search over one vsekit index. "
-                              "Errors are JSON: {\"error\": message, \"status\": code}.")
-    app.state.index = sx
-    app.state.limits = limits
-    decode_slots = _DecodeSlots(max_decodes, decode_wait)
-    app.state.decode_slots = decode_slots
-    # the last added runs first: the default headers of every reply, HEAD -> GET, then the Host check, a look for a new index generation, and
-    # JSON for the framework's own plain-text errors
+                              "Errors are JSON: {\"error\": message, \"status\": code}.",
+                  exception_handlers=ERROR_HANDLERS)
+    app.state.index, app.state.limits = sx, limits
+    app.state.decode_slots = _DecodeSlots(limits.max_decodes, limits.decode_wait)
+    # the last added runs first: the default headers of every reply, HEAD -> GET, then the Host check, a look
+    # for a new index generation, and JSON for the framework's own plain-text errors
     app.add_middleware(JsonErrors)
     app.add_middleware(ReloadIndex, index=sx, interval=reload_interval)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, names=[n for n in (name_of(h) for h in allowed_hosts) if n])
     app.add_middleware(HeadAsGet)
     app.add_middleware(DefaultHeaders)
-
-    # -- errors ---------------------------------------------------------------------------------------------
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        resp = _error(exc.status, exc.message)
-        if exc.close:
-            resp.headers["Connection"] = "close"
-        return resp
-
-    @app.exception_handler(SearchIndexError)
-    async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
-        return _error(getattr(exc, "status", 400), str(exc))  # ImageSizeError: 413/422; NoKnownWordsError: 422
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        resp = _error(exc.status_code, str(exc.detail))
-        for k, v in (exc.headers or {}).items():
-            resp.headers[k] = v
-        return resp
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body")),
-                     "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
-        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
-        return _error(422, text, problems=problems)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return _error(500, "internal server error")
-
-    # -- checks ---------------------------------------------------------------------------------------------
-    def check_target(target: Any, allowed: tuple[str, ...]) -> str:
-        if target not in allowed:
-            raise ApiError(422, f"target must be one of {', '.join(allowed)}, got {_short(str(target), 40)!r}")
-        if target in ("captions", "both") and not sx.has_captions:
-            raise ApiError(400, "this index holds no captions; search with target=images")
-        return target
-
-    def hit_json(h: SearchResult) -> dict[str, Any]:
-        d = h.to_dict()
-        d.pop("path")  # server file paths stay on the server; clients fetch image_url
-        # only images the index holds a thumbnail of have a URL (not those of precomputed features or old indexes)
-        d["image_url"] = f"/images/{quote(h.image_id, safe='')}" if sx.has_thumbnail(h.image_id) else None
-        return d
-
-    # -- pages ----------------------------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
-
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> FileResponse:
-        """The API page: Swagger UI from this server, under a policy that allows nothing from elsewhere."""
-        return FileResponse(STATIC / "docs.html", media_type="text/html", headers=DOCS_HEADERS)
-
     app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
-
-    @app.get("/health", summary="Index facts and request limits")
-    def health() -> dict[str, Any]:
-        m = sx.manifest
-        return {"status": "ok", "images": sx.num_images, "captions": sx.num_captions, "kind": m["kind"],
-                "similarity": sx.similarity, "dim": m["dim"], "fingerprint": m["fingerprint"],
-                "has_captions": sx.has_captions, "can_embed_images": sx.can_embed_images,
-                "recall_at_10": m.get("recall_at_10"), "rerank": sx.rerank, "limits": limits}
-
-    @app.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
-    def search(request: Request, q: str = Query("", description=f"the text query, at most {max_query_chars} characters"),
-               # a str, read by parse_k as the upload's k is; documented as the integer it must be
-               k: str = Query(10, description=f"number of results, 1..{max_k}",
-                              json_schema_extra={"type": "integer", "minimum": 1, "maximum": max_k}),
-               target: Literal["images", "captions"] = Query("images", description="what to return")
-               ) -> dict[str, Any]:
-        check_once(request.query_params, ("q", "k", "target"))
-        query = q.strip()
-        if not query:
-            raise ApiError(422, "q: the query is empty")
-        if len(query) > max_query_chars:
-            raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is {max_query_chars}")
-        kk, tgt = parse_k(k, max_k), check_target(target, TARGETS)
-        t0 = time.perf_counter()
-        hits = sx.search_text(query, kk, tgt)
-        return {"query": query, "k": kk, "target": tgt, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": [hit_json(h) for h in hits]}
-
-    @app.post("/search/image", summary="Image -> text and/or image -> image search (multipart upload)",
-              openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def search_image(request: Request) -> dict[str, Any]:
-        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise ApiError(415, "send the image as multipart/form-data in a field named 'file'")
-        if not sx.can_embed_images:
-            raise ApiError(400, "this index's model reads precomputed features; it cannot embed uploaded images")
-        body = await _read_body(request, max_upload_bytes + FORM_OVERHEAD, max_upload_bytes,
-                                read_timeout=read_timeout, body_timeout=body_timeout)
-        async with _parse_form(request.scope, body) as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "no image: send it in a multipart field named 'file'")
-            check_once(form, ("k", "target"))
-            data = await upload.read(max_upload_bytes + 1)
-            kk = parse_k(form.get("k", 10), max_k)
-            default = "captions" if sx.has_captions else "images"
-            tgt = check_target(form.get("target") or default, (*TARGETS, "both"))
-        if len(data) > max_upload_bytes:
-            raise ApiError(413, f"the image is larger than the limit of {max_upload_bytes} bytes")
-        if not data:
-            raise ApiError(400, "the uploaded file is empty")
-        t0 = time.perf_counter()
-        targets = list(TARGETS[::-1]) if tgt == "both" else [tgt]
-        hits = await decode_slots.run(_image_query, sx, data, targets, kk, max_image_pixels, max_aspect_ratio,
-                                      max_decode_bytes)
-        return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-                "results": {t: [hit_json(h) for h in hits[t]] for t in targets}}
-
-    @app.get("/images/{image_id:path}", summary="An indexed image's thumbnail (JPEG), by its id in the index",
-             response_class=Response, responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}}},
-                                                 304: {"description": "not modified (If-None-Match)"}})
-    def image(image_id: str, request: Request) -> Response:
-        if sx.image_record(image_id) is None:
-            raise ApiError(404, f"no image with id {_short(image_id)!r} in this index")
-        try:
-            data = sx.thumbnail(image_id)
-        except ThumbnailError as e:  # a tampered or damaged index folder: said in the log, not to the client
-            logger.warning("not sending the thumbnail of image %r: %s", _short(image_id), e)
-            raise ApiError(404, f"the thumbnail of image {_short(image_id)!r} is unavailable on this server") from None
-        if data is None:
-            raise ApiError(404, f"image {_short(image_id)!r} has no thumbnail in this index (an index of precomputed "
-                                "features, or one built without thumbnails)")
-        etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
-        headers = {**THUMBNAIL_HEADERS, "ETag": etag}
-        if etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type=THUMBNAIL_MEDIA_TYPE, headers=headers)
-
+    app.openapi = functools.partial(_openapi, app)
     return app
 
 
-async def _read_body(request: Request, limit: int, file_limit: int, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
-                     body_timeout: float = DEFAULT_BODY_TIMEOUT) -> bytes:
-    """The request body, refused (413) as soon as it grows past ``limit``: nothing oversized is kept. A body
-    whose next piece takes more than ``read_timeout`` seconds, or that is not complete after
-    ``body_timeout`` seconds, is refused (408): a stalled client does not hold the request forever."""
-    too_big = f"the upload is larger than the limit of {file_limit} bytes"
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI schema, with its own limits in the documentation of ``/search``'s ``q`` and ``k``
+    (the routes are shared by every app; the limits are each app's). ``k`` is read as a string by
+    :func:`parse_k`, as the upload's is, and documented as the integer it must be."""
+    if app.openapi_schema is None:
+        limits = app.state.limits
+        said = {"q": f"the text query, at most {limits.max_query_chars} characters",
+                "k": f"number of results, 1..{limits.max_k}"}
+        for p in FastAPI.openapi(app)["paths"]["/search"]["get"]["parameters"]:
+            if p["name"] in said:
+                p["description"] = p["schema"]["description"] = said[p["name"]]
+            if p["name"] == "k":
+                p["schema"]["maximum"] = limits.max_k
+    return app.openapi_schema
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    resp = _error(exc.status, exc.message)
+    if exc.close:
+        resp.headers["Connection"] = "close"
+    return resp
+
+
+async def _index_error(request: Request, exc: SearchIndexError) -> JSONResponse:
+    return _error(getattr(exc, "status", 400), str(exc))  # ImageSizeError: 413/422; NoKnownWordsError: 422
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    resp = _error(exc.status_code, str(exc.detail))
+    resp.headers.update(exc.headers or {})
+    return resp
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body")),
+                 "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
+    text = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
+    return _error(422, text, problems=problems)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+    return _error(500, "internal server error")
+
+
+ERROR_HANDLERS = {ApiError: _api_error, SearchIndexError: _index_error, StarletteHTTPException: _http_error,
+                  RequestValidationError: _validation_error, Exception: _unexpected}
+
+
+# -- routes: every app's; what each app serves, with its limits, is in app.state ---------------------------
+async def _index(request: Request) -> SearchIndex:
+    return request.app.state.index
+
+
+async def _limits(request: Request) -> Limits:
+    return request.app.state.limits
+
+
+Index = Annotated[SearchIndex, Depends(_index)]
+RequestLimits = Annotated[Limits, Depends(_limits)]
+router = APIRouter()
+
+
+def _check_target(sx: SearchIndex, target: Any, allowed: tuple[str, ...]) -> str:
+    if target not in allowed:
+        raise ApiError(422, f"target must be one of {', '.join(allowed)}, got {_short(str(target), 40)!r}")
+    if target in ("captions", "both") and not sx.has_captions:
+        raise ApiError(400, "this index holds no captions; search with target=images")
+    return target
+
+
+def _hit_json(sx: SearchIndex, h: SearchResult) -> dict[str, Any]:
+    d = h.to_dict()
+    d.pop("path")  # server file paths stay on the server; clients fetch image_url
+    # only images the index holds a thumbnail of have a URL (not those of precomputed features or old indexes)
+    d["image_url"] = f"/images/{quote(h.image_id, safe='')}" if sx.has_thumbnail(h.image_id) else None
+    return d
+
+
+@router.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+@router.get("/docs", include_in_schema=False)
+def docs() -> FileResponse:
+    """The API page: Swagger UI from this server, under a policy that allows nothing from elsewhere."""
+    return FileResponse(STATIC / "docs.html", media_type="text/html", headers=DOCS_HEADERS)
+
+
+@router.get("/health", summary="Index facts and request limits")
+def health(sx: Index, limits: RequestLimits) -> dict[str, Any]:
+    m = sx.manifest
+    return {"status": "ok", "images": sx.num_images, "captions": sx.num_captions, "kind": m["kind"],
+            "similarity": sx.similarity, "dim": m["dim"], "fingerprint": m["fingerprint"],
+            "has_captions": sx.has_captions, "can_embed_images": sx.can_embed_images,
+            "recall_at_10": m.get("recall_at_10"), "rerank": sx.rerank, "limits": limits.to_json()}
+
+
+@router.get("/search", summary="Text -> image search (or text -> caption with target=captions)")
+def search(request: Request, sx: Index, limits: RequestLimits,
+           q: str = Query(""),  # q and k are documented with each app's limits (_openapi)
+           k: str = Query(10, json_schema_extra={"type": "integer", "minimum": 1}),  # read by parse_k
+           target: Literal["images", "captions"] = Query("images", description="what to return")
+           ) -> dict[str, Any]:
+    check_once(request.query_params, ("q", "k", "target"))
+    query = q.strip()
+    if not query:
+        raise ApiError(422, "q: the query is empty")
+    if len(query) > limits.max_query_chars:
+        raise ApiError(422, f"q: the query is {len(query)} characters long; the limit is "
+                            f"{limits.max_query_chars}")
+    kk, tgt = parse_k(k, limits.max_k), _check_target(sx, target, TARGETS)
+    t0 = time.perf_counter()
+    hits = sx.search_text(query, kk, tgt)
+    return {"query": query, "k": kk, "target": tgt, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+            "results": [_hit_json(sx, h) for h in hits]}
+
+
+@router.post("/search/image", summary="Image -> text and/or image -> image search (multipart upload)",
+             openapi_extra={"requestBody": _UPLOAD_BODY})
+async def search_image(request: Request, sx: Index, limits: RequestLimits) -> dict[str, Any]:
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "send the image as multipart/form-data in a field named 'file'")
+    if not sx.can_embed_images:
+        raise ApiError(400, "this index's model reads precomputed features; it cannot embed uploaded images")
+    body = await _read_body(request, limits)
+    async with _parse_form(request.scope, body) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "no image: send it in a multipart field named 'file'")
+        check_once(form, ("k", "target"))
+        data = await upload.read(limits.max_upload_bytes + 1)
+        kk = parse_k(form.get("k", 10), limits.max_k)
+        default = "captions" if sx.has_captions else "images"
+        tgt = _check_target(sx, form.get("target") or default, (*TARGETS, "both"))
+    if len(data) > limits.max_upload_bytes:
+        raise ApiError(413, f"the image is larger than the limit of {limits.max_upload_bytes} bytes")
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    t0 = time.perf_counter()
+    targets = list(TARGETS[::-1]) if tgt == "both" else [tgt]
+    hits = await request.app.state.decode_slots.run(_image_query, sx, data, targets, kk, limits)
+    return {"k": kk, "targets": targets, "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+            "results": {t: [_hit_json(sx, h) for h in hits[t]] for t in targets}}
+
+
+@router.get("/images/{image_id:path}", summary="An indexed image's thumbnail (JPEG), by its id in the index",
+            response_class=Response, responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}}},
+                                                304: {"description": "not modified (If-None-Match)"}})
+def image(image_id: str, request: Request, sx: Index) -> Response:
+    if sx.image_record(image_id) is None:
+        raise ApiError(404, f"no image with id {_short(image_id)!r} in this index")
+    try:
+        data = sx.thumbnail(image_id)
+    except ThumbnailError as e:  # a tampered or damaged index folder: said in the log, not to the client
+        logger.warning("not sending the thumbnail of image %r: %s", _short(image_id), e)
+        raise ApiError(404, f"the thumbnail of image {_short(image_id)!r} is unavailable on this server") from None
+    if data is None:
+        raise ApiError(404, f"image {_short(image_id)!r} has no thumbnail in this index (an index of precomputed "
+                            "features, or one built without thumbnails)")
+    etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+    headers = {**THUMBNAIL_HEADERS, "ETag": etag}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=THUMBNAIL_MEDIA_TYPE, headers=headers)
+
+
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused (413) as soon as it grows past an upload of ``max_upload_bytes`` and its
+    form: nothing oversized is kept. A body whose next piece takes more than ``read_timeout`` seconds, or that
+    is not complete after ``body_timeout`` seconds, is refused (408): a stalled client does not hold the
+    request forever."""
+    limit = limits.max_upload_bytes + FORM_OVERHEAD
+    read_timeout, body_timeout = limits.read_timeout, limits.body_timeout
+    too_big = f"the upload is larger than the limit of {limits.max_upload_bytes} bytes"
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -562,33 +580,24 @@ async def _read_body(request: Request, limit: int, file_limit: int, *, read_time
     return b"".join(chunks)
 
 
-class _parse_form:
+@asynccontextmanager
+async def _parse_form(scope: dict, body: bytes):
     """``async with _parse_form(scope, body) as form``: a multipart form parsed from bytes already read."""
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
 
-    def __init__(self, scope: dict, body: bytes) -> None:
-        self.scope, self.body, self.form = scope, body, None
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
 
-    async def __aenter__(self):
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
-
-        try:
-            self.form = await Request(self.scope, receive).form(max_files=1, max_fields=8)
-        except MultiPartException as e:
-            raise ApiError(400, f"malformed multipart form: {e.message}") from None
-        except StarletteHTTPException as e:
-            raise ApiError(400, f"malformed multipart form: {e.detail}") from None
-        return self.form
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.form is not None:
-            await self.form.close()
+    try:
+        form = await Request(scope, receive).form(max_files=1, max_fields=8)
+    except MultiPartException as e:
+        raise ApiError(400, f"malformed multipart form: {e.message}") from None
+    except StarletteHTTPException as e:
+        raise ApiError(400, f"malformed multipart form: {e.detail}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 class _DecodeSlots:
@@ -620,52 +629,38 @@ class _DecodeSlots:
             task.exception()  # retrieved: a request that went away leaves no "never retrieved" warning
 
 
-def _image_query(sx: SearchIndex, data: bytes, targets: list[str], k: int, max_pixels: int,
-                 max_aspect_ratio: float, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+def _image_query(sx: SearchIndex, data: bytes, targets: list[str], k: int, limits: Limits,
                  ) -> dict[str, list[SearchResult]]:
     """Upload bytes -> hits for each target; runs in the thread pool, and holds the model lock only for the
     forward pass (:meth:`SearchIndex.embed_image`)."""
-    image = _decode_image(data, sx, max_pixels, max_aspect_ratio, max_decode_bytes)
-    q = sx.embed_image(image)
+    q = sx.embed_image(_decode_image(data, sx, limits))
     return {t: sx.search_vectors(q, "images", t, k)[0] for t in targets}
 
 
-def _decode_image(data: bytes, sx: SearchIndex, max_pixels: int, max_aspect_ratio: float,
-                  max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
-    """Bytes -> RGB PIL image, in memory, through the same decoder and EXIF policy as indexing
-    (:func:`vsekit.data.images.decode_rgb`). The header is checked first: an accepted raster format (no other
-    decoder, and no Ghostscript, ever sees an upload), pixels, aspect ratio, the size the model's resize
-    would make of it, and the memory decoding it takes, so a small file cannot expand into gigabytes.
-    Messages name "the upload", never a file or command of the server."""
-    from PIL import Image, UnidentifiedImageError
-
-    from vsekit.data.images import (
-        ACCEPTED_FORMATS,
-        ImageLoadError,
-        ImageTooLargeError,
-        decode_rgb,
-        open_image,
-    )
-
+def _decode_image(data: bytes, sx: SearchIndex, limits: Limits):
+    """Bytes -> RGB PIL image, in memory, through the decoder of every image (:func:`images.decode_rgb`, EXIF
+    applied). The header is checked first: an accepted raster format (no other decoder, and no Ghostscript,
+    ever sees an upload), pixels, aspect ratio, the size the model's resize would make of it, and the memory
+    decoding it takes, so a small file cannot expand into gigabytes. Messages name "the upload", never a file
+    or command of the server."""
     try:
-        with open_image(data) as im:
+        with images.open_image(data) as im:
             w, h = im.size
     except UnidentifiedImageError:
         raise ApiError(415, "the upload is not an image in a format this server reads "
-                            f"({', '.join(ACCEPTED_FORMATS)})") from None
+                            f"({', '.join(images.ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError:
-        raise ApiError(413, f"the image has far more pixels than the limit of {max_pixels} (a decompression "
-                            "bomb?)") from None
+        raise ApiError(413, f"the image has far more pixels than the limit of {limits.max_image_pixels} "
+                            "(a decompression bomb?)") from None
     except Exception as e:  # noqa: BLE001 - a corrupt header: OSError, SyntaxError, struct.error, ... by format
         raise ApiError(415, f"the upload is not a readable image ({type(e).__name__})") from None
-    sx.check_image_size(w, h, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    bounds = {"max_pixels": limits.max_image_pixels, "max_aspect_ratio": limits.max_aspect_ratio}
+    sx.check_image_size(w, h, **bounds)
     try:
-        image = decode_rgb(data, name="the upload", exif_transpose=True, max_bytes=max_decode_bytes)
-    except ImageTooLargeError as e:
+        image = images.decode_rgb(data, name="the upload", max_bytes=limits.max_decode_bytes)
+    except images.ImageTooLargeError as e:
         raise ApiError(413, str(e).removeprefix("the upload: ")) from None
-    except ImageLoadError as e:
+    except images.ImageLoadError as e:
         raise ApiError(415, f"the upload is not a readable image: {str(e).removeprefix('the upload: ')}") from None
-    except (OverflowError, MemoryError) as e:  # a header that lied about its size; PIL gives up
-        raise ApiError(413, f"the image cannot be decoded within this server's limits ({type(e).__name__})") from None
-    sx.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    sx.check_image_size(*image.size, **bounds)
     return image

@@ -14,6 +14,10 @@ requests with the app's JSON error shape, and bounds each phase of a request:
 A request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with a 400 and the connection
 closed (RFC 9112 6.3): a proxy in front that reads the other length would see a second, smuggled request in
 its body, and h11 on its own reads the chunks and keeps the connection open.
+
+uvicorn offers no public hook for any of this, so :class:`JsonH11Protocol` relies on its ``H11Protocol``'s
+internals (``conn``, ``cycle``, ``send_400_response``, ``on_response_complete``); pyproject.toml bounds
+uvicorn to the versions whose tests passed.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vsekit.errors import VsekitError
-from vsekit.serve.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_READ_TIMEOUT
+from vsekit.serve.limits import Limits
 
 _DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # h11's default bound on a request's head, which uvicorn keeps
+_DEFAULT = Limits()
 
 
 class BindError(VsekitError):
@@ -66,8 +71,8 @@ class JsonH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with JSON 4xx replies of its own and bounded header and body phases. The
     timeouts are class attributes; :func:`make_server` makes a subclass with the ones asked for."""
 
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    read_timeout: float = _DEFAULT.read_timeout
+    body_timeout: float = _DEFAULT.body_timeout
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,13 +163,12 @@ class JsonH11Protocol(H11Protocol):
 
 
 def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                read_timeout: float = DEFAULT_READ_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, log_level: str = "info",
+                read_timeout: float = _DEFAULT.read_timeout, body_timeout: float = _DEFAULT.body_timeout,
+                keep_alive_timeout: float = _DEFAULT.keep_alive_timeout, log_level: str = "info",
                 access_log: bool = True) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds);
-    ``server.run()`` serves until stopped (``server.should_exit = True``)."""
-    if not (read_timeout > 0 and body_timeout > 0 and keep_alive_timeout > 0):
-        raise ValueError("timeouts must be > 0 seconds")
+    """A uvicorn server for ``app`` with :class:`JsonH11Protocol` and the given timeouts (seconds, those of
+    :class:`Limits`); ``server.run()`` serves until stopped (``server.should_exit = True``)."""
+    Limits(read_timeout=read_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)  # > 0
     protocol = type("VsekitH11Protocol", (JsonH11Protocol,),
                     {"read_timeout": float(read_timeout), "body_timeout": float(body_timeout)})
     config = uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", lifespan="off",
