@@ -6,9 +6,10 @@ from typing import Any
 
 from torch import Tensor
 
+from vsekit.data.batch import Batch
 from vsekit.errors import ConfigError
 from vsekit.losses.base import LOSSES
-from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm, TermBatch
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 from vsekit.models.similarity import SIMILARITIES
 from vsekit.models.twolevel import level_similarities
 
@@ -44,7 +45,7 @@ class LevelRankingLoss(ObjectiveTerm):
     def set_epoch(self, epoch: int) -> None:
         self.loss.set_epoch(epoch)  # e.g. hinge_warmup: the sum of hinges first, then the max
 
-    def forward(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, out: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         sims = level_similarities(self.similarity, out.image_emb.float(), out.caption_emb.float(), self.levels)
         extra = {"caption_vectors": batch.caption_vectors} if self.requires_caption_vectors else {}
         values = [self.loss(s, batch.image_ids, **extra) for s in sims]
