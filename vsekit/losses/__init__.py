@@ -19,10 +19,9 @@ from torch import nn
 
 import vsekit.losses.adversarial  # noqa: E402, F401, I001  (registers the "adversarial" term)
 import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
-import vsekit.losses.embedding  # noqa: E402, F401, I001  (registers the "embedding" term)
 import vsekit.losses.gan  # noqa: E402, F401, I001  (registers the "gan" term)
 import vsekit.losses.labels  # noqa: E402, F401, I001  (registers the "label" and "triplet" terms)
-import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" term)
+import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" and "embedding" terms)
 from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask
 from vsekit.losses.dualpath import MINED_LOSS, DualPathRankingLoss, mine_hard_negatives
 from vsekit.losses.hinge import HingeRankingLoss, WarmupHingeLoss

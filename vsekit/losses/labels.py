@@ -67,7 +67,6 @@ class LabelClassifierLoss(ObjectiveTerm):
             y = labels.float()
             return (F.binary_cross_entropy_with_logits(li, y) + F.binary_cross_entropy_with_logits(lt, y)) / 2
 
-
     def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
         return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch))}
 

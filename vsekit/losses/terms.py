@@ -1,13 +1,10 @@
-"""The terms of the training objective: each a module, a registry entry and a config section.
+"""The terms of the training objective: each a module, an ``OBJECTIVE_TERMS`` entry and a config section.
 
-A term adds weighted values to the objective, computed from the batch's forward pass
-(:class:`~vsekit.models.vse.PairOutput`) and the batch itself (:class:`~vsekit.data.batch.Batch`). Every term,
-built in or not, follows one protocol (:class:`ObjectiveTerm`): :meth:`~ObjectiveTerm.losses` returns its values
-by name, and hooks let it act around the step (:meth:`~ObjectiveTerm.prepare` before the forward pass, e.g.
-negative mining; :meth:`~ObjectiveTerm.set_progress`, :meth:`~ObjectiveTerm.set_epoch`,
-:meth:`~ObjectiveTerm.set_stage`). The built-in terms have sections of their own (``objective.instance``,
-``objective.mined``, ``label``, ``triplet``, ``embedding``, ``adversarial``); the others sit under
-``objective.terms``, keyed by the registered name::
+Every term follows one protocol (:class:`ObjectiveTerm`): :meth:`~ObjectiveTerm.losses` returns its values by
+name, computed from the forward pass (:class:`~vsekit.models.vse.PairOutput`) and the
+:class:`~vsekit.data.batch.Batch`, and hooks let it act around a step (``prepare`` before the forward pass,
+e.g. negative mining; ``set_progress``, ``set_epoch``, ``set_stage``). The built-in terms have sections of
+their own (``objective.instance``, ...); the others sit under ``objective.terms``, keyed by name::
 
     objective:
       terms:
@@ -15,11 +12,10 @@ negative mining; :meth:`~ObjectiveTerm.set_progress`, :meth:`~ObjectiveTerm.set_
         gan:     {weight: 0.1, optim: {lr: 2.0e-4, betas: [0.5, 0.999]}}
 
 ``weight`` may change per training stage (0 switches a term off), and so may the options a term lists in
-:attr:`ObjectiveTerm.stage_keys` (e.g. a decoder switching from cross-entropy to self-critical training);
-every other option is fixed when the term is built. A term that trains a part of its own against the rest
-(a GAN's discriminator) returns :class:`AuxiliaryUpdate` s: the trainer gives each its own optimizer
-(``optim`` of the term's section, over the stage's ``optim``), steps it before the main update, and keeps those
-parameters out of the main optimizer.
+:attr:`ObjectiveTerm.stage_keys`; every other option is fixed when the term is built. A term that trains a part
+of its own against the rest (a GAN's discriminator) returns :class:`AuxiliaryUpdate` s: the trainer gives each
+its own optimizer (``optim`` of the term's section, over the stage's), steps it before the main update, and
+keeps those parameters out of the main optimizer.
 """
 
 from __future__ import annotations

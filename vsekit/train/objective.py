@@ -1,41 +1,10 @@
-"""The training objective: a weighted sum of terms computed from one forward pass (:class:`PairOutput`).
+"""The training objective: ``objective.loss_weight`` x the ``loss:`` section's ranking loss plus weighted terms.
 
-Config (``objective`` section; every weight may change per training stage)::
-
-    objective:
-      loss_weight: 1.0          # the in-batch ranking loss of the `loss:` section (any registered loss)
-      instance:                 # instance loss through one classifier shared by both paths (Dual-Path)
-        image_weight: 0.0
-        text_weight: 0.0
-        dropout: 0.0            # before the classifier
-        bias: true
-        num_classes: null       # null: the number of training images
-        init_std: 0.001
-      mined:                    # ranking with one mined hard negative caption per anchor
-        name: dualpath_rank     # the one mined-negative loss; its other keys go to it
-        weight: 0.0
-        margin: 1.0
-        pool_size: 256          # random training captions scored per step to find the negatives
-      label: {weight: 0.0}      # ACMR: a label classifier shared by both modalities (CE, or BCE multi-label)
-      adversarial:              # ACMR: a modality discriminator behind gradient reversal
-        weight: 0.0
-        schedule: dann          # λ_p = 2 / (1 + exp(-γ p)) - 1 (or constant), p = training progress
-      triplet:                  # ACMR: label-based triplets, hardest different-label negatives in the batch
-        weight: 0.0
-        margin: 0.1
-        distance: sq_euclidean  # or cosine
-        mine_in: embedding      # or input (raw features, as the ACMR demo; one process only)
-      embedding:                # a ranking loss on the embeddings' cosine (trains a similarity network's
-        weight: 0.0             # pooled embeddings, which a search index shortlists with)
-        loss: {name: hinge, margin: 0.2, reduction: sum}   # any registered ranking loss
-
-      terms:                    # registered terms by name (vsekit.losses.terms): caption decoder, GAN, ...
-        caption: {weight: 1.0, ...}
-
-Every term is an ``OBJECTIVE_TERMS`` entry with one protocol (:class:`~vsekit.losses.terms.ObjectiveTerm`);
-the objective adds up the weighted values each returns, after the in-batch ``loss``. A term is built when some
-stage gives it a non-zero weight, and computed only while its weight is non-zero. With the defaults the
-objective is exactly the ``loss:`` section, as before the objective existed.
+Every term is an ``OBJECTIVE_TERMS`` entry with one protocol (:class:`~vsekit.losses.terms.ObjectiveTerm`): the
+built-in ones have a section of their own (``objective.instance``, ``mined``, ``label``, ``triplet``,
+``embedding``, ``adversarial``; docs/config.md), the others sit under ``objective.terms.<name>``. The objective
+adds up the weighted values the terms return. A term is built when some stage gives it a non-zero weight, and
+computed only while its weight is non-zero; with the defaults the objective is exactly the ``loss:`` section.
 """
 
 from __future__ import annotations
