@@ -131,8 +131,8 @@ class Objective(nn.Module):
                 local: tuple[PairOutput, Batch] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(total loss, {name: unweighted value}): the sum of the weighted values the active terms return
         (their other values, e.g. the adversary's accuracy and λ, are logged only). On a distributed step
-        ``out`` and ``batch`` are gathered over processes and ``local`` holds this process's own, which the
-        terms that are not in-batch (:attr:`~vsekit.losses.terms.ObjectiveTerm.global_batch`) read."""
+        ``out`` and ``batch`` are gathered over processes and ``local`` holds this process's own (else the same),
+        which the terms that are not in-batch (:attr:`~vsekit.losses.terms.ObjectiveTerm.global_batch`) read."""
         parts: dict[str, Tensor] = {}
         total: Tensor | None = None
 

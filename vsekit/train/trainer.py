@@ -305,22 +305,23 @@ class Trainer:
         aux_parts = self._auxiliary_steps(out, batch)
         if aux_parts is None:
             return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
-        local = None
+        step_out, step_batch = out, batch
         if self.world.distributed:  # the in-batch terms see the global batch, as one process would
-            local, out, batch = (out, batch), self._gather(out), batch.gather()
-        loss, self.last_parts = self.objective(out, batch, local)
+            step_out, step_batch = self._gather(out), batch.gather()
+        loss, self.last_parts = self.objective(step_out, step_batch, (out, batch))
         self.last_parts.update(aux_parts)
         if not torch.isfinite(loss.detach()):
             self.optimizer.zero_grad(set_to_none=True)
             if aux_parts:
                 self.scaler.update()  # the auxiliary steps of this iteration were taken
             return self._nonfinite(batch, "loss", float(loss.detach()))
-        self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, batch.image_ids)
+        self.last_diag = batch_diagnostics(step_out.sim, step_out.image_emb, step_out.caption_emb, step_batch.image_ids)
         self.diagnostics.add({**self.last_diag, **{f"term_{k}": float(v) for k, v in self.last_parts.items()
                                                    if len(self.last_parts) > 1}})
         self.last_collapse_value = None
         if "loss" in self.last_parts and self.collapse_opts.action != "off":
-            self.last_collapse_value = collapse_value(self.loss_fn, out.sim, batch.image_ids, batch.caption_vectors)
+            self.last_collapse_value = collapse_value(self.loss_fn, step_out.sim, step_batch.image_ids,
+                                                      step_batch.caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.main_params)
