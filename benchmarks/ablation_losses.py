@@ -46,8 +46,8 @@ BASE = ["data.format=precomp", "model.image_encoder.name=precomp", "model.image_
 def make_precomp(out: Path, num_images: int = 3000) -> Path:
     """Random-CNN region features of the demo set in the precomp layout (cached in ``out``)."""
     from vsekit.data.demo import build_demo
+    from vsekit.data.formats.karpathy import read_karpathy
     from vsekit.data.images import build_transform, load_rgb
-    from vsekit.data.karpathy import read_karpathy
     from vsekit.models.image import SmallCNN
 
     if (out / "test_caps.txt").is_file():

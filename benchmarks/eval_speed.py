@@ -9,6 +9,7 @@ One run, one machine, interleaved repeats (minimum and median reported):
     .venv/bin/python benchmarks/eval_speed.py              # COCO-5K sized: 5,000 x 25,000, D=1024
     .venv/bin/python benchmarks/eval_speed.py --quick      # smoke run, seconds
     .venv/bin/python benchmarks/eval_speed.py --memory 20000x100000   # bounded-memory demo, peak RSS
+    .venv/bin/python benchmarks/eval_speed.py --budgets 4 16 64 256   # ours/bare for each block budget (MiB)
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import vsekit.eval.metrics as metrics  # noqa: E402
 from vsekit.eval import retrieval_metrics, retrieval_ranks  # noqa: E402
-from vsekit.eval.metrics import _block_shape  # noqa: E402
 
 
 def unit_rows(n: int, dim: int, seed: int, chunk: int = 8192) -> np.ndarray:
@@ -88,12 +89,49 @@ def load() -> str:
         return "n/a"
 
 
+def block_shape(n: int, m: int, c2i: np.ndarray) -> tuple[int, int]:
+    """The default (images, captions) block of ``retrieval_metrics`` on this CPU for these inputs."""
+    return metrics._block_shape(n, m, None, torch.device("cpu"), 4, metrics._captions_per_image(c2i, n))
+
+
+def budgets(args: argparse.Namespace) -> None:
+    """ours/bare for each block budget, interleaved with the bare matmul (min and median of the repeats)."""
+    n, m, dim = args.images, args.images * args.captions_per_image, args.dim
+    images, captions = unit_rows(n, dim, seed=0), unit_rows(m, dim, seed=1)
+    c2i = np.repeat(np.arange(n), args.captions_per_image)
+    img_t, cap_t = torch.from_numpy(images), torch.from_numpy(captions)
+    print(f"# eval block budgets: {n} images x {m} captions, D={dim}, float32, {args.repeats} interleaved repeats")
+    print(f"machine: {machine_line()}; load average at start: {load()}")
+    default = metrics.BLOCK_BUDGET["cpu"]
+    bare, ours = [], {b: [] for b in args.budgets}
+    try:
+        for _ in range(args.repeats):
+            bare.append(timed(lambda: torch.mm(img_t, cap_t.t())))
+            for b in args.budgets:
+                metrics.BLOCK_BUDGET["cpu"] = int(b * 2**20)
+                ours[b].append(timed(lambda: retrieval_metrics(images, captions, c2i)))
+    finally:
+        metrics.BLOCK_BUDGET["cpu"] = default
+    print(f"load average at end: {load()}\n")
+    print("| block budget (MiB) | block (images x captions) | seconds (min) | seconds (median) | ours/bare (min) | (median) |")
+    print("|---:|---|---:|---:|---:|---:|")
+    print(f"| bare `torch.mm` | {n} x {m} | {min(bare):.2f} | {statistics.median(bare):.2f} | 1 | 1 |")
+    for b in args.budgets:
+        metrics.BLOCK_BUDGET["cpu"] = int(b * 2**20)
+        R, C = block_shape(n, m, c2i)
+        metrics.BLOCK_BUDGET["cpu"] = default
+        t = ours[b]
+        mark = " (default)" if int(b * 2**20) == default else ""
+        print(f"| {b:g}{mark} | {R} x {C} | {min(t):.2f} | {statistics.median(t):.2f} | "
+              f"{min(t) / min(bare):.3f} | {statistics.median(t) / statistics.median(bare):.3f} |")
+
+
 def speed(args: argparse.Namespace) -> None:
     n, m, dim = args.images, args.images * args.captions_per_image, args.dim
     images, captions = unit_rows(n, dim, seed=0), unit_rows(m, dim, seed=1)
     c2i = np.repeat(np.arange(n), args.captions_per_image)
     img_t, cap_t = torch.from_numpy(images), torch.from_numpy(captions)
-    R, C = _block_shape(n, m, None, torch.device("cpu"))
+    R, C = block_shape(n, m, c2i)
     print(f"# eval speed: {n} images x {m} captions, D={dim}, float32, {args.repeats} interleaved repeats")
     print(f"machine: {machine_line()}")
     print(f"load average (1/5/15 min) at start: {load()}")
@@ -199,7 +237,7 @@ def memory(args: argparse.Namespace) -> None:
     peak_reset = reset_peak_rss()
     t = timed(lambda: print(retrieval_metrics(images, captions, c2i)))
     peak = peak_rss_mib()
-    R, C = _block_shape(n, m, None, torch.device("cpu"))
+    R, C = block_shape(n, m, c2i)
     inputs = (images.nbytes + captions.nbytes) / 2**20
     print()
     print("| quantity | MiB |")
@@ -224,12 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--memory", metavar="NxM", help="instead: evaluate N images x M captions, report peak RSS"
     )
+    ap.add_argument("--budgets", type=float, nargs="+", metavar="MIB",
+                    help="instead: ours/bare at each of these block budgets (MiB of scores + hits)")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.dim, args.naive_queries, args.repeats = 400, 128, 40, 1
         if args.memory:
             args.memory = "2000x10000"
-    if args.memory:
+    if args.budgets:
+        budgets(args)
+    elif args.memory:
         memory(args)
     else:
         speed(args)

@@ -79,8 +79,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vsekit.index.backends import NumpyExact, QdrantBackend, qdrant_module  # noqa: E402
-from vsekit.index.store import AnnParams, IndexData, build_faiss, faiss_module  # noqa: E402
+from vsekit.index.backends import NumpyExact, QdrantBackend  # noqa: E402
+from vsekit.index.backends.faiss import build_faiss, faiss_module  # noqa: E402
+from vsekit.index.backends.qdrant import qdrant_module  # noqa: E402
+from vsekit.index.data import AnnParams, IndexData  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_speed import machine as search_speed_machine  # noqa: E402

@@ -2,7 +2,7 @@
 
 N random unit vectors (1024-d float32) are searched with random unit queries, top-10. For each method:
 queries/s and p50/p99 latency one query at a time and in batches, and recall@10 against exact search.
-The FAISS indexes are built with vsekit's own builder (``vsekit.index.store.build_faiss``) and defaults.
+The FAISS indexes are built with vsekit's own builder (``vsekit.index.backends.faiss.build_faiss``) and defaults.
 
     .venv/bin/python benchmarks/search_speed.py                 # 100K and 1M (needs ~9 GiB, ~30 min)
     .venv/bin/python benchmarks/search_speed.py --quick         # smoke run: 20K vectors, a few seconds
@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vsekit.index.store import AnnParams, build_faiss, faiss_module  # noqa: E402
+from vsekit.index import AnnParams  # noqa: E402
+from vsekit.index.backends.faiss import build_faiss, faiss_module  # noqa: E402
 
 K = 10
 

@@ -290,11 +290,12 @@ def main() -> None:
                         "with --read-timeout 0 if it predates that option)")
     args = p.parse_args()
 
-    from vsekit.index.store import load_data, read_manifest
+    from vsekit.index import read_manifest
+    from vsekit.index.generations import load_data
 
     with tempfile.TemporaryDirectory(prefix="vsekit-serve-load-") as tmp:
         index = args.index or build_demo_index(Path(tmp))
-        data = load_data(index, read_manifest(index), with_faiss=False)
+        data = load_data(index, read_manifest(index), with_ann=False)
         queries = [c["text"] for c in (data.captions or [])] or ["a red circle"]
         images = [Path(r["path"]).read_bytes() for r in data.images[:8] if r.get("path")]
         port = free_port()

@@ -15,8 +15,8 @@ from vsekit.config import resolve_config
 from vsekit.config.schema import ObjectiveConfig
 from vsekit.data.batch import Batch
 from vsekit.data.corpus import DataError
+from vsekit.data.formats.xmodal import normalise_labels
 from vsekit.data.sources import load_split, sniff_source
-from vsekit.data.sources.xmodal import normalise_labels
 from vsekit.eval import label_metrics, mean_average_precision
 from vsekit.losses import build_loss
 from vsekit.losses.adversarial import ModalityAdversarialLoss, dann_lambda, grad_reverse
@@ -362,8 +362,8 @@ def test_acmr_demo_recipe_trains_from_raw_images(tmp_path, cache):
 
 
 def test_pairs_and_precomp_readers_carry_single_and_multi_labels(tmp_path):
-    from vsekit.data.pairs import read_pairs
-    from vsekit.data.precomp import read_precomp
+    from vsekit.data.formats.pairs import read_pairs
+    from vsekit.data.formats.precomp import read_precomp
 
     (tmp_path / "p.csv").write_text("image,caption,label\na.png,a cat,3|7\nb.png,a dog,1\nc.png,a fox,\n")
     c = read_pairs(tmp_path / "p.csv")

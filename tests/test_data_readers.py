@@ -16,9 +16,9 @@ from PIL import Image
 
 from vsekit.data.checks import check_images, select_images
 from vsekit.data.corpus import DataError
-from vsekit.data.karpathy import read_karpathy
-from vsekit.data.pairs import read_pairs
-from vsekit.data.precomp import read_precomp
+from vsekit.data.formats.karpathy import read_karpathy
+from vsekit.data.formats.pairs import read_pairs
+from vsekit.data.formats.precomp import read_precomp
 from vsekit.data.sources import load_corpus, source_names
 from vsekit.errors import ConfigError
 
@@ -322,7 +322,7 @@ def test_pairs_split_requested_without_split_column(tmp_path: Path) -> None:
 
 
 def test_pairs_without_split_column_error_names_real_options(tmp_path: Path) -> None:
-    from vsekit.data.pairs import NoSplitColumn
+    from vsekit.data.formats.pairs import NoSplitColumn
 
     path = _write_csv(tmp_path / "p.csv", ["image,caption", "a.png,x"])
     with pytest.raises(NoSplitColumn) as err:
@@ -569,7 +569,7 @@ def test_load_corpus_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: py
 
 
 def test_sources_module_does_not_import_demo() -> None:
-    import vsekit.data.sources.demo as load_module
+    import vsekit.data.formats.demo as load_module
 
     source = Path(load_module.__file__).read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
@@ -755,7 +755,7 @@ def test_load_split_check_images_decode_option(tmp_path: Path) -> None:
 
 
 def test_precomp_nan_and_inf_rows_are_named(tmp_path: Path) -> None:
-    from vsekit.data import precomp
+    from vsekit.data.formats import precomp
 
     feats = _write_precomp(tmp_path, "train", (6, 3, 4), [f"c{j}" for j in range(12)])
     feats[4, 1, 2] = np.nan

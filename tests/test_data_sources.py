@@ -13,15 +13,18 @@ from PIL import Image
 from vsekit.config import ConfigError, resolve_config
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.sources import (
+    SOURCES,
     DataConfig,
     FolderData,
     data_config,
     load_split,
     register_source,
+    sniff_order,
     sniff_source,
     source_names,
 )
 from vsekit.data.sources import base as sources_base
+from vsekit.registry import Registry
 
 RECIPES = Path(__file__).resolve().parents[1] / "vsekit" / "configs"
 
@@ -60,6 +63,36 @@ def test_sniff_recognises_each_kind(tmp_path):
         sniff_source(str(tmp_path / "notes.txt"))
     with pytest.raises(DataError, match="no such file"):
         sniff_source(str(tmp_path / "missing"))
+
+
+def _copy_of_sources(names: list[str] | None = None) -> Registry:
+    """A registry of the built-in sources, registered again with their own priorities in the order of
+    ``names``, as if their modules were imported in that order."""
+    classes = {n: SOURCES.get(n) for n in SOURCES.names()}
+    copy = Registry("data format")
+    for name in names or SOURCES.names():
+        copy.register(name)(classes[name])
+    return copy
+
+
+def test_sniff_order_does_not_depend_on_import_order(tmp_path, monkeypatch):
+    """Each format declares its own sniff priority (shards and xmodal used to share one, so which of them
+    read a folder holding both depended on which module was imported first)."""
+    order = sniff_order()
+    priorities = [SOURCES.get(n).sniff_priority for n in order]
+    assert len(set(priorities)) == len(priorities) == 6
+    assert order == ["precomp", "shards", "xmodal", "karpathy", "pairs", "folder"]
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "train-000000.tar").write_bytes(b"")
+    np.save(both / "train_img.npy", np.zeros((1, 2), np.float32))
+    assert sniff_source(str(both)).format == "shards"
+    for names in (SOURCES.names(), SOURCES.names()[::-1]):
+        monkeypatch.setattr(sources_base, "SOURCES", _copy_of_sources(names))
+        assert sniff_order() == order and sniff_source(str(both)).format == "shards"
+    with pytest.raises(KeyError, match="sniff_priority 15 is 'shards'"):
+        register_source("tars", sniff_priority=15)(type("Tars", (DataConfig,), {"__doc__": "tars."}))
+    assert "tars" not in source_names()
 
 
 def test_folder_source_reads_images_and_sidecar_captions(tmp_path):
@@ -133,9 +166,7 @@ def test_one_data_spec_gives_one_corpus_in_every_command(tmp_path, cache, capsys
 
 def test_adding_a_source_is_one_class_and_a_registry_entry(tmp_path, monkeypatch):
     """What docs/data.md shows: a new format plugs into validation, sniffing and load_split."""
-    monkeypatch.setattr(sources_base, "_SOURCES", dict(sources_base._SOURCES))
-    monkeypatch.setattr(sources_base, "_SNIFF_ORDER", list(sources_base._SNIFF_ORDER))
-    monkeypatch.setattr(sources_base, "_SNIFF_PRIORITY", dict(sources_base._SNIFF_PRIORITY))
+    monkeypatch.setattr(sources_base, "SOURCES", _copy_of_sources())
 
     @register_source("tsvfeats", sniff_priority=5)
     class TsvFeatures(DataConfig):

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("eccv_caption")
 
-from vsekit.data.karpathy import read_karpathy  # noqa: E402
+from vsekit.data.formats.karpathy import read_karpathy  # noqa: E402
 from vsekit.eval.eccv import (  # noqa: E402
     coco_ids_from_corpus,
     eccv_metrics,

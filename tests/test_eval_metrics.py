@@ -266,6 +266,63 @@ def test_standard_layout_and_call_count(chunk):
         assert len(calls) == (60 // rows) * (300 // cols)
 
 
+@pytest.mark.parametrize("budget", [600, 5_000, 40_000, 1 << 26])
+@pytest.mark.parametrize("layout", ["five", "variable"])
+def test_default_blocks_follow_the_memory_budget(monkeypatch, budget, layout):
+    # the default block holds what BLOCK_BUDGET allows (4-byte scores + 1-byte hits on CPU), in the inputs'
+    # aspect; with captions stored image by image a caption block is its image block's captions, so the
+    # pre-pass costs no call of its own
+    import vsekit.eval.metrics as metrics
+
+    monkeypatch.setitem(metrics.BLOCK_BUDGET, "cpu", budget)
+    images, captions, c2i = five_per_image(seed=4, n=60) if layout == "five" else variable_corpus(seed=4, n=60)
+    n, m = len(images), len(captions)
+    shapes, calls = set(), []
+
+    def spy(a, b):
+        shapes.add((a.shape[0], b.shape[0]))
+        calls.append(1)
+        return a @ b.t()
+
+    got = retrieval_ranks(images, captions, c2i, similarity=spy)
+    want = brute_ranks(full_scores(images, captions), c2i)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    ((R, C),) = shapes
+    row_blocks, col_blocks = math.ceil(n / R), math.ceil(m / C)
+    assert R * C * 5 <= budget
+    if budget >= 1 << 26:
+        assert (R, C) == (n, m)  # everything fits: one block
+    if layout == "five":
+        assert C == 5 * R and len(calls) == row_blocks * col_blocks
+    else:
+        assert len(calls) > row_blocks * col_blocks  # irregular layout: the pre-pass has calls of its own
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_counting_split_over_threads_is_exact(monkeypatch, threads):
+    # the CPU counting passes split a block's rows over one thread per torch thread; with every score an
+    # integer, ties are everywhere, so any part that counted or listed an entry twice or not at all shows
+    import vsekit.eval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_MIN_PART_ROWS", 1)
+    rng = np.random.default_rng(8)
+    images = rng.integers(-1, 2, (29, 5)).astype(np.float32)
+    captions = rng.integers(-1, 2, (131, 5)).astype(np.float32)
+    c2i = rng.integers(0, 29, 131)
+    want = brute_ranks(full_scores(images, captions), c2i)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert len(metrics._parts(29)) == threads
+        for chunk in ((7, 40), (29, 131), None):
+            got = retrieval_ranks(images, captions, c2i, chunk_size=chunk)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vsepp_reference_loops_give_identical_numbers():
     images, captions, c2i = five_per_image(seed=11, n=60)
     dup = np.repeat(images, 5, axis=0)  # VSE++ stores one image row per caption

@@ -529,15 +529,15 @@ def test_a_safetensors_file_that_overruns_itself_is_refused(tmp_path):
 
 
 def test_a_failed_index_write_names_the_index_folder_and_leaves_no_work_folder(tmp_path, monkeypatch):
-    from vsekit.index import store
+    from vsekit.index import generations
 
     def full(folder, data):
         (folder / "images.npy").write_bytes(b"part")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store, "_write_files", full)
+    monkeypatch.setattr(generations, "_write_files", full)
     index_dir = tmp_path / "index"
     with pytest.raises(OSError) as e:
-        store.write_index(index_dir, None, {})
+        generations.write_index(index_dir, None, {})
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(index_dir))
     assert [p.name for p in index_dir.iterdir()] == []

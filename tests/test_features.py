@@ -10,7 +10,7 @@ from PIL import Image
 from vsekit.cli import main
 from vsekit.config import resolve_config
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.precomp import read_precomp
+from vsekit.data.formats.precomp import read_precomp
 from vsekit.data.sources import load_split, read_folder
 from vsekit.errors import ConfigError
 from vsekit.features import ExtractOptions, build_backbone, extract_split

@@ -226,6 +226,38 @@ def test_training_and_checks_follow_the_corpus_exif_policy(tmp_path: Path, monke
     assert seen == [False, True]
 
 
+@pytest.mark.parametrize("augment", [{"crop": "center", "hflip": True}, {"crop": "random", "hflip": True,
+                                                                          "color_jitter": 0.3}])
+def test_decoded_image_cache_gives_the_same_tensors_within_its_budget(tmp_path: Path, monkeypatch, augment) -> None:
+    """The training images' cache keeps the deterministic prefix (decode + resize) and replays the random
+    steps: the same tensors, draw for draw, as decoding every time; files are decoded once while it has room."""
+    from vsekit.data import datasets
+    from vsekit.data.corpus import Corpus
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (30 + i, 41, 3), dtype=np.uint8)).save(paths[-1])
+    corpus = Corpus(name="c", captions=["a"] * 6, caption_to_image=np.arange(6), image_ids=[str(i) for i in range(6)],
+                    image_paths=paths, meta={"format": "folder"})
+    transform = build_transform(True, 16, 20, augment, "square")
+    loads = []
+    real_load = datasets.ImageSource(corpus, transform)._load.func
+    monkeypatch.setattr("vsekit.data.images.load_rgb", lambda path, **kw: loads.append(path) or real_load(path, **kw))
+    plain = datasets.ImageSource(corpus, transform)
+    one_image = 20 * 20 * 3 if augment["crop"] == "random" else 16 * 16 * 3
+    cached = datasets.ImageSource(corpus, transform, cache_bytes=4 * one_image + 1)
+    for _ in range(3):  # epochs
+        for row in range(6):
+            torch.manual_seed(row)
+            want = plain(row)
+            torch.manual_seed(row)
+            torch.testing.assert_close(cached(row), want, rtol=0, atol=0)
+    assert cached.cached_images == 4  # the budget holds four images; the other two are decoded every time
+    assert len(loads) == 3 * 6 + (6 + 2 * 2)  # plain: every time; cached: all once, then the two uncached
+
+
 # -- formats: an allow-list of raster decoders (issue 21) -----------------------------------------------------
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
        b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
@@ -303,8 +335,8 @@ def test_other_formats_are_refused_without_their_decoder(tmp_path: Path, foreign
 def test_every_accepted_extension_is_listed_and_decodes(tmp_path: Path) -> None:
     """One table: every extension folder sources list is one the decoder reads (AVIF included when Pillow
     has it), and a file of each accepted format decodes."""
+    from vsekit.data.formats.folder import list_images
     from vsekit.data.images import _FORMAT_EXTENSIONS, ACCEPTED_FORMATS, IMAGE_EXTENSIONS
-    from vsekit.data.sources.folder import list_images
 
     for fmt in ACCEPTED_FORMATS:
         ext = _FORMAT_EXTENSIONS[fmt][0]

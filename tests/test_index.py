@@ -27,9 +27,11 @@ from vsekit.index import (
     SearchIndexError,
     build_index,
     corpus_from_folder,
+    generations,
     read_manifest,
-    store,
 )
+from vsekit.index.backends.faiss import build_faiss
+from vsekit.index.backends.numpy import exact_top_k, recall_at_k
 from vsekit.inference import Embedder
 
 INDEX_IMAGES = 8  # images of the demo index (the test model tells them apart: conftest.py)
@@ -90,7 +92,7 @@ def copy_index(src: Path, dst: Path) -> Path:
 def snapshot(index_dir: Path) -> dict:
     """Everything a reader sees: manifest, vectors and records of the current generation."""
     m = read_manifest(index_dir)
-    d = store.load_data(index_dir, m, mmap=False)
+    d = generations.load_data(index_dir, m, mmap=False)
     return {"manifest": m, "images": d.images, "captions": d.captions, "iv": d.image_vectors.copy(),
             "cv": None if d.caption_vectors is None else d.caption_vectors.copy()}
 
@@ -285,7 +287,7 @@ def test_build_refuses_to_overwrite_and_bad_sources(demo_index, ckpt, emb, tmp_p
     assert "not a vsekit index" in capsys.readouterr().err
     precomp_model = Embedder.from_checkpoint(ckpt)
     precomp_model.feature_shape = [36, 2048]
-    demo = store.load_data(demo_index, read_manifest(demo_index))
+    demo = generations.load_data(demo_index, read_manifest(demo_index))
     (tmp_path / "imgs").mkdir()
     shutil.copy(demo.images[0]["path"], tmp_path / "imgs" / "a.png")
     with pytest.raises(SearchIndexError, match="precomputed features; it cannot embed image files"):
@@ -295,7 +297,7 @@ def test_build_refuses_to_overwrite_and_bad_sources(demo_index, ckpt, emb, tmp_p
 
 
 def test_folder_index_without_captions_refuses_image_to_text(ckpt, emb, demo_index, tmp_path):
-    demo = store.load_data(demo_index, read_manifest(demo_index))
+    demo = generations.load_data(demo_index, read_manifest(demo_index))
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     shutil.copy(demo.images[0]["path"], tmp_path / "imgs" / "sub" / "a.png")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
@@ -312,7 +314,7 @@ def test_captions_with_no_known_word_are_not_indexed(ckpt, emb, demo_index, tmp_
     """A caption of only emoji or combining marks embeds to the model's answer to nothing, which every query
     found near: "red" ranked it (0.78) above the caption that says "red". Such a query is refused; such a
     caption is not indexed (one warning naming it), on build and on add."""
-    demo = store.load_data(demo_index, read_manifest(demo_index))
+    demo = generations.load_data(demo_index, read_manifest(demo_index))
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["image", "caption"])
@@ -332,7 +334,7 @@ def test_captions_with_no_known_word_are_not_indexed(ckpt, emb, demo_index, tmp_
 def test_pairs_file_without_split_column_is_indexed_whole(ckpt, emb, demo_index, tmp_path, capsys):
     """--data of a pairs file without a split column: every row, by default and with --split all; a named
     split is refused with an error that names the real option."""
-    demo = store.load_data(demo_index, read_manifest(demo_index))
+    demo = generations.load_data(demo_index, read_manifest(demo_index))
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["image", "caption"])
@@ -382,7 +384,7 @@ def test_no_known_words_is_one_cli_line_and_http_422(demo_index, sx, capsys):
 def test_invisible_and_control_characters_in_captions_at_index_time(emb, tmp_path):
     """Zero-width and control characters neither split a caption's words nor make a caption of their own."""
     from vsekit.data.corpus import DataError
-    from vsekit.data.pairs import read_pairs
+    from vsekit.data.formats.pairs import read_pairs
 
     (tmp_path / "p.csv").write_text("image,caption\na.png,a red\u200b st\u200dar\x1b[2J\n")
     corpus = read_pairs(tmp_path / "p.csv")
@@ -403,7 +405,7 @@ def test_failed_write_leaves_the_old_index_intact(demo_index, emb, tmp_path, mon
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_commit_manifest", boom)
+    monkeypatch.setattr(generations, "write_manifest", boom)
     with pytest.raises(OSError, match="disk full"):
         remove_from_index(ix, ids=[before["images"][0]["id"]])
     assert_same(snapshot(ix), before)
@@ -421,15 +423,15 @@ def test_killed_write_leaves_the_old_index_intact(demo_index, ckpt, tmp_path, wh
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import pytest
         from test_index import cli
-        from vsekit.index import store
+        from vsekit.index import generations
         if {where!r} == "mid_files":
-            real = store._save_jsonl
+            real = generations._save_jsonl
             def save_then_die(path, records):
                 real(path, records[: len(records) // 2])
                 os._exit(9)
-            store._save_jsonl = save_then_die
+            generations._save_jsonl = save_then_die
         else:
-            store._commit_manifest = lambda *a, **k: os._exit(9)
+            generations.write_manifest = lambda *a, **k: os._exit(9)
         cli("index", "add", {str(ix)!r}, "--data", "demo", "--split", "val", "--max-images", "3", "-q")
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -461,7 +463,7 @@ def test_approximate_index_reports_recall_against_exact(ckpt, emb, tmp_path, kin
     assert all(len(hits) == 3 for hits in exact)
     # removal rebuilds the approximate structure (IVF keeps its trained lists)
     assert cli("index", "remove", out, "--ids", sx.data.images[0]["id"]) == 0
-    assert SearchIndex.open(out, emb).data.faiss["images"].ntotal == sx.num_images - 1
+    assert SearchIndex.open(out, emb).data.ann["images"].ntotal == sx.num_images - 1
 
 
 def test_ann_recall_on_random_vectors():
@@ -469,19 +471,19 @@ def test_ann_recall_on_random_vectors():
     x = rng.standard_normal((2000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q = x[:100] + 0.1 * rng.standard_normal((100, 32)).astype(np.float32)
-    full = store.build_faiss(x, "ivf", AnnParams(nlist=20, nprobe=20))
-    assert store.recall_at_k(full, x, q) == 1.0  # every list scanned == exact
-    assert store.recall_at_k(store.build_faiss(x, "ivf", AnnParams(nlist=20, nprobe=1)), x, q) < 1.0
-    assert store.recall_at_k(store.build_faiss(x, "hnsw", AnnParams()), x, q) > 0.8
-    assert store.recall_at_k(store.build_faiss(x, "exact", AnnParams()), x, q) == 1.0
+    full = build_faiss(x, "ivf", AnnParams(nlist=20, nprobe=20))
+    assert recall_at_k(full.search, x, q) == 1.0  # every list scanned == exact
+    assert recall_at_k(build_faiss(x, "ivf", AnnParams(nlist=20, nprobe=1)).search, x, q) < 1.0
+    assert recall_at_k(build_faiss(x, "hnsw", AnnParams()).search, x, q) > 0.8
+    assert recall_at_k(build_faiss(x, "exact", AnnParams()).search, x, q) == 1.0
     with pytest.raises(SearchIndexError, match="needs at least 50 vectors"):
-        store.build_faiss(x[:10], "ivf", AnnParams(nlist=50))
+        build_faiss(x[:10], "ivf", AnnParams(nlist=50))
 
 
 def test_exact_top_k_chunked_equals_full_sort_with_ties():
     rng = np.random.default_rng(1)
     s = np.round(rng.standard_normal((7, 103)), 1).astype(np.float32)  # rounding makes ties
-    scores, rows = store.exact_top_k(lambda a, b: s[:, a:b], 103, 10, chunk=16)
+    scores, rows = exact_top_k(lambda a, b: s[:, a:b], 103, 10, chunk=16)
     order = np.lexsort((np.broadcast_to(np.arange(103), s.shape), -s), axis=-1)[:, :10]
     np.testing.assert_array_equal(rows, order)
     np.testing.assert_array_equal(scores, np.take_along_axis(s, order, 1))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_index import INDEX_IMAGES, build_demo_index, cli, foreign_checkpoint
 
-from vsekit.index import SearchIndex, SearchIndexError, read_manifest, store
+from vsekit.index import SearchIndex, SearchIndexError, read_manifest
 from vsekit.index.backends import (
     FaissAnn,
     NumpyExact,
@@ -24,7 +24,10 @@ from vsekit.index.backends import (
     open_backend,
     point_id,
 )
-from vsekit.index.store import AnnParams, IndexData, build_faiss, file_record, load_data
+from vsekit.index.backends import numpy as numpy_backend
+from vsekit.index.backends.faiss import build_faiss, faiss_module
+from vsekit.index.data import AnnParams, IndexData
+from vsekit.index.generations import file_record, load_data
 from vsekit.inference import Embedder
 
 qdrant_client = pytest.importorskip("qdrant_client")  # installed by `make test` (the qdrant extra)
@@ -61,7 +64,7 @@ def test_numpy_exact_equals_brute_force_with_ties_by_row(monkeypatch, k):
     rng = np.random.default_rng(0)
     v = (rng.integers(-1, 2, size=(3000, 6)) / 2).astype(np.float32)
     q = (rng.integers(-1, 2, size=(7, 6)) / 2).astype(np.float32)
-    monkeypatch.setattr(store, "_EXACT_BLOCK_SCORES", 7 * 1024)  # 7 queries -> blocks of 1024 rows
+    monkeypatch.setattr(numpy_backend, "_EXACT_BLOCK_SCORES", 7 * 1024)  # 7 queries -> blocks of 1024 rows
     backend = NumpyExact("exact", AnnParams())
     backend.build(IndexData(v, records(3000)))
     scores, rows = backend.search("images", q, k)
@@ -106,7 +109,7 @@ def test_faiss_flat_numpy_exact_and_qdrant_return_the_same_top_k(tmp_path):
 
 def test_exact_index_holds_one_memory_mapped_copy(local_index, emb, monkeypatch):
     """No FAISS structure is made or read for an exact index: its searches read the .npy memory maps."""
-    faiss = store.faiss_module()
+    faiss = faiss_module()
 
     def refuse(*a, **k):
         raise AssertionError("an exact index made or read a FAISS index")
@@ -116,7 +119,7 @@ def test_exact_index_holds_one_memory_mapped_copy(local_index, emb, monkeypatch)
     m = read_manifest(local_index)
     assert m["kind"] == "exact" and not any(f.endswith(".faiss") for f in m["files"])
     sx = SearchIndex.open(local_index, emb)
-    assert isinstance(sx.backend, NumpyExact) and sx.data.faiss == {}
+    assert isinstance(sx.backend, NumpyExact) and sx.data.ann == {}
     for target in ("images", "captions"):
         v = sx.data.vectors(target)
         assert isinstance(v, np.memmap) and not v.flags.writeable
@@ -134,7 +137,7 @@ def test_an_exact_index_with_a_flat_faiss_file_is_refused(local_index, emb, tmp_
     shutil.copytree(local_index, ix)
     m = json.loads((ix / "manifest.json").read_text())
     gen = ix / m["generation"]
-    store.faiss_module().write_index(build_faiss(np.load(gen / "images.npy"), "exact", AnnParams()),
+    faiss_module().write_index(build_faiss(np.load(gen / "images.npy"), "exact", AnnParams()),
                                      str(gen / "images.faiss"))
     m["files"]["images.faiss"] = file_record(gen / "images.faiss")
     (ix / "manifest.json").write_text(json.dumps(m))
@@ -365,7 +368,7 @@ def test_the_server_serves_a_qdrant_index(shared_qdrant, emb):
 
 
 def test_a_local_client_left_open_is_closed_at_exit_without_an_error(tmp_path):
-    code = ("import sys; from vsekit.index.backends import _acquire_local; "
+    code = ("import sys; from vsekit.index.backends.qdrant import _acquire_local; "
             f"_acquire_local({str(tmp_path / 'q')!r}); print('opened')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "opened" in p.stdout

@@ -28,11 +28,11 @@ from PIL import Image
 
 from vsekit.data.checks import check_images
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.formats.folder import read_folder
+from vsekit.data.formats.karpathy import read_karpathy
+from vsekit.data.formats.pairs import read_pairs
+from vsekit.data.formats.precomp import read_precomp
 from vsekit.data.images import ImageLoadError, load_rgb
-from vsekit.data.karpathy import read_karpathy
-from vsekit.data.pairs import read_pairs
-from vsekit.data.precomp import read_precomp
-from vsekit.data.sources.folder import read_folder
 from vsekit.errors import VsekitError
 
 # damaged TIFFs make PIL warn ("Corrupt EXIF data") before it fails or recovers: expected here

@@ -541,7 +541,7 @@ def test_a_qdrant_index_is_reopened_after_index_remove(ckpt, tmp_path):
     """The new generation's backend is opened beside the old one (a local-mode folder's one client is shared)
     and the old one released: removed ids are gone and the folder is not left locked."""
     pytest.importorskip("qdrant_client")
-    from vsekit.index.backends import _LOCAL_CLIENTS
+    from vsekit.index.backends.qdrant import _LOCAL_CLIENTS
     from vsekit.index.build import remove_from_index
 
     ix = build_demo_index(ckpt, tmp_path / "ix", "--backend", "qdrant", "--qdrant-path", str(tmp_path / "q"),

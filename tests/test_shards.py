@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import vsekit.data.shards as shards_mod
+import vsekit.data.formats.shards as shards_mod
 from vsekit.checkpoint import load_checkpoint
 from vsekit.cli import main
 from vsekit.config import resolve_config
 from vsekit.data.archive import MemberPath, ShardFeatures
 from vsekit.data.corpus import DataError
+from vsekit.data.formats.shards import expand_braces, read_shards, write_shards
 from vsekit.data.images import load_rgb
-from vsekit.data.shards import expand_braces, read_shards, write_shards
 from vsekit.data.sources import load_split, sniff_source
 from vsekit.train.trainer import Trainer
 

@@ -23,8 +23,9 @@ from PIL import Image
 from test_index import INDEX_IMAGES, build_demo_index, cli, copy_index
 
 from vsekit.data.sources import load_split
-from vsekit.index import SearchIndex, read_manifest, store
+from vsekit.index import SearchIndex, SearchIndexError, read_manifest
 from vsekit.index import thumbnails as thumbs
+from vsekit.index.generations import file_record
 from vsekit.serve.app import create_app
 
 SECRET = b"TOP SECRET: the server must never send this\n"
@@ -80,7 +81,7 @@ def edit_records(index_dir: Path, change) -> None:
     recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     change(recs)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    m["files"]["images.jsonl"] = store.file_record(path)
+    m["files"]["images.jsonl"] = file_record(path)
     (index_dir / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
 
 
@@ -115,7 +116,7 @@ def test_bad_thumbnails_sections_are_refused_naming_the_field(index_dir, tmp_pat
     m = read_manifest(ix)
     change(m["thumbnails"])
     (ix / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-    with pytest.raises(store.SearchIndexError, match="invalid manifest") as e:
+    with pytest.raises(SearchIndexError, match="invalid manifest") as e:
         read_manifest(ix)
     assert words in str(e.value)
 
@@ -208,7 +209,7 @@ def test_svg_polyglot_is_served_as_a_jpeg_that_cannot_run(ckpt, emb, tmp_path, c
 
 
 def test_index_built_from_shards_serves_its_images(ckpt, emb, tmp_path):
-    from vsekit.data.shards import write_shards
+    from vsekit.data.formats.shards import write_shards
 
     src = load_split({"format": "demo", "num_images": 30}, "train")
     write_shards(src, tmp_path / "shards", "train", progress=False)
@@ -302,7 +303,7 @@ def test_a_thumbnail_file_tampered_with_under_a_running_server_sends_nothing_els
 def test_a_tampered_thumbnail_file_is_refused_when_the_index_is_opened(index_dir, emb, tmp_path, swap, words):
     ix = copy_index(index_dir, tmp_path / "ix")
     swap(_pack(ix), tmp_path)
-    with pytest.raises(store.SearchIndexError, match="images.thumbs") as e:
+    with pytest.raises(SearchIndexError, match="images.thumbs") as e:
         SearchIndex.open(ix, emb)
     assert words in str(e.value)
 
@@ -363,7 +364,7 @@ def test_thumbnails_of_another_generation_are_refused(index_dir, emb, tmp_path):
     m = read_manifest(ix)
     m["thumbnails"]["generation"] = "g000000"
     (ix / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-    with pytest.raises(store.SearchIndexError, match=r"thumbnails of generation g000000, not the current one.*rebuild"):
+    with pytest.raises(SearchIndexError, match=r"thumbnails of generation g000000, not the current one.*rebuild"):
         SearchIndex.open(ix, emb)
 
 

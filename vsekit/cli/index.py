@@ -75,7 +75,7 @@ def _load_source(args: argparse.Namespace, embedder):
     pairs file that has no split column (a file of one collection, the usual thing to index)."""
     from vsekit.cli.common import data_from_arg
     from vsekit.data.corpus import DataError
-    from vsekit.data.pairs import NoSplitColumn
+    from vsekit.data.formats.pairs import NoSplitColumn
     from vsekit.data.sources import data_config, load_split
     from vsekit.index.build import corpus_from_folder
 
@@ -98,7 +98,7 @@ def _load_source(args: argparse.Namespace, embedder):
 
 
 def _ann_params(args: argparse.Namespace):
-    from vsekit.index.store import AnnParams
+    from vsekit.index import AnnParams
 
     return AnnParams(nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                      ef_construction=args.ef_construction, ef_search=args.ef_search)
@@ -110,8 +110,8 @@ _QDRANT_OPTIONS = {"url": "--url", "qdrant_path": "--qdrant-path", "collection":
 
 def _backend_config(args: argparse.Namespace):
     """The backend ``--backend`` and its options describe; an option of another backend is an error."""
+    from vsekit.index import SearchIndexError
     from vsekit.index.backends import LocalConfig, QdrantConfig
-    from vsekit.index.store import SearchIndexError
 
     given = [flag for key, flag in _QDRANT_OPTIONS.items() if getattr(args, key) is not None]
     if args.backend != "qdrant":
@@ -152,8 +152,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
+    from vsekit.index import SearchIndexError, read_manifest
     from vsekit.index.build import add_to_index
-    from vsekit.index.store import SearchIndexError, read_manifest
     from vsekit.inference import Embedder
     from vsekit.utils import distributed
 
@@ -182,7 +182,7 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from vsekit.index.store import read_manifest
+    from vsekit.index import read_manifest
 
     print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
     return 0
@@ -268,7 +268,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ann(p: argparse.ArgumentParser, build: bool) -> None:
-    from vsekit.index.store import AnnParams
+    from vsekit.index import AnnParams
 
     d = AnnParams()
     if build:

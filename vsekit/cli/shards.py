@@ -7,7 +7,7 @@ import argparse
 
 def cmd_shards(args: argparse.Namespace) -> int:
     from vsekit.cli.common import data_spec
-    from vsekit.data.shards import write_shards
+    from vsekit.data.formats.shards import write_shards
     from vsekit.data.sources import load_split
 
     data = data_spec(args.data, args.image_root)

@@ -1,4 +1,5 @@
-"""Data sets: readers (Karpathy JSON, precomputed features, pairs files, demo), images, torch datasets."""
+"""Data sets: one module per data format (:mod:`.formats`), their registry (:mod:`.sources`), images, torch
+datasets."""
 
 from vsekit.data.checks import check_images
 from vsekit.data.corpus import Corpus, DataError

@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
 
 from vsekit.data.batch import Batch, text_to  # noqa: F401 - text_to: also imported from here
 from vsekit.data.corpus import Corpus
@@ -18,28 +20,57 @@ from vsekit.data.images import ImageLoadError
 
 
 class ImageSource:
-    """Row -> image tensor: a decoded + transformed raw image, or a row of precomputed features."""
+    """Row -> image tensor: a decoded + transformed raw image, or a row of precomputed features.
 
-    def __init__(self, corpus: Corpus, transform: Callable | None = None) -> None:
+    ``cache_bytes`` > 0: the output of the transform's deterministic prefix (decode, resize, centre crop) is
+    kept in memory as uint8 pixels, up to that many bytes, so later epochs only run the random augmentations
+    and the tensor conversion -- the same PIL operations on the same pixels, hence the same tensors as
+    without the cache. The cache lives in the process that reads (``data.num_workers: 0``, the default;
+    loader workers start afresh every epoch).
+    """
+
+    def __init__(self, corpus: Corpus, transform: Callable | None = None, cache_bytes: int = 0) -> None:
         self.corpus = corpus
         self.transform = transform
         if not corpus.is_precomputed and transform is None:
             raise ValueError("raw images need a transform")
         self._load = None
+        self._prefix = self._rest = None
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_left = 0
         if not corpus.is_precomputed:
             from vsekit.data.images import (  # lazily: precomputed-only users never need PIL
                 applies_exif,
                 load_rgb,
+                split_deterministic,
             )
 
             # one loading policy: a folder/pairs image is read exactly as a search query of the same file
             self._load = functools.partial(load_rgb, exif_transpose=applies_exif(corpus.meta))
+            if cache_bytes > 0 and isinstance(transform, transforms.Compose):
+                self._prefix, self._rest = split_deterministic(transform)
+                self._cache_left = int(cache_bytes)
 
     def __call__(self, row: int) -> torch.Tensor:
         c = self.corpus
         if c.features is not None:
             return torch.from_numpy(np.array(c.features[row], dtype=np.float32))
-        return self.transform(self._load(c.image_paths[row]))
+        if self._prefix is None:
+            return self.transform(self._load(c.image_paths[row]))
+        pixels = self._cache.get(row)
+        if pixels is not None:
+            return self._rest(Image.fromarray(pixels))
+        image = self._prefix(self._load(c.image_paths[row]))
+        pixels = np.asarray(image)
+        if pixels.nbytes <= self._cache_left:
+            self._cache[row] = pixels
+            self._cache_left -= pixels.nbytes
+        return self._rest(image)
+
+    @property
+    def cached_images(self) -> int:
+        """How many images the decoded-image cache holds."""
+        return len(self._cache)
 
 
 class TextSource:

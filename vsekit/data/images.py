@@ -467,3 +467,18 @@ def build_transform(train: bool, image_size: int = 224, resize: int | None = Non
     if s > 0:
         steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4)))
     return transforms.Compose([*steps, transforms.ToTensor(), normalize])
+
+
+# steps whose output depends only on their input: their result can be kept and reused across epochs
+_DETERMINISTIC_STEPS = (transforms.Resize, transforms.CenterCrop)
+
+
+def split_deterministic(transform: transforms.Compose) -> tuple[transforms.Compose, transforms.Compose]:
+    """``(prefix, rest)`` with ``rest(prefix(im)) == transform(im)``, where ``prefix`` is the leading resize /
+    centre-crop steps (no randomness: their output can be cached per image) and ``rest`` the random
+    augmentations and the conversion to a tensor."""
+    steps = list(transform.transforms)
+    k = 0
+    while k < len(steps) and isinstance(steps[k], _DETERMINISTIC_STEPS):
+        k += 1
+    return transforms.Compose(steps[:k]), transforms.Compose(steps[k:])

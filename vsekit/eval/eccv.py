@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsekit.eval.metrics import EvaluationError
+from vsekit.eval.metrics import EvaluationError, block_budget
 from vsekit.models.similarity import get_similarity
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -47,7 +47,6 @@ Similarity = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 COCO_5K_IMAGES = 5000
 COCO_5K_CAPTIONS = 25000
 SOURCES = ("original", "cxc", "eccv")
-DEFAULT_CHUNK = {"cpu": 1024, "accel": 4096}  # query rows scored per call
 _PACKAGE = "eccv_caption"
 _INSTALL_HINT = "install the 'eccv-caption' package (pip install eccv-caption), which ships the annotations"
 
@@ -172,7 +171,7 @@ def _examples(values: Sequence[int] | np.ndarray, n: int = 5) -> str:
 
 
 def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None) -> CocoTestIds:
-    """Map a Karpathy-JSON COCO test corpus (:func:`vsekit.data.karpathy.read_karpathy`, split ``test``)
+    """Map a Karpathy-JSON COCO test corpus (:func:`vsekit.data.formats.karpathy.read_karpathy`, split ``test``)
     onto the COCO 5K ids of ``eccv-caption``.
 
     Images map by ``cocoid`` (the corpus image id), captions by ``sentid`` (the corpus caption id, which in
@@ -384,7 +383,8 @@ def eccv_metrics(
     row and the COCO caption annotation id of each caption row (:func:`coco_ids_from_corpus`); they must be
     exactly the COCO 5K test sets. Keys, for ``d`` in ``i2t``/``t2i``: ``eccv_{d}_map_at_r``,
     ``eccv_{d}_rprecision``, ``eccv_{d}_r1`` and ``cxc_{d}_r{k}`` for each ``k`` in ``ks``.
-    ``chunk_size``: query rows scored per similarity call (default 1024 on CPU, 4096 on accelerators).
+    ``chunk_size``: query rows scored per similarity call (default: as many as keep a block of scores
+    and its sorted copy within ``metrics.BLOCK_BUDGET``).
     """
     ann = annotations or load_eccv_annotations()
     ks = tuple(int(k) for k in ks)
@@ -407,7 +407,10 @@ def eccv_metrics(
         )
     if img.shape[1] != cap.shape[1]:
         raise EvaluationError(f"embedding sizes differ: images D={img.shape[1]}, captions D={cap.shape[1]}")
-    rows = chunk_size or DEFAULT_CHUNK["cpu" if dev.type == "cpu" else "accel"]
+    if chunk_size is None:  # a block of scores (and topk's copy of it) within the evaluation's block budget
+        per_row = 2 * img.element_size() * max(img.shape[0], cap.shape[0])
+        chunk_size = max(1, block_budget(dev) // per_row)
+    rows = chunk_size
     if rows < 1:
         raise EvaluationError(f"chunk_size must be >= 1, got {chunk_size}")
     score_i2t, score_t2i = _scorers(similarity, dtype)

@@ -18,9 +18,11 @@ excluded from the counts by index, so rounding can never rank a pair against its
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,11 +45,11 @@ LABEL_PROTOCOL = "label_map"  # label relevance (label_metrics) instead of exact
 EXTENDED_PROTOCOLS = ("eccv", "semantic")
 NUM_FOLDS = 5
 
-# (images, captions) per block when chunk_size is None. On CPU a 512 x 2560 block (5 MiB of float32
-# scores) keeps MKL at full speed while the threshold pre-pass costs only ~block_rows / N of the work;
-# accelerators want bigger calls.
-CPU_BLOCK = (512, 2560)
-ACCEL_BLOCK = (4096, 16384)
+# Memory for one score block and its 0/1 hits (1 byte per score on CPU, a score-sized float elsewhere) when
+# chunk_size is None; the block's shape follows from it and the inputs' sizes (_block_shape), not a fixed count
+# that suits one CPU and not another. The budget is the only machine constant: benchmarks/eval_speed.py
+# --blocks measures the time against one bare matmul across budgets.
+BLOCK_BUDGET = {"cpu": 64 << 20, "accel": 512 << 20}
 COCO_1K_FOLD = 1000  # images per fold of the standard COCO 1K protocol (5 folds of the 5,000 test images)
 
 
@@ -188,18 +190,50 @@ def _even(n: int, at_most: int) -> int:
     return max(2, math.ceil(n / math.ceil(n / at_most)))
 
 
+def block_budget(device: torch.device) -> int:
+    """Bytes that one block of an evaluation's scores and its temporaries may take on ``device``."""
+    return BLOCK_BUDGET["cpu" if device.type == "cpu" else "accel"]
+
+
 def _block_shape(
-    n: int, m: int, chunk_size: int | Sequence[int] | None, device: torch.device
+    n: int,
+    m: int,
+    chunk_size: int | Sequence[int] | None,
+    device: torch.device,
+    itemsize: int = 4,
+    per_image: int | None = None,
 ) -> tuple[int, int]:
+    """(images, captions) per block.
+
+    Default: as many scores as ``BLOCK_BUDGET`` holds, in the inputs' aspect (captions per image), split
+    evenly. When the captions are stored image by image, ``per_image`` each, a caption block is exactly the
+    captions of one image block (``C = per_image * R``), so the threshold pre-pass *is* the main pass's
+    diagonal call and costs nothing extra.
+    """
     if chunk_size is None:
-        rows, cols = CPU_BLOCK if device.type == "cpu" else ACCEL_BLOCK
-    elif isinstance(chunk_size, int):
+        hit_bytes = 1 if _numpy_counts(device) else itemsize
+        scores = block_budget(device) // (itemsize + hit_bytes)
+        aspect = per_image or max(1.0, m / n)
+        rows = _even(n, max(2, math.isqrt(int(scores / aspect))))
+        if per_image and rows * per_image < 2**24:
+            return rows, rows * per_image
+        return rows, _even(m, max(2, scores // rows))
+    if isinstance(chunk_size, int):
         rows = cols = chunk_size
     else:
         rows, cols = (int(v) for v in chunk_size)
     if not (1 <= rows < 2**24 and 1 <= cols < 2**24):
         raise EvaluationError(f"chunk_size must be in [1, 2**24), got {chunk_size!r}")
     return _even(n, rows), _even(m, cols)
+
+
+def _captions_per_image(c2i: np.ndarray, n: int) -> int | None:
+    """k when the captions are image 0's k captions, then image 1's, ... (the Karpathy / precomp layout)."""
+    m = len(c2i)
+    if m % n or not m:
+        return None
+    k = m // n
+    return k if np.array_equal(c2i, np.arange(m, dtype=np.int64) // k) else None
 
 
 def _resolve_similarity(similarity: Similarity, block: tuple[int, int], dim: int) -> Callable:
@@ -243,29 +277,65 @@ def _numpy_counts(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_MIN_PART_ROWS = 64  # below this many rows a part is not worth a thread hand-off
+
+
+def _parts(rows: int) -> list[tuple[int, int]]:
+    """Row ranges for the CPU counting passes: one per torch thread (numpy releases the GIL in its loops)."""
+    k = max(1, min(torch.get_num_threads(), rows // _MIN_PART_ROWS))
+    step = -(-rows // k)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _in_parts(fn: Callable[[int, int], Any], rows: int) -> list[Any]:
+    """``[fn(a, b) for (a, b) in _parts(rows)]``, the parts on a shared thread pool. Threads that wait for a
+    core simply wait (no OpenMP spin barrier), so a loaded machine costs no more than one thread would."""
+    global _POOL
+    parts = _parts(rows)
+    if len(parts) == 1:
+        return [fn(0, rows)]
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                      thread_name_prefix="vsekit-eval")
+    return [f.result() for f in [_POOL.submit(fn, a, b) for a, b in parts]]
+
+
 def _count_above(S: torch.Tensor, thr: torch.Tensor, dim: int, buf: torch.Tensor) -> torch.Tensor:
     """Number of entries of ``S`` above ``thr`` (broadcast) along ``dim``, as int64.
 
-    On CPU this runs single-threaded in numpy: the pass is short and memory-bound, and as a torch op its
-    OpenMP threads stall at barriers whenever the cores are shared (3-10x slower on a loaded 2-core
-    machine), while one thread costs a few percent of the block's matmul. Elsewhere: torch, with 0/1
-    floats (exact: block sides are < 2**24), which reduce faster than bools.
+    On CPU this runs in numpy, split by rows over one thread per torch thread: the pass is short and
+    memory-bound, and as a torch op its OpenMP threads stall at barriers whenever the cores are shared
+    (3-10x slower on a loaded 2-core machine). Elsewhere: torch, with 0/1 floats (exact: block sides are
+    < 2**24), which reduce faster than bools.
     """
     hit = buf[: S.shape[0], : S.shape[1]]
-    if _numpy_counts(S.device):
-        h = hit.numpy()
-        np.greater(S.numpy(), thr.numpy(), out=h)
-        return torch.from_numpy(h.view(np.uint8).sum(dim, dtype=np.int32).astype(np.int64))
-    torch.gt(S, thr, out=hit)
-    return hit.sum(dim).to(torch.int64)
+    if not _numpy_counts(S.device):
+        torch.gt(S, thr, out=hit)
+        return hit.sum(dim).to(torch.int64)
+    s, t, h = S.numpy(), thr.numpy(), hit.numpy()
+
+    def part(a: int, b: int) -> np.ndarray:
+        np.greater(s[a:b], t[a:b] if t.shape[0] > 1 else t, out=h[a:b])
+        return h[a:b].view(np.uint8).sum(dim, dtype=np.int32)
+
+    counts = _in_parts(part, s.shape[0])
+    total = np.concatenate(counts) if dim == 1 else functools.reduce(np.add, counts)
+    return torch.from_numpy(total.astype(np.int64))
 
 
 def _equal_at(S: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) of the entries of ``S`` equal to ``thr`` (broadcast); numpy on CPU, as above."""
-    if _numpy_counts(S.device):
-        row, col = np.nonzero(S.numpy() == thr.numpy())
-        return torch.from_numpy(row), torch.from_numpy(col)
-    return torch.nonzero(S == thr, as_tuple=True)
+    """(row, col) of the entries of ``S`` equal to ``thr`` (broadcast), row-major; numpy on CPU, as above."""
+    if not _numpy_counts(S.device):
+        return torch.nonzero(S == thr, as_tuple=True)
+    s, t = S.numpy(), thr.numpy()
+
+    def part(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        row, col = np.nonzero(s[a:b] == (t[a:b] if t.shape[0] > 1 else t))
+        return row + a, col
+
+    found = _in_parts(part, s.shape[0])
+    return torch.from_numpy(np.concatenate([r for r, _ in found])), torch.from_numpy(np.concatenate([c for _, c in found]))
 
 
 @torch.no_grad()
@@ -280,7 +350,8 @@ def _ranks(
     dim: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     n, m = len(images), len(captions)
-    R, C = _block_shape(n, m, chunk_size, device)
+    R, C = _block_shape(n, m, chunk_size, device, torch.empty((), dtype=dtype).element_size(),
+                        _captions_per_image(c2i, n))
     score = _Scorer(_resolve_similarity(similarity, (R, C), dim), (R, C), device, dtype)
     img_buf = torch.zeros((R, dim), device=device, dtype=dtype)
     cap_buf = torch.zeros((C, dim), device=device, dtype=dtype)
@@ -404,8 +475,9 @@ def retrieval_ranks(
     order-violation, ``order_sim``), another registered name, or a callable ``(images (R, D), captions
     (C, D)) -> (R, C)`` that is deterministic per pair.
 
-    Memory: blocks of R images x C captions (``chunk_size`` int = square, or (R, C); default 512 x 2560
-    on CPU, 4096 x 16384 elsewhere, shrunk to split N and M evenly). Alive at once: one R x C score block,
+    Memory: blocks of R images x C captions (``chunk_size`` int = square, or (R, C); default: the
+    shape that ``BLOCK_BUDGET`` holds, 64 MiB of scores and hits on CPU, 512 MiB elsewhere, in the inputs'
+    aspect, split evenly; with k captions per image stored image by image, C = k R). Alive at once: one R x C score block,
     about three boolean/score temporaries of at most that size, the R x D and C x D input blocks, and
     O(N + M) per-query bookkeeping (exact ties are listed by index: only with massive ties, e.g. constant
     embeddings, can those lists reach 16 bytes per score of a block). Numpy inputs and memmaps are

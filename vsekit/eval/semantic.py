@@ -42,13 +42,12 @@ from vsekit.eval.metrics import (
     _compute_dtype,
     _is_real,
     _resolve_similarity,
+    block_budget,
 )
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_MAX_R = 1000
 EXACT = "exact"
-# elements of the per-block caption-caption product (|G| x M) when chunk_size is None: 2**25 float32 = 128 MiB
-BLOCK_ELEMENTS = 2**25
 DIRECTIONS = ("i2t", "t2i")
 
 
@@ -240,7 +239,7 @@ def semantic_metrics(
     (the same numbers without the ``sem@{t}_`` prefix), for plotting against t.
 
     Memory and work: ``chunk_size`` images per block (default: as many as keep the block's |G| x M caption
-    similarities near 2**25 elements). Alive per block: that |G| x M block, the block's image -> text and
+    similarities within ``metrics.BLOCK_BUDGET``). Alive per block: that |G| x M block, the block's image -> text and
     text -> image score and plausibility blocks (block images x M and |G| x N), and T x queries x L
     relevance flags with L <= max(max_r, max K). The embeddings and LSA vectors are held whole as CPU
     tensors (float32, float64 if an input is float64). CPU only.
@@ -272,7 +271,9 @@ def semantic_metrics(
     uniform = int(per_image[0]) if len(nonempty) == n and np.all(per_image == per_image[0]) else 0
 
     if chunk_size is None:
-        rows = max(1, int(BLOCK_ELEMENTS // (m * max(m / n, 1e-9))))
+        # the block's caption-caption product (|G| x M) takes the evaluation's block budget
+        per_row = lsa.element_size() * m * max(m / n, 1e-9)
+        rows = max(1, int(block_budget(lsa.device) // per_row))
     else:
         rows = int(chunk_size)
         if rows < 1:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from vsekit.index.backends import LocalConfig, QdrantConfig
 from vsekit.index.build import add_to_index, build_index, corpus_from_folder, remove_from_index
+from vsekit.index.data import AnnParams, IndexMismatchError, SearchIndexError
+from vsekit.index.manifest import read_manifest
 from vsekit.index.search import SearchIndex, SearchResult
-from vsekit.index.store import AnnParams, IndexMismatchError, SearchIndexError, read_manifest
 
 __all__ = [
     "AnnParams",

@@ -30,21 +30,17 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.index import thumbnails as thumbs
-from vsekit.index.backends import Backend, BackendConfig, LocalConfig, create_backend, open_backend
-from vsekit.index.store import (
-    KINDS,
-    MANIFEST,
-    TARGETS,
-    AnnParams,
-    IndexData,
-    IndexMismatchError,
-    SearchIndexError,
-    load_data,
-    read_manifest,
-    thumbnails_section,
-    write_index,
-    write_lock,
+from vsekit.index.backends import (
+    Backend,
+    BackendConfig,
+    LocalConfig,
+    create_backend,
+    manifest_backend,
+    open_backend,
 )
+from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
+from vsekit.index.generations import load_data, write_index, write_lock
+from vsekit.index.manifest import MANIFEST, read_manifest, thumbnails_section
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
 from vsekit.utils.fs import is_stale_work
@@ -304,9 +300,7 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
     """The backend's build of ``data``, written as the first generation (or replacing the index at ``out``);
     what the backend made outside the folder is undone when the commit does not happen."""
     try:
-        sets, thumbnails = data.sets, data.thumbnails
         data = vector_store.build(data)
-        data.sets, data.thumbnails = sets, thumbnails
         with write_lock(out):
             previous = None
             if (out / MANIFEST).exists():
@@ -319,26 +313,20 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
         vector_store.discard()
         raise
     vector_store.committed()
-    _warn_left_behind(out, previous, written)
+    if previous is not None:  # its backend may have left things outside the folder that are no longer used
+        manifest_backend(previous).replaced(out, previous, written)
     return written
 
 
-def _warn_left_behind(out: Path, previous: dict[str, Any] | None, written: dict[str, Any]) -> None:
-    """An index replaced with --overwrite may have had Qdrant collections the new one does not use: they are
-    not deleted (they may be on another server, or shared), only named."""
-    old = ((previous or {}).get("qdrant") or {})
-    new = (written.get("qdrant") or {})
-    same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
-    left = [c for c in (old.get("collections") or {}).values()
-            if not same_place or c not in (new.get("collections") or {}).values()]
-    if left:
-        log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
-                    "there if nothing else does", out, ", ".join(left), old.get("url") or old.get("path"))
+def check_rerank(rerank: Any) -> int:
+    """``rerank`` (a shortlist size) as an int, refused unless it is a positive integer."""
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    return int(rerank)
 
 
 def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
-    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
-        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
+    check_rerank(rerank)
     if context_dtype not in DTYPES:
         raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
 
@@ -411,23 +399,14 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
                                          plan.manifest.get("context_dtype", "float32"))
 
             def commit() -> dict[str, Any]:
-                new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records)
+                new = IndexData(img, _image_records(corpus, plan.rows, plan.ids), cap, cap_records, sets=sets,
+                                thumbnails=made.result() if made is not None else None)
                 data = plan.vector_store.add(plan.old, new)
-                data.sets = {t: LocalSets.concat([plan.old.sets[t], s]) for t, s in sets.items()}
-                data.thumbnails = _added_thumbnails(plan.old, made, len(plan.rows))
                 manifest = {**plan.manifest, "updated": _now(),
                             "sources": [*plan.manifest.get("sources", []), source or corpus.name]}
                 return _commit(index_dir, plan.vector_store, data, manifest, manifest)
 
             return distributed.run_on_main(commit), len(plan.rows), skipped
-
-
-def _added_thumbnails(old: IndexData, made: thumbs.Background | None, n: int) -> thumbs.Thumbnails | None:
-    """The old generation's thumbnails followed by those of the ``n`` new images; None if the index has none."""
-    if old.thumbnails is None:
-        return None
-    new = made.result() if made is not None else thumbs.Thumbnails.empty(n, old.thumbnails.max_side)
-    return thumbs.Thumbnails.concat([old.thumbnails, new])
 
 
 def _plan_addition(index_dir: Path, embedder, corpus: Corpus, held: contextlib.ExitStack) -> _Addition:
@@ -495,9 +474,6 @@ def _remove(index_dir: Path, ids: list[str], paths: list[str]) -> tuple[dict[str
         vector_store = open_backend(manifest, old)
         try:
             data = vector_store.remove(old, keep)
-            data.sets = {t: old.sets[t].subset(np.flatnonzero(keep[t])) for t in old.sets if t in keep}
-            if old.thumbnails is not None:
-                data.thumbnails = old.thumbnails.subset(np.flatnonzero(keep["images"]))
             return _commit(index_dir, vector_store, data, {**manifest, "updated": _now()}, manifest), len(drop)
         finally:
             vector_store.close()

@@ -2,13 +2,13 @@
 
 Scores are the model's own similarity. Inner-product (``cosine``) models are searched by the index's
 backend (:mod:`vsekit.index.backends`: NumPy exact, FAISS approximate, or Qdrant). ``order`` models are
-scored exactly with the order-violation similarity, chunked over the collection, since FAISS and vector
-databases only know inner products and distances. The order similarity relates an image to a
+scored exactly with the order-violation similarity, chunked over the collection, since approximate indexes
+and vector databases only know inner products and distances. The order similarity relates an image to a
 caption; between two items of the same side (image -> image, text -> caption) the inner product of the
 embeddings is used.
 
 Models with a similarity network (SGRAF's SGR, SAF) are searched in two stages: an inner-product shortlist
-over the pooled embeddings (FAISS, as for cosine models), then the best ``rerank`` of the shortlist are
+over the pooled embeddings (by the backend, as for cosine models), then the best ``rerank`` of the shortlist are
 scored through the network against the query's local sets (its words, or its regions) and returned by that
 score. With ``rerank`` >= the collection size the result is the network's exact ranking; below it, what the
 shortlist missed is never seen. The cost per query is ``rerank`` network evaluations.
@@ -35,19 +35,11 @@ import torch
 
 from vsekit.data.images import MAX_QUERY_ASPECT_RATIO, MAX_QUERY_IMAGE_PIXELS
 from vsekit.index.backends import Backend, open_backend
-from vsekit.index.build import check_local_sets, check_model
-from vsekit.index.store import (
-    MANIFEST,
-    TARGETS,
-    AnnParams,
-    IndexData,
-    SearchIndexError,
-    exact_top_k,
-    inner_product_top_k,
-    load_data,
-    manifest_params,
-    read_manifest,
-)
+from vsekit.index.backends.numpy import exact_top_k, inner_product_top_k
+from vsekit.index.build import check_local_sets, check_model, check_rerank
+from vsekit.index.data import TARGETS, AnnParams, IndexData, SearchIndexError
+from vsekit.index.generations import load_data
+from vsekit.index.manifest import MANIFEST, read_manifest
 from vsekit.models.local_sets import LocalSets
 
 logger = logging.getLogger(__name__)
@@ -143,7 +135,8 @@ class SearchIndex:
             raise SearchIndexError(f"{index_dir}: rerank applies to models with a similarity network; this index's "
                                    f"model scores by {manifest['similarity']!r}")
         # None: not a similarity network's index (no second stage)
-        self.rerank = _check_rerank(rerank if rerank is not None else manifest.get("rerank"))
+        rerank = rerank if rerank is not None else manifest.get("rerank")
+        self.rerank = None if rerank is None else check_rerank(rerank)
 
     @classmethod
     def open(cls, index_dir: str | Path, embedder=None, *, checkpoint: str | Path | None = None,
@@ -449,9 +442,9 @@ class SearchIndex:
         if query_sets is None or len(query_sets) != len(queries):
             raise SearchIndexError("this index reranks through the model's similarity network: a query needs its "
                                    "local sets beside its embedding (use search_text or search_image)")
-        wanted = _check_rerank(rerank) if rerank is not None else self.rerank
+        wanted = check_rerank(rerank) if rerank is not None else self.rerank
         depth = min(max(wanted, k), len(self.data.vectors(target)))  # never fewer than the k asked for
-        _, short = self._top_k(queries, query_side, target, depth)  # inner product, FAISS when there is one
+        _, short = self._top_k(queries, query_side, target, depth)  # inner product, by the backend
         stored = self.data.sets[target]
         out_s, out_r = [], []
         for q in range(len(queries)):
@@ -506,16 +499,8 @@ class SearchIndex:
         return out
 
 
-def _check_rerank(rerank: Any) -> int | None:
-    if rerank is None:
-        return None
-    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
-        raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
-    return int(rerank)
-
-
 def _stack(rows: list[np.ndarray], k: int, dtype: Any, fill: Any) -> np.ndarray:
-    """Rows of up to ``k`` entries as one (Q, k) array, short rows padded with ``fill`` (FAISS's -1 rows)."""
+    """Rows of up to ``k`` entries as one (Q, k) array, short rows padded with ``fill`` (a backend's -1 rows)."""
     out = np.full((len(rows), k), fill, dtype=dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -529,7 +514,7 @@ def _open_generation(index_dir: str | Path, manifest: dict[str, Any], embedder, 
     check_model(manifest, embedder, index_dir)
     check_local_sets(manifest, embedder, Path(index_dir))
     data = load_data(index_dir, manifest, verify=verify)
-    merged = AnnParams(**{**asdict(manifest_params(manifest)), **params})
+    merged = AnnParams(**{**asdict(AnnParams.of_manifest(manifest)), **params})
     return manifest, data, open_backend(manifest, data, merged)
 
 

@@ -290,8 +290,8 @@ def load(index_dir: Path, generation: str, n: int, max_side: int,
         raise ThumbnailError(f"{path}: cannot read the thumbnail table ({e.strerror or e})") from None
     pack = Pack(Path(index_dir), generation, PACK)
     if files is not None:
-        _check_record(path, len(raw), lambda: hashlib.sha256(raw).hexdigest(), files[TABLE])
-        _check_record(pack.path, pack.size(), pack.sha256, files[PACK])
+        check_record(path, len(raw), lambda: hashlib.sha256(raw).hexdigest(), files[TABLE])
+        check_record(pack.path, pack.size(), pack.sha256, files[PACK])
     try:
         table = np.load(io.BytesIO(raw), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -307,13 +307,15 @@ def load(index_dir: Path, generation: str, n: int, max_side: int,
     return Thumbnails([pack], np.zeros(n, np.int64), table, max_side)
 
 
-def _check_record(path: Path, size: int, digest, rec: dict[str, Any]) -> None:
-    """Size, then sha256 (``digest()``, computed only when the size matches), as the manifest records them."""
+def check_record(path: Path, size: int, digest, rec: dict[str, Any],
+                 error: type[Exception] = ThumbnailError) -> None:
+    """Size, then sha256 (``digest()``, computed only when the size matches), as the manifest records them;
+    a mismatch is an ``error`` naming ``path``."""
     if size != rec["bytes"]:
-        raise ThumbnailError(f"{path}: corrupt index file: {size} bytes, but the manifest records {rec['bytes']} "
+        raise error(f"{path}: corrupt index file: {size} bytes, but the manifest records {rec['bytes']} "
                              "(truncated or altered)")
     if (got := digest()) != rec["sha256"]:
-        raise ThumbnailError(f"{path}: corrupt index file: its sha256 is {got[:16]}..., but the manifest records "
+        raise error(f"{path}: corrupt index file: its sha256 is {got[:16]}..., but the manifest records "
                              f"{rec['sha256'][:16]}... (the file was altered)")
 
 

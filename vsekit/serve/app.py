@@ -43,8 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
+from vsekit.index.data import TARGETS, SearchIndexError
 from vsekit.index.search import SearchIndex, SearchResult
-from vsekit.index.store import TARGETS, SearchIndexError
 from vsekit.index.thumbnails import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 from vsekit.index.thumbnails import ThumbnailError
 from vsekit.serve.limits import (

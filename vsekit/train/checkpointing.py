@@ -40,7 +40,7 @@ RESUMABLE_KEYS = (
     "name", "output_dir", "device", "config_format",
     "train.epochs", "train.max_minutes", "train.max_steps_per_epoch", "train.progress", "train.log_every",
     "train.checkpoint_every_steps", "train.max_nonfinite_steps", "train.init_from", "train.collapse",
-    "data.num_workers", "data.image_root", "eval.batch_size", "eval.chunk_size", "semantics.cache_dir",
+    "data.num_workers", "data.image_cache_mb", "data.image_root", "eval.batch_size", "eval.chunk_size", "semantics.cache_dir",
 )
 
 

@@ -130,9 +130,9 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
             raise ConfigError(f"{train_corpus.name}: objective.label / objective.triplet need class labels, and "
                               "this data set has none (a 'label' column, Karpathy 'label' fields, label files)")
         labels = torch.from_numpy(np.asarray(train_corpus.labels, dtype=np.int64))
-    dataset = PairDataset(train_corpus, text, ImageSource(train_corpus, transform), sample=data.sample,
-                          seed=cfg.seed, skip_unreadable=data.skip_missing_images, labels=labels,
-                          caption_vectors=vectors)
+    images = ImageSource(train_corpus, transform, cache_bytes=data.image_cache_mb << 20)
+    dataset = PairDataset(train_corpus, text, images, sample=data.sample, seed=cfg.seed,
+                          skip_unreadable=data.skip_missing_images, labels=labels, caption_vectors=vectors)
     if cfg.train.batch_size > len(dataset):
         log.warning("train.batch_size (%d) is more than the %d training pairs of %s: every step is one batch of "
                     "the whole set, and memory grows with it; lower train.batch_size", cfg.train.batch_size,

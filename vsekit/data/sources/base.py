@@ -4,9 +4,9 @@ A data source turns its options (the ``data`` section of a config, discriminated
 name into a :class:`~vsekit.data.corpus.Corpus`. Every command (train, eval, encode, index, serve) reads
 data through :func:`load_split`, so one data spec gives the same corpus everywhere.
 
-Adding a source is one module: a subclass of :class:`DataConfig` with ``format: Literal["name"]``, its own
-fields, :meth:`DataConfig.read` and optionally :meth:`DataConfig.sniff`, registered with
-:func:`register_source` (see ``docs/data.md``).
+Adding a source is one module in :mod:`vsekit.data.formats`: a subclass of :class:`DataConfig` with
+``format: Literal["name"]``, its own fields, :meth:`DataConfig.read` and optionally :meth:`DataConfig.sniff`,
+registered with :func:`register_source` (see ``docs/data.md``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.errors import ConfigError, did_you_mean
+from vsekit.registry import Registry
 
 logger = logging.getLogger("vsekit.data")
 
-_SOURCES: dict[str, type[DataConfig]] = {}
-_SNIFF_ORDER: list[str] = []
-_SNIFF_PRIORITY: dict[str, int] = {}
+#: data format name -> its :class:`DataConfig` subclass
+SOURCES = Registry("data format")
 
 
 class DataConfig(BaseModel):
@@ -44,10 +44,14 @@ class DataConfig(BaseModel):
     check_images: bool | Literal["decode"] = True
     skip_missing_images: bool = False
     num_workers: int = Field(0, ge=0)
+    # decoded, resized training images kept in memory (MiB; 0: off): epochs after the first skip decoding
+    image_cache_mb: int = Field(512, ge=0, le=1 << 20)
     sample: Literal["caption", "image"] = "caption"
 
     #: True when the source reads image files (its corpus has ``image_paths``) rather than features
     reads_image_files: ClassVar[bool] = True
+    #: where :func:`sniff_source` tries this source (lower first; None: never); see :func:`register_source`
+    sniff_priority: ClassVar[int | None] = None
 
     @field_validator("check_images", mode="before")
     @classmethod
@@ -84,32 +88,37 @@ def common_keys() -> set[str]:
 
 
 def register_source(name: str, sniff_priority: int | None = None):
-    """Class decorator: register a :class:`DataConfig` subclass as data format ``name``. Sources with a
-    ``sniff_priority`` take part in recognising ``--data PATH`` (lower first)."""
+    """Class decorator: register a :class:`DataConfig` subclass as data format ``name`` in :data:`SOURCES`.
+    Sources with a ``sniff_priority`` take part in recognising ``--data PATH`` (lower first); no two share
+    one, so the order never depends on which module was imported first."""
 
     def deco(cls: type[DataConfig]) -> type[DataConfig]:
-        if name in _SOURCES:
-            raise KeyError(f"data format {name!r} is registered twice")
-        _SOURCES[name] = cls
-        if sniff_priority is not None:
-            _SNIFF_PRIORITY[name] = sniff_priority
-            _SNIFF_ORDER.append(name)
-            _SNIFF_ORDER.sort(key=_SNIFF_PRIORITY.__getitem__)
+        owner = {SOURCES.get(n).sniff_priority: n for n in sniff_order()}.get(sniff_priority)
+        if owner is not None and name not in SOURCES:
+            raise KeyError(f"data format {name!r}: sniff_priority {sniff_priority} is {owner!r}'s already; "
+                           "give each format its own, so the sniffing order does not depend on imports")
+        SOURCES.register(name)(cls)
+        cls.sniff_priority = sniff_priority
         return cls
 
     return deco
 
 
+def sniff_order() -> list[str]:
+    """The formats :func:`sniff_source` tries, in order (by their distinct ``sniff_priority``)."""
+    sniffed = [n for n in SOURCES.names() if SOURCES.get(n).sniff_priority is not None]
+    return sorted(sniffed, key=lambda n: SOURCES.get(n).sniff_priority)
+
+
 def source_names() -> list[str]:
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
-def source_class(name: str) -> type[DataConfig]:
-    try:
-        return _SOURCES[name]
-    except KeyError:
-        raise ConfigError(f"data.format: unknown data format {name!r}{did_you_mean(name, _SOURCES)} "
-                          f"(known: {', '.join(source_names())})") from None
+def source_class(name: str, where: str = "data") -> type[DataConfig]:
+    if name not in SOURCES:
+        raise ConfigError(f"{where}.format: unknown data format {name!r}{did_you_mean(name, SOURCES.names())} "
+                          f"(known: {', '.join(source_names())})")
+    return SOURCES.get(name)
 
 
 def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataConfig:
@@ -121,10 +130,7 @@ def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataC
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
     fmt = spec.get("format", DataConfig.model_fields["format"].default)
-    if fmt not in _SOURCES:
-        raise ConfigError(f"{where}.format: unknown data format {fmt!r}{did_you_mean(fmt, _SOURCES)} "
-                          f"(known: {', '.join(source_names())})")
-    return validate_section(_SOURCES[fmt], spec, where)
+    return validate_section(source_class(fmt, where), spec, where)
 
 
 def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | None = None) -> Corpus:
@@ -173,9 +179,9 @@ def sniff_source(arg: str, image_root: str | None = None, base: DataConfig | dic
     path = Path(arg)
     if not path.exists():
         raise DataError(f"--data {arg}: no such file or folder")
-    for name in _SNIFF_ORDER:
-        cls = _SOURCES[name]
+    for name in sniff_order():
+        cls = SOURCES.get(name)
         if cls.sniff(path):
             return data_config({**shared, "format": name, **cls.from_path(path, image_root)})
-    kinds = ", ".join(_SOURCES[n].__doc__.splitlines()[0].rstrip(".") for n in _SNIFF_ORDER)
+    kinds = ", ".join(SOURCES.get(n).__doc__.splitlines()[0].rstrip(".") for n in sniff_order())
     raise DataError(f"--data {arg}: not a data set vsekit recognises (expected 'demo' or one of: {kinds})")

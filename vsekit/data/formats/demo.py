@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from vsekit.data.corpus import Corpus
-from vsekit.data.karpathy import read_karpathy
+from vsekit.data.formats.karpathy import read_karpathy
 from vsekit.data.sources.base import DataConfig, register_source
 
 

@@ -1,4 +1,5 @@
-"""Reader for Karpathy-split JSON files (``dataset_coco.json``, ``dataset_flickr30k.json``, ...).
+"""The ``karpathy`` data format: Karpathy-split JSON files (``dataset_coco.json``, ``dataset_flickr30k.json``,
+...) with the images beside them.
 
 These files hold every split of a collection; one call returns one split. The JSON is parsed once per call
 and only the images of the requested split are examined in detail, so reading COCO (123K images, 616K
@@ -8,18 +9,41 @@ sentences) stays a matter of seconds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
-from vsekit.data.textio import json_type, parse_json, read_utf8, short_repr
+from vsekit.data.sources.base import DataConfig, register_source
+from vsekit.data.textio import first_char, json_type, parse_json, read_utf8, short_repr
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 SPLIT_ALIASES = {"dev": "val"}
 # Splits whose images are trained on: an image without captions there is a broken entry, not a distractor.
 TRAINING_SPLITS = frozenset({"train", "restval"})
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@register_source("karpathy", sniff_priority=20)
+class KarpathyData(DataConfig):
+    """a Karpathy dataset_*.json."""
+
+    format: Literal["karpathy"] = "karpathy"
+    path: str
+    image_root: str | None = None  # folder of filepath/filename (default: the JSON file's folder)
+    restval_into_train: bool = False  # COCO: train on the restval images too (113,287 images)
+
+    def read(self, split: str, max_images: int | None) -> Corpus:
+        return read_karpathy(self.path, self.image_root, split, restval_into_train=self.restval_into_train,
+                             max_images=max_images)
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".json" and first_char(path) == "{"
+
+    @classmethod
+    def from_path(cls, path: Path, image_root: str | None = None) -> dict[str, Any]:
+        return {"path": str(path), "image_root": image_root or str(path.parent)}
 
 
 def normalize_split(split: str) -> str:

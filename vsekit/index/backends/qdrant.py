@@ -1,27 +1,6 @@
-"""Where an index's vectors live and how they are searched: one small class per backend.
-
-===========  ===========  ==================================================================================
-backend      kind         class
-===========  ===========  ==================================================================================
-``local``    exact        :class:`NumpyExact`: the generation's memory-mapped ``.npy``, chunked matmul and a
-                          partial sort; one copy of the vectors, ties by row
-``local``    ivf, hnsw    :class:`FaissAnn`: a FAISS structure per target beside the ``.npy``
-``qdrant``   exact, hnsw  :class:`QdrantBackend`: one Qdrant collection per target, on a server (a cluster,
-                          ``url``) or in a local-mode folder (``path``); the index folder keeps the records
-===========  ===========  ==================================================================================
-
-Why an interface: building, adding, removing (``build.py``) and querying (``search.py``) call the same few
-methods whatever holds the vectors; another vector store is one class here and a row in :data:`BACKENDS`.
-
-The life of a write: ``build.py`` reads the current generation (records, and the vectors when they are
-local), asks the backend for the next generation's :class:`IndexData` (:meth:`Backend.build`,
-:meth:`~Backend.add`, :meth:`~Backend.remove`; the backend updates its own structures on the way), writes that
-generation and commits the manifest, then calls :meth:`~Backend.committed`. A backend that keeps its vectors
-elsewhere orders its own writes so that the database always holds at least the committed records' points:
-added points go in before the commit, removed ones go out after it. Points the records do not know (left by a
-write that died before its commit, or added by another process since this one opened the index) are never
-returned; the next add or remove deletes them.
-"""
+"""Vectors in Qdrant: one collection per target, on a server (a cluster, ``url``) or in the Python client's
+local mode (a folder, ``path``); the index folder keeps the records, and the manifest's ``qdrant`` section
+(:class:`QdrantManifest`) says where the collections are."""
 
 from __future__ import annotations
 
@@ -32,41 +11,21 @@ import os
 import re
 import threading
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from vsekit.errors import one_line
-from vsekit.index.store import (
-    ANN_KINDS,
-    COLLECTION_NAME,
-    TARGETS,
-    AnnParams,
-    IndexData,
-    SearchIndexError,
-    add_vectors,
-    build_faiss,
-    emptied_like,
-    inner_product_top_k,
-    manifest_params,
-    measure_recall,
-    params_dict,
-    set_search_params,
-)
+from vsekit.index.backends.base import Backend
+from vsekit.index.data import AnnParams, IndexData, SearchIndexError
 
 log = logging.getLogger(__name__)
-
-
-# -- what a user asks for ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LocalConfig:
-    """Vectors in the index folder: NumPy exact search, or FAISS for the approximate kinds."""
-
-    name: ClassVar[str] = "local"
+# A Qdrant collection name (the same characters a folder name may safely hold), bounded
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -100,188 +59,37 @@ class QdrantConfig:
                 raise SearchIndexError(f"--qdrant-{field} must be 1..1024, got {v}")
 
 
-BackendConfig = LocalConfig | QdrantConfig
+class QdrantManifest(BaseModel):
+    """Where the vectors of a ``"backend": "qdrant"`` index are: a server's URL or a local-mode folder,
+    and one collection per target."""
 
+    model_config = ConfigDict(extra="forbid")
 
-# -- the interface -------------------------------------------------------------------------------------------
-class Backend(ABC):
-    """The vectors of one index: kept in step with its records by the writes, searched by :meth:`search`.
+    url: StrictStr | None = Field(None, min_length=1, max_length=2048)
+    path: StrictStr | None = Field(None, min_length=1, max_length=4096)
+    collections: dict[Literal["images", "captions"], StrictStr]
+    distance: Literal["dot"] = "dot"
+    shards: StrictInt | None = Field(None, ge=1, le=1024)
+    replicas: StrictInt | None = Field(None, ge=1, le=1024)
 
-    After :meth:`build`, :meth:`add` or :meth:`remove` the backend is bound to the data it returned; after
-    :func:`open_backend`, to the data it was opened with."""
-
-    name: ClassVar[str]
-
-    def __init__(self, kind: str, params: AnnParams) -> None:
-        self.kind, self.params = kind, params
-        self.data: IndexData | None = None
-
+    @field_validator("collections")
     @classmethod
-    def check_model(cls, similarity: str, kind: str) -> None:
-        """Refuse a model whose similarity this backend cannot rank by (before anything is encoded)."""
-        return None
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        if "images" not in v:
+            raise ValueError("names no images collection")
+        for target, name in v.items():
+            if not COLLECTION_NAME.match(name):
+                raise ValueError(f"{target}: {name[:60]!r} is not a collection name (letters, digits, '_', "
+                                 "'-', '.', at most 200)")
+        return v
 
-    @classmethod
-    def create(cls, config: BackendConfig, *, index_dir: str | Path, kind: str, params: AnnParams,
-               targets: Sequence[str], overwrite: bool) -> Backend:
-        """The backend a new index at ``index_dir`` is built with (not bound to data yet)."""
-        return cls(kind, params)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], params: AnnParams) -> Backend:
-        """The backend an existing index's manifest describes (not bound to data yet)."""
-        return cls(manifest["kind"], params)
-
-    def attach(self, data: IndexData) -> None:
-        """Bind to the data of an opened index."""
-        self.data = data
-
-    @abstractmethod
-    def build(self, data: IndexData) -> IndexData:
-        """A fresh index of ``data`` (vectors and records); returns the generation to write."""
-
-    @abstractmethod
-    def add(self, old: IndexData, new: IndexData) -> IndexData:
-        """``old`` plus the items of ``new`` (their vectors and records, appended in this order)."""
-
-    @abstractmethod
-    def remove(self, old: IndexData, keep: dict[str, np.ndarray]) -> IndexData:
-        """``old`` without the rows whose ``keep[target]`` is False."""
-
-    @abstractmethod
-    def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows) of the top ``k`` of each query by inner product, best first; rows index
-        ``data.records(target)``; a row of -1 pads a list shorter than ``k``."""
-
-    def manifest_fields(self) -> dict[str, Any]:
-        """What the manifest records about the backend of the data it is bound to."""
-        return {"backend": self.name, "kind": self.kind, "params": params_dict(self.params),
-                "nlist": None, "recall_at_10": None}
-
-    def committed(self) -> None:
-        """Called once the manifest naming the last write's generation is committed."""
-        return None
-
-    def discard(self) -> None:
-        """Undo what :meth:`build` did outside the index folder, when its generation was never committed."""
-        return None
-
-    def close(self) -> None:
-        """Release connections or locks."""
-        return None
-
-    def _bound(self) -> IndexData:
-        if self.data is None:
-            raise SearchIndexError("the backend is not bound to an index's data yet")
-        return self.data
+    @model_validator(mode="after")
+    def _one_location(self) -> QdrantManifest:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("needs exactly one of url (a server) and path (local mode)")
+        return self
 
 
-# -- local: NumPy exact and FAISS approximate ----------------------------------------------------------------
-def _concat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return np.concatenate([a, b])
-
-
-class _LocalBackend(Backend):
-    """Vectors in the generation's ``.npy`` files (written by the index store)."""
-
-    name = "local"
-
-    def build(self, data: IndexData) -> IndexData:
-        data.faiss = {}
-        self._index(data)
-        self.data = data
-        return data
-
-    def add(self, old: IndexData, new: IndexData) -> IndexData:
-        data = IndexData(_concat(old.image_vectors, new.image_vectors), old.images + new.images)
-        if old.has_captions:
-            data.caption_vectors = _concat(old.caption_vectors, new.caption_vectors)
-            data.captions = (old.captions or []) + (new.captions or [])
-        data.faiss = old.faiss
-        self._added(data, new)
-        self.data = data
-        return data
-
-    def remove(self, old: IndexData, keep: dict[str, np.ndarray]) -> IndexData:
-        data = IndexData(np.asarray(old.vectors("images")[keep["images"]]),
-                         [r for r, k in zip(old.images, keep["images"]) if k])
-        if old.has_captions:
-            ckeep = keep["captions"]
-            data.caption_vectors = np.asarray(old.caption_vectors[ckeep]) if len(ckeep) else old.caption_vectors
-            data.captions = [c for c, k in zip(old.captions or [], ckeep) if k]
-        self._rebuilt(old, data)
-        self.data = data
-        return data
-
-    def _targets(self, data: IndexData) -> tuple[str, ...]:
-        return TARGETS if data.caption_vectors is not None else ("images",)
-
-    def _index(self, data: IndexData) -> None:
-        """Build the search structures of a fresh ``data``."""
-
-    def _added(self, data: IndexData, new: IndexData) -> None:
-        """Bring the structures of ``data`` (the old ones) up to date with the items of ``new``."""
-
-    def _rebuilt(self, old: IndexData, data: IndexData) -> None:
-        """Structures for ``data``, a subset of ``old``."""
-
-
-class NumpyExact(_LocalBackend):
-    """Exact search on the memory-mapped vectors: scored block by block (``queries @ block.T``), partial sort
-    per block. No second copy of the collection (a FAISS ``IndexFlatIP`` is one, in RAM), and on the
-    2-core machine of ``benchmarks/search_backends.py`` faster than one; ties go to the lowest row."""
-
-    def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return inner_product_top_k(self._bound().vectors(target), queries, k)
-
-
-class FaissAnn(_LocalBackend):
-    """FAISS IVF or HNSW over the vectors of the folder (a FAISS file per target); recall@10 against exact
-    search is measured on every write."""
-
-    @classmethod
-    def check_model(cls, similarity: str, kind: str) -> None:
-        if similarity != "cosine":
-            raise SearchIndexError(
-                f"this model scores with {similarity!r} similarity, which is not an inner product: FAISS {kind} "
-                f"search would rank by the wrong score. Use --kind exact (exact, chunked {similarity} scoring)")
-
-    def _index(self, data: IndexData) -> None:
-        data.faiss = {t: build_faiss(data.vectors(t), self.kind, self.params) for t in self._targets(data)}
-
-    def _added(self, data: IndexData, new: IndexData) -> None:
-        for target, index in data.faiss.items():
-            add_vectors(index, new.vectors(target))
-
-    def _rebuilt(self, old: IndexData, data: IndexData) -> None:
-        for target, index in old.faiss.items():
-            fresh = emptied_like(index, self.kind, self.params, index.d)
-            add_vectors(fresh, data.vectors(target))
-            data.faiss[target] = fresh
-
-    def attach(self, data: IndexData) -> None:
-        """Bind to ``data``, with the search parameters (``nprobe``, ``ef_search``) of this backend."""
-        for index in data.faiss.values():
-            set_search_params(index, self.params)
-        self.data = data
-
-    def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        data = self._bound()
-        index = data.faiss.get(target)
-        if index is None:
-            raise SearchIndexError(f"this {self.kind} index has no FAISS structure for {target}; rebuild it")
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-    def manifest_fields(self) -> dict[str, Any]:
-        data = self._bound()
-        return {**super().manifest_fields(),
-                "nlist": {t: int(ix.nlist) for t, ix in data.faiss.items()} if self.kind == "ivf" else None,
-                "recall_at_10": measure_recall(data, self.kind)}
-
-
-# -- Qdrant -------------------------------------------------------------------------------------------------
 def qdrant_module():
     """``qdrant_client``, imported on first use: only qdrant indexes need it."""
     try:
@@ -374,6 +182,9 @@ class QdrantBackend(Backend):
     and writes each point in its own SQLite transaction: for tests and small collections."""
 
     name = "qdrant"
+    manifest_section = QdrantManifest
+    inner_product_only = ("a vector database", "Index it with the local backend (--backend local --kind exact: "
+                          "exact, chunked scoring by the model's own similarity)")
 
     def __init__(self, kind: str, params: AnnParams, *, url: str | None, path: str | None,
                  collections: dict[str, str], dim: int | None, shards: int | None = None,
@@ -405,15 +216,27 @@ class QdrantBackend(Backend):
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
-    def check_model(cls, similarity: str, kind: str) -> None:
-        if similarity != "cosine":
-            raise SearchIndexError(
-                f"this model scores with {similarity!r} similarity, which is not an inner product: a vector "
-                "database would rank by the wrong score. Index it with the local backend (--backend local "
-                "--kind exact: exact, chunked scoring by the model's own similarity)")
+    def check_manifest(cls, manifest: Any) -> None:
+        if manifest.qdrant is None:
+            raise ValueError("qdrant: missing (a qdrant index names its server or folder and collections)")
+        if ("captions" in manifest.qdrant.collections) != manifest.has_captions:
+            raise ValueError("qdrant.collections: a captions collection is named if and only if has_captions is "
+                             "true")
 
     @classmethod
-    def create(cls, config: BackendConfig, *, index_dir: str | Path, kind: str, params: AnnParams,
+    def replaced(cls, index_dir: Path, previous: dict[str, Any], written: dict[str, Any]) -> None:
+        """The replaced index's collections that the new one does not use are not deleted (they may be on
+        another server, or shared), only named."""
+        old, new = previous["qdrant"], (written.get("qdrant") or {})
+        same_place = (old.get("url"), old.get("path")) == (new.get("url"), new.get("path"))
+        left = [c for c in old["collections"].values()
+                if not same_place or c not in (new.get("collections") or {}).values()]
+        if left:
+            log.warning("%s: the replaced index's Qdrant collections %s (at %s) are no longer used; delete them "
+                        "there if nothing else does", index_dir, ", ".join(left), old.get("url") or old.get("path"))
+
+    @classmethod
+    def create(cls, config: Any, *, index_dir: str | Path, kind: str, params: AnnParams,
                targets: Sequence[str], overwrite: bool) -> QdrantBackend:
         """Connect and check that the collections may be written (they do not exist, or ``overwrite``);
         nothing is created before :meth:`build`."""
@@ -534,7 +357,7 @@ class QdrantBackend(Backend):
                 hnsw_config=hnsw, **extra))
             self._created.append(name)
             self._upsert(target, data.vectors(target), data.records(target))
-        return self._bind(IndexData(None, data.images, None, data.captions))
+        return self._bind(replace(data, image_vectors=None, caption_vectors=None))  # the rest stays here
 
     def discard(self) -> None:
         for name in self._created:
@@ -549,10 +372,7 @@ class QdrantBackend(Backend):
             self._drop_unknown(target, old.records(target))
             if new.records(target):
                 self._upsert(target, new.vectors(target), new.records(target))
-        data = IndexData(None, old.images + new.images)
-        if old.has_captions:
-            data.captions = (old.captions or []) + (new.captions or [])
-        return self._bind(data)
+        return self._bind(old.appended(new, vectors=False))
 
     def remove(self, old: IndexData, keep: dict[str, np.ndarray]) -> IndexData:
         self._pending_deletes = {}
@@ -560,10 +380,7 @@ class QdrantBackend(Backend):
             recs = old.records(target)
             self._drop_unknown(target, recs)
             self._pending_deletes[target] = [point_id(r["id"]) for r, k in zip(recs, keep[target]) if not k]
-        data = IndexData(None, [r for r, k in zip(old.images, keep["images"]) if k])
-        if old.has_captions:
-            data.captions = [c for c, k in zip(old.captions or [], keep["captions"]) if k]
-        return self._bind(data)
+        return self._bind(old.subset(keep))
 
     def committed(self) -> None:
         """The removed points go only now that the manifest no longer lists them."""
@@ -640,50 +457,3 @@ class QdrantBackend(Backend):
             if row is not None:
                 out.append((float(p.score), row))
         return out
-
-
-# -- choosing and opening ------------------------------------------------------------------------------------
-BACKENDS: dict[tuple[str, str], type[Backend]] = {
-    ("local", "exact"): NumpyExact,
-    ("local", "ivf"): FaissAnn,
-    ("local", "hnsw"): FaissAnn,
-    ("qdrant", "exact"): QdrantBackend,
-    ("qdrant", "hnsw"): QdrantBackend,
-}
-
-
-def backend_class(backend: str, kind: str) -> type[Backend]:
-    cls = BACKENDS.get((backend, kind))
-    if cls is None:
-        kinds = [k for b, k in BACKENDS if b == backend]
-        if not kinds:
-            raise SearchIndexError(f"unknown backend {backend!r}; known: {', '.join(sorted({b for b, _ in BACKENDS}))}")
-        raise SearchIndexError(f"the {backend} backend has no {kind!r} index; its kinds: {', '.join(kinds)}")
-    return cls
-
-
-def create_backend(config: BackendConfig, *, index_dir: str | Path, kind: str, params: AnnParams,
-                   similarity: str, targets: Sequence[str], overwrite: bool = False) -> Backend:
-    """The backend a new index is built with; refuses, before anything is encoded, a similarity or kind it
-    cannot serve and (Qdrant) collections that exist already."""
-    cls = backend_class(config.name, kind)
-    cls.check_model(similarity, kind)
-    return cls.create(config, index_dir=index_dir, kind=kind, params=params, targets=targets,
-                      overwrite=overwrite)
-
-
-def open_backend(manifest: dict[str, Any], data: IndexData, params: AnnParams | None = None) -> Backend:
-    """The backend of an opened index, bound to its ``data``; ``params`` overrides the manifest's search
-    parameters (``nprobe``, ``ef_search``)."""
-    cls = backend_class(manifest.get("backend", "local"), manifest["kind"])
-    backend = cls.from_manifest(manifest, params or manifest_params(manifest))
-    try:
-        backend.attach(data)
-    except BaseException:
-        backend.close()
-        raise
-    return backend
-
-
-__all__ = ["ANN_KINDS", "BACKENDS", "Backend", "BackendConfig", "FaissAnn", "LocalConfig", "NumpyExact",
-           "QdrantBackend", "QdrantConfig", "backend_class", "create_backend", "open_backend", "point_id"]

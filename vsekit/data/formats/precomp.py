@@ -1,4 +1,4 @@
-"""Reader for precomputed image features in the VSE++/SCAN layout.
+"""The ``precomp`` data format: precomputed image features in the VSE++/SCAN layout.
 
 A folder holds ``{split}_ims.npy`` (N x D global or N x R x D region features) and ``{split}_caps.txt``
 (one caption per line). The feature file is memory-mapped, never loaded whole: COCO's BUTD training
@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.sources.base import DataConfig, register_source
 from vsekit.data.textio import read_caption_lines
 
 # Which file prefixes to try for a requested split. The field uses both ``dev`` (VSE++, SCAN) and ``val``;
@@ -32,6 +34,24 @@ _CHUNK_BYTES = 64 << 20  # features summed per step of the finiteness check
 # (resolved path, size, mtime, inode) -> (rows [0, k) known finite, first non-finite row or None)
 _FINITE: dict[tuple, tuple[int, int | None]] = {}
 _FINITE_LOCK = threading.Lock()
+
+
+@register_source("precomp", sniff_priority=10)
+class PrecompData(DataConfig):
+    """a folder of {split}_ims.npy + {split}_caps.txt (or {split}_ids.txt)."""
+
+    format: Literal["precomp"] = "precomp"
+    path: str
+
+    reads_image_files: ClassVar[bool] = False
+
+    def read(self, split: str, max_images: int | None) -> Corpus:
+        return read_precomp(self.path, split, max_images=max_images)
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        return path.is_dir() and any(path.glob("*_ims.npy")) and (any(path.glob("*_caps.txt"))
+                                                                  or any(path.glob("*_ids.txt")))
 
 
 def read_precomp(root: str | Path, split: str, *, max_images: int | None = None) -> Corpus:
@@ -104,8 +124,7 @@ def read_labels(root: Path, prefix: str, expected: int | None, keep: int) -> np.
     ``{prefix}_labels.txt`` (one line per image: a class id, or several separated by spaces, commas, ``|`` or
     ``;`` for multi-label data). ``expected``: the number of image rows the file must have (None when only the
     first ``keep`` rows are read)."""
-    from vsekit.data.pairs import labels_array, parse_labels
-    from vsekit.data.textio import read_caption_lines
+    from vsekit.data.formats.pairs import labels_array, parse_labels
 
     npy, txt = root / f"{prefix}_labels.npy", root / f"{prefix}_labels.txt"
     if npy.is_file():

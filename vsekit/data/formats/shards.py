@@ -1,4 +1,5 @@
-"""webdataset tar shards of a data set: written by ``vsekit shards``, read back as a :class:`Corpus`.
+"""The ``shards`` data format: webdataset tar shards of a data set, written by ``vsekit shards``, read back as a
+:class:`Corpus`.
 
 **Layout.** One sample per image, in corpus row order, key ``%09d`` (the row): the image file's own bytes as
 ``<key>.<ext>`` (``jpg``, ``png``, ...; never re-encoded) or its precomputed features as ``<key>.npy``, and
@@ -39,7 +40,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,6 +54,7 @@ from vsekit.data.archive import (
 )
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.images import IMAGE_EXTENSIONS
+from vsekit.data.sources.base import DataConfig, register_source
 
 log = logging.getLogger("vsekit.data")
 
@@ -485,3 +487,21 @@ def write_shards(corpus: Corpus, out_dir: str | Path, split: str, *, max_per_sha
     files, _ = find_shards(out, split)
     index = load_index(files, out, split)
     return ShardsResult(split, files, out / f"{split}.index.json", len(index["shard"]), corpus.num_captions)
+
+
+@register_source("shards", sniff_priority=15)
+class ShardsData(DataConfig):
+    """a folder of webdataset {split}-NNNNNN.tar shards."""
+
+    format: Literal["shards"] = "shards"
+    # a folder of {split}-*.tar, one .tar, or a pattern: shards/{split}-{000000..000009}.tar, shards/*.tar
+    path: str
+
+    def read(self, split: str, max_images: int | None) -> Corpus:
+        return read_shards(self.path, split, max_images=max_images)
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        if path.is_file():
+            return path.suffix == ".tar"
+        return path.is_dir() and any(p.is_file() for p in path.glob("*-*.tar"))

@@ -1,4 +1,4 @@
-"""Reader for plain image-caption pair files: the easiest way to bring your own data.
+"""The ``pairs`` data format: plain image-caption pair files, the easiest way to bring your own data.
 
 One row per (image, caption) pair, as CSV/TSV with a header or as JSON lines, with columns ``image`` and
 ``caption`` and optionally ``split`` and ``label``. Rows are grouped by image in order of first appearance.
@@ -20,13 +20,16 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from vsekit.data.corpus import Corpus, DataError
+from vsekit.data.sources.base import DataConfig, register_source
 from vsekit.data.textio import (
     bounded_lines,
+    first_char,
     json_type,
     open_text,
     parse_json,
@@ -36,7 +39,7 @@ from vsekit.data.textio import (
 )
 from vsekit.text.tokenizer import clean_text
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vsekit.data.pairs")
 
 
 class NoSplitColumn(DataError):
@@ -46,6 +49,32 @@ class NoSplitColumn(DataError):
 PAIRS_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 _SPLIT_ALIASES = {"dev": "val"}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+REQUESTED = "requested"
+
+
+@register_source("pairs", sniff_priority=30)
+class PairsData(DataConfig):
+    """a .csv/.tsv/.jsonl pairs file (or a .json array of rows)."""
+
+    format: Literal["pairs"] = "pairs"
+    path: str
+    image_root: str | None = None  # relative image paths resolve here (default: the file's folder)
+    # which rows a split reads: "requested" (the rows whose split column is the split asked for), a split
+    # value (those rows, whatever split is asked for), or null (every row: a file per split, no split column)
+    split: str | None = Field(REQUESTED, description="rows to read: 'requested', a split value, or null for all")
+
+    def read(self, split: str, max_images: int | None) -> Corpus:
+        file_split = split if self.split == REQUESTED else self.split
+        return read_pairs(self.path, file_split, image_root=self.image_root)
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        suffix = path.suffix.lower()
+        return path.is_file() and suffix in PAIRS_EXTENSIONS and (suffix != ".json" or first_char(path) == "[")
+
+    @classmethod
+    def from_path(cls, path: Path, image_root: str | None = None) -> dict[str, Any]:
+        return {"path": str(path), "image_root": image_root}
 
 
 def read_pairs(path: str | Path, split: str | None = None, image_root: str | Path | None = None) -> Corpus:

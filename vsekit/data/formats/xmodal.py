@@ -131,7 +131,7 @@ def _dataset_layout(root: Path) -> tuple[bool, bool]:
 _LAYOUTS: dict[Path, tuple[tuple, tuple[bool, bool]]] = {}
 
 
-@register_source("xmodal", sniff_priority=15)
+@register_source("xmodal", sniff_priority=16)  # after shards: a folder holding both reads as shards
 class CrossModalFeatureData(DataConfig):
     """a folder of {split}_img / {split}_txt / {split}_img_lab .mat or .npy feature files."""
 
