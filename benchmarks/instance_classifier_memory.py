@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -97,6 +98,7 @@ class _RandomPool:
 
 def worker_full(stage: int, steps: int, num_classes: int) -> dict:
     from vsekit.config import resolve_config
+    from vsekit.data.batch import Batch
     from vsekit.losses import build_loss
     from vsekit.models import build_model
     from vsekit.train.objective import build_objective
@@ -110,10 +112,12 @@ def worker_full(stage: int, steps: int, num_classes: int) -> dict:
     vocab = 20_000
     model = build_model(cfg.model, vocab_size=vocab)
     model.image_encoder.set_finetune(bool(scfg.model.image_encoder["finetune"]))
-    objective = build_objective(plan.configs(), build_loss(cfg.loss), feature_dim=DIM, num_images=num_classes)
+    objective = build_objective(plan.configs(), build_loss(cfg.loss), feature_dim=DIM,
+                                corpus=SimpleNamespace(num_images=num_classes))
     objective.set_weights(scfg.objective)
+    if "mined" in objective.terms:
+        objective.terms["mined"].pool = _RandomPool(vocab, num_classes)
     opt = sgd([*model.parameters(), *objective.terms.parameters()])
-    pool = _RandomPool(vocab, num_classes)
     images = torch.randn(BATCH, 3, 224, 224)
     tokens, lengths = torch.randint(4, vocab, (BATCH, 14)), torch.full((BATCH,), 14)
     ids = torch.randperm(num_classes)[:BATCH]
@@ -122,9 +126,10 @@ def worker_full(stage: int, steps: int, num_classes: int) -> dict:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        neg = objective.mine(model, images, ids, pool, model.train) if objective.mining else None
+        batch = objective.prepare(model, Batch(images, (tokens, lengths), ids), model.train)
+        neg = batch.negatives
         out = model.embed(images, (tokens, lengths), neg.text if neg else None)
-        loss, parts = objective(out, ids, negatives=neg)
+        loss, parts = objective(out, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -13,6 +13,7 @@ from torch import nn
 
 from vsekit.config import resolve_config
 from vsekit.config.schema import ObjectiveConfig
+from vsekit.data.batch import Batch
 from vsekit.data.corpus import DataError
 from vsekit.data.formats.xmodal import normalise_labels
 from vsekit.data.sources import load_split, sniff_source
@@ -68,8 +69,8 @@ def _objective(adv_weight: float, seed: int = 0) -> tuple[Objective, nn.Linear, 
     cfg = ObjectiveConfig.model_validate({"loss_weight": 0.0, "label": {"weight": 1.0},
                                           "adversarial": {"weight": adv_weight, "schedule": "constant",
                                                           "lam": 0.5}})
-    obj = Objective(build_loss("hinge"), label=LabelClassifierLoss(4, 3),
-                    adversarial=ModalityAdversarialLoss(4))
+    obj = Objective(build_loss("hinge"), {"label": LabelClassifierLoss(4, 3),
+                                          "adversarial": ModalityAdversarialLoss(4)})
     obj.set_weights(cfg)
     return obj, proj_i, proj_t
 
@@ -83,7 +84,7 @@ def test_the_adversary_really_trains_the_projectors():
         obj, pi, pt = _objective(w)
         vi, vt = torch.tanh(pi(x_i)), torch.tanh(pt(x_t))
         out = PairOutput(vi, vt, vi @ vt.t(), vi, vt)
-        loss, parts = obj(out, torch.arange(8), labels=labels)
+        loss, parts = obj(out, Batch(None, (), torch.arange(8), labels=labels))
         loss.backward()
         grads[w] = pi.weight.grad.clone()
         if w:
@@ -345,7 +346,7 @@ def test_acmr_multilabel_uses_bce_and_shared_labels(tmp_path, cache):
         f"data.path={tmp_path / 'multi'}", f"output_dir={tmp_path / 'run'}", "train.epochs=2",
         "train.batch_size=32", "train.progress=false"])
     t = Trainer(cfg)
-    assert t.labels.ndim == 2 and t.objective.terms["label"].classifier.out_features == 4
+    assert t.run.labels.ndim == 2 and t.objective.terms["label"].classifier.out_features == 4
     assert np.isfinite(t.fit()["best_rsum"])
 
 

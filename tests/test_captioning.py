@@ -13,10 +13,10 @@ import torch
 
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
 from vsekit.config import resolve_config
+from vsekit.data.batch import Batch
 from vsekit.data.corpus import Corpus
 from vsekit.errors import ConfigError
 from vsekit.losses.caption import CaptionTerm, reference_ids
-from vsekit.losses.terms import TermBatch
 from vsekit.models.decoder import CaptionDecoder, beam_search, greedy_decode
 from vsekit.models.vse import PairOutput
 from vsekit.text.caption_metrics import CiderD, caption_scores, cider_d, corpus_bleu, index_words
@@ -244,7 +244,7 @@ def test_cross_entropy_falls_on_a_memorised_batch(options):
     image = torch.randn(4, 8)  # [high | low], 4 each
     context = torch.randn(4, 3, 4) if options["condition"] == "context" else None
     text = _tokens(["a b", "c d d", "b a c", "d"])
-    batch = TermBatch(image, text, torch.arange(4))
+    batch = Batch(image, text, torch.arange(4))
     opt = torch.optim.Adam(term.parameters(), lr=0.02)
     losses = []
     for _ in range(60):
@@ -263,7 +263,7 @@ def test_cross_entropy_falls_on_a_memorised_batch(options):
 def test_the_image_vector_and_its_gradient():
     term = CaptionTerm(embed_size=4, vocab=VOCAB, hidden=8, word_dim=4)
     image = torch.randn(2, 8, requires_grad=True)
-    batch = TermBatch(image, _tokens(["a b", "c"]), torch.arange(2))
+    batch = Batch(image, _tokens(["a b", "c"]), torch.arange(2))
     term(_out(image), batch).backward()
     assert image.grad[:, :4].abs().sum() == 0 and image.grad[:, 4:].abs().sum() > 0  # v_l only, into the encoder
     frozen = CaptionTerm(embed_size=4, vocab=VOCAB, hidden=8, word_dim=4, detach_image=True)
@@ -295,7 +295,7 @@ def test_self_critical_step_raises_a_sample_that_beats_the_greedy_baseline(bette
     monkeypatch.setattr(term.decoder, "sample", recording)
     rewards = iter([torch.tensor([0.5]), torch.tensor([1.0 if better else 0.0])])  # greedy first, then sample
     monkeypatch.setattr(term, "rewards", lambda decoded, rows: next(rewards))
-    loss, extra = term(_out(image), TermBatch(image, (), torch.tensor([0])))
+    loss, extra = term(_out(image), Batch(image, (), torch.tensor([0])))
     assert float(extra["scst_reward"]) == (1.0 if better else 0.0) and float(extra["scst_greedy_reward"]) == 0.5
     words = [t for t, m in zip(drawn[0].tokens[0].tolist(), drawn[0].mask[0].tolist()) if m]
     tokens = torch.tensor([[START, *words]])
@@ -318,7 +318,7 @@ def test_self_critical_rewards_are_cider_d_against_all_training_references():
                        mode="scst", scst_samples=3)
     torch.manual_seed(0)
     image = torch.randn(2, 4)
-    loss, extra = term(_out(image), TermBatch(image, (), torch.tensor([1, 0])))
+    loss, extra = term(_out(image), Batch(image, (), torch.tensor([1, 0])))
     assert loss.requires_grad and {"scst_reward", "scst_greedy_reward"} == set(extra)
     decoded = term.decoder.greedy(image, max_len=5)
     refs = [[[4, 5], [4, 5, 6]], [[6, 7], [7, 7]]]  # ids: a 4, b 5, c 6, d 7
@@ -332,7 +332,7 @@ def test_self_critical_rewards_are_cider_d_against_all_training_references():
 def test_a_term_without_the_corpus_cannot_train_self_critically():
     term = CaptionTerm(embed_size=4, vocab=VOCAB, condition="embedding", mode="scst")
     with pytest.raises(ConfigError, match="scst needs the training corpus"):
-        term(_out(torch.randn(1, 4)), TermBatch(torch.zeros(1), (), torch.tensor([0])))
+        term(_out(torch.randn(1, 4)), Batch(torch.zeros(1), (), torch.tensor([0])))
 
 
 # -- through the trainer, and the command line ------------------------------------------------------------

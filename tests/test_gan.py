@@ -13,10 +13,11 @@ from PIL import Image
 from vsekit.checkpoint import load_checkpoint
 from vsekit.cli import main
 from vsekit.config import resolve_config
+from vsekit.data.batch import Batch
 from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vsekit.errors import ConfigError
 from vsekit.losses.gan import TextToImageGAN, mismatched_partners, to_generator_range
-from vsekit.losses.terms import TermBatch, detached
+from vsekit.losses.terms import detached
 from vsekit.models import build_model
 from vsekit.models.gan import (
     ConditioningAugmentation,
@@ -113,7 +114,7 @@ def _batch(b: int = 6, ids=(0, 0, 1, 2, 3, 3)):
     cap = torch.rand(b, 2 * E, generator=g).requires_grad_(True)
     out = PairOutput(torch.rand(b, 2 * E, generator=g), cap, torch.zeros(b, b), torch.zeros(b, 2 * E),
                      torch.zeros(b, 2 * E))
-    return out, TermBatch(images, (torch.ones(b, 3, dtype=torch.long), torch.full((b,), 3)), torch.tensor(ids))
+    return out, Batch(images, (torch.ones(b, 3, dtype=torch.long), torch.full((b,), 3)), torch.tensor(ids))
 
 
 def test_the_discriminator_sees_matched_mismatched_and_generated_pairs():
@@ -210,7 +211,7 @@ def test_the_generator_loss_reaches_the_grounded_text_encoder_only():
     out = model.embed(torch.randn(3, 4, 10), (torch.randint(1, 20, (3, 6)), torch.tensor([6, 4, 2])))
     term = _term()
     images = torch.randn(3, 3, 16, 16)
-    value, extra = term(out, TermBatch(images, (), torch.arange(3)))
+    value, extra = term(out, Batch(images, (), torch.arange(3)))
     t_l = out.caption_emb[:, E:].detach()
     torch.testing.assert_close(term.condition_of(out.caption_emb).detach(), t_l * math.sqrt(E))
     kl = kl_to_standard_normal(*term.augment(t_l * math.sqrt(E))[1:], "dim_mean")

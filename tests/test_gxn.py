@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from vsekit.config import resolve_config
+from vsekit.data.batch import Batch
 from vsekit.losses import LOSSES
 from vsekit.losses.levels import LevelRankingLoss
-from vsekit.losses.terms import TermBatch
 from vsekit.models import SIMILARITIES, build_model
 from vsekit.models.vse import PairOutput
 
@@ -66,7 +66,7 @@ def test_level_ranking_is_the_loss_of_each_level_summed():
     ids = torch.arange(6)
     term = LevelRankingLoss(embed_size=4, loss={"name": "hinge", "margin": 0.05})
     out = PairOutput(img, cap, torch.zeros(6, 6), img, cap)
-    value, parts = term(out, TermBatch(img, (cap,), ids))
+    value, parts = term(out, Batch(img, (cap,), ids))
     order = SIMILARITIES.get("order")
     hinge = LOSSES.build({"name": "hinge", "margin": 0.05, "reduction": "max"})
     want = hinge(order(img[:, :4], cap[:, :4]), ids) + hinge(order(img[:, 4:], cap[:, 4:]), ids)
@@ -85,7 +85,7 @@ def test_level_ranking_passes_the_epoch_to_its_loss_for_a_warm_up():
         term.set_epoch(epoch)
         hinge = LOSSES.build({"name": "hinge", "margin": 0.05, "reduction": reduction})
         want = hinge(order(img[:, :4], cap[:, :4]), ids) + hinge(order(img[:, 4:], cap[:, 4:]), ids)
-        torch.testing.assert_close(term(out, TermBatch(img, (cap,), ids))[0], want)
+        torch.testing.assert_close(term(out, Batch(img, (cap,), ids))[0], want)
 
 
 def test_gxn_embedding_demo_recipe_resolves_and_trains_a_step(tmp_path, cache):

@@ -8,8 +8,12 @@ from torch import nn
 
 from vsekit.checkpoint import load_checkpoint
 from vsekit.config import resolve_config
+from vsekit.data.datasets import Skipped, collate_pairs
 from vsekit.errors import ConfigError
+from vsekit.losses import build_loss
+from vsekit.losses.labels import LabelTripletLoss
 from vsekit.losses.terms import OBJECTIVE_TERMS, AuxiliaryUpdate, ObjectiveTerm
+from vsekit.train.objective import Objective
 from vsekit.train.trainer import Trainer
 
 
@@ -111,3 +115,32 @@ def test_a_fixed_option_cannot_change_between_stages(tmp_path, cache):
                "{epochs: 1, objective: {terms: {toy_critic: {weight: 1, hidden: 4}}}}]")
     with pytest.raises(ConfigError, match="objective.terms.toy_critic.hidden: cannot change between training stages"):
         Trainer(cfg).fit()
+
+
+def test_every_term_is_registered_and_a_built_in_one_keeps_its_own_section():
+    assert {"instance", "mined", "label", "triplet", "embedding", "adversarial", "caption", "gan",
+            "level_ranking"} <= set(OBJECTIVE_TERMS.names())
+    with pytest.raises(ConfigError, match="built-in term with a section of its own: set objective.label"):
+        resolve_config(None, ["objective.terms.label.weight=1"])
+    with pytest.raises(ConfigError, match=r"^objective.mined.name: unknown mined-negative loss 'other'"):
+        resolve_config(None, ["objective.mined.name=other"])
+
+
+def test_the_collate_fills_one_batch_that_every_term_reads():
+    items = [(torch.zeros(3), torch.tensor([4, 5]), 2, 7), (torch.ones(3), torch.tensor([6]), 0, 1)]
+    labels, vectors = torch.tensor([10, 11, 12]), torch.arange(16.0).reshape(8, 2)
+    b = collate_pairs(items, labels=labels, caption_vectors=vectors)
+    assert b.image_ids.tolist() == [2, 0] and b.caption_idx.tolist() == [7, 1] and b.labels.tolist() == [12, 10]
+    assert torch.equal(b.caption_vectors, vectors[[7, 1]]) and b.text[1].tolist() == [2, 1] and len(b) == 2
+    moved = b.to("cpu")
+    assert moved.text[1].device.type == "cpu" and torch.equal(moved.images, b.images)
+    assert b.gather() is b  # one process: the global batch is this one
+    empty = collate_pairs([Skipped("x.jpg: unreadable")])
+    assert empty.images is None and empty.skipped == ["x.jpg: unreadable"] and len(empty) == 0
+
+
+def test_raw_space_triplets_under_distributed_training_fail_before_the_first_step():
+    hinge = build_loss("hinge")
+    with pytest.raises(ConfigError, match=r"^objective.triplet.mine_in: input .* distributed training"):
+        Objective(hinge, {"triplet": LabelTripletLoss(mine_in="input")}).check_distributed()
+    Objective(hinge, {"triplet": LabelTripletLoss()}).check_distributed()  # mined among the gathered embeddings

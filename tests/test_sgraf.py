@@ -253,18 +253,19 @@ def test_lr_mult_reaches_the_similarity_parameters():
 def test_embedding_term_trains_the_pooled_embeddings():
     """objective.embedding: a ranking loss on the embeddings' cosine, beside (here: instead of) the loss on the
     network's scores; it reaches the encoders, not the network."""
+    from vsekit.data.batch import Batch
     from vsekit.losses import InfoNCELoss
     from vsekit.train.objective import build_objective
 
     cfg = config(SPECS["sgr"], **{"objective.loss_weight": 0.0, "objective.embedding.weight": 2.0,
                                   "objective.embedding.loss.name": "infonce"})
     assert cfg.objective.embedding.loss == {"name": "infonce"}  # the hinge's options went with it
-    objective = build_objective([cfg], build_loss(cfg.loss), feature_dim=16, num_images=10)
+    objective = build_objective([cfg], build_loss(cfg.loss), feature_dim=16)
     model = model_of("sgr")
     images, tokens, lengths = batch()
     out = model.embed(images, (tokens, lengths))
     ids = torch.tensor([0, 1, 1, 2])
-    total, parts = objective(out, ids)
+    total, parts = objective(out, Batch(images, (tokens, lengths), ids))
     assert set(parts) == {"embedding"}
     want = InfoNCELoss()(out.image_emb @ out.caption_emb.t(), ids)
     torch.testing.assert_close(total, 2.0 * want)

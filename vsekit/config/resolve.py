@@ -54,7 +54,7 @@ def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
 
 def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
     """Check, in place, the sections that name registered components against those components."""
-    from vsekit.losses import LOSSES, MINED_LOSSES
+    from vsekit.losses import LOSSES, MINED_LOSS, OBJECTIVE_TERMS
     from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
     from vsekit.models.similarity import check_similarity_spec
 
@@ -86,9 +86,12 @@ def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
                     raise ConfigError(f"{prefix}objective.mined.{k}: expected {kind}, got {own[k]!r}") from None
         if own.get("pool_size", 1) < 1:
             raise ConfigError(f"{prefix}objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
-        spec = {k: v for k, v in mined.items() if k not in own}
-        objective["mined"] = {**_component(MINED_LOSSES, spec, {"name": default["name"]}, f"{prefix}objective.mined",
-                                           also=MINED_OWN_KEYS), **own}
+        if mined.get("name", MINED_LOSS) != MINED_LOSS:
+            raise ConfigError(f"{prefix}objective.mined.name: unknown mined-negative loss {mined['name']!r} "
+                              f"(known: {MINED_LOSS})")
+        spec = {"name": "mined", **{k: v for k, v in mined.items() if k not in own and k != "name"}}
+        checked = OBJECTIVE_TERMS.validate(spec, f"{prefix}objective.mined", also=MINED_OWN_KEYS)
+        objective["mined"] = {**checked, "name": default["name"], **own}
     if isinstance(objective, dict) and objective.get("terms") is not None:
         objective["terms"] = _validate_terms(objective["terms"], f"{prefix}objective.terms")
 

@@ -137,8 +137,16 @@ class EmbeddingTermConfig(Section):
     loss: dict[str, Any] = Field(default_factory=lambda: {"name": "hinge", "margin": 0.2, "reduction": "sum"})
 
 
+#: the terms with a section of their own (``objective.<name>``), in the order the objective adds them up
+BUILTIN_TERMS = ("instance", "mined", "label", "triplet", "embedding", "adversarial")
+_WEIGHT_KEYS = ("weight", "image_weight", "text_weight")
+
+
 class ObjectiveConfig(Section):
-    """The weighted terms of the training objective (``vsekit.train.objective``)."""
+    """The training objective (``vsekit.train.objective``): ``loss_weight`` x the ``loss`` section plus the
+    weighted terms. Every term is an ``OBJECTIVE_TERMS`` entry (:meth:`term_sections` lists them all); the
+    built-in ones keep a typed section of their own (``objective.instance``, ...), the others sit under
+    ``terms``."""
 
     loss_weight: float = 1.0  # the in-batch ranking loss of the ``loss`` section
     instance: InstanceConfig = Field(default_factory=InstanceConfig)
@@ -146,36 +154,40 @@ class ObjectiveConfig(Section):
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     triplet: TripletConfig = Field(default_factory=TripletConfig)
     embedding: EmbeddingTermConfig = Field(default_factory=EmbeddingTermConfig)
-    # ranking with one mined hard-negative caption per anchor: a MINED_LOSSES entry (its own options beside
-    # ``weight`` and ``pool_size``, the number of random training captions scored per step)
+    # ranking with one mined hard-negative caption per anchor: ``name`` is the one such loss (dualpath_rank);
+    # its options beside ``weight`` and ``pool_size``, the number of random training captions scored per step
     mined: dict[str, Any] = Field(default_factory=lambda: {"name": "dualpath_rank", "weight": 0.0,
                                                            "pool_size": MINED_POOL_SIZE})
     # registered terms (``vsekit.losses.terms.OBJECTIVE_TERMS``) by name: {weight, optim, the term's options}
     terms: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("terms")
+    @classmethod
+    def _not_built_in(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if name in BUILTIN_TERMS:
+                raise ValueError(f"{name!r} is a built-in term with a section of its own: set objective.{name}")
+        return v
+
+    def term_sections(self) -> dict[str, dict[str, Any]]:
+        """Every term's section by name (weights included): the built-in terms first, then ``terms``."""
+        own = {n: getattr(self, n) for n in BUILTIN_TERMS}
+        return {**{n: s if isinstance(s, dict) else s.model_dump() for n, s in own.items()}, **self.terms}
+
     def term_weight(self, name: str) -> float:
-        return float((self.terms.get(name) or {}).get("weight", 0.0) or 0.0)
-
-    @property
-    def mined_weight(self) -> float:
-        return float(self.mined.get("weight", 0.0) or 0.0)
-
-    @property
-    def mined_pool_size(self) -> int:
-        return int(self.mined.get("pool_size", MINED_POOL_SIZE))
-
-    @property
-    def mined_loss(self) -> dict[str, Any]:
-        """The ``objective.mined`` section without the objective's own keys: the mined loss's spec."""
-        return {"name": self.mined.get("name", "dualpath_rank"),
-                **{k: v for k, v in self.mined.items() if k not in MINED_OWN_KEYS}}
+        """The weight of term ``name`` (the instance term's: the first non-zero of its two); 0 when unset."""
+        section = self.term_sections().get(name) or {}
+        return next((float(section[k]) for k in _WEIGHT_KEYS if section.get(k)), 0.0)
 
     def weights(self) -> dict[str, float]:
-        return {"loss": float(self.loss_weight), "instance_image": float(self.instance.image_weight),
-                "instance_text": float(self.instance.text_weight), "mined": self.mined_weight,
-                "label": float(self.label.weight), "adversarial": float(self.adversarial.weight),
-                "triplet": float(self.triplet.weight), "embedding": float(self.embedding.weight),
-                **{name: self.term_weight(name) for name in self.terms}}
+        """The weight of every value the objective adds up (the instance term has one per path)."""
+        out = {"loss": float(self.loss_weight)}
+        for name, section in self.term_sections().items():
+            if name == "instance":
+                out.update(instance_image=float(section["image_weight"]), instance_text=float(section["text_weight"]))
+            else:
+                out[name] = float(section.get("weight", 0.0) or 0.0)
+        return out
 
 
 class SemanticsConfig(Section):

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
+from vsekit.data.batch import Batch, text_to  # noqa: F401 - text_to: also imported from here
 from vsekit.data.corpus import Corpus
 from vsekit.data.images import ImageLoadError
 
@@ -100,11 +101,14 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, corpus: Corpus, text: TextSource, image_source: ImageSource,
-                 sample: str = "caption", seed: int = 0, skip_unreadable: bool = False) -> None:
+                 sample: str = "caption", seed: int = 0, skip_unreadable: bool = False, *,
+                 labels: torch.Tensor | None = None, caption_vectors: torch.Tensor | None = None) -> None:
         if sample not in ("caption", "image"):
             raise ValueError(f"data.sample must be 'caption' or 'image', got {sample!r}")
         self.corpus, self.text, self.images = corpus, text, image_source
         self.skip_unreadable = bool(skip_unreadable)
+        # row-indexed class labels and caption-indexed LSA vectors, when a term reads them (see collate)
+        self.labels, self.caption_vectors = labels, caption_vectors
         self.sample, self.seed = sample, seed
         order = np.argsort(corpus.caption_to_image, kind="stable")
         counts = corpus.captions_per_image()
@@ -135,6 +139,10 @@ class PairDataset(Dataset):
                 raise
             return Skipped(str(e))  # data.skip_missing_images: dropped from the batch, counted, logged
         return image, self.text(j), row, j
+
+    def collate(self, items: list) -> Batch:
+        """:func:`collate_pairs` with this dataset's labels and caption vectors (a DataLoader's collate_fn)."""
+        return collate_pairs(items, labels=self.labels, caption_vectors=self.caption_vectors)
 
 
 class Skipped(str):
@@ -217,23 +225,20 @@ def collate_text(items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return pad_tokens(items)
 
 
-def text_to(text: tuple[torch.Tensor, ...], device: torch.device | str) -> tuple[torch.Tensor, ...]:
-    """Text inputs on ``device``; the lengths of a token batch stay on the CPU (packing needs them there)."""
-    if len(text) == 2:
-        return text[0].to(device, non_blocking=True), text[1]
-    return tuple(t.to(device, non_blocking=True) for t in text)
-
-
-def collate_pairs(batch):
-    """A training batch; pairs :class:`Skipped` for an unreadable image are left out and listed under
-    ``"skipped"`` (``None`` when every pair of the batch was skipped)."""
+def collate_pairs(batch, *, labels: torch.Tensor | None = None,
+                  caption_vectors: torch.Tensor | None = None) -> Batch:
+    """A training :class:`Batch` of (image, text, row, caption index) items, with the rows' ``labels`` and the
+    captions' ``caption_vectors`` when given; pairs :class:`Skipped` for an unreadable image are left out and
+    listed under ``skipped`` (``images`` is None when every pair of the batch was skipped)."""
     skipped = [item for item in batch if isinstance(item, Skipped)]
     batch = [item for item in batch if not isinstance(item, Skipped)]
     if not batch:
-        return {"skipped": skipped, "images": None}
+        return Batch(None, (), torch.zeros(0, dtype=torch.long), skipped=skipped)
     images, texts, rows, caps = zip(*batch)
-    return {"images": torch.stack(images), "text": collate_text(texts), "skipped": skipped,
-            "image_rows": torch.tensor(rows, dtype=torch.long), "caption_idx": torch.tensor(caps, dtype=torch.long)}
+    rows, caps = torch.tensor(rows, dtype=torch.long), torch.tensor(caps, dtype=torch.long)
+    return Batch(torch.stack(images), collate_text(texts), rows, caps, skipped=skipped,
+                 labels=labels[rows] if labels is not None else None,
+                 caption_vectors=caption_vectors[caps] if caption_vectors is not None else None)
 
 
 def collate_images(batch):

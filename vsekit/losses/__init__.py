@@ -2,13 +2,13 @@
 
 Registered: ``"hinge"`` (VSE0 / VSE++), ``"hinge_warmup"`` (VSE∞ schedule), ``"infonce"`` (CLIP),
 ``"lseh"`` (semantic margins, needs ``caption_vectors``). Build one from a config with :func:`build_loss`.
-Registered objective terms (``OBJECTIVE_TERMS``, ``objective.terms.<name>``): ``"level_ranking"`` (a ranking
-loss per embedding level, GXN), ``"caption"`` (a caption decoder: cross-entropy or self-critical CIDEr-D
-training) and ``"gan"`` (GXN's text-to-image GAN).
-
-Losses that read more than the similarity matrix have their own entry points: ``InstanceLoss`` (a classifier
-shared by both paths, Dual-Path) and the mined-negative losses of ``MINED_LOSSES`` (``"dualpath_rank"``);
-the trainer's objective (``vsekit.train.objective``) weighs them together with the in-batch loss.
+Objective terms (``OBJECTIVE_TERMS``, one protocol: :class:`~vsekit.losses.terms.ObjectiveTerm`), which the
+trainer's objective (``vsekit.train.objective``) weighs together with the in-batch loss. Built in, each with
+its own section ``objective.<name>``: ``"instance"`` (a classifier shared by both paths, Dual-Path),
+``"mined"`` (a mined hard negative per anchor, Dual-Path), ``"label"``, ``"triplet"`` and ``"adversarial"``
+(ACMR), ``"embedding"`` (a ranking loss on the embeddings' cosine). Under ``objective.terms.<name>``:
+``"level_ranking"`` (a ranking loss per embedding level, GXN), ``"caption"`` (a caption decoder:
+cross-entropy or self-critical CIDEr-D training) and ``"gan"`` (GXN's text-to-image GAN).
 """
 
 from __future__ import annotations
@@ -17,26 +17,23 @@ from typing import Any
 
 from torch import nn
 
+import vsekit.losses.adversarial  # noqa: E402, F401, I001  (registers the "adversarial" term)
 import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
 import vsekit.losses.gan  # noqa: E402, F401, I001  (registers the "gan" term)
-import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" term)
+import vsekit.losses.labels  # noqa: E402, F401, I001  (registers the "label" and "triplet" terms)
+import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" and "embedding" terms)
 from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask
-from vsekit.losses.dualpath import MINED_LOSSES, DualPathRankingLoss, mine_hard_negatives
+from vsekit.losses.dualpath import MINED_LOSS, DualPathRankingLoss, mine_hard_negatives
 from vsekit.losses.hinge import HingeRankingLoss, WarmupHingeLoss
 from vsekit.losses.infonce import InfoNCELoss
 from vsekit.losses.instance import InstanceLoss
 from vsekit.losses.lseh import LSEHLoss, image_mean_vectors, semantic_margins, semantic_similarity
-from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm, TermBatch
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 
 
 def build_loss(spec: dict[str, Any] | str, **extra: Any) -> nn.Module:
     """Build a registered loss from ``{"name": ..., **kwargs}`` or a bare name, e.g. ``{"name": "lseh"}``."""
     return LOSSES.build(spec, **extra)
-
-
-def build_mined_loss(spec: dict[str, Any] | str, **extra: Any) -> nn.Module:
-    """Build a registered mined-negative loss, e.g. ``{"name": "dualpath_rank", "margin": 1.0}``."""
-    return MINED_LOSSES.build(spec, **extra)
 
 
 __all__ = [
@@ -47,10 +44,9 @@ __all__ = [
     "InfoNCELoss",
     "LSEHLoss",
     "build_loss",
-    "MINED_LOSSES",
+    "MINED_LOSS",
     "DualPathRankingLoss",
     "InstanceLoss",
-    "build_mined_loss",
     "mine_hard_negatives",
     "hinge_costs",
     "reduce_hinge_costs",
@@ -60,5 +56,4 @@ __all__ = [
     "image_mean_vectors",
     "OBJECTIVE_TERMS",
     "ObjectiveTerm",
-    "TermBatch",
 ]

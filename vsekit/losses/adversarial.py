@@ -13,12 +13,15 @@ objective the projectors are trained by.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vsekit.data.batch import Batch
 from vsekit.losses.base import autocast_disabled
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 
 
 class _GradReverse(torch.autograd.Function):
@@ -63,7 +66,7 @@ class ModalityDiscriminator(nn.Module):
         return self.net(x)
 
 
-class ModalityAdversarialLoss(nn.Module):
+class ModalityAdversarialLoss(ObjectiveTerm):
     """Cross-entropy of the modality discriminator on both modalities' embeddings, through gradient reversal.
 
     ``forward(image_emb, caption_emb, lam)`` returns ``(loss, accuracy)``: the mean CE over the 2B embeddings
@@ -78,6 +81,13 @@ class ModalityAdversarialLoss(nn.Module):
           layer and the λ_p schedule).
     """
 
+    # as the objective's term ``adversarial``: λ = lam x the DANN schedule at the training progress
+    # (``progress: epoch`` or per ``step``), or lam (``schedule: constant``)
+    stage_keys = ("schedule", "gamma", "lam", "progress")
+    global_batch = True
+    schedule, gamma, lam, progress = "dann", 10.0, 1.0, "epoch"
+    position = 0.0  # the training progress in [0, 1] that the schedule reads
+
     def __init__(self, dim: int, hidden: list[int] | None = None, activation: str = "none") -> None:
         super().__init__()
         self.discriminator = ModalityDiscriminator(dim, hidden, activation)
@@ -91,3 +101,22 @@ class ModalityAdversarialLoss(nn.Module):
             loss = F.cross_entropy(logits, target)
             accuracy = (logits.detach().argmax(1) == target).float().mean()
         return loss, accuracy
+
+    def set_progress(self, epoch: float, step: float) -> None:
+        self.position = step if self.progress == "step" else epoch
+
+    def lam_now(self) -> float:
+        """λ of the gradient reversal now: the DANN schedule at the current progress, or a constant."""
+        return self.lam * (dann_lambda(self.position, self.gamma) if self.schedule == "dann" else 1.0)
+
+    def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
+        """The loss, and the discriminator's accuracy and λ (to log)."""
+        lam = self.lam_now()
+        loss, accuracy = self(out.image_emb, out.caption_emb, lam)
+        return {self.name: loss, "adv_accuracy": accuracy, "adv_lambda": loss.new_tensor(lam)}
+
+
+@OBJECTIVE_TERMS.register("adversarial")
+def adversarial_term(embed_size: int, hidden: list[int] | None = None, activation: str = "none",
+                     **_: Any) -> ModalityAdversarialLoss:
+    return ModalityAdversarialLoss(embed_size, hidden, activation)

@@ -119,16 +119,3 @@ class RankingLoss(nn.Module):
     def compute(self, sim: Tensor, image_ids: Tensor, caption_vectors: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-
-class MinedRankingLoss(nn.Module):
-    """Base class of the losses over mined negatives (``MINED_LOSSES``): anchors' image and caption
-    embeddings, one mined negative caption and one negative image per anchor, and a validity mask.
-
-    ``margin`` is declared here because the trainer may change it per training stage.
-    """
-
-    margin: float
-
-    def forward(self, image_emb: Tensor, caption_emb: Tensor, negative_caption_emb: Tensor,
-                negative_image_emb: Tensor, valid: Tensor | None = None) -> Tensor:
-        raise NotImplementedError

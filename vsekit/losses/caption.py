@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vsekit.data.batch import Batch
 from vsekit.errors import ConfigError
-from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm, TermBatch
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 from vsekit.models.decoder import CaptionDecoder, Decoded
 from vsekit.text.caption_metrics import MAX_TOKEN_ID, CiderD
 from vsekit.text.tokenizer import tokenize
@@ -148,7 +149,7 @@ class CaptionTerm(ObjectiveTerm):
         return vec, ctx
 
     # -- the objective ---------------------------------------------------------------------------------
-    def forward(self, out: Any, batch: TermBatch) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, out: Any, batch: Batch) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         vec, ctx = self.image_inputs(out.image_emb, out.image_features, out.image_context)
         if self.mode == "xe":
             if len(batch.text) != 2:

@@ -1,19 +1,26 @@
 """The ranking loss of Dual-Path stage II: one mined hard negative caption per anchor, margin 1 on cosine.
 
-Unlike the in-batch losses of ``LOSSES`` (which read a B x B similarity matrix), a mined-negative loss needs
-captions from outside the batch; the trainer's objective mines them (:func:`mine_hard_negatives`, model in
-eval mode) and encodes them with the positives. Such losses live in their own registry, ``MINED_LOSSES``.
+Unlike the in-batch losses of ``LOSSES`` (which read a B x B similarity matrix), this loss needs captions from
+outside the batch: as the objective's term ``mined`` (``objective.mined``) it mines them before the forward
+pass (:meth:`DualPathRankingLoss.prepare`, model in eval mode), and the model encodes them with the positives.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from vsekit.losses.base import MinedRankingLoss, autocast_disabled, check_choice
-from vsekit.registry import Registry
+from vsekit.data.batch import Batch, MinedNegatives, text_to
+from vsekit.data.datasets import CaptionPool
+from vsekit.losses.base import autocast_disabled, check_choice
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 
-MINED_LOSSES = Registry("mined-negative loss")
+#: the one mined-negative loss, the value of ``objective.mined.name``
+MINED_LOSS = "dualpath_rank"
+MINED_POOL_SIZE = 256
 
 
 def mine_hard_negatives(scores: Tensor, anchor_ids: Tensor, pool_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -32,8 +39,7 @@ def mine_hard_negatives(scores: Tensor, anchor_ids: Tensor, pool_ids: Tensor) ->
 REDUCTIONS = ("mean", "sum")
 
 
-@MINED_LOSSES.register("dualpath_rank")
-class DualPathRankingLoss(MinedRankingLoss):
+class DualPathRankingLoss(ObjectiveTerm):
     """Bidirectional triplet loss with a mined hard negative caption and another batch image per anchor.
 
     For anchor i with image x_i and caption y_i (L2-normalised), its mined hard negative caption n_i (the
@@ -85,10 +91,16 @@ class DualPathRankingLoss(MinedRankingLoss):
             True
     """
 
-    def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
+    stage_keys = ("margin", "pool_size")
+    global_batch = True
+    #: the training captions to mine from (set by the run that builds the term)
+    pool: CaptionPool | None = None
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean", pool_size: int = MINED_POOL_SIZE) -> None:
         super().__init__()
         self.margin = float(margin)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.pool_size = int(pool_size)  # random training captions scored per step to find the negatives
 
     def forward(self, image_emb: Tensor, caption_emb: Tensor, negative_caption_emb: Tensor,
                 negative_image_emb: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -108,3 +120,47 @@ class DualPathRankingLoss(MinedRankingLoss):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}"
+
+    # -- as the objective's term ``mined`` -----------------------------------------------------------------
+    def prepare(self, model: nn.Module, batch: Batch, restore_mode: Any) -> Batch:
+        if self.pool is None:
+            raise ValueError("the mined term has no caption pool to mine from (set DualPathRankingLoss.pool)")
+        return replace(batch, negatives=self.mine(model, batch.images, batch.image_ids, restore_mode))
+
+    @torch.no_grad()
+    def mine(self, model: nn.Module, images: Tensor, image_ids: Tensor, restore_mode: Any) -> MinedNegatives:
+        """Hard negative captions for the batch's images, scored with the model in eval mode.
+
+        ``pool_size`` random training captions are encoded (no batch-norm or dropout updates: eval mode, as
+        the reference encodes its 256 candidates in test mode), the anchors' images too, and each anchor gets
+        the most similar caption of another image. ``restore_mode`` puts the model back in training mode.
+        """
+        idx = self.pool.sample(self.pool_size)  # the global torch RNG: reproducible, and saved in checkpoints
+        text = self.pool.text(idx)
+        pool_ids = self.pool.image_ids(idx).to(image_ids.device)
+        model.eval()
+        try:
+            anchors = model.encode_images(images)
+            candidates = model.encode_captions(*text_to(text, images.device))
+            scores = model.similarity(anchors.float(), candidates.float())
+        finally:
+            restore_mode()
+        index, valid = mine_hard_negatives(scores, image_ids, pool_ids)
+        return MinedNegatives(tuple(t[index.cpu()] for t in text), pool_ids[index], valid)
+
+    def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
+        """Anchor i's negative image: the batch slot half a batch away (unless it shows the same image)."""
+        if batch.negatives is None or out.negative_emb is None:
+            raise ValueError("the mined term is on but no mined negatives were encoded")
+        ids = batch.image_ids
+        shift = max(1, out.image_emb.shape[0] // 2)
+        valid = batch.negatives.valid.to(ids.device) & (ids.roll(shift) != ids)
+        return {self.name: self(out.image_emb, out.caption_emb, out.negative_emb,
+                                out.image_emb.roll(shift, dims=0), valid)}
+
+
+@OBJECTIVE_TERMS.register("mined")
+def mined_term(margin: float = 1.0, reduction: str = "mean", pool_size: int = MINED_POOL_SIZE,
+               **_: Any) -> DualPathRankingLoss:
+    """The ``objective.mined`` term (its ``name`` is :data:`MINED_LOSS`, the one mined-negative loss)."""
+    return DualPathRankingLoss(margin, reduction, pool_size)

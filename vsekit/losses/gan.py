@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vsekit.data.batch import Batch
 from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vsekit.errors import ConfigError
-from vsekit.losses.terms import OBJECTIVE_TERMS, AuxiliaryUpdate, ObjectiveTerm, TermBatch
+from vsekit.losses.terms import OBJECTIVE_TERMS, AuxiliaryUpdate, ObjectiveTerm
 from vsekit.models.gan import (
     KL_REDUCTIONS,
     ConditioningAugmentation,
@@ -76,7 +77,7 @@ class TextToImageGAN(ObjectiveTerm):
     (stage I: conditioning augmentation, the generator and discriminator shapes, λ_KL = 2); Reed et al.,
     "Generative adversarial text to image synthesis", ICML 2016 (the matching-aware discriminator).
 
-    Requirements: image pixels (``TermBatch.images`` is the model's input batch (B, 3, H, W), normalised by
+    Requirements: image pixels (``Batch.images`` is the model's input batch (B, 3, H, W), normalised by
     the transform; it is converted by :func:`to_generator_range`) -- precomputed features are refused. The
     batch's ``image_ids`` tell which captions belong to the same image.
 
@@ -160,7 +161,7 @@ class TextToImageGAN(ObjectiveTerm):
         """The batch slots the GAN uses: the first ``max_pairs`` (a batch is a random sample already)."""
         return slice(0, n if self.max_pairs is None else min(n, self.max_pairs))
 
-    def real_images(self, batch: TermBatch) -> Tensor:
+    def real_images(self, batch: Batch) -> Tensor:
         images = batch.images[self._pairs(batch.images.shape[0])]
         if images.dim() != 4 or images.shape[1] != 3:
             raise ConfigError(f"{WHERE}: needs the batch's images as pixels (B, 3, H, W), got shape "
@@ -168,7 +169,7 @@ class TextToImageGAN(ObjectiveTerm):
         return to_generator_range(images, self.image_size)
 
     # -- the two losses --------------------------------------------------------------------------------
-    def forward(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, out: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cap = out.caption_emb
         t = self.condition_of(cap[self._pairs(cap.shape[0])])
         fake, mu, logvar = self.generate(t)
@@ -177,7 +178,7 @@ class TextToImageGAN(ObjectiveTerm):
         kl = kl_to_standard_normal(mu, logvar, self.kl_reduction)
         return adv + self.kl_weight * kl, {"gan_adv": adv.detach(), "gan_kl": kl.detach()}
 
-    def discriminator_loss(self, out: Any, batch: TermBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def discriminator_loss(self, out: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The matching-aware discriminator's loss on real/matched, real/mismatched and generated pairs."""
         cap = out.caption_emb
         pairs = self._pairs(cap.shape[0])

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vsekit.data.batch import Batch
+from vsekit.errors import ConfigError
 from vsekit.losses.base import autocast_disabled
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 from vsekit.models.heads import SharedClassifier
 
 
-class InstanceLoss(nn.Module):
+class InstanceLoss(ObjectiveTerm):
     """Cross-entropy of a classifier shared by the image and the text path over K = #training images classes.
 
     Zheng et al. treat each training image and its captions as one class c and train::
@@ -65,6 +70,9 @@ class InstanceLoss(nn.Module):
             torch.Size([100, 8])
     """
 
+    stage_keys = ("dropout",)
+    global_batch = True
+
     def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0, bias: bool = True,
                  init_std: float = 0.001) -> None:
         super().__init__()
@@ -89,3 +97,27 @@ class InstanceLoss(nn.Module):
     def pair(self, image_features: Tensor, caption_features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(L_img, L_txt) through the one shared classifier (each path gets its own dropout mask)."""
         return self(image_features, labels), self(caption_features, labels)
+
+    # -- as the objective's term ``instance`` (``objective.instance``) -------------------------------------
+    def parts(self) -> tuple[str, ...]:
+        return ("instance_image", "instance_text")
+
+    def set_stage(self, dropout: float = 0.0) -> None:
+        self.dropout.p = float(dropout)
+
+    def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
+        """Each path's loss while its weight is non-zero (a path left out draws no dropout mask)."""
+        paths = {"instance_image": out.image_features, "instance_text": out.caption_features}
+        return {k: self(f, batch.image_ids) for k, f in paths.items() if self.weights.get(k)}
+
+
+@OBJECTIVE_TERMS.register("instance")
+def instance_term(embed_size: int, corpus: Any = None, num_classes: int | None = None, dropout: float = 0.0,
+                  bias: bool = True, init_std: float = 0.001, **_: Any) -> InstanceLoss:
+    """The instance term of a run: every training image of ``corpus`` is a class (``num_classes`` may add more)."""
+    num_images = corpus.num_images
+    num_classes = int(num_classes or num_images)
+    if num_classes < num_images:
+        raise ConfigError(f"objective.instance.num_classes ({num_classes}) is less than the number of training "
+                          f"images ({num_images}): every training image is a class")
+    return InstanceLoss(embed_size, num_classes, dropout=dropout, bias=bias, init_std=init_std)

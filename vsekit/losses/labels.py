@@ -7,11 +7,16 @@ when they share at least one label.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vsekit.data.batch import Batch
+from vsekit.errors import ConfigError
 from vsekit.losses.base import autocast_disabled, check_choice
+from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 
 
 def share_label(a: Tensor, b: Tensor) -> Tensor:
@@ -21,11 +26,28 @@ def share_label(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() @ b.float().t()) > 0
 
 
-class LabelClassifierLoss(nn.Module):
+def batch_labels(batch: Batch) -> Tensor:
+    """The class labels of the batch's images; a term that needs them says so when the data has none."""
+    if batch.labels is None:
+        raise ConfigError("objective.label / objective.triplet need class labels, and the training data has none")
+    return batch.labels
+
+
+def num_label_classes(corpus: Any) -> int | None:
+    """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
+    if corpus is None or corpus.labels is None:
+        return None
+    return int(corpus.labels.shape[1]) if corpus.multi_label else int(corpus.labels.max()) + 1
+
+
+class LabelClassifierLoss(ObjectiveTerm):
     """One linear classifier over the common space, shared by both modalities (ACMR's label classifier: the
     image and the text embedding of an item must both predict its label). Cross-entropy for class ids, binary
     cross-entropy per class for multi-hot labels; the mean of the image and the text terms. Unlabelled items
     (id -1) are left out."""
+
+    global_batch = True
+    requires_labels = True
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
@@ -45,6 +67,18 @@ class LabelClassifierLoss(nn.Module):
             y = labels.float()
             return (F.binary_cross_entropy_with_logits(li, y) + F.binary_cross_entropy_with_logits(lt, y)) / 2
 
+    def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
+        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch))}
+
+
+@OBJECTIVE_TERMS.register("label")
+def label_term(embed_size: int, corpus: Any = None, num_classes: int | None = None, **_: Any) -> LabelClassifierLoss:
+    """The ``objective.label`` term: ``num_classes`` defaults to the training labels' number of classes."""
+    num_classes = num_classes or num_label_classes(corpus)
+    if num_classes is None:
+        raise ConfigError("objective.label needs class labels, and the training data has none")
+    return LabelClassifierLoss(embed_size, int(num_classes))
+
 
 def is_labelled(labels: Tensor) -> Tensor:
     """(B,) bool: the item has a label (class id >= 0, or a multi-hot row with a one)."""
@@ -61,7 +95,7 @@ def hardest_different_label(scores: Tensor, labels: Tensor) -> tuple[Tensor, Ten
     return masked.argmax(1), different.any(1)
 
 
-class LabelTripletLoss(nn.Module):
+class LabelTripletLoss(ObjectiveTerm):
     """Label-based triplet constraints, one hinge per triplet (ACMR's inter-modal invariance term).
 
     For anchor i (image v_i, text t_i) and the hardest different-label items in the batch::
@@ -77,6 +111,10 @@ class LabelTripletLoss(nn.Module):
     The released demo puts one hinge around batch sums (``[μ + a·Σd⁺ - Σd⁻]₊``, a = 5); that is not a triplet
     constraint per item, and is not reproduced.
     """
+
+    stage_keys = ("margin",)
+    global_batch = True
+    requires_labels = True
 
     def __init__(self, margin: float = 0.1, distance: str = "sq_euclidean", mine_in: str = "embedding") -> None:
         super().__init__()
@@ -113,3 +151,17 @@ class LabelTripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}, mine_in={self.mine_in!r}"
+
+    @property
+    def reads_inputs(self) -> bool:
+        return self.mine_in == "input"
+
+    def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
+        inputs = (batch.images, batch.text[0]) if batch.images is not None else (None, None)
+        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch), *inputs)}
+
+
+@OBJECTIVE_TERMS.register("triplet")
+def triplet_term(margin: float = 0.1, distance: str = "sq_euclidean", mine_in: str = "embedding",
+                 **_: Any) -> LabelTripletLoss:
+    return LabelTripletLoss(margin, distance, mine_in)

@@ -41,10 +41,8 @@ class TrainingRun:
     loss_fn: RankingLoss
     plan: StagePlan
     objective: Objective
-    caption_vectors: torch.Tensor | None
     dataset: PairDataset
     sampler: EpochSampler
-    caption_pool: CaptionPool | None
     labels: torch.Tensor | None  # class labels of the training images (row-indexed), when a term needs them
     text_feature_dim: int | None  # size of precomputed text features, when the data ships text as vectors
 
@@ -55,13 +53,6 @@ def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
 
 def text_feature_dim(corpus: Corpus) -> int | None:
     return int(corpus.caption_features.shape[1]) if corpus.has_text_features else None
-
-
-def num_label_classes(corpus: Corpus) -> int | None:
-    """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
-    if corpus.labels is None:
-        return None
-    return int(corpus.labels.shape[1]) if corpus.multi_label else int(corpus.labels.max()) + 1
 
 
 def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
@@ -112,9 +103,7 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     if not isinstance(loss_fn, RankingLoss):
         raise ConfigError(f"loss {cfg.loss['name']!r} is not a RankingLoss; the trainer needs one")
     plan = StagePlan(cfg)
-    objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size,
-                                num_images=train_corpus.num_images,
-                                num_classes_of_labels=num_label_classes(train_corpus), vocab=vocab,
+    objective = build_objective(plan.configs(), loss_fn, feature_dim=cfg.model.embed_size, vocab=vocab,
                                 corpus=train_corpus, feature_shape=shape)
     if "mined" in objective.terms and model.similarity_name != "cosine":
         raise ConfigError("objective.mined scores pairs by cosine; it needs model.similarity: cosine")
@@ -133,20 +122,21 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     if transform is not None:
         check_image_size(model, cfg.transform.image_size)
     text = TextSource(train_corpus, encode)
+    if "mined" in objective.terms:
+        objective.terms["mined"].pool = CaptionPool(train_corpus, text)
+    labels = None
+    if objective.needs_labels:
+        if train_corpus.labels is None:
+            raise ConfigError(f"{train_corpus.name}: objective.label / objective.triplet need class labels, and "
+                              "this data set has none (a 'label' column, Karpathy 'label' fields, label files)")
+        labels = torch.from_numpy(np.asarray(train_corpus.labels, dtype=np.int64))
     images = ImageSource(train_corpus, transform, cache_bytes=data.image_cache_mb << 20)
-    dataset = PairDataset(train_corpus, text, images, sample=data.sample,
-                          seed=cfg.seed, skip_unreadable=data.skip_missing_images)
+    dataset = PairDataset(train_corpus, text, images, sample=data.sample, seed=cfg.seed,
+                          skip_unreadable=data.skip_missing_images, labels=labels, caption_vectors=vectors)
     if cfg.train.batch_size > len(dataset):
         log.warning("train.batch_size (%d) is more than the %d training pairs of %s: every step is one batch of "
                     "the whole set, and memory grows with it; lower train.batch_size", cfg.train.batch_size,
                     len(dataset), train_corpus.name)
     sampler = EpochSampler(len(dataset), cfg.seed)
-    pool = CaptionPool(train_corpus, text) if "mined" in objective.terms else None
-    labels = None
-    if objective.terms.keys() & {"label", "triplet"}:
-        if train_corpus.labels is None:
-            raise ConfigError(f"{train_corpus.name}: objective.label / objective.triplet need class labels, and "
-                              "this data set has none (a 'label' column, Karpathy 'label' fields, label files)")
-        labels = torch.from_numpy(np.asarray(train_corpus.labels, dtype=np.int64))
-    return TrainingRun(cfg, train_corpus, val_corpus, vocab, shape, model, loss_fn, plan, objective, vectors,
-                       dataset, sampler, pool, labels, text_dim)
+    return TrainingRun(cfg, train_corpus, val_corpus, vocab, shape, model, loss_fn, plan, objective, dataset,
+                       sampler, labels, text_dim)

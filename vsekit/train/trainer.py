@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
 from vsekit.config.schema import OptimConfig
-from vsekit.data.datasets import collate_pairs, text_to
+from vsekit.data.batch import Batch, text_to
 from vsekit.errors import ConfigError, TrainingCollapsed, TrainingDiverged
 from vsekit.eval.chance import chance_rsum
-from vsekit.losses.terms import AuxiliaryUpdate, TermBatch, detached
+from vsekit.losses.terms import AuxiliaryUpdate, detached
 from vsekit.train import signals
 from vsekit.train.checkpointing import LAST, RUN_FILES, CheckpointPolicy, check_new_run, check_resume_config
 from vsekit.train.logger import MetricsLogger
@@ -91,9 +91,7 @@ class Trainer:
         self.feature_shape, self.model, self.loss_fn = run.feature_shape, run.model.to(self.device), run.loss_fn
         self.loss_fn.to(self.device)
         self.plan, self.objective = run.plan, run.objective.to(self.device)
-        self.caption_vectors, self.dataset, self.sampler = run.caption_vectors, run.dataset, run.sampler
-        self.caption_pool = run.caption_pool
-        self.labels = run.labels
+        self.dataset, self.sampler = run.dataset, run.sampler
         if init_state is not None:
             self.model.load_state_dict(init_state["model"])
             if len(self.objective.terms) and "objective" in init_state:
@@ -104,6 +102,7 @@ class Trainer:
         self.local_batch_size = tcfg.batch_size // self.world.size
         if self.world.distributed:
             self.sampler.shard(self.world.rank, self.world.size, self.local_batch_size)
+            self.objective.check_distributed()
             if self.model.learned_similarity:
                 raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
                                   "(model.similarity with parameters) needs its encoders' contexts gathered, which "
@@ -258,9 +257,7 @@ class Trainer:
         self.optim_cfg = scfg.optim
         # parts of the objective's terms with optimizers of their own (a discriminator), out of the main one
         self.aux = {}
-        for upd in self.objective.auxiliary_updates():
-            term = next(n for n in self.objective.registered
-                        if any(m is upd.module for m in self.objective.terms[n].modules()))
+        for term, upd in self.objective.auxiliary_updates():
             section = scfg.objective.terms.get(term, {}).get("optim") or {}
             # the stage's lr_mult names parameters of the model (image_encoder.backbone, objective.gan...), not of
             # this part: only the term's own optim section may give the part multipliers
@@ -294,50 +291,37 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, start=self.batches_done * self.batch_size)
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.epoch)
         return DataLoader(self.dataset, batch_size=self.local_batch_size, sampler=self.sampler,
-                          num_workers=self.cfg.data.num_workers, collate_fn=collate_pairs,
+                          num_workers=self.cfg.data.num_workers, collate_fn=self.dataset.collate,
                           generator=g, pin_memory=self.device.type == "cuda",
                           worker_init_fn=signals.worker_init if self.cfg.data.num_workers else None)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float | None:
+    def train_step(self, batch: Batch) -> float | None:
         dev = self.device
-        images = batch["images"].to(dev, non_blocking=True)
-        text = text_to(batch["text"], dev)
-        image_ids = batch["image_rows"].to(dev)
-        caption_vectors = None
-        if self.caption_vectors is not None:
-            caption_vectors = self.caption_vectors[batch["caption_idx"]].to(dev)
-        labels = self.labels[batch["image_rows"]].to(dev) if self.labels is not None else None
-        negatives = None
+        batch = batch.to(dev)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            if self.objective.mining:
-                negatives = self.objective.mine(self.model, images, image_ids, self.caption_pool, self._train_mode)
-            out = self.model.embed(images, text, text_to(negatives.text, dev) if negatives else None)
-        term_batch = TermBatch(images, text, image_ids, labels, self.objective.progress, caption_vectors)
-        aux_parts = self._auxiliary_steps(out, term_batch)
+            batch = self.objective.prepare(self.model, batch, self._train_mode)  # e.g. mined negatives
+            neg = batch.negatives
+            out = self.model.embed(batch.images, batch.text, text_to(neg.text, dev) if neg else None)
+        aux_parts = self._auxiliary_steps(out, batch)
         if aux_parts is None:
             return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
-        local_out, inputs = out, (images, text[0])
+        step_out, step_batch = out, batch
         if self.world.distributed:  # the in-batch terms see the global batch, as one process would
-            out = self._gather(out)
-            image_ids = distributed.all_gather(image_ids)
-            caption_vectors = distributed.all_gather(caption_vectors) if caption_vectors is not None else None
-            labels = distributed.all_gather(labels) if labels is not None else None
-            negatives = self._gather_negatives(negatives) if negatives is not None else None
-            inputs = None
-        loss, self.last_parts = self.objective(out, image_ids, caption_vectors=caption_vectors, negatives=negatives,
-                                               labels=labels, inputs=inputs, batch=term_batch, term_out=local_out)
+            step_out, step_batch = self._gather(out), batch.gather()
+        loss, self.last_parts = self.objective(step_out, step_batch, (out, batch))
         self.last_parts.update(aux_parts)
         if not torch.isfinite(loss.detach()):
             self.optimizer.zero_grad(set_to_none=True)
             if aux_parts:
                 self.scaler.update()  # the auxiliary steps of this iteration were taken
             return self._nonfinite(batch, "loss", float(loss.detach()))
-        self.last_diag = batch_diagnostics(out.sim, out.image_emb, out.caption_emb, image_ids)
+        self.last_diag = batch_diagnostics(step_out.sim, step_out.image_emb, step_out.caption_emb, step_batch.image_ids)
         self.diagnostics.add({**self.last_diag, **{f"term_{k}": float(v) for k, v in self.last_parts.items()
                                                    if len(self.last_parts) > 1}})
         self.last_collapse_value = None
         if "loss" in self.last_parts and self.collapse_opts.action != "off":
-            self.last_collapse_value = collapse_value(self.loss_fn, out.sim, image_ids, caption_vectors)
+            self.last_collapse_value = collapse_value(self.loss_fn, step_out.sim, step_batch.image_ids,
+                                                      step_batch.caption_vectors)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.main_params)
@@ -353,7 +337,7 @@ class Trainer:
         self.nonfinite_streak = 0
         return float(loss.detach())
 
-    def _auxiliary_steps(self, out, term_batch: TermBatch) -> dict[str, torch.Tensor] | None:
+    def _auxiliary_steps(self, out, batch: Batch) -> dict[str, torch.Tensor] | None:
         """One update of each active term's own parts (a discriminator) on the detached forward pass, before
         the main loss is computed; None when a loss is not finite (the step is skipped)."""
         parts: dict[str, torch.Tensor] = {}
@@ -363,7 +347,7 @@ class Trainer:
         frozen = detached(out)
         for a in active:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                value = a.update.loss(frozen, term_batch)
+                value = a.update.loss(frozen, batch)
             extra: dict[str, torch.Tensor] = {}
             if isinstance(value, tuple):  # (loss, {extra numbers to log})
                 value, extra = value
@@ -391,18 +375,14 @@ class Trainer:
         gathered["sim"] = self.model.similarity(gathered["image_emb"], gathered["caption_emb"])
         return type(out)(**gathered)
 
-    @staticmethod
-    def _gather_negatives(neg):
-        return type(neg)(neg.text, distributed.all_gather(neg.image_ids), distributed.all_gather(neg.valid))
-
-    def _nonfinite(self, batch: dict[str, Any], what: str, value: float) -> None:
+    def _nonfinite(self, batch: Batch, what: str, value: float) -> None:
         """A step with a non-finite loss or gradient: skipped (no update), reported with the batch's captions;
         ``train.max_nonfinite_steps`` in a row stop the run."""
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         ids = self.train_corpus.caption_ids or [str(j) for j in range(self.train_corpus.num_captions)]
-        shown = [ids[int(j)] for j in batch["caption_idx"][:5]]
-        more = len(batch["caption_idx"]) - len(shown)
+        shown = [ids[int(j)] for j in batch.caption_idx[:5]]
+        more = len(batch.caption_idx) - len(shown)
         log.warning("step %d: the %s is %s; step skipped (captions %s%s)", self.step + 1, what, value,
                     ", ".join(shown), f" and {more} more" if more > 0 else "")
         self._log({"kind": "nonfinite", "epoch": self.epoch, "step": self.step + 1, "what": what,
@@ -538,16 +518,15 @@ class Trainer:
             for batch in self._loader():
                 if self.batches_done >= total:
                     break
-                self._note_skipped(batch["skipped"])
-                if batch["images"] is None:  # every image of the batch was unreadable
+                self._note_skipped(batch.skipped)
+                if batch.images is None:  # every image of the batch was unreadable
                     self.batches_done += 1
                     continue
-                if self.objective.adversarial_cfg.progress == "step":
-                    self.objective.set_progress((self.epoch + self.batches_done / total) / tcfg.epochs)
+                self.objective.set_progress(self.epoch / tcfg.epochs, (self.epoch + self.batches_done / total) / tcfg.epochs)
                 loss = self.train_step(batch)
                 self.batches_done += 1
                 self.step += 1
-                seen += len(batch["image_rows"])
+                seen += len(batch)
                 if loss is not None:  # None: skipped for a non-finite loss or gradient
                     self.epoch_loss_sum += loss
                     self.check_collapse()
@@ -622,7 +601,6 @@ class Trainer:
                 self._apply_stage(stage)
             self.loss_fn.set_epoch(self.epoch)
             self.objective.set_epoch(self.epoch)
-            self.objective.set_progress(self.epoch / epochs)
             self._train_mode()
             if not self.train_one_epoch():
                 if self.stopped_by_signal:
