@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval_speed import load, machine_line  # noqa: E402
 
 from vsekit.config import resolve_config  # noqa: E402
-from vsekit.data.datasets import text_to  # noqa: E402
 from vsekit.train.trainer import Trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,10 +71,9 @@ def make_trainer(args: argparse.Namespace, out: Path, cache_mb: int = 0) -> Trai
 
 def bare_step(tr: Trainer, batch: dict) -> None:
     """The model step with nothing around it (what a minimal hand-written loop does)."""
-    dev = tr.device
-    images, text = batch["images"].to(dev), text_to(batch["text"], dev)
-    out = tr.model.embed(images, text)
-    loss = tr.loss_fn(out.sim, batch["image_rows"].to(dev))
+    b = batch.to(tr.device)
+    out = tr.model.embed(b.images, b.text)
+    loss = tr.loss_fn(out.sim, b.image_ids)
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     tr.optimizer.step()
