@@ -1,14 +1,10 @@
-"""The evaluation protocols by name: what ``vsekit eval --protocol``, ``eval.protocol`` (validation) and
-:meth:`~vsekit.inference.Embedder.evaluate` run.
-
-A protocol turns a corpus's scored inputs (embeddings and the model's similarity, or a
-:class:`~vsekit.eval.metrics.BlockScorer`) into metrics and per-fold metrics. A new one is a function here
-registered with :func:`eval_protocol`; the CLI's choices, its help and its table come from the entry.
-"""
+"""The evaluation protocols by name (:data:`EVAL_PROTOCOLS`): what ``vsekit eval --protocol``, ``eval.protocol``
+(validation) and :meth:`~vsekit.inference.Embedder.evaluate` run. A protocol turns a corpus's scored inputs
+into metrics; a new one is a function registered here with :func:`eval_protocol`, which gives the CLI its
+choice, help and table."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,14 +30,14 @@ from vsekit.eval.report import (
 )
 from vsekit.utils.io import atomic_write_json
 
-Metrics = dict[str, Any]
+Result = tuple[dict[str, Any], list[dict[str, Any]]]  # (metrics, per-fold metrics)
 
 
 @dataclass(frozen=True)
 class EvalInputs:
-    """What a protocol reads. ``similarity``: the model's similarity name until the corpus is encoded, then
-    what scores the embeddings ``images``/``captions`` (None beside a :class:`BlockScorer`). ``semantics``:
-    the run's ``semantics`` config section (LSA cache and parameters), ``thresholds`` its ``eval.thresholds``."""
+    """What a protocol reads: the corpus; the model's similarity name, then (once encoded) the embeddings and
+    the similarity that scores them, or a :class:`BlockScorer` and no embeddings; the run's ``semantics``
+    section and ``eval.thresholds`` (protocol semantic)."""
 
     corpus: Corpus
     similarity: Similarity
@@ -54,7 +50,6 @@ class EvalInputs:
     thresholds: Sequence[float] = ()
 
     def captions_at(self, rows: np.ndarray) -> EvalInputs:
-        """The same inputs with the captions at ``rows`` only."""
         if isinstance(self.similarity, BlockScorer):
             return replace(self, similarity=self.similarity.captions_at(rows))
         return replace(self, captions=self.captions[rows])
@@ -63,31 +58,32 @@ class EvalInputs:
 @dataclass(frozen=True)
 class EvalProtocol:
     """``run(inputs) -> (metrics, folds)``; ``check(inputs)`` refuses a corpus or model before anything is
-    encoded; ``table(metrics, title=)`` is the CLI's table, ``write(path, metrics, folds, **context)`` its JSON."""
+    encoded; ``table(metrics, title=)``: the CLI's table; ``json_folds``: its JSON holds the folds too."""
 
     name: str
-    run: Callable[[EvalInputs], tuple[Metrics, list[Metrics]]]
+    run: Callable[[EvalInputs], Result]
     help: str
-    table: Callable[..., str]
-    write: Callable[..., Any]
+    table: Callable[..., str] = format_metrics_table
     check: Callable[[EvalInputs], Any] | None = None
+    json_folds: bool = False
+
+    def write(self, path: Any, metrics: dict[str, Any], folds: list[dict[str, Any]], **context: Any) -> Any:
+        """The results as JSON at ``path`` (``context``: checkpoint, split, ...), written atomically."""
+        if self.table is format_metrics_table:  # exact pairs: the keys of retrieval_metrics
+            return write_metrics_json(path, metrics, folds=folds if self.json_folds else None, **context)
+        return atomic_write_json(path, {**context, "metrics": metrics})
 
 
 EVAL_PROTOCOLS: dict[str, EvalProtocol] = {}
 
 
-def _write_record(path: str | os.PathLike, metrics: Metrics, folds: list[Metrics], **context: Any) -> Any:
-    return atomic_write_json(path, {**context, "metrics": metrics})
+def eval_protocol(name: str, **spec: Any) -> Callable[[Callable[[EvalInputs], Result]], Any]:
+    """Register ``fn(inputs) -> (metrics, folds)`` as protocol ``name`` (``spec``: help, table, ...)."""
 
-
-def eval_protocol(name: str, *, help: str, table: Callable[..., str] = format_metrics_table,  # noqa: A002
-                  write: Callable[..., Any] = _write_record, check: Callable[[EvalInputs], Any] | None = None):
-    """Register ``fn(inputs) -> (metrics, folds)`` as protocol ``name``."""
-
-    def deco(fn: Callable[[EvalInputs], tuple[Metrics, list[Metrics]]]):
+    def deco(fn: Callable[[EvalInputs], Result]) -> Callable[[EvalInputs], Result]:
         if name in EVAL_PROTOCOLS:
             raise KeyError(f"evaluation protocol {name!r} is registered twice")
-        EVAL_PROTOCOLS[name] = EvalProtocol(name, fn, help, table, write, check)
+        EVAL_PROTOCOLS[name] = EvalProtocol(name, fn, **spec)
         return fn
 
     return deco
@@ -100,24 +96,16 @@ def get_protocol(name: str) -> EvalProtocol:
     return EVAL_PROTOCOLS[name]
 
 
-def _exact_pairs(protocol: str) -> Callable[[EvalInputs], tuple[Metrics, list[Metrics]]]:
-    def run(x: EvalInputs) -> tuple[Metrics, list[Metrics]]:
+def _exact_pairs(protocol: str) -> Callable[[EvalInputs], Result]:
+    def run(x: EvalInputs) -> Result:
         return retrieval_metrics(x.images, x.captions, x.corpus.caption_to_image, protocol=protocol,
                                  similarity=x.similarity, chunk_size=x.chunk_size, return_folds=True)
 
     return run
 
 
-def _write_metrics(path: str | os.PathLike, metrics: Metrics, folds: list[Metrics], **context: Any) -> Any:
-    return write_metrics_json(path, metrics, **context)
-
-
-def _write_folds(path: str | os.PathLike, metrics: Metrics, folds: list[Metrics], **context: Any) -> Any:
-    return write_metrics_json(path, metrics, folds=folds, **context)
-
-
-eval_protocol("full", help="full (e.g. F30K 1K, COCO 5K)", write=_write_metrics)(_exact_pairs("full"))
-eval_protocol("1k5fold", help="1k5fold (COCO 1K: mean over 5 folds)", write=_write_folds)(_exact_pairs("1k5fold"))
+eval_protocol("full", help="full (e.g. F30K 1K, COCO 5K)")(_exact_pairs("full"))
+eval_protocol("1k5fold", help="1k5fold (COCO 1K: mean over 5 folds)", json_folds=True)(_exact_pairs("1k5fold"))
 
 
 def _labels_and_embeddings(x: EvalInputs) -> None:
@@ -131,9 +119,8 @@ def _labels_and_embeddings(x: EvalInputs) -> None:
 
 @eval_protocol("label_map", table=format_label_table, check=_labels_and_embeddings,
                help="label_map (label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels)")
-def _label_map(x: EvalInputs) -> tuple[Metrics, list[Metrics]]:
-    """Ranked by the model's similarity when it is cosine or euclidean, else by cosine."""
-    metric = x.similarity if x.similarity in ("cosine", "euclidean") else "cosine"
+def _label_map(x: EvalInputs) -> Result:
+    metric = x.similarity if x.similarity in ("cosine", "euclidean") else "cosine"  # else: cosine
     m = label_metrics(x.images, x.captions, x.corpus.labels, x.corpus.caption_labels(), metric=metric)
     return m, [m]
 
@@ -147,14 +134,13 @@ def _coco_5k(x: EvalInputs):
 @eval_protocol("eccv", table=format_eccv_table, check=_coco_5k,
                help="eccv (COCO 5K test from the Karpathy JSON: ECCV Caption and CxC positives beside the original "
                     "protocol)")
-def _eccv(x: EvalInputs) -> tuple[Metrics, list[Metrics]]:
+def _eccv(x: EvalInputs) -> Result:
     from vsekit.eval.eccv import eccv_metrics
 
     ids = _coco_5k(x)
-    rows = ids.caption_rows
-    x = x.captions_at(rows)
-    m = retrieval_metrics(x.images, x.captions, x.corpus.caption_to_image[rows], protocol="full",
-                          similarity=x.similarity, chunk_size=x.chunk_size)
+    x, c2i = x.captions_at(ids.caption_rows), x.corpus.caption_to_image[ids.caption_rows]
+    m = retrieval_metrics(x.images, x.captions, c2i, protocol="full", similarity=x.similarity,
+                          chunk_size=x.chunk_size)
     m.update(eccv_metrics(x.images, x.captions, ids.image_cocoids, ids.caption_ids, similarity=x.similarity))
     m["eccv_map_at_r"] = (m["eccv_i2t_map_at_r"] + m["eccv_t2i_map_at_r"]) / 2
     return m, [m]
@@ -169,9 +155,7 @@ def _has_train_captions(x: EvalInputs) -> None:
 @eval_protocol("semantic", table=format_semantic_table, check=_has_train_captions,
                help="semantic (any data set: a caption also counts when its LSA semantics are close to a "
                     "ground-truth caption's; R@K, mAP@R, R-Precision per threshold)")
-def _semantic(x: EvalInputs) -> tuple[Metrics, list[Metrics]]:
-    """The exact-pair metrics beside R@K, mAP@R and R-Precision where a caption (image) also counts when its LSA
-    semantics are close to a ground-truth caption's, per ``eval.thresholds`` (:mod:`vsekit.eval.semantic`)."""
+def _semantic(x: EvalInputs) -> Result:
     from vsekit.eval.semantic import lsa_vectors_for, semantic_metrics
 
     s, c2i = x.semantics, x.corpus.caption_to_image  # LSA fitted once per caption set, in LSEH's cache
