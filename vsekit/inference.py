@@ -249,7 +249,8 @@ class Embedder:
             dataset = CaptionDataset(text=TextSource(corpus, self.tokenize))
         else:
             dataset = CaptionDataset(texts, self.tokenize)
-        forward = self._caption_parts if parts else self._captions
+        forward = self._caption_parts if parts else \
+            (lambda t: (self.model.encode_captions(*text_to(t, self.device)), None))
         return self._encode(dataset, collate_captions, forward, "captions", parts=parts, shard=True,
                             batch_size=batch_size, progress=progress, dtype=dtype, spill_dir=spill_dir)
 
@@ -262,15 +263,17 @@ class Embedder:
         image encoder's context, e.g. its regions). ``lock``: held around each forward pass only (a server's
         model lock; decoding and the transform run outside it). Under torchrun (a whole corpus, without
         ``parts``) each process encodes a block of rows."""
-        if isinstance(images, Corpus):
-            source = ImageSource(images, None if images.is_precomputed else self.eval_transform())
+        corpus = images if isinstance(images, Corpus) else None
+        if corpus is not None:
+            source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
             dataset = ImageDataset(source, rows)
         elif self.reads_features:
             raise EncodeError("this model reads precomputed features; it cannot embed images")
         else:
             dataset = _Pictures(images, self.eval_transform())
-        forward = self._image_parts if parts else self._images
-        return self._encode(dataset, collate_images, forward, "images", parts=parts, shard=rows is None,
+        forward = self._image_parts if parts else lambda x: (self.model.encode_images(x.to(self.device)), None)
+        shard = corpus is not None and rows is None
+        return self._encode(dataset, collate_images, forward, "images", parts=parts, shard=shard,
                             batch_size=batch_size, num_workers=num_workers, progress=progress, dtype=dtype,
                             spill_dir=spill_dir, lock=lock)
 
@@ -302,16 +305,10 @@ class Embedder:
             return out, sets.finish(self._dim())
         return out if block is None else distributed.gather_rows(out, n)
 
-    def _images(self, images: torch.Tensor):
-        return self.model.encode_images(images.to(self.device)), None
-
     def _image_parts(self, images: torch.Tensor):
         emb, ctx = self.model.encode_image_parts(images.to(self.device))
         ctx = _context(ctx, "image")
         return emb, (ctx, torch.full((ctx.shape[0],), ctx.shape[1], dtype=torch.long))
-
-    def _captions(self, text: tuple[torch.Tensor, ...]):
-        return self.model.encode_captions(*text_to(text, self.device)), None
 
     def _caption_parts(self, text: tuple[torch.Tensor, ...]):
         emb, ctx, lengths = self.model.encode_caption_parts(*text_to(text, self.device))
@@ -353,7 +350,8 @@ class Embedder:
         its local sets."""
         corpus, opts = inputs.corpus, {"batch_size": batch_size, "progress": progress}
         if not self.learned_similarity:
-            return replace(inputs, images=self.encode_images(corpus, **opts), captions=self.encode_texts(corpus, **opts))
+            img, cap = self.encode_images(corpus, **opts), self.encode_texts(corpus, **opts)
+            return replace(inputs, images=img, captions=cap)
         spill = None
         if self._sets_bytes(corpus) > IN_MEMORY_SETS_BYTES:
             spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="vsekit-eval-"))

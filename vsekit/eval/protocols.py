@@ -13,6 +13,7 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus
 from vsekit.errors import did_you_mean
+from vsekit.eval import report
 from vsekit.eval.metrics import (
     ArrayLike,
     BlockScorer,
@@ -20,13 +21,6 @@ from vsekit.eval.metrics import (
     Similarity,
     label_metrics,
     retrieval_metrics,
-)
-from vsekit.eval.report import (
-    format_eccv_table,
-    format_label_table,
-    format_metrics_table,
-    format_semantic_table,
-    write_metrics_json,
 )
 from vsekit.utils.io import atomic_write_json
 
@@ -63,14 +57,14 @@ class EvalProtocol:
     name: str
     run: Callable[[EvalInputs], Result]
     help: str
-    table: Callable[..., str] = format_metrics_table
+    table: Callable[..., str] = report.format_metrics_table
     check: Callable[[EvalInputs], Any] | None = None
     json_folds: bool = False
 
     def write(self, path: Any, metrics: dict[str, Any], folds: list[dict[str, Any]], **context: Any) -> Any:
         """The results as JSON at ``path`` (``context``: checkpoint, split, ...), written atomically."""
-        if self.table is format_metrics_table:  # exact pairs: the keys of retrieval_metrics
-            return write_metrics_json(path, metrics, folds=folds if self.json_folds else None, **context)
+        if self.table is report.format_metrics_table:  # exact pairs: the keys of retrieval_metrics
+            return report.write_metrics_json(path, metrics, folds=folds if self.json_folds else None, **context)
         return atomic_write_json(path, {**context, "metrics": metrics})
 
 
@@ -117,7 +111,7 @@ def _labels_and_embeddings(x: EvalInputs) -> None:
         raise EvaluationError(f"{x.corpus.name} has no class labels: protocol 'label_map' needs them")
 
 
-@eval_protocol("label_map", table=format_label_table, check=_labels_and_embeddings,
+@eval_protocol("label_map", table=report.format_label_table, check=_labels_and_embeddings,
                help="label_map (label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels)")
 def _label_map(x: EvalInputs) -> Result:
     metric = x.similarity if x.similarity in ("cosine", "euclidean") else "cosine"  # else: cosine
@@ -131,7 +125,7 @@ def _coco_5k(x: EvalInputs):
     return coco_ids_from_corpus(x.corpus)  # COCO 5K test only; its 25,000 captions
 
 
-@eval_protocol("eccv", table=format_eccv_table, check=_coco_5k,
+@eval_protocol("eccv", table=report.format_eccv_table, check=_coco_5k,
                help="eccv (COCO 5K test from the Karpathy JSON: ECCV Caption and CxC positives beside the original "
                     "protocol)")
 def _eccv(x: EvalInputs) -> Result:
@@ -152,7 +146,7 @@ def _has_train_captions(x: EvalInputs) -> None:
                               "LSEH's)")
 
 
-@eval_protocol("semantic", table=format_semantic_table, check=_has_train_captions,
+@eval_protocol("semantic", table=report.format_semantic_table, check=_has_train_captions,
                help="semantic (any data set: a caption also counts when its LSA semantics are close to a "
                     "ground-truth caption's; R@K, mAP@R, R-Precision per threshold)")
 def _semantic(x: EvalInputs) -> Result:
