@@ -257,7 +257,8 @@ class Embedder:
     @torch.no_grad()
     def encode_images(self, images: Corpus | Sequence[Any], *, batch_size: int = 128, num_workers: int = 0,
                       progress: bool = False, rows: Sequence[int] | None = None, parts: bool = False,
-                      dtype: str = "float32", spill_dir: str | Path | None = None, lock=None):
+                      dtype: str = "float32", spill_dir: str | Path | None = None,
+                      lock: contextlib.AbstractContextManager | None = None):
         """(N, D) float32 embeddings of a corpus's images (each image once, in row order; or its ``rows``) or of
         PIL images. ``parts``, ``dtype``, ``spill_dir``: as for :meth:`encode_texts` (the local sets are the
         image encoder's context, e.g. its regions). ``lock``: held around each forward pass only (a server's
@@ -278,7 +279,8 @@ class Embedder:
                             spill_dir=spill_dir, lock=lock)
 
     def _encode(self, dataset, collate, forward, desc: str, *, parts: bool, shard: bool, batch_size: int,
-                progress: bool, dtype: str, spill_dir: str | Path | None, num_workers: int = 0, lock=None):
+                progress: bool, dtype: str, spill_dir: str | Path | None, num_workers: int = 0,
+                lock: contextlib.AbstractContextManager | None = None):
         """(len(dataset), D) float32 rows from ``forward(batch) -> (embeddings, local sets or None)``; with
         ``parts``, also the local sets, appended in row order. D is what the model outputs (a two-level model's
         vectors are twice ``embed_size``)."""
