@@ -76,7 +76,7 @@ class Imaginer:
             raise ValueError(f"give 1 to {MAX_TEXTS} texts, got {len(texts)}")
         if not 1 <= n <= MAX_SAMPLES:
             raise ValueError(f"n (images per text) must be in 1..{MAX_SAMPLES}, got {n}")
-        emb = torch.from_numpy(self.embedder.encode_captions(texts)).to(self.device)
+        emb = torch.from_numpy(self.embedder.encode_texts(texts)).to(self.device)
         t = self.gan.condition_of(emb).repeat_interleave(n, dim=0)
         g = torch.Generator().manual_seed(int(seed))  # on the CPU: the same draws on every device
         z = torch.randn(t.shape[0], self.gan.z_dim, generator=g).to(self.device)

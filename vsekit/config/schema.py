@@ -27,6 +27,7 @@ from pydantic import (
 
 from vsekit.data.images import TransformConfig
 from vsekit.data.sources import DataConfig, DemoData
+from vsekit.eval.protocols import EVAL_PROTOCOLS
 from vsekit.semantics.lsa import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
 
 CONFIG_FORMAT = 2
@@ -315,7 +316,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     # validation protocol (`vsekit eval --protocol` for tests): exact pairs (full, 1k5fold) or label relevance
     # (eccv: only when validating on COCO's 5K test images, which the field does not do)
-    protocol: Literal["full", "1k5fold", "label_map", "eccv", "semantic"] = "full"
+    protocol: Literal[tuple(EVAL_PROTOCOLS)] = "full"  # the registry's names
     # protocol semantic: LSA-cosine thresholds at which a caption counts as a plausible match; the
     # select_threshold's rsum picks best.pt
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
