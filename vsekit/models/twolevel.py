@@ -10,7 +10,7 @@ pair by the sum of the two levels' order-violation similarities, ``s = s_h + s_l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
@@ -20,6 +20,7 @@ from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
 from vsekit.models.text import TEXT_ENCODERS
+from vsekit.registry import Component
 
 
 def split_levels(x: torch.Tensor, levels: int = 2) -> list[torch.Tensor]:
@@ -38,11 +39,12 @@ def _finish_levels(x: torch.Tensor, no_norm: bool, use_abs: bool) -> torch.Tenso
 
 
 def _inner_spec(registry, spec: Any, where: str) -> dict[str, Any]:
+    """The inner encoder's spec (its options are validated with the config: ``encoder`` is a component)."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"{where}: expected the spec of an encoder, e.g. {{name: gru}}, got {spec!r}")
     if spec["name"] == "two_level":
         raise ConfigError(f"{where}.name: a two-level encoder cannot hold another two-level encoder")
-    return registry.validate(spec, where)
+    return spec
 
 
 @IMAGE_ENCODERS.register("two_level")
@@ -56,7 +58,7 @@ class TwoLevelImageEncoder(Encoder):
 
     levels = 2  # the embedding is [high | low]
 
-    def __init__(self, encoder: dict[str, Any], embed_size: int = 1024, img_dim: int | None = None,
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)], embed_size: int = 1024, img_dim: int | None = None,
                  num_regions: int | None = None, no_imgnorm: bool = False, use_abs: bool = True) -> None:
         super().__init__()
         spec = _inner_spec(IMAGE_ENCODERS, encoder, "model.image_encoder.encoder")  # its finish is not used
@@ -96,7 +98,7 @@ class TwoLevelTextEncoder(Encoder):
 
     levels = 2
 
-    def __init__(self, encoder: dict[str, Any], vocab_size: int, embed_size: int = 1024,
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)], vocab_size: int, embed_size: int = 1024,
                  itos: list[str] | None = None, use_abs: bool = True) -> None:
         super().__init__()
         spec = _inner_spec(TEXT_ENCODERS, encoder, "model.text_encoder.encoder")
