@@ -111,16 +111,16 @@ class Registry:
 @dataclass(frozen=True, eq=False)
 class Component:
     """Marks a config field as a component section, e.g. ``loss: Annotated[dict, Component(LOSSES)]``: a mapping
-    that names a registered component by ``key`` and holds that component's options (``{name: hinge,
-    margin: 0.2}``). Validation (:meth:`check`, which also reaches the components in a component's options) and
-    recipe merging (switching ``name`` drops the old component's options) find these fields by walking the
-    schema, so a component section is declared in one place: its field.
+    that names a registered component by ``key`` and holds its options (``{name: hinge, margin: 0.2}``).
+    Validation (:func:`check_components`, which also reaches the components in a component's options) and recipe
+    merging (switching ``name`` drops the old component's options) find these fields by walking the schema, so a
+    component section is declared once: by its field.
 
-    ``default``: the component a section that leaves ``key`` out names (else the field default's). ``own``: keys
-    of the section that belong to its owner, not to the component (a term's ``weight``), each with its check
-    (or None), kept when the component switches. ``keyed``: a mapping whose keys name the components
-    (``objective.terms``). ``entry``: the one registry entry every section is checked against (its one valid
-    name is then ``default``). ``check``: a validator of its own, replacing the registry's.
+    ``default``: the name of a section that leaves ``key`` out (else the field default's). ``own``: keys of the
+    section that belong to its owner (a term's ``weight``), each with its check or None, kept when the
+    component switches. ``keyed``: a mapping whose keys name the components (``objective.terms``). ``entry``:
+    the one registry entry every section is checked against (its one valid name: ``default``). ``check``: a
+    validator of its own, replacing the registry's.
     """
 
     registry: Registry
@@ -134,11 +134,10 @@ class Component:
 
     def default_name(self, field_default: Any) -> str | None:
         """The name of a section that leaves ``key`` out, ``field_default`` being the field's default."""
-        if self.default is not None:
+        if self.default is not None or field_default is None:
             return self.default
-        if hasattr(field_default, "model_dump"):
-            field_default = field_default.model_dump()
-        return field_default.get(self.key) if isinstance(field_default, dict) else field_default
+        section = field_default.model_dump() if hasattr(field_default, "model_dump") else field_default
+        return section.get(self.key) if isinstance(section, dict) else section
 
     def validate(self, spec: Any, where: str, default: str | None = None) -> Any:
         """The section ``spec`` at dotted key ``where``, checked; a :class:`ConfigError` names a bad key."""
@@ -150,36 +149,27 @@ class Component:
             return self._one(spec, where, default)
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping of {self.registry.kind} name -> options, got {spec!r}")
-        out = {}
         for name, section in spec.items():
             if name not in self.registry:
                 raise ConfigError(f"{where}.{name}: unknown key: not a registered {self.registry.kind}"
-                                  f"{did_you_mean(name, self.registry.names())} "
-                                  f"(known: {', '.join(self.registry.names()) or 'none'})")
-            section = {} if section is None else section
-            if not isinstance(section, dict):
+                                  f"{did_you_mean(name, self.registry.names())} (known: {', '.join(self.registry.names())})")
+            if not isinstance(section or {}, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
-            out[name] = {k: v for k, v in self._one({**section, self.key: name}, f"{where}.{name}").items()
-                         if k != self.key}
-        return out
+        return {name: {k: v for k, v in self._one({**(section or {}), self.key: name}, f"{where}.{name}").items()
+                       if k != self.key} for name, section in spec.items()}
 
     def _one(self, spec: Any, where: str, default: str | None = None) -> dict[str, Any]:
-        own = {}
-        for k, check in self.own.items():
-            if isinstance(spec, dict) and k in spec and check is not None:
-                value = check(spec[k], f"{where}.{k}")
-                if value is not None:
-                    own[k] = value
-        if isinstance(spec, dict):
-            spec = {k: v for k, v in spec.items() if k not in self.own}
-        name = spec.get(self.key) if isinstance(spec, dict) else spec
+        if not isinstance(spec, dict):
+            spec = {self.key: spec}
+        own = {k: check(spec[k], f"{where}.{k}") for k, check in self.own.items() if k in spec and check}
+        name = spec.get(self.key)
+        spec = {k: v for k, v in spec.items() if k not in self.own}
         if self.entry is not None:
             if name != default:
-                raise ConfigError(f"{where}.{self.key}: unknown {self.kind or self.registry.kind} {name!r} "
-                                  f"(known: {default})")
-            spec = {**spec, self.key: self.entry}
+                raise ConfigError(f"{where}.{self.key}: unknown {self.kind} {name!r} (known: {default})")
+            spec[self.key] = self.entry
         checked = self.registry.validate(spec, where, also=tuple(self.own))
-        return {**checked, self.key: name, **own}
+        return {**checked, self.key: name, **{k: v for k, v in own.items() if v is not None}}
 
 
 def component_of(info: Any) -> Component | None:

@@ -6,13 +6,11 @@ locations (``train.collapse.patience``), and a model with ``extra="forbid"`` tur
 instead of a silent default. A section that names a registered component is declared so by its field's type,
 ``Annotated[dict, Component(REGISTRY)]`` (:class:`vsekit.registry.Component`): its options are checked
 against that component's signature, also those of the components inside a component's options
-(``objective.terms.level_ranking.loss``); recipe merging finds these sections the same way, and
-:func:`component_sections` lists them for docs/config.md.
+(``objective.terms.level_ranking.loss``); recipe merging finds these sections the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,7 +31,7 @@ from vsekit.losses import LOSSES, MINED_LOSS, OBJECTIVE_TERMS
 from vsekit.losses.dualpath import MINED_POOL_SIZE
 from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
 from vsekit.models.similarity import SIMILARITY_NETWORKS, check_similarity_spec
-from vsekit.registry import Component, component_of, model_of, validate_section
+from vsekit.registry import Component, validate_section
 from vsekit.semantics.lsa import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
 
 CONFIG_FORMAT = 2
@@ -88,7 +86,8 @@ class ModelConfig(Section):
     embed_size: int = Field(1024, ge=1)
     # a registered similarity function (cosine | order | euclidean), or a similarity network with its options,
     # e.g. {name: sgr, sim_dim: 256, sgr_step: 3} (vsekit.models.similarity)
-    similarity: Annotated[str | dict[str, Any], Component(SIMILARITY_NETWORKS, check=check_similarity_spec)] = "cosine"
+    similarity: Annotated[str | dict[str, Any], Component(SIMILARITY_NETWORKS, check=check_similarity_spec,
+                                                       kind="similarity function or network")] = "cosine"
     use_abs: bool = False  # abs() of both embeddings (order embeddings)
     image_encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)] = Field(default_factory=lambda: {"name": "precomp"})
     text_encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)] = Field(default_factory=lambda: {"name": "gru"})
@@ -103,16 +102,15 @@ class InstanceConfig(Section):
     init_std: float = Field(0.001, gt=0.0)
 
 
-def _number(typ: type, least: int | None = None):
+def _number(typ: type, least: float = float("-inf")):
     """The check of an owner's key holding a number (``weight``, ``pool_size``): converted to ``typ``."""
 
     def check(value: Any, where: str) -> Any:
         try:
             value = typ(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-            kind = "an integer" if typ is int else "a number"
-            raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
-        if least is not None and value < least:
+            raise ConfigError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+        if value < least:
             raise ConfigError(f"{where}: must be >= {least}, got {value}")
         return value
 
@@ -120,13 +118,12 @@ def _number(typ: type, least: int | None = None):
 
 
 def _term_optim(value: Any, where: str) -> dict[str, Any] | None:
-    """A term's ``optim``: optimizer options for its own parts, over the stage's (None: the stage's)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
+    """A term's ``optim``: options over the stage's optimizer for the term's own parts (None: the stage's)."""
+    if isinstance(value, dict):
+        validate_section(OptimConfig, {**OptimConfig().model_dump(), **value}, where)
+    elif value is not None:
         raise ConfigError(f"{where}: expected a mapping of optimizer options, got {value!r}")
-    validate_section(OptimConfig, {**OptimConfig().model_dump(), **value}, where)
-    return dict(value)
+    return value
 
 
 class LabelTermConfig(Section):
@@ -394,23 +391,3 @@ class RunConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-
-def component_sections(model: Any = RunConfig, where: str = "", when: str = "",
-                       _seen: frozenset = frozenset()) -> Iterator[tuple[str, Component, str]]:
-    """Every component section of the schema, found by walking it: (dotted key, component, the choice it exists
-    for, e.g. ``name: two_level``), also those in a component's options (``objective.terms.level_ranking.loss``).
-    docs/config.md lists them."""
-    for name, info in model.model_fields.items():
-        key = f"{where}.{name}" if where else name
-        comp = component_of(info)
-        if comp is not None:
-            yield key, comp, when
-            entries = [] if comp.check is not None else [comp.entry] if comp.entry else comp.registry.names()
-            for entry in entries:
-                if (comp.registry, entry) not in _seen:  # two_level's encoder may name two_level again
-                    yield from component_sections(comp.registry.options_model(entry),
-                                                  f"{key}.{entry}" if comp.keyed else key,
-                                                  when if comp.keyed else f"{key}.{comp.key}: {entry}",
-                                                  _seen | {(comp.registry, entry)})
-        elif (sub := model_of(info.annotation)) is not None:
-            yield from component_sections(sub, key, when, _seen)
