@@ -110,17 +110,15 @@ class Registry:
 
 @dataclass(frozen=True, eq=False)
 class Component:
-    """Marks a config field as a component section, e.g. ``loss: Annotated[dict, Component(LOSSES)]``: a mapping
-    that names a registered component by ``key`` and holds its options (``{name: hinge, margin: 0.2}``).
-    Validation (:func:`check_components`, which also reaches the components in a component's options) and recipe
-    merging (switching ``name`` drops the old component's options) find these fields by walking the schema, so a
-    component section is declared once: by its field.
+    """Marks a config field as a component section (``loss: Annotated[dict, Component(LOSSES)]``): a mapping that
+    names a registered component by ``key`` and holds its options. Validation (:func:`check_components`, also of
+    the components in a component's options) and recipe merging (a new ``name`` drops the old options) find
+    these fields by walking the schema, so a component section is declared once: by its field.
 
-    ``default``: the name of a section that leaves ``key`` out (else the field default's). ``own``: keys of the
-    section that belong to its owner (a term's ``weight``), each with its check or None, kept when the
-    component switches. ``keyed``: a mapping whose keys name the components (``objective.terms``). ``entry``:
-    the one registry entry every section is checked against (its one valid name: ``default``). ``check``: a
-    validator of its own, replacing the registry's.
+    ``default``: the name of a section that leaves ``key`` out (else the field default's); ``own``: the owner's
+    keys (a term's ``weight``), each with its check or None, kept when the component switches; ``keyed``: the
+    mapping's keys name the components (``objective.terms``); ``entry``: the one registry entry checked (its one
+    valid name: ``default``); ``check``: a validator replacing the registry's.
     """
 
     registry: Registry
@@ -134,10 +132,8 @@ class Component:
 
     def default_name(self, field_default: Any) -> str | None:
         """The name of a section that leaves ``key`` out, ``field_default`` being the field's default."""
-        if self.default is not None or field_default is None:
-            return self.default
         section = field_default.model_dump() if hasattr(field_default, "model_dump") else field_default
-        return section.get(self.key) if isinstance(section, dict) else section
+        return self.default or (section.get(self.key) if isinstance(section, dict) else section)
 
     def validate(self, spec: Any, where: str, default: str | None = None) -> Any:
         """The section ``spec`` at dotted key ``where``, checked; a :class:`ConfigError` names a bad key."""
@@ -177,11 +173,6 @@ def component_of(info: Any) -> Component | None:
     return next((m for m in info.metadata if isinstance(m, Component)), None)
 
 
-def field_default(info: Any) -> Any:
-    """A pydantic field's default value (its factory called)."""
-    return info.get_default(call_default_factory=True)
-
-
 def check_components(model: Any, raw: dict[str, Any], where: str = "") -> None:
     """Check, in place, every component section of ``raw`` (a plain dict of pydantic model class ``model``) at
     any depth, each by its :class:`Component`; a section set to None is the field's default."""
@@ -191,9 +182,10 @@ def check_components(model: Any, raw: dict[str, Any], where: str = "") -> None:
         key = f"{where}.{name}" if where else name
         comp = component_of(info)
         if comp is not None:
-            value = field_default(info) if raw[name] is None else raw[name]
+            default = info.get_default(call_default_factory=True)
+            value = default if raw[name] is None else raw[name]
             if value is not None:
-                raw[name] = comp.validate(value, key, comp.default_name(field_default(info)))
+                raw[name] = comp.validate(value, key, comp.default_name(default))
         elif isinstance(raw[name], dict) and (sub := model_of(info.annotation)) is not None:
             check_components(sub, raw[name], key)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +17,34 @@ import yaml
 
 from vsekit.config.schema import RunConfig
 from vsekit.errors import ConfigError
-from vsekit.registry import Component, component_of, field_default, model_of
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """A component section met walking the schema: its declaration, and the name it has when it leaves it out."""
-
-    component: Component
-    default: str | None
+from vsekit.registry import Component, component_of, model_of
 
 
 def _child(node: Any, part: str, section: Any) -> Any:
     """The schema of ``section[part]``, ``node`` being the schema of ``section``: a pydantic model class, a
-    :class:`_Slot`, or None where the schema says nothing (a key it does not have, an untyped mapping)."""
-    if isinstance(node, _Slot):
-        comp = node.component
-        entry = part if comp.keyed else comp.entry or (section.get(comp.key, node.default)
+    :class:`Component` (its ``default`` filled in), or None where the schema says nothing (an untyped mapping)."""
+    if isinstance(node, Component):
+        entry = part if node.keyed else node.entry or (section.get(node.key, node.default)
                                                           if isinstance(section, dict) else None)
-        if comp.check is not None or not isinstance(entry, str) or entry not in comp.registry:
+        if node.check is not None or not isinstance(entry, str) or entry not in node.registry:
             return None
-        node = comp.registry.options_model(entry)
-        if comp.keyed:
+        keyed, node = node.keyed, node.registry.options_model(entry)
+        if keyed:
             return node
     info = node.model_fields.get(part) if hasattr(node, "model_fields") else None
-    if info is None:
-        return None
-    comp = component_of(info)
-    return _Slot(comp, comp.default_name(field_default(info))) if comp else model_of(info.annotation)
+    comp = component_of(info) if info is not None else None
+    if comp is not None:
+        return replace(comp, default=comp.default_name(info.get_default(call_default_factory=True)))
+    return model_of(info.annotation) if info is not None else None
 
 
 def _switched(old: Any, new: Any, node: Any) -> dict | None:
     """When ``new``, a component section (``node``), names another component than ``old``: what of ``old`` to
     keep (the owner's keys, e.g. the data options every format shares); None when nothing switches."""
-    if not (isinstance(node, _Slot) and isinstance(old, dict) and isinstance(new, dict)) or node.component.keyed:
+    if not (isinstance(node, Component) and isinstance(old, dict) and isinstance(new, dict)) or node.keyed:
         return None
-    comp = node.component
-    if comp.key in new and old.get(comp.key, node.default) != new[comp.key]:
-        return {k: v for k, v in old.items() if k in comp.own}
+    if node.key in new and old.get(node.key, node.default) != new[node.key]:
+        return {k: v for k, v in old.items() if k in node.own}
     return None
 
 
@@ -134,9 +124,11 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         except yaml.YAMLError:
             value = raw
         node: Any = cfg
+        schema: Any = RunConfig  # the schema of node
         parts = _key_parts(key, item)
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[: depth + 1])
+            schema = _child(schema, part, node)
             if isinstance(node, list):
                 node = _list_item(node, part, where, item)
                 continue
@@ -149,21 +141,12 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         if isinstance(node, list):
             node[_index(node, last, ".".join(parts), item)] = value
             continue
-        kept = _switched(node, {last: value}, _schema_at(cfg, parts[:-1])) if len(parts) > 1 else None
+        kept = _switched(node, {last: value}, schema)
         if kept is not None:
             node.clear()
             node.update(kept)
         node[last] = value
     return cfg
-
-
-def _schema_at(cfg: dict, parts: list[str]) -> Any:
-    """The schema of the section at ``parts`` of ``cfg`` (see :func:`_child`)."""
-    node: Any = RunConfig
-    for part in parts:
-        node = _child(node, part, cfg)
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return node
 
 
 def _key_parts(key: str, item: str) -> list[str]:

@@ -39,10 +39,8 @@ def _finish_levels(x: torch.Tensor, no_norm: bool, use_abs: bool) -> torch.Tenso
 
 
 def _inner_spec(registry, spec: Any, where: str) -> dict[str, Any]:
-    """The inner encoder's spec (its options are validated with the config: ``encoder`` is a component)."""
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ConfigError(f"{where}: expected the spec of an encoder, e.g. {{name: gru}}, got {spec!r}")
-    if spec["name"] == "two_level":
+    """The inner encoder's spec (validated with the config: ``encoder`` is a component), not a two-level one."""
+    if spec.get("name") == "two_level":
         raise ConfigError(f"{where}.name: a two-level encoder cannot hold another two-level encoder")
     return spec
 
