@@ -147,8 +147,9 @@ class Component:
             raise ConfigError(f"{where}: expected a mapping of {self.registry.kind} name -> options, got {spec!r}")
         for name, section in spec.items():
             if name not in self.registry:
+                known = self.registry.names()
                 raise ConfigError(f"{where}.{name}: unknown key: not a registered {self.registry.kind}"
-                                  f"{did_you_mean(name, self.registry.names())} (known: {', '.join(self.registry.names())})")
+                                  f"{did_you_mean(name, known)} (known: {', '.join(known)})")
             if not isinstance(section or {}, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
         return {name: {k: v for k, v in self._one({**(section or {}), self.key: name}, f"{where}.{name}").items()

@@ -24,18 +24,18 @@ def _child(node: Any, part: str, section: Any) -> Any:
     """The schema of ``section[part]``, ``node`` being the schema of ``section``: a pydantic model class, a
     :class:`Component` (its ``default`` filled in), or None where the schema says nothing (an untyped mapping)."""
     if isinstance(node, Component):
-        entry = part if node.keyed else node.entry or (section.get(node.key, node.default)
-                                                          if isinstance(section, dict) else None)
-        if node.check is not None or not isinstance(entry, str) or entry not in node.registry:
+        if node.keyed:
+            return node.registry.options_model(part) if part in node.registry else None
+        name = node.entry or (section.get(node.key, node.default) if isinstance(section, dict) else None)
+        if node.check is not None or not isinstance(name, str) or name not in node.registry:
             return None
-        keyed, node = node.keyed, node.registry.options_model(entry)
-        if keyed:
-            return node
-    info = node.model_fields.get(part) if hasattr(node, "model_fields") else None
-    comp = component_of(info) if info is not None else None
-    if comp is not None:
-        return replace(comp, default=comp.default_name(info.get_default(call_default_factory=True)))
-    return model_of(info.annotation) if info is not None else None
+        node = node.registry.options_model(name)
+    info = getattr(node, "model_fields", {}).get(part)
+    if info is None:
+        return None
+    comp = component_of(info)
+    return replace(comp, default=comp.default_name(info.get_default(call_default_factory=True))) if comp else \
+        model_of(info.annotation)
 
 
 def _switched(old: Any, new: Any, node: Any) -> dict | None:

@@ -89,7 +89,8 @@ class ModelConfig(Section):
     similarity: Annotated[str | dict[str, Any], Component(SIMILARITY_NETWORKS, check=check_similarity_spec,
                                                        kind="similarity function or network")] = "cosine"
     use_abs: bool = False  # abs() of both embeddings (order embeddings)
-    image_encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)] = Field(default_factory=lambda: {"name": "precomp"})
+    image_encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)] = Field(
+        default_factory=lambda: {"name": "precomp"})
     text_encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)] = Field(default_factory=lambda: {"name": "gru"})
 
 
@@ -109,7 +110,8 @@ def _number(typ: type, least: float = float("-inf")):
         try:
             value = typ(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-            raise ConfigError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+            kind = "an integer" if typ is int else "a number"
+            raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
         if value < least:
             raise ConfigError(f"{where}: must be >= {least}, got {value}")
         return value
@@ -189,7 +191,8 @@ class ObjectiveConfig(Section):
         default_factory=lambda: {"name": MINED_LOSS, "weight": 0.0, "pool_size": MINED_POOL_SIZE})
     # registered terms (``vsekit.losses.terms.OBJECTIVE_TERMS``) by name: {weight, optim, the term's options}
     terms: Annotated[dict[str, dict[str, Any]], Component(
-        OBJECTIVE_TERMS, keyed=True, own={"weight": _number(float), "optim": _term_optim})] = Field(default_factory=dict)
+        OBJECTIVE_TERMS, keyed=True, own={"weight": _number(float), "optim": _term_optim})] = Field(
+        default_factory=dict)
 
     @field_validator("terms")
     @classmethod

@@ -38,8 +38,7 @@ def _finish_levels(x: torch.Tensor, no_norm: bool, use_abs: bool) -> torch.Tenso
     return out.abs() if use_abs else out
 
 
-def _inner_spec(registry, spec: Any, where: str) -> dict[str, Any]:
-    """The inner encoder's spec (validated with the config: ``encoder`` is a component), not a two-level one."""
+def _inner_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:  # validated with the config: a component
     if spec.get("name") == "two_level":
         raise ConfigError(f"{where}.name: a two-level encoder cannot hold another two-level encoder")
     return spec
@@ -56,10 +55,11 @@ class TwoLevelImageEncoder(Encoder):
 
     levels = 2  # the embedding is [high | low]
 
-    def __init__(self, encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)], embed_size: int = 1024, img_dim: int | None = None,
-                 num_regions: int | None = None, no_imgnorm: bool = False, use_abs: bool = True) -> None:
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)], embed_size: int = 1024,
+                 img_dim: int | None = None, num_regions: int | None = None, no_imgnorm: bool = False,
+                 use_abs: bool = True) -> None:
         super().__init__()
-        spec = _inner_spec(IMAGE_ENCODERS, encoder, "model.image_encoder.encoder")  # its finish is not used
+        spec = _inner_spec(encoder, "model.image_encoder.encoder")  # its finish is not used
         extra = {}
         if IMAGE_ENCODERS.get(spec["name"]).reads_features:
             if img_dim is None:
@@ -96,10 +96,10 @@ class TwoLevelTextEncoder(Encoder):
 
     levels = 2
 
-    def __init__(self, encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)], vocab_size: int, embed_size: int = 1024,
-                 itos: list[str] | None = None, use_abs: bool = True) -> None:
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)], vocab_size: int,
+                 embed_size: int = 1024, itos: list[str] | None = None, use_abs: bool = True) -> None:
         super().__init__()
-        spec = _inner_spec(TEXT_ENCODERS, encoder, "model.text_encoder.encoder")
+        spec = _inner_spec(encoder, "model.text_encoder.encoder")
         if TEXT_ENCODERS.get(spec["name"]).reads_features:
             raise ConfigError("model.text_encoder.encoder: a two-level text encoder reads words")
         self.high = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)
