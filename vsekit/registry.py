@@ -150,7 +150,7 @@ class Component:
                 known = self.registry.names()
                 raise ConfigError(f"{where}.{name}: unknown key: not a registered {self.registry.kind}"
                                   f"{did_you_mean(name, known)} (known: {', '.join(known)})")
-            if not isinstance(section or {}, dict):
+            if section is not None and not isinstance(section, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
         return {name: {k: v for k, v in self._one({**(section or {}), self.key: name}, f"{where}.{name}").items()
                        if k != self.key} for name, section in spec.items()}
