@@ -55,6 +55,13 @@ def test_a_typo_at_any_depth_fails_in_resolve_config_naming_the_full_key(recipe,
     assert str(err.value) == f"{typo}: unknown key; did you mean {key}?"
 
 
+def test_a_typo_in_a_stages_nested_component_names_the_stage():
+    stage = "{epochs: 5, objective: {terms: {level_ranking: {loss: {marign: 1}}}}}"
+    with pytest.raises(ConfigError, match=r"^train.stages\[0\].objective.terms.level_ranking.loss.marign: unknown key; "
+                                          r"did you mean train.stages\[0\].objective.terms.level_ranking.loss.margin\?"):
+        resolve_config(RECIPES / "gxn_demo.yaml", ["train.epochs=5", f"train.stages=[{stage}]"])
+
+
 def test_a_nested_typo_is_reported_before_any_data_is_read(tmp_path, capsys):
     """The data set does not exist: the run fails on the typo, in one line, not on the missing data."""
     code = main(["train", str(RECIPES / "gxn_demo.yaml"), "data.format=precomp", f"data.path={tmp_path / 'none'}",
