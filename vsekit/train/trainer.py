@@ -8,9 +8,11 @@ decides which checkpoints to write; :class:`~vsekit.train.logger.MetricsLogger` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -118,6 +120,7 @@ class Trainer:
         self._apply_stage(first)  # builds the optimizer and the LR schedule
         self.amp = tcfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.autocast = _autocast(self.device, self.amp, tcfg.cpu_bf16)
 
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.epoch_loss_sum = 0.0
@@ -298,7 +301,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> float | None:
         dev = self.device
         batch = batch.to(dev)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
+        with self.autocast():
             batch = self.objective.prepare(self.model, batch, self._train_mode)  # e.g. mined negatives
             neg = batch.negatives
             out = self.model.embed(batch.images, batch.text, text_to(neg.text, dev) if neg else None)
@@ -346,7 +349,7 @@ class Trainer:
             return parts
         frozen = detached(out)
         for a in active:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with self.autocast():
                 value = a.update.loss(frozen, batch)
             extra: dict[str, torch.Tensor] = {}
             if isinstance(value, tuple):  # (loss, {extra numbers to log})
@@ -682,6 +685,17 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.model.named_modules()
         yield from self.loss.named_modules(prefix="loss")
         yield from self.terms.named_modules(prefix="objective")
+
+
+def _autocast(device: torch.device, amp: bool, cpu_bf16: bool) -> Callable[[], Any]:
+    """The step's autocast context: float16 on CUDA with ``train.amp``, bfloat16 on a CPU with
+    ``train.cpu_bf16`` (no scaler needed: bfloat16 has float32's range), else none."""
+    if device.type == "cpu" and cpu_bf16:
+        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("train.cpu_bf16: this CPU has no bfloat16 instructions; autocast will emulate them and "
+                        "run slower than float32")
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device.type, dtype=torch.float16, enabled=amp)
 
 
 def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, overwrite: bool = True) -> dict[str, Any]:
