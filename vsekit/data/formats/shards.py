@@ -32,12 +32,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -126,11 +127,7 @@ def find_shards(path: str | Path, split: str) -> tuple[list[Path], Path | None]:
 
 # -- the index --------------------------------------------------------------------------------------------
 def _stamp(files: Sequence[Path]) -> list[list[Any]]:
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([f.name, st.st_size, st.st_mtime_ns])
-    return out
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
 
 
 def _read_index(path: Path, files: Sequence[Path]) -> dict[str, Any] | None:
@@ -179,15 +176,29 @@ def _split_name(member: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _check_member(shard: Path, m: tarfile.TarInfo) -> None:
-    """Refuse a member whose name leaves the shard, or that is not a plain file or folder (links, devices,
-    FIFOs, sparse files, whose data is not one contiguous run at its offset)."""
+def _check_member(shard: Path, m: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``m``, unless its name leaves the shard or it is not a plain file or folder (links, devices, FIFOs,
+    sparse files, whose data is not one contiguous run at its offset)."""
     check_member_name(shard, m.name)
     kind = _LINK_KINDS.get(m.type) or ("a sparse file" if m.issparse() else None)
     if kind is None and not (m.isfile() or m.isdir()):
         kind = f"of tar type {m.type!r}"
     if kind:
         raise DataError(f"{shard}: member {m.name[:200]!r} is {kind}; shards hold plain files only")
+    return m
+
+
+def _samples(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) per sample of a shard: its consecutive files of one key, as webdataset
+    groups them."""
+    named = ((n, m) for m in tf if _check_member(path, m).isfile() and (n := _split_name(m.name)))
+    for key, group in itertools.groupby(named, key=lambda nm: nm[0][0]):
+        sample: dict[str, tarfile.TarInfo] = {}
+        for (_, ext), m in group:
+            if ext in sample:
+                raise DataError(f"{path}: {m.name}: a second {ext!r} member in sample {key!r}")
+            sample[ext] = m
+        yield key, sample
 
 
 def build_index(files: Sequence[Path]) -> dict[str, Any]:
@@ -201,22 +212,8 @@ def build_index(files: Sequence[Path]) -> dict[str, Any]:
             raise DataError(f"{path}: not an uncompressed tar file ({e}); shards are read by byte offset, "
                             "so they cannot be compressed") from None
         with tf:
-            sample: dict[str, tarfile.TarInfo] = {}
-            key = None
             try:
-                for m in tf:
-                    _check_member(path, m)
-                    name = _split_name(m.name) if m.isfile() else None
-                    if name is None:
-                        continue
-                    if name[0] != key:
-                        if key is not None:
-                            b.add(tf, path, s, key, sample)
-                        key, sample = name[0], {}
-                    if name[1] in sample:
-                        raise DataError(f"{path}: {m.name}: a second {name[1]!r} member in sample {key!r}")
-                    sample[name[1]] = m
-                if key is not None:
+                for key, sample in _samples(tf, path):
                     b.add(tf, path, s, key, sample)
             except tarfile.TarError as e:
                 raise DataError(f"{path}: damaged tar file ({e})") from None
