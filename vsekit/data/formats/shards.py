@@ -76,7 +76,9 @@ _LINK_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link
 # -- finding the shards -----------------------------------------------------------------------------------
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar``; ``{x,y}`` alternatives (webdataset's
-    notation). Ranges keep the width of their first bound; at most :data:`MAX_SHARDS` names."""
+    notation). Ranges keep the width of their first bound; at most :data:`MAX_SHARDS` names, a range counted
+    before its names are made (``braceexpand``, webdataset's, builds a whole range first: ``{0..10**12}`` fills
+    memory)."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
@@ -248,16 +250,10 @@ class _IndexBuilder:
         if kind == "features":
             header = self._check_npy(path, data, f"{path}: {data.name}")
         meta = self._meta(tf, sample, where)
-        c = self.cols
-        c["shard"].append(shard)
-        c["member"].append(data.name)
-        c["offset"].append(data.offset_data)
-        c["size"].append(data.size)
-        c["header"].append(header)
-        c["image_id"].append(meta["image_id"] if meta.get("image_id") is not None else key)
-        c["captions"].append(meta["captions"])
-        c["caption_ids"].append(meta.get("caption_ids"))
-        c["label"].append(meta.get("label"))
+        meta["image_id"] = key if meta["image_id"] is None else meta["image_id"]
+        row = {"shard": shard, "member": data.name, "offset": data.offset_data, "size": data.size, "header": header}
+        for k, v in {**row, **meta}.items():
+            self.cols[k].append(v)
 
     def _check_npy(self, path: Path, m: tarfile.TarInfo, where: str) -> int:
         raw = read_member(path, m.offset_data, m.size, m.name)
