@@ -127,7 +127,6 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
             out_dir: str) -> dict:
     import torch
 
-    from vsekit.captioning import Captioner
     from vsekit.config import resolve_config
     from vsekit.data.sources import load_split
     from vsekit.inference import Embedder
@@ -160,12 +159,7 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
     last = [r for r in records if r["kind"] == "train" and r["epoch"] == records[-1]["epoch"]]
     term_keys = sorted({k for r in last for k in r if k.startswith("term_")})
     result["terms_last_epoch"] = {k: statistics.mean(r[k] for r in last if k in r) for k in term_keys}
-    if ARMS[arm]["caption"]:
-        cap = Captioner.from_checkpoint(Path(out_dir) / "last.pt")
-        scores = cap.evaluate(test_corpus)
-        captions = cap.caption_corpus(test_corpus)
-        result["caption_test"] = {**scores, "distinct_captions": len(set(captions)),
-                                  "examples": captions[:5]}
+    result.update(dependence(Path(out_dir), caption=bool(ARMS[arm]["caption"]), gan=bool(ARMS[arm]["gan"])))
     if ARMS[arm]["gan"] and seed == 0:
         from vsekit.imagine import Imaginer, image_grid
 
@@ -175,6 +169,39 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
         image_grid(im.generate(GRID_TEXTS[dataset.split("_")[0]], n=8, seed=0)).save(grid)
         result["grid"] = str(grid.relative_to(HERE))
     return result
+
+
+def dependence(run: Path, caption: bool, gan: bool) -> dict:
+    """Do the generative paths of ``run/last.pt`` depend on their input (issue 25)? On the test images: the
+    caption scores, the share of distinct greedy captions, the nearest-neighbour captioning baseline's scores
+    and caption -> image R@1/5/10 of the generated captions (``caption_test``); the GAN's R-precision
+    (``gan_test``); the discriminator's accuracies per epoch, from the validation lines (``d_acc_per_epoch``)."""
+    from vsekit.checkpoint import load_checkpoint
+    from vsekit.config import validate_config
+    from vsekit.data.sources import load_split
+
+    data = validate_config(load_checkpoint(run / "last.pt")["config"]).data
+    test, train = load_split(data, "test"), load_split(data, data.train_split)
+    out: dict = {}
+    if caption:
+        from vsekit.captioning import Captioner
+
+        dep = Captioner.from_checkpoint(run / "last.pt").dependence(test, train)
+        out["caption_test"] = {**dep.pop("decoder"), **dep,
+                               "distinct_captions": round(dep["distinct"] * dep["num_images"])}
+    if gan:
+        from vsekit.imagine import Imaginer
+
+        out["gan_test"] = Imaginer.from_checkpoint(run / "last.pt").r_precision(test)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        out["d_acc_per_epoch"] = [{"epoch": r["epoch"], **{k[len("train_term_"):]: round(r[k], 3) for k in r
+                                                           if k.startswith("train_term_d_")}}
+                                  for r in records if r["kind"] == "val" and "train_term_d_real_acc" in r]
+    return out
+
+
+def cmd_measure(args) -> None:
+    print(json.dumps(dependence(Path(args.run), caption=not args.no_caption, gan=not args.no_gan), indent=1))
 
 
 def cmd_one(args) -> None:
@@ -253,12 +280,17 @@ def cmd_report(args) -> None:
 
 
 def main() -> None:
-    p, _, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
+    p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
                            one_args=[("dataset", {"choices": DATASETS}), ("recipe", {"choices": RECIPES}),
                                      ("arm", {"choices": list(ARMS)}), ("seed", {"type": int}),
                                      ("image_size", {"type": int}), ("stages", {"help": "e.g. 2,3,1"}),
                                      ("--override", {"action": "append", "default": [],
                                                      "help": "an extra config override (smoke tests)"})])
+    m = sub.add_parser("measure", help="the dependence measures of a trained run folder (issue 25)")
+    m.add_argument("run")
+    m.add_argument("--no-caption", action="store_true")
+    m.add_argument("--no-gan", action="store_true")
+    m.set_defaults(fn=cmd_measure)
     r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=DATASETS)
     r.add_argument("--recipe", default="gxn_demo", choices=RECIPES)
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
