@@ -16,6 +16,12 @@ raw pixels by the small CNN (no pretrained weights; on emoji each image whole, w
 ``scratch_small`` does). Reported per run: test rsum of the best-validation
 checkpoint (the retrieval protocol), the validation rsum per epoch, and for the arms with a decoder, greedy
 BLEU-4 / CIDEr-D of ``last.pt`` on the test images. ``grid`` writes a sample grid of a GAN arm's ``last.pt``.
+Whether the generative paths depend on their input (issue 25, :func:`dependence`; also ``measure RUN_FOLDER``
+for a run trained elsewhere): the share of distinct greedy test captions, the CIDEr-D of a nearest-neighbour
+captioning baseline (each test image gets the first caption of its nearest training image under the same
+model's embedding), caption -> image R@1/5/10 with each generated caption as the query, the R-precision of
+generated images (the generating caption ranked first among it and 99 random ones; chance 1 %) and the
+discriminator's accuracies per epoch.
 
 ``--recipe gxn_scratch_small`` runs the same four arms of that recipe instead (tuned for small real images: 12
 epochs, 512-d levels, a bi-GRU, the per-level max of hinges after a warm-up; its rows carry ``recipe``).
@@ -37,6 +43,7 @@ precomputed folders keep 2), so the test rsum compares the arms with each other,
     python benchmarks/gxn_ablation.py run --datasets demo emoji --seeds 0 1 2   # results appended
     python benchmarks/gxn_ablation.py run --datasets emoji --recipe gxn_scratch_small
     python benchmarks/gxn_ablation.py run --datasets emoji_224 tabler_224 --recipe gxn_pretrained --image-size 96
+    python benchmarks/gxn_ablation.py measure runs/gxn_demo                     # one trained run's measures
     python benchmarks/gxn_ablation.py report
 """
 
@@ -243,13 +250,25 @@ def _setting(r: dict) -> str:
     return " ".join([f"{r['image_size']} px, stages {'+'.join(map(str, r['stages']))}", *r.get("extra_overrides", [])])
 
 
+def _dependence_cols(rs: list[dict]) -> str:
+    """NN-baseline CIDEr-D, caption -> image R@1 and R-precision (%) means, where the rows have them (issue 25)."""
+    def col(values: list[float], fmt: str) -> str:
+        return format(statistics.mean(values), fmt) if values else ""
+
+    caps = [r["caption_test"] for r in rs if "nearest_neighbour" in r.get("caption_test", {})]
+    gans = [r["gan_test"]["r_precision"] * 100 for r in rs if "gan_test" in r]
+    return " | ".join([col([c["nearest_neighbour"]["cider_d"] for c in caps], ".3f"),
+                       col([c["retrieval"]["r1"] for c in caps], ".1f"), col(gans, ".1f")])
+
+
 def cmd_report(args) -> None:
     rows = read_results(OUT)
     configs = list(dict.fromkeys((r["dataset"], recipe_of(r), _setting(r)) for r in rows))
     configs.sort(key=lambda c: (DATASETS.index(c[0]), RECIPES.index(c[1])))
     print("| collection | recipe | setting | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | "
-          "test BLEU-4 | test CIDEr-D | distinct test captions | min / run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "test BLEU-4 | test CIDEr-D | distinct test captions | NN-baseline CIDEr-D | generated caption -> image R@1 | "
+          "R-precision | min / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     paired = []
     for (dataset, recipe, setting), arm in itertools.product(configs, ARMS):
         rs = sorted((r for r in rows if (r["dataset"], recipe_of(r), _setting(r)) == (dataset, recipe, setting)
@@ -263,7 +282,7 @@ def cmd_report(args) -> None:
                     f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | | "
         print(f"| {dataset} | {recipe} | {setting} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
               f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
-              f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
+              f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | {_dependence_cols(rs)} | "
               f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
         if arm != "embeddings":  # paired with the embeddings-only arm of the same seed (same init, same batches)
             base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == "embeddings"
