@@ -191,10 +191,6 @@ class SearchIndex:
     def backend(self) -> Backend:
         return self._read().backend
 
-    @property
-    def _row_of_id(self) -> dict[str, int]:
-        return self._read().row_of_id
-
     @contextlib.contextmanager
     def _pinned(self) -> Iterator[_Generation]:
         """Hold this thread's query to the current generation until it ends (re-entrant)."""
