@@ -254,9 +254,6 @@ class BertTextEncoder(Encoder):
         words = self.proj(hidden)
         return self.gpo(words, lengths)[0], words
 
-    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(tokens, lengths)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         if not self.no_txtnorm:
             x = l2norm(x)

@@ -79,9 +79,6 @@ class SGRAFRegionEncoder(Encoder):
         regions = l2norm(self.fc(feats))
         return regions.mean(1), regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x)
 
@@ -116,9 +113,6 @@ class SGRAFWordEncoder(Encoder):
         words = l2norm(out) * valid.unsqueeze(-1)
         pooled = words.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
         return pooled, words
-
-    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(tokens, lengths)[0]
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x)

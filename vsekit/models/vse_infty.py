@@ -67,9 +67,6 @@ class VSEInftyImageEncoder(Encoder):
         front = regions.gather(1, order.unsqueeze(-1).expand_as(regions))
         return self.gpo(front, keep.sum(1))[0], regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         if not self.no_imgnorm:
             x = l2norm(x)

@@ -119,8 +119,5 @@ class VSRNImageEncoder(Encoder):
         x = self.reason_globally(regions)
         return (self.bn(x) if self.bn is not None else x), regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return _finish(x, self.no_imgnorm, self.use_abs)
