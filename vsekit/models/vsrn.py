@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.image import IMAGE_ENCODERS, _finish
-from vsekit.models.layers import l2norm, xavier_linear_
+from vsekit.models.image import IMAGE_ENCODERS
+from vsekit.models.layers import finish_embedding, l2norm, xavier_linear_
 
 #: how a set of region vectors (B, R, D) is normalised: each region to unit length; each of the D channels to
 #: unit length over the R regions (what the reference code computes: its l2norm sums over dim 1, which on a
@@ -120,4 +120,4 @@ class VSRNImageEncoder(Encoder):
         return (self.bn(x) if self.bn is not None else x), regions
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)
