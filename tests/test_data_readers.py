@@ -1,4 +1,4 @@
-"""Karpathy / precomp / pairs readers and ``load_corpus`` dispatch, on tiny files generated in tmp_path."""
+"""Karpathy / precomp / pairs readers and ``load_split`` dispatch, on tiny files generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from vsekit.data.corpus import DataError
 from vsekit.data.formats.karpathy import read_karpathy
 from vsekit.data.formats.pairs import read_pairs
 from vsekit.data.formats.precomp import read_precomp
-from vsekit.data.sources import load_corpus, source_names
+from vsekit.data.sources import load_split, source_names
 from vsekit.errors import ConfigError
 
 # ---------------------------------------------------------------- Karpathy
@@ -492,10 +492,10 @@ def test_select_images_keeps_memmap_prefix(tmp_path: Path) -> None:
     assert picked.captions == ["c2", "c3", "c6", "c7"]
 
 
-# ---------------------------------------------------------------- load_corpus
+# ---------------------------------------------------------------- load_split
 
 
-def test_load_corpus_dispatch(tmp_path: Path) -> None:
+def test_load_split_dispatch(tmp_path: Path) -> None:
     data = _karpathy_data()
     for entry in data["images"]:
         target = tmp_path / entry["filepath"] / entry["filename"]
@@ -503,39 +503,39 @@ def test_load_corpus_dispatch(tmp_path: Path) -> None:
         Image.new("RGB", (4, 4)).save(target)
     path = _write_json(tmp_path, data)
     spec = {"format": "karpathy", "path": str(path), "image_root": str(tmp_path), "restval_into_train": True}
-    assert load_corpus(spec, "train").num_images == 3
-    assert load_corpus({**spec, "max_images": 1}, "train").num_images == 1
+    assert load_split(spec, "train").num_images == 3
+    assert load_split({**spec, "max_images": 1}, "train").num_images == 1
 
     _write_precomp(tmp_path / "pre", "dev", (3, 2), [f"c{j}" for j in range(15)])
-    pre = load_corpus({"format": "precomp", "path": str(tmp_path / "pre"), "max_images": 2}, "val")
+    pre = load_split({"format": "precomp", "path": str(tmp_path / "pre"), "max_images": 2}, "val")
     assert pre.num_images == 2 and pre.num_captions == 10
 
     pairs_spec = {"format": "pairs", "path": str(_image_corpus(tmp_path))}
     with pytest.raises(DataError, match="no 'split' column"):
-        load_corpus(pairs_spec, "train")
+        load_split(pairs_spec, "train")
     # a file without split column is used whole only when the spec says so
     pairs_spec["split"] = None
-    assert load_corpus({**pairs_spec, "skip_missing_images": True}, "train").num_images == 2
+    assert load_split({**pairs_spec, "skip_missing_images": True}, "train").num_images == 2
     with pytest.raises(DataError, match="2 of 4 images"):
-        load_corpus(pairs_spec, "train")
-    assert load_corpus({**pairs_spec, "check_images": False}, "val").num_images == 4
-    first = load_corpus({**pairs_spec, "max_images": 1}, "test")
+        load_split(pairs_spec, "train")
+    assert load_split({**pairs_spec, "check_images": False}, "val").num_images == 4
+    first = load_split({**pairs_spec, "max_images": 1}, "test")
     assert first.image_ids == ["ok0.png"] and first.num_captions == 2
 
 
-def test_load_corpus_unknown_format_and_missing_path() -> None:
+def test_load_split_unknown_format_and_missing_path() -> None:
     with pytest.raises(ConfigError) as err:
-        load_corpus({"format": "webdataset"}, "train")
+        load_split({"format": "webdataset"}, "train")
     assert "'webdataset'" in str(err.value)
     for fmt in source_names():
         assert fmt in str(err.value)
     with pytest.raises(ConfigError, match="^data.path: required"):
-        load_corpus({"format": "karpathy"}, "train")
+        load_split({"format": "karpathy"}, "train")
     with pytest.raises(ConfigError, match="^data.restval_into_train: unknown key"):  # not a precomp option
-        load_corpus({"format": "precomp", "path": "x", "restval_into_train": True}, "train")
+        load_split({"format": "precomp", "path": "x", "restval_into_train": True}, "train")
 
 
-def test_load_corpus_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_split_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "demo"
     (folder / "images").mkdir(parents=True)
     images = []
@@ -561,11 +561,11 @@ def test_load_corpus_demo_imports_builder_lazily(tmp_path: Path, monkeypatch: py
     fake = types.ModuleType("vsekit.data.demo")
     fake.build_demo = fake_build_demo
     monkeypatch.setitem(sys.modules, "vsekit.data.demo", fake)
-    corpus = load_corpus({"format": "demo", "root": str(tmp_path), "num_images": 10, "seed": 5}, "train")
+    corpus = load_split({"format": "demo", "root": str(tmp_path), "num_images": 10, "seed": 5}, "train")
     assert calls == [{"root": str(tmp_path), "num_images": 10, "seed": 5, "image_size": 64}]
     assert corpus.image_ids == ["0", "1"] and corpus.labels.tolist() == [0, 1]
     assert corpus.image_paths[0] == folder / "images" / "0.png"
-    assert load_corpus({"format": "demo"}, "dev").num_images == 1
+    assert load_split({"format": "demo"}, "dev").num_images == 1
 
 
 def test_sources_module_does_not_import_demo() -> None:
@@ -742,13 +742,13 @@ def test_check_images_decode_threaded(tmp_path: Path) -> None:
 
 def test_load_split_check_images_decode_option(tmp_path: Path) -> None:
     spec = {"format": "pairs", "path": str(_truncated_corpus(tmp_path)), "split": None}
-    assert load_corpus(spec, "train").num_images == 4  # headers only (true, the default)
+    assert load_split(spec, "train").num_images == 4  # headers only (true, the default)
     with pytest.raises(DataError, match="1 of 4 images are missing or undecodable"):
-        load_corpus({**spec, "check_images": "decode"}, "train")
-    assert load_corpus({**spec, "check_images": "decode", "skip_missing_images": True}, "train").num_images == 3
-    assert load_corpus({**spec, "check_images": False}, "train").num_images == 4
+        load_split({**spec, "check_images": "decode"}, "train")
+    assert load_split({**spec, "check_images": "decode", "skip_missing_images": True}, "train").num_images == 3
+    assert load_split({**spec, "check_images": False}, "train").num_images == 4
     with pytest.raises(ConfigError, match=r"^data\.check_images: .*\"decode\""):
-        load_corpus({**spec, "check_images": "full"}, "train")
+        load_split({**spec, "check_images": "full"}, "train")
 
 
 # ---------------------------------------------------------------- precomp: NaN/inf, encodings

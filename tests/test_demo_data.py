@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vsekit.data import demo
-from vsekit.data.demo import DATASET_FILE, build_demo, render
+from vsekit.data.demo import DATASET_FILE, DEMO_QUERIES, build_demo, render, scenes
 
 N = 200
 
@@ -224,7 +223,7 @@ def test_named_colours_are_drawn(built):
     for e in data["images"][::4]:
         with Image.open(path.parent / "images" / e["filename"]) as im:
             pixels = np.asarray(im, dtype=np.float64)
-        for name, rgb in demo.COLOURS.items():
+        for name, rgb in scenes.COLOURS.items():
             dist = np.linalg.norm(pixels - np.array(rgb), axis=-1)
             near = int((dist < 60).sum())
             if name in {o["colour"] for o in e["scene"]}:
@@ -356,16 +355,16 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
 def test_demo_queries_use_the_caption_vocabulary(built):
     _, data = built
     vocab = {t for e in data["images"] for s in e["sentences"] for t in s["tokens"]}
-    for query in demo.DEMO_QUERIES:
+    for query in DEMO_QUERIES:
         assert set(re.findall(r"[a-z]+", query)) <= vocab, query
 
 
 def test_describe_scene_round_trips(built):
     _, data = built
     for e in data["images"][:20]:
-        scene = demo.Scene.from_json(e["scene"])
+        scene = scenes.Scene.from_json(e["scene"])
         assert scene.to_json() == e["scene"]
-        assert demo.describe_scene(scene).count(";") == len(e["scene"]) - 1
+        assert scenes.describe_scene(scene).count(";") == len(e["scene"]) - 1
 
 
 def test_grid_regions_are_patch_means(tmp_path):

@@ -18,7 +18,6 @@ from vsekit.semantics import (
     STOP_WORDS,
     LSAModel,
     StaleCacheError,
-    fit_from_captions_file,
     fit_or_load_caption_vectors,
     fit_to_folder,
     load_caption_vectors,
@@ -325,10 +324,8 @@ def test_load_caption_vectors_checks(corpus: list[str], tmp_path) -> None:
         fit_to_folder(corpus, ["only-one-id"], tmp_path / "bad", n_components=8)
 
 
-def test_fit_from_captions_file(corpus: list[str], tmp_path) -> None:
-    path = tmp_path / "train_caps.txt"
-    path.write_text("\n".join(corpus[:60]) + "\n", encoding="utf-8")
-    out = fit_from_captions_file(path, tmp_path / "out", n_components=8)
+def test_fit_to_folder_with_line_numbers_as_ids(corpus: list[str], tmp_path) -> None:
+    out = fit_to_folder(corpus[:60], [str(i) for i in range(60)], tmp_path / "out", n_components=8)
     assert json.loads((out / "caption_ids.json").read_text()) == [str(i) for i in range(60)]
     v = load_caption_vectors(out, num_captions=60)
     np.testing.assert_allclose(LSAModel.load(out / "model").transform(corpus[:60]), v, atol=1e-6)

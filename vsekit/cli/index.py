@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from vsekit.cli.common import parse_size, positive_int, read_float, thread_count
+from vsekit.cli.common import finite_non_negative, parse_size, positive_int, read_float, thread_count
 
 RERANK_HELP = ("an index of a model with a similarity network: shortlisted items each query reranks through the "
                "network (default: the index's)")
@@ -22,13 +22,6 @@ def positive_float(text: str) -> float:
     v = read_float(text)
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return v
-
-
-def non_negative_float(text: str) -> float:
-    v = read_float(text)
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return v
 
 
@@ -373,7 +366,7 @@ def add_cli(subparsers) -> None:
                         "address (the default), only localhost, 127.0.0.1, [::1] and --host are answered, so "
                         "that a web page whose name resolves to 127.0.0.1 (DNS rebinding) cannot use the API; "
                         "bound elsewhere, any Host is answered unless --allow-host names some")
-    v.add_argument("--reload-interval", type=non_negative_float, default=DEFAULT_RELOAD_INTERVAL,
+    v.add_argument("--reload-interval", type=finite_non_negative, default=DEFAULT_RELOAD_INTERVAL,
                    metavar="SECONDS", help="how often the index is checked for a generation that `index add` / "
                                            "`index remove` committed, which is then served without a restart "
                                            f"(default {DEFAULT_RELOAD_INTERVAL:g}; 0: before every request)")

@@ -4,7 +4,7 @@ datasets."""
 from vsekit.data.checks import check_images
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.images import ImageLoadError, build_transform, load_rgb
-from vsekit.data.sources import DataConfig, data_config, load_corpus, load_split, sniff_source
+from vsekit.data.sources import DataConfig, data_config, load_split, sniff_source
 
 __all__ = ["Corpus", "DataConfig", "DataError", "ImageLoadError", "build_transform", "check_images", "data_config",
-           "load_corpus", "load_rgb", "load_split", "sniff_source"]
+           "load_rgb", "load_split", "sniff_source"]

@@ -368,7 +368,6 @@ def _band_to_u8(band: np.ndarray, scale: str) -> np.ndarray:
 # which says what to read). The augmentation defaults are VSE++'s (ImageNet-style RandomResizedCrop over
 # 8-100 % of the area, random horizontal flips); recipes for small raw images and for captions that say
 # "left"/"right" change them.
-CROPS = ("random_resized", "random", "center")
 RESIZE_POLICIES = ("short_side", "square")
 
 

@@ -3,7 +3,6 @@ protocols by name (:data:`EVAL_PROTOCOLS`)."""
 
 from vsekit.eval.metrics import (
     METRIC_KEYS,
-    PROTOCOLS,
     BlockScorer,
     EvaluationError,
     label_metrics,
@@ -28,7 +27,6 @@ __all__ = [
     "EvalInputs",
     "EvaluationError",
     "METRIC_KEYS",
-    "PROTOCOLS",
     "get_protocol",
     "label_metrics",
     "format_eccv_table",

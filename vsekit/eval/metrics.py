@@ -528,20 +528,25 @@ def retrieval_ranks(
     converted block by block. Computation is float32 (float64 if an input is float64) on ``device``
     (default: the tensor inputs' device, else CPU).
     """
+    c2i, _, ranks = _ranker(image_emb, caption_emb, caption_to_image, similarity, chunk_size, device)
+    return ranks(None, None, c2i)
+
+
+def _ranker(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image: ArrayLike | Sequence[int],
+            similarity: Similarity, chunk_size: int | Sequence[int] | None, device: str | torch.device | None):
+    """The checked inputs of :func:`retrieval_ranks` as ``(c2i, N, ranks)``: ``ranks(image_rows, caption_rows,
+    owner)`` ranks a subset (None: all) of the images against one of the captions, ``owner`` their c2i."""
     image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
     dev = _pick_device(device, image_emb, caption_emb)
     dtype = _compute_dtype(image_emb, caption_emb)
-    return _ranks(
-        _Rows(image_emb, None, dev, rows_dtype or dtype),
-        _Rows(caption_emb, None, dev, rows_dtype or dtype),
-        c2i,
-        similarity,
-        chunk_size,
-        dev,
-        dtype,
-        int(image_emb.shape[1]),
-    )
+
+    def ranks(image_rows: np.ndarray | None, caption_rows: np.ndarray | None, owner: np.ndarray):
+        return _ranks(_Rows(image_emb, image_rows, dev, rows_dtype or dtype),
+                      _Rows(caption_emb, caption_rows, dev, rows_dtype or dtype),
+                      owner, similarity, chunk_size, dev, dtype, int(image_emb.shape[1]))
+
+    return c2i, int(image_emb.shape[0]), ranks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,11 +615,7 @@ def retrieval_metrics(
     """
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
-    c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
-    dev = _pick_device(device, image_emb, caption_emb)
-    dtype = _compute_dtype(image_emb, caption_emb)
-    n, dim = int(image_emb.shape[0]), int(image_emb.shape[1])
+    c2i, n, ranks = _ranker(image_emb, caption_emb, caption_to_image, similarity, chunk_size, device)
 
     if protocol == "full":
         parts = [(None, None, c2i)]
@@ -636,19 +637,7 @@ def retrieval_metrics(
                 raise EvaluationError(f"fold {f} (images {f * size}..{(f + 1) * size - 1}) has no captions")
             parts.append((np.arange(f * size, (f + 1) * size), caps, c2i[caps] - f * size))
 
-    folds = []
-    for img_rows, cap_rows, owner in parts:
-        i2t, t2i = _ranks(
-            _Rows(image_emb, img_rows, dev, rows_dtype or dtype),
-            _Rows(caption_emb, cap_rows, dev, rows_dtype or dtype),
-            owner,
-            similarity,
-            chunk_size,
-            dev,
-            dtype,
-            dim,
-        )
-        folds.append(metrics_from_ranks(i2t, t2i))
+    folds = [metrics_from_ranks(*ranks(img_rows, cap_rows, owner)) for img_rows, cap_rows, owner in parts]
     metrics = folds[0] if protocol == "full" else mean_over_folds(folds)
     return (metrics, folds) if return_folds else metrics
 

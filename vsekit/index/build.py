@@ -46,7 +46,6 @@ from vsekit.utils import distributed
 from vsekit.utils.fs import is_stale_work
 
 DEFAULT_RERANK = 100  # similarity networks: shortlisted items reranked through the network per query
-DEFAULT_THUMBNAIL_SIZE = thumbs.DEFAULT_MAX_SIDE  # long side of the index's thumbnails, in pixels
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
                 captions: bool | None = None, params: AnnParams | None = None, batch_size: int = 128,
                 progress: bool = True, overwrite: bool = False, source: str | None = None,
                 backend: BackendConfig | None = None, rerank: int = DEFAULT_RERANK,
-                context_dtype: str = "float32", thumbnail_size: int | None = DEFAULT_THUMBNAIL_SIZE) -> dict[str, Any]:
+                context_dtype: str = "float32", thumbnail_size: int | None = thumbs.DEFAULT_MAX_SIDE) -> dict[str, Any]:
     """Encode ``corpus`` and write a new index to ``out``; returns its manifest.
 
     ``captions``: also index the corpus's captions (image -> text search); ``None`` = when it has any.

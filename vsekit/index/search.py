@@ -45,9 +45,6 @@ from vsekit.models.local_sets import LocalSets
 logger = logging.getLogger(__name__)
 
 _ORDER_CHUNK = 4096  # order scoring holds (queries x chunk x D) floats
-# Default limits of an image query: pixels before and after the model's resize, and long side / short side
-DEFAULT_MAX_IMAGE_PIXELS = MAX_QUERY_IMAGE_PIXELS
-DEFAULT_MAX_ASPECT_RATIO = MAX_QUERY_ASPECT_RATIO
 
 
 class ImageSizeError(SearchIndexError):
@@ -191,10 +188,6 @@ class SearchIndex:
     def backend(self) -> Backend:
         return self._read().backend
 
-    @property
-    def _row_of_id(self) -> dict[str, int]:
-        return self._read().row_of_id
-
     @contextlib.contextmanager
     def _pinned(self) -> Iterator[_Generation]:
         """Hold this thread's query to the current generation until it ends (re-entrant)."""
@@ -330,8 +323,8 @@ class SearchIndex:
         return self.search_vectors(q, "captions", target, k, query_sets=sets)[0]
 
     def search_image(self, image, k: int = 10, target: str = "captions", *,
-                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> list[SearchResult]:
+                     max_pixels: int = MAX_QUERY_IMAGE_PIXELS,
+                     max_aspect_ratio: float = MAX_QUERY_ASPECT_RATIO) -> list[SearchResult]:
         """Image -> text (``target="captions"``) or image -> image search. ``image`` is a PIL image or a path;
         a file is checked against the limits (:meth:`check_image_size`) from its header, before decoding."""
         self._check(k, target)
@@ -366,8 +359,8 @@ class SearchIndex:
             return short, int(short * height / width)
         return int(short * width / height), short
 
-    def check_image_size(self, width: int, height: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+    def check_image_size(self, width: int, height: int, *, max_pixels: int = MAX_QUERY_IMAGE_PIXELS,
+                         max_aspect_ratio: float = MAX_QUERY_ASPECT_RATIO) -> None:
         """Refuse (:class:`ImageSizeError`) an image of ``width`` x ``height`` pixels with more than
         ``max_pixels`` pixels, a long side more than ``max_aspect_ratio`` times its short side, or a resize
         (:meth:`resized_size`) that would make more than ``max_pixels`` pixels of it."""

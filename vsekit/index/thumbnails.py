@@ -1,11 +1,9 @@
 """The index's own thumbnails: the only image bytes the server sends.
 
-Why: a record's ``path`` names a file the index does not own. It may be edited to name any file
-(``/etc/passwd``), be resolved outside a tar shard, be replaced by a symlink after the build, or be an SVG
-whose script runs on the server's origin once it is served as ``image/svg+xml``. So at ``index build`` and
-``index add`` every image is decoded once more with the project's decoder (:func:`load_rgb`), scaled down to
-at most ``max_side`` pixels on its long side and **re-encoded as a baseline JPEG from its RGB pixels** (no
-source bytes, no metadata, no profile travels). The server sends only those, by id.
+At ``index build`` and ``index add`` every image is decoded once more with the project's decoder
+(:func:`load_rgb`), scaled down to at most ``max_side`` pixels on its long side and **re-encoded as a baseline
+JPEG from its RGB pixels**; the server sends only those, by id, never the file a record's ``path`` names (why:
+docs/search.md, "Thumbnails").
 
 Layout, in each generation folder (committed, checksummed and replaced with the rest of it)::
 

@@ -2,13 +2,8 @@
 
 Registered: ``"hinge"`` (VSE0 / VSE++), ``"hinge_warmup"`` (VSE∞ schedule), ``"infonce"`` (CLIP),
 ``"lseh"`` (semantic margins, needs ``caption_vectors``). Build one from a config with :func:`build_loss`.
-Objective terms (``OBJECTIVE_TERMS``, one protocol: :class:`~vsekit.losses.terms.ObjectiveTerm`), which the
-trainer's objective (``vsekit.train.objective``) weighs together with the in-batch loss. Built in, each with
-its own section ``objective.<name>``: ``"instance"`` (a classifier shared by both paths, Dual-Path),
-``"mined"`` (a mined hard negative per anchor, Dual-Path), ``"label"``, ``"triplet"`` and ``"adversarial"``
-(ACMR), ``"embedding"`` (a ranking loss on the embeddings' cosine). Under ``objective.terms.<name>``:
-``"level_ranking"`` (a ranking loss per embedding level, GXN), ``"caption"`` (a caption decoder:
-cross-entropy or self-critical CIDEr-D training) and ``"gan"`` (GXN's text-to-image GAN).
+The objective's terms are ``OBJECTIVE_TERMS`` entries, one protocol (:class:`~vsekit.losses.terms.ObjectiveTerm`;
+the list: docs/training.md, "Objective terms: one protocol").
 """
 
 from __future__ import annotations

@@ -46,7 +46,10 @@ class Encoder(nn.Module):
         return cls.reads_features
 
     def forward_features(self, *inputs: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The feature before :meth:`finish`; an encoder defines this or :meth:`forward_parts`."""
+        if type(self).forward_parts is Encoder.forward_parts:
+            raise NotImplementedError
+        return self.forward_parts(*inputs)[0]
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -21,7 +21,7 @@ from torch import nn
 from vsekit.errors import ConfigError, did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
-from vsekit.models.layers import l2norm
+from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.text.tokenizer import head_at_space
 
@@ -254,10 +254,5 @@ class BertTextEncoder(Encoder):
         words = self.proj(hidden)
         return self.gpo(words, lengths)[0], words
 
-    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(tokens, lengths)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.no_txtnorm:
-            x = l2norm(x)
-        return x.abs() if self.use_abs else x
+        return finish_embedding(x, self.no_txtnorm, self.use_abs)

@@ -12,7 +12,7 @@ from torch import nn
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import MLP, l2norm, xavier_linear_
+from vsekit.models.layers import MLP, finish_embedding, l2norm, xavier_linear_
 from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
@@ -23,14 +23,6 @@ from vsekit.registry import Registry
 
 IMAGE_ENCODERS = Registry("image encoder", injected=("embed_size", "img_dim", "num_regions"))
 BACKBONES = Registry("CNN backbone")
-
-
-def _finish(x: torch.Tensor, no_imgnorm: bool, use_abs: bool) -> torch.Tensor:
-    if not no_imgnorm:
-        x = l2norm(x)
-    if use_abs:
-        x = x.abs()
-    return x
 
 
 @IMAGE_ENCODERS.register("precomp")
@@ -80,7 +72,7 @@ class PrecompImageEncoder(Encoder):
         return self.head(feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 def _local_weights_file(weights) -> Path:
@@ -226,4 +218,4 @@ class CNNImageEncoder(Encoder):
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)

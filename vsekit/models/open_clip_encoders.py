@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from vsekit.errors import did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
-from vsekit.models.image import IMAGE_ENCODERS, _finish
+from vsekit.models.image import IMAGE_ENCODERS
+from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.models.weights import (
     OFFLINE_ENV,
@@ -174,7 +175,7 @@ class OpenCLIPImageEncoder(Encoder):
         return self.proj(self.tower(self.renorm(images)))
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -238,4 +239,4 @@ class OpenCLIPTextEncoder(Encoder):
         return self.proj(x)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
-        return _finish(out, self.no_txtnorm, self.use_abs)
+        return finish_embedding(out, self.no_txtnorm, self.use_abs)

@@ -1,31 +1,11 @@
 """SGRAF (Diao et al., AAAI 2021, "Similarity Reasoning and Filtration for Image-Text Matching").
 
-The encoders keep their local vectors: ``sgraf_regions`` projects each precomputed region feature into the
-joint space, ``sgraf_words`` runs a bi-GRU over the words. Their pooled means are the embeddings (what an
-inner-product shortlist can use); the regions and words are the *contexts* the similarity network reads.
-
-The network (:class:`SGRAFSimilarity`, registered as ``sgr`` and ``saf``) scores a pair from alignment
-vectors instead of one dot product:
-
-- a global alignment: self-attended image and caption vectors, their squared difference projected to
-  ``sim_dim`` and L2-normalised;
-- one local alignment per word: the word attends over the regions (SCAN text-to-image attention: LeakyReLU,
-  L2 over the words, softmax over the regions at temperature 1/``smooth``), and the squared difference of
-  the attended region vector and the word is projected and L2-normalised in the same way;
-- **SGR**: the alignments are the nodes of a fully connected graph; ``sgr_step`` rounds of message passing
-  with learned edges, then the global node is read out. **SAF**: a sigmoid gate (after batch norm) weighs
-  every alignment, the weighted mean is read out. The read-out goes through a linear layer and a sigmoid:
-  the score is in (0, 1).
-
-Everything is batched over the (image, caption) grid of a call: tiles of images x captions, each tile an
-(n, m, T, R) attention and (n, m, T, E) local tensors, so memory is bounded by the tile, not by the grid.
-Padding words are masked everywhere (the word softmax, the L2 over words, the graph's edges, the gates, and
-batch-norm statistics), so a caption scores the same whatever it is padded to.
-
-Deviations from the reference code, on purpose: the region branch of the visual self-attention normalises
-over the feature channels (the reference's BatchNorm1d over the 36 region *slots* ties the model to 36
-regions); every caption of a batch is scored in one vectorised pass instead of a Python loop over captions,
-so SAF's batch-norm statistics are those of the whole batch's valid alignments rather than one caption's.
+The encoders (``sgraf_regions``, ``sgraf_words``) keep their local vectors: their pooled means are the embeddings
+(what an inner-product shortlist can use), the regions and words the *contexts* from which the similarity
+network (:class:`SGRAFSimilarity`, registered as ``sgr`` and ``saf``) scores a pair: a global alignment and one
+local alignment per word, then graph reasoning (SGR) or a gated mean (SAF), read out to a score in (0, 1).
+Batched over tiles of the (image, caption) grid, padding masked everywhere. The method step by step, its config
+and where it departs from the reference code (on purpose): docs/methods/sgraf.md.
 """
 
 from __future__ import annotations
@@ -79,9 +59,6 @@ class SGRAFRegionEncoder(Encoder):
         regions = l2norm(self.fc(feats))
         return regions.mean(1), regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x)
 
@@ -116,9 +93,6 @@ class SGRAFWordEncoder(Encoder):
         words = l2norm(out) * valid.unsqueeze(-1)
         pooled = words.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
         return pooled, words
-
-    def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(tokens, lengths)[0]
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x)

@@ -12,7 +12,7 @@ from torch import nn
 from vsekit.data.corpus import DataError
 from vsekit.data.textio import bounded_lines
 from vsekit.models.base import Encoder
-from vsekit.models.layers import l2norm
+from vsekit.models.layers import finish_embedding
 from vsekit.registry import Registry
 
 log = logging.getLogger("vsekit.models")
@@ -214,8 +214,4 @@ class GRUTextEncoder(Encoder):
         return out.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
-        if not self.no_txtnorm:
-            out = l2norm(out)
-        if self.use_abs:
-            out = out.abs()
-        return out
+        return finish_embedding(out, self.no_txtnorm, self.use_abs)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.layers import l2norm
+from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
 
 # the paper's stages: widths, blocks per stage, stride of each stage's first block (length 32 -> 32 -> 16 -> 8 -> 8)
@@ -147,5 +147,4 @@ class TextCNNEncoder(Encoder):
         return torch.relu(self.fc_bn(self.fc(pooled)))
 
     def finish(self, feats: torch.Tensor) -> torch.Tensor:
-        out = feats if self.no_txtnorm else l2norm(feats)
-        return out.abs() if self.use_abs else out
+        return finish_embedding(feats, self.no_txtnorm, self.use_abs)

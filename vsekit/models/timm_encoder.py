@@ -10,8 +10,8 @@ from torch import nn
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.heads import DualPathHead
-from vsekit.models.image import IMAGE_ENCODERS, _finish
-from vsekit.models.layers import MLP, l2norm, xavier_linear_
+from vsekit.models.image import IMAGE_ENCODERS
+from vsekit.models.layers import MLP, finish_embedding, l2norm, xavier_linear_
 from vsekit.models.weights import (
     OFFLINE_ENV,
     initial_weights_wanted,
@@ -127,4 +127,4 @@ class TimmImageEncoder(Encoder):
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)

@@ -21,8 +21,8 @@ class PairOutput:
 
     ``*_emb`` are the joint-space embeddings (what retrieval uses), ``*_features`` the same vectors before the
     encoder's final L2 normalisation (what an instance classifier sees); ``sim`` is the (B, B) similarity of
-    the batch (for a similarity network: its scores of every pair, from the contexts). ``negative_*`` are the captions given as ``negative_text`` (e.g. mined hard negatives), encoded
-    in the same text forward as the positives.
+    the batch (for a similarity network: its scores of every pair, from the contexts). ``negative_emb`` embeds
+    the captions given as ``negative_text`` (e.g. mined hard negatives), in the same text forward as the positives.
     """
 
     image_emb: torch.Tensor
@@ -31,7 +31,6 @@ class PairOutput:
     image_features: torch.Tensor
     caption_features: torch.Tensor
     negative_emb: torch.Tensor | None = None
-    negative_features: torch.Tensor | None = None
     # what the encoders' forward_parts returned beside the features (e.g. regions for a caption decoder)
     image_context: torch.Tensor | None = None
     caption_context: torch.Tensor | None = None
@@ -138,7 +137,7 @@ class VSEModel(nn.Module):
         out = PairOutput(img, cap[:b], sim, img_feat, cap_feat[:b], image_context=img_ctx, caption_context=cap_ctx,
                          caption_lengths=lengths)
         if negative_text is not None:
-            out.negative_emb, out.negative_features = cap[b:], cap_feat[b:]
+            out.negative_emb = cap[b:]
         return out
 
 

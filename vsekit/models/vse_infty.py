@@ -8,7 +8,7 @@ import torch
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import MLP, l2norm
+from vsekit.models.layers import MLP, finish_embedding
 from vsekit.models.text import TEXT_ENCODERS, GRUTextEncoder
 
 
@@ -67,13 +67,8 @@ class VSEInftyImageEncoder(Encoder):
         front = regions.gather(1, order.unsqueeze(-1).expand_as(regions))
         return self.gpo(front, keep.sum(1))[0], regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.no_imgnorm:
-            x = l2norm(x)
-        return x.abs() if self.use_abs else x
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 @TEXT_ENCODERS.register("bigru_gpo")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.image import IMAGE_ENCODERS, _finish
-from vsekit.models.layers import l2norm, xavier_linear_
+from vsekit.models.image import IMAGE_ENCODERS
+from vsekit.models.layers import finish_embedding, l2norm, xavier_linear_
 
 #: how a set of region vectors (B, R, D) is normalised: each region to unit length; each of the D channels to
 #: unit length over the R regions (what the reference code computes: its l2norm sums over dim 1, which on a
@@ -119,8 +119,5 @@ class VSRNImageEncoder(Encoder):
         x = self.reason_globally(regions)
         return (self.bn(x) if self.bn is not None else x), regions
 
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(feats)[0]
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(x, self.no_imgnorm, self.use_abs)
+        return finish_embedding(x, self.no_imgnorm, self.use_abs)

@@ -3,7 +3,6 @@
 from vsekit.semantics.cache import (
     StaleCacheError,
     caption_set_key,
-    fit_from_captions_file,
     fit_or_load_caption_vectors,
     fit_or_load_lsa_model,
     fit_to_folder,
@@ -31,7 +30,6 @@ __all__ = [
     "LSAModel",
     "StaleCacheError",
     "caption_set_key",
-    "fit_from_captions_file",
     "fit_or_load_caption_vectors",
     "fit_or_load_lsa_model",
     "fit_to_folder",

@@ -108,13 +108,6 @@ def fit_to_folder(captions: Sequence[str], caption_ids: Sequence[str] | None, ou
     return out
 
 
-def fit_from_captions_file(path: str | Path, out_folder: str | Path, **params: Any) -> Path:
-    """:func:`fit_to_folder` on a text file with one caption per line (ids are the 0-based line numbers)."""
-    with open(path, encoding="utf-8") as f:
-        captions = [line.rstrip("\n") for line in f]
-    return fit_to_folder(captions, [str(i) for i in range(len(captions))], out_folder, **params)
-
-
 def load_caption_vectors(folder: str | Path, *, key: str | None = None, num_captions: int | None = None,
                          mmap: bool = True) -> np.ndarray:
     """The (M, K) float32 vectors of a fitted folder, checked against ``key`` and ``num_captions`` if given.

@@ -28,67 +28,11 @@ entry also holds its ``scene`` (the ground truth the captions were written from)
 function of ``(num_images, seed, image_size)``: the same bytes every run.
 
 Modules: :mod:`.scenes` (the world, scene sampling, labels), :mod:`.captions` (the caption grammar),
-:mod:`.render` (drawing), :mod:`.build` (generation, caching, publishing). Everything is re-exported here.
+:mod:`.render` (drawing), :mod:`.build` (generation, caching, publishing). What callers outside the package use is
+re-exported here; the rest is imported from its module.
 """
 
-from vsekit.data.demo.build import (
-    DATASET_FILE,
-    GENERATOR_VERSION,
-    IMAGE_DIR,
-    build_demo,
-    default_root,
-)
-from vsekit.data.demo.captions import (
-    DEMO_QUERIES,
-    NUMBER_WORDS,
-    POSITION_PHRASES,
-    SHAPE_NOUNS,
-    SIZE_WORDS,
-    caption_scene,
-)
-from vsekit.data.demo.render import COLOUR_JITTER, NOISE_STD, render_scene
-from vsekit.data.demo.scenes import (
-    CLASS_NAMES,
-    COLOURS,
-    SHAPES,
-    SIZES,
-    SLOT_NAMES,
-    SLOTS,
-    Scene,
-    SceneObject,
-    assign_splits,
-    describe_scene,
-    main_object,
-    sample_scenes,
-    scene_label,
-)
+from vsekit.data.demo.build import DATASET_FILE, build_demo
+from vsekit.data.demo.captions import DEMO_QUERIES
 
-__all__ = [
-    "CLASS_NAMES",
-    "COLOURS",
-    "COLOUR_JITTER",
-    "DATASET_FILE",
-    "DEMO_QUERIES",
-    "GENERATOR_VERSION",
-    "IMAGE_DIR",
-    "NOISE_STD",
-    "NUMBER_WORDS",
-    "POSITION_PHRASES",
-    "SHAPES",
-    "SHAPE_NOUNS",
-    "SIZES",
-    "SIZE_WORDS",
-    "SLOTS",
-    "SLOT_NAMES",
-    "Scene",
-    "SceneObject",
-    "assign_splits",
-    "build_demo",
-    "caption_scene",
-    "default_root",
-    "describe_scene",
-    "main_object",
-    "render_scene",
-    "sample_scenes",
-    "scene_label",
-]
+__all__ = ["DATASET_FILE", "DEMO_QUERIES", "build_demo"]

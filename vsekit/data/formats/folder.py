@@ -19,7 +19,6 @@ from vsekit.data.images import IMAGE_EXTENSIONS
 from vsekit.data.sources.base import DataConfig, register_source
 from vsekit.data.textio import read_caption_lines
 
-IMAGE_EXTS = IMAGE_EXTENSIONS  # the files of the formats the decoder accepts (vsekit.data.images)
 SPLIT_FOLDERS = ("train", "val", "test")
 logger = logging.getLogger("vsekit.data")
 
@@ -30,7 +29,7 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def read_folder(folder: str | Path, *, recursive: bool = True, captions: bool = True) -> Corpus:
@@ -39,7 +38,7 @@ def read_folder(folder: str | Path, *, recursive: bool = True, captions: bool = 
     folder = Path(folder)
     paths = list_images(folder, recursive)
     if not paths:
-        raise DataError(f"{folder}: no image files found ({', '.join(sorted(IMAGE_EXTS))})")
+        raise DataError(f"{folder}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     texts: list[str] = []
     caption_ids: list[str] = []
     owner: list[int] = []

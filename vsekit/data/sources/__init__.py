@@ -13,7 +13,6 @@ from vsekit.data.sources.base import (
     DataConfig,
     common_keys,
     data_config,
-    load_corpus,
     load_split,
     register_source,
     sniff_order,
@@ -23,5 +22,5 @@ from vsekit.data.sources.base import (
 )
 
 __all__ = ["SOURCES", "CrossModalFeatureData", "DataConfig", "DemoData", "FolderData", "KarpathyData", "PairsData",
-           "PrecompData", "ShardsData", "common_keys", "data_config", "list_images", "load_corpus", "load_split",
+           "PrecompData", "ShardsData", "common_keys", "data_config", "list_images", "load_split",
            "read_folder", "register_source", "sniff_order", "sniff_source", "source_class", "source_names"]

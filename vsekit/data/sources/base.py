@@ -154,14 +154,6 @@ def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | 
     return corpus
 
 
-def load_corpus(spec: dict[str, Any] | DataConfig, split: str) -> Corpus:
-    """:func:`load_split` for a plain-dict ``data`` section, e.g. ``{"format": "karpathy", "path":
-    "data/dataset_coco.json", "restval_into_train": true}`` (validated: an unknown key is an error naming it)."""
-    if not isinstance(spec, (dict, DataConfig)):
-        raise DataError(f"data spec must be a dict, got {type(spec).__name__}")
-    return load_split(spec, split)
-
-
 def sniff_source(arg: str, image_root: str | None = None, base: DataConfig | dict | None = None) -> DataConfig:
     """A ``--data`` argument to a data spec: ``demo``, or a path that one registered source recognises
     (a Karpathy ``dataset_*.json``, a precomputed-feature folder, a pairs file, a folder of images).
