@@ -3,7 +3,7 @@
 The parts, after torchvision's reference scripts and timm: :func:`vsekit.train.run.build_run` builds what a
 run needs; :meth:`Trainer.train_one_epoch` and :meth:`Trainer.train_step` train, with the optimizers and the
 training stage in an :class:`~vsekit.train.optim.OptimizerSet` and the run's health (collapse, non-finite steps,
-unreadable images) in a :class:`~vsekit.train.health.TrainingHealth`, each with its own state;
+unreadable images) in a :class:`~vsekit.train.monitor.TrainingHealth`, each with its own state;
 :func:`vsekit.train.validate.validate` validates; :class:`~vsekit.train.checkpointing.CheckpointPolicy`
 decides which checkpoints to write; :class:`~vsekit.train.logger.MetricsLogger` writes ``metrics.jsonl``.
 """
@@ -25,8 +25,8 @@ from vsekit.data.batch import Batch, text_to
 from vsekit.errors import ConfigError
 from vsekit.train import signals
 from vsekit.train.checkpointing import LAST, CheckpointPolicy, check_resume_config, prepare_output_dir
-from vsekit.train.health import TrainingHealth
 from vsekit.train.logger import MetricsLogger
+from vsekit.train.monitor import TrainingHealth
 from vsekit.train.optim import OptimizerSet
 from vsekit.train.run import build_run
 from vsekit.train.state import rng_state, seed_everything, set_rng_state
@@ -114,7 +114,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint: the model, the loss, the optimizers (:class:`~vsekit.train.optim.OptimizerSet`), the
-        run's health (``monitor``, :class:`~vsekit.train.health.TrainingHealth`), where the run stands, the RNG."""
+        run's health (``monitor``, :class:`~vsekit.train.monitor.TrainingHealth`), where the run stands, the RNG."""
         state = {
             "model": self.model.state_dict(),
             "loss": self.loss_fn.state_dict(),
