@@ -202,6 +202,16 @@ class CheckpointPolicy:
         state = load_checkpoint(last, require=RESUME_KEYS)
         return state
 
+    def start_states(self, cfg: Any, resume: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The checkpoints a run starts from, before its model is built: ``last.pt`` to resume (under a config
+        ``cfg`` that changes only :data:`RESUMABLE_KEYS`: a changed embed_size would not fit it), else
+        ``train.init_from``'s weights (e.g. VSE++ FT stage 2); None for what it does not have."""
+        if resume:
+            state = self.resume_state()
+            check_resume_config(state["config"], cfg.to_dict(), self.out / LAST, schema=type(cfg))
+            return state, None
+        return None, load_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
+
     def save(self, name: str = LAST) -> Path:
         if not self.writes:
             return self.out / name

@@ -261,27 +261,21 @@ class TrainingHealth:
         self.record({"kind": "nonfinite", "epoch": epoch, "step": step + 1, "what": what,
                      "value": str(value), "captions": shown})
         self.nonfinite_what = what
-        return None
 
     def after_step(self, skipped: bool, parts: dict[str, torch.Tensor], *, epoch: int, step: int,
                    batches_done: int, best: float) -> None:
-        """After step ``step``: ``train.max_nonfinite_steps`` skipped steps in a row stop the run (state saved);
-        a taken step feeds the collapse detector (:meth:`check_collapse`)."""
-        if not skipped:
-            self.check_collapse(parts, epoch=epoch, step=step, batches_done=batches_done, best=best)
-        elif self.nonfinite_streak >= self.max_nonfinite:
-            path = self.save_last()
-            raise TrainingDiverged(
-                f"training stopped at step {step}: {self.nonfinite_streak} steps in a row had a non-finite "
-                f"{self.nonfinite_what}. Lower optim.lr, set optim.grad_clip, switch train.amp off, or check the data "
-                f"for NaN/inf features and broken captions. The last state is in {path}.")
-
-    # -- collapse ------------------------------------------------------------------------------------
-    def check_collapse(self, parts: dict[str, torch.Tensor], *, epoch: int, step: int, batches_done: int,
-                       best: float) -> None:
-        """Feed the detector; when it fires, act as ``train.collapse.action`` says -- at once when the embeddings
-        are squeezed, after the epoch's validation when only the loss is pinned (a plateau of a run that still
-        learns looks the same: :mod:`vsekit.train.monitor`). ``best``: the best validation so far."""
+        """After step ``step``: ``train.max_nonfinite_steps`` skipped steps in a row stop the run (state saved). A
+        taken step feeds the detector; when it fires, act as ``train.collapse.action`` says -- at once when the
+        embeddings are squeezed, after the epoch's validation when only the loss is pinned (a plateau of a run
+        that still learns looks the same). ``best``: the best validation so far."""
+        if skipped:
+            if self.nonfinite_streak >= self.max_nonfinite:
+                path = self.save_last()
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: {self.nonfinite_streak} steps in a row had a non-finite "
+                    f"{self.nonfinite_what}. Lower optim.lr, set optim.grad_clip, switch train.amp off, or check the "
+                    f"data for NaN/inf features and broken captions. The last state is in {path}.")
+            return
         d, opts = self.last_diag, self.opts
         if opts.action == "off" or not d:
             return

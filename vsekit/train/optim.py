@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vsekit.checkpoint import CheckpointError
 from vsekit.config.schema import OptimConfig
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from vsekit.train.stages import StagePlan
 
 log = logging.getLogger("vsekit.train")
+T = TypeVar("T")
 
 
 def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None = None,
@@ -101,7 +104,7 @@ class OptimizerSet:
     checkpoint's ``optimizer``, ``scheduler``, ``scaler``, ``aux_optimizers`` and ``stage`` entries."""
 
     def __init__(self, model: nn.Module, loss: nn.Module, objective: Objective, plan: StagePlan,
-                 device: torch.device, amp: bool) -> None:
+                 device: torch.device, amp: bool, state: dict[str, Any] | None = None) -> None:
         self.model, self.objective, self.plan, self.device, self.amp = model, objective, plan, device, amp
         # one parameter set (named as optim.lr_mult and train.freeze name them) for the optimizer, gradient
         # clipping and freezing
@@ -110,13 +113,10 @@ class OptimizerSet:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
         self.stage = -1  # the index of the stage in force
         self.aux: dict[str, Auxiliary] = {}
-
-    def start(self, state: dict[str, Any] | None) -> None:
-        """Apply the first stage, or the one a checkpoint ``state`` was saved in (before loading its state)."""
-        first = self.plan.index_at(0)
-        if state is not None:
-            first = int(state.get("stage", self.plan.index_at(int(state["epoch"]))))
-        self.apply_stage(first)
+        self.ddp: DistributedDataParallel | None = None  # under torchrun: averages the main gradients
+        # the first stage, or the one the checkpoint ``state`` to resume was saved in (loaded later)
+        self.apply_stage(self.plan.index_at(0) if state is None else
+                         int(state.get("stage", self.plan.index_at(int(state["epoch"])))))
 
     def apply_stage(self, k: int) -> None:
         """Switch to stage ``k``: encoder finetune flags, frozen prefixes, objective weights, a new optimizer
@@ -143,12 +143,31 @@ class OptimizerSet:
         self.optimizer = build_optimizer(self.trainable, self.cfg, exclude=owned)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         self.main_params = [p for p in self.trainable.parameters() if id(p) not in owned]
+        self.ddp = self._data_parallel(owned)
         self.stage = k
         self.train_mode()
         if self.plan.configured:
             log.info("stage %d/%d (%s) from epoch %d: objective weights %s, frozen %s", k + 1, len(self.plan),
                      self.plan.name(k), self.plan.stages[k].start + 1, self.objective.weights,
                      self.freezer.prefixes or "-")
+
+    def _data_parallel(self, owned: set[int]) -> DistributedDataParallel | None:
+        """Under torchrun, DistributedDataParallel over the main parameters that train in this stage (it takes
+        those that require a gradient when it is built, hence one per stage); the auxiliary parts average their
+        own gradients. The processes start alike (same seed) and keep their own buffers, as before DDP; a step's
+        terms may leave parameters unused (a term weighted 0)."""
+        self.ddp = None  # the previous stage's reducer lets go of its hooks first
+        if not distributed.world().distributed or not any(p.requires_grad for p in self.main_params):
+            return None
+        ignored = [n for n, p in self.trainable.named_parameters() if id(p) in owned]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.trainable, ignored)
+        return DistributedDataParallel(self.trainable, init_sync=False, broadcast_buffers=False,
+                                       find_unused_parameters=True)
+
+    def forward(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: the step's way from a batch to its loss; under torchrun inside DDP's forward, so that
+        the backward that follows averages the gradients as they are computed."""
+        return self.ddp(fn, *args) if self.ddp is not None else fn(*args)
 
     def train_mode(self) -> None:
         """Training mode, except for what is frozen (its batch norm keeps its statistics)."""
@@ -201,7 +220,6 @@ class OptimizerSet:
         for which it was skipped (under AMP the scaler skips such steps itself)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        distributed.average_gradients(self.main_params)
         clip = self.cfg.grad_clip
         if clip or not self.amp:
             self.scaler.unscale_(self.optimizer)
@@ -213,8 +231,12 @@ class OptimizerSet:
         self.scaler.update()
         return None
 
-    def skip(self, aux_taken: bool) -> None:
-        """A step skipped for a non-finite loss; ``aux_taken``: the auxiliary steps before it were taken."""
+    def skip(self, outputs: list[torch.Tensor], aux_taken: bool) -> None:
+        """A step skipped for a non-finite loss; ``aux_taken``: the auxiliary steps before it were taken. Under
+        DDP a backward through the forward's ``outputs`` ends the reduction its forward began (every process
+        skips the same step), and the gradients are dropped."""
+        if self.ddp is not None and outputs:
+            torch.stack([t.float().sum() for t in outputs]).sum().mul(0).backward()
         self.optimizer.zero_grad(set_to_none=True)
         if aux_taken:
             self.scaler.update()
@@ -268,6 +290,10 @@ class _ModelAndLoss(torch.nn.Module):
     def parameters(self, recurse: bool = True):
         for _, p in self.named_parameters(recurse=recurse):
             yield p
+
+    def forward(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: whatever a step computes from the model, the loss and the terms (DDP's forward)."""
+        return fn(*args)
 
     def named_parts(self):
         """Sub-modules under the same names as :meth:`named_parameters`."""

@@ -47,6 +47,21 @@ class TrainingRun:
     labels: torch.Tensor | None  # class labels of the training images (row-indexed), when a term needs them
     text_feature_dim: int | None  # size of precomputed text features, when the data ships text as vectors
 
+    def state_dict(self) -> dict[str, Any]:
+        """The weights (model, loss, and the objective's terms when it has any) and what rebuilds the model."""
+        state = {"model": self.model.state_dict(), "loss": self.loss_fn.state_dict(), "vocab": self.vocab.to_dict(),
+                 "config": self.cfg.to_dict(), "text_feature_dim": self.text_feature_dim,
+                 "feature_shape": list(self.feature_shape) if self.feature_shape else None}
+        if len(self.objective.terms):  # only runs that use them carry these
+            state["objective"] = self.objective.terms.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if len(self.objective.terms):
+            self.objective.terms.load_state_dict(state["objective"])
+
     def init_from(self, state: dict[str, Any]) -> None:
         """Start from a checkpoint's weights (``train.init_from``: e.g. VSE++ FT stage 2)."""
         self.model.load_state_dict(state["model"])

@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from vsekit.checkpoint import load_checkpoint
 from vsekit.config import RunConfig, dump_config, validate_config
 from vsekit.data.batch import Batch, text_to
 from vsekit.errors import ConfigError
 from vsekit.train import signals
-from vsekit.train.checkpointing import LAST, CheckpointPolicy, check_resume_config, prepare_output_dir
+from vsekit.train.checkpointing import LAST, CheckpointPolicy, prepare_output_dir
 from vsekit.train.logger import MetricsLogger
 from vsekit.train.monitor import TrainingHealth
 from vsekit.train.optim import OptimizerSet
 from vsekit.train.run import build_run
 from vsekit.train.state import rng_state, seed_everything, set_rng_state
-from vsekit.train.validate import validate
+from vsekit.train.validate import summary, validate
 from vsekit.utils import distributed
 from vsekit.utils.device import resolve_device
 from vsekit.utils.io import atomic_write_text
@@ -67,12 +65,7 @@ class Trainer:
         self.checkpoints = CheckpointPolicy(self.out, self.state_dict, tcfg.checkpoint_every_steps,
                                             metric=cfg.eval.select_metric, writes=self.world.is_main)
 
-        resume_state = self.checkpoints.resume_state() if resume else None
-        if resume_state is not None:  # before the model is built: a changed embed_size would not fit it
-            check_resume_config(resume_state["config"], cfg.to_dict(), self.out / LAST, schema=type(cfg))
-        init_state = None
-        if resume_state is None and tcfg.init_from:
-            init_state = load_checkpoint(tcfg.init_from)  # e.g. VSE++ FT stage 2
+        resume_state, init_state = self.checkpoints.start_states(cfg, resume)
         run = build_run(cfg, weights_from=resume_state or init_state)
         self.run = run
         self.train_corpus, self.val_corpus, self.vocab = run.train_corpus, run.val_corpus, run.vocab
@@ -86,8 +79,7 @@ class Trainer:
         self.local_batch_size = tcfg.batch_size // self.world.size
         run.shard(self.world, self.local_batch_size)
         self.optim = OptimizerSet(self.model, self.loss_fn, self.objective, self.plan, self.device,
-                                  amp=tcfg.amp and self.device.type == "cuda")
-        self.optim.start(resume_state)  # the stage's optimizer and LR schedule
+                                  amp=tcfg.amp and self.device.type == "cuda", state=resume_state)
 
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.epoch_loss_sum = 0.0
@@ -113,36 +105,17 @@ class Trainer:
         return self.checkpoints.best
 
     def state_dict(self) -> dict[str, Any]:
-        """A checkpoint: the model, the loss, the optimizers (:class:`~vsekit.train.optim.OptimizerSet`), the
-        run's health (``monitor``, :class:`~vsekit.train.monitor.TrainingHealth`), where the run stands, the RNG."""
-        state = {
-            "model": self.model.state_dict(),
-            "loss": self.loss_fn.state_dict(),
-            **self.optim.state_dict(),
-            "rng": rng_state(),
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "step": self.step,
-            "best_rsum": self.best_rsum,
-            "epoch_loss_sum": self.epoch_loss_sum,
-            "history": self.history,
-            "vocab": self.vocab.to_dict(),
-            "config": self.cfg.to_dict(),
-            "feature_shape": list(self.feature_shape) if self.feature_shape else None,
-            "text_feature_dim": self.run.text_feature_dim,
-            "monitor": self.health.state_dict(),
-            "elapsed_s": self.budget.elapsed_s,
-        }
-        if len(self.objective.terms):  # only runs that use them carry these
-            state["objective"] = self.objective.terms.state_dict()
-        return state
+        """A checkpoint: the run's parts (:meth:`~vsekit.train.run.TrainingRun.state_dict`), the optimizers
+        (:class:`~vsekit.train.optim.OptimizerSet`), the run's health (``monitor``,
+        :class:`~vsekit.train.monitor.TrainingHealth`), where the run stands, the RNG."""
+        return {**self.run.state_dict(), **self.optim.state_dict(), "rng": rng_state(), "epoch": self.epoch,
+                "batches_done": self.batches_done, "step": self.step, "best_rsum": self.best_rsum,
+                "epoch_loss_sum": self.epoch_loss_sum, "history": self.history, "monitor": self.health.state_dict(),
+                "elapsed_s": self.budget.elapsed_s}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (``last.pt``), built for the same config and stage."""
-        self.model.load_state_dict(s["model"])
-        self.loss_fn.load_state_dict(s["loss"])
-        if len(self.objective.terms):
-            self.objective.terms.load_state_dict(s["objective"])
+        self.run.load_state_dict(s)
         self.optim.load_state_dict(s, self.out / LAST)
         self.epoch, self.batches_done, self.step = s["epoch"], s["batches_done"], s["step"]
         self.checkpoints.best, self.history = s["best_rsum"], list(s["history"])
@@ -175,38 +148,39 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> float | None:
         """One update on ``batch``; its loss, or None when skipped for a non-finite loss or gradient."""
-        dev, amp = self.device, self.optim.amp
-        batch = batch.to(dev)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+        p = self.optim.forward(self._forward, batch.to(self.device))  # under torchrun through DDP
+        if p.loss is None:  # an auxiliary part's loss was not finite
+            self.optim.skip(distributed.tensor_fields(p.out), aux_taken=False)
+            return self._nonfinite(p.local, "loss of an auxiliary part", float("nan"))
+        self.last_parts = p.parts
+        if not torch.isfinite(p.loss.detach()):
+            self.optim.skip([p.loss], aux_taken=bool(p.aux_parts))
+            return self._nonfinite(p.local, "loss", float(p.loss.detach()))
+        self.health.observe(p.out, p.batch, self.last_parts)
+        norm = self.optim.step(p.loss)
+        if norm is not None:
+            return self._nonfinite(p.local, "gradient norm", norm)
+        self.health.taken()
+        return float(p.loss.detach())
+
+    def _forward(self, batch: Batch) -> _Pass:
+        """From a batch to its loss: the embeddings, the auxiliary parts' own steps (a discriminator's), and the
+        objective on the global batch, as one process would compute it."""
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.optim.amp):
             batch = self.objective.prepare(self.model, batch, self.optim.train_mode)  # e.g. mined negatives
             neg = batch.negatives
             out = self.model.embed(batch.images, batch.text, text_to(neg.text, dev) if neg else None)
         aux_parts = self.optim.auxiliary_steps(out, batch)
         if aux_parts is None:
-            return self._nonfinite(batch, "loss of an auxiliary part", float("nan"))
+            return _Pass(None, {}, None, out, batch, batch)
         step_out, step_batch = out, batch
         if self.world.distributed:  # the in-batch terms see the global batch, as one process would
-            step_out, step_batch = self._gather(out), batch.gather()
-        loss, self.last_parts = self.objective(step_out, step_batch, (out, batch))
-        self.last_parts.update(aux_parts)
-        if not torch.isfinite(loss.detach()):
-            self.optim.skip(aux_taken=bool(aux_parts))
-            return self._nonfinite(batch, "loss", float(loss.detach()))
-        self.health.observe(step_out, step_batch, self.last_parts)
-        norm = self.optim.step(loss)
-        if norm is not None:
-            return self._nonfinite(batch, "gradient norm", norm)
-        self.health.taken()
-        return float(loss.detach())
-
-    def _gather(self, out):
-        """The PairOutput of the global batch: every process's rows, the local ones with their gradients,
-        and the similarity of the gathered embeddings."""
-        fields = {f.name: getattr(out, f.name) for f in dataclass_fields(out)}
-        gathered = {k: distributed.all_gather_with_grad(v) if isinstance(v, torch.Tensor) and k != "sim" else v
-                    for k, v in fields.items()}
-        gathered["sim"] = self.model.similarity(gathered["image_emb"], gathered["caption_emb"])
-        return type(out)(**gathered)
+            step_out, step_batch = distributed.all_gather_fields(out, skip=("sim",)), batch.gather()
+            step_out.sim = self.model.similarity(step_out.image_emb, step_out.caption_emb)
+        loss, parts = self.objective(step_out, step_batch, (out, batch))
+        parts.update(aux_parts)
+        return _Pass(loss, parts, aux_parts, step_out, step_batch, batch)
 
     def _nonfinite(self, batch: Batch, what: str, value: float) -> None:
         return self.health.nonfinite(batch, what, value, self.epoch, self.step)
@@ -291,12 +265,7 @@ class Trainer:
         self.health.new_epoch()
         self.history.append(record)
         self._log(record)
-        if "rsum" in metrics:
-            log.info("epoch %d: val rsum %.2f (R@1 i2t %.1f t2i %.1f)", self.epoch + 1, metrics["rsum"],
-                     metrics["i2t_r1"], metrics["t2i_r1"])
-        else:
-            log.info("epoch %d: val mAP %.4f (i2t %.4f, t2i %.4f)", self.epoch + 1, metrics["map_avg"],
-                     metrics["i2t_map"], metrics["t2i_map"])
+        log.info("epoch %d: %s", self.epoch + 1, summary(metrics))
         self.epoch += 1
         self.batches_done, self.epoch_loss_sum = 0, 0.0
         self.checkpoints.after_epoch(metrics)
@@ -366,6 +335,17 @@ class Trainer:
         self.history.append(record)
         self.checkpoints.after_partial_epoch(metrics)
         return self._result("max_minutes")
+
+
+class _Pass(NamedTuple):
+    """A step's forward pass; DDP finds the tensors it returns."""
+
+    loss: torch.Tensor | None  # None: an auxiliary part's loss was not finite (no main loss computed)
+    parts: dict[str, torch.Tensor]  # the loss terms by name, the auxiliary parts' included
+    aux_parts: dict[str, torch.Tensor] | None  # the auxiliary parts' losses (empty: none took a step)
+    out: Any  # the PairOutput of the global batch
+    batch: Batch  # the global batch
+    local: Batch  # this process's batch (its captions are named when the step is skipped)
 
 
 def train(cfg: RunConfig | dict[str, Any], resume: bool = False, *, overwrite: bool = True) -> dict[str, Any]:
