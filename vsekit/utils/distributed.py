@@ -112,7 +112,7 @@ def all_gather_with_grad(*xs: torch.Tensor) -> list[torch.Tensor]:
     a parameter below the gather (an encoder); a parameter above it (a loss's temperature) gets the same full
     gradient on every process, which the average leaves as it is."""
     w = world()
-    if not w.distributed:
+    if not w.distributed or not xs:
         return list(xs)
     from torch.distributed.nn.functional import all_gather as gather_with_grad
 
