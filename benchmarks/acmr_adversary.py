@@ -89,7 +89,7 @@ def run_one(arm: str, seed: int, out: Path, overrides: list[str]) -> dict:
     test = load_split(cfg.data, cfg.data.test_split)
     m = emb.evaluate(test, "label_map")
     exact = emb.evaluate(test)  # exact pairs: R@K and rsum, all captions, by the model's own similarity
-    img, cap = emb.encode_corpus(test)
+    img, cap = emb.encode_images(test), emb.encode_texts(test)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["kind"] == "val"]
     return {"arm": arm, "seed": seed, "test": {k: m[k] for k in KEYS}, "test_pr": [m["i2t_pr"], m["t2i_pr"]],

@@ -16,6 +16,12 @@ raw pixels by the small CNN (no pretrained weights; on emoji each image whole, w
 ``scratch_small`` does). Reported per run: test rsum of the best-validation
 checkpoint (the retrieval protocol), the validation rsum per epoch, and for the arms with a decoder, greedy
 BLEU-4 / CIDEr-D of ``last.pt`` on the test images. ``grid`` writes a sample grid of a GAN arm's ``last.pt``.
+Whether the generative paths depend on their input (issue 25, :func:`dependence`; also ``measure RUN_FOLDER``
+for a run trained elsewhere): the share of distinct greedy test captions, the CIDEr-D of a nearest-neighbour
+captioning baseline (each test image gets the first caption of its nearest training image under the same
+model's embedding), caption -> image R@1/5/10 with each generated caption as the query, the R-precision of
+generated images (the generating caption ranked first among it and 99 random ones; chance 1 %) and the
+discriminator's accuracies per epoch.
 
 ``--recipe gxn_scratch_small`` runs the same four arms of that recipe instead (tuned for small real images: 12
 epochs, 512-d levels, a bi-GRU, the per-level max of hinges after a warm-up; its rows carry ``recipe``).
@@ -37,6 +43,7 @@ precomputed folders keep 2), so the test rsum compares the arms with each other,
     python benchmarks/gxn_ablation.py run --datasets demo emoji --seeds 0 1 2   # results appended
     python benchmarks/gxn_ablation.py run --datasets emoji --recipe gxn_scratch_small
     python benchmarks/gxn_ablation.py run --datasets emoji_224 tabler_224 --recipe gxn_pretrained --image-size 96
+    python benchmarks/gxn_ablation.py measure runs/gxn_demo                     # one trained run's measures
     python benchmarks/gxn_ablation.py report
 """
 
@@ -127,7 +134,6 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
             out_dir: str) -> dict:
     import torch
 
-    from vsekit.captioning import Captioner
     from vsekit.config import resolve_config
     from vsekit.data.sources import load_split
     from vsekit.inference import Embedder
@@ -160,12 +166,7 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
     last = [r for r in records if r["kind"] == "train" and r["epoch"] == records[-1]["epoch"]]
     term_keys = sorted({k for r in last for k in r if k.startswith("term_")})
     result["terms_last_epoch"] = {k: statistics.mean(r[k] for r in last if k in r) for k in term_keys}
-    if ARMS[arm]["caption"]:
-        cap = Captioner.from_checkpoint(Path(out_dir) / "last.pt")
-        scores = cap.evaluate(test_corpus)
-        captions = cap.caption_corpus(test_corpus)
-        result["caption_test"] = {**scores, "distinct_captions": len(set(captions)),
-                                  "examples": captions[:5]}
+    result.update(dependence(Path(out_dir), caption=bool(ARMS[arm]["caption"]), gan=bool(ARMS[arm]["gan"])))
     if ARMS[arm]["gan"] and seed == 0:
         from vsekit.imagine import Imaginer, image_grid
 
@@ -175,6 +176,39 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
         image_grid(im.generate(GRID_TEXTS[dataset.split("_")[0]], n=8, seed=0)).save(grid)
         result["grid"] = str(grid.relative_to(HERE))
     return result
+
+
+def dependence(run: Path, caption: bool, gan: bool) -> dict:
+    """Do the generative paths of ``run/last.pt`` depend on their input (issue 25)? On the test images: the
+    caption scores, the share of distinct greedy captions, the nearest-neighbour captioning baseline's scores
+    and caption -> image R@1/5/10 of the generated captions (``caption_test``); the GAN's R-precision
+    (``gan_test``); the discriminator's accuracies per epoch, from the validation lines (``d_acc_per_epoch``)."""
+    from vsekit.checkpoint import load_checkpoint
+    from vsekit.config import validate_config
+    from vsekit.data.sources import load_split
+
+    data = validate_config(load_checkpoint(run / "last.pt")["config"]).data
+    test, train = load_split(data, "test"), load_split(data, data.train_split)
+    out: dict = {}
+    if caption:
+        from vsekit.captioning import Captioner
+
+        dep = Captioner.from_checkpoint(run / "last.pt").dependence(test, train)
+        out["caption_test"] = {**dep.pop("decoder"), **dep,
+                               "distinct_captions": round(dep["distinct"] * dep["num_images"])}
+    if gan:
+        from vsekit.imagine import Imaginer
+
+        out["gan_test"] = Imaginer.from_checkpoint(run / "last.pt").r_precision(test)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        out["d_acc_per_epoch"] = [{"epoch": r["epoch"], **{k[len("train_term_"):]: round(r[k], 3) for k in r
+                                                           if k.startswith("train_term_d_")}}
+                                  for r in records if r["kind"] == "val" and "train_term_d_real_acc" in r]
+    return out
+
+
+def cmd_measure(args) -> None:
+    print(json.dumps(dependence(Path(args.run), caption=not args.no_caption, gan=not args.no_gan), indent=1))
 
 
 def cmd_one(args) -> None:
@@ -216,13 +250,25 @@ def _setting(r: dict) -> str:
     return " ".join([f"{r['image_size']} px, stages {'+'.join(map(str, r['stages']))}", *r.get("extra_overrides", [])])
 
 
+def _dependence_cols(rs: list[dict]) -> str:
+    """NN-baseline CIDEr-D, caption -> image R@1 and R-precision (%) means, where the rows have them (issue 25)."""
+    def col(values: list[float], fmt: str) -> str:
+        return format(statistics.mean(values), fmt) if values else ""
+
+    caps = [r["caption_test"] for r in rs if "nearest_neighbour" in r.get("caption_test", {})]
+    gans = [r["gan_test"]["r_precision"] * 100 for r in rs if "gan_test" in r]
+    return " | ".join([col([c["nearest_neighbour"]["cider_d"] for c in caps], ".3f"),
+                       col([c["retrieval"]["r1"] for c in caps], ".1f"), col(gans, ".1f")])
+
+
 def cmd_report(args) -> None:
     rows = read_results(OUT)
     configs = list(dict.fromkeys((r["dataset"], recipe_of(r), _setting(r)) for r in rows))
     configs.sort(key=lambda c: (DATASETS.index(c[0]), RECIPES.index(c[1])))
     print("| collection | recipe | setting | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | "
-          "test BLEU-4 | test CIDEr-D | distinct test captions | min / run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "test BLEU-4 | test CIDEr-D | distinct test captions | NN-baseline CIDEr-D | generated caption -> image R@1 | "
+          "R-precision | min / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     paired = []
     for (dataset, recipe, setting), arm in itertools.product(configs, ARMS):
         rs = sorted((r for r in rows if (r["dataset"], recipe_of(r), _setting(r)) == (dataset, recipe, setting)
@@ -236,7 +282,7 @@ def cmd_report(args) -> None:
                     f"{statistics.mean(c['distinct_captions'] for c in caps):.0f}") if caps else " | | | "
         print(f"| {dataset} | {recipe} | {setting} | {arm} | {len(rs)} | {mean_sd([r['test_rsum'] for r in rs])} | "
               f"{', '.join(format(r['test_rsum'], '.1f') for r in rs)} | "
-              f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | "
+              f"{mean_sd([max(r['val_rsum']) for r in rs])} | {cap_cols} | {_dependence_cols(rs)} | "
               f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
         if arm != "embeddings":  # paired with the embeddings-only arm of the same seed (same init, same batches)
             base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == "embeddings"
@@ -253,12 +299,17 @@ def cmd_report(args) -> None:
 
 
 def main() -> None:
-    p, _, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
+    p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
                            one_args=[("dataset", {"choices": DATASETS}), ("recipe", {"choices": RECIPES}),
                                      ("arm", {"choices": list(ARMS)}), ("seed", {"type": int}),
                                      ("image_size", {"type": int}), ("stages", {"help": "e.g. 2,3,1"}),
                                      ("--override", {"action": "append", "default": [],
                                                      "help": "an extra config override (smoke tests)"})])
+    m = sub.add_parser("measure", help="the dependence measures of a trained run folder (issue 25)")
+    m.add_argument("run")
+    m.add_argument("--no-caption", action="store_true")
+    m.add_argument("--no-gan", action="store_true")
+    m.set_defaults(fn=cmd_measure)
     r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=DATASETS)
     r.add_argument("--recipe", default="gxn_demo", choices=RECIPES)
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))

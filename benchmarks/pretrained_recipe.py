@@ -59,6 +59,9 @@ RECIPE_ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides);
     "cand_pooledfeat_b512": ("pretrained_small", ["train.batch_size=512", "optim.lr=2e-3"]),
     "cand_pooledfeat_wide": ("pretrained_small", [*FIRST, "model.embed_size=1024"]),
     "scratch_small": ("scratch_small", []),
+    # issue 24: the same recipes with the step under CPU bfloat16 autocast (train.cpu_bf16), at equal time
+    "pretrained_small_bf16": ("pretrained_small", ["train.cpu_bf16=true"]),
+    "scratch_small_bf16": ("scratch_small", ["train.cpu_bf16=true"]),
 }
 ARMS = (*RECIPE_ARMS, "plain_pooled")
 GRID_ARMS = {"cand_gpo_grid", "cand_pooled", "cand_vsepp_loss", "cand_lseh"}
@@ -70,7 +73,7 @@ def features_of(arm: str, collection: str) -> Path:
 
 
 def data_overrides(arm: str, collection: str) -> list[str]:
-    if arm == "scratch_small":
+    if arm.startswith("scratch_small"):
         info = render_collection(collection, 224)
         return ["data.format=karpathy", f"data.path={info['path']}", f"data.image_root={info['image_root']}"]
     return ["data.format=precomp", f"data.path={features_of(arm, collection)}"]

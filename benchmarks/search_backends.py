@@ -109,8 +109,8 @@ def learned_embeddings(checkpoint: str) -> tuple[np.ndarray, np.ndarray, dict]:
         with np.load(cache) as z:
             return z["captions"], z["images"], facts
     t0 = time.perf_counter()
-    cap = emb.encode_captions(captions, batch_size=512, progress=True)
-    img = emb.encode_corpus_images(splits["test"], batch_size=256, progress=True)
+    cap = emb.encode_texts(captions, batch_size=512, progress=True)
+    img = emb.encode_images(splits["test"], batch_size=256, progress=True)
     print(f"   embedded {len(cap)} captions and {len(img)} images in {time.perf_counter() - t0:.0f} s", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, captions=cap, images=img)

@@ -54,8 +54,8 @@ def shortlist_quality(checkpoint: str, depths: tuple[int, ...]) -> dict:
 
     emb = Embedder.from_checkpoint(checkpoint, device="cpu")
     corpus = load_split(emb.config.data, emb.config.data.test_split, None)
-    img, img_sets = emb.encode_corpus_image_parts(corpus)
-    cap, cap_sets = emb.encode_corpus_caption_parts(corpus)
+    img, img_sets = emb.encode_images(corpus, parts=True)
+    cap, cap_sets = emb.encode_texts(corpus, parts=True)
     t0 = time.perf_counter()
     net = emb.score_sets(img_sets, cap_sets)  # (N, M) exact network scores
     seconds = time.perf_counter() - t0

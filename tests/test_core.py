@@ -105,19 +105,19 @@ def test_a_million_word_caption_is_cut_cheaply_to_max_tokens(caplog):
     caplog.set_level(logging.WARNING, logger="vsekit.text.encoding")
     tracemalloc.start()
     start = time.perf_counter()
-    vec = emb.encode_captions([huge])
+    vec = emb.encode_texts([huge])
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert seconds < 0.5 and peak < 20 * 2**20, (seconds, peak)
-    assert emb.encode_tokens(huge) == emb.encode_tokens(head) and len(emb.encode_tokens(head)) == 130
-    np.testing.assert_allclose(vec, emb.encode_captions([head]), rtol=1e-6)
-    emb.encode_captions([huge, huge + " dog"])
+    assert emb.tokenize(huge) == emb.tokenize(head) and len(emb.tokenize(head)) == 130
+    np.testing.assert_allclose(vec, emb.encode_texts([head]), rtol=1e-6)
+    emb.encode_texts([huge, huge + " dog"])
     assert len([r for r in caplog.records if "text.max_tokens" in r.getMessage()]) == 1
     # text.max_len, a method's own window, cuts silently
     short, _ = _tiny_embedder("text.max_len=5")
     caplog.clear()
-    assert len(short.encode_tokens(huge)) == 7 and not caplog.records
+    assert len(short.tokenize(huge)) == 7 and not caplog.records
 
 
 def test_vocab_from_train_only_and_roundtrip(tmp_path):

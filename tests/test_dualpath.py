@@ -296,7 +296,7 @@ def test_two_stage_demo_trains_end_to_end_and_resumes_exactly(tmp_path, cache):
     assert [h["rsum"] for h in wa["history"]] == [h["rsum"] for h in wb["history"]]
 
     emb = Embedder.from_checkpoint(tmp_path / "a")
-    vecs = emb.encode_captions(["a red circle", "two blue squares"])
+    vecs = emb.encode_texts(["a red circle", "two blue squares"])
     assert vecs.shape == (2, 16)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, rtol=1e-5)
 

@@ -508,3 +508,30 @@ def test_mean_average_precision_matches_brute_force(metric, at):
     qm, gm = rng.random((30, 5)) < 0.3, rng.random((45, 5)) < 0.3
     got = mean_average_precision(q, g, qm, gm, at=at, metric=metric, chunk_size=7)
     assert got == pytest.approx(brute_map(q, g, qm, gm, at, metric), abs=1e-9)
+
+
+def test_a_block_scorer_ranks_as_the_embeddings_it_scores():
+    """A BlockScorer (blocks of row numbers in, their scores out) in place of embeddings: the same metrics as
+    the embeddings it scores (small integers: every product exact), and ``captions_at`` keeps the named rows."""
+    from vsekit.eval import BlockScorer
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(-3, 4, (30, 8), generator=g).float()
+    cap = torch.randint(-3, 4, (70, 8), generator=g).float()
+    c2i = np.arange(70) % 30
+
+    class Dot(BlockScorer):
+        num_images, num_captions = 30, 70
+
+        def __call__(self, image_rows, caption_rows):
+            assert image_rows.dtype == caption_rows.dtype == torch.int64 and image_rows.ndim == 1
+            return img[image_rows] @ cap[caption_rows].t()
+
+    for chunk in ((7, 11), None):
+        want = retrieval_metrics(img, cap, c2i, chunk_size=chunk)
+        assert retrieval_metrics(None, None, c2i, similarity=Dot(), chunk_size=chunk) == want
+    rows = np.arange(0, 70, 2)
+    assert retrieval_metrics(None, None, c2i[rows], similarity=Dot().captions_at(rows)) == \
+        retrieval_metrics(img, cap[rows], c2i[rows])
+    with pytest.raises(ValueError, match="pass None"):
+        retrieval_metrics(img, cap, c2i, similarity=Dot())

@@ -60,3 +60,15 @@ def test_select_threshold_must_be_evaluated():
 
     with pytest.raises(ConfigError, match="select_threshold 0.7 is not one of thresholds"):
         resolve_config(None, ["eval.protocol=semantic", "eval.thresholds=[0.5]"])
+
+
+def test_protocol_names_come_from_one_registry():
+    """The CLI's choices and eval.protocol's values are the registry's names."""
+    from vsekit.cli import build_parser
+    from vsekit.config.schema import EvalConfig
+    from vsekit.eval import EVAL_PROTOCOLS
+
+    assert list(EVAL_PROTOCOLS) == ["full", "1k5fold", "label_map", "eccv", "semantic"]
+    for name in EVAL_PROTOCOLS:
+        assert EvalConfig(protocol=name).protocol == name
+        assert build_parser().parse_args(["eval", "ckpt.pt", "--protocol", name]).protocol == name

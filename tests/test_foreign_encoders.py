@@ -279,12 +279,12 @@ def test_a_clip_model_fine_tunes_with_vsekit_losses_and_reopens_offline(tmp_path
     path.unlink()  # the checkpoint opens without the initial weights file
     emb = Embedder.from_checkpoint(tmp_path / loss / "last.pt", device="cpu")
     assert torch.equal(emb.model.image_encoder.tower.conv1.weight, moved)
-    assert emb.encode_tokens("a red circle") == t.model.text_encoder.tokenize("a red circle")
+    assert emb.tokenize("a red circle") == t.model.text_encoder.tokenize("a red circle")
     t.model.eval()
     with torch.no_grad():
         tokens, lengths = pad_tokens([torch.tensor(t.model.text_encoder.tokenize("a red circle"))])
         want = t.model.encode_captions(tokens.to(t.device), lengths).cpu().numpy()
-    np.testing.assert_allclose(emb.encode_captions(["a red circle"]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(emb.encode_texts(["a red circle"]), want, rtol=1e-5, atol=1e-6)
 
 
 def test_rebuilding_a_checkpoint_reads_no_initial_weights_file(tmp_path, monkeypatch):

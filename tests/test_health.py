@@ -238,7 +238,7 @@ def test_max_minutes_stops_with_a_valid_checkpoint(tmp_path, cache):
     vals = [r for r in _records(run) if r["kind"] == "val"]
     assert vals and vals[0]["partial_epoch"] is True
     emb = Embedder.from_checkpoint(run / "best.pt")
-    assert emb.encode_captions(["a red circle"]).shape == (1, 16)
+    assert emb.encode_texts(["a red circle"]).shape == (1, 16)
 
 
 def test_time_stop_then_resume_equals_uninterrupted(tmp_path, cache, monkeypatch):

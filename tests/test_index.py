@@ -138,7 +138,7 @@ def test_each_caption_finds_its_own_image(sx):
 
 
 def test_search_scores_equal_brute_force_model_scores(sx, emb):
-    q = emb.encode_captions(["a purple disc above a large purple disc"])
+    q = emb.encode_texts(["a purple disc above a large purple disc"])
     want = (q @ np.asarray(sx.data.image_vectors).T)[0]
     hits = sx.search_text("a purple disc above a large purple disc", k=INDEX_IMAGES)
     assert [h.rank for h in hits] == list(range(1, INDEX_IMAGES + 1))
@@ -206,13 +206,13 @@ def test_add_encodes_only_new_files_and_skips_duplicates(emb, ckpt, demo_index, 
     assert cli("index", "build", ckpt, "--images", one, "--out", tmp_path / "ix", "-q") == 0
 
     encoded = []
-    real = Embedder.encode_corpus_images
+    real = Embedder.encode_images
 
     def spy(self, corpus, *a, rows=None, **kw):
         encoded.extend(corpus.image_paths[r].name for r in (rows if rows is not None else range(corpus.num_images)))
         return real(self, corpus, *a, rows=rows, **kw)
 
-    monkeypatch.setattr(Embedder, "encode_corpus_images", spy)
+    monkeypatch.setattr(Embedder, "encode_images", spy)
     capsys.readouterr()
     assert cli("index", "add", tmp_path / "ix", "--images", two, "-q") == 0
     assert len(encoded) == 5 and "added 5 images (0 already" in capsys.readouterr().out
@@ -389,7 +389,7 @@ def test_invisible_and_control_characters_in_captions_at_index_time(emb, tmp_pat
     (tmp_path / "p.csv").write_text("image,caption\na.png,a red\u200b st\u200dar\x1b[2J\n")
     corpus = read_pairs(tmp_path / "p.csv")
     assert corpus.captions == ["a red star [2J"]  # the escape sequence cannot reach a terminal
-    assert emb.encode_tokens("a red\u200b st\u200dar") == emb.encode_tokens("a red star")
+    assert emb.tokenize("a red\u200b st\u200dar") == emb.tokenize("a red star")
     (tmp_path / "q.csv").write_text("image,caption\na.png,a red star\nb.png,\u200b\u200c\x00\n")
     with pytest.raises(DataError, match=r"q.csv:3: empty caption \(only invisible or control characters\)"):
         read_pairs(tmp_path / "q.csv")
@@ -501,7 +501,7 @@ def test_order_model_is_scored_exactly_and_refuses_faiss_kinds(ckpt, tmp_path, c
     assert m["similarity"] == "order" and not (out / m["generation"] / "images.faiss").exists()
     emb = Embedder.from_checkpoint(order_ckpt)
     sx = SearchIndex.open(out, emb)
-    q = emb.encode_captions(["a big yellow triangle"])
+    q = emb.encode_texts(["a big yellow triangle"])
     want = order_sim(torch.from_numpy(np.array(sx.data.image_vectors)), torch.from_numpy(q))[:, 0].numpy()
     hits = sx.search_text("a big yellow triangle", k=INDEX_IMAGES)
     np.testing.assert_allclose([h.score for h in hits], np.sort(want)[::-1], rtol=1e-5, atol=1e-6)

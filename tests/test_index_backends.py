@@ -123,7 +123,7 @@ def test_exact_index_holds_one_memory_mapped_copy(local_index, emb, monkeypatch)
     for target in ("images", "captions"):
         v = sx.data.vectors(target)
         assert isinstance(v, np.memmap) and not v.flags.writeable
-    q = emb.encode_captions(QUERIES)
+    q = emb.encode_texts(QUERIES)
     want_s, want_r = brute_force(np.asarray(sx.data.image_vectors), q, 5)
     hits = sx.search_vectors(q, "captions", "images", 5)
     assert [[sx.data.images[r]["id"] for r in row] for row in want_r] == [[h.id for h in hs] for hs in hits]
@@ -249,7 +249,7 @@ def test_qdrant_refusals_come_before_encoding(ckpt, tmp_path, capsys, monkeypatc
     def no_encoding(*a, **k):
         raise AssertionError("encoded before refusing")
 
-    monkeypatch.setattr(Embedder, "encode_corpus_images", no_encoding)
+    monkeypatch.setattr(Embedder, "encode_images", no_encoding)
     base = ["index", "build", ckpt, "--data", "demo", "--split", "train", "--max-images", "2", "-q"]
     cases = [
         (["--out", tmp_path / "a", *qdrant_args(tmp_path / "q"), "--kind", "ivf"],
@@ -296,7 +296,7 @@ def test_points_the_records_do_not_know_are_skipped_then_deleted(small_qdrant, e
         client, name = sx.backend.client, sx.backend.collections["images"]
         want = hits_of(sx, k=3)
         models = qdrant_client.models
-        q = emb.encode_captions(QUERIES)
+        q = emb.encode_texts(QUERIES)
         strays = [models.PointStruct(id=point_id(f"stray{i}"), vector=(q[i % len(q)] * 1.5).tolist(),
                                      payload={"id": f"stray{i}"}) for i in range(6)]  # they would top every list
         client.upsert(name, points=strays, wait=True)

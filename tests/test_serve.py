@@ -478,7 +478,7 @@ def test_a_query_in_flight_keeps_its_generation(fresh_index, ckpt):
     from vsekit.index.build import remove_from_index
 
     sx = SearchIndex.open(fresh_index, Embedder.from_checkpoint(ckpt))
-    q = sx.embedder.encode_captions(["red"])
+    q = sx.embedder.encode_texts(["red"])
     with sx._pinned():
         old_images = sx.data.images
         remove_from_index(fresh_index, ids=[old_images[0]["id"]])

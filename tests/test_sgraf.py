@@ -380,7 +380,7 @@ def test_local_sets_pack_pad_and_spill(tmp_path):
 
 # -- the index ----------------------------------------------------------------------------------------------------
 def exact_ranking(emb: Embedder, img_sets: LocalSets, query: str) -> tuple[np.ndarray, np.ndarray]:
-    _, q = emb.encode_caption_parts([query])
+    _, q = emb.encode_texts([query], parts=True)
     s = emb.score_sets(img_sets, q)[:, 0]
     order = np.lexsort((np.arange(len(s)), -s))
     return order, s[order]
@@ -395,7 +395,7 @@ def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles, ca
     assert "trained without objective.embedding" in caplog.text
     assert m["rerank"] == n and m["context_dtype"] == "float32" and m["similarity"] == "sgr"
     assert {"images.sets.npy", "images.offsets.npy", "captions.sets.npy"} <= set(m["files"])
-    glob, img_sets = emb.encode_corpus_image_parts(corpus)
+    glob, img_sets = emb.encode_images(corpus, parts=True)
     queries = ["a red circle left of the square", "blue star", "small green square above a big circle",
                "the star and the circle", "left right", "a big blue"]
     full = SearchIndex.open(tmp_path / "ix", emb)
@@ -408,7 +408,7 @@ def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles, ca
         # the index's vectors were encoded in other batches than exact_ranking's: equal up to float noise
         np.testing.assert_allclose([h.score for h in hits], scores, rtol=0, atol=1e-6)
         # rerank < N: the 3 best by inner product of the pooled embeddings, in the network's order
-        qv, _ = emb.encode_caption_parts([q])
+        qv, _ = emb.encode_texts([q], parts=True)
         ip = glob @ qv[0]
         top3 = np.lexsort((np.arange(n), -ip))[:3]
         net = {int(r): s for r, s in zip(order, scores)}
@@ -421,7 +421,7 @@ def test_index_reranks_a_shortlist_through_the_network(tmp_path, small_tiles, ca
         assert len(short.search_text(q, k=5)) == 5
     assert differs  # the shortlist does miss some of the network's best: the test can tell the two apart
     # image -> text through the network: an indexed image's regions against every caption
-    cap_glob, cap_sets = emb.encode_corpus_caption_parts(corpus)
+    cap_glob, cap_sets = emb.encode_texts(corpus, parts=True)
     sv = emb.score_sets(img_sets, cap_sets, image_rows=[4])[0]
     hits = full.search_vectors(glob[4:5], "images", "captions", corpus.num_captions, query_sets=img_sets.subset([4]))[0]
     assert [h.text for h in hits] == [corpus.captions[j] for j in np.lexsort((np.arange(len(sv)), -sv))]
@@ -491,8 +491,8 @@ def test_cli_and_server_on_a_similarity_network_index(tmp_path, capsys, small_ti
 
     hits = json.loads(capsys.readouterr().out)
     back = Embedder.from_checkpoint(ckpt, device="cpu")
-    _, sets = back.encode_corpus_image_parts(corpus.__class__("x", caps, np.arange(12) // 2, [str(i) for i in range(6)],
-                                                              features=np.load(folder / "test_ims.npy")))
+    _, sets = back.encode_images(corpus.__class__("x", caps, np.arange(12) // 2, [str(i) for i in range(6)],
+                                                              features=np.load(folder / "test_ims.npy")), parts=True)
     order, scores = exact_ranking(back, sets, caps[0])
     assert [h["id"] for h in hits] == [str(r) for r in order]
     assert [h["score"] for h in hits] == pytest.approx(scores.tolist(), abs=1e-6)

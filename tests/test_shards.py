@@ -252,3 +252,12 @@ def test_a_shard_member_of_every_accepted_format_is_an_image(tmp_path):
     corpus = read_shards(tmp_path / "a.tar", "train")
     assert corpus.num_images == 1 and corpus.captions == ["a red square"]
     assert load_rgb(corpus.image_paths[0]).size == (8, 6)
+
+
+def test_a_huge_brace_range_is_refused_before_any_name_is_made():
+    """Why the shard patterns are not expanded by ``braceexpand`` (webdataset's and wids' dependency): it builds a
+    whole range before its first name, so this pattern would fill memory there; here it is one error at once."""
+    with pytest.raises(DataError, match=r"bad shard range \{0..1000000000000\}"):
+        expand_braces("s-{0..1000000000000}.tar")
+    with pytest.raises(DataError, match="names more than 100000 shards"):
+        expand_braces("s-{0..99999}-{0,1}.tar")

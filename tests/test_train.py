@@ -103,6 +103,29 @@ def test_order_similarity_trains(tmp_path, cache):
     assert np.isfinite(Trainer(cfg).fit()["best_rsum"])
 
 
+def test_cpu_bf16_runs_the_step_under_bfloat16_autocast(tmp_path, cache):
+    """train.cpu_bf16: the forward pass runs under CPU bfloat16 autocast (a linear layer's output is bfloat16),
+    the loss and the weights stay float32 and finite, and the loss falls as in float32; off by default."""
+    seen = []
+
+    def spy(module, args, output):
+        seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+
+    losses = {}
+    for bf16 in (False, True):
+        tr = Trainer(tiny_cfg(tmp_path / str(bf16), "train.epochs=1", "train.max_steps_per_epoch=8",
+                              f"train.cpu_bf16={str(bf16).lower()}"))
+        linear = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Linear))
+        handle = linear.register_forward_hook(spy)
+        batches = [b for _, b in zip(range(2), tr.loader())]
+        losses[bf16] = [tr.train_step(b) for b in batches * 4]
+        handle.remove()
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in tr.model.parameters())
+    assert seen[0] == (False, torch.float32) and seen[-1] == (True, torch.bfloat16)
+    for values in losses.values():  # the same two batches four times: fitted in either precision
+        assert all(np.isfinite(values)) and values[-1] < values[0]
+
+
 def test_init_from_loads_weights(tmp_path, cache):
     Trainer(tiny_cfg(tmp_path / "s1", "train.epochs=1")).fit()
     t = Trainer(tiny_cfg(tmp_path / "s2", f"train.init_from={tmp_path / 's1' / 'last.pt'}"))

@@ -439,14 +439,14 @@ def test_tokenize_hook_in_training_run_embedder_and_checkpoint(tmp_path, cache, 
     trainer.fit()
 
     emb = Embedder.from_checkpoint(tmp_path / "run" / "last.pt", device="cpu")
-    assert emb.encode_tokens(captions[0]) == tokenize(captions[0], None)
+    assert emb.tokenize(captions[0]) == tokenize(captions[0], None)
     model = trainer.model.eval()
     with torch.no_grad():
         ids = [torch.tensor(tokenize(c, None)) for c in captions]
         lengths = torch.tensor([len(i) for i in ids])
         tokens = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
         direct = model.encode_captions(tokens, lengths).numpy()
-    got = emb.encode_captions(captions, batch_size=4)
+    got = emb.encode_texts(captions, batch_size=4)
     assert got.shape == (6, 16)
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(direct), atol=1e-5, rtol=1e-5)
     state = {k: v for k, v in trainer.model.state_dict().items()}

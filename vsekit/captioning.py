@@ -8,6 +8,11 @@ it imports nothing from the training code.
 Caption quality (:meth:`Captioner.evaluate`): BLEU-1..4 (corpus) and CIDEr-D of one caption per image against
 that image's references, with CIDEr-D's document frequencies taken from the references of the evaluated
 split, as the COCO caption evaluation does (training uses the training references instead).
+
+Whether the captions depend on the image (:meth:`Captioner.dependence`): the share of distinct captions, the
+same scores for the nearest-neighbour captioning baseline (each image gets the first caption of its nearest
+training image under this model's image embedding; a decoder that does not beat it is not using the image),
+and caption -> image retrieval through the model with each generated caption as the query.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from torch.utils.data import DataLoader
 from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import ImageDataset, ImageSource, collate_images
+from vsekit.eval.generative import diagonal_recall, nearest_rows
 from vsekit.inference import Embedder, EncodeError, first_stage_with_term, trained_term
 from vsekit.losses.caption import CaptionTerm
-from vsekit.text.caption_metrics import caption_scores
+from vsekit.text.caption_metrics import caption_scores, distinct_share
 from vsekit.utils.progress import iterate
 
 TERM = "caption"
@@ -99,10 +105,46 @@ class Captioner:
                  **decode: Any) -> dict[str, float]:
         """BLEU-1..4 and CIDEr-D of one caption per image of ``corpus`` (images without a reference are left
         out) against the image's references; CIDEr-D's document frequencies from these references."""
-        rows = np.flatnonzero(corpus.captions_per_image() > 0)
+        rows = captioned_rows(corpus)
         captions = self.caption_corpus(corpus, rows.tolist(), batch_size=batch_size, progress=progress, **decode)
-        refs: list[list[str]] = [[] for _ in range(corpus.num_images)]
-        for caption, row in zip(corpus.captions, corpus.caption_to_image.tolist()):
-            refs[row].append(caption)
-        scores = caption_scores(captions, [refs[r] for r in rows])
-        return {**scores, "num_images": int(len(rows))}
+        return reference_scores(corpus, rows, captions)
+
+    def dependence(self, corpus: Corpus, train: Corpus, **decode: Any) -> dict[str, Any]:
+        """Does the decoder read the image? On the captioned images of ``corpus``: ``distinct`` (the share of
+        distinct captions), ``decoder`` (BLEU / CIDEr-D of the decoder's captions), ``nearest_neighbour`` (the
+        same of the baseline that gives each image the first caption of its nearest ``train`` image by cosine of
+        the model's image embeddings), ``retrieval`` (R@1/5/10 of caption -> image search through the model,
+        each generated caption the query for its own image among the corpus's images)."""
+        rows = captioned_rows(corpus)
+        captions = self.caption_corpus(corpus, rows.tolist(), **decode)
+        emb = self.embedder.encode_images(corpus, rows=rows.tolist())
+        train_rows = captioned_rows(train)
+        first = first_captions(train)
+        nearest = nearest_rows(emb, self.embedder.encode_images(train, rows=train_rows.tolist()))
+        baseline = [first[train_rows[j]] for j in nearest]
+        scores = self.embedder.score(emb, self.embedder.encode_texts(captions))  # (images, captions)
+        return {"num_images": int(len(rows)), "distinct": distinct_share(captions),
+                "decoder": reference_scores(corpus, rows, captions),
+                "nearest_neighbour": reference_scores(corpus, rows, baseline),
+                "retrieval": diagonal_recall(scores.T), "examples": captions[:5]}
+
+
+def captioned_rows(corpus: Corpus) -> np.ndarray:
+    """The rows of the images that have at least one caption."""
+    return np.flatnonzero(corpus.captions_per_image() > 0)
+
+
+def first_captions(corpus: Corpus) -> dict[int, str]:
+    """Each captioned image's first caption, by image row."""
+    first: dict[int, str] = {}
+    for caption, row in zip(corpus.captions, corpus.caption_to_image.tolist()):
+        first.setdefault(row, caption)
+    return first
+
+
+def reference_scores(corpus: Corpus, rows: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+    """BLEU-1..4 and CIDEr-D of ``captions`` (one per image of ``rows``) against those images' references."""
+    refs: list[list[str]] = [[] for _ in range(corpus.num_images)]
+    for caption, row in zip(corpus.captions, corpus.caption_to_image.tolist()):
+        refs[row].append(caption)
+    return {**caption_scores(list(captions), [refs[r] for r in rows]), "num_images": int(len(rows))}

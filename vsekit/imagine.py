@@ -3,6 +3,10 @@
 The generator, its conditioning augmentation and the text encoder come from one checkpoint: the GAN is
 rebuilt from the options of ``objective.terms.gan`` in the checkpoint's config and loaded from its
 ``objective`` weights. Like :mod:`vsekit.inference` this imports nothing from the training code.
+
+Whether the images depend on the text (:meth:`Imaginer.r_precision`, AttnGAN's R-precision with R = 1): the
+checkpoint's own matching model scores each generated image against its generating caption and 99 random
+captions of other images; chance is 1 %.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 from vsekit.checkpoint import CheckpointError, load_checkpoint
 from vsekit.config import RunConfig
+from vsekit.data.corpus import Corpus
+from vsekit.eval.generative import distractor_rows, r_precision
 from vsekit.inference import Embedder, first_stage_with_term, trained_term
 from vsekit.losses.gan import TextToImageGAN
 
@@ -76,15 +82,41 @@ class Imaginer:
             raise ValueError(f"give 1 to {MAX_TEXTS} texts, got {len(texts)}")
         if not 1 <= n <= MAX_SAMPLES:
             raise ValueError(f"n (images per text) must be in 1..{MAX_SAMPLES}, got {n}")
-        emb = torch.from_numpy(self.embedder.encode_captions(texts)).to(self.device)
-        t = self.gan.condition_of(emb).repeat_interleave(n, dim=0)
+        return self._draw(self.embedder.encode_texts(texts), n, seed)
+
+    def _draw(self, caption_emb: np.ndarray, n: int, seed: int) -> torch.Tensor:
+        """(len(caption_emb), n, 3, S, S) images in [0, 1] on the CPU for caption embeddings."""
+        t = self.gan.condition_of(torch.from_numpy(caption_emb).to(self.device)).repeat_interleave(n, dim=0)
         g = torch.Generator().manual_seed(int(seed))  # on the CPU: the same draws on every device
         z = torch.randn(t.shape[0], self.gan.z_dim, generator=g).to(self.device)
         eps = torch.randn(t.shape[0], self.gan.augment.c_dim, generator=g).to(self.device)
         images, _, _ = self.gan.generate(t, z, eps)
         s = self.image_size
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).view(len(texts), n, 3, s, s).cpu()
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).view(len(caption_emb), n, 3, s, s).cpu()
 
+    @torch.no_grad()
+    def r_precision(self, corpus: Corpus, distractors: int = 99, seed: int = 0) -> dict[str, float]:
+        """AttnGAN's R-precision (R = 1) through this checkpoint's matching model: one image generated from the
+        first caption of each captioned image of ``corpus``, embedded by the model's image encoder (as an image
+        file would be: the evaluation transform of the PIL image), and scored against that caption and
+        ``distractors`` random captions of other images. ``r_precision``: the share ranked first; ``chance``."""
+        from PIL import Image
+
+        owners = corpus.caption_to_image
+        rows = np.unique(owners)
+        first = np.array([np.flatnonzero(owners == r)[0] for r in rows])
+        cap_emb = self.embedder.encode_texts(corpus)
+        images = self._draw(cap_emb[first], 1, seed)[:, 0]
+        tf = self.embedder.eval_transform()
+        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)) for im in images]
+        model = self.embedder.model
+        gen = torch.cat([model.encode_images(torch.stack([tf(p) for p in pil[a: a + 128]]).to(self.device))
+                         for a in range(0, len(pil), 128)]).cpu().numpy()
+        scores = self.embedder.score(gen, cap_emb)  # (generated images, captions)
+        others = distractor_rows(np.searchsorted(rows, owners), distractors, len(rows), seed)
+        cols = np.concatenate([first[:, None], others], axis=1)
+        picked = np.take_along_axis(scores, cols, axis=1)
+        return {"r_precision": r_precision(picked), "chance": 1.0 / (distractors + 1), "num_images": int(len(rows))}
 
 def image_grid(images: torch.Tensor, pad: int = 2):
     """A PIL image of a (rows, cols, 3, S, S) batch in [0, 1]: one row per text, ``pad`` black pixels

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from vsekit.data.datasets import (
     text_to,
 )
 from vsekit.errors import ConfigError, VsekitError
+from vsekit.eval.metrics import BlockScorer
+from vsekit.eval.protocols import EvalInputs, get_protocol
 from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
 from vsekit.models.base import caption_tokenizer
 from vsekit.models.local_sets import LocalSets, LocalSetsWriter
@@ -42,7 +45,7 @@ from vsekit.utils.progress import iterate
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Rows ``rows`` of a caption dataset, renumbered 0..len-1 (a process's block under torchrun)."""
+    """Rows ``rows`` of a dataset, renumbered 0..len-1 (a process's block under torchrun)."""
 
     def __init__(self, dataset, rows) -> None:
         self.dataset, self.rows = dataset, [int(r) for r in rows]
@@ -55,6 +58,20 @@ class _Rows(torch.utils.data.Dataset):
         return (*item[:-1], i)
 
 
+class _Pictures(torch.utils.data.Dataset):
+    """Item i = (PIL image i in RGB through ``transform``, i)."""
+
+    def __init__(self, images: Sequence[Any], transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        return self.transform(image if getattr(image, "mode", "RGB") == "RGB" else image.convert("RGB")), i
+
+
 class EncodeError(VsekitError, ValueError):
     """The model cannot embed this input (raw images for a feature model, strings for a text-feature model)."""
 
@@ -65,17 +82,16 @@ IN_MEMORY_SETS_BYTES = 2 << 30
 SCORE_CAPTION_CHUNK = 512
 
 
-def row_handles(n: int) -> np.ndarray:
-    """(n, 1) float64 row numbers: what :func:`vsekit.eval.retrieval_metrics` is given in place of embeddings
-    for a similarity network, whose :class:`SetPairScorer` looks the rows up in the stored local sets
-    (exact for any n below 2**53)."""
-    return np.arange(n, dtype=np.float64)[:, None]
+def caption_encoder(vocab: Vocabulary, model: VSEModel, text: Any) -> CaptionEncoder:
+    """Caption -> token ids for ``model``: its text encoder's own tokenizer when it has one (BERT), else the
+    vocabulary; at most ``text.max_len`` tokens, and ``text.max_tokens`` (cut with a warning). The one
+    tokenizer call of training and inference (``text``: the run's ``text`` config section)."""
+    return CaptionEncoder(vocab, caption_tokenizer(model.text_encoder), text.max_len, text.max_tokens)
 
 
-class SetPairScorer:
-    """``scorer(image_rows (R, 1), caption_rows (C, 1)) -> (R, C)``: the scores of a block of (image, caption)
-    pairs through the model's similarity network, from the stored local sets; the rows are numbers (see
-    :func:`row_handles`), so the metrics' blocked ranking code runs unchanged on top.
+class SetPairScorer(BlockScorer):
+    """The scores of blocks of (image, caption) rows through the model's similarity network, from the stored
+    local sets: the metrics' :class:`~vsekit.eval.metrics.BlockScorer` for a similarity network.
 
     Captions are scored :data:`SCORE_CAPTION_CHUNK` at a time, sorted by length (each call pads to its own
     longest caption only). ``fixed_shapes`` (the default): every pair is scored bitwise the same whatever
@@ -91,12 +107,12 @@ class SetPairScorer:
                               "takes the same number for every image")
         self.model, self.images, self.captions = model, images, captions
         self.device, self.fixed_shapes = device, fixed_shapes
+        self.num_images, self.num_captions = len(images), len(captions)
 
     @torch.no_grad()
     def __call__(self, image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
-        img = image_rows.reshape(len(image_rows), -1)[:, 0].long().cpu().numpy()
-        cap = caption_rows.reshape(len(caption_rows), -1)[:, 0].long().cpu().numpy()
-        return torch.from_numpy(self.scores(img, cap)).to(image_rows.device)
+        scores = self.scores(image_rows.long().cpu().numpy(), caption_rows.long().cpu().numpy())
+        return torch.from_numpy(scores).to(image_rows.device)
 
     @torch.no_grad()
     def scores(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> np.ndarray:
@@ -116,7 +132,11 @@ class SetPairScorer:
 
 class Embedder:
     """A model plus what it needs to turn raw inputs into joint-space embeddings: the vocabulary, the
-    config (text length, image transform) and, for a model that reads precomputed features, their shape."""
+    config (text length, image transform) and, for a model that reads precomputed features, their shape.
+
+    Two calls embed everything: :meth:`encode_texts` (caption strings, or a corpus's captions) and
+    :meth:`encode_images` (a corpus's images, or PIL images); ``parts=True`` also returns the local sets a
+    similarity network scores (:meth:`score_sets`)."""
 
     def __init__(self, model: VSEModel, vocab: Vocabulary, config: RunConfig | dict[str, Any],
                  device: str | torch.device = "auto", fingerprint: str | None = None, *,
@@ -126,9 +146,7 @@ class Embedder:
         self.vocab = vocab
         self.config = validate_config(config)
         self.max_len = self.config.text.max_len
-        text = self.config.text  # captions cut to text.max_len, and to text.max_tokens with a warning
-        self.captions = CaptionEncoder(vocab, caption_tokenizer(self.model.text_encoder), text.max_len,
-                                       text.max_tokens)
+        self.captions = caption_encoder(vocab, self.model, self.config.text)
         self.feature_shape = list(feature_shape) if feature_shape else None
         self.checkpoint_path = checkpoint_path
         self._fingerprint = fingerprint
@@ -175,7 +193,7 @@ class Embedder:
     @property
     def learned_similarity(self) -> bool:
         """True for a model whose similarity is a network over the local sets (regions, words): its scores
-        need those sets (:meth:`encode_corpus_image_parts`, :meth:`score_sets`), not only the embeddings."""
+        need those sets (``parts=True`` of :meth:`encode_images`, :meth:`score_sets`), not only the embeddings."""
         return self.model.learned_similarity
 
     @property
@@ -183,9 +201,8 @@ class Embedder:
         """True for a model over precomputed features: it cannot embed image files."""
         return bool(self.feature_shape)
 
-    def encode_tokens(self, caption: str) -> list[int]:
-        """Token ids of a caption: the text encoder's own tokenizer when it has one (BERT), else the vocabulary;
-        at most ``text.max_len`` tokens, and at most ``text.max_tokens`` (cut with a warning)."""
+    def tokenize(self, caption: str) -> list[int]:
+        """Token ids of a caption (:func:`caption_encoder`)."""
         return self.captions(caption)
 
     def known_words(self, caption: str) -> int:
@@ -211,115 +228,93 @@ class Embedder:
         """True for a model over precomputed text features: it embeds a data set's text vectors, not strings."""
         return self.model.reads_text_features
 
+    # -- encoding ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_captions(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """(M, D) float32 embeddings of caption strings, in input order."""
-        if self.reads_text_features:
-            raise EncodeError("this model reads precomputed text features (the data set's caption_features), "
-                              "not caption strings: encode a data set's captions with encode_corpus_captions")
-        return self._encode_text(CaptionDataset(captions, self.encode_tokens), batch_size, progress)
-
-    @torch.no_grad()
-    def encode_corpus_captions(self, corpus: Corpus, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """(M, D) embeddings of a corpus's captions: their strings, or their precomputed text features."""
-        if self.reads_text_features != corpus.has_text_features:
-            have = "text feature vectors" if corpus.has_text_features else "caption strings"
-            raise EncodeError(f"{corpus.name} holds {have}, which this model's text encoder does not read")
-        return self._encode_text(CaptionDataset(text=TextSource(corpus, self.encode_tokens)), batch_size, progress)
-
-    def _encode_text(self, dataset: CaptionDataset, batch_size: int, progress: bool) -> np.ndarray:
-        n = len(dataset)
-        rows = distributed.shard_rows(n)  # all rows in one process; a block of them under torchrun
-        if len(rows) != n:
-            dataset = _Rows(dataset, rows)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
-        batches = iterate(loader, desc="captions", enabled=progress, unit="batch")
-        out = self._fill(len(rows), ((self.model.encode_captions(*text_to(text, self.device)), idx)
-                                     for text, idx in batches))
-        return distributed.gather_rows(out, n)
-
-    @torch.no_grad()
-    def encode_corpus_images(self, corpus: Corpus, batch_size: int = 128, num_workers: int = 0,
-                             progress: bool = False, rows: Sequence[int] | None = None) -> np.ndarray:
-        """(N, D) embeddings of the corpus's images (each image once), in row order."""
-        source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
-        if rows is None and distributed.world().distributed:  # under torchrun: a block of rows each, gathered
-            n = corpus.num_images
-            local = self.encode_corpus_images(corpus, batch_size, num_workers, progress,
-                                              rows=distributed.shard_rows(n).tolist())
-            return distributed.gather_rows(local, n)
-        ds = ImageDataset(source, rows)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-        batches = iterate(loader, desc="images", enabled=progress, unit="batch")
-        return self._fill(len(ds), ((self.model.encode_images(images.to(self.device)), idx) for images, idx in batches))
-
-    def _fill(self, n: int, batches) -> np.ndarray:
-        """(n, D) float32 rows from (embeddings, row indices) batches; D is what the model outputs (a
-        two-level model's vectors are twice ``embed_size``)."""
-        out = None
-        for emb, idx in batches:
-            emb = emb.float().cpu().numpy()
-            if out is None:
-                out = np.zeros((n, emb.shape[1]), dtype=np.float32)
-            out[idx.numpy()] = emb
-        return out if out is not None else np.zeros((0, self._dim()), dtype=np.float32)
-
-    # -- local sets (models with a similarity network) -----------------------------------------------------
-    @torch.no_grad()
-    def encode_corpus_image_parts(self, corpus: Corpus, batch_size: int = 128, num_workers: int = 0,
-                                  progress: bool = False, rows: Sequence[int] | None = None, *,
-                                  dtype: str = "float32",
-                                  spill_dir: str | Path | None = None) -> tuple[np.ndarray, LocalSets]:
-        """(N, D) embeddings and the local sets (the image encoder's context, e.g. its regions) of the corpus's
-        images, in row order, from one pass. ``dtype``: how the sets are stored (float32 or float16);
-        ``spill_dir``: write them to a memory-mapped file there instead of RAM."""
-        source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
-        ds = ImageDataset(source, rows)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-        out = np.zeros((len(ds), self._dim()), dtype=np.float32)
-        writer = LocalSetsWriter(dtype, spill_dir)
-        done = 0
-        for images, idx in iterate(loader, desc="images", enabled=progress, unit="batch"):
-            emb, ctx = self.model.encode_image_parts(images.to(self.device))
-            _check_in_order(idx, done)
-            out[idx.numpy()] = emb.float().cpu().numpy()
-            ctx = _context(ctx, "image")
-            writer.append(ctx, torch.full((ctx.shape[0],), ctx.shape[1], dtype=torch.long))
-            done += len(idx)
-        return out, writer.finish(self._dim())
-
-    @torch.no_grad()
-    def encode_caption_parts(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False, *,
-                             dtype: str = "float32") -> tuple[np.ndarray, LocalSets]:
-        """(M, D) embeddings and local sets (the words) of caption strings, in input order."""
-        if self.reads_text_features:
-            raise EncodeError("this model reads precomputed text features, not caption strings")
-        return self._encode_text_parts(CaptionDataset(captions, self.encode_tokens), batch_size, progress, dtype, None)
-
-    @torch.no_grad()
-    def encode_corpus_caption_parts(self, corpus: Corpus, batch_size: int = 256, progress: bool = False, *,
-                                    dtype: str = "float32",
-                                    spill_dir: str | Path | None = None) -> tuple[np.ndarray, LocalSets]:
-        """(M, D) embeddings and local sets of a corpus's captions, in corpus order."""
-        if self.reads_text_features or corpus.has_text_features:
+    def encode_texts(self, texts: Sequence[str] | Corpus, *, batch_size: int = 256, progress: bool = False,
+                     parts: bool = False, dtype: str = "float32", spill_dir: str | Path | None = None):
+        """(M, D) float32 embeddings of caption strings, or of a corpus's captions (their strings, or their
+        precomputed text features), in order. ``parts``: ``(embeddings, local sets)``, the sets (the words a
+        similarity network reads) stored as ``dtype`` (float32 or float16), in a memory-mapped file in
+        ``spill_dir`` when given. Under torchrun (without ``parts``) each process encodes a block of rows."""
+        corpus = texts if isinstance(texts, Corpus) else None
+        features = corpus is not None and corpus.has_text_features
+        if parts and (features or self.reads_text_features):
             raise EncodeError("a similarity network reads the words of caption strings; this model or corpus has "
                               "text feature vectors")
-        return self._encode_text_parts(CaptionDataset(text=TextSource(corpus, self.encode_tokens)), batch_size,
-                                       progress, dtype, spill_dir)
+        if features != self.reads_text_features:
+            have = "text feature vectors" if features else "caption strings"
+            raise EncodeError(f"{corpus.name if corpus else 'the input'} holds {have}, which this model's text "
+                              "encoder does not read (a text-feature model embeds a data set's caption_features)")
+        if corpus is not None:
+            dataset = CaptionDataset(text=TextSource(corpus, self.tokenize))
+        else:
+            dataset = CaptionDataset(texts, self.tokenize)
+        forward = self._caption_parts if parts else \
+            (lambda t: (self.model.encode_captions(*text_to(t, self.device)), None))
+        return self._encode(dataset, collate_captions, forward, "captions", parts=parts, shard=True,
+                            batch_size=batch_size, progress=progress, dtype=dtype, spill_dir=spill_dir)
 
-    def _encode_text_parts(self, dataset: CaptionDataset, batch_size: int, progress: bool, dtype: str,
-                           spill_dir: str | Path | None) -> tuple[np.ndarray, LocalSets]:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
-        out = np.zeros((len(dataset), self._dim()), dtype=np.float32)
-        writer = LocalSetsWriter(dtype, spill_dir)
-        done = 0
-        for text, idx in iterate(loader, desc="captions", enabled=progress, unit="batch"):
-            emb, ctx, lengths = self.model.encode_caption_parts(*text_to(text, self.device))
-            _check_in_order(idx, done)
-            out[idx.numpy()] = emb.float().cpu().numpy()
-            writer.append(_context(ctx, "text"), lengths)
-            done += len(idx)
-        return out, writer.finish(self._dim())
+    @torch.no_grad()
+    def encode_images(self, images: Corpus | Sequence[Any], *, batch_size: int = 128, num_workers: int = 0,
+                      progress: bool = False, rows: Sequence[int] | None = None, parts: bool = False,
+                      dtype: str = "float32", spill_dir: str | Path | None = None,
+                      lock: contextlib.AbstractContextManager | None = None):
+        """(N, D) float32 embeddings of a corpus's images (each image once, in row order; or its ``rows``) or of
+        PIL images. ``parts``, ``dtype``, ``spill_dir``: as for :meth:`encode_texts` (the local sets are the
+        image encoder's context, e.g. its regions). ``lock``: held around each forward pass only (a server's
+        model lock; decoding and the transform run outside it). Under torchrun (a whole corpus, without
+        ``parts``) each process encodes a block of rows."""
+        corpus = images if isinstance(images, Corpus) else None
+        if corpus is not None:
+            source = ImageSource(corpus, None if corpus.is_precomputed else self.eval_transform())
+            dataset = ImageDataset(source, rows)
+        elif self.reads_features:
+            raise EncodeError("this model reads precomputed features; it cannot embed images")
+        else:
+            dataset = _Pictures(images, self.eval_transform())
+        forward = self._image_parts if parts else lambda x: (self.model.encode_images(x.to(self.device)), None)
+        shard = corpus is not None and rows is None
+        return self._encode(dataset, collate_images, forward, "images", parts=parts, shard=shard,
+                            batch_size=batch_size, num_workers=num_workers, progress=progress, dtype=dtype,
+                            spill_dir=spill_dir, lock=lock)
+
+    def _encode(self, dataset, collate, forward, desc: str, *, parts: bool, shard: bool, batch_size: int,
+                progress: bool, dtype: str, spill_dir: str | Path | None, num_workers: int = 0,
+                lock: contextlib.AbstractContextManager | None = None):
+        """(len(dataset), D) float32 rows from ``forward(batch) -> (embeddings, local sets or None)``; with
+        ``parts``, also the local sets, appended in row order. D is what the model outputs (a two-level model's
+        vectors are twice ``embed_size``)."""
+        n, sets = len(dataset), LocalSetsWriter(dtype, spill_dir) if parts else None
+        block = distributed.shard_rows(n) if shard and not parts else None  # all rows in one process
+        if block is not None and len(block) != n:
+            dataset = _Rows(dataset, block)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        out, done = None, 0
+        for inputs, idx in iterate(loader, desc=desc, enabled=progress, unit="batch"):
+            with lock if lock is not None else contextlib.nullcontext():
+                emb, local = forward(inputs)
+            emb = emb.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(dataset), emb.shape[1]), dtype=np.float32)
+            out[idx.numpy()] = emb
+            if sets is not None:
+                _check_in_order(idx, done)
+                sets.append(*local)
+                done += len(idx)
+        if out is None:
+            out = np.zeros((0, self._dim()), dtype=np.float32)
+        if sets is not None:
+            return out, sets.finish(self._dim())
+        return out if block is None else distributed.gather_rows(out, n)
+
+    def _image_parts(self, images: torch.Tensor):
+        emb, ctx = self.model.encode_image_parts(images.to(self.device))
+        ctx = _context(ctx, "image")
+        return emb, (ctx, torch.full((ctx.shape[0],), ctx.shape[1], dtype=torch.long))
+
+    def _caption_parts(self, text: tuple[torch.Tensor, ...]):
+        emb, ctx, lengths = self.model.encode_caption_parts(*text_to(text, self.device))
+        return emb, (_context(ctx, "text"), lengths)
 
     def score_sets(self, image_sets: LocalSets, caption_sets: LocalSets, image_rows: Sequence[int] | None = None,
                    caption_rows: Sequence[int] | None = None) -> np.ndarray:
@@ -330,91 +325,47 @@ class Embedder:
         cap = np.arange(len(caption_sets)) if caption_rows is None else np.asarray(caption_rows, dtype=np.int64)
         return scorer.scores(img, cap)
 
+    # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, corpus: Corpus, protocol: str = "full", *, batch_size: int = 128,
                  chunk_size: int | None = None, progress: bool = False, return_folds: bool = False,
                  train_captions: Sequence[str] | None = None):
-        """The field's metrics of this model on ``corpus``: what ``vsekit eval``, the trainer's validation and
-        the benchmarks all call. ``"semantic"`` (any data set; ``train_captions`` needed): the exact-pair metrics
-        beside R@K, mAP@R and R-Precision where a caption (image) also counts when its LSA semantics are close to
-        a ground-truth caption's, per ``eval.thresholds`` (:mod:`vsekit.eval.semantic`). ``"eccv"`` (COCO 5K test): the exact-pair 5K metrics beside mAP@R, R-Precision
-        and R@1 with ECCV Caption positives and R@K with CxC positives (:mod:`vsekit.eval.eccv`).
-        ``"full"`` / ``"1k5fold"``: recall, medr, meanr, rsum of the exact pairs
-        (:func:`vsekit.eval.retrieval_metrics`), scored by the model's own similarity. ``"label_map"``: label
-        relevance (:func:`vsekit.eval.label_metrics`), mAP, mAP@50, precision@K, ranked by the model's
-        similarity when it is cosine or euclidean (else cosine).
+        """The metrics of protocol ``protocol`` (:data:`~vsekit.eval.EVAL_PROTOCOLS`: full, 1k5fold, label_map,
+        eccv, semantic) of this model on ``corpus``: what ``vsekit eval``, the trainer's validation and the
+        benchmarks all call; ``(metrics, folds)`` with ``return_folds``. ``train_captions``: the training
+        captions, which ``semantic`` fits its LSA model on.
 
         A model with a similarity network is scored through the network, every (image, caption) pair (the
-        same ranking code, given row numbers and a :class:`SetPairScorer`); its local sets are kept in RAM, or
-        in a memory-mapped temporary file when larger than :data:`IN_MEMORY_SETS_BYTES`."""
+        same ranking code, given a :class:`SetPairScorer`); its local sets are kept in RAM, or in a
+        memory-mapped temporary file when larger than :data:`IN_MEMORY_SETS_BYTES`."""
+        spec = get_protocol(protocol)
+        inputs = EvalInputs(corpus, self.similarity, self.learned_similarity, chunk_size=chunk_size,
+                            train_captions=train_captions, semantics=self.config.semantics,
+                            thresholds=tuple(self.config.eval.thresholds))
+        if spec.check is not None:
+            spec.check(inputs)  # before anything is encoded
         with contextlib.ExitStack() as stack:
-            return self._evaluate(corpus, protocol, batch_size, chunk_size, progress, return_folds, train_captions,
-                                  stack)
+            m, folds = spec.run(self._scored(inputs, batch_size, progress, stack))
+        return (m, folds) if return_folds else m
 
-    def _evaluate(self, corpus: Corpus, protocol: str, batch_size: int, chunk_size: int | None, progress: bool,
-                  return_folds: bool, train_captions: Sequence[str] | None, stack: contextlib.ExitStack):
-        from vsekit.eval import label_metrics, retrieval_metrics
-
-        if protocol == "eccv":
-            from vsekit.eval.eccv import coco_ids_from_corpus, eccv_metrics
-
-            ids = coco_ids_from_corpus(corpus)  # COCO 5K test only (checked before encoding); its 25,000 captions
-        if protocol == "label_map" and self.learned_similarity:
-            raise EncodeError(f"protocol 'label_map' ranks by distances between embeddings; this model scores pairs "
-                              f"with the {self.similarity!r} similarity network (use full, 1k5fold, semantic or eccv)")
-        img, cap, similarity = self._scored_inputs(corpus, batch_size, progress, stack)
-        if protocol == "semantic":
-            from vsekit.eval.semantic import lsa_vectors_for, semantic_metrics
-
-            if train_captions is None:
-                raise EncodeError("protocol 'semantic' needs the training captions (the LSA model is fitted on "
-                                  "them, as LSEH's)")
-            s = self.config.semantics  # fitted once per caption set, in LSEH's cache
-            vectors = lsa_vectors_for(train_captions, corpus.captions, cache_dir=s.cache_path(), **s.lsa_params())
-            e = self.config.eval
-            m = retrieval_metrics(img, cap, corpus.caption_to_image, protocol="full", similarity=similarity,
-                                  chunk_size=chunk_size)
-            m.update(semantic_metrics(img, cap, corpus.caption_to_image, vectors, thresholds=tuple(e.thresholds),
-                                      similarity=similarity))
-            return (m, [m]) if return_folds else m
-        if protocol == "eccv":
-            rows = ids.caption_rows
-            m = retrieval_metrics(img, cap[rows], corpus.caption_to_image[rows], protocol="full",
-                                  similarity=similarity, chunk_size=chunk_size)
-            m.update(eccv_metrics(img, cap[rows], ids.image_cocoids, ids.caption_ids, similarity=similarity))
-            m["eccv_map_at_r"] = (m["eccv_i2t_map_at_r"] + m["eccv_t2i_map_at_r"]) / 2
-            return (m, [m]) if return_folds else m
-        if protocol == "label_map":
-            if corpus.labels is None:
-                raise EncodeError(f"{corpus.name} has no class labels: protocol 'label_map' needs them")
-            metric = self.similarity if self.similarity in ("cosine", "euclidean") else "cosine"
-            m = label_metrics(img, cap, corpus.labels, corpus.caption_labels(), metric=metric)
-            return (m, [m]) if return_folds else m
-        return retrieval_metrics(img, cap, corpus.caption_to_image, protocol=protocol, similarity=similarity,
-                                 chunk_size=chunk_size, return_folds=return_folds)
-
-    def _scored_inputs(self, corpus: Corpus, batch_size: int, progress: bool, stack: contextlib.ExitStack):
-        """(image inputs, caption inputs, similarity) for the metrics: the embeddings and the similarity's name,
-        or, for a similarity network, row numbers and a :class:`SetPairScorer` over the corpus's local sets."""
+    def _scored(self, inputs: EvalInputs, batch_size: int, progress: bool, stack: contextlib.ExitStack):
+        """``inputs`` with the corpus's embeddings or, for a similarity network, a :class:`SetPairScorer` over
+        its local sets."""
+        corpus, opts = inputs.corpus, {"batch_size": batch_size, "progress": progress}
         if not self.learned_similarity:
-            img, cap = self.encode_corpus(corpus, batch_size=batch_size, progress=progress)
-            return img, cap, self.similarity
+            img, cap = self.encode_images(corpus, **opts), self.encode_texts(corpus, **opts)
+            return replace(inputs, images=img, captions=cap)
         spill = None
         if self._sets_bytes(corpus) > IN_MEMORY_SETS_BYTES:
             spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="vsekit-eval-"))
-        _, images = self.encode_corpus_image_parts(corpus, batch_size, progress=progress, spill_dir=spill)
-        _, captions = self.encode_corpus_caption_parts(corpus, batch_size, progress=progress, spill_dir=spill)
-        scorer = SetPairScorer(self.model, images, captions, self.device)
-        return row_handles(len(images)), row_handles(len(captions)), scorer
+        _, images = self.encode_images(corpus, parts=True, spill_dir=spill, **opts)
+        _, captions = self.encode_texts(corpus, parts=True, spill_dir=spill, **opts)
+        return replace(inputs, similarity=SetPairScorer(self.model, images, captions, self.device))
 
     def _sets_bytes(self, corpus: Corpus) -> int:
         """About how many bytes the float32 local sets of ``corpus`` take (regions + words)."""
         regions = int(self.feature_shape[0]) if self.feature_shape and len(self.feature_shape) == 2 else 1
         words = sum(len(c.split()) + 2 for c in corpus.captions)
         return 4 * self._dim() * (corpus.num_images * regions + words)
-
-    def encode_corpus(self, corpus: Corpus, batch_size: int = 128, progress: bool = False):
-        return (self.encode_corpus_images(corpus, batch_size, progress=progress),
-                self.encode_corpus_captions(corpus, batch_size, progress=progress))
 
     def _dim(self) -> int:
         """The size of the model's embeddings: ``embed_size`` per level (two-level models have two)."""

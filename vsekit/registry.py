@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from vsekit.errors import ConfigError, VsekitError, did_you_mean
@@ -102,7 +103,92 @@ class Registry:
             checked = model.model_validate(options)
         except ValidationError as e:
             raise config_error_from(e, where, model, also=also) from None
-        return {"name": name, **checked.model_dump(exclude_unset=True)}
+        out = {"name": name, **checked.model_dump(exclude_unset=True)}
+        check_components(model, out, where)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Component:
+    """Marks a config field as a component section (``loss: Annotated[dict, Component(LOSSES)]``): a mapping that
+    names a registered component by ``key`` and holds its options. Validation (:func:`check_components`, also of
+    the components in a component's options) and recipe merging (a new ``name`` drops the old options) find
+    these fields by walking the schema, so a component section is declared once: by its field.
+
+    ``default``: the name of a section that leaves ``key`` out (else the field default's); ``own``: the owner's
+    keys (a term's ``weight``), each with its check or None, kept when the component switches; ``keyed``: the
+    mapping's keys name the components (``objective.terms``); ``entry``: the one registry entry checked (its one
+    valid name: ``default``); ``check``: a validator replacing the registry's.
+    """
+
+    registry: Registry
+    default: str | None = None
+    own: Mapping[str, Callable[[Any, str], Any] | None] = field(default_factory=dict)
+    keyed: bool = False
+    entry: str | None = None
+    kind: str | None = None
+    key: str = "name"
+    check: Callable[[Any, str], Any] | None = None
+
+    def default_name(self, field_default: Any) -> str | None:
+        """The name of a section that leaves ``key`` out, ``field_default`` being the field's default."""
+        section = field_default.model_dump() if hasattr(field_default, "model_dump") else field_default
+        return self.default or (section.get(self.key) if isinstance(section, dict) else section)
+
+    def validate(self, spec: Any, where: str, default: str | None = None) -> Any:
+        """The section ``spec`` at dotted key ``where``, checked; a :class:`ConfigError` names a bad key."""
+        if self.check is not None:
+            return self.check(spec, where)
+        if not self.keyed:
+            if isinstance(spec, dict) and self.key not in spec and default is not None:
+                spec = {self.key: default, **spec}
+            return self._one(spec, where, default)
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping of {self.registry.kind} name -> options, got {spec!r}")
+        for name, section in spec.items():
+            if name not in self.registry:
+                known = self.registry.names()
+                raise ConfigError(f"{where}.{name}: unknown key: not a registered {self.registry.kind}"
+                                  f"{did_you_mean(name, known)} (known: {', '.join(known)})")
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
+        return {name: {k: v for k, v in self._one({**(section or {}), self.key: name}, f"{where}.{name}").items()
+                       if k != self.key} for name, section in spec.items()}
+
+    def _one(self, spec: Any, where: str, default: str | None = None) -> dict[str, Any]:
+        if not isinstance(spec, dict):
+            spec = {self.key: spec}
+        own = {k: check(spec[k], f"{where}.{k}") for k, check in self.own.items() if k in spec and check}
+        name = spec.get(self.key)
+        spec = {k: v for k, v in spec.items() if k not in self.own}
+        if self.entry is not None:
+            if name != default:
+                raise ConfigError(f"{where}.{self.key}: unknown {self.kind} {name!r} (known: {default})")
+            spec[self.key] = self.entry
+        checked = self.registry.validate(spec, where, also=tuple(self.own))
+        return {**checked, self.key: name, **{k: v for k, v in own.items() if v is not None}}
+
+
+def component_of(info: Any) -> Component | None:
+    """The :class:`Component` marker of a pydantic field, or None."""
+    return next((m for m in info.metadata if isinstance(m, Component)), None)
+
+
+def check_components(model: Any, raw: dict[str, Any], where: str = "") -> None:
+    """Check, in place, every component section of ``raw`` (a plain dict of pydantic model class ``model``) at
+    any depth, each by its :class:`Component`; a section set to None is the field's default."""
+    for name, info in model.model_fields.items():
+        if name not in raw:
+            continue
+        key = f"{where}.{name}" if where else name
+        comp = component_of(info)
+        if comp is not None:
+            default = info.get_default(call_default_factory=True)
+            value = default if raw[name] is None else raw[name]
+            if value is not None:
+                raw[name] = comp.validate(value, key, comp.default_name(default))
+        elif isinstance(raw[name], dict) and (sub := model_of(info.annotation)) is not None:
+            check_components(sub, raw[name], key)
 
 
 def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[str]):
@@ -110,7 +196,7 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
 
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # extras: Component markers
     except Exception:  # noqa: BLE001 - unresolvable annotations: accept any value for those options
         hints = {}
     fields: dict[str, Any] = {}
@@ -185,15 +271,16 @@ def _field_names(model: Any, path: list[str]) -> list[str]:
         field = node.model_fields.get(part)
         if field is None:
             return []
-        node = _model_of(field.annotation)
+        node = model_of(field.annotation)
     return sorted(node.model_fields) if node is not None and hasattr(node, "model_fields") else []
 
 
-def _model_of(annotation: Any) -> Any:
+def model_of(annotation: Any) -> Any:
+    """The pydantic model class in a field's type (``X``, ``X | None``, ``list[X]``), or None."""
     if hasattr(annotation, "model_fields"):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_of(arg)
+        found = model_of(arg)
         if found is not None:
             return found
     return None

@@ -34,13 +34,13 @@ def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
     emb = Embedder.from_checkpoint(Path(cfg.output_dir) / "best.pt")
     test = load_split(cfg.data, cfg.data.test_split)
     metrics = emb.evaluate(test)
-    img = emb.encode_corpus_images(test)
+    img = emb.encode_images(test)
     print(format_metrics_table(metrics, title=f"demo test: {test.num_images} images, {test.num_captions} captions"))
     print(f"      chance level rsum = {chance_rsum(test.caption_to_image, test.num_images):.1f}")
 
     print("[3/3] text -> image search on the test images")
     queries = list(DEMO_QUERIES)[:4]
-    scores = emb.score(img, emb.encode_captions(queries)).T  # (queries, images), by the model's similarity
+    scores = emb.score(img, emb.encode_texts(queries)).T  # (queries, images), by the model's similarity
     first_caption: dict[int, str] = {}
     for j, i in enumerate(test.caption_to_image):
         first_caption.setdefault(int(i), test.captions[j])

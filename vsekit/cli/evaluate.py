@@ -29,17 +29,8 @@ def _corpus(emb, args):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vsekit.eval import (
-        EXTENDED_PROTOCOLS,
-        LABEL_PROTOCOL,
-        format_eccv_table,
-        format_label_table,
-        format_metrics_table,
-        format_semantic_table,
-        write_metrics_json,
-    )
+    from vsekit.eval import get_protocol
     from vsekit.inference import Embedder
-    from vsekit.utils.io import atomic_write_json
 
     check_out_file(args.out)
     emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
@@ -56,16 +47,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     title = f"{corpus.name}: {corpus.num_images} images, {corpus.num_captions} captions, protocol {args.protocol}"
     context = {"checkpoint": str(args.checkpoint), "split": args.split, "protocol": args.protocol,
                "num_images": corpus.num_images, "num_captions": corpus.num_captions}
-    if args.protocol in (LABEL_PROTOCOL, *EXTENDED_PROTOCOLS):
-        formatter = {LABEL_PROTOCOL: format_label_table, "eccv": format_eccv_table,
-                     "semantic": format_semantic_table}[args.protocol]
-        print(formatter(result, title=title))
-        if args.out and distributed.world().is_main:
-            atomic_write_json(args.out, {**context, "metrics": result})
-    else:
-        print(format_metrics_table(result, title=title))
-        if args.out and distributed.world().is_main:
-            write_metrics_json(args.out, result, folds=folds if args.protocol != "full" else None, **context)
+    spec = get_protocol(args.protocol)
+    print(spec.table(result, title=title))
+    if args.out and distributed.world().is_main:
+        spec.write(args.out, result, folds, **context)
     if args.out:
         print(f"wrote {args.out}")
     return 0
@@ -90,11 +75,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise DataError(f"--captions {path}: no such file")
         lines = read_caption_lines(path)
-        vecs = emb.encode_captions(lines, batch_size=args.batch_size, progress=True)
+        vecs = emb.encode_texts(lines, batch_size=args.batch_size, progress=True)
         ids = [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
     else:
         corpus = load_split(data_from_arg(args.images, args.image_root, emb.config.data), args.split)
-        vecs = emb.encode_corpus_images(corpus, batch_size=args.batch_size, progress=True)
+        vecs = emb.encode_images(corpus, batch_size=args.batch_size, progress=True)
         ids = list(corpus.image_ids)
     if distributed.world().is_main:  # under torchrun every process encoded a block; rank 0 writes
         atomic_write(out, lambda f: np.save(f, vecs))
@@ -105,7 +90,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def add_cli(sub) -> None:
     from vsekit.cli.common import positive_int
-    from vsekit.eval.metrics import EXTENDED_PROTOCOLS, LABEL_PROTOCOL, PROTOCOLS
+    from vsekit.eval import EVAL_PROTOCOLS
 
     e = sub.add_parser("eval", help="evaluate a checkpoint by the field's retrieval protocol")
     e.add_argument("checkpoint", help="a .pt checkpoint or a run folder (best.pt is used)")
@@ -113,12 +98,8 @@ def add_cli(sub) -> None:
                                   "(default: the checkpoint's training data)")
     e.add_argument("--image-root", help="folder the data set's image paths are relative to")
     e.add_argument("--split", default="test")
-    e.add_argument("--protocol", choices=[*PROTOCOLS, LABEL_PROTOCOL, *EXTENDED_PROTOCOLS], default="full",
-                   help="full (e.g. F30K 1K, COCO 5K), 1k5fold (COCO 1K: mean over 5 folds), label_map "
-                        "(label relevance: mAP, mAP@50, precision@K both ways, as ACMR; needs class labels) or "
-                        "eccv (COCO 5K test from the Karpathy JSON: ECCV Caption and CxC positives beside the "
-                        "original protocol) or semantic (any data set: a caption also counts when its LSA "
-                        "semantics are close to a ground-truth caption's; R@K, mAP@R, R-Precision per threshold)")
+    e.add_argument("--protocol", choices=list(EVAL_PROTOCOLS), default="full",
+                   help="; ".join(p.help for p in EVAL_PROTOCOLS.values()))
     e.add_argument("--max-images", type=positive_int, default=None, help="first N images of the split only")
     e.add_argument("--batch-size", type=positive_int, default=128)
     e.add_argument("--device", default="auto")

@@ -7,87 +7,65 @@ the typed schema (a typo anywhere is an error naming the key).
 from __future__ import annotations
 
 import copy
-import functools
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vsekit.config.schema import RunConfig
 from vsekit.errors import ConfigError
-
-# Sections that name a registered component by `name`: switching to another component drops the old one's
-# options (objective.mined keeps the objective's own keys). A section that leaves `name` out uses the default.
-_COMPONENT_KEY = "name"
-_COMPONENTS = {"loss": (), "model.image_encoder": (), "model.text_encoder": (), "model.similarity": (),
-               "objective.mined": ("weight", "pool_size"), "objective.embedding.loss": ()}
-# the loss of an objective term (objective.terms.<term>.loss) is a component too; the schema has no default for
-# it, so only a section that names its loss switches
-_TERM_LOSS = re.compile(r"objective\.terms\.[^.]+\.loss")
-# the data section names its source by `format`; switching keeps the options every source shares
-_SOURCE_KEY = "format"
-_SOURCE = "data"
+from vsekit.registry import Component, component_of, model_of
 
 
-def _common_data_keys() -> set[str]:
-    from vsekit.data.sources import common_keys
-
-    return common_keys()
-
-
-def _default_format() -> str:
-    from vsekit.data.sources import DataConfig
-
-    return DataConfig.model_fields["format"].default
-
-
-@functools.cache
-def _default_name(path: str) -> str:
-    """The component a section names when it leaves ``name`` out (the schema's default; computed once)."""
-    from vsekit.config.schema import RunConfig
-
-    node: Any = RunConfig().to_dict()
-    for part in path.split("."):
-        node = node[part]
-    return node["name"] if isinstance(node, dict) else node  # model.similarity's default is a bare name
-
-
-def _switched(old: Any, new: Any, path: str) -> dict | None:
-    """When ``new`` (the section at ``path``) names another component or data source than ``old``: what of
-    ``old`` to keep; None when nothing switches."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
+def _child(node: Any, part: str, section: Any) -> Any:
+    """The schema of ``section[part]``, ``node`` being the schema of ``section``: a pydantic model class, a
+    :class:`Component` (its ``default`` filled in), or None where the schema says nothing (an untyped mapping)."""
+    if isinstance(node, Component):
+        if node.keyed:
+            return node.registry.options_model(part) if part in node.registry else None
+        name = node.entry or (section.get(node.key, node.default) if isinstance(section, dict) else None)
+        if node.check is not None or not isinstance(name, str) or name not in node.registry:
+            return None
+        node = node.registry.options_model(name)
+    info = getattr(node, "model_fields", {}).get(part)
+    if info is None:
         return None
-    kept = _COMPONENTS.get(path, () if _TERM_LOSS.fullmatch(path) else None)
-    if kept is not None and _COMPONENT_KEY in new:
-        # a section without a name uses the schema's default; a term's loss has none, so it merges then
-        default = _default_name(path) if path in _COMPONENTS else new[_COMPONENT_KEY]
-        if old.get(_COMPONENT_KEY, default) != new[_COMPONENT_KEY]:
-            return {k: v for k, v in old.items() if k in kept}
+    comp = component_of(info)
+    return replace(comp, default=comp.default_name(info.get_default(call_default_factory=True))) if comp else \
+        model_of(info.annotation)
+
+
+def _switched(old: Any, new: Any, node: Any) -> dict | None:
+    """When ``new``, a component section (``node``), names another component than ``old``: what of ``old`` to
+    keep (the owner's keys, e.g. the data options every format shares); None when nothing switches."""
+    if not (isinstance(node, Component) and isinstance(old, dict) and isinstance(new, dict)) or node.keyed:
         return None
-    if path == _SOURCE and _SOURCE_KEY in new and old.get(_SOURCE_KEY, _default_format()) != new[_SOURCE_KEY]:
-        keep = _common_data_keys()
-        return {k: v for k, v in old.items() if k in keep}
+    if node.key in new and old.get(node.key, node.default) != new[node.key]:
+        return {k: v for k, v in old.items() if k in node.own}
     return None
 
 
-def deep_merge(base: dict, update: dict, _path: str = "") -> dict:
+def deep_merge(base: dict, update: dict, _node: Any = RunConfig) -> dict:
     """A copy of ``base`` with ``update`` merged in (dicts merge recursively, everything else replaces).
 
-    A component section (also an objective term's ``loss``) that switches component (``loss: {name: lseh}``
-    over ``{name: hinge, margin: 0.2}``) replaces the old one's options instead of merging with them; a
-    ``data`` section that switches ``format`` keeps only the options every data source shares (splits, image
-    checks, ...). Other sections with a
+    A component section (:class:`~vsekit.registry.Component` in the schema, at any depth: also an objective
+    term's ``loss``) that switches component (``loss: {name: lseh}`` over ``{name: hinge, margin: 0.2}``)
+    replaces the old one's options instead of merging with them; a ``data`` section that switches ``format``
+    keeps only the options every data source shares (splits, image checks, ...). Other sections with a
     ``name`` (``optim.name``) merge like any other.
     """
     out = copy.deepcopy(base)
+    section = {**base, **update}
     for k, v in update.items():
-        path = f"{_path}.{k}" if _path else k
-        kept = _switched(out.get(k), v, path)
+        node = _child(_node, k, section)
+        kept = _switched(out.get(k), v, node)
         if kept is not None:
-            out[k] = deep_merge(kept, v, path)
+            out[k] = deep_merge(kept, v, node)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v, path)
+            out[k] = deep_merge(out[k], v, node)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -146,9 +124,11 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         except yaml.YAMLError:
             value = raw
         node: Any = cfg
+        schema: Any = RunConfig  # the schema of node
         parts = _key_parts(key, item)
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[: depth + 1])
+            schema = _child(schema, part, node)
             if isinstance(node, list):
                 node = _list_item(node, part, where, item)
                 continue
@@ -161,12 +141,10 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         if isinstance(node, list):
             node[_index(node, last, ".".join(parts), item)] = value
             continue
-        path = ".".join(parts[:-1])
-        if last in (_COMPONENT_KEY, _SOURCE_KEY) and path:
-            kept = _switched(node, {last: value}, path)
-            if kept is not None:
-                node.clear()
-                node.update(kept)
+        kept = _switched(node, {last: value}, schema)
+        if kept is not None:
+            node.clear()
+            node.update(kept)
         node[last] = value
     return cfg
 

@@ -11,17 +11,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from vsekit.config.recipes import apply_overrides, deep_merge, load_recipe
-from vsekit.config.schema import (
-    CONFIG_FORMAT,
-    MINED_OWN_KEYS,
-    ModelConfig,
-    ObjectiveConfig,
-    OptimConfig,
-    RunConfig,
-)
-from vsekit.data.sources import data_config
-from vsekit.errors import ConfigError, did_you_mean
-from vsekit.registry import config_error_from, short_repr, validate_section
+from vsekit.config.schema import CONFIG_FORMAT, RunConfig
+from vsekit.errors import ConfigError
+from vsekit.registry import check_components, config_error_from, short_repr
 
 # keys of the data section that belong to `transform`
 _TRANSFORM_KEYS = ("image_size", "resize", "resize_policy", "augment")
@@ -43,99 +35,6 @@ def check_format(raw: dict[str, Any]) -> None:
                       "retrain with this vsekit")
 
 
-def _component(registry: Any, spec: Any, default: dict[str, Any], where: str,
-               also: tuple[str, ...] = ()) -> dict[str, Any]:
-    if spec is None:
-        spec = default
-    if isinstance(spec, dict) and "name" not in spec:
-        spec = {"name": default["name"], **spec}
-    return registry.validate(spec, where, also=also)
-
-
-def _validate_components(raw: dict[str, Any], prefix: str = "") -> None:
-    """Check, in place, the sections that name registered components against those components."""
-    from vsekit.losses import LOSSES, MINED_LOSS, OBJECTIVE_TERMS
-    from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
-    from vsekit.models.similarity import check_similarity_spec
-
-    model = raw.get("model")
-    if isinstance(model, dict):
-        defaults = ModelConfig()
-        model["image_encoder"] = _component(IMAGE_ENCODERS, model.get("image_encoder"), defaults.image_encoder,
-                                            f"{prefix}model.image_encoder")
-        model["text_encoder"] = _component(TEXT_ENCODERS, model.get("text_encoder"), defaults.text_encoder,
-                                           f"{prefix}model.text_encoder")
-        if model.get("similarity") is not None:
-            model["similarity"] = check_similarity_spec(model["similarity"], f"{prefix}model.similarity")
-    if "loss" in raw:
-        raw["loss"] = _component(LOSSES, raw["loss"], RunConfig().loss, f"{prefix}loss")
-    objective = raw.get("objective")
-    if isinstance(objective, dict) and isinstance(objective.get("embedding"), dict) and "loss" in objective["embedding"]:
-        term = objective["embedding"]
-        term["loss"] = _component(LOSSES, term["loss"], {"name": "hinge"}, f"{prefix}objective.embedding.loss")
-    if isinstance(objective, dict) and isinstance(objective.get("mined"), dict):
-        mined = objective["mined"]
-        default = ObjectiveConfig().mined
-        own = {k: mined[k] for k in MINED_OWN_KEYS if k in mined and k != "name"}
-        for k, typ in (("weight", float), ("pool_size", int)):
-            if k in own:
-                try:
-                    own[k] = typ(own[k])
-                except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-                    kind = "an integer" if typ is int else "a number"
-                    raise ConfigError(f"{prefix}objective.mined.{k}: expected {kind}, got {own[k]!r}") from None
-        if own.get("pool_size", 1) < 1:
-            raise ConfigError(f"{prefix}objective.mined.pool_size: must be >= 1, got {own['pool_size']}")
-        if mined.get("name", MINED_LOSS) != MINED_LOSS:
-            raise ConfigError(f"{prefix}objective.mined.name: unknown mined-negative loss {mined['name']!r} "
-                              f"(known: {MINED_LOSS})")
-        spec = {"name": "mined", **{k: v for k, v in mined.items() if k not in own and k != "name"}}
-        checked = OBJECTIVE_TERMS.validate(spec, f"{prefix}objective.mined", also=MINED_OWN_KEYS)
-        objective["mined"] = {**checked, "name": default["name"], **own}
-    if isinstance(objective, dict) and objective.get("terms") is not None:
-        objective["terms"] = _validate_terms(objective["terms"], f"{prefix}objective.terms")
-
-
-def _validate_terms(terms: Any, where: str) -> dict[str, dict[str, Any]]:
-    """``objective.terms``: each key a registered term, its section the term's options plus ``weight`` and
-    ``optim`` (an optimizer section for the term's own parts, over the stage's ``optim``)."""
-    from vsekit.losses.terms import OBJECTIVE_TERMS, TERM_OWN_KEYS, term_options
-
-    if not isinstance(terms, dict):
-        raise ConfigError(f"{where}: expected a mapping of term name -> options, got {terms!r}")
-    out: dict[str, dict[str, Any]] = {}
-    for name, section in terms.items():
-        section = {} if section is None else section
-        if name not in OBJECTIVE_TERMS:
-            raise ConfigError(f"{where}.{name}: unknown key: not a registered objective term"
-                              f"{did_you_mean(name, OBJECTIVE_TERMS.names())} "
-                              f"(known: {', '.join(OBJECTIVE_TERMS.names()) or 'none'})")
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where}.{name}: expected a mapping of options, got {section!r}")
-        own: dict[str, Any] = {}
-        if "weight" in section:
-            try:
-                own["weight"] = float(section["weight"])
-            except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
-                raise ConfigError(f"{where}.{name}.weight: expected a number, got {section['weight']!r}") from None
-        if section.get("optim") is not None:
-            optim = section["optim"]
-            if not isinstance(optim, dict):
-                raise ConfigError(f"{where}.{name}.optim: expected a mapping of optimizer options, got {optim!r}")
-            validate_section(OptimConfig, {**OptimConfig().model_dump(), **optim}, f"{where}.{name}.optim")
-            own["optim"] = dict(optim)
-        checked = OBJECTIVE_TERMS.validate({"name": name, **term_options(section)}, f"{where}.{name}",
-                                           also=TERM_OWN_KEYS)
-        checked.pop("name")
-        if isinstance(checked.get("loss"), dict) and "name" in checked["loss"]:
-            # a term's ranking loss (level_ranking) is a LOSSES component: checked now, not when training starts
-            from vsekit.losses import LOSSES
-
-            checked["loss"] = LOSSES.validate(checked["loss"], f"{where}.{name}.loss")
-        out[name] = {**checked, **own}
-    return out
-
-
 def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConfig:
     """Check every section of ``raw`` (a plain-dict config) and return the typed config.
 
@@ -155,10 +54,10 @@ def validate_config(raw: dict[str, Any] | RunConfig, where: str = "") -> RunConf
     if moved:
         raise ConfigError(f"{prefix}data.{moved[0]}: moved to {prefix}transform.{moved[0]} (the data section says "
                           "what to read, the transform section how images are resized and augmented)")
-    data = data_config(raw.pop("data", None) or {}, f"{prefix}data")
-    _validate_components(raw, prefix)
+    raw.setdefault("data", None)  # checked by its format's options class even when left out
+    check_components(RunConfig, raw, where)  # every component section, at any depth, before the typed sections
     try:
-        cfg = RunConfig.model_validate({**raw, "data": data})
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise config_error_from(e, where, RunConfig) from None
     check_numbers(cfg.model_dump(), where)  # again: text such as "inf" became a number in validation

@@ -1,10 +1,10 @@
-"""Retrieval evaluation: VSE++-protocol recall/medr/meanr/rsum (chunked, exact) and label mAP."""
+"""Retrieval evaluation: VSE++-protocol recall/medr/meanr/rsum (chunked, exact), label mAP, and the evaluation
+protocols by name (:data:`EVAL_PROTOCOLS`)."""
 
 from vsekit.eval.metrics import (
-    EXTENDED_PROTOCOLS,
-    LABEL_PROTOCOL,
     METRIC_KEYS,
     PROTOCOLS,
+    BlockScorer,
     EvaluationError,
     label_metrics,
     mean_average_precision,
@@ -13,6 +13,7 @@ from vsekit.eval.metrics import (
     retrieval_metrics,
     retrieval_ranks,
 )
+from vsekit.eval.protocols import EVAL_PROTOCOLS, EvalInputs, get_protocol
 from vsekit.eval.report import (
     format_eccv_table,
     format_label_table,
@@ -22,11 +23,13 @@ from vsekit.eval.report import (
 )
 
 __all__ = [
+    "BlockScorer",
+    "EVAL_PROTOCOLS",
+    "EvalInputs",
     "EvaluationError",
     "METRIC_KEYS",
-    "EXTENDED_PROTOCOLS",
-    "LABEL_PROTOCOL",
     "PROTOCOLS",
+    "get_protocol",
     "label_metrics",
     "format_eccv_table",
     "format_label_table",

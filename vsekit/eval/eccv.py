@@ -38,11 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsekit.eval.metrics import EvaluationError, block_budget
+from vsekit.eval.metrics import ArrayLike, BlockScorer, EvaluationError, Similarity, block_budget, row_inputs
 from vsekit.models.similarity import get_similarity
-
-ArrayLike = np.ndarray | torch.Tensor
-Similarity = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 COCO_5K_IMAGES = 5000
 COCO_5K_CAPTIONS = 25000
@@ -294,7 +291,10 @@ def _scorers(similarity: Similarity, dtype: torch.dtype) -> tuple[Callable, Call
     """(image rows vs all captions, caption rows vs all images) score functions."""
     if similarity == "cosine":  # inner product: the encoders L2-normalise (vsekit.models.similarity)
         return (lambda q, g: q @ g.t()), (lambda q, g: q @ g.t())
-    fn = similarity if callable(similarity) else get_similarity(similarity)
+    if isinstance(similarity, BlockScorer):
+        fn = similarity.on_rows
+    else:
+        fn = similarity if callable(similarity) else get_similarity(similarity)
 
     def i2t(img: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
         return _checked(fn(img, caps), (img.shape[0], caps.shape[0]), dtype)
@@ -390,6 +390,7 @@ def eccv_metrics(
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
         raise EvaluationError(f"ks must be positive integers, got {ks}")
+    image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     ipos = _positions(_as_int_ids(image_cocoids, "image_cocoids"), ann.image_ids, "images")
     cpos = _positions(_as_int_ids(caption_ids, "caption_ids"), ann.caption_ids, "captions")
     if device is not None:
@@ -398,8 +399,8 @@ def eccv_metrics(
         dev = next((x.device for x in (image_emb, caption_emb) if isinstance(x, torch.Tensor)), torch.device("cpu"))
     dtype = torch.float64 if any(x.dtype in (np.float64, torch.float64) for x in (image_emb, caption_emb)) \
         else torch.float32
-    img = _tensor(image_emb, "image_emb", dev, dtype)
-    cap = _tensor(caption_emb, "caption_emb", dev, dtype)
+    img = _tensor(image_emb, "image_emb", dev, rows_dtype or dtype)
+    cap = _tensor(caption_emb, "caption_emb", dev, rows_dtype or dtype)
     if img.shape[0] != len(ipos) or cap.shape[0] != len(cpos):
         raise EvaluationError(
             f"{img.shape[0]} image rows for {len(ipos)} image ids, {cap.shape[0]} caption rows for {len(cpos)} "

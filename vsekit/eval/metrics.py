@@ -34,15 +34,11 @@ from vsekit.errors import VsekitError
 from vsekit.models.similarity import get_similarity, order_sim
 
 ArrayLike = np.ndarray | torch.Tensor
-Similarity = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 RECALL_AT = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
 METRIC_KEYS = tuple(f"{d}_{m}" for d in DIRECTIONS for m in ("r1", "r5", "r10", "medr", "meanr")) + ("rsum",)
 PROTOCOLS = ("full", "1k5fold")
-LABEL_PROTOCOL = "label_map"  # label relevance (label_metrics) instead of exact pairs
-# COCO 5K with ECCV Caption / CxC positives (vsekit.eval.eccv); plausible matches by LSA (vsekit.eval.semantic)
-EXTENDED_PROTOCOLS = ("eccv", "semantic")
 NUM_FOLDS = 5
 
 # Memory for one score block and its 0/1 hits (1 byte per score on CPU, a score-sized float elsewhere) when
@@ -55,6 +51,52 @@ COCO_1K_FOLD = 1000  # images per fold of the standard COCO 1K protocol (5 folds
 
 class EvaluationError(VsekitError, ValueError):
     """Inputs that cannot be evaluated as asked (shapes, protocol, folds); the CLI prints it in one line."""
+
+
+class BlockScorer:
+    """Scores that are no function of two embeddings (a similarity network over stored local sets):
+    ``scorer(image_rows (R,), caption_rows (C,)) -> (R, C)`` for blocks of row numbers (int64 tensors on the
+    evaluation's device) out of ``num_images`` x ``num_captions``. Given as ``similarity`` with None for both
+    embeddings. Its calls have one fixed shape like any similarity's (a short block is padded with row 0), and
+    a pair must score the same whatever other pairs share the call."""
+
+    num_images: int
+    num_captions: int
+
+    def __call__(self, image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_rows(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """The scorer on the (R, 1) and (C, 1) row-number blocks the metrics cut (:func:`row_inputs`)."""
+        return self(images[:, 0], captions[:, 0])
+
+    def captions_at(self, rows: np.ndarray) -> BlockScorer:
+        """The same scores for the captions at ``rows`` only, renumbered 0..len(rows)-1."""
+        return _CaptionSubset(self, rows)
+
+
+class _CaptionSubset(BlockScorer):
+    def __init__(self, scorer: BlockScorer, rows: np.ndarray) -> None:
+        self.scorer, self.rows = scorer, torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        self.num_images, self.num_captions = scorer.num_images, len(self.rows)
+
+    def __call__(self, image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
+        return self.scorer(image_rows, self.rows.to(caption_rows.device)[caption_rows])
+
+
+Similarity = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | BlockScorer
+
+
+def row_inputs(image_emb: ArrayLike | None, caption_emb: ArrayLike | None,
+               similarity: Similarity) -> tuple[ArrayLike, ArrayLike, torch.dtype | None]:
+    """What the metrics cut into blocks: the embeddings, or a :class:`BlockScorer`'s row numbers as (n, 1)
+    int64 tensors; and the dtype the blocks keep (int64 for row numbers, None: the computation's)."""
+    if not isinstance(similarity, BlockScorer):
+        return image_emb, caption_emb, None
+    if image_emb is not None or caption_emb is not None:
+        raise EvaluationError("a BlockScorer scores the rows it holds: pass None for image_emb and caption_emb")
+    rows = (torch.arange(similarity.num_images)[:, None], torch.arange(similarity.num_captions)[:, None])
+    return *rows, torch.int64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +279,8 @@ def _captions_per_image(c2i: np.ndarray, n: int) -> int | None:
 
 
 def _resolve_similarity(similarity: Similarity, block: tuple[int, int], dim: int) -> Callable:
+    if isinstance(similarity, BlockScorer):
+        return similarity.on_rows
     if callable(similarity):
         return similarity
     if similarity == "cosine":
@@ -353,8 +397,8 @@ def _ranks(
     R, C = _block_shape(n, m, chunk_size, device, torch.empty((), dtype=dtype).element_size(),
                         _captions_per_image(c2i, n))
     score = _Scorer(_resolve_similarity(similarity, (R, C), dim), (R, C), device, dtype)
-    img_buf = torch.zeros((R, dim), device=device, dtype=dtype)
-    cap_buf = torch.zeros((C, dim), device=device, dtype=dtype)
+    img_buf = torch.zeros((R, dim), device=device, dtype=images.dtype)
+    cap_buf = torch.zeros((C, dim), device=device, dtype=captions.dtype)
     owner = torch.as_tensor(c2i, device=device)
 
     neg_inf = torch.tensor(-math.inf, device=device, dtype=dtype)
@@ -473,7 +517,7 @@ def retrieval_ranks(
 
     ``similarity``: "cosine" (inner product; embeddings are expected L2-normalised), "order" (VSE++
     order-violation, ``order_sim``), another registered name, or a callable ``(images (R, D), captions
-    (C, D)) -> (R, C)`` that is deterministic per pair.
+    (C, D)) -> (R, C)`` that is deterministic per pair, or a :class:`BlockScorer` (embeddings None).
 
     Memory: blocks of R images x C captions (``chunk_size`` int = square, or (R, C); default: the
     shape that ``BLOCK_BUDGET`` holds, 64 MiB of scores and hits on CPU, 512 MiB elsewhere, in the inputs'
@@ -484,12 +528,13 @@ def retrieval_ranks(
     converted block by block. Computation is float32 (float64 if an input is float64) on ``device``
     (default: the tensor inputs' device, else CPU).
     """
+    image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
     dev = _pick_device(device, image_emb, caption_emb)
     dtype = _compute_dtype(image_emb, caption_emb)
     return _ranks(
-        _Rows(image_emb, None, dev, dtype),
-        _Rows(caption_emb, None, dev, dtype),
+        _Rows(image_emb, None, dev, rows_dtype or dtype),
+        _Rows(caption_emb, None, dev, rows_dtype or dtype),
         c2i,
         similarity,
         chunk_size,
@@ -565,6 +610,7 @@ def retrieval_metrics(
     """
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
     dev = _pick_device(device, image_emb, caption_emb)
     dtype = _compute_dtype(image_emb, caption_emb)
@@ -593,8 +639,8 @@ def retrieval_metrics(
     folds = []
     for img_rows, cap_rows, owner in parts:
         i2t, t2i = _ranks(
-            _Rows(image_emb, img_rows, dev, dtype),
-            _Rows(caption_emb, cap_rows, dev, dtype),
+            _Rows(image_emb, img_rows, dev, rows_dtype or dtype),
+            _Rows(caption_emb, cap_rows, dev, rows_dtype or dtype),
             owner,
             similarity,
             chunk_size,

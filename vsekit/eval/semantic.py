@@ -43,6 +43,7 @@ from vsekit.eval.metrics import (
     _is_real,
     _resolve_similarity,
     block_budget,
+    row_inputs,
 )
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -244,6 +245,7 @@ def semantic_metrics(
     relevance flags with L <= max(max_r, max K). The embeddings and LSA vectors are held whole as CPU
     tensors (float32, float64 if an input is float64). CPU only.
     """
+    image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     c2i = _check_inputs(image_emb, caption_emb, caption_to_image)
     n, m = int(image_emb.shape[0]), int(caption_emb.shape[0])
     ts, k_list = _check_semantic_inputs(caption_vectors, m, thresholds, ks, max_r)
@@ -252,7 +254,7 @@ def semantic_metrics(
     names = [_threshold_name(t) for t in ts] + [EXACT]
 
     dtype = _compute_dtype(image_emb, caption_emb)
-    images, captions = _tensor(image_emb, dtype), _tensor(caption_emb, dtype)
+    images, captions = _tensor(image_emb, rows_dtype or dtype), _tensor(caption_emb, rows_dtype or dtype)
     lsa_dtype = _compute_dtype(caption_vectors)
     lsa = _tensor(caption_vectors, lsa_dtype)
     if not bool(torch.isfinite(lsa).all()):

@@ -135,18 +135,15 @@ def _encode_any(embedder, corpus: Corpus, rows: Sequence[int], caption_index: Se
     Under torchrun each process encodes a contiguous block of the images and one of the captions
     (:func:`~vsekit.utils.distributed.map_blocks`); rank 0 gets them all, in order, the others (None, None, {})."""
     learned = embedder.learned_similarity
-    opts = {"batch_size": batch_size, "progress": progress, **({"dtype": dtype} if learned else {})}
+    opts = {"batch_size": batch_size, "progress": progress, "parts": learned, "dtype": dtype}
 
     def images(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        if learned:
-            return embedder.encode_corpus_image_parts(corpus, rows=block, **opts)
-        return embedder.encode_corpus_images(corpus, rows=block, **opts), None
+        out = embedder.encode_images(corpus, rows=block, **opts)
+        return out if learned else (out, None)
 
     def captions(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        texts = [corpus.captions[j] for j in block]
-        if learned:
-            return embedder.encode_caption_parts(texts, **opts)
-        return embedder.encode_captions(texts, **opts), None
+        out = embedder.encode_texts([corpus.captions[j] for j in block], **opts)
+        return out if learned else (out, None)
 
     img, img_sets = distributed.map_blocks(images, rows, _join_blocks) or (None, None)
     cap, cap_sets = (None, None)

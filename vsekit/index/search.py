@@ -324,12 +324,9 @@ class SearchIndex:
         if known is not None and not self.embedder.reads_text_features and known(query) == 0:
             raise NoKnownWordsError("the query has no known words (only punctuation, unknown words or invisible "
                                     "characters); search with words of the captions the model was trained on")
-        sets = None
         with self._model_lock:
-            if self.learned:
-                q, sets = self.embedder.encode_caption_parts([query])
-            else:
-                q = self.embedder.encode_captions([query])
+            q = self.embedder.encode_texts([query], parts=self.learned)
+        q, sets = q if self.learned else (q, None)
         return self.search_vectors(q, "captions", target, k, query_sets=sets)[0]
 
     def search_image(self, image, k: int = 10, target: str = "captions", *,
@@ -347,34 +344,16 @@ class SearchIndex:
                 self.check_image_size(*size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             image = load_rgb(image, exif_transpose=True)
         self.check_image_size(*image.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
-        if self.learned:
-            q, sets = self._embed_image_parts(image)
-            return self.search_vectors(q, "images", target, k, query_sets=sets)[0]
-        return self.search_vectors(self.embed_image(image), "images", target, k)[0]
+        out = self.embed_image(image, parts=self.learned)
+        q, sets = out if self.learned else (out, None)
+        return self.search_vectors(q, "images", target, k, query_sets=sets)[0]
 
-    def embed_image(self, image) -> np.ndarray:
-        """(1, D) embedding of a PIL image (already checked with :meth:`check_image_size`). The transform runs
-        outside the model lock, which guards only the forward pass."""
+    def embed_image(self, image, *, parts: bool = False):
+        """(1, D) embedding of a PIL image (already checked with :meth:`check_image_size`); with ``parts``,
+        also its local set (the rerank of a similarity network). The transform runs outside the model lock,
+        which guards only the forward pass."""
         self._check_can_embed()
-        if getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        batch = self.embedder.eval_transform()(image).unsqueeze(0)
-        with self._model_lock, torch.no_grad():
-            out = self.embedder.model.encode_images(batch.to(self.embedder.device))
-        return out.float().cpu().numpy()
-
-    def _embed_image_parts(self, image):
-        """(1, D) embedding and local set of a PIL image, for the rerank of a similarity network."""
-        from vsekit.models.local_sets import LocalSetsWriter
-
-        if getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        batch = self.embedder.eval_transform()(image).unsqueeze(0)
-        with self._model_lock, torch.no_grad():
-            emb, ctx = self.embedder.model.encode_image_parts(batch.to(self.embedder.device))
-        writer = LocalSetsWriter()
-        writer.append(ctx, torch.full((1,), ctx.shape[1], dtype=torch.long))
-        return emb.float().cpu().numpy(), writer.finish()
+        return self.embedder.encode_images([image], parts=parts, lock=self._model_lock)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) the model's eval transform resizes a ``width`` x ``height`` image to, before

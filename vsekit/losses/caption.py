@@ -61,7 +61,8 @@ class CaptionTerm(ObjectiveTerm):
     same before its L2 normalisation, ``context`` the mean of the encoder's (B, R, D) regions (VSRN).
     ``attention: true`` lets the decoder attend to those regions at every step. ``image_dim`` and
     ``context_dim`` say how wide they are when it is not ``embed_size``. ``detach_image: true`` keeps the
-    decoder's gradients out of the image encoder (GXN and VSRN let them in).
+    decoder's gradients out of the image encoder (GXN and VSRN let them in). ``image_norm: batch`` standardises
+    the image vector over the batch before the decoder reads it (:class:`CaptionDecoder`; the GXN recipes).
 
     **Requirements.** Token captions (not precomputed text features); for SCST, the training corpus (the
     trainer passes it). Options ``mode``, ``scst_samples`` and ``temperature`` may change per training stage.
@@ -83,7 +84,7 @@ class CaptionTerm(ObjectiveTerm):
                  word_dim: int = 300, cell: Literal["lstm", "gru"] = "lstm", attention: bool = False,
                  inject: Literal["init", "step", "both"] = "init", dropout: float = 0.0, max_len: int = 20,
                  mode: Literal["xe", "scst"] = "xe", scst_samples: int = 1, temperature: float = 1.0,
-                 detach_image: bool = False) -> None:
+                 detach_image: bool = False, image_norm: Literal["none", "batch"] = "none") -> None:
         super().__init__()
         if vocab is None:
             raise ConfigError(f"{WHERE}: needs the run's vocabulary (captions as words)")
@@ -91,6 +92,8 @@ class CaptionTerm(ObjectiveTerm):
                             ("word_dim", word_dim)):
             if value < 1:
                 raise ConfigError(f"{WHERE}.{name}: must be >= 1, got {value}")
+        if image_norm not in ("none", "batch"):
+            raise ConfigError(f"{WHERE}.image_norm: 'none' or 'batch', got {image_norm!r}")
         if temperature <= 0:
             raise ConfigError(f"{WHERE}.temperature: must be > 0, got {temperature}")
         if not 0.0 <= dropout < 1.0:
@@ -104,7 +107,7 @@ class CaptionTerm(ObjectiveTerm):
         self.decoder = CaptionDecoder(len(vocab), int(image_dim or embed_size), hidden=hidden, word_dim=word_dim,
                                       cell=cell, context_dim=ctx_dim if attention else None, inject=inject,
                                       dropout=dropout, start_id=vocab.start_id, end_id=vocab.end_id,
-                                      pad_id=vocab.pad_id)
+                                      pad_id=vocab.pad_id, image_norm=image_norm)
         self._reward: CiderD | None = None
 
     # -- the image side --------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from torch import Tensor
 
@@ -13,6 +13,7 @@ from vsekit.losses.base import LOSSES, RankingLoss
 from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 from vsekit.models.similarity import SIMILARITIES
 from vsekit.models.twolevel import level_similarities
+from vsekit.registry import Component
 
 
 @OBJECTIVE_TERMS.register("level_ranking")
@@ -31,10 +32,10 @@ class LevelRankingLoss(ObjectiveTerm):
     """
 
     def __init__(self, embed_size: int, vocab: Any = None, corpus: Any = None, feature_shape: Any = None,
-                 loss: dict[str, Any] | None = None, similarity: str = "order", levels: int = 2) -> None:
+                 loss: Annotated[dict[str, Any] | None, Component(LOSSES, default="hinge")] = None,
+                 similarity: str = "order", levels: int = 2) -> None:
         super().__init__()
-        spec = dict(loss or {"name": "hinge", "margin": 0.05, "reduction": "max"})
-        spec = LOSSES.validate(spec, "objective.terms.level_ranking.loss")
+        spec = loss or {"name": "hinge", "margin": 0.05, "reduction": "max"}  # validated with the config
         if similarity not in SIMILARITIES:
             raise ConfigError(f"objective.terms.level_ranking.similarity: unknown similarity {similarity!r}")
         if levels < 1:

@@ -170,13 +170,21 @@ class CaptionDecoder(nn.Module):
     LSTM's cell state ``c0 = W' v``), ``"step"`` the input of every step (``W'' v`` beside the word
     embedding; the state starts at zero), ``"both"``. Attention is additive (Bahdanau et al.): region r gets
     weight softmax_r(w · tanh(K c_r + Q h_{t-1})), and the weighted regions are part of the step's input.
+
+    ``image_norm``: ``"batch"`` standardises each coordinate of the image vector over the batch (batch norm
+    without affine parameters; running statistics in eval mode) before it enters. An order embedding is a
+    non-negative unit vector in a narrow cone (mean pairwise cosine 0.84 over the demo's test images): read as
+    it is, its common direction moves the state and the part that tells images apart is a small residual.
     """
 
     def __init__(self, vocab_size: int, image_dim: int, hidden: int = 512, word_dim: int = 300,
                  cell: Literal["lstm", "gru"] = "lstm", context_dim: int | None = None,
                  attention_dim: int | None = None, inject: Literal["init", "step", "both"] = "init",
-                 dropout: float = 0.0, start_id: int = 1, end_id: int = 2, pad_id: int = 0) -> None:
+                 dropout: float = 0.0, start_id: int = 1, end_id: int = 2, pad_id: int = 0,
+                 image_norm: Literal["none", "batch"] = "none") -> None:
         super().__init__()
+        if image_norm not in ("none", "batch"):
+            raise ValueError(f"image_norm must be 'none' or 'batch', got {image_norm!r}")
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if inject not in ("init", "step", "both"):
@@ -191,6 +199,8 @@ class CaptionDecoder(nn.Module):
         self.cell_type, self.inject = cell, inject
         self.start_id, self.end_id, self.pad_id = start_id, end_id, pad_id
         self.context_dim = int(context_dim) if context_dim else None
+        if image_norm == "batch":
+            self.image_norm = nn.BatchNorm1d(image_dim, affine=False)
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=pad_id)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         in_dim = word_dim
@@ -222,6 +232,8 @@ class CaptionDecoder(nn.Module):
         if image.dim() != 2 or image.shape[1] != self.image_dim:
             raise ValueError(f"the decoder reads (B, {self.image_dim}) image vectors, got {tuple(image.shape)}")
         b = image.shape[0]
+        if hasattr(self, "image_norm"):
+            image = self.image_norm(image)
         state: State = {}
         if self.inject in ("init", "both"):
             init = self.init_state(image)

@@ -10,7 +10,7 @@ pair by the sum of the two levels' order-violation similarities, ``s = s_h + s_l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
@@ -20,6 +20,7 @@ from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
 from vsekit.models.text import TEXT_ENCODERS
+from vsekit.registry import Component
 
 
 def split_levels(x: torch.Tensor, levels: int = 2) -> list[torch.Tensor]:
@@ -37,12 +38,10 @@ def _finish_levels(x: torch.Tensor, no_norm: bool, use_abs: bool) -> torch.Tenso
     return out.abs() if use_abs else out
 
 
-def _inner_spec(registry, spec: Any, where: str) -> dict[str, Any]:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ConfigError(f"{where}: expected the spec of an encoder, e.g. {{name: gru}}, got {spec!r}")
-    if spec["name"] == "two_level":
+def _inner_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:  # validated with the config: a component
+    if spec.get("name") == "two_level":
         raise ConfigError(f"{where}.name: a two-level encoder cannot hold another two-level encoder")
-    return registry.validate(spec, where)
+    return spec
 
 
 @IMAGE_ENCODERS.register("two_level")
@@ -56,10 +55,11 @@ class TwoLevelImageEncoder(Encoder):
 
     levels = 2  # the embedding is [high | low]
 
-    def __init__(self, encoder: dict[str, Any], embed_size: int = 1024, img_dim: int | None = None,
-                 num_regions: int | None = None, no_imgnorm: bool = False, use_abs: bool = True) -> None:
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(IMAGE_ENCODERS)], embed_size: int = 1024,
+                 img_dim: int | None = None, num_regions: int | None = None, no_imgnorm: bool = False,
+                 use_abs: bool = True) -> None:
         super().__init__()
-        spec = _inner_spec(IMAGE_ENCODERS, encoder, "model.image_encoder.encoder")  # its finish is not used
+        spec = _inner_spec(encoder, "model.image_encoder.encoder")  # its finish is not used
         extra = {}
         if IMAGE_ENCODERS.get(spec["name"]).reads_features:
             if img_dim is None:
@@ -96,10 +96,10 @@ class TwoLevelTextEncoder(Encoder):
 
     levels = 2
 
-    def __init__(self, encoder: dict[str, Any], vocab_size: int, embed_size: int = 1024,
-                 itos: list[str] | None = None, use_abs: bool = True) -> None:
+    def __init__(self, encoder: Annotated[dict[str, Any], Component(TEXT_ENCODERS)], vocab_size: int,
+                 embed_size: int = 1024, itos: list[str] | None = None, use_abs: bool = True) -> None:
         super().__init__()
-        spec = _inner_spec(TEXT_ENCODERS, encoder, "model.text_encoder.encoder")
+        spec = _inner_spec(encoder, "model.text_encoder.encoder")
         if TEXT_ENCODERS.get(spec["name"]).reads_features:
             raise ConfigError("model.text_encoder.encoder: a two-level text encoder reads words")
         self.high = TEXT_ENCODERS.build(spec, vocab_size=vocab_size, embed_size=embed_size, itos=itos)

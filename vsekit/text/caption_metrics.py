@@ -298,3 +298,11 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
     (cand_ids, ref_ids), _ = index_words(cand, refs)
     cider, _ = cider_d(cand_ids, ref_ids)
     return {**{f"bleu{k + 1}": b for k, b in enumerate(bleus)}, "cider_d": cider}
+
+
+def distinct_share(captions: Sequence[str]) -> float:
+    """The share of distinct captions among ``captions`` (after vsekit's tokenizer): 1 / N for a decoder that
+    writes one caption for every image, 1 when every image gets its own."""
+    if not captions:
+        raise ValueError("distinct_share: no captions")
+    return len({tuple(tokenize(c)) for c in captions}) / len(captions)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -104,8 +105,9 @@ class OptimizerSet:
     checkpoint's ``optimizer``, ``scheduler``, ``scaler``, ``aux_optimizers`` and ``stage`` entries."""
 
     def __init__(self, model: nn.Module, loss: nn.Module, objective: Objective, plan: StagePlan,
-                 device: torch.device, amp: bool, state: dict[str, Any] | None = None) -> None:
-        self.model, self.objective, self.plan, self.device, self.amp = model, objective, plan, device, amp
+                 device: torch.device, amp: bool, cpu_bf16: bool = False, state: dict[str, Any] | None = None) -> None:
+        self.model, self.objective, self.plan, self.amp = model, objective, plan, amp
+        self.autocast = _autocast(device, amp, cpu_bf16)  # the step's forward runs in it
         # one parameter set (named as optim.lr_mult and train.freeze name them) for the optimizer, gradient
         # clipping and freezing
         self.trainable = _ModelAndLoss(model, loss, objective.terms)
@@ -195,7 +197,7 @@ class OptimizerSet:
             return parts
         frozen = detached(out)
         for a in active:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with self.autocast():
                 value = a.update.loss(frozen, batch)
             extra: dict[str, torch.Tensor] = {}
             if isinstance(value, tuple):  # (loss, {extra numbers to log})
@@ -270,6 +272,17 @@ class OptimizerSet:
             a.optimizer.load_state_dict(saved["optimizer"])
             a.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def _autocast(device: torch.device, amp: bool, cpu_bf16: bool) -> Callable[[], Any]:
+    """The step's autocast context: float16 on CUDA with ``train.amp``, bfloat16 on a CPU with
+    ``train.cpu_bf16`` (no scaler needed: bfloat16 has float32's range), else none."""
+    if device.type == "cpu" and cpu_bf16:
+        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("train.cpu_bf16: this CPU has no bfloat16 instructions; autocast will emulate them and "
+                        "run slower than float32")
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device.type, dtype=torch.float16, enabled=amp)
 
 
 class _ModelAndLoss(torch.nn.Module):

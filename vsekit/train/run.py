@@ -15,12 +15,11 @@ from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, TextSource
 from vsekit.data.sources import load_split
 from vsekit.errors import ConfigError, first_line
+from vsekit.inference import caption_encoder
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
-from vsekit.models.base import caption_tokenizer
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
-from vsekit.text.encoding import CaptionEncoder
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
@@ -147,8 +146,7 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
             objective.needs_caption_vectors:
         vectors = caption_vectors(cfg, train_corpus)
 
-    # e.g. BERT's word pieces in place of the vocabulary; text.max_len, and text.max_tokens with a warning
-    encode = CaptionEncoder(vocab, caption_tokenizer(model.text_encoder), cfg.text.max_len, cfg.text.max_tokens)
+    encode = caption_encoder(vocab, model, cfg.text)  # the tokenizer of inference too
     if encode.hook is not None and len(train_corpus.captions):
         encode(train_corpus.captions[0])  # a missing tokenizer fails here, not in a loader worker
 

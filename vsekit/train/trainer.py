@@ -79,7 +79,8 @@ class Trainer:
         self.local_batch_size = tcfg.batch_size // self.world.size
         run.shard(self.world, self.local_batch_size)
         self.optim = OptimizerSet(self.model, self.loss_fn, self.objective, self.plan, self.device,
-                                  amp=tcfg.amp and self.device.type == "cuda", state=resume_state)
+                                  amp=tcfg.amp and self.device.type == "cuda", cpu_bf16=tcfg.cpu_bf16,
+                                  state=resume_state)
 
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.epoch_loss_sum = 0.0
@@ -167,7 +168,7 @@ class Trainer:
         """From a batch to its loss: the embeddings, the auxiliary parts' own steps (a discriminator's), and the
         objective on the global batch, as one process would compute it."""
         dev = self.device
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.optim.amp):
+        with self.optim.autocast():
             batch = self.objective.prepare(self.model, batch, self.optim.train_mode)  # e.g. mined negatives
             neg = batch.negatives
             out = self.model.embed(batch.images, batch.text, text_to(neg.text, dev) if neg else None)

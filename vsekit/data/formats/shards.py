@@ -32,12 +32,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +76,9 @@ _LINK_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link
 # -- finding the shards -----------------------------------------------------------------------------------
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar``; ``{x,y}`` alternatives (webdataset's
-    notation). Ranges keep the width of their first bound; at most :data:`MAX_SHARDS` names."""
+    notation). Ranges keep the width of their first bound; at most :data:`MAX_SHARDS` names, a range counted
+    before its names are made (``braceexpand``, webdataset's, builds a whole range first: ``{0..10**12}`` fills
+    memory)."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
@@ -126,11 +129,7 @@ def find_shards(path: str | Path, split: str) -> tuple[list[Path], Path | None]:
 
 # -- the index --------------------------------------------------------------------------------------------
 def _stamp(files: Sequence[Path]) -> list[list[Any]]:
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([f.name, st.st_size, st.st_mtime_ns])
-    return out
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
 
 
 def _read_index(path: Path, files: Sequence[Path]) -> dict[str, Any] | None:
@@ -179,15 +178,29 @@ def _split_name(member: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _check_member(shard: Path, m: tarfile.TarInfo) -> None:
-    """Refuse a member whose name leaves the shard, or that is not a plain file or folder (links, devices,
-    FIFOs, sparse files, whose data is not one contiguous run at its offset)."""
+def _check_member(shard: Path, m: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``m``, unless its name leaves the shard or it is not a plain file or folder (links, devices, FIFOs,
+    sparse files, whose data is not one contiguous run at its offset)."""
     check_member_name(shard, m.name)
     kind = _LINK_KINDS.get(m.type) or ("a sparse file" if m.issparse() else None)
     if kind is None and not (m.isfile() or m.isdir()):
         kind = f"of tar type {m.type!r}"
     if kind:
         raise DataError(f"{shard}: member {m.name[:200]!r} is {kind}; shards hold plain files only")
+    return m
+
+
+def _samples(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) per sample of a shard: its consecutive files of one key, as webdataset
+    groups them."""
+    named = ((n, m) for m in tf if _check_member(path, m).isfile() and (n := _split_name(m.name)))
+    for key, group in itertools.groupby(named, key=lambda nm: nm[0][0]):
+        sample: dict[str, tarfile.TarInfo] = {}
+        for (_, ext), m in group:
+            if ext in sample:
+                raise DataError(f"{path}: {m.name}: a second {ext!r} member in sample {key!r}")
+            sample[ext] = m
+        yield key, sample
 
 
 def build_index(files: Sequence[Path]) -> dict[str, Any]:
@@ -201,22 +214,8 @@ def build_index(files: Sequence[Path]) -> dict[str, Any]:
             raise DataError(f"{path}: not an uncompressed tar file ({e}); shards are read by byte offset, "
                             "so they cannot be compressed") from None
         with tf:
-            sample: dict[str, tarfile.TarInfo] = {}
-            key = None
             try:
-                for m in tf:
-                    _check_member(path, m)
-                    name = _split_name(m.name) if m.isfile() else None
-                    if name is None:
-                        continue
-                    if name[0] != key:
-                        if key is not None:
-                            b.add(tf, path, s, key, sample)
-                        key, sample = name[0], {}
-                    if name[1] in sample:
-                        raise DataError(f"{path}: {m.name}: a second {name[1]!r} member in sample {key!r}")
-                    sample[name[1]] = m
-                if key is not None:
+                for key, sample in _samples(tf, path):
                     b.add(tf, path, s, key, sample)
             except tarfile.TarError as e:
                 raise DataError(f"{path}: damaged tar file ({e})") from None
@@ -251,16 +250,10 @@ class _IndexBuilder:
         if kind == "features":
             header = self._check_npy(path, data, f"{path}: {data.name}")
         meta = self._meta(tf, sample, where)
-        c = self.cols
-        c["shard"].append(shard)
-        c["member"].append(data.name)
-        c["offset"].append(data.offset_data)
-        c["size"].append(data.size)
-        c["header"].append(header)
-        c["image_id"].append(meta["image_id"] if meta.get("image_id") is not None else key)
-        c["captions"].append(meta["captions"])
-        c["caption_ids"].append(meta.get("caption_ids"))
-        c["label"].append(meta.get("label"))
+        meta["image_id"] = key if meta["image_id"] is None else meta["image_id"]
+        row = {"shard": shard, "member": data.name, "offset": data.offset_data, "size": data.size, "header": header}
+        for k, v in {**row, **meta}.items():
+            self.cols[k].append(v)
 
     def _check_npy(self, path: Path, m: tarfile.TarInfo, where: str) -> int:
         raw = read_member(path, m.offset_data, m.size, m.name)
