@@ -109,7 +109,7 @@ def step_overhead(overrides: list[str], steps: int, out: Path) -> dict:
         trainers[name] = Trainer(cfg)
     first = next(iter(trainers.values()))
     batches = []
-    for b in first._loader():
+    for b in first.loader():
         batches.append(b)
         if len(batches) == steps:
             break

@@ -74,9 +74,9 @@ def bare_step(tr: Trainer, batch: dict) -> None:
     b = batch.to(tr.device)
     out = tr.model.embed(b.images, b.text)
     loss = tr.loss_fn(out.sim, b.image_ids)
-    tr.optimizer.zero_grad(set_to_none=True)
+    tr.optim.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    tr.optimizer.step()
+    tr.optim.optimizer.step()
 
 
 def timed(fn) -> float:
@@ -93,7 +93,7 @@ def loop(tr: Trainer, workers: int) -> None:
 
 def speed(args: argparse.Namespace, tr: Trainer, cached: Trainer | None) -> dict:
     n_pairs = args.steps * args.batch
-    batches = list(b for _, b in zip(range(args.steps), tr._loader()))
+    batches = list(b for _, b in zip(range(args.steps), tr.loader()))
     arms = {"bare": lambda: [bare_step(tr, b) for b in batches], "step": lambda: [tr.train_step(b) for b in batches],
             "loop/w0": lambda: loop(tr, 0)}
     if cached is not None:

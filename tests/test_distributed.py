@@ -90,6 +90,18 @@ def test_two_processes_of_b_equal_one_process_of_2b(tmp_path, cache, loss):
 
 
 @pytest.mark.slow
+def test_stages_and_objective_terms_on_two_processes_equal_one_process(tmp_path, cache):
+    # DistributedDataParallel holds the objective's instance classifier, and is rebuilt when a stage unfreezes
+    # the text encoder
+    extra = ["objective.instance.image_weight=1.0", "objective.instance.text_weight=0.5",
+             "objective.instance.dropout=0.0", "train.stages=[{epochs: 1, train: {freeze: [text_encoder]}}, {epochs: 1}]"]
+    _run(1, _overrides(tmp_path / "one", "hinge", *extra))
+    _run(2, _overrides(tmp_path / "two", "hinge", *extra))
+    _assert_same_weights(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
+    assert "objective" in load_checkpoint(tmp_path / "two" / "last.pt")
+
+
+@pytest.mark.slow
 def test_resume_with_another_number_of_processes(tmp_path, cache):
     _run(1, _overrides(tmp_path / "whole", "lseh"))
     _run(2, _overrides(tmp_path / "changed", "lseh", "train.epochs=1"))  # 2 processes, then "killed"

@@ -184,9 +184,9 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _stage_two_trains_the_cnn(t, backbone, batches, before):
     """Stage II: the CNN is unfrozen at half the learning rate, the ranking term joins, and its weights move."""
-    t._apply_stage(1)
+    t.optim.apply_stage(1)
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())
-    assert {g["lr_mult"] for g in t.optimizer.param_groups} == {0.5, 1.0}
+    assert {g["lr_mult"] for g in t.optim.optimizer.param_groups} == {0.5, 1.0}
     for b in batches:
         t.train_step(b)
     assert set(t.last_parts) == {"instance_image", "instance_text", "mined"}
@@ -202,7 +202,7 @@ def test_stage_one_freezes_the_cnn_and_stage_two_trains_it(tmp_path, cache):
     backbone = t.model.image_encoder.backbone
     before, head_before = _state(backbone), _state(t.model.image_encoder.head)
     assert any("running_mean" in k for k in before)
-    batches = [b for _, b in zip(range(3), t._loader())]
+    batches = [b for _, b in zip(range(3), t.loader())]
     for b in batches:
         t.train_step(b)
     assert not backbone.training and t.model.image_encoder.head.training
@@ -223,11 +223,11 @@ def test_generic_freeze_prefixes_hold_bn_and_unfreeze_in_a_later_stage(tmp_path,
     t = Trainer(cfg)
     blocks, clf = t.model.text_encoder.blocks, t.objective.terms["instance"].classifier
     before, w = _state(blocks), clf.weight.detach().clone()
-    for b in [b for _, b in zip(range(2), t._loader())]:
+    for b in [b for _, b in zip(range(2), t.loader())]:
         t.train_step(b)
     assert not blocks.training and all(torch.equal(before[k], v) for k, v in _state(blocks).items())
     assert torch.equal(w, clf.weight) and not clf.weight.requires_grad
-    t._apply_stage(1)
+    t.optim.apply_stage(1)
     assert blocks.training and clf.weight.requires_grad
     cfg["train"]["stages"][0]["train"] = {"freeze": ["no_such_module"]}
     with pytest.raises(ValueError, match="no_such_module"):
@@ -246,7 +246,7 @@ def test_instance_loss_combines_with_ranking_losses(tmp_path, cache, loss):
         "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false"])
     t = Trainer(cfg)
     assert t.objective.terms["instance"].num_classes == t.train_corpus.num_images
-    names = [n for n, _ in t.trainable.named_parameters()]
+    names = [n for n, _ in t.optim.trainable.named_parameters()]
     assert names.count("objective.instance.classifier.weight") == 1
     result = t.fit()
     assert np.isfinite(result["best_rsum"])
@@ -315,7 +315,7 @@ def test_a_timm_cnn_with_the_dualpath_head_is_frozen_in_stage_one_and_trained_in
     assert not enc.normalize_backbone and isinstance(enc.head, torch.nn.Module) and hasattr(enc.head, "bn2")
     backbone = enc.backbone
     before = _state(backbone)
-    batches = [b for _, b in zip(range(2), t._loader())]
+    batches = [b for _, b in zip(range(2), t.loader())]
     for b in batches:
         t.train_step(b)
     assert not backbone.training and all(not p.requires_grad for p in backbone.parameters())

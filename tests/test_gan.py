@@ -260,10 +260,10 @@ def _cfg(out, *extra):
 def test_in_the_trainer_d_has_its_own_optimizer_and_g_is_in_the_main_one(tmp_path, cache):
     t = Trainer(_cfg(tmp_path / "a", f"objective.terms.gan={GAN}"))
     gan = t.objective.terms["gan"]
-    main_ids = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    main_ids = {id(p) for g in t.optim.optimizer.param_groups for p in g["params"]}
     assert not main_ids & {id(p) for p in gan.discriminator.parameters()}
     assert {id(p) for m in (gan.generator, gan.augment) for p in m.parameters()} <= main_ids
-    opt = t.aux["discriminator"].optimizer
+    opt = t.optim.aux["discriminator"].optimizer
     assert opt.param_groups[0]["lr"] == 0.002 and opt.param_groups[0]["betas"] == (0.5, 0.999)
     before = [p.detach().clone() for p in gan.discriminator.parameters()]
     t.fit()
@@ -276,9 +276,9 @@ def test_a_stage_lr_mult_does_not_reach_the_discriminators_optimizer(tmp_path, c
     """The stage's optim.lr_mult names parameters of the model; the discriminator's optimizer is built over
     the stage's optim, and must neither fail on those names nor take their multipliers."""
     t = Trainer(_cfg(tmp_path / "a", f"objective.terms.gan={GAN}", "optim.lr_mult={objective.gan: 0.5}"))
-    assert {g["lr"] for g in t.aux["discriminator"].optimizer.param_groups} == {0.002}
+    assert {g["lr"] for g in t.optim.aux["discriminator"].optimizer.param_groups} == {0.002}
     gen = {id(p) for p in t.objective.terms["gan"].generator.parameters()}
-    assert all(g["lr"] == 5e-4 for g in t.optimizer.param_groups if gen & {id(p) for p in g["params"]})
+    assert all(g["lr"] == 5e-4 for g in t.optim.optimizer.param_groups if gen & {id(p) for p in g["params"]})
 
 
 STAGES = ("train.epochs=3", f"objective.terms.gan={GAN}",
@@ -291,7 +291,7 @@ def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("full")
     full = Trainer(_cfg(out, *STAGES))
     full.fit()
-    assert "discriminator" in full.last_parts and full.stage_index == 1
+    assert "discriminator" in full.last_parts and full.optim.stage == 1
     return load_checkpoint(out / "last.pt")
 
 

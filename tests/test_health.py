@@ -118,7 +118,7 @@ def test_fallback_switches_to_sum_and_lowers_the_lr(tmp_path, cache):
     assert state["monitor"]["sum_until_epoch"] == 2
     # restored on resume
     t2 = Trainer(cfg, resume=True)  # the same config: a resume may not change the schedule
-    assert t2.loss_fn.sum_until_epoch == 2 and len(t2.detector.events) == 1
+    assert t2.loss_fn.sum_until_epoch == 2 and len(t2.health.detector.events) == 1
 
 
 # the loss pinned at its collapse value, the embeddings spread: a suspected collapse, judged by validation
@@ -153,7 +153,7 @@ def test_a_pinned_loss_while_validation_rises_is_a_plateau_not_a_collapse(tmp_pa
     events = [r for r in _records(run) if r["kind"] == "collapse"]
     assert [e["action"] for e in events] == ["none", "none", "none"]  # one suspicion per epoch, each dismissed
     assert events[1]["best_before"] == floor + 1 and events[1]["validation"] == floor + 2
-    assert t.loss_fn.reduction_now("max") == "max" and t._base_lr() == pytest.approx(1e-3)
+    assert t.loss_fn.reduction_now("max") == "max" and t.optim.base_lr() == pytest.approx(1e-3)
 
 
 def test_a_pinned_loss_without_progress_falls_back_after_the_validation(tmp_path, cache):
@@ -182,12 +182,12 @@ def test_a_first_validation_near_chance_confirms_the_collapse(tmp_path, cache):
 def test_a_suspected_collapse_survives_a_resume(tmp_path, cache):
     run = tmp_path / "resume"
     t = Trainer(tiny_cfg(run, *PINNED, "train.epochs=1", "train.max_steps_per_epoch=3"))
-    t.detector.update(1.0, 1.0, 0.1, 0.1)
-    t.detector.pending = {"epoch": 0, "step": 2, "loss": 1.0, "collapse_value": 1.0, "image_mean_cos": 0.1,
+    t.health.detector.update(1.0, 1.0, 0.1, 0.1)
+    t.health.detector.pending = {"epoch": 0, "step": 2, "loss": 1.0, "collapse_value": 1.0, "image_mean_cos": 0.1,
                           "caption_mean_cos": 0.1, "best_before": 12.5}
     t.save("last.pt")
     t2 = Trainer(tiny_cfg(run, *PINNED, "train.epochs=1", "train.max_steps_per_epoch=3"), resume=True)
-    assert t2.detector.pending == t.detector.pending and t2.detector.streak == 1
+    assert t2.health.detector.pending == t.health.detector.pending and t2.health.detector.streak == 1
 
 
 def test_stop_action_saves_and_says_what_to_change(tmp_path, cache, capsys):

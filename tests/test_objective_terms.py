@@ -68,9 +68,9 @@ TERM = ("objective.terms.toy_critic.weight=0.5", "objective.terms.toy_critic.opt
 def test_the_auxiliary_part_has_its_own_optimizer_and_steps(tmp_path, cache):
     t = Trainer(_cfg(tmp_path / "a", *TERM))
     critic = t.objective.terms["toy_critic"].critic
-    main_ids = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    main_ids = {id(p) for g in t.optim.optimizer.param_groups for p in g["params"]}
     assert not main_ids & {id(p) for p in critic.parameters()}
-    aux = t.aux["critic"]
+    aux = t.optim.aux["critic"]
     assert aux.optimizer.param_groups[0]["lr"] == 0.01 and aux.optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     before = [p.detach().clone() for p in critic.parameters()]
     t.fit()
@@ -81,7 +81,7 @@ def test_the_auxiliary_part_has_its_own_optimizer_and_steps(tmp_path, cache):
 
 def test_a_term_at_weight_zero_is_not_built_and_an_unknown_term_is_refused(tmp_path, cache):
     t = Trainer(_cfg(tmp_path / "a", "objective.terms.toy_critic.weight=0"))
-    assert "toy_critic" not in t.objective.terms and not t.aux
+    assert "toy_critic" not in t.objective.terms and not t.optim.aux
     with pytest.raises(ConfigError, match="objective.terms.toy_critik: unknown key: not a registered objective term.*toy_critic"):
         _cfg(tmp_path / "b", "objective.terms.toy_critik.weight=1")
     with pytest.raises(ConfigError, match="objective.terms.toy_critic.hiden"):

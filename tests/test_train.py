@@ -117,7 +117,7 @@ def test_cpu_bf16_runs_the_step_under_bfloat16_autocast(tmp_path, cache):
                               f"train.cpu_bf16={str(bf16).lower()}"))
         linear = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Linear))
         handle = linear.register_forward_hook(spy)
-        batches = [b for _, b in zip(range(2), tr._loader())]
+        batches = [b for _, b in zip(range(2), tr.loader())]
         losses[bf16] = [tr.train_step(b) for b in batches * 4]
         handle.remove()
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in tr.model.parameters())

@@ -25,7 +25,7 @@ from vsekit.train.signals import critical
 log = logging.getLogger("vsekit.train")
 
 LAST, BEST = "last.pt", "best.pt"
-# what Trainer._restore reads (beyond the model, vocab and config every checkpoint has)
+# what Trainer.load_state_dict reads (beyond the model, vocab and config every checkpoint has)
 RESUME_KEYS = ("loss", "optimizer", "scheduler", "scaler", "rng", "epoch", "batches_done", "step", "best_rsum",
                "epoch_loss_sum", "history")
 # vsekit.utils.io.atomic_write's temporary files: tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"), whose
@@ -79,6 +79,21 @@ def check_new_run(folder: str | Path, *, overwrite: bool = False) -> None:
     for name in found:
         (folder / name).unlink()
     log.info("--overwrite: removed %s of the earlier run in %s", ", ".join(found), folder)
+
+
+def prepare_output_dir(out: Path, init_from: str | None, *, resume: bool, overwrite: bool) -> None:
+    """Before anything of a run is built: the output folder exists and can be written (a probe file, so that a
+    read-only folder is said now, not after the first epoch), and a new run does not silently replace an
+    earlier one's checkpoints (:func:`check_new_run`) nor the ``train.init_from`` it starts from."""
+    from vsekit.utils.io import check_writable_dir
+
+    check_writable_dir(out, "output_dir")
+    if not resume:
+        init = Path(init_from) if init_from else None
+        if overwrite and init and init.name in RUN_FILES and init.resolve().parent == out.resolve():
+            raise ConfigError(f"train.init_from {init} lies in output_dir {out}, whose checkpoints a new "
+                              "run replaces: copy it elsewhere first, or choose another output_dir")
+        check_new_run(out, overwrite=overwrite)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -186,6 +201,16 @@ class CheckpointPolicy:
             raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
         state = load_checkpoint(last, require=RESUME_KEYS)
         return state
+
+    def start_states(self, cfg: Any, resume: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The checkpoints a run starts from, before its model is built: ``last.pt`` to resume (under a config
+        ``cfg`` that changes only :data:`RESUMABLE_KEYS`: a changed embed_size would not fit it), else
+        ``train.init_from``'s weights (e.g. VSE++ FT stage 2); None for what it does not have."""
+        if resume:
+            state = self.resume_state()
+            check_resume_config(state["config"], cfg.to_dict(), self.out / LAST, schema=type(cfg))
+            return state, None
+        return None, load_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
 
     def save(self, name: str = LAST) -> Path:
         if not self.writes:

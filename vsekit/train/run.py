@@ -23,6 +23,7 @@ from vsekit.models.weights import restoring_weights
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
+from vsekit.utils.distributed import World
 
 log = logging.getLogger("vsekit.train")
 
@@ -44,6 +45,39 @@ class TrainingRun:
     sampler: EpochSampler
     labels: torch.Tensor | None  # class labels of the training images (row-indexed), when a term needs them
     text_feature_dim: int | None  # size of precomputed text features, when the data ships text as vectors
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights (model, loss, and the objective's terms when it has any) and what rebuilds the model."""
+        state = {"model": self.model.state_dict(), "loss": self.loss_fn.state_dict(), "vocab": self.vocab.to_dict(),
+                 "config": self.cfg.to_dict(), "text_feature_dim": self.text_feature_dim,
+                 "feature_shape": list(self.feature_shape) if self.feature_shape else None}
+        if len(self.objective.terms):  # only runs that use them carry these
+            state["objective"] = self.objective.terms.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if len(self.objective.terms):
+            self.objective.terms.load_state_dict(state["objective"])
+
+    def init_from(self, state: dict[str, Any]) -> None:
+        """Start from a checkpoint's weights (``train.init_from``: e.g. VSE++ FT stage 2)."""
+        self.model.load_state_dict(state["model"])
+        if len(self.objective.terms) and "objective" in state:
+            self.objective.terms.load_state_dict(state["objective"])
+        log.info("initialised the model from %s", state["path"])
+
+    def shard(self, world: World, local_batch_size: int) -> None:
+        """Under torchrun: each process draws its share of every batch, and the objective must allow it."""
+        if not world.distributed:
+            return
+        self.sampler.shard(world.rank, world.size, local_batch_size)
+        self.objective.check_distributed()
+        if self.model.learned_similarity:
+            raise ConfigError("distributed training gathers embeddings across processes; a learned similarity "
+                              "(model.similarity with parameters) needs its encoders' contexts gathered, which "
+                              "vsekit does not do yet: train it in one process")
 
 
 def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:

@@ -1,4 +1,5 @@
-"""Stopping a training run cleanly on SIGTERM and SIGINT (and SIGHUP), and other commands in one line.
+"""Stopping a training run cleanly on SIGTERM and SIGINT (and SIGHUP) or when its time budget is spent, and
+other commands in one line.
 
 SLURM and Kubernetes preempt a job with SIGTERM (and SIGKILL after a grace period); a user stops one with
 Ctrl-C (SIGINT). While :class:`StopSignals` is active, either signal only *asks* the run to stop: the trainer
@@ -25,8 +26,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+
+import torch
+
+from vsekit.utils import distributed
 
 log = logging.getLogger("vsekit.train")
 
@@ -155,6 +161,37 @@ class StopSignals:
             _deferred = True
             return
         raise KeyboardInterrupt
+
+
+def agreed_signal(stop: StopSignals | None, device: torch.device) -> int | None:
+    """The signal that asked the run to stop (None: none); every process of a distributed run agrees on it
+    (the signal may reach only some of them), so that all stop at the same step."""
+    signum = stop.signum if stop is not None else None
+    if distributed.world().distributed:
+        flag = torch.tensor([signum or 0], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item()) or None
+    return signum
+
+
+class TimeBudget:
+    """``train.max_minutes``: the seconds of training in an output folder, earlier (resumed) runs included
+    (:attr:`before`, from the checkpoint); :meth:`spent` stops a run as a signal does, with its state saved."""
+
+    def __init__(self, max_minutes: float | None) -> None:
+        self.max_seconds = max_minutes * 60 if max_minutes is not None else None
+        self.before = 0.0
+        self._t_start = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.before + (time.perf_counter() - self._t_start)
+
+    def spent(self) -> bool:
+        """Whether the budget is spent (rank 0's clock decides for every process)."""
+        if self.max_seconds is None:
+            return False
+        return bool(distributed.broadcast_object(self.elapsed_s >= self.max_seconds))
 
 
 def worker_init(worker_id: int) -> None:

@@ -4,9 +4,10 @@ One process per device. ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_R
 variables); :func:`init_from_env` joins the process group they describe -- NCCL on CUDA, gloo on CPU -- and
 does nothing in a plain single-process run, where every helper here is the identity.
 
-Training gathers the batch's embeddings from every process (:func:`all_gather_with_grad`: the local shard
-keeps its gradient, the others are constants), so that hard negatives are mined over the global batch exactly
-as one process holding the whole batch would, and averages the gradients (:func:`average_gradients`).
+Training gathers the batch's embeddings from every process (:func:`all_gather_with_grad`, autograd-aware), so
+that hard negatives are mined over the global batch exactly as one process holding the whole batch would;
+DistributedDataParallel averages the gradients, overlapping the all-reduce with the backward pass
+(:class:`vsekit.train.optim.OptimizerSet`).
 Encoding for evaluation and indexing is sharded by rows and gathered (:func:`gather_rows`, :func:`map_blocks`);
 what only one process may do (write an index) runs on rank 0 (:func:`run_on_main`), and a failure there, or in
 any process's block, stops every process with an error instead of leaving the others waiting.
@@ -15,8 +16,10 @@ any process's block, stops every process with an error instead of leaving the ot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from vsekit.errors import VsekitError
 
 T = TypeVar("T")
+D = TypeVar("D")
 R = TypeVar("R")
 _alone = 0  # > 0 inside alone(): this process works as if it were the only one
 _joined = False  # True once init_from_env made the process group (shutdown leaves one made by others alone)
@@ -89,44 +93,63 @@ def init_from_env(device_type: str | None = None, timeout_s: float = 1800.0) -> 
     return world()
 
 
-def _gather_parts(x: torch.Tensor, w: World) -> list[torch.Tensor]:
-    """Every process's ``x`` (equal shapes but for dim 0, which may differ: the last batch of an epoch)."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(w.size)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-    rows = [int(n) for n in sizes]
-    pad = max(rows)
-    buf = x.detach().contiguous()
-    if buf.shape[0] < pad:
-        buf = torch.cat([buf, buf.new_zeros((pad - buf.shape[0], *buf.shape[1:]))])
-    parts = [torch.empty_like(buf) for _ in range(w.size)]
-    dist.all_gather(parts, buf)
-    return [p[:n] for p, n in zip(parts, rows)]
+def _row_counts(xs: Sequence[torch.Tensor], w: World) -> list[list[int]]:
+    """Every process's dim-0 size of each of ``xs`` (they may differ: the last batch of an epoch), with one
+    all_gather for all of them."""
+    local = torch.tensor([x.shape[0] for x in xs], dtype=torch.long, device=xs[0].device)
+    sizes = [torch.empty_like(local) for _ in range(w.size)]
+    dist.all_gather(sizes, local)
+    return [[int(s[i]) for s in sizes] for i in range(len(xs))]
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's ``x`` along dim 0, in rank order, for a loss every process computes
-    alike on the global batch. Rows of other processes are constants; this process's rows carry its
-    gradient, multiplied by the number of processes, so that after :func:`average_gradients` every
-    parameter has the one-process gradient: a parameter below the gather (an encoder) collects its share from
-    each process's rows, a parameter above it (a loss's temperature) the same full gradient on every process."""
+def all_gather_with_grad(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``xs`` concatenated over every process along dim 0, in rank order, for a loss every process
+    computes alike on the global batch: one all_gather for the sizes, then one per tensor.
+
+    The gather is autograd-aware (:func:`torch.distributed.nn.functional.all_gather`): its backward gives each
+    process the sum over processes of the gradient for its own rows, i.e. the one-process gradient times the
+    number of processes, which DistributedDataParallel's average turns back into the one-process gradient of
+    a parameter below the gather (an encoder); a parameter above it (a loss's temperature) gets the same full
+    gradient on every process, which the average leaves as it is."""
     w = world()
-    if not w.distributed:
-        return x
-    parts = _gather_parts(x, w)
-    parts[w.rank] = x * w.size - x.detach() * (w.size - 1)  # the value of x, the gradient times the world
-    return torch.cat(parts, 0)
+    if not w.distributed or not xs:
+        return list(xs)
+    from torch.distributed.nn.functional import all_gather as gather_with_grad
+
+    gathered = []
+    for x, rows in zip(xs, _row_counts(xs, w)):
+        pad = max(rows) - x.shape[0]
+        padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+        with warnings.catch_warnings():  # deprecated for a private module; still the public autograd gather
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = gather_with_grad(padded.contiguous())
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, rows)], 0))
+    return gathered
+
+
+def tensor_fields(obj: Any) -> list[torch.Tensor]:
+    """The tensors a dataclass holds that require a gradient."""
+    values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def all_gather_fields(obj: D, skip: tuple[str, ...] = ()) -> D:
+    """A copy of the dataclass ``obj`` with its tensors (one row per example, dim 0) but ``skip`` gathered over
+    processes by :func:`all_gather_with_grad`."""
+    names = [f.name for f in dataclasses.fields(obj)
+             if f.name not in skip and isinstance(getattr(obj, f.name), torch.Tensor)]
+    return dataclasses.replace(obj, **dict(zip(names, all_gather_with_grad(*(getattr(obj, n) for n in names)))))
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's ``x`` (no gradient) along dim 0, in rank order."""
-    w = world()
-    if not w.distributed:
-        return x
-    return torch.cat(_gather_parts(x, w), 0)
+    return all_gather_with_grad(x.detach())[0]
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over processes with one all-reduce of a flat buffer.
+    """Average the gradients of ``params`` over processes with one all-reduce of a flat buffer: for the parts
+    that DistributedDataParallel does not hold (an objective term's discriminator, trained by its own optimizer
+    outside the model's forward).
 
     Parameters without a gradient are skipped; every process must have gradients for the same parameters
     (they run the same graph).
