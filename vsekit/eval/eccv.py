@@ -384,7 +384,7 @@ def eccv_metrics(
     exactly the COCO 5K test sets. Keys, for ``d`` in ``i2t``/``t2i``: ``eccv_{d}_map_at_r``,
     ``eccv_{d}_rprecision``, ``eccv_{d}_r1`` and ``cxc_{d}_r{k}`` for each ``k`` in ``ks``.
     ``chunk_size``: query rows scored per similarity call (default: as many as keep a block of scores
-    and its sorted copy within ``metrics.BLOCK_BUDGET``).
+    and its sorted copy within ``metrics.ROWS_BUDGET``).
     """
     ann = annotations or load_eccv_annotations()
     ks = tuple(int(k) for k in ks)
@@ -410,7 +410,7 @@ def eccv_metrics(
         raise EvaluationError(f"embedding sizes differ: images D={img.shape[1]}, captions D={cap.shape[1]}")
     if chunk_size is None:  # a block of scores (and topk's copy of it) within the evaluation's block budget
         per_row = 2 * img.element_size() * max(img.shape[0], cap.shape[0])
-        chunk_size = max(1, block_budget(dev) // per_row)
+        chunk_size = max(1, block_budget(dev, rows=True) // per_row)
     rows = chunk_size
     if rows < 1:
         raise EvaluationError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -240,7 +240,7 @@ def semantic_metrics(
     (the same numbers without the ``sem@{t}_`` prefix), for plotting against t.
 
     Memory and work: ``chunk_size`` images per block (default: as many as keep the block's |G| x M caption
-    similarities within ``metrics.BLOCK_BUDGET``). Alive per block: that |G| x M block, the block's image -> text and
+    similarities within ``metrics.ROWS_BUDGET``). Alive per block: that |G| x M block, the block's image -> text and
     text -> image score and plausibility blocks (block images x M and |G| x N), and T x queries x L
     relevance flags with L <= max(max_r, max K). The embeddings and LSA vectors are held whole as CPU
     tensors (float32, float64 if an input is float64). CPU only.
@@ -275,7 +275,7 @@ def semantic_metrics(
     if chunk_size is None:
         # the block's caption-caption product (|G| x M) takes the evaluation's block budget
         per_row = lsa.element_size() * m * max(m / n, 1e-9)
-        rows = max(1, int(block_budget(lsa.device) // per_row))
+        rows = max(1, int(block_budget(lsa.device, rows=True) // per_row))
     else:
         rows = int(chunk_size)
         if rows < 1:
