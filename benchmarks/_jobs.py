@@ -83,6 +83,26 @@ def train_keeping_best(cfg: Any) -> tuple[float, str | None]:
     return time.perf_counter() - t0, stopped
 
 
+def cli_train_and_test(args: Sequence[str], out_dir: str) -> tuple[float, dict, list[dict]]:
+    """``vsekit train ARGS output_dir=OUT`` in a subprocess, then its best checkpoint on the test split: (seconds
+    the training took, the test metrics, the run's ``metrics.jsonl`` records)."""
+    import time
+
+    from vsekit.data.sources import load_split
+    from vsekit.inference import Embedder
+
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "vsekit", "train", *args, "train.progress=false", f"output_dir={out_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
+    test = emb.evaluate(load_split(emb.config.data, "test"))
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return wall, test, records
+
+
 def print_result(fn: Callable[..., dict], *args: Any) -> None:
     """Run ``fn(*args, out_dir)`` in a temporary folder and print its result for :func:`run_jobs`."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,14 +11,18 @@ time says what it saves. Both arms of a seed run side by side (one thread each),
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from _jobs import (
+    RESULTS,
+    ROOT,
+    cli_train_and_test,
+    job_commands,
+    mean_sd,
+    print_result,
+    read_results,
+    run_jobs,
+)
 from pretrained_features import pooled_dir
 from real_data import prepare
 
@@ -34,19 +38,8 @@ def data_overrides(recipe: str) -> list[str]:
 
 
 def one_run(recipe: str, bf16: str, seed: int, epochs: int, out_dir: str) -> dict:
-    from vsekit.data.sources import load_split
-    from vsekit.inference import Embedder
-
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "vsekit", "train", recipe, *data_overrides(recipe), f"train.cpu_bf16={bf16}",
-           f"seed={seed}", f"train.epochs={epochs}", "train.progress=false", f"output_dir={out_dir}"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    wall = time.perf_counter() - t0
-    emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
-    test = emb.evaluate(load_split(emb.config.data, "test"))
-    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    wall, test, records = cli_train_and_test([recipe, *data_overrides(recipe), f"train.cpu_bf16={bf16}",
+                                              f"seed={seed}", f"train.epochs={epochs}"], out_dir)
     rates = [r["pairs_per_s"] for r in records if r["kind"] == "train"]
     return {"recipe": recipe, "bf16": bf16 == "true", "seed": seed, "epochs": epochs, "test_rsum": test["rsum"],
             "best_val_rsum": max(r["rsum"] for r in records if r["kind"] == "val"), "wall_s": wall,

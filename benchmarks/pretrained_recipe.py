@@ -20,15 +20,21 @@ split) through the same evaluation code. ``run`` starts one run at a time with `
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _jobs import RESULTS, ROOT, job_commands, mean_sd, print_result, read_results, run_jobs
+from _jobs import (
+    RESULTS,
+    ROOT,
+    cli_train_and_test,
+    job_commands,
+    mean_sd,
+    print_result,
+    read_results,
+    run_jobs,
+)
 from pretrained_features import grid_dir, pooled_dir
 from real_data import render_collection
 
@@ -90,24 +96,14 @@ def one_run(arm: str, collection: str, seed: int, minutes: float, out_dir: str) 
         r = run(pooled_dir(collection), seed=seed, minutes=minutes, dim=PLAIN_DIM)
         return {"arm": arm, "collection": collection, "seed": seed, "minutes": minutes, "dim": PLAIN_DIM, **r,
                 "wall_s": time.perf_counter() - t0, "threads": threads, "features": str(pooled_dir(collection))}
-    from vsekit.data.sources import load_split
-    from vsekit.inference import Embedder
 
     recipe, extra = RECIPE_ARMS[arm]
     if any("GLOVE" in o or "MINILM" in o for o in extra):
         from pretrained_text_check import glove_folder, minilm_folder
 
         extra = [o.replace("GLOVE", str(glove_folder())).replace("MINILM", str(minilm_folder())) for o in extra]
-    cmd = [sys.executable, "-m", "vsekit", "train", recipe, *data_overrides(arm, collection), *extra,
-           f"seed={seed}", f"train.max_minutes={minutes}", "train.epochs=200", "train.progress=false",
-           f"output_dir={out_dir}"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    wall = time.perf_counter() - t0
-    emb = Embedder.from_checkpoint(Path(out_dir) / "best.pt")
-    test = emb.evaluate(load_split(emb.config.data, "test"))
-    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    wall, test, records = cli_train_and_test([recipe, *data_overrides(arm, collection), *extra, f"seed={seed}",
+                                              f"train.max_minutes={minutes}", "train.epochs=200"], out_dir)
     vals = [r["rsum"] for r in records if r["kind"] == "val"]
     return {"arm": arm, "collection": collection, "seed": seed, "minutes": minutes, "test_rsum": test["rsum"],
             "test": test, "best_val_rsum": max(vals), "epochs_run": len(vals), "wall_s": wall, "threads": threads,
