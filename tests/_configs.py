@@ -13,3 +13,15 @@ def tiny_config(out, *overrides: str) -> RunConfig:
     """The default config with :data:`TINY`, written to ``out``; each test passes exactly the keys it changes
     (its size, model, loss, seed), so what it trains reads at the call."""
     return resolve_config(None, [f"output_dir={out}", *TINY, *overrides])
+
+# A recipe's network at test size: 32-pixel images, 16-d embeddings, a 4-channel CNN, 8-d word vectors.
+SMALL = ("transform.image_size=32", "transform.resize=32", "model.embed_size=16", "model.image_encoder.width=4",
+         "model.text_encoder.word_dim=8")
+
+
+def small_recipe_config(recipe: str, out, *overrides: str) -> RunConfig:
+    """A built-in recipe (``demo_vsepp``, ``scratch_small``) at test size (:data:`SMALL`), no progress bar,
+    written to ``out``; each test passes the keys it changes (data size, epochs, protocol)."""
+    from vsekit.cli import recipe_path
+
+    return resolve_config(recipe_path(recipe), [f"output_dir={out}", *SMALL, "train.progress=false", *overrides])
