@@ -347,7 +347,10 @@ def test_acmr_multilabel_uses_bce_and_shared_labels(tmp_path, cache):
         "train.batch_size=32", "train.progress=false"])
     t = Trainer(cfg)
     assert t.run.labels.ndim == 2 and t.objective.terms["label"].classifier.out_features == 4
-    assert np.isfinite(t.fit()["best_rsum"])
+    result = t.fit()
+    assert np.isfinite(result["best_rsum"])
+    # the BCE objective falls over the two epochs: by 1.3-1.5 of about 70 on seeds 0-5, with 1 or 2 threads
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
 
 
 def test_acmr_demo_recipe_trains_from_raw_images(tmp_path, cache):

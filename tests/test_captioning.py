@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
 from vsekit.config import resolve_config
@@ -337,13 +338,13 @@ def test_a_term_without_the_corpus_cannot_train_self_critically():
 
 # -- through the trainer, and the command line ------------------------------------------------------------
 def _cfg(out, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=5", "data.format=demo", "data.num_images=80", "data.regions=grid",
-        "data.val_max_images=16", "text.min_count=1", "model.embed_size=8", "model.use_abs=true",
+    return tiny_config(
+        out, "seed=5", "data.num_images=80", "data.regions=grid",
+        "data.val_max_images=16", "model.embed_size=8", "model.use_abs=true",
         "model.similarity=two_level_order", "model.image_encoder={name: two_level, encoder: {name: precomp}}",
         "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
-        "train.batch_size=16", "train.max_steps_per_epoch=3", "train.progress=false", "optim.lr=1e-3",
-        "eval.chunk_size=8", "objective.terms.caption={weight: 0, hidden: 16, word_dim: 8, max_len: 12}", *extra])
+        "train.batch_size=16", "train.max_steps_per_epoch=3", "optim.lr=1e-3",
+        "eval.chunk_size=8", "objective.terms.caption={weight: 0, hidden: 16, word_dim: 8, max_len: 12}", *extra)
 
 
 STAGES = ("train.epochs=3",
@@ -380,15 +381,15 @@ def test_vsekit_caption_prints_one_caption_per_image(tmp_path, cache, capsys):
     from vsekit.train.trainer import Trainer
 
     out = tmp_path / "run"
-    Trainer(resolve_config(None, [
-        f"output_dir={out}", "seed=1", "data.format=demo", "data.num_images=60", "data.val_max_images=12",
-        "text.min_count=1", "transform.image_size=32", "transform.resize=32", "model.embed_size=8",
+    Trainer(tiny_config(
+        out, "seed=1", "data.num_images=60", "data.val_max_images=12",
+        "transform.image_size=32", "transform.resize=32", "model.embed_size=8",
         "model.use_abs=true", "model.similarity=two_level_order",
         "model.image_encoder={name: two_level, encoder: {name: cnn, backbone: small_cnn, width: 4, "
         "pretrained: false, finetune: true}}",
         "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
-        "train.batch_size=12", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-        "eval.chunk_size=8", "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6}"])).fit()
+        "train.batch_size=12", "train.epochs=1", "train.max_steps_per_epoch=2",
+        "eval.chunk_size=8", "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6}")).fit()
     test = load_split(data_config({"format": "demo", "num_images": 60}), "test")
     paths = [str(p) for p in test.image_paths[:3]]
     capsys.readouterr()

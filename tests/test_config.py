@@ -7,6 +7,7 @@ import functools
 import re
 
 import pytest
+from _configs import small_recipe_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,11 +123,8 @@ def test_eval_protocol_is_what_validation_uses(tmp_path, cache, monkeypatch):
         return real(self, corpus, "full", **kw)
 
     monkeypatch.setattr(validate_module.Embedder, "evaluate", spy)
-    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
-        f"output_dir={tmp_path / 'run'}", "data.num_images=60", "transform.image_size=32", "transform.resize=32",
-        "data.val_max_images=10", "model.embed_size=16", "model.image_encoder.width=4",
-        "model.text_encoder.word_dim=8", "train.epochs=1", "train.max_steps_per_epoch=1", "train.progress=false",
-        "eval.protocol=1k5fold"])
+    cfg = small_recipe_config("demo_vsepp", tmp_path / "run", "data.num_images=60", "data.val_max_images=10",
+                              "train.epochs=1", "train.max_steps_per_epoch=1", "eval.protocol=1k5fold")
     Trainer(cfg).fit()
     assert seen == ["1k5fold"]
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+from _configs import small_recipe_config
 from PIL import Image
 
 from vsekit.config import ConfigError, resolve_config
@@ -129,11 +130,9 @@ def test_folder_source_splits_by_subfolder(tmp_path):
 def _tiny_run(tmp_path: Path, *extra: str):
     from vsekit.train.trainer import Trainer
 
-    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
-        f"output_dir={tmp_path / 'run'}", "data.num_images=40", "data.val_max_images=8",
-        "transform.image_size=48", "transform.resize=48", "model.embed_size=16", "model.image_encoder.width=4",
-        "model.text_encoder.word_dim=8", "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8",
-        "train.progress=false", *extra])
+    cfg = small_recipe_config("demo_vsepp", tmp_path / "run", "data.num_images=40", "data.val_max_images=8",
+                              "transform.image_size=48", "transform.resize=48", "train.epochs=1",
+                              "train.max_steps_per_epoch=1", "train.batch_size=8", *extra)
     t = Trainer(cfg)
     t.fit()
     return cfg, t

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _configs import tiny_config
 
 from vsekit.checkpoint import load_checkpoint
 from vsekit.config import ConfigError, resolve_config, validate_config
@@ -236,14 +237,14 @@ def test_generic_freeze_prefixes_hold_bn_and_unfreeze_in_a_later_stage(tmp_path,
 
 @pytest.mark.parametrize("loss", ["hinge", "lseh", "infonce"])
 def test_instance_loss_combines_with_ranking_losses(tmp_path, cache, loss):
-    cfg = resolve_config(None, [
-        f"output_dir={tmp_path / loss}", "seed=1", "data.format=demo", "data.num_images=120",
-        "transform.image_size=32", "transform.resize=32", "data.val_max_images=20", "text.min_count=1",
+    cfg = tiny_config(
+        tmp_path / loss, "seed=1", "data.num_images=120",
+        "transform.image_size=32", "transform.resize=32", "data.val_max_images=20",
         "model.embed_size=16", "model.image_encoder.name=cnn", "model.image_encoder.backbone=small_cnn",
         "model.image_encoder.width=4", "model.image_encoder.finetune=true", "model.text_encoder.word_dim=8",
         f"loss.name={loss}", "objective.instance.image_weight=1.0", "objective.instance.text_weight=0.5",
         "objective.instance.dropout=0.2", "semantics.n_components=8", f"semantics.cache_dir={tmp_path / 'sem'}",
-        "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false"])
+        "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=2")
     t = Trainer(cfg)
     assert t.objective.terms["instance"].num_classes == t.train_corpus.num_images
     names = [n for n, _ in t.optim.trainable.named_parameters()]

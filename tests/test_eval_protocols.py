@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _configs import small_recipe_config
 
 from vsekit.cli import main
 from vsekit.config import resolve_config
@@ -18,12 +19,10 @@ def tiny_run(tmp_path_factory, cache):
     from vsekit.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("sem") / "run"
-    cfg = resolve_config(RECIPES / "demo_vsepp.yaml", [
-        f"output_dir={out}", "data.num_images=200", "data.val_max_images=20", "transform.image_size=32",
-        "transform.resize=32", "model.embed_size=16", "model.image_encoder.width=4", "model.text_encoder.word_dim=8",
-        "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=16", "train.progress=false",
-        "semantics.n_components=16", "eval.protocol=semantic", "eval.thresholds=[0.5, 0.8]",
-        "eval.select_threshold=0.8"])
+    cfg = small_recipe_config(
+        "demo_vsepp", out, "data.num_images=200", "data.val_max_images=20", "train.epochs=1",
+        "train.max_steps_per_epoch=3", "train.batch_size=16", "semantics.n_components=16", "eval.protocol=semantic",
+        "eval.thresholds=[0.5, 0.8]", "eval.select_threshold=0.8")
     result = Trainer(cfg).fit()
     return out, result
 

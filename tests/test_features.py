@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 from PIL import Image
 
 from vsekit.cli import main
-from vsekit.config import resolve_config
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.formats.precomp import read_precomp
 from vsekit.data.sources import load_split, read_folder
@@ -133,22 +133,20 @@ def test_demo_data_to_precomp_and_training_from_it(tmp_path, cache, capsys):
     assert corpus.features.shape[:2] == (16, 4) and corpus.image_ids == demo.image_ids
     assert corpus.captions == demo.captions and np.array_equal(corpus.labels, demo.labels)
     assert (corpus.caption_to_image == demo.caption_to_image).all()
-    cfg = resolve_config(None, [f"output_dir={tmp_path / 'run'}", "data.format=precomp", f"data.path={out}",
-                                "data.val_max_images=8", "text.min_count=1", "model.embed_size=8",
-                                "model.image_encoder.name=precomp", "model.text_encoder.word_dim=4",
-                                "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2",
-                                "train.progress=false"])
+    cfg = tiny_config(tmp_path / "run", "data.format=precomp", f"data.path={out}", "data.val_max_images=8",
+                      "model.embed_size=8", "model.image_encoder.name=precomp", "model.text_encoder.word_dim=4",
+                      "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2")
     result = Trainer(cfg).fit()
     assert np.isfinite(result["best_rsum"]) and result["history"][0]["epoch"] == 0
 
 
 def test_features_from_a_vsekit_checkpoint_are_its_cnn_backbone(photos, tmp_path, cache):
-    cfg = resolve_config(None, [
-        f"output_dir={tmp_path / 'run'}", "seed=1", "data.format=demo", "data.num_images=40", "transform.image_size=32",
-        "transform.resize=32", "data.val_max_images=8", "text.min_count=1", "model.embed_size=8",
+    cfg = tiny_config(
+        tmp_path / "run", "seed=1", "data.num_images=40", "transform.image_size=32",
+        "transform.resize=32", "data.val_max_images=8", "model.embed_size=8",
         "model.image_encoder.name=cnn", "model.image_encoder.backbone=small_cnn", "model.image_encoder.width=4",
         "model.image_encoder.finetune=true", "model.text_encoder.word_dim=4", "train.batch_size=8", "train.epochs=1",
-        "train.max_steps_per_epoch=1", "train.progress=false"])
+        "train.max_steps_per_epoch=1")
     t = Trainer(cfg)
     t.fit()
     model = build_backbone(f"vsekit:{tmp_path / 'run' / 'last.pt'}")

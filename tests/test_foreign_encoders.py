@@ -8,9 +8,9 @@ import socket
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 from torch.nn import functional as F
 
-from vsekit.config import resolve_config
 from vsekit.data.datasets import pad_tokens
 from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vsekit.inference import Embedder
@@ -255,12 +255,12 @@ def test_open_clip_foreign_or_pickled_weights_are_refused(tmp_path):
 
 def _clip_run(tmp_path, loss, weights):
     spec = {"name": "open_clip", "config": TINY_CLIP, "weights": str(weights)}
-    cfg = resolve_config(None, [
-        f"output_dir={tmp_path / loss}", "seed=2", "data.format=demo", "data.num_images=60",
-        "transform.image_size=32", "transform.resize=32", "data.val_max_images=10", "text.min_count=1",
+    cfg = tiny_config(
+        tmp_path / loss, "seed=2", "data.num_images=60",
+        "transform.image_size=32", "transform.resize=32", "data.val_max_images=10",
         "model.embed_size=16", f"loss.name={loss}", "semantics.n_components=8",
         f"semantics.cache_dir={tmp_path / 'sem'}", "train.batch_size=8", "train.epochs=1",
-        "train.max_steps_per_epoch=2", "train.progress=false", "train.log_every=1", "optim.lr=1e-4"]).to_dict()
+        "train.max_steps_per_epoch=2", "train.log_every=1", "optim.lr=1e-4").to_dict()
     cfg["model"]["image_encoder"] = dict(spec)
     cfg["model"]["text_encoder"] = dict(spec)
     return cfg

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 from PIL import Image
 
 from vsekit.checkpoint import load_checkpoint
@@ -247,14 +248,14 @@ GAN = "{weight: 0.5, z_dim: 4, c_dim: 4, gf_dim: 2, df_dim: 2, image_size: 16, o
 
 
 def _cfg(out, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=5", "data.format=demo", "data.num_images=60", "data.val_max_images=12",
-        "text.min_count=1", "model.embed_size=4", "model.similarity=two_level_order", "model.use_abs=true",
+    return tiny_config(
+        out, "seed=5", "data.num_images=60", "data.val_max_images=12",
+        "model.embed_size=4", "model.similarity=two_level_order", "model.use_abs=true",
         "model.image_encoder={name: two_level, encoder: {name: cnn, backbone: small_cnn, pretrained: false, "
         "finetune: true, width: 4}}",
         "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
         "transform.image_size=32", "transform.resize=32", "train.batch_size=12", "train.epochs=2",
-        "train.max_steps_per_epoch=2", "train.progress=false", "optim.lr=1e-3", "eval.chunk_size=8", *extra])
+        "train.max_steps_per_epoch=2", "optim.lr=1e-3", "eval.chunk_size=8", *extra)
 
 
 def test_in_the_trainer_d_has_its_own_optimizer_and_g_is_in_the_main_one(tmp_path, cache):

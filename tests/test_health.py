@@ -346,14 +346,11 @@ def test_gru_mean_pooling_matches_unpadded_loop(bidirectional):
 
 
 def test_scratch_small_recipe_trains(tmp_path, cache):
-    from vsekit.cli import recipe_path
-    from vsekit.config import resolve_config
+    from _configs import small_recipe_config
 
-    cfg = resolve_config(recipe_path("scratch_small"), [
-        f"output_dir={tmp_path / 'scratch'}", "data.format=demo", "data.num_images=120", "transform.image_size=32",
-        "transform.resize=32", "data.val_max_images=20", "model.embed_size=16", "model.image_encoder.width=4",
-        "model.text_encoder.word_dim=8", "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=3",
-        "train.progress=false"])
+    cfg = small_recipe_config("scratch_small", tmp_path / "scratch", "data.format=demo", "data.num_images=120",
+                              "data.val_max_images=20", "train.batch_size=16", "train.epochs=1",
+                              "train.max_steps_per_epoch=3")
     t = Trainer(cfg)
     types = _types(t.dataset.images.transform)
     assert transforms.RandomResizedCrop not in types and transforms.RandomCrop not in types

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _configs import tiny_config
 from torch import nn
 
 from vsekit.checkpoint import load_checkpoint
@@ -54,11 +55,11 @@ if "toy_critic" not in OBJECTIVE_TERMS:
 
 
 def _cfg(out, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=5", "data.format=demo", "data.num_images=80", "data.regions=grid",
-        "data.val_max_images=16", "text.min_count=1", "model.embed_size=8", "model.text_encoder.word_dim=6",
-        "train.batch_size=16", "train.epochs=2", "train.max_steps_per_epoch=3", "train.progress=false",
-        "optim.lr=1e-3", "eval.chunk_size=8", *extra])
+    return tiny_config(
+        out, "seed=5", "data.num_images=80", "data.regions=grid",
+        "data.val_max_images=16", "model.embed_size=8", "model.text_encoder.word_dim=6",
+        "train.batch_size=16", "train.epochs=2", "train.max_steps_per_epoch=3",
+        "optim.lr=1e-3", "eval.chunk_size=8", *extra)
 
 
 TERM = ("objective.terms.toy_critic.weight=0.5", "objective.terms.toy_critic.optim.lr=0.01",

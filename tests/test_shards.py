@@ -12,12 +12,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 from PIL import Image
 
 import vsekit.data.formats.shards as shards_mod
 from vsekit.checkpoint import load_checkpoint
 from vsekit.cli import main
-from vsekit.config import resolve_config
 from vsekit.data.archive import MemberPath, ShardFeatures
 from vsekit.data.corpus import DataError
 from vsekit.data.formats.shards import expand_braces, read_shards, write_shards
@@ -74,12 +74,12 @@ def test_feature_shards_round_trip(tmp_path, cache):
 
 
 def _cfg(out, data, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=5", "transform.image_size=32", "transform.resize=32", "data.val_max_images=10",
-        "text.min_count=1", "model.embed_size=16", "model.image_encoder.name=cnn",
+    return tiny_config(
+        out, "seed=5", "transform.image_size=32", "transform.resize=32", "data.val_max_images=10",
+        "model.embed_size=16", "model.image_encoder.name=cnn",
         "model.image_encoder.backbone=small_cnn", "model.image_encoder.width=4", "model.image_encoder.finetune=true",
         "model.text_encoder.word_dim=8", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=4",
-        "train.progress=false", "train.log_every=1", "optim.lr=1e-3", *extra]).to_dict() | {"data": data}
+        "train.log_every=1", "optim.lr=1e-3", *extra).to_dict() | {"data": data}
 
 
 def _losses(out):

@@ -7,23 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from _configs import tiny_config
 
 from vsekit.checkpoint import load_checkpoint
-from vsekit.config import resolve_config
 from vsekit.train.trainer import Trainer
 
 
 def tiny_cfg(out, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=3",
-        "data.format=demo", "data.num_images=120", "transform.image_size=32", "transform.resize=32",
-        "data.val_max_images=20", "text.min_count=1",
-        "model.embed_size=16", "model.image_encoder.name=cnn", "model.image_encoder.backbone=small_cnn",
-        "model.image_encoder.width=4", "model.image_encoder.finetune=true",
-        "model.text_encoder.word_dim=8",
-        "train.batch_size=16", "train.epochs=2", "train.max_steps_per_epoch=5", "train.progress=false",
+    return tiny_config(
+        out, "seed=3", "data.num_images=120", "transform.image_size=32", "transform.resize=32",
+        "data.val_max_images=20", "model.embed_size=16", "model.image_encoder.name=cnn",
+        "model.image_encoder.backbone=small_cnn", "model.image_encoder.width=4", "model.image_encoder.finetune=true",
+        "model.text_encoder.word_dim=8", "train.batch_size=16", "train.epochs=2", "train.max_steps_per_epoch=5",
         "optim.lr=1e-3", "optim.lr_decay_every=1", "eval.chunk_size=7", *extra,
-    ])
+    )
 
 
 def _weights(path):

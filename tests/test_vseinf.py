@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import torch
+from _configs import tiny_config
 
 from vsekit.config import resolve_config
 from vsekit.errors import ConfigError
@@ -416,13 +417,13 @@ def test_bert_folders_that_do_not_hold_a_usable_transformer_are_config_errors(tm
 
 
 def _tiny_run_cfg(out, bert_folder, *extra):
-    return resolve_config(None, [
-        f"output_dir={out}", "seed=4", "data.format=demo", "data.regions=grid", "data.num_images=120",
-        "data.val_max_images=20", "text.min_count=1", "model.embed_size=16", "model.image_encoder.name=vse_infty",
+    return tiny_config(
+        out, "seed=4", "data.regions=grid", "data.num_images=120",
+        "data.val_max_images=20", "model.embed_size=16", "model.image_encoder.name=vse_infty",
         "model.text_encoder.name=bert", f"model.text_encoder.pretrained={bert_folder}",
         "optim.name=adamw", "optim.lr=1e-3", "optim.lr_mult={text_encoder.bert: 0.1}",
-        "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=3", "train.progress=false",
-        "loss.name=hinge_warmup", *extra])
+        "train.batch_size=16", "train.epochs=1", "train.max_steps_per_epoch=3",
+        "loss.name=hinge_warmup", *extra)
 
 
 def test_tokenize_hook_in_training_run_embedder_and_checkpoint(tmp_path, cache, offline, bert_folder):
