@@ -103,15 +103,11 @@ class Imaginer:
         from PIL import Image
 
         owners = corpus.caption_to_image
-        rows = np.unique(owners)
-        first = np.array([np.flatnonzero(owners == r)[0] for r in rows])
+        rows, first = np.unique(owners, return_index=True)  # each captioned image and its first caption
         cap_emb = self.embedder.encode_texts(corpus)
         images = self._draw(cap_emb[first], 1, seed)[:, 0]
-        tf = self.embedder.eval_transform()
         pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)) for im in images]
-        model = self.embedder.model
-        gen = torch.cat([model.encode_images(torch.stack([tf(p) for p in pil[a: a + 128]]).to(self.device))
-                         for a in range(0, len(pil), 128)]).cpu().numpy()
+        gen = self.embedder.encode_images(pil)
         scores = self.embedder.score(gen, cap_emb)  # (generated images, captions)
         others = distractor_rows(np.searchsorted(rows, owners), distractors, len(rows), seed)
         cols = np.concatenate([first[:, None], others], axis=1)
