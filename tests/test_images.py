@@ -258,6 +258,33 @@ def test_decoded_image_cache_gives_the_same_tensors_within_its_budget(tmp_path: 
     assert len(loads) == 3 * 6 + (6 + 2 * 2)  # plain: every time; cached: all once, then the two uncached
 
 
+def test_loader_workers_keep_no_decoded_images(tmp_path: Path) -> None:
+    """A loader worker's cache would be dropped with the worker at the epoch's end: it keeps none."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from vsekit.data import datasets
+    from vsekit.data.corpus import Corpus
+
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for p in paths:
+        Image.new("RGB", (20, 20), (9, 9, 9)).save(p)
+    corpus = Corpus(name="c", captions=["a"] * 3, caption_to_image=np.arange(3), image_ids=["0", "1", "2"],
+                    image_paths=paths, meta={"format": "folder"})
+    source = datasets.ImageSource(corpus, build_transform(True, 8, 8, {"crop": "center"}, "square"),
+                                  cache_bytes=1 << 20)
+
+    class Held(Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, row: int) -> int:
+            source(row)
+            return source.cached_images
+
+    assert [int(n) for n in DataLoader(Held(), num_workers=1)] == [0, 0, 0]
+    assert [Held()[row] for row in range(3)] == [1, 2, 3]  # the main process keeps them
+
+
 # -- formats: an allow-list of raster decoders (issue 21) -----------------------------------------------------
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
        b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")

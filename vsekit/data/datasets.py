@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision import transforms
 
 from vsekit.data.batch import Batch, text_to  # noqa: F401 - text_to: also imported from here
@@ -25,8 +25,9 @@ class ImageSource:
     ``cache_bytes`` > 0: the output of the transform's deterministic prefix (decode, resize, centre crop) is
     kept in memory as uint8 pixels, up to that many bytes, so later epochs only run the random augmentations
     and the tensor conversion -- the same PIL operations on the same pixels, hence the same tensors as
-    without the cache. The cache lives in the process that reads (``data.num_workers: 0``, the default;
-    loader workers start afresh every epoch).
+    without the cache. The cache lives in the main process (``data.num_workers: 0``, the default): loader
+    workers start afresh every epoch, so they keep nothing (each one's copy would grow to ``cache_bytes`` and be
+    thrown away at the epoch's end).
     """
 
     def __init__(self, corpus: Corpus, transform: Callable | None = None, cache_bytes: int = 0) -> None:
@@ -62,7 +63,8 @@ class ImageSource:
             return self._rest(Image.fromarray(pixels))
         image = self._prefix(self._load(c.image_paths[row]))
         pixels = np.asarray(image)
-        if pixels.nbytes <= self._cache_left:
+        # a loader worker's copy of the cache would die with the worker at the epoch's end: keep none there
+        if pixels.nbytes <= self._cache_left and get_worker_info() is None:
             self._cache[row] = pixels
             self._cache_left -= pixels.nbytes
         return self._rest(image)
