@@ -25,3 +25,14 @@ def small_recipe_config(recipe: str, out, *overrides: str) -> RunConfig:
     from vsekit.cli import recipe_path
 
     return resolve_config(recipe_path(recipe), [f"output_dir={out}", *SMALL, "train.progress=false", *overrides])
+
+
+# GXN's two-level order model at test size (the small CNN and a GRU under two_level): 60 demo images, 2 steps
+TINY_TWO_LEVEL = (
+    "seed=1", "data.num_images=60", "data.val_max_images=12", "transform.image_size=32", "transform.resize=32",
+    "model.embed_size=8", "model.use_abs=true", "model.similarity=two_level_order",
+    "model.image_encoder={name: two_level, encoder: {name: cnn, backbone: small_cnn, width: 4, pretrained: false, "
+    "finetune: true}}",
+    "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
+    "train.batch_size=12", "train.epochs=1", "train.max_steps_per_epoch=2", "eval.chunk_size=8",
+)

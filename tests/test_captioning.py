@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from _configs import tiny_config
+from _configs import TINY_TWO_LEVEL, tiny_config
 
 from vsekit.checkpoint import load_checkpoint, save_checkpoint
 from vsekit.config import resolve_config
@@ -382,14 +382,7 @@ def test_vsekit_caption_prints_one_caption_per_image(tmp_path, cache, capsys):
 
     out = tmp_path / "run"
     Trainer(tiny_config(
-        out, "seed=1", "data.num_images=60", "data.val_max_images=12",
-        "transform.image_size=32", "transform.resize=32", "model.embed_size=8",
-        "model.use_abs=true", "model.similarity=two_level_order",
-        "model.image_encoder={name: two_level, encoder: {name: cnn, backbone: small_cnn, width: 4, "
-        "pretrained: false, finetune: true}}",
-        "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
-        "train.batch_size=12", "train.epochs=1", "train.max_steps_per_epoch=2",
-        "eval.chunk_size=8", "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6}")).fit()
+        out, *TINY_TWO_LEVEL, "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6}")).fit()
     test = load_split(data_config({"format": "demo", "num_images": 60}), "test")
     paths = [str(p) for p in test.image_paths[:3]]
     capsys.readouterr()

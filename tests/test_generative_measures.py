@@ -137,7 +137,7 @@ def test_gxn_recipes_normalise_both_conditions_and_the_demo_trains_on_whole_unfl
 
 # -- the measures on a trained checkpoint ---------------------------------------------------------------------
 def test_dependence_and_r_precision_of_a_trained_checkpoint(tmp_path, cache):
-    from _configs import tiny_config
+    from _configs import TINY_TWO_LEVEL, tiny_config
 
     from vsekit.captioning import Captioner
     from vsekit.data.sources import load_split
@@ -145,14 +145,7 @@ def test_dependence_and_r_precision_of_a_trained_checkpoint(tmp_path, cache):
     from vsekit.train.trainer import Trainer
 
     cfg = tiny_config(
-        tmp_path, "seed=1", "data.num_images=60", "data.val_max_images=12",
-        "transform.image_size=32", "transform.resize=32", "model.embed_size=8",
-        "model.use_abs=true", "model.similarity=two_level_order",
-        "model.image_encoder={name: two_level, encoder: {name: cnn, backbone: small_cnn, width: 4, "
-        "pretrained: false, finetune: true}}",
-        "model.text_encoder={name: two_level, encoder: {name: gru, word_dim: 6}}",
-        "train.batch_size=12", "train.epochs=1", "train.max_steps_per_epoch=2",
-        "eval.chunk_size=8", "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6, "
+        tmp_path, *TINY_TWO_LEVEL, "objective.terms.caption={weight: 1, hidden: 8, word_dim: 4, max_len: 6, "
         "image_norm: batch}",
         "objective.terms.gan={weight: 1, z_dim: 4, c_dim: 4, gf_dim: 2, df_dim: 2, image_size: 16, "
         "condition_norm: batch}")
