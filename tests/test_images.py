@@ -258,6 +258,25 @@ def test_decoded_image_cache_gives_the_same_tensors_within_its_budget(tmp_path: 
     assert len(loads) == 3 * 6 + (6 + 2 * 2)  # plain: every time; cached: all once, then the two uncached
 
 
+def test_pixels_transform_is_the_pil_path_draw_for_draw() -> None:
+    """The cached pixels skip PIL where the steps allow it: the same tensors and the same generator state after
+    them; a step it does not know (colour jitter) keeps the PIL path."""
+    from vsekit.data.images import pixels_transform, split_deterministic
+
+    pixels = np.random.default_rng(1).integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    _, rest = split_deterministic(build_transform(True, 12, 12, {"crop": "center", "hflip": True}, "square"))
+    fast = pixels_transform(rest)
+    assert fast is not None
+    for seed in range(6):  # both sides of the flip's coin
+        torch.manual_seed(seed)
+        want, after = rest(Image.fromarray(pixels)), torch.rand(1)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(fast(pixels), want, rtol=0, atol=0)
+        assert torch.rand(1) == after
+    _, jitter = split_deterministic(build_transform(True, 12, 12, {"crop": "center", "color_jitter": 0.3}, "square"))
+    assert pixels_transform(jitter) is None
+
+
 def test_loader_workers_keep_no_decoded_images(tmp_path: Path) -> None:
     """A loader worker's cache would be dropped with the worker at the epoch's end: it keeps none."""
     from torch.utils.data import DataLoader, Dataset
