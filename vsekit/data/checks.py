@@ -20,14 +20,8 @@ from vsekit.data.images import ImageLoadError, applies_exif, load_rgb, open_imag
 logger = logging.getLogger(__name__)
 
 
-def check_images(
-    corpus: Corpus,
-    *,
-    skip_missing: bool = False,
-    decode: bool = False,
-    log: Callable[[str], None] | None = None,
-    num_threads: int | None = None,
-) -> Corpus:
+def check_images(corpus: Corpus, *, skip_missing: bool = False, decode: bool = False,
+                 log: Callable[[str], None] | None = None, num_threads: int | None = None) -> Corpus:
     """Check that every image file exists and has a readable image header, or (``decode``) decodes.
 
     By default only headers are read (:func:`~vsekit.data.images.open_image`, without loading pixels): cheap enough for 100K images,
@@ -65,22 +59,17 @@ def check_images(
     first = "; ".join(describe(i) for i in bad[:3])
     what = "missing or undecodable" if decode else "missing or unreadable"
     if not skip_missing:
-        raise DataError(
-            f"{corpus.name}: {len(bad)} of {len(paths)} images are {what}, e.g. {first}. "
-            "Fix the paths (image_root?) or set skip_missing_images to drop them."
-        )
+        raise DataError(f"{corpus.name}: {len(bad)} of {len(paths)} images are {what}, e.g. {first}. "
+                        "Fix the paths (image_root?) or set skip_missing_images to drop them.")
     keep = np.ones(len(paths), dtype=bool)
     keep[bad] = False
     if not keep.any():
         raise DataError(f"{corpus.name}: all {len(paths)} images are {what}, e.g. {first}")
     filtered = select_images(corpus, keep)
-    dropped = int(len(paths) - filtered.num_images)
-    filtered.meta["dropped_images"] = dropped
-    filtered.meta["dropped_captions"] = corpus.num_captions - filtered.num_captions
-    log(
-        f"{corpus.name}: skipping {dropped} of {len(paths)} images that are {what} "
-        f"(and their {corpus.num_captions - filtered.num_captions} captions), e.g. {first}"
-    )
+    dropped = filtered.meta["dropped_images"] = int(len(paths) - filtered.num_images)
+    dropped_captions = filtered.meta["dropped_captions"] = corpus.num_captions - filtered.num_captions
+    log(f"{corpus.name}: skipping {dropped} of {len(paths)} images that are {what} "
+        f"(and their {dropped_captions} captions), e.g. {first}")
     return filtered
 
 
@@ -90,18 +79,12 @@ def _scan(paths: Sequence[Path], num_threads: int | None, decode: bool = False,
     training loads it: ``exif_transpose`` or not). Threads: the header scan is mostly file I/O, and PIL
     releases the GIL while it decodes."""
     chunk = 64 if decode else 512
-
-    def problem(path: Path) -> str | None:
-        return _decode_problem(path, exif_transpose) if decode else _header_problem(path)
     starts = range(0, len(paths), chunk)
 
     def scan_chunk(start: int) -> dict[int, str]:
-        found = {}
-        for i in range(start, min(start + chunk, len(paths))):
-            reason = problem(paths[i])
-            if reason is not None:
-                found[i] = reason
-        return found
+        reasons = {i: _decode_problem(paths[i], exif_transpose) if decode else _header_problem(paths[i])
+                   for i in range(start, min(start + chunk, len(paths)))}
+        return {i: r for i, r in reasons.items() if r is not None}
 
     if len(starts) <= 1:
         return scan_chunk(0) if paths else {}

@@ -35,8 +35,7 @@ class ImageSource:
         self.transform = transform
         if not corpus.is_precomputed and transform is None:
             raise ValueError("raw images need a transform")
-        self._load = None
-        self._prefix = self._rest = None
+        self._load = self._prefix = self._rest = None
         self._cache: dict[int, np.ndarray] = {}
         self._cache_left = 0
         if not corpus.is_precomputed:

@@ -76,14 +76,8 @@ _FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "AVIF": (".avif",),
 }
 _NEEDS_MODULE = {"WEBP": "webp", "AVIF": "avif"}  # formats that exist only when Pillow was built with the library
-
-
-def _available(fmt: str) -> bool:
-    module = _NEEDS_MODULE.get(fmt)
-    return module is None or bool(features.check_module(module))
-
-
-ACCEPTED_FORMATS: tuple[str, ...] = tuple(f for f in _FORMAT_EXTENSIONS if _available(f))
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(f for f in _FORMAT_EXTENSIONS
+                                          if f not in _NEEDS_MODULE or features.check_module(_NEEDS_MODULE[f]))
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(e for f in ACCEPTED_FORMATS for e in _FORMAT_EXTENSIONS[f])
 _FORMAT_NAMES = ", ".join(ACCEPTED_FORMATS)
 
@@ -193,15 +187,6 @@ def open_image(source: str | os.PathLike | MemberPath | bytes | IO[bytes], *,
     return Image.open(source, formats=list(formats))
 
 
-def _mode_bytes(mode: str) -> int:
-    """Bytes per pixel Pillow holds for an image of ``mode`` (3-band modes such as RGB are stored in 4)."""
-    if mode in ("1", "L", "P"):
-        return 1
-    if mode.startswith("I;16"):
-        return 2
-    return 4
-
-
 # Bytes per pixel that a format's decoder holds beside the image (measured on 16-megapixel RGB files, growth of
 # the process against the estimate without them): WebP's decoder returns the whole RGBA frame as a bytes object
 # that is then copied into the image (244 MB, not 122); AVIF's holds its YUV planes (143 MB).
@@ -218,7 +203,8 @@ def decode_bytes(mode: str, size: tuple[int, int], *, exif_transpose: bool = Tru
     progressive RGB JPEG grew the process by 343 MB, a baseline one by 138 MB). ``fmt``: the Pillow format,
     for what its decoder holds besides (:data:`_DECODER_BYTES`)."""
     pixels = int(size[0]) * int(size[1])
-    stored = _mode_bytes(mode)
+    # bytes per pixel Pillow holds for the mode (3-band modes such as RGB are stored in 4)
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     coefficients = 2 * len(mode if mode in ("CMYK", "YCbCr", "RGB", "L") else "RGB") if progressive else 0
     if mode.startswith("I") or mode == "F":
         convert = 1 + 4  # the uint8 result and its RGB image; the bands of rows are small
@@ -345,16 +331,12 @@ def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
     out = np.empty((h, w), dtype=np.uint8)
     for top, band in _bands(im):
         out[top: top + band.shape[0]] = _band_to_u8(band, scale)
-    grey = Image.fromarray(out)  # 2-D uint8 -> mode "L"
-    return grey.convert("RGB")
+    return Image.fromarray(out).convert("RGB")  # 2-D uint8 -> mode "L" -> RGB
 
 
 def _band_to_u8(band: np.ndarray, scale: str) -> np.ndarray:
-    if scale == "u16":
-        v = np.clip(band, 0, 65535).astype(np.int32)  # int32: room for + 128 above 65535
-        v += 128
-        v //= 257
-        return v.astype(np.uint8)
+    if scale == "u16":  # int32: room for + 128 above 65535
+        return ((np.clip(band, 0, 65535).astype(np.int32) + 128) // 257).astype(np.uint8)
     if scale == "u8":
         return np.clip(band, 0, 255).astype(np.uint8)
     f = band.astype(np.float64)  # one band: a few MB
@@ -413,15 +395,6 @@ class TransformConfig(BaseModel):
         return build_transform(train, self.image_size, self.resize, self.augment, self.resize_policy)
 
 
-def augment_options(augment: dict | AugmentConfig | None) -> AugmentConfig:
-    """Checked augmentation options (a typo or a value out of range is a ConfigError naming the key)."""
-    if isinstance(augment, AugmentConfig):
-        return augment
-    from vsekit.registry import validate_section
-
-    return validate_section(AugmentConfig, augment or {}, "transform.augment")
-
-
 def _resize_size(image_size: int, resize: int | None, policy: str) -> int:
     """The size images are resized to before a crop of ``image_size`` (default image_size * 256 / 224)."""
     if policy not in RESIZE_POLICIES:
@@ -445,7 +418,7 @@ def build_transform(train: bool, image_size: int = 224, resize: int | None = Non
 
     eval: ``resize_policy="short_side"``: Resize(short side to ``resize``, default image_size * 256 / 224,
     i.e. 256 for 224) + CenterCrop(image_size), as VSE++; ``"square"``: Resize to image_size x image_size.
-    train, by ``augment`` (see ``AUGMENT_DEFAULTS``): ``crop="random_resized"``:
+    train, by ``augment`` (:class:`AugmentConfig`): ``crop="random_resized"``:
     RandomResizedCrop(image_size, scale, ratio) (VSE++; ``resize`` is not used); ``"random"``: the eval resize
     with RandomCrop instead of CenterCrop (``"square"``: Resize(resize) + RandomCrop); ``"center"``: the eval
     transform itself. Then an optional horizontal flip and colour jitter.
@@ -456,7 +429,11 @@ def build_transform(train: bool, image_size: int = 224, resize: int | None = Non
     normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if not train:
         return transforms.Compose([*_resize_step(image_size, resize, resize_policy), transforms.ToTensor(), normalize])
-    opts = augment_options(augment)
+    opts = augment
+    if not isinstance(opts, AugmentConfig):  # a typo or a value out of range is a ConfigError naming the key
+        from vsekit.registry import validate_section
+
+        opts = validate_section(AugmentConfig, augment or {}, "transform.augment")
     if opts.crop == "random_resized":
         steps = [transforms.RandomResizedCrop(image_size, scale=opts.scale, ratio=opts.ratio)]
     elif opts.crop == "random":
@@ -482,9 +459,7 @@ def split_deterministic(transform: transforms.Compose) -> tuple[transforms.Compo
     centre-crop steps (no randomness: their output can be cached per image) and ``rest`` the random
     augmentations and the conversion to a tensor."""
     steps = list(transform.transforms)
-    k = 0
-    while k < len(steps) and isinstance(steps[k], _DETERMINISTIC_STEPS):
-        k += 1
+    k = next((i for i, step in enumerate(steps) if not isinstance(step, _DETERMINISTIC_STEPS)), len(steps))
     return transforms.Compose(steps[:k]), transforms.Compose(steps[k:])
 
 

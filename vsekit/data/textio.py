@@ -69,11 +69,9 @@ def utf8_error(path: Path) -> DataError:
                     try:
                         piece.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        return DataError(
-                            f"{path}:{line}: not valid UTF-8 ({exc.reason} 0x{piece[exc.start]:02x} at byte "
-                            f"{exc.start + 1} of the line, file offset {offset + exc.start}); "
-                            "save the file as UTF-8"
-                        )
+                        return DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason} 0x{piece[exc.start]:02x} at "
+                                         f"byte {exc.start + 1} of the line, file offset {offset + exc.start}); "
+                                         "save the file as UTF-8")
                     offset += len(piece)
     except OSError as exc:
         return DataError(f"{path}: cannot read ({exc.strerror or exc})")
@@ -107,9 +105,8 @@ def parse_json(text: str, where: str, *, whole_file: bool = False) -> Any:
 
 
 def json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

@@ -30,6 +30,10 @@ from vsekit.models.image import BACKBONES, SmallCNN
 class FeatureBackbone(nn.Module):
     """``feature_map(x)``: (B, C, h, w) convolutional map or (B, N, C) tokens; ``pooled(x)``: (B, D)."""
 
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -39,10 +43,6 @@ class FeatureBackbone(nn.Module):
 
 class _ResNet(FeatureBackbone):
     """torchvision ResNet: layer4's map; pooled = its global average (what the ``cnn`` encoder sees)."""
-
-    def __init__(self, net: torchvision.models.ResNet) -> None:
-        super().__init__()
-        self.net = net
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -57,10 +57,6 @@ class _FeaturesThenHead(FeatureBackbone):
     """A net whose ``features`` is its conv stack and whose forward is the pooled vector: torchvision VGG
     (the last conv block's map; pooled = fc7, 4096-d, VSE++'s VGG19 features) and vsekit's small CNN."""
 
-    def __init__(self, net: torchvision.models.VGG | SmallCNN) -> None:
-        super().__init__()
-        self.net = net
-
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
 
@@ -71,10 +67,6 @@ class _FeaturesThenHead(FeatureBackbone):
 class _Timm(FeatureBackbone):
     """A timm model (built with ``num_classes=0``): ``forward_features`` (NCHW maps, NHWC maps or tokens);
     pooled = ``forward_head(pre_logits=True)``. A ViT's prefix tokens (class, registers) are not regions."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         f = self.net.forward_features(x)
@@ -92,9 +84,7 @@ def wrap_network(net: nn.Module, what: str) -> FeatureBackbone:
     """The :class:`FeatureBackbone` of a torchvision ResNet / VGG, a :class:`SmallCNN` or a timm model."""
     if isinstance(net, torchvision.models.ResNet):
         return _ResNet(net)
-    if isinstance(net, torchvision.models.VGG):
-        return _FeaturesThenHead(net)
-    if isinstance(net, SmallCNN):
+    if isinstance(net, (torchvision.models.VGG, SmallCNN)):
         return _FeaturesThenHead(net)
     if hasattr(net, "forward_features") and hasattr(net, "forward_head"):
         return _Timm(net)
@@ -157,8 +147,7 @@ def _from_checkpoint(path: str) -> ExtractionModel:
         raise ConfigError(f"--backbone vsekit:{path}: its image encoder {name!r} has no CNN backbone "
                           "(the cnn and timm image encoders have one)")
     renorm = getattr(enc, "renorm", None)
-    mean = tuple(renorm.mean) if renorm is not None else IMAGENET_MEAN
-    std = tuple(renorm.std) if renorm is not None else IMAGENET_STD
+    mean, std = (tuple(renorm.mean), tuple(renorm.std)) if renorm is not None else (IMAGENET_MEAN, IMAGENET_STD)
     t = emb.config.transform
     return ExtractionModel(f"vsekit:{path}", wrap_network(net, f"--backbone vsekit:{path}"), mean, std,
                            t.image_size, t.resize, t.resize_policy)

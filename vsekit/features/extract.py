@@ -136,15 +136,8 @@ def grouped_captions(corpus: Corpus, captions_per_image: int | None) -> list[str
         raise DataError(f"{corpus.name}: image {corpus.image_ids[i]!r} has {counts[i]} captions, fewer than "
                         f"--captions-per-image {k}")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    lines = []
-    for i in range(corpus.num_images):
-        for j in order[starts[i]: starts[i] + k]:
-            lines.append(_one_line(corpus.captions[int(j)]))
-    return lines
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())  # a caption is one line: no newline may split it
+    # a caption is one line: no newline may split it
+    return [" ".join(str(corpus.captions[int(j)]).split()) for s in starts for j in order[s: s + k]]
 
 
 def _check_ids(ids: Sequence[str], where: str) -> None:

@@ -38,13 +38,12 @@ def check_zip_sizes(path: str | Path, *, error: type[Exception] = UnsafeArchiveE
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
         return
     if len(infos) > MAX_RECORDS:
-        raise error(f"{path}: holds {len(infos)} records (at most {MAX_RECORDS}): not a checkpoint "
-                              "vsekit will open")
+        raise error(f"{path}: holds {len(infos)} records (at most {MAX_RECORDS}): not a checkpoint vsekit will open")
     inflated = sum(max(0, int(i.file_size)) for i in infos)
     if inflated > MAX_INFLATION * size + _INFLATION_SLACK:
-        raise error(f"{path}: its records would inflate to {inflated} bytes from a {size}-byte file "
-                              f"(more than {MAX_INFLATION:g}x; torch.save stores them uncompressed): a damaged "
-                              "or hostile file, refused before reading")
+        raise error(f"{path}: its records would inflate to {inflated} bytes from a {size}-byte file (more than "
+                    f"{MAX_INFLATION:g}x; torch.save stores them uncompressed): a damaged or hostile file, refused "
+                    "before reading")
 
 
 def check_safetensors_sizes(path: str | Path, *, error: type[Exception] = UnsafeArchiveError) -> None:
@@ -63,5 +62,5 @@ def check_safetensors_sizes(path: str | Path, *, error: type[Exception] = Unsafe
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise error(f"{path}: not a safetensors file (unreadable header)") from None
     if end > size - 8 - n:
-        raise error(f"{path}: its tensors end at byte {end} of a {size - 8 - n}-byte data section "
-                              "(truncated or hostile), refused before reading")
+        raise error(f"{path}: its tensors end at byte {end} of a {size - 8 - n}-byte data section (truncated or "
+                    "hostile), refused before reading")

@@ -43,11 +43,10 @@ class PeerError(VsekitError):
 
 @dataclass(frozen=True)
 class World:
-    """This process's place: ``rank`` of ``size`` processes, ``local_rank`` on its machine."""
+    """This process's place: ``rank`` of ``size`` processes."""
 
     size: int = 1
     rank: int = 0
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +70,7 @@ def _env_int(name: str, default: int) -> int:
 def world() -> World:
     """The current process group (a single process when none was joined, or inside :func:`alone`)."""
     if not _alone and dist.is_available() and dist.is_initialized():
-        return World(dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0))
+        return World(dist.get_world_size(), dist.get_rank())
     return World()
 
 
@@ -203,11 +202,6 @@ def gather_objects(obj: T, dst: int | None = None) -> list[T] | None:
     return objs
 
 
-def shard_list(items: Sequence[T]) -> list[T]:
-    """This process's contiguous block of ``items`` (:func:`shard_rows` over their positions)."""
-    return [items[i] for i in shard_rows(len(items))]
-
-
 @contextlib.contextmanager
 def alone() -> Iterator[None]:
     """Within the block this process works as the only one: :func:`world` is a single process, the gathers are
@@ -242,7 +236,7 @@ def _raise_first(own: Exception | None, texts: Sequence[str | None], size: int) 
 
 def map_blocks(fn: Callable[[Sequence[T]], R], items: Sequence[T], join: Callable[[list[R]], R]) -> R | None:
     """``fn(items)``, computed in blocks under torchrun: each process calls ``fn`` on its contiguous block of
-    ``items`` (:func:`shard_list`, run :func:`alone`), and rank 0 returns ``join`` of the results of every
+    ``items`` (:func:`shard_rows` over their positions, run :func:`alone`), and rank 0 returns ``join`` of the results of every
     process in rank order; the other processes return None. One process: just ``fn(items)``.
 
     An error in any process's block is raised on every process (its own error there, a :class:`PeerError`
@@ -250,7 +244,7 @@ def map_blocks(fn: Callable[[Sequence[T]], R], items: Sequence[T], join: Callabl
     w = world()
     if not w.distributed:
         return fn(items)
-    block = shard_list(items)
+    block = [items[i] for i in shard_rows(len(items))]
     with alone():
         value, error = _attempt(lambda: fn(block))
     _raise_first(error, gather_objects(_describe(error)), w.size)

@@ -97,12 +97,6 @@ def _work_pid(name: str, target_name: str | None = None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _leftover_pid(path: Path, target: Path) -> int | None:
-    """The pid in the name of a work or trash folder made for ``target``; None if ``path`` is not one."""
-    pid = _work_pid(path.name, target.name)
-    return pid if pid is not None and path.is_dir() else None
-
-
 def is_stale_work(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a work or trash folder (of any target) that a writer no longer running left: what
     a killed ``index build`` leaves in its new folder, which must not make that folder look taken."""
@@ -130,8 +124,8 @@ def remove_stale_work(target: str | os.PathLike, *, any_pid: bool = False) -> li
         return []
     removed = []
     for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
-        pid = _leftover_pid(path, target)
-        if pid is not None and (any_pid or (pid != os.getpid() and not pid_alive(pid))):
+        pid = _work_pid(path.name, target.name)
+        if pid is not None and path.is_dir() and (any_pid or (pid != os.getpid() and not pid_alive(pid))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -152,14 +146,8 @@ def _check_replaceable_dir(target: Path) -> None:
                               "or choose another path")
 
 
-def publish_dir(
-    work: str | os.PathLike,
-    target: str | os.PathLike,
-    *,
-    keep: Callable[[Path], bool] | None = None,
-    force: bool = False,
-    attempts: int = 5,
-) -> bool:
+def publish_dir(work: str | os.PathLike, target: str | os.PathLike, *, keep: Callable[[Path], bool] | None = None,
+                force: bool = False, attempts: int = 5) -> bool:
     """Move the fully written folder ``work`` to ``target`` with renames only; True if ``work`` went in.
 
     A missing (or empty) ``target`` is replaced by one rename. An existing one is first renamed aside to a

@@ -56,18 +56,18 @@ def check_folder_path(folder: Path, what: str) -> None:
         return
 
 
-def current_umask() -> int:
-    """The process's umask, read once: from ``/proc/self/status`` where Linux shows it (reading it there changes
-    nothing), else by setting and restoring it under a lock (``os.umask`` can only be read by changing it)."""
+def new_file_mode() -> int:
+    """The permission bits a new file gets from ``open()``: ``0o666`` less the umask (read once)."""
     global _umask
-    if _umask is None:
-        with _umask_lock:
-            if _umask is None:
-                _umask = _read_umask()
-    return _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = _read_umask()
+    return 0o666 & ~_umask
 
 
 def _read_umask() -> int:
+    """The process's umask: from ``/proc/self/status`` where Linux shows it (reading it there changes nothing),
+    else by setting and restoring it, under the caller's lock (``os.umask`` can only be read by changing it)."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -78,11 +78,6 @@ def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def new_file_mode() -> int:
-    """The permission bits a new file gets from ``open()``: ``0o666`` less the umask."""
-    return 0o666 & ~current_umask()
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
@@ -160,10 +155,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         check_replaceable(path)  # nothing put in its place meanwhile
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         named = _naming(e, path) if isinstance(e, OSError) else e
         if named is e:
             raise

@@ -119,14 +119,8 @@ def _plural(unit: str) -> str:
     return unit + "s"
 
 
-def _fmt_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _fmt_rate(rate: float) -> str:
-    if rate >= 100:
-        return f"{rate:.0f}"
-    return f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}"
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}"
 
 
 def _fmt_elapsed(seconds: float) -> str:
@@ -188,7 +182,7 @@ class _LineProgress(Progress):
         return (self.n - self._initial) / elapsed if elapsed > 0 else None
 
     def _postfix_parts(self) -> list[str]:
-        return [f"{k}={_fmt_value(v)}" for k, v in self._postfix.items()]
+        return [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self._postfix.items()]
 
     def _line(self, now: float) -> str:
         if self.total is not None:
@@ -226,18 +220,15 @@ def progress(total: int | None, *, desc: str, unit: str = "batch", initial: int 
     return _LineProgress(total, desc, unit, initial, stream, every_steps, every_seconds, logger, clock)
 
 
-def iterate(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "batch",
-            enabled: bool = True, stream: IO[str] | None = None, every_steps: int | None = None,
-            every_seconds: float | None = 30.0, logger: logging.Logger | None = None,
-            clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
-    """Yield from ``iterable``, advancing a :func:`progress` by one per item; ``total`` defaults to ``len``."""
+def iterate(iterable: Iterable[T], *, desc: str, total: int | None = None, **options: Any) -> Iterator[T]:
+    """Yield from ``iterable``, advancing a :func:`progress` (``options``: its keyword arguments) by one per
+    item; ``total`` defaults to ``len``."""
     if total is None:
         try:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    with progress(total, desc=desc, unit=unit, enabled=enabled, stream=stream, every_steps=every_steps,
-                  every_seconds=every_seconds, logger=logger, clock=clock) as bar:
+    with progress(total, desc=desc, **options) as bar:
         for item in iterable:
             yield item
             bar.update(1)

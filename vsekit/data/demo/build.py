@@ -59,35 +59,18 @@ def _generate(folder: Path, num_images: int, seed: int, image_size: int) -> None
     progress = iterate(scenes, desc="building demo set", unit="img", every_seconds=10.0)
     for imgid, scene in enumerate(progress):
         filename = f"{imgid:06d}.png"
-        render._save_png(
-            render_scene(scene, image_size, np.random.default_rng([seed, imgid])),
-            folder / IMAGE_DIR / filename,
-        )
+        render._save_png(render_scene(scene, image_size, np.random.default_rng([seed, imgid])),
+                         folder / IMAGE_DIR / filename)
         captions = caption_scene(scene, random.Random(f"vsekit-demo/{seed}/captions/{imgid}"))
-        sentences = [
-            {"raw": c, "tokens": _words(c), "sentid": sentid + k, "imgid": imgid}
-            for k, c in enumerate(captions)
-        ]
-        entries.append(
-            {
-                "filepath": IMAGE_DIR,
-                "filename": filename,
-                "split": splits[imgid],
-                "imgid": imgid,
-                "label": scene_label(scene),
-                "sentids": [s["sentid"] for s in sentences],
-                "sentences": sentences,
-                "scene": scene.to_json(),
-            }
-        )
+        sentences = [{"raw": c, "tokens": _words(c), "sentid": sentid + k, "imgid": imgid}
+                     for k, c in enumerate(captions)]
+        entries.append({"filepath": IMAGE_DIR, "filename": filename, "split": splits[imgid], "imgid": imgid,
+                        "label": scene_label(scene), "sentids": [s["sentid"] for s in sentences],
+                        "sentences": sentences, "scene": scene.to_json()})
         sentid += len(sentences)
-    data = {
-        "dataset": "demo",
-        "images": entries,
-        "classes": CLASS_NAMES,
-        "generator": _generator_block(num_images, seed, image_size),
-        "stats": {"duplicate_scenes": num_images - len(set(scenes))},
-    }
+    data = {"dataset": "demo", "images": entries, "classes": CLASS_NAMES,
+            "generator": _generator_block(num_images, seed, image_size),
+            "stats": {"duplicate_scenes": num_images - len(set(scenes))}}
     with open(folder / DATASET_FILE, "w", encoding="utf-8") as f:
         json.dump(data, f, separators=(",", ":"))
         f.write("\n")
@@ -95,14 +78,8 @@ def _generate(folder: Path, num_images: int, seed: int, image_size: int) -> None
         os.fsync(f.fileno())
 
 
-def build_demo(
-    root: str | Path | None = None,
-    *,
-    num_images: int = 3000,
-    seed: int = 0,
-    image_size: int = 64,
-    force: bool = False,
-) -> Path:
+def build_demo(root: str | Path | None = None, *, num_images: int = 3000, seed: int = 0, image_size: int = 64,
+               force: bool = False) -> Path:
     """Build (or reuse) the demo set and return the path of its ``dataset_demo.json``.
 
     ``root`` defaults to ``$VSEKIT_CACHE/demo-v1-n{num_images}-s{seed}-px{image_size}`` (``VSEKIT_CACHE``

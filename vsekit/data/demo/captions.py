@@ -110,9 +110,8 @@ def _shuffled(objs: Sequence[SceneObject], rng: random.Random) -> list[SceneObje
 
 def _listing(scene: Scene, rng: random.Random) -> str:
     body = _join([f"{_mention(o, rng)} {_where(o, rng)}" for o in _shuffled(scene.objects, rng)])
-    prefix = rng.choice(
-        ("", "there is", "an image with", "a picture showing", "this picture shows", "we can see")
-    )
+    prefix = rng.choice(("", "there is", "an image with", "a picture showing", "this picture shows",
+                         "we can see"))
     return f"{prefix} {body}".strip()
 
 
@@ -120,13 +119,9 @@ def _relational(scene: Scene, rng: random.Random) -> str:
     objs = scene.objects
     if len(objs) == 1:
         o = objs[0]
-        return rng.choice(
-            (
-                f"a single {_describe(o, rng)} {_where(o, rng)}",
-                f"only one shape, {_mention(o, rng)} {_where(o, rng)}",
-                f"{_mention(o, rng)} alone {_where(o, rng)}",
-            )
-        )
+        return rng.choice((f"a single {_describe(o, rng)} {_where(o, rng)}",
+                           f"only one shape, {_mention(o, rng)} {_where(o, rng)}",
+                           f"{_mention(o, rng)} alone {_where(o, rng)}"))
     a, b = rng.sample(list(objs), 2)
     text = f"{_mention(a, rng)} {_relation(a, b, rng)} {_mention(b, rng)}"
     if len(objs) == 3:
@@ -149,9 +144,8 @@ def _counting(scene: Scene, rng: random.Random) -> str:
     if style == "total":
         things = "shape" if n == 1 else rng.choice(("shapes", "objects"))
         listed = _join([_mention(o, rng) for o in _shuffled(objs, rng)])
-        return rng.choice(
-            (f"{NUMBER_WORDS[n]} {things}: {listed}", f"{listed}, {NUMBER_WORDS[n]} {things} in all")
-        )
+        return rng.choice((f"{NUMBER_WORDS[n]} {things}: {listed}",
+                           f"{listed}, {NUMBER_WORDS[n]} {things} in all"))
     if style == "colours":
         groups = Counter(o.colour for o in objs)
         if len(groups) == 1 and n > 1:

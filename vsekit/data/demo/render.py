@@ -18,22 +18,14 @@ COLOUR_JITTER = 12  # max deviation per channel from the nominal RGB in scenes.C
 NOISE_STD = 4.0
 
 
-def _polygon(
-    cx: float, cy: float, points: Sequence[tuple[float, float]], angle: float
-) -> list[tuple[float, float]]:
+def _polygon(cx: float, cy: float, points: Sequence[tuple[float, float]],
+             angle: float) -> list[tuple[float, float]]:
     c, s = np.cos(angle), np.sin(angle)
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
 
 
-def _draw_object(
-    draw: ImageDraw.ImageDraw,
-    shape: str,
-    cx: float,
-    cy: float,
-    r: float,
-    angle: float,
-    fill: tuple[int, int, int],
-) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
+                 fill: tuple[int, int, int]) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         return
@@ -50,20 +42,8 @@ def _draw_object(
             pts.append((rad * np.cos(a), rad * np.sin(a)))
     elif shape == "cross":
         t, e = 0.33 * r, r
-        pts = [
-            (-t, -e),
-            (t, -e),
-            (t, -t),
-            (e, -t),
-            (e, t),
-            (t, t),
-            (t, e),
-            (-t, e),
-            (-t, t),
-            (-e, t),
-            (-e, -t),
-            (-t, -t),
-        ]
+        pts = [(-t, -e), (t, -e), (t, -t), (e, -t), (e, t), (t, t),
+               (t, e), (-t, e), (-t, t), (-e, t), (-e, -t), (-t, -t)]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     draw.polygon(_polygon(cx, cy, pts, angle), fill=fill)
@@ -85,13 +65,11 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
         cy = (0.2 + 0.3 * o.row + rng.uniform(-0.02, 0.02)) * s
         radius = (0.125 if o.size == "large" else 0.075) * s
         tilt = rng.uniform(-0.35, 0.35)
-        fill = np.clip(
-            np.array(COLOURS[o.colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255
-        )
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        fill = np.clip(np.array(COLOURS[o.colour]) + jitter, 0, 255)
         _draw_object(draw, o.shape, cx, cy, radius, tilt, tuple(int(v) for v in fill))
-    pixels = np.asarray(image, dtype=np.float32) + NOISE_STD * rng.standard_normal(
-        (s, s, 3), dtype=np.float32
-    )
+    noise = NOISE_STD * rng.standard_normal((s, s, 3), dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32) + noise
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 

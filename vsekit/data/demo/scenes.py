@@ -13,28 +13,15 @@ from dataclasses import dataclass
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # Nominal RGB of each colour; rendered objects deviate by at most COLOUR_JITTER per channel plus noise.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 70),
-    "blue": (50, 100, 235),
-    "yellow": (235, 215, 40),
-    "purple": (155, 65, 205),
-    "orange": (245, 140, 25),
-    "white": (235, 235, 235),
-}
+    "red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 100, 235), "yellow": (235, 215, 40),
+    "purple": (155, 65, 205), "orange": (245, 140, 25), "white": (235, 235, 235)}
 SIZES: tuple[str, ...] = ("small", "large")
 
 # Grid cells as (column, row); names are stored in the JSON, phrases (in .captions) are what captions say.
 SLOT_NAMES: dict[tuple[int, int], str] = {
-    (0, 0): "top left",
-    (1, 0): "top",
-    (2, 0): "top right",
-    (0, 1): "left",
-    (1, 1): "centre",
-    (2, 1): "right",
-    (0, 2): "bottom left",
-    (1, 2): "bottom",
-    (2, 2): "bottom right",
-}
+    (0, 0): "top left", (1, 0): "top", (2, 0): "top right",
+    (0, 1): "left", (1, 1): "centre", (2, 1): "right",
+    (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
 SLOTS: tuple[tuple[int, int], ...] = tuple(sorted(SLOT_NAMES, key=lambda s: (s[1], s[0])))
 
 CLASS_NAMES: list[str] = [f"{shape}/{count}" for shape in SHAPES for count in (1, 2, 3)]
@@ -75,17 +62,14 @@ class Scene:
         return cls(tuple(sorted(objects, key=lambda o: (o.row, o.col))))
 
     def to_json(self) -> list[dict]:
-        return [
-            {"shape": o.shape, "colour": o.colour, "size": o.size, "position": SLOT_NAMES[o.slot]}
-            for o in self.objects
-        ]
+        return [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": SLOT_NAMES[o.slot]}
+                for o in self.objects]
 
     @classmethod
     def from_json(cls, items: Sequence[dict]) -> Scene:
         slot_of = {name: slot for slot, name in SLOT_NAMES.items()}
-        return cls.of(
-            [SceneObject(d["shape"], d["colour"], d["size"], slot_of[d["position"]]) for d in items]
-        )
+        return cls.of([SceneObject(d["shape"], d["colour"], d["size"], slot_of[d["position"]])
+                       for d in items])
 
 
 def describe_scene(scene: Scene) -> str:
@@ -149,9 +133,8 @@ def _edit_scene(scene: Scene, rng: random.Random) -> Scene:
     elif edit == "drop":
         del objs[i]
     else:
-        objs.append(
-            SceneObject(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), rng.choice(SIZES), rng.choice(free))
-        )
+        shape, colour, size = rng.choice(SHAPES), rng.choice(tuple(COLOURS)), rng.choice(SIZES)
+        objs.append(SceneObject(shape, colour, size, rng.choice(free)))
     return Scene.of(objs)
 
 

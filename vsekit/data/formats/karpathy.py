@@ -11,14 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.data.sources.base import DataConfig, register_source
 from vsekit.data.textio import first_char, json_type, parse_json, read_utf8, short_repr
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
-SPLIT_ALIASES = {"dev": "val"}
+SPLIT_ALIASES = {"dev": "val"}  # the field's aliases onto the names used in Karpathy files
 # Splits whose images are trained on: an image without captions there is a broken entry, not a distractor.
 TRAINING_SPLITS = frozenset({"train", "restval"})
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -46,19 +44,8 @@ class KarpathyData(DataConfig):
         return {"path": str(path), "image_root": image_root or str(path.parent)}
 
 
-def normalize_split(split: str) -> str:
-    """Map the field's aliases (``dev``) onto the names used in Karpathy files."""
-    return SPLIT_ALIASES.get(split, split)
-
-
-def read_karpathy(
-    json_path: str | Path,
-    image_root: str | Path | None,
-    split: str,
-    *,
-    restval_into_train: bool = False,
-    max_images: int | None = None,
-) -> Corpus:
+def read_karpathy(json_path: str | Path, image_root: str | Path | None, split: str, *,
+                  restval_into_train: bool = False, max_images: int | None = None) -> Corpus:
     """Read one split of a Karpathy-style JSON file.
 
     ``image_root`` is the folder the ``filepath``/``filename`` of each entry are relative to (``None``: the
@@ -72,11 +59,10 @@ def read_karpathy(
     """
     json_path = Path(json_path)
     root = json_path.parent if image_root is None else Path(image_root)
-    wanted = normalize_split(split)
+    wanted = SPLIT_ALIASES.get(split, split)
     if wanted not in KARPATHY_SPLITS:
-        raise DataError(
-            f"{json_path}: unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)} (or 'dev')"
-        )
+        raise DataError(f"{json_path}: unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)} "
+                        "(or 'dev')")
     if max_images is not None and max_images < 1:
         raise DataError(f"{json_path}: max_images must be >= 1, got {max_images}")
     accepted = {wanted} | ({"restval"} if wanted == "train" and restval_into_train else set())
@@ -94,10 +80,8 @@ def read_karpathy(
         if value is None:
             raise DataError(f"{json_path}: images[{i}] has no 'split' field")
         if value not in KARPATHY_SPLITS:
-            raise DataError(
-                f"{json_path}: images[{i}] has unknown split {short_repr(value)}; "
-                f"expected one of {', '.join(KARPATHY_SPLITS)}"
-            )
+            raise DataError(f"{json_path}: images[{i}] has unknown split {short_repr(value)}; "
+                            f"expected one of {', '.join(KARPATHY_SPLITS)}")
         if value in accepted:
             selected.append(i)
     if max_images is not None:
@@ -150,9 +134,8 @@ def read_karpathy(
         if not isinstance(sentences, list):
             raise DataError(f"{where} has no 'sentences' list")
         if not sentences and entry["split"] in TRAINING_SPLITS:
-            raise DataError(
-                f"{where} (split {entry['split']!r}) has no sentences; training images need captions"
-            )
+            raise DataError(f"{where} (split {entry['split']!r}) has no sentences; training images need "
+                            "captions")
         for k, sentence in enumerate(sentences):
             text = _sentence_text(sentence, f"{where}.sentences[{k}]")
             captions.append(text)
@@ -163,24 +146,12 @@ def read_karpathy(
     dataset = data.get("dataset") or json_path.stem.removeprefix("dataset_")
     if not isinstance(dataset, str):
         raise DataError(f"{json_path}: 'dataset' must be a string, got {short_repr(dataset)}")
-    return Corpus(
-        name=f"{dataset}_{wanted}",
-        captions=captions,
-        caption_to_image=np.asarray(caption_to_image, dtype=np.int64),
-        image_ids=image_ids,
-        image_paths=image_paths,
-        labels=np.asarray(labels, dtype=np.int64) if any_label else None,
-        caption_ids=caption_ids,
-        meta={
-            "format": "karpathy",
-            "source": str(json_path),
-            "dataset": dataset,
-            "split": wanted,
-            "restval_into_train": bool(restval_into_train and wanted == "train"),
-            "max_images": max_images,
-            "image_lines": image_lines,
-        },
-    )
+    return Corpus(name=f"{dataset}_{wanted}", captions=captions, caption_to_image=caption_to_image,
+                  image_ids=image_ids, image_paths=image_paths, caption_ids=caption_ids,
+                  labels=labels if any_label else None,
+                  meta={"format": "karpathy", "source": str(json_path), "dataset": dataset, "split": wanted,
+                        "restval_into_train": bool(restval_into_train and wanted == "train"),
+                        "max_images": max_images, "image_lines": image_lines})
 
 
 def _load_json(json_path: Path) -> Any:
@@ -192,11 +163,7 @@ def _load_json(json_path: Path) -> Any:
 
 
 def _image_id(entry: dict, filename: str) -> str:
-    for key in ("cocoid", "imgid"):
-        value = entry.get(key)
-        if value is not None:
-            return str(value)
-    return filename
+    return next((str(entry[k]) for k in ("cocoid", "imgid") if entry.get(k) is not None), filename)
 
 
 def _sentence_text(sentence: Any, where: str) -> str:

@@ -146,10 +146,8 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
             if label_line[row] is None:
                 label_of[row], label_line[row] = label, line
             elif label_of[row] != label:
-                raise DataError(
-                    f"{path}: image {image!r} has label {_label_text(label_of[row])} at {_unit(path)} "
-                    f"{label_line[row]} but label {_label_text(label)} at {_unit(path)} {line}"
-                )
+                raise DataError(f"{path}: image {image!r} has label {_label_text(label_of[row])} at {_unit(path)} "
+                                f"{label_line[row]} but label {_label_text(label)} at {_unit(path)} {line}")
         captions.append(caption)
         caption_ids.append(f"{path.name}:{line}")
         caption_to_image.append(row)
@@ -164,23 +162,13 @@ def read_pairs(path: str | Path, split: str | None = None, image_root: str | Pat
             raise DataError(f"{path}: no rows with split {split!r}; splits present: {present}")
         raise DataError(f"{path}: holds no rows")
     if cross_split:
-        logger.warning(
-            "%s: images listed under more than one split (train/test leakage?): %s",
-            path,
-            "; ".join(cross_split),
-        )
+        logger.warning("%s: images listed under more than one split (train/test leakage?): %s", path,
+                       "; ".join(cross_split))
 
-    image_ids = list(rows)
-    return Corpus(
-        name=f"{path.stem}_{wanted or 'all'}",
-        captions=captions,
-        caption_to_image=np.asarray(caption_to_image, dtype=np.int64),
-        image_ids=image_ids,
-        image_paths=[_resolve(root, image) for image in image_ids],
-        labels=labels_array(label_of) if any_label else None,
-        caption_ids=caption_ids,
-        meta={"format": "pairs", "source": str(path), "split": wanted, "image_lines": image_lines},
-    )
+    return Corpus(name=f"{path.stem}_{wanted or 'all'}", captions=captions, caption_to_image=caption_to_image,
+                  image_ids=list(rows), image_paths=[_resolve(root, image) for image in rows], caption_ids=caption_ids,
+                  labels=labels_array(label_of) if any_label else None,
+                  meta={"format": "pairs", "source": str(path), "split": wanted, "image_lines": image_lines})
 
 
 def _unit(path: Path) -> str:
@@ -267,11 +255,9 @@ def _parse_label(value: Any, where: str) -> int | None:
 
 
 def _no_split_column(path: Path, split: str) -> NoSplitColumn:
-    return NoSplitColumn(
-        f"{path}: has no 'split' column, so split {split!r} cannot be selected; read every row with "
-        "--split all (vsekit index build / add) or data.split: null (a recipe's data section), or add a "
-        "'split' column"
-    )
+    return NoSplitColumn(f"{path}: has no 'split' column, so split {split!r} cannot be selected; read every row "
+                         "with --split all (vsekit index build / add) or data.split: null (a recipe's data section), "
+                         "or add a 'split' column")
 
 
 def _csv_header_lacks_split(path: Path) -> bool:
@@ -293,61 +279,57 @@ def _records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield ``(where, line, record)``; ``where`` is ``"file:line"`` for messages."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        yield from _csv_records(path, delimiter="\t" if suffix == ".tsv" else ",")
+        records = _csv_records(path, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
-        yield from _jsonl_records(path)
+        records = _jsonl_records(path)
     elif suffix == ".json":
-        yield from _json_array_records(path)
+        records = _json_array_records(path)
     else:
-        raise DataError(
-            f"{path}: unknown pairs file type {suffix!r}; expected one of {', '.join(PAIRS_EXTENSIONS)}"
-        )
+        raise DataError(f"{path}: unknown pairs file type {suffix!r}; expected one of {', '.join(PAIRS_EXTENSIONS)}")
+    try:
+        yield from records
+    except UnicodeDecodeError:  # met while reading: only an offset into some buffer, so name the line
+        raise utf8_error(path) from None
 
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    try:
-        with open_text(path, newline="") as f:
-            reader = csv.reader(bounded_lines(f, path), delimiter=delimiter)
-            try:
-                header = next(reader, None)
-                if not header:
-                    raise DataError(f"{path}:1: empty file, expected a header with columns image,caption")
-                header = [h.strip() for h in header]
-                for column in ("image", "caption"):
-                    if column not in header:
-                        raise DataError(f"{path}:1: header has no '{column}' column "
-                                        f"(columns: {', '.join(map(repr, header))})")
-                for column in ("image", "caption", "split", "label"):
-                    if header.count(column) > 1:
-                        raise DataError(f"{path}:1: header names column '{column}' more than once")
-                while True:
-                    line = reader.line_num + 1  # a record may span lines (quoted newlines): report its first
-                    fields = next(reader, None)
-                    if fields is None:
-                        break
-                    if not any(field.strip() for field in fields):
-                        continue
-                    if len(fields) > len(header):
-                        raise DataError(f"{path}:{line}: {len(fields)} fields but the header has {len(header)}")
-                    yield f"{path}:{line}", line, dict(zip(header, fields))
-            except csv.Error as exc:
-                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
-    except UnicodeDecodeError:
-        raise utf8_error(path) from None
+    with open_text(path, newline="") as f:
+        reader = csv.reader(bounded_lines(f, path), delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}:1: empty file, expected a header with columns image,caption")
+            header = [h.strip() for h in header]
+            for column in ("image", "caption"):
+                if column not in header:
+                    raise DataError(f"{path}:1: header has no '{column}' column "
+                                    f"(columns: {', '.join(map(repr, header))})")
+            for column in ("image", "caption", "split", "label"):
+                if header.count(column) > 1:
+                    raise DataError(f"{path}:1: header names column '{column}' more than once")
+            while True:
+                line = reader.line_num + 1  # a record may span lines (quoted newlines): report its first
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if not any(field.strip() for field in fields):
+                    continue
+                if len(fields) > len(header):
+                    raise DataError(f"{path}:{line}: {len(fields)} fields but the header has {len(header)}")
+                yield f"{path}:{line}", line, dict(zip(header, fields))
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    try:
-        with open_text(path) as f:
-            for line, text in enumerate(bounded_lines(f, path), start=1):
-                if not text.strip():
-                    continue
-                record = parse_json(text, f"{path}:{line}")
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line}: expected a JSON object, got {json_type(record)}")
-                yield f"{path}:{line}", line, record
-    except UnicodeDecodeError:
-        raise utf8_error(path) from None
+    with open_text(path) as f:
+        for line, text in enumerate(bounded_lines(f, path), start=1):
+            if not text.strip():
+                continue
+            record = parse_json(text, f"{path}:{line}")
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line}: expected a JSON object, got {json_type(record)}")
+            yield f"{path}:{line}", line, record
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:

@@ -68,9 +68,7 @@ def read_precomp(root: str | Path, split: str, *, max_images: int | None = None)
     if max_images is not None and max_images < 1:
         raise DataError(f"{root}: max_images must be >= 1, got {max_images}")
     prefix = _find_prefix(root, split)
-    ims_path = root / f"{prefix}_ims.npy"
-    caps_path = root / f"{prefix}_caps.txt"
-    ids_path = root / f"{prefix}_ids.txt"
+    ims_path, caps_path, ids_path = (root / f"{prefix}_{name}" for name in ("ims.npy", "caps.txt", "ids.txt"))
     if not caps_path.is_file() and not ids_path.is_file():
         raise DataError(f"{caps_path}: caption file not found (it goes with {ims_path.name})")
 
@@ -80,10 +78,8 @@ def read_precomp(root: str | Path, split: str, *, max_images: int | None = None)
     if n == 0:
         raise DataError(f"{ims_path}: holds no feature rows")
     if m % n != 0:
-        raise DataError(
-            f"{caps_path} has {m} captions and {ims_path} has {n} image rows; "
-            f"{m} is not a multiple of {n}, so captions cannot be assigned to images"
-        )
+        raise DataError(f"{caps_path} has {m} captions and {ims_path} has {n} image rows; "
+                        f"{m} is not a multiple of {n}, so captions cannot be assigned to images")
     per_image = m // n
     image_ids = [str(i) for i in range(n)]
     if ids_path.is_file():
@@ -100,23 +96,11 @@ def read_precomp(root: str | Path, split: str, *, max_images: int | None = None)
     check_finite(features, ims_path, n, caption_file=caps_path.name, captions_per_image=per_image)
     labels = read_labels(root, prefix, features.shape[0] if max_images is None else None, n)
 
-    return Corpus(
-        name=f"{root.name or 'precomp'}_{prefix}",
-        captions=captions,
-        caption_to_image=np.arange(len(captions), dtype=np.int64) // max(per_image, 1),
-        image_ids=image_ids,
-        features=features,
-        labels=labels,
-        caption_ids=caption_ids,
-        meta={
-            "format": "precomp",
-            "source": str(root),
-            "split": split,
-            "file_split": prefix,
-            "captions_per_image": per_image,
-            "max_images": max_images,
-        },
-    )
+    return Corpus(name=f"{root.name or 'precomp'}_{prefix}", captions=captions,
+                  caption_to_image=np.arange(len(captions), dtype=np.int64) // max(per_image, 1),
+                  image_ids=image_ids, features=features, labels=labels, caption_ids=caption_ids,
+                  meta={"format": "precomp", "source": str(root), "split": split, "file_split": prefix,
+                        "captions_per_image": per_image, "max_images": max_images})
 
 
 def read_labels(root: Path, prefix: str, expected: int | None, keep: int) -> np.ndarray | None:
@@ -226,7 +210,5 @@ def check_finite(features: np.ndarray, path: Path, rows: int | None = None, *, c
             last = first + captions_per_image - 1
             lines = f"line {first}" if first == last else f"lines {first}-{last}"
             owner = f" (the image of {caption_file} {lines})"
-        raise DataError(
-            f"{path}: row {bad}{owner} holds {what} of its {row.size} values, the first non-finite row "
-            "in the file; recompute the features, or drop the row and its captions"
-        )
+        raise DataError(f"{path}: row {bad}{owner} holds {what} of its {row.size} values, the first non-finite "
+                        "row in the file; recompute the features, or drop the row and its captions")

@@ -29,6 +29,7 @@ ends up in the paths an index records, and a sparse member's data is not where i
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -69,6 +70,7 @@ MAX_INDEX_BYTES = 4 << 30
 MAX_SHARDS = 100_000
 _SPLIT_ALIASES = {"val": ("val", "dev"), "dev": ("dev", "val")}
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset: the key is the name up to the first dot
+_COLUMNS = ("shard", "member", "offset", "size", "header", "image_id", "captions", "caption_ids", "label")
 _LINK_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character "
                "device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 
@@ -165,17 +167,10 @@ def load_index(files: Sequence[Path], beside: Path | None = None, name: str = ""
     index = build_index(files)
     text = json.dumps(index, separators=(",", ":"))
     for p in places:
-        try:
+        with contextlib.suppress(OSError):
             atomic_write_text(p, text)
             break
-        except OSError:
-            continue
     return index
-
-
-def _split_name(member: str) -> tuple[str, str] | None:
-    m = _KEY.match(member)
-    return (m.group(1), m.group(2).lower()) if m else None
 
 
 def _check_member(shard: Path, m: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -193,10 +188,11 @@ def _check_member(shard: Path, m: tarfile.TarInfo) -> tarfile.TarInfo:
 def _samples(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
     """(key, {extension: member}) per sample of a shard: its consecutive files of one key, as webdataset
     groups them."""
-    named = ((n, m) for m in tf if _check_member(path, m).isfile() and (n := _split_name(m.name)))
-    for key, group in itertools.groupby(named, key=lambda nm: nm[0][0]):
+    named = ((k, m) for m in tf if _check_member(path, m).isfile() and (k := _KEY.match(m.name)))
+    for key, group in itertools.groupby(named, key=lambda km: km[0].group(1)):
         sample: dict[str, tarfile.TarInfo] = {}
-        for (_, ext), m in group:
+        for k, m in group:
+            ext = k.group(2).lower()
             if ext in sample:
                 raise DataError(f"{path}: {m.name}: a second {ext!r} member in sample {key!r}")
             sample[ext] = m
@@ -228,8 +224,7 @@ class _IndexBuilder:
     def __init__(self) -> None:
         self.kind: str | None = None  # "images" or "features"
         self.feature: dict[str, Any] | None = None  # row shape and dtype of features
-        self.cols: dict[str, list] = {k: [] for k in ("shard", "member", "offset", "size", "header", "image_id",
-                                                       "captions", "caption_ids", "label")}
+        self.cols: dict[str, list] = {k: [] for k in _COLUMNS}
 
     def columns(self) -> dict[str, Any]:
         return {"kind": self.kind, "feature": self.feature, **self.cols}
@@ -318,8 +313,7 @@ def read_shards(path: str | Path, split: str, *, max_images: int | None = None) 
     files, beside = find_shards(path, split)
     index = load_index(files, beside, files[0].name.rsplit("-", 1)[0] if beside is not None else "")
     n = len(index["shard"]) if max_images is None else min(max_images, len(index["shard"]))
-    cols = {k: index[k][:n] for k in ("shard", "member", "offset", "size", "header", "image_id", "captions",
-                                      "caption_ids", "label")}
+    cols = {k: index[k][:n] for k in _COLUMNS}
     names = [str(f) for f in files]
     images = index["kind"] == "images"
     paths = []
@@ -408,11 +402,8 @@ def _sample_meta(corpus: Corpus, row: int, caps: np.ndarray) -> dict[str, Any]:
     meta: dict[str, Any] = {"image_id": corpus.image_ids[row], "captions": [corpus.captions[j] for j in caps]}
     if corpus.caption_ids is not None:
         meta["caption_ids"] = [corpus.caption_ids[j] for j in caps]
-    label = None
-    if corpus.labels is not None:
-        v = corpus.labels[row]
-        label = [int(x) for x in v] if corpus.multi_label else int(v)
-    meta["label"] = label
+    labels = corpus.labels
+    meta["label"] = None if labels is None else labels[row].tolist() if corpus.multi_label else int(labels[row])
     return meta
 
 

@@ -109,9 +109,7 @@ def normalise_labels(raw: np.ndarray, where: str, *, shift: bool | None = None,
     per_row = y.sum(1)
     if (per_row == 0).any():
         raise DataError(f"{where}: row {int(np.flatnonzero(per_row == 0)[0])} has no label")
-    if not multi:
-        return y.argmax(1)  # one-hot in every split: class ids
-    return y
+    return y if multi else y.argmax(1)  # one-hot in every split: class ids
 
 
 def _label_paths(root: Path) -> list[Path]:

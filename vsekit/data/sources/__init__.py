@@ -11,16 +11,14 @@ from vsekit.data.formats.xmodal import CrossModalFeatureData
 from vsekit.data.sources.base import (
     SOURCES,
     DataConfig,
-    common_keys,
     data_config,
     load_split,
     register_source,
     sniff_order,
     sniff_source,
-    source_class,
     source_names,
 )
 
 __all__ = ["SOURCES", "CrossModalFeatureData", "DataConfig", "DemoData", "FolderData", "KarpathyData", "PairsData",
-           "PrecompData", "ShardsData", "common_keys", "data_config", "list_images", "load_split",
-           "read_folder", "register_source", "sniff_order", "sniff_source", "source_class", "source_names"]
+           "PrecompData", "ShardsData", "data_config", "list_images", "load_split", "read_folder", "register_source",
+           "sniff_order", "sniff_source", "source_names"]

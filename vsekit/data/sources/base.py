@@ -82,11 +82,6 @@ class DataConfig(BaseModel):
         return f"{self.format}:{path}" if path else self.format
 
 
-def common_keys() -> set[str]:
-    """The keys every data source has (kept when a recipe switches ``data.format``)."""
-    return set(DataConfig.model_fields)
-
-
 def register_source(name: str, sniff_priority: int | None = None):
     """Class decorator: register a :class:`DataConfig` subclass as data format ``name`` in :data:`SOURCES`.
     Sources with a ``sniff_priority`` take part in recognising ``--data PATH`` (lower first); no two share
@@ -114,13 +109,6 @@ def source_names() -> list[str]:
     return SOURCES.names()
 
 
-def source_class(name: str, where: str = "data") -> type[DataConfig]:
-    if name not in SOURCES:
-        raise ConfigError(f"{where}.format: unknown data format {name!r}{did_you_mean(name, SOURCES.names())} "
-                          f"(known: {', '.join(source_names())})")
-    return SOURCES.get(name)
-
-
 def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataConfig:
     """Validate a ``data`` section into its source's options (a :class:`ConfigError` names a bad key)."""
     from vsekit.registry import validate_section
@@ -130,14 +118,17 @@ def data_config(spec: dict[str, Any] | DataConfig, where: str = "data") -> DataC
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
     fmt = spec.get("format", DataConfig.model_fields["format"].default)
-    return validate_section(source_class(fmt, where), spec, where)
+    if fmt not in SOURCES:
+        raise ConfigError(f"{where}.format: unknown data format {fmt!r}{did_you_mean(fmt, SOURCES.names())} "
+                          f"(known: {', '.join(source_names())})")
+    return validate_section(SOURCES.get(fmt), spec, where)
 
 
 def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | None = None) -> Corpus:
     """One split of a data set: read by its source, cut to ``max_images`` (else ``data.max_images``), and,
     for image files, checked (:func:`~vsekit.data.checks.check_images`: headers, or every image decoded
     when ``data.check_images`` is ``"decode"``) unless ``data.check_images`` is off."""
-    from vsekit.data.checks import check_images
+    from vsekit.data.checks import check_images, take_first_images
 
     data = data_config(data)
     n = max_images if max_images is not None else data.max_images
@@ -145,12 +136,9 @@ def load_split(data: DataConfig | dict[str, Any], split: str, max_images: int | 
         raise DataError(f"{data.describe()}: max_images must be >= 1, got {n}")
     corpus = data.read(split, n)
     if n is not None and corpus.num_images > n:
-        from vsekit.data.checks import take_first_images
-
         corpus = take_first_images(corpus, n)
     if corpus.image_paths is not None and data.check_images:
-        corpus = check_images(corpus, skip_missing=data.skip_missing_images,
-                              decode=data.check_images == "decode")
+        corpus = check_images(corpus, skip_missing=data.skip_missing_images, decode=data.check_images == "decode")
     return corpus
 
 
@@ -162,8 +150,9 @@ def sniff_source(arg: str, image_root: str | None = None, base: DataConfig | dic
     own data section); so are a demo set's options when ``base`` is the demo set too.
     """
     base_cfg = data_config(base) if base is not None else None
+    # the keys every data source has are kept when the format changes
     shared = {k: v for k, v in (base_cfg.model_dump() if base_cfg else {}).items()
-              if k in common_keys() and k != "format"}
+              if k in DataConfig.model_fields and k != "format"}
     if arg == "demo":
         if base_cfg is not None and base_cfg.format == "demo":
             return base_cfg
