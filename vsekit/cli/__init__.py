@@ -12,6 +12,7 @@ command stopped by SIGTERM or SIGHUP says so in one line, with the same exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -127,10 +128,8 @@ def _ignore_file_size_signal() -> None:
     """Past a file-size limit (RLIMIT_FSIZE) the kernel sends SIGXFSZ, which kills a process by default; ignored,
     the write fails with EFBIG instead, which vsekit reports (and the old file stays)."""
     if hasattr(signal, "SIGXFSZ"):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        except (ValueError, OSError):  # not the main thread
-            pass
 
 
 if __name__ == "__main__":

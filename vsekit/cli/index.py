@@ -117,9 +117,7 @@ def _backend_config(args: argparse.Namespace):
 
 def _where(m: dict) -> str:
     q = m.get("qdrant")
-    if not q:
-        return ""
-    return f" (qdrant {q.get('url') or q.get('path')}: collections {', '.join(q['collections'].values())})"
+    return "" if not q else f" (qdrant {q.get('url') or q.get('path')}: collections {', '.join(q['collections'].values())})"
 
 
 # -- handlers -----------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from vsekit.index.backends import (
 )
 from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
 from vsekit.index.generations import load_data, write_index, write_lock
-from vsekit.index.manifest import MANIFEST, read_manifest, thumbnails_section
+from vsekit.index.manifest import MANIFEST, read_manifest
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
 from vsekit.utils.fs import is_stale_work
@@ -162,7 +164,7 @@ def _join_blocks(parts: list[tuple[np.ndarray, LocalSets | None]]) -> tuple[np.n
 
 @contextlib.contextmanager
 def _thumbnails_made(index_dir: Path, corpus: Corpus, rows: Sequence[int],
-                     max_side: int | None) -> Iterator[thumbs.Background | None]:
+                     max_side: int | None) -> Iterator[Future[thumbs.Thumbnails] | None]:
     """Thumbnails of the given rows made in the background (on rank 0, which writes the index) while the
     ``with`` block encodes them; None when there are to be none (``max_side`` 0 or None, precomputed
     features, another rank). Their work folder in ``index_dir`` lives until the block is left."""
@@ -170,7 +172,7 @@ def _thumbnails_made(index_dir: Path, corpus: Corpus, rows: Sequence[int],
         yield None
         return
     paths = [corpus.image_paths[r] for r in rows]
-    with thumbs.staging(index_dir) as work, thumbs.Background(paths, max_side, work) as made:
+    with thumbs.staging(index_dir) as work, thumbs.background(paths, max_side, work) as made:
         yield made
 
 
@@ -209,7 +211,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     distributed.run_on_main(lambda: check_writable_dir(out, "index folder", create=False), share=lambda _: None)
     with_captions = _check_build(embedder, corpus, kind, captions, rerank, context_dtype)  # alike on every process
     if thumbnail_size:
-        thumbnail_size = _check_thumbnail_size(thumbnail_size)
+        thumbnail_size = thumbs.check_max_side(thumbnail_size, SearchIndexError)
     learned = embedder.learned_similarity
     targets = TARGETS if with_captions else ("images",)
     # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
@@ -250,15 +252,10 @@ def _check_build(embedder, corpus: Corpus, kind: str, captions: bool | None, rer
         raise SearchIndexError(f"{corpus.name} has no captions to index")
     _check_can_encode(embedder, corpus)
     if embedder.learned_similarity:
-        _check_rerank_options(rerank, context_dtype)
+        check_rerank(rerank)
+        if context_dtype not in DTYPES:
+            raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
     return bool(corpus.num_captions) if captions is None else captions
-
-
-def _check_thumbnail_size(size: Any) -> int:
-    try:
-        return thumbs.check_max_side(size)
-    except thumbs.ThumbnailError as e:
-        raise SearchIndexError(str(e)) from None
 
 
 def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=None, **options) -> Backend:
@@ -280,15 +277,8 @@ def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=N
 
 def _new_manifest(embedder, dim: int, source: str) -> dict[str, Any]:
     ckpt = embedder.checkpoint_path
-    return {
-        "fingerprint": embedder.fingerprint,
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-        "similarity": embedder.similarity,
-        "dim": dim,
-        "sources": [source],
-        "created": _now(),
-        "updated": _now(),
-    }
+    return {"fingerprint": embedder.fingerprint, "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+            "similarity": embedder.similarity, "dim": dim, "sources": [source], "created": _now(), "updated": _now()}
 
 
 def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
@@ -299,11 +289,8 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
         data = vector_store.build(data)
         with write_lock(out):
             previous = None
-            if (out / MANIFEST).exists():
-                try:
-                    previous = read_manifest(out)
-                except SearchIndexError:  # --overwrite replaces a broken index too
-                    previous = None
+            with contextlib.suppress(SearchIndexError):  # none, or --overwrite replaces a broken one too
+                previous = read_manifest(out)
             written = write_index(out, data, {**manifest, **vector_store.manifest_fields()}, previous)
     except BaseException:
         vector_store.discard()
@@ -319,12 +306,6 @@ def check_rerank(rerank: Any) -> int:
     if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
         raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
     return int(rerank)
-
-
-def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
-    check_rerank(rerank)
-    if context_dtype not in DTYPES:
-        raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
 
 
 def _warn_if_shortlist_untrained(config) -> None:
@@ -344,12 +325,8 @@ def check_local_sets(manifest: dict[str, Any], embedder, index_dir: Path) -> Non
 
 
 def _unique(candidate: str, taken: set[str]) -> str:
-    if candidate not in taken:
-        return candidate
-    n = 2
-    while f"{candidate}~{n}" in taken:
-        n += 1
-    return f"{candidate}~{n}"
+    names = itertools.chain([candidate], (f"{candidate}~{n}" for n in itertools.count(2)))
+    return next(name for name in names if name not in taken)
 
 
 @dataclass
@@ -389,7 +366,7 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
         with_captions = bool(plan.manifest.get("has_captions"))
         cap_index, cap_records = (_caption_rows(corpus, plan.rows, plan.ids, embedder) if with_captions
                                    else (None, None))
-        section = thumbnails_section(plan.manifest)  # an index with thumbnails gets them for the new images
+        section = plan.manifest.get("thumbnails")  # an index with thumbnails gets them for the new images
         with _thumbnails_made(index_dir, corpus, plan.rows, section and section["max_side"]) as made:
             img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,
                                          plan.manifest.get("context_dtype", "float32"))

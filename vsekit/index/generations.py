@@ -45,14 +45,7 @@ from vsekit.errors import one_line
 from vsekit.index import thumbnails as thumbs
 from vsekit.index.backends import backend_files, manifest_backend
 from vsekit.index.data import BEFORE_RELEASE, TARGETS, IndexData, SearchIndexError, read_file
-from vsekit.index.manifest import (
-    GENERATION,
-    MANIFEST,
-    generation_manifest,
-    thumbnails_section,
-    vectors_in_folder,
-    write_manifest,
-)
+from vsekit.index.manifest import GENERATION, MANIFEST, generation_manifest, vectors_in_folder, write_manifest
 from vsekit.models.local_sets import LocalSets
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
 
@@ -225,14 +218,13 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
             continue
         if verify:
             verify_files(gen, manifest, names)
-        sets = read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
-        out[target] = sets
+        out[target] = read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
     return out
 
 
 def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
     """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
-    section = thumbnails_section(manifest)
+    section = manifest.get("thumbnails")
     if section is None:
         return None
     if section["generation"] != manifest["generation"]:

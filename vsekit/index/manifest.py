@@ -195,11 +195,6 @@ def vectors_in_folder(manifest: dict[str, Any]) -> bool:
     return manifest.get("backend", "local") == "local"
 
 
-def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest's ``thumbnails`` section, or None when the index has none."""
-    return manifest.get("thumbnails") or None
-
-
 # -- writing ----------------------------------------------------------------------------------------------
 def generation_manifest(manifest: dict[str, Any], gen: str, data: IndexData, files: dict[str, Any],
                         thumb_files: dict[str, Any]) -> dict[str, Any]:

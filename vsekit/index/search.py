@@ -442,14 +442,11 @@ class SearchIndex:
 
         sim = get_similarity(self.similarity)
         q = torch.from_numpy(queries)
-        if target == "images":  # caption queries: sim(images, captions).T
 
-            def block(a: int, b: int) -> np.ndarray:
-                return sim(torch.from_numpy(np.array(vectors[a:b])), q).T.numpy()
-        else:  # image queries against captions
-
-            def block(a: int, b: int) -> np.ndarray:
-                return sim(q, torch.from_numpy(np.array(vectors[a:b]))).numpy()
+        def block(a: int, b: int) -> np.ndarray:
+            rows = torch.from_numpy(np.array(vectors[a:b]))
+            # caption queries: sim(images, captions).T; image queries against captions: sim(images, captions)
+            return (sim(rows, q).T if target == "images" else sim(q, rows)).numpy()
 
         return exact_top_k(block, len(vectors), k, chunk=_ORDER_CHUNK)
 

@@ -105,15 +105,10 @@ class JsonH11Protocol(H11Protocol):
             self._arm(None)
             return
         state = self.conn.their_state
-        if state is h11.IDLE:
-            # a fresh connection, or bytes of a next request on a kept-alive one; an idle kept-alive
-            # connection with nothing sent is uvicorn's keep-alive timer's
-            waiting = self.cycle is None or bool(self.conn.trailing_data[0])
-            phase = "headers" if waiting else None
-        elif state is h11.SEND_BODY:
-            phase = "body"
-        else:
-            phase = None
+        # headers: a fresh connection, or bytes of a next request on a kept-alive one; an idle kept-alive
+        # connection with nothing sent is uvicorn's keep-alive timer's
+        headers = state is h11.IDLE and (self.cycle is None or bool(self.conn.trailing_data[0]))
+        phase = "headers" if headers else "body" if state is h11.SEND_BODY else None
         if phase != self._phase:
             self._arm(phase)
 

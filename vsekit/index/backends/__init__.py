@@ -1,15 +1,5 @@
-"""Where an index's vectors live and how they are searched: one module per backend, one row per kind here.
-
-===========  ===========  ==================================================================================
-backend      kind         class
-===========  ===========  ==================================================================================
-``local``    exact        :class:`~.numpy.NumpyExact`: the generation's memory-mapped ``.npy``, chunked
-                          matmul and a partial sort; one copy of the vectors, ties by row
-``local``    ivf, hnsw    :class:`~.faiss.FaissAnn`: a FAISS structure per target beside the ``.npy``
-``qdrant``   exact, hnsw  :class:`~.qdrant.QdrantBackend`: one Qdrant collection per target, on a server (a
-                          cluster, ``url``) or in a local-mode folder (``path``); the index folder keeps the
-                          records
-===========  ===========  ==================================================================================
+"""Where an index's vectors live and how they are searched: one module per backend, one row per (backend,
+kind) in :data:`BACKENDS` (docs/search.md, "The backends", compares them).
 
 Why an interface (:class:`~.base.Backend`): building, adding, removing (``build.py``) and querying
 (``search.py``) call the same few methods whatever holds the vectors, and the manifest and the generation

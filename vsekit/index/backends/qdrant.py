@@ -47,7 +47,7 @@ class QdrantConfig:
         if (self.url is None) == (self.path is None):
             raise SearchIndexError("a qdrant index needs exactly one of --url (a Qdrant server) and "
                                    "--qdrant-path (a local-mode folder)")
-        if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url or ""):
+        if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
             raise SearchIndexError(f"--url {self.url[:100]!r}: not an http(s) URL, e.g. http://localhost:6333")
         if self.url is not None and len(self.url) > 2048:
             raise SearchIndexError("--url: longer than 2048 characters")
@@ -274,17 +274,14 @@ class QdrantBackend(Backend):
                 "qdrant": {**where, "collections": dict(self.collections), "distance": "dot", **extra}}
 
     def close(self) -> None:
-        if self.client is None or not self._owns_client:
-            self.client = None
+        client, self.client = self.client, None
+        if client is None or not self._owns_client:
             return
         if self.path is not None:
             _release_local(self.path)
         else:
-            try:
-                self.client.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection is not worth an error
-                pass
-        self.client = None
+            with contextlib.suppress(Exception):  # closing a dead connection is not worth an error
+                client.close()
 
     # -- calls -------------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -292,9 +289,7 @@ class QdrantBackend(Backend):
         if self.client is None:
             raise SearchIndexError(f"qdrant at {self.where}: the connection is closed")
         try:
-            if self._lock is None:
-                return fn()
-            with self._lock:
+            with self._lock or contextlib.nullcontext():
                 return fn()
         except SearchIndexError:
             raise
@@ -451,9 +446,5 @@ class QdrantBackend(Backend):
 
     @staticmethod
     def _known(points, rows_of: dict[str, int]) -> list[tuple[float, int]]:
-        out = []
-        for p in points:
-            row = rows_of.get((p.payload or {}).get("id"))
-            if row is not None:
-                out.append((float(p.score), row))
-        return out
+        """(score, row) of the points whose ids the records know."""
+        return [(float(p.score), row) for p in points if (row := rows_of.get((p.payload or {}).get("id"))) is not None]
