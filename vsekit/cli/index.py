@@ -1,9 +1,4 @@
-"""The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line.
-
-``add_cli(subparsers)`` registers them on the main parser; each handler returns an exit code, and
-:func:`vsekit.cli.main` turns the errors a user can cause (bad paths, a foreign checkpoint, a bad data set)
-into one ``vsekit: error:`` line with exit code 2.
-"""
+"""The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line."""
 
 from __future__ import annotations
 

@@ -4,16 +4,10 @@ Only images whose files are not in the index yet are encoded on ``add``; ``remov
 An index remembers the fingerprint of the weights that made it, and every operation that embeds new
 inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
 
-Where the vectors go (the index folder, or a Qdrant collection) is the backend's business
-(:mod:`vsekit.index.backends`); this module encodes, keeps the records and commits each generation.
-
-For a model whose similarity is a network (SGRAF's SGR/SAF), the index also keeps every item's local sets
-(regions, words): the search shortlists by the inner product of the pooled embeddings (any backend) and
-reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.search`).
-
-An index of image files also keeps its own JPEG thumbnails (:mod:`vsekit.index.thumbnails`), made on
-``build`` and ``add`` by a few threads while the model encodes the same images, and carried along by every
-later generation: the server sends only those, never the file a record's ``path`` names.
+Where the vectors go is the backend's business (:mod:`vsekit.index.backends`); this module encodes, keeps
+the records and commits each generation. Besides, the index keeps the local sets of a model whose similarity
+is a network (the search reranks through it: :mod:`vsekit.index.search`), and the JPEG thumbnails of image
+files (:mod:`vsekit.index.thumbnails`), made by a few threads while the model encodes the same images.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import contextlib
 import datetime as _dt
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +26,8 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.index import thumbnails as thumbs
-from vsekit.index.backends import (
-    Backend,
-    BackendConfig,
-    LocalConfig,
-    create_backend,
-    manifest_backend,
-    open_backend,
-)
+from vsekit.index.backends import Backend, BackendConfig, create_backend, manifest_backend, open_backend
+from vsekit.index.backends.numpy import LocalConfig
 from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
 from vsekit.index.generations import load_data, write_index, write_lock
 from vsekit.index.manifest import MANIFEST, read_manifest
@@ -106,10 +94,7 @@ def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str],
     """Caption indices of the given image rows (corpus order) and their records; a caption's id is
     ``<image id>#<k>``, unique because image ids are (``k`` counts every caption of the image).
 
-    A caption with no word the ``embedder`` knows (only emoji, combining marks, punctuation or words of
-    another vocabulary) is not indexed, with one warning: its embedding is the model's answer to nothing, which
-    every query finds near (ranked above a caption that has the query's word), as a query with no known words
-    would be -- and such a query is refused."""
+    A caption with no word the ``embedder`` knows is not indexed, with one warning (why: docs/search.md)."""
     known = None if embedder.reads_text_features else embedder.known_words  # text features have no words
     id_of_row = dict(zip(rows, ids))
     seen: dict[int, int] = {}
@@ -138,28 +123,21 @@ def _encode_any(embedder, corpus: Corpus, rows: Sequence[int], caption_index: Se
     learned = embedder.learned_similarity
     opts = {"batch_size": batch_size, "progress": progress, "parts": learned, "dtype": dtype}
 
-    def images(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        out = embedder.encode_images(corpus, rows=block, **opts)
-        return out if learned else (out, None)
+    def encoded(encode: Callable[[Sequence[int]], Any], items: Sequence[int]) -> tuple[Any, LocalSets | None]:
+        block = encode if learned else lambda b: (encode(b), None)  # (embeddings, local sets) either way
+        return distributed.map_blocks(block, items, _join_blocks) or (None, None)
 
-    def captions(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        out = embedder.encode_texts([corpus.captions[j] for j in block], **opts)
-        return out if learned else (out, None)
-
-    img, img_sets = distributed.map_blocks(images, rows, _join_blocks) or (None, None)
-    cap, cap_sets = (None, None)
-    if caption_index is not None:
-        cap, cap_sets = distributed.map_blocks(captions, caption_index, _join_blocks) or (None, None)
+    img, img_sets = encoded(lambda b: embedder.encode_images(corpus, rows=b, **opts), rows)
+    cap, cap_sets = (None, None) if caption_index is None else encoded(
+        lambda b: embedder.encode_texts([corpus.captions[j] for j in b], **opts), caption_index)
     sets = {t: v for t, v in (("images", img_sets), ("captions", cap_sets)) if v is not None}
     return img, cap, sets
 
 
 def _join_blocks(parts: list[tuple[np.ndarray, LocalSets | None]]) -> tuple[np.ndarray, LocalSets | None]:
     """The embeddings (and local sets) of consecutive blocks of items, as those of all the items."""
-    vectors = np.concatenate([v for v, _ in parts])
-    if parts[0][1] is None:
-        return vectors, None
-    return vectors, LocalSets.concat([s for _, s in parts])
+    return (np.concatenate([v for v, _ in parts]),
+            None if parts[0][1] is None else LocalSets.concat([s for _, s in parts]))
 
 
 @contextlib.contextmanager
@@ -406,10 +384,8 @@ def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
     taken = {r["id"] for r in old.images}
     rows, ids = [], []
     for r in range(corpus.num_images):
-        if corpus.image_paths is not None:
-            if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
-                continue
-        elif corpus.image_ids[r] in taken:
+        if (str(Path(corpus.image_paths[r]).resolve()) in known_paths if corpus.image_paths is not None
+                else corpus.image_ids[r] in taken):
             continue
         new_id = _unique(corpus.image_ids[r], taken)
         taken.add(new_id)

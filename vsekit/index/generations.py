@@ -13,9 +13,7 @@ Layout of an index folder::
     g000002/images.thumbs    the index's own JPEG thumbnails of the images, and where each one is
     g000002/images.thumbs.npy   (vsekit.index.thumbnails): the only image bytes the server sends
 
-Exact local indexes hold only the ``.npy``: they are searched by chunked matmul over the memory maps, so the
-vectors are in RAM once. An index whose vectors live in a vector database holds no ``.npy``, only the
-records.
+An index whose vectors live in a vector database holds no ``.npy``, only the records.
 
 Why generations: an index is several files that must change together. Every write goes to a fresh
 temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
@@ -66,8 +64,7 @@ def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> N
     files = manifest["files"]
     for name in names:
         path = gen / name
-        rec = files.get(name)
-        if rec is None:
+        if (rec := files.get(name)) is None:
             raise SearchIndexError(f"{path}: corrupt index: the manifest records no checksum for this file")
         try:
             thumbs.check_record(path, path.stat().st_size, lambda p=path: file_record(p)["sha256"], rec,
@@ -189,13 +186,11 @@ def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 def _write_files(folder: Path, data: IndexData) -> None:
     """The generation's files; vectors only when they are here (not in a vector database). The backend's own
     structures (``data.ann``) are its to write."""
-    if data.image_vectors is not None:
-        np.save(folder / "images.npy", np.ascontiguousarray(data.image_vectors, dtype=np.float32))
-    _save_jsonl(folder / "images.jsonl", data.images)
-    if data.caption_vectors is not None:
-        np.save(folder / "captions.npy", np.ascontiguousarray(data.caption_vectors, dtype=np.float32))
-    if data.has_captions:
-        _save_jsonl(folder / "captions.jsonl", data.captions or [])
+    for target in TARGETS if data.has_captions else ("images",):
+        vectors = data.image_vectors if target == "images" else data.caption_vectors
+        if vectors is not None:
+            np.save(folder / f"{target}.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+        _save_jsonl(folder / f"{target}.jsonl", data.records(target))
     for target, sets in data.sets.items():
         sets.save(folder, target)
     if data.thumbnails is not None:

@@ -8,10 +8,8 @@ caption; between two items of the same side (image -> image, text -> caption) th
 embeddings is used.
 
 Models with a similarity network (SGRAF's SGR, SAF) are searched in two stages: an inner-product shortlist
-over the pooled embeddings (by the backend, as for cosine models), then the best ``rerank`` of the shortlist are
-scored through the network against the query's local sets (its words, or its regions) and returned by that
-score. With ``rerank`` >= the collection size the result is the network's exact ranking; below it, what the
-shortlist missed is never seen. The cost per query is ``rerank`` network evaluations.
+over the pooled embeddings (by the backend), then the best ``rerank`` of it scored through the network
+(docs/methods/sgraf.md, section 5).
 
 Image queries are checked before they are decoded in full: their header's size must fit a pixel limit and an
 aspect-ratio limit, and so must the size the model's resize step would make of them (a 100000 x 1 PNG of a
@@ -214,13 +212,10 @@ class SearchIndex:
         return time.monotonic() >= self._next_check
 
     def refresh(self, min_interval: float = 0.0) -> bool:
-        """Switch to the generation the manifest names now, if one was committed since this index was opened
-        (``vsekit index add``/``remove``); True when it switched. Looks at most once every ``min_interval``
-        seconds, by one ``stat`` of ``manifest.json``; a new generation is opened (checked as
-        :meth:`open` checks it) while queries go on with the old one, and replaces it only once it is
-        ready. One that cannot be opened (a model other than this one, a file that fails its checksum)
-        leaves the old one serving, is logged with the reason, and is not tried again until the manifest
-        changes again. While another thread refreshes, returns False at once."""
+        """Switch to the generation the manifest names now, if one was committed since this index was opened;
+        True when it switched. Looks at most once every ``min_interval`` seconds, by one ``stat`` of
+        ``manifest.json``; the new generation is opened and checked while queries go on with the old one (how
+        a failure is handled: docs/search.md, "Serving"). While another thread refreshes, returns False at once."""
         if not self.refresh_due() or not self._reload_lock.acquire(blocking=False):
             return False
         try:

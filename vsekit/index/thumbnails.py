@@ -1,25 +1,16 @@
 """The index's own thumbnails: the only image bytes the server sends.
 
-At ``index build`` and ``index add`` every image is decoded once more with the project's decoder
-(:func:`load_rgb`), scaled down to at most ``max_side`` pixels on its long side and **re-encoded as a baseline
-JPEG from its RGB pixels**; the server sends only those, by id, never the file a record's ``path`` names (why:
-docs/search.md, "Thumbnails").
+Every image is decoded once more (:func:`load_rgb`), scaled down to at most ``max_side`` pixels on its long
+side and **re-encoded as a baseline JPEG from its RGB pixels** (why: docs/search.md, "Thumbnails").
 
 Layout, in each generation folder (committed, checksummed and replaced with the rest of it)::
 
     images.thumbs       the JPEG files of the images, one after the other
     images.thumbs.npy   (N, 2) int64: offset and size in ``images.thumbs`` of row i's JPEG (size 0: none)
 
-The manifest's ``thumbnails`` section records their sizes and sha256 apart from ``files``, the generation
-they belong to (always the manifest's: another one is refused, as an index of a vsekit before 0.1.0), the
-``max_side`` and the count.
-
-Opening an index treats its folder as hostile: the generation folder and the pack are opened without
-following symlinks, only a regular file is accepted, and it is checked against its size and sha256 through
-the descriptor that is then held open (:class:`Pack`), so what is read later is what was checked, whatever is
-renamed into the folder since. Reading one thumbnail (:meth:`Thumbnails.read`) reads at most
-:data:`MAX_THUMBNAIL_BYTES` from inside the file as it is then, and the bytes must start like the JFIF JPEGs
-written here and end with the JPEG end marker, or nothing is sent.
+Opening an index treats its folder as hostile: no link is followed, only a regular file checked against its
+size and sha256 through the descriptor then held open is read (:class:`Pack`), and only bytes inside it that
+start and end like the JPEGs written here are sent (:meth:`Pack.read`).
 """
 
 from __future__ import annotations
@@ -282,8 +273,7 @@ def load(index_dir: Path, generation: str, n: int, max_side: int,
     """The thumbnails of a committed generation of ``n`` images: the pack held open (:class:`Pack`) and the
     table read, both checked against the sizes and sha256 in ``files`` (when given) through the very
     descriptors they are read from, then the table checked: (n, 2) integers inside the pack, none too large."""
-    gen = Path(index_dir) / generation
-    path = gen / TABLE
+    path = Path(index_dir) / generation / TABLE
     try:
         raw = _read_small(Path(index_dir), (generation, TABLE), 1024 + 16 * n)
     except OSError as e:
@@ -330,13 +320,12 @@ def _thumbnail_or_none(path: Any, max_side: int) -> bytes | None:
         return None
 
 
-def make_all(paths: Sequence[Any], max_side: int, folder: Path, *, workers: int | None = None,
-             stop: threading.Event | None = None) -> Thumbnails:
+def make_all(paths: Sequence[Any], max_side: int, folder: Path, stop: threading.Event | None = None) -> Thumbnails:
     """Thumbnails of the images at ``paths``, written into a pack in ``folder`` (a work folder the caller
-    owns), by ``workers`` threads (decoding and encoding release the GIL). An image that cannot be decoded
+    owns), by a few threads (decoding and encoding release the GIL). An image that cannot be decoded
     gets none (with a warning naming it). ``stop`` set: give up between chunks (returns what is done)."""
     max_side = check_max_side(max_side)
-    workers = workers or max(1, min(4, (os.cpu_count() or 1) // 2))
+    workers = max(1, min(4, (os.cpu_count() or 1) // 2))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnails") as pool:
 
         def made() -> Iterator[tuple[int, bytes | None]]:
@@ -350,14 +339,13 @@ def make_all(paths: Sequence[Any], max_side: int, folder: Path, *, workers: int 
 
 
 @contextlib.contextmanager
-def background(paths: Sequence[Any], max_side: int, folder: Path,
-               workers: int | None = None) -> Iterator[Future[Thumbnails]]:
+def background(paths: Sequence[Any], max_side: int, folder: Path) -> Iterator[Future[Thumbnails]]:
     """:func:`make_all` in a thread, while the caller encodes the same images: ``with background(...) as bg:
     ...; thumbs = bg.result()``. Leaving the block early (an error) stops it and waits for it."""
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsekit-thumbnails") as pool:
         try:
-            yield pool.submit(make_all, paths, max_side, folder, workers=workers, stop=stop)
+            yield pool.submit(make_all, paths, max_side, folder, stop)
         finally:
             stop.set()
 

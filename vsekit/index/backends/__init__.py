@@ -2,9 +2,8 @@
 kind) in :data:`BACKENDS` (docs/search.md, "The backends", compares them).
 
 Why an interface (:class:`~.base.Backend`): building, adding, removing (``build.py``) and querying
-(``search.py``) call the same few methods whatever holds the vectors, and the manifest and the generation
-folder ask a backend about its own section and files; another vector store is one module and a row in
-:data:`BACKENDS`.
+(``search.py``) call the same few methods whatever holds the vectors; another vector store is one module and
+a row in :data:`BACKENDS`.
 
 The life of a write: ``build.py`` reads the current generation (records, and the vectors when they are
 local), asks the backend for the next generation's :class:`IndexData` (:meth:`Backend.build`,

@@ -30,11 +30,10 @@ COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 @dataclass(frozen=True)
 class QdrantConfig:
-    """Vectors in Qdrant: a server or cluster at ``url`` (its API key, if any, is read from the environment
-    variable ``QDRANT_API_KEY`` and never written down), or the Python client's local mode in the folder
-    ``path``. The collections are ``<collection>-images`` and ``<collection>-captions``; ``collection=None``
-    names them after the index folder. ``shards`` and ``replicas`` are the collections' shard number and
-    replication factor on a cluster (the server's defaults when ``None``; local mode ignores them)."""
+    """Vectors in Qdrant: a server or cluster at ``url`` (its API key, if any, from ``QDRANT_API_KEY``), or
+    the Python client's local mode in the folder ``path``. The collections are ``<collection>-images`` and
+    ``<collection>-captions`` (``None``: named after the index folder); ``shards`` and ``replicas`` on a
+    cluster (``None``: the server's defaults; local mode ignores them)."""
 
     url: str | None = None
     path: str | None = None
@@ -174,12 +173,10 @@ class QdrantBackend(Backend):
     """Vectors in Qdrant collections (inner product: ``Distance.DOT`` over the model's unit vectors, so the
     scores are the model's cosine scores), with ``{"id"}`` (and a caption's ``"image"``) as payload.
 
-    Rows are not stored in the database: removing items renumbers the rows of the records, while a point's id
-    (:func:`point_id`) and payload stay. Search maps the hits' ids to the rows of the records it was opened
-    with and drops ids it does not know. ``kind="exact"`` asks the server for exact search
-    (``SearchParams(exact=True)``); ``hnsw`` uses its HNSW graph (``hnsw_m``, ``ef_construction``,
-    ``ef_search`` of the index's parameters). The client's local mode is a brute-force NumPy scan for both,
-    and writes each point in its own SQLite transaction: for tests and small collections."""
+    Rows are not stored in the database (removing items renumbers the rows of the records): search maps the
+    hits' ids (:func:`point_id`) to the rows of the records it was opened with and drops ids it does not know.
+    ``kind="exact"`` asks the server for exact search; ``hnsw`` uses its HNSW graph (``hnsw_m``,
+    ``ef_construction``, ``ef_search``). The client's local mode: docs/search.md, "Qdrant's local mode"."""
 
     name = "qdrant"
     manifest_section = QdrantManifest
