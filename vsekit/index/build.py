@@ -46,10 +46,8 @@ def _now() -> str:
 
 def corpus_from_folder(folder: str | Path) -> Corpus:
     """Every image file under ``folder`` (recursively), with its path relative to ``folder`` as its id and
-    the lines of a same-named ``.txt`` as its captions (the ``folder`` data source).
-
-    Unreadable files are skipped with a warning naming them: one bad photo should not stop an index build.
-    """
+    the lines of a same-named ``.txt`` as its captions (the ``folder`` data source). Unreadable files are
+    skipped with a warning naming them: one bad photo should not stop an index build."""
     from vsekit.data.sources import FolderData, load_split
 
     if not Path(folder).is_dir():
@@ -176,12 +174,10 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     (recorded in the manifest, the default of every search) is how many shortlisted items each query reranks
     through the network; ``context_dtype`` how the local sets are stored (``float16`` halves their size; the
     scores then move in the third or fourth decimal). ``thumbnail_size``: the long side, in pixels, of the
-    JPEG thumbnails the index keeps of its images (the only image bytes ``vsekit serve`` sends); 0 or None:
-    none (an index of precomputed features has none either).
+    index's JPEG thumbnails; 0 or None: none (an index of precomputed features has none either).
 
     Under torchrun every process encodes a block of the collection, and rank 0 alone opens the backend and
-    writes the index (the others do not touch ``out``); every process returns the manifest.
-    """
+    writes the index (the others do not touch ``out``); every process returns the manifest."""
     from vsekit.utils.io import check_writable_dir
 
     out = Path(out)
@@ -201,8 +197,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
                              config=embedder.config if learned else None),
         share=lambda _: None)
     try:
-        rows = list(range(corpus.num_images))
-        ids = list(corpus.image_ids)
+        rows, ids = list(range(corpus.num_images)), list(corpus.image_ids)
         cap_index, cap_records = _caption_rows(corpus, rows, ids, embedder) if with_captions else (None, None)
         with _thumbnails_made(out, corpus, rows, thumbnail_size) as made:
             img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
@@ -256,7 +251,8 @@ def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=N
 def _new_manifest(embedder, dim: int, source: str) -> dict[str, Any]:
     ckpt = embedder.checkpoint_path
     return {"fingerprint": embedder.fingerprint, "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-            "similarity": embedder.similarity, "dim": dim, "sources": [source], "created": _now(), "updated": _now()}
+            "similarity": embedder.similarity, "dim": dim, "sources": [source], "created": _now(),
+            "updated": _now()}
 
 
 def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,

@@ -22,8 +22,7 @@ generation; the leftovers are removed by the next successful write.
 
 Why checksums: a truncated or overwritten file must not be served, nor reach a C++ reader (which answers
 with an assertion). Opening an index checks every file of the generation against the size and sha256 the
-manifest records, and refuses a mismatch in one line naming the file; a manifest without checksums (a vsekit
-before 0.1.0) is refused.
+manifest records, and refuses a mismatch (or a manifest without checksums) in one line naming the file.
 """
 
 from __future__ import annotations
@@ -213,7 +212,8 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
             continue
         if verify:
             verify_files(gen, manifest, names)
-        out[target] = read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
+        out[target] = read_file(gen / names[0], "local sets",
+                                lambda t=target: LocalSets.load(gen, t, mmap=mmap))
     return out
 
 
@@ -243,10 +243,8 @@ def _next_generation(index_dir: Path, manifest: dict[str, Any] | None) -> str:
 
 def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any],
                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``data`` as a new generation and point the manifest at it; returns the manifest written.
-
-    Call under :func:`write_lock`. ``previous`` is the manifest being replaced, if any.
-    """
+    """Write ``data`` as a new generation and point the manifest at it; returns the manifest written. Call
+    under :func:`write_lock`. ``previous`` is the manifest being replaced, if any."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     # The generation's name is picked once its files are written, so the work folder is named after a

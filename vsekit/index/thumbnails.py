@@ -60,7 +60,8 @@ class ThumbnailError(VsekitError, ValueError):
 def check_max_side(max_side: Any, error: type[Exception] = ThumbnailError) -> int:
     """``max_side`` as an int in 1..:data:`MAX_SIDE_LIMIT`, else an ``error`` saying so."""
     if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or not 1 <= max_side <= MAX_SIDE_LIMIT:
-        raise error(f"thumbnail size must be 1..{MAX_SIDE_LIMIT} pixels (0 or none: no thumbnails), got {max_side!r}")
+        raise error(f"thumbnail size must be 1..{MAX_SIDE_LIMIT} pixels (0 or none: no thumbnails), "
+                    f"got {max_side!r}")
     return int(max_side)
 
 
@@ -224,7 +225,8 @@ class Thumbnails:
         for p in parts:
             sources.append(p.source + len(packs))
             packs.extend(p.packs)
-        return Thumbnails(packs, np.concatenate(sources), np.concatenate([p.table for p in parts]), parts[0].max_side)
+        return Thumbnails(packs, np.concatenate(sources), np.concatenate([p.table for p in parts]),
+                          parts[0].max_side)
 
     def read(self, row: int) -> bytes | None:
         """Row ``row``'s JPEG, or None when it has none. Raises :class:`ThumbnailError` (naming the file, for
@@ -320,7 +322,8 @@ def _thumbnail_or_none(path: Any, max_side: int) -> bytes | None:
         return None
 
 
-def make_all(paths: Sequence[Any], max_side: int, folder: Path, stop: threading.Event | None = None) -> Thumbnails:
+def make_all(paths: Sequence[Any], max_side: int, folder: Path,
+             stop: threading.Event | None = None) -> Thumbnails:
     """Thumbnails of the images at ``paths``, written into a pack in ``folder`` (a work folder the caller
     owns), by a few threads (decoding and encoding release the GIL). An image that cannot be decoded
     gets none (with a warning naming it). ``stop`` set: give up between chunks (returns what is done)."""
@@ -332,7 +335,8 @@ def make_all(paths: Sequence[Any], max_side: int, folder: Path, stop: threading.
             for a in range(0, len(paths), _CHUNK):
                 if stop is not None and stop.is_set():
                     return
-                yield from enumerate(pool.map(lambda p: _thumbnail_or_none(p, max_side), paths[a: a + _CHUNK]), a)
+                block = paths[a: a + _CHUNK]
+                yield from enumerate(pool.map(lambda p: _thumbnail_or_none(p, max_side), block), a)
 
         table = _write_pack(folder / PACK, len(paths), made())
     return Thumbnails([Pack(folder, PACK)], np.zeros(len(paths), np.int64), table, max_side)

@@ -289,9 +289,8 @@ class HostCheck:
             if name not in self.names:
                 shown = _short(hosts[0].decode("latin-1"), 60) if len(hosts) == 1 else f"{len(hosts)} Host headers"
                 logger.info("refused a request for Host %r (vsekit serve --allow-host NAME accepts a name)", shown)
-                resp = _error(400, f"this server does not answer for the host in the request's Host header "
-                                   f"({shown!r})")
-                await resp(scope, receive, send)
+                await _error(400, f"this server does not answer for the host in the request's Host header "
+                                  f"({shown!r})")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -44,8 +44,9 @@ class BindError(VsekitError):
 class _StrictConnection(h11.Connection):
     """h11's server side, refusing (as a protocol error, which uvicorn answers with ``send_400_response`` and
     a closed connection) what h11 accepts but RFC 9112 6.3 calls a smuggling risk; ``refused`` says why: a
-    request with both ``Content-Length`` and ``Transfer-Encoding``, whose body a proxy in front that reads the
-    other length would take for a second, smuggled request (h11 alone reads the chunks, keeps the connection)."""
+    request with both ``Content-Length`` and ``Transfer-Encoding``, whose body a proxy in front that reads
+    the other length would take for a second, smuggled request (h11 alone reads the chunks and keeps the
+    connection open)."""
 
     refused: str | None = None
 

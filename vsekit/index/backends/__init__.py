@@ -9,10 +9,9 @@ The life of a write: ``build.py`` reads the current generation (records, and the
 local), asks the backend for the next generation's :class:`IndexData` (:meth:`Backend.build`,
 :meth:`~Backend.add`, :meth:`~Backend.remove`; the backend updates its own structures on the way), writes that
 generation and commits the manifest, then calls :meth:`~Backend.committed`. A backend that keeps its vectors
-elsewhere orders its own writes so that the database always holds at least the committed records' points:
-added points go in before the commit, removed ones go out after it. Points the records do not know (left by a
-write that died before its commit, or added by another process since this one opened the index) are never
-returned; the next add or remove deletes them.
+elsewhere orders its own writes so that the database always holds at least the committed records' points
+(added before the commit, removed after it; docs/search.md, "Consistency between the folder and the
+database").
 """
 
 from __future__ import annotations
@@ -44,13 +43,11 @@ def kinds_of(backend: str) -> list[str]:
 
 
 def backend_class(backend: str, kind: str) -> type[Backend]:
-    cls = BACKENDS.get((backend, kind))
-    if cls is None:
-        kinds = kinds_of(backend)
-        if not kinds:
-            raise SearchIndexError(f"unknown backend {backend!r}; known: {', '.join(sorted({b for b, _ in BACKENDS}))}")
-        raise SearchIndexError(f"the {backend} backend has no {kind!r} index; its kinds: {', '.join(kinds)}")
-    return cls
+    if (cls := BACKENDS.get((backend, kind))) is not None:
+        return cls
+    if not (kinds := kinds_of(backend)):
+        raise SearchIndexError(f"unknown backend {backend!r}; known: {', '.join(sorted({b for b, _ in BACKENDS}))}")
+    raise SearchIndexError(f"the {backend} backend has no {kind!r} index; its kinds: {', '.join(kinds)}")
 
 
 def manifest_backend(manifest: dict[str, Any]) -> type[Backend]:

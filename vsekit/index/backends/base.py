@@ -20,8 +20,8 @@ class Backend(ABC):
     :func:`open_backend`, to the data it was opened with.
 
     What a backend keeps beside the records it declares here: its own files in a generation folder, one per
-    target (``files``: extension -> what it holds), and the model of its manifest section (``manifest_section``).
-    """
+    target (``files``: extension -> what it holds), and the model of its manifest section
+    (``manifest_section``)."""
 
     name: ClassVar[str]
     files: ClassVar[dict[str, str]] = {}

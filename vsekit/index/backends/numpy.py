@@ -32,10 +32,8 @@ class LocalConfig:
 # -- exact top-k -------------------------------------------------------------------------------------------
 def exact_top_k(score_block: Callable[[int, int], np.ndarray], n: int, k: int,
                 chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (scores, rows), best first, ties by row, from ``score_block(a, b) -> (Q, b - a)``.
-
-    The collection is scored ``chunk`` rows at a time, so memory is O(Q * (k + chunk)) whatever N is.
-    """
+    """Exact top-``k`` (scores, rows), best first, ties by row, from ``score_block(a, b) -> (Q, b - a)``; the
+    collection is scored ``chunk`` rows at a time, so memory is O(Q * (k + chunk)) whatever N is."""
     k = min(k, n)
     best_s = best_r = None
     for a in range(0, n, chunk):

@@ -192,10 +192,9 @@ class QdrantBackend(Backend):
         self.url, self.path, self.collections, self.dim = url, path, dict(collections), dim
         self.shards, self.replicas = shards, replicas
         self._owns_client = client is None
-        if client is None:
-            client = _acquire_local(path) if path is not None else self._remote_client(url)
-        self.client = client
-        self.local = path is not None or _is_local(client)
+        self.client = client if client is not None else (
+            _acquire_local(path) if path is not None else self._remote_client(url))
+        self.local = path is not None or _is_local(self.client)
         self.where = url or (f"local-mode folder {path}" if path else "the client given")
         self._lock = threading.Lock() if self.local else None  # local mode is not meant for threads
         self._rows: dict[str, dict[str, int]] = {}
@@ -233,12 +232,10 @@ class QdrantBackend(Backend):
                         "there if nothing else does", index_dir, ", ".join(left), old.get("url") or old.get("path"))
 
     @classmethod
-    def create(cls, config: Any, *, index_dir: str | Path, kind: str, params: AnnParams,
+    def create(cls, config: QdrantConfig, *, index_dir: str | Path, kind: str, params: AnnParams,
                targets: Sequence[str], overwrite: bool) -> QdrantBackend:
         """Connect and check that the collections may be written (they do not exist, or ``overwrite``);
         nothing is created before :meth:`build`."""
-        if not isinstance(config, QdrantConfig):
-            raise SearchIndexError("a qdrant index needs a QdrantConfig (its server or folder)")
         base = config.collection or default_collection(index_dir)
         path = str(Path(config.path).expanduser().resolve()) if config.path is not None else None
         backend = cls(kind, params, url=config.url, path=path, dim=None,
@@ -444,4 +441,5 @@ class QdrantBackend(Backend):
     @staticmethod
     def _known(points, rows_of: dict[str, int]) -> list[tuple[float, int]]:
         """(score, row) of the points whose ids the records know."""
-        return [(float(p.score), row) for p in points if (row := rows_of.get((p.payload or {}).get("id"))) is not None]
+        return [(float(p.score), row) for p in points
+                if (row := rows_of.get((p.payload or {}).get("id"))) is not None]
