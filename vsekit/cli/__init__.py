@@ -4,14 +4,14 @@ Every error a user can cause (a bad config key, a missing file, a foreign checkp
 ``vsekit: error: ...`` line with exit code 2; a training run stopped for collapse exits with 3. An error of
 the system (a read-only folder, a full disk, a file-size limit) is one ``vsekit: error: <path>: <reason>``
 line with a hint and exit code 1 (``VSEKIT_DEBUG=1`` shows its traceback instead), and so is an allocation
-that fails (a model or batch too large for the machine). A training run stopped by
-SIGTERM, SIGINT or SIGHUP saves its state and exits with 128 + the signal's number (143, 130, 129); any other
-command stopped by SIGTERM or SIGHUP says so in one line, with the same exit codes.
-"""
+that fails (a model or batch too large for the machine). A training run stopped by SIGTERM, SIGINT or SIGHUP
+saves its state and exits with 128 + the signal's number (143, 130, 129); any other command stopped by
+SIGTERM or SIGHUP says so in one line, with the same exit codes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -55,12 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VsekitError, FileNotFoundError) as e:
         print(f"vsekit: error: {e}", file=sys.stderr)
         return 2
-    except TrainingCollapsed as e:
+    except (TrainingCollapsed, TrainingInterrupted) as e:
         print(f"vsekit: {e}", file=sys.stderr)
-        return 3
-    except TrainingInterrupted as e:
-        print(f"vsekit: {e}", file=sys.stderr)
-        return e.exit_code
+        return e.exit_code if isinstance(e, TrainingInterrupted) else 3
     except KeyboardInterrupt:
         print("vsekit: interrupted", file=sys.stderr)
         return 130
@@ -127,10 +124,8 @@ def _ignore_file_size_signal() -> None:
     """Past a file-size limit (RLIMIT_FSIZE) the kernel sends SIGXFSZ, which kills a process by default; ignored,
     the write fails with EFBIG instead, which vsekit reports (and the old file stays)."""
     if hasattr(signal, "SIGXFSZ"):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        except (ValueError, OSError):  # not the main thread
-            pass
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ def _rows(text: str) -> list[int]:
     try:
         rows = [non_negative_int(x.strip()) for x in text.split(",") if x.strip()]
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"rows must be a comma-separated list of row numbers 0, 1, ..., "
-                                         f"got {text[:60]!r}") from None
+        rows = []
     if not rows:
-        raise argparse.ArgumentTypeError(f"rows must be a comma-separated list of row numbers, got {text[:60]!r}")
+        raise argparse.ArgumentTypeError(f"rows must be a comma-separated list of row numbers 0, 1, ..., "
+                                         f"got {text[:60]!r}")
     return rows
 
 

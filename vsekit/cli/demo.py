@@ -13,7 +13,7 @@ from vsekit.cli.common import RECIPES
 RECIPE = RECIPES / "demo_vsepp.yaml"
 
 
-def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from vsekit.config import resolve_config
     from vsekit.data.demo import DEMO_QUERIES
     from vsekit.data.sources import load_split
@@ -22,8 +22,8 @@ def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
     from vsekit.inference import Embedder
     from vsekit.train.trainer import train
 
-    extra = ["train.epochs=2", "train.max_steps_per_epoch=40", "name=demo_vsepp_fast"] if fast else []
-    cfg = resolve_config(RECIPE, [*extra, *(overrides or [])])
+    extra = ["train.epochs=2", "train.max_steps_per_epoch=40", "name=demo_vsepp_fast"] if args.fast else []
+    cfg = resolve_config(RECIPE, [*extra, *args.overrides])
     t0 = time.perf_counter()
     print(f"[1/3] training {cfg.name} ({cfg.train.epochs} epochs) -> {cfg.output_dir}", flush=True)
     result = train(cfg)
@@ -50,10 +50,6 @@ def run_demo(fast: bool = False, overrides: list[str] | None = None) -> int:
         for r, i in enumerate(top, 1):
             print(f"     {r}. {row[i]:+.3f}  {test.image_paths[i].name}  ({first_caption.get(int(i), '')})")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(fast=args.fast, overrides=args.overrides)
 
 
 def add_cli(sub) -> None:

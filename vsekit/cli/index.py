@@ -1,9 +1,4 @@
-"""The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line.
-
-``add_cli(subparsers)`` registers them on the main parser; each handler returns an exit code, and
-:func:`vsekit.cli.main` turns the errors a user can cause (bad paths, a foreign checkpoint, a bad data set)
-into one ``vsekit: error:`` line with exit code 2.
-"""
+"""The ``index``, ``search`` and ``serve`` verbs of the ``vsekit`` command line."""
 
 from __future__ import annotations
 
@@ -41,13 +36,11 @@ def positive_size(text: str) -> int:
 
 
 def thumbnail_size(text: str) -> int:
+    """Pixels on a thumbnail's long side: 0 (no thumbnails) to the index's limit."""
     from vsekit.cli.common import whole_number
     from vsekit.index.thumbnails import MAX_SIDE_LIMIT
 
-    v = whole_number(text)
-    if not 0 <= v <= MAX_SIDE_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 0 (no thumbnails) to {MAX_SIDE_LIMIT} pixels, got {v}")
-    return v
+    return whole_number(text, 0, MAX_SIDE_LIMIT)
 
 
 def aspect_ratio(text: str) -> float:
@@ -90,13 +83,6 @@ def _load_source(args: argparse.Namespace, embedder):
     return load_split(every_row, DEFAULT_SPLIT, args.max_images), f"data:{args.data}:{ALL_ROWS}"
 
 
-def _ann_params(args: argparse.Namespace):
-    from vsekit.index import AnnParams
-
-    return AnnParams(nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                     ef_construction=args.ef_construction, ef_search=args.ef_search)
-
-
 _QDRANT_OPTIONS = {"url": "--url", "qdrant_path": "--qdrant-path", "collection": "--collection",
                    "qdrant_shards": "--qdrant-shards", "qdrant_replicas": "--qdrant-replicas"}
 
@@ -124,13 +110,16 @@ def _where(m: dict) -> str:
 
 # -- handlers -----------------------------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from vsekit.index import AnnParams
     from vsekit.index.build import build_index
     from vsekit.inference import Embedder
 
     backend = _backend_config(args)  # a bad option is refused before the model is loaded
+    params = AnnParams(nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                       ef_construction=args.ef_construction, ef_search=args.ef_search)
     emb = Embedder.from_checkpoint(args.checkpoint, device=args.device)
     corpus, source = _load_source(args, emb)
-    m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=_ann_params(args),
+    m = build_index(emb, corpus, args.out, kind=args.kind, captions=args.captions, params=params,
                     batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
                     source=source, rerank=args.rerank, context_dtype=args.context_dtype, backend=backend,
                     thumbnail_size=args.thumbnail_size)

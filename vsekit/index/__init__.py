@@ -16,17 +16,6 @@ from vsekit.index.data import AnnParams, IndexMismatchError, SearchIndexError
 from vsekit.index.manifest import read_manifest
 from vsekit.index.search import SearchIndex, SearchResult
 
-__all__ = [
-    "AnnParams",
-    "IndexMismatchError",
-    "LocalConfig",
-    "QdrantConfig",
-    "SearchIndex",
-    "SearchIndexError",
-    "SearchResult",
-    "add_to_index",
-    "build_index",
-    "corpus_from_folder",
-    "read_manifest",
-    "remove_from_index",
-]
+__all__ = ["AnnParams", "IndexMismatchError", "LocalConfig", "QdrantConfig", "SearchIndex",
+           "SearchIndexError", "SearchResult", "add_to_index", "build_index", "corpus_from_folder",
+           "read_manifest", "remove_from_index"]

@@ -4,24 +4,20 @@ Only images whose files are not in the index yet are encoded on ``add``; ``remov
 An index remembers the fingerprint of the weights that made it, and every operation that embeds new
 inputs refuses a model with another fingerprint: embeddings of two models do not share a space.
 
-Where the vectors go (the index folder, or a Qdrant collection) is the backend's business
-(:mod:`vsekit.index.backends`); this module encodes, keeps the records and commits each generation.
-
-For a model whose similarity is a network (SGRAF's SGR/SAF), the index also keeps every item's local sets
-(regions, words): the search shortlists by the inner product of the pooled embeddings (any backend) and
-reranks the best ``rerank`` of them through the network (:mod:`vsekit.index.search`).
-
-An index of image files also keeps its own JPEG thumbnails (:mod:`vsekit.index.thumbnails`), made on
-``build`` and ``add`` by a few threads while the model encodes the same images, and carried along by every
-later generation: the server sends only those, never the file a record's ``path`` names.
+Where the vectors go is the backend's business (:mod:`vsekit.index.backends`); this module encodes, keeps
+the records and commits each generation. Besides, the index keeps the local sets of a model whose similarity
+is a network (the search reranks through it: :mod:`vsekit.index.search`), and the JPEG thumbnails of image
+files (:mod:`vsekit.index.thumbnails`), made by a few threads while the model encodes the same images.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +26,11 @@ import numpy as np
 
 from vsekit.data.corpus import Corpus, DataError
 from vsekit.index import thumbnails as thumbs
-from vsekit.index.backends import (
-    Backend,
-    BackendConfig,
-    LocalConfig,
-    create_backend,
-    manifest_backend,
-    open_backend,
-)
+from vsekit.index.backends import Backend, BackendConfig, create_backend, manifest_backend, open_backend
+from vsekit.index.backends.numpy import LocalConfig
 from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, IndexMismatchError, SearchIndexError
 from vsekit.index.generations import load_data, write_index, write_lock
-from vsekit.index.manifest import MANIFEST, read_manifest, thumbnails_section
+from vsekit.index.manifest import MANIFEST, read_manifest
 from vsekit.models.local_sets import DTYPES, LocalSets
 from vsekit.utils import distributed
 from vsekit.utils.fs import is_stale_work
@@ -56,10 +46,8 @@ def _now() -> str:
 
 def corpus_from_folder(folder: str | Path) -> Corpus:
     """Every image file under ``folder`` (recursively), with its path relative to ``folder`` as its id and
-    the lines of a same-named ``.txt`` as its captions (the ``folder`` data source).
-
-    Unreadable files are skipped with a warning naming them: one bad photo should not stop an index build.
-    """
+    the lines of a same-named ``.txt`` as its captions (the ``folder`` data source). Unreadable files are
+    skipped with a warning naming them: one bad photo should not stop an index build."""
     from vsekit.data.sources import FolderData, load_split
 
     if not Path(folder).is_dir():
@@ -104,10 +92,7 @@ def _caption_rows(corpus: Corpus, rows: Sequence[int], ids: Sequence[str],
     """Caption indices of the given image rows (corpus order) and their records; a caption's id is
     ``<image id>#<k>``, unique because image ids are (``k`` counts every caption of the image).
 
-    A caption with no word the ``embedder`` knows (only emoji, combining marks, punctuation or words of
-    another vocabulary) is not indexed, with one warning: its embedding is the model's answer to nothing, which
-    every query finds near (ranked above a caption that has the query's word), as a query with no known words
-    would be -- and such a query is refused."""
+    A caption with no word the ``embedder`` knows is not indexed, with one warning (why: docs/search.md)."""
     known = None if embedder.reads_text_features else embedder.known_words  # text features have no words
     id_of_row = dict(zip(rows, ids))
     seen: dict[int, int] = {}
@@ -136,33 +121,26 @@ def _encode_any(embedder, corpus: Corpus, rows: Sequence[int], caption_index: Se
     learned = embedder.learned_similarity
     opts = {"batch_size": batch_size, "progress": progress, "parts": learned, "dtype": dtype}
 
-    def images(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        out = embedder.encode_images(corpus, rows=block, **opts)
-        return out if learned else (out, None)
+    def encoded(encode: Callable[[Sequence[int]], Any], items: Sequence[int]) -> tuple[Any, LocalSets | None]:
+        block = encode if learned else lambda b: (encode(b), None)  # (embeddings, local sets) either way
+        return distributed.map_blocks(block, items, _join_blocks) or (None, None)
 
-    def captions(block: Sequence[int]) -> tuple[np.ndarray, LocalSets | None]:
-        out = embedder.encode_texts([corpus.captions[j] for j in block], **opts)
-        return out if learned else (out, None)
-
-    img, img_sets = distributed.map_blocks(images, rows, _join_blocks) or (None, None)
-    cap, cap_sets = (None, None)
-    if caption_index is not None:
-        cap, cap_sets = distributed.map_blocks(captions, caption_index, _join_blocks) or (None, None)
+    img, img_sets = encoded(lambda b: embedder.encode_images(corpus, rows=b, **opts), rows)
+    cap, cap_sets = (None, None) if caption_index is None else encoded(
+        lambda b: embedder.encode_texts([corpus.captions[j] for j in b], **opts), caption_index)
     sets = {t: v for t, v in (("images", img_sets), ("captions", cap_sets)) if v is not None}
     return img, cap, sets
 
 
 def _join_blocks(parts: list[tuple[np.ndarray, LocalSets | None]]) -> tuple[np.ndarray, LocalSets | None]:
     """The embeddings (and local sets) of consecutive blocks of items, as those of all the items."""
-    vectors = np.concatenate([v for v, _ in parts])
-    if parts[0][1] is None:
-        return vectors, None
-    return vectors, LocalSets.concat([s for _, s in parts])
+    return (np.concatenate([v for v, _ in parts]),
+            None if parts[0][1] is None else LocalSets.concat([s for _, s in parts]))
 
 
 @contextlib.contextmanager
 def _thumbnails_made(index_dir: Path, corpus: Corpus, rows: Sequence[int],
-                     max_side: int | None) -> Iterator[thumbs.Background | None]:
+                     max_side: int | None) -> Iterator[Future[thumbs.Thumbnails] | None]:
     """Thumbnails of the given rows made in the background (on rank 0, which writes the index) while the
     ``with`` block encodes them; None when there are to be none (``max_side`` 0 or None, precomputed
     features, another rank). Their work folder in ``index_dir`` lives until the block is left."""
@@ -170,7 +148,7 @@ def _thumbnails_made(index_dir: Path, corpus: Corpus, rows: Sequence[int],
         yield None
         return
     paths = [corpus.image_paths[r] for r in rows]
-    with thumbs.staging(index_dir) as work, thumbs.Background(paths, max_side, work) as made:
+    with thumbs.staging(index_dir) as work, thumbs.background(paths, max_side, work) as made:
         yield made
 
 
@@ -196,12 +174,10 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     (recorded in the manifest, the default of every search) is how many shortlisted items each query reranks
     through the network; ``context_dtype`` how the local sets are stored (``float16`` halves their size; the
     scores then move in the third or fourth decimal). ``thumbnail_size``: the long side, in pixels, of the
-    JPEG thumbnails the index keeps of its images (the only image bytes ``vsekit serve`` sends); 0 or None:
-    none (an index of precomputed features has none either).
+    index's JPEG thumbnails; 0 or None: none (an index of precomputed features has none either).
 
     Under torchrun every process encodes a block of the collection, and rank 0 alone opens the backend and
-    writes the index (the others do not touch ``out``); every process returns the manifest.
-    """
+    writes the index (the others do not touch ``out``); every process returns the manifest."""
     from vsekit.utils.io import check_writable_dir
 
     out = Path(out)
@@ -209,7 +185,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
     distributed.run_on_main(lambda: check_writable_dir(out, "index folder", create=False), share=lambda _: None)
     with_captions = _check_build(embedder, corpus, kind, captions, rerank, context_dtype)  # alike on every process
     if thumbnail_size:
-        thumbnail_size = _check_thumbnail_size(thumbnail_size)
+        thumbnail_size = thumbs.check_max_side(thumbnail_size, SearchIndexError)
     learned = embedder.learned_similarity
     targets = TARGETS if with_captions else ("images",)
     # the backend first: a refusal (a similarity it cannot rank by, a collection in the way, a server that
@@ -221,8 +197,7 @@ def build_index(embedder, corpus: Corpus, out: str | Path, *, kind: str = "exact
                              config=embedder.config if learned else None),
         share=lambda _: None)
     try:
-        rows = list(range(corpus.num_images))
-        ids = list(corpus.image_ids)
+        rows, ids = list(range(corpus.num_images)), list(corpus.image_ids)
         cap_index, cap_records = _caption_rows(corpus, rows, ids, embedder) if with_captions else (None, None)
         with _thumbnails_made(out, corpus, rows, thumbnail_size) as made:
             img, cap, sets = _encode_any(embedder, corpus, rows, cap_index, batch_size, progress, context_dtype)
@@ -250,15 +225,10 @@ def _check_build(embedder, corpus: Corpus, kind: str, captions: bool | None, rer
         raise SearchIndexError(f"{corpus.name} has no captions to index")
     _check_can_encode(embedder, corpus)
     if embedder.learned_similarity:
-        _check_rerank_options(rerank, context_dtype)
+        check_rerank(rerank)
+        if context_dtype not in DTYPES:
+            raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
     return bool(corpus.num_captions) if captions is None else captions
-
-
-def _check_thumbnail_size(size: Any) -> int:
-    try:
-        return thumbs.check_max_side(size)
-    except thumbs.ThumbnailError as e:
-        raise SearchIndexError(str(e)) from None
 
 
 def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=None, **options) -> Backend:
@@ -280,15 +250,9 @@ def _open_output(out: Path, overwrite: bool, backend: BackendConfig, *, config=N
 
 def _new_manifest(embedder, dim: int, source: str) -> dict[str, Any]:
     ckpt = embedder.checkpoint_path
-    return {
-        "fingerprint": embedder.fingerprint,
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-        "similarity": embedder.similarity,
-        "dim": dim,
-        "sources": [source],
-        "created": _now(),
-        "updated": _now(),
-    }
+    return {"fingerprint": embedder.fingerprint, "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+            "similarity": embedder.similarity, "dim": dim, "sources": [source], "created": _now(),
+            "updated": _now()}
 
 
 def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
@@ -299,11 +263,8 @@ def _build_and_commit(out: Path, vector_store: Backend, data: IndexData,
         data = vector_store.build(data)
         with write_lock(out):
             previous = None
-            if (out / MANIFEST).exists():
-                try:
-                    previous = read_manifest(out)
-                except SearchIndexError:  # --overwrite replaces a broken index too
-                    previous = None
+            with contextlib.suppress(SearchIndexError):  # none, or --overwrite replaces a broken one too
+                previous = read_manifest(out)
             written = write_index(out, data, {**manifest, **vector_store.manifest_fields()}, previous)
     except BaseException:
         vector_store.discard()
@@ -319,12 +280,6 @@ def check_rerank(rerank: Any) -> int:
     if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
         raise SearchIndexError(f"rerank must be a positive integer, got {rerank!r}")
     return int(rerank)
-
-
-def _check_rerank_options(rerank: Any, context_dtype: str) -> None:
-    check_rerank(rerank)
-    if context_dtype not in DTYPES:
-        raise SearchIndexError(f"context dtype must be {' or '.join(DTYPES)}, got {context_dtype!r}")
 
 
 def _warn_if_shortlist_untrained(config) -> None:
@@ -344,12 +299,8 @@ def check_local_sets(manifest: dict[str, Any], embedder, index_dir: Path) -> Non
 
 
 def _unique(candidate: str, taken: set[str]) -> str:
-    if candidate not in taken:
-        return candidate
-    n = 2
-    while f"{candidate}~{n}" in taken:
-        n += 1
-    return f"{candidate}~{n}"
+    names = itertools.chain([candidate], (f"{candidate}~{n}" for n in itertools.count(2)))
+    return next(name for name in names if name not in taken)
 
 
 @dataclass
@@ -389,7 +340,7 @@ def add_to_index(index_dir: str | Path, embedder, corpus: Corpus, *, batch_size:
         with_captions = bool(plan.manifest.get("has_captions"))
         cap_index, cap_records = (_caption_rows(corpus, plan.rows, plan.ids, embedder) if with_captions
                                    else (None, None))
-        section = thumbnails_section(plan.manifest)  # an index with thumbnails gets them for the new images
+        section = plan.manifest.get("thumbnails")  # an index with thumbnails gets them for the new images
         with _thumbnails_made(index_dir, corpus, plan.rows, section and section["max_side"]) as made:
             img, cap, sets = _encode_any(embedder, corpus, plan.rows, cap_index, batch_size, progress,
                                          plan.manifest.get("context_dtype", "float32"))
@@ -429,10 +380,8 @@ def _new_images(old: IndexData, corpus: Corpus) -> tuple[list[int], list[str]]:
     taken = {r["id"] for r in old.images}
     rows, ids = [], []
     for r in range(corpus.num_images):
-        if corpus.image_paths is not None:
-            if str(Path(corpus.image_paths[r]).resolve()) in known_paths:
-                continue
-        elif corpus.image_ids[r] in taken:
+        if (str(Path(corpus.image_paths[r]).resolve()) in known_paths if corpus.image_paths is not None
+                else corpus.image_ids[r] in taken):
             continue
         new_id = _unique(corpus.image_ids[r], taken)
         taken.add(new_id)

@@ -88,9 +88,8 @@ class IndexData:
             data.captions = (self.captions or []) + (new.captions or [])
         data.sets = {t: LocalSets.concat([self.sets[t], s]) for t, s in new.sets.items()}
         if self.thumbnails is not None:
-            added = new.thumbnails
-            if added is None:
-                added = thumbs.Thumbnails.empty(len(new.images), self.thumbnails.max_side)
+            added = new.thumbnails if new.thumbnails is not None else thumbs.Thumbnails.empty(
+                len(new.images), self.thumbnails.max_side)
             data.thumbnails = thumbs.Thumbnails.concat([self.thumbnails, added])
         return data
 

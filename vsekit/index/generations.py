@@ -13,9 +13,7 @@ Layout of an index folder::
     g000002/images.thumbs    the index's own JPEG thumbnails of the images, and where each one is
     g000002/images.thumbs.npy   (vsekit.index.thumbnails): the only image bytes the server sends
 
-Exact local indexes hold only the ``.npy``: they are searched by chunked matmul over the memory maps, so the
-vectors are in RAM once. An index whose vectors live in a vector database holds no ``.npy``, only the
-records.
+An index whose vectors live in a vector database holds no ``.npy``, only the records.
 
 Why generations: an index is several files that must change together. Every write goes to a fresh
 temporary folder, which is renamed to a new generation name; only then is ``manifest.json`` (one file,
@@ -24,8 +22,7 @@ generation; the leftovers are removed by the next successful write.
 
 Why checksums: a truncated or overwritten file must not be served, nor reach a C++ reader (which answers
 with an assertion). Opening an index checks every file of the generation against the size and sha256 the
-manifest records, and refuses a mismatch in one line naming the file; a manifest without checksums (a vsekit
-before 0.1.0) is refused.
+manifest records, and refuses a mismatch (or a manifest without checksums) in one line naming the file.
 """
 
 from __future__ import annotations
@@ -45,14 +42,7 @@ from vsekit.errors import one_line
 from vsekit.index import thumbnails as thumbs
 from vsekit.index.backends import backend_files, manifest_backend
 from vsekit.index.data import BEFORE_RELEASE, TARGETS, IndexData, SearchIndexError, read_file
-from vsekit.index.manifest import (
-    GENERATION,
-    MANIFEST,
-    generation_manifest,
-    thumbnails_section,
-    vectors_in_folder,
-    write_manifest,
-)
+from vsekit.index.manifest import GENERATION, MANIFEST, generation_manifest, vectors_in_folder, write_manifest
 from vsekit.models.local_sets import LocalSets
 from vsekit.utils.fs import file_lock, fsync_dir, fsync_file, make_work_dir, remove_stale_work
 
@@ -73,8 +63,7 @@ def verify_files(gen: Path, manifest: dict[str, Any], names: Sequence[str]) -> N
     files = manifest["files"]
     for name in names:
         path = gen / name
-        rec = files.get(name)
-        if rec is None:
+        if (rec := files.get(name)) is None:
             raise SearchIndexError(f"{path}: corrupt index: the manifest records no checksum for this file")
         try:
             thumbs.check_record(path, path.stat().st_size, lambda p=path: file_record(p)["sha256"], rec,
@@ -196,13 +185,11 @@ def _save_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 def _write_files(folder: Path, data: IndexData) -> None:
     """The generation's files; vectors only when they are here (not in a vector database). The backend's own
     structures (``data.ann``) are its to write."""
-    if data.image_vectors is not None:
-        np.save(folder / "images.npy", np.ascontiguousarray(data.image_vectors, dtype=np.float32))
-    _save_jsonl(folder / "images.jsonl", data.images)
-    if data.caption_vectors is not None:
-        np.save(folder / "captions.npy", np.ascontiguousarray(data.caption_vectors, dtype=np.float32))
-    if data.has_captions:
-        _save_jsonl(folder / "captions.jsonl", data.captions or [])
+    for target in TARGETS if data.has_captions else ("images",):
+        vectors = data.image_vectors if target == "images" else data.caption_vectors
+        if vectors is not None:
+            np.save(folder / f"{target}.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+        _save_jsonl(folder / f"{target}.jsonl", data.records(target))
     for target, sets in data.sets.items():
         sets.save(folder, target)
     if data.thumbnails is not None:
@@ -225,14 +212,14 @@ def _load_sets(gen: Path, manifest: dict[str, Any], targets: Sequence[str], mmap
             continue
         if verify:
             verify_files(gen, manifest, names)
-        sets = read_file(gen / names[0], "local sets", lambda t=target: LocalSets.load(gen, t, mmap=mmap))
-        out[target] = sets
+        out[target] = read_file(gen / names[0], "local sets",
+                                lambda t=target: LocalSets.load(gen, t, mmap=mmap))
     return out
 
 
 def _load_thumbnails(index_dir: Path, manifest: dict[str, Any], n: int, verify: bool) -> thumbs.Thumbnails | None:
     """The thumbnails of the current generation (with ``verify``, checked against their checksums), or None."""
-    section = thumbnails_section(manifest)
+    section = manifest.get("thumbnails")
     if section is None:
         return None
     if section["generation"] != manifest["generation"]:
@@ -256,10 +243,8 @@ def _next_generation(index_dir: Path, manifest: dict[str, Any] | None) -> str:
 
 def write_index(index_dir: str | Path, data: IndexData, manifest: dict[str, Any],
                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``data`` as a new generation and point the manifest at it; returns the manifest written.
-
-    Call under :func:`write_lock`. ``previous`` is the manifest being replaced, if any.
-    """
+    """Write ``data`` as a new generation and point the manifest at it; returns the manifest written. Call
+    under :func:`write_lock`. ``previous`` is the manifest being replaced, if any."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     # The generation's name is picked once its files are written, so the work folder is named after a

@@ -1,9 +1,8 @@
-"""``manifest.json``, the file of an index that names all others: its schema, reading (validated field by
-field) and writing. It records the model's fingerprint, similarity and dimension, the counts, the backend, kind,
-ANN parameters and recall, the current generation and the size and sha256 of each of its files; a backend's
-own section (``"qdrant"``) and files are those it declares (:attr:`Backend.manifest_section`,
-:attr:`Backend.files`). An index whose vectors live in a vector database has format version 2, so that a
-vsekit that predates backends refuses it ("upgrade vsekit") instead of looking for files that are not there.
+"""``manifest.json``, the file of an index that names all others (what it records: docs/search.md): its
+schema, reading (validated field by field) and writing. A backend's own section (``"qdrant"``) and files are
+those it declares (:attr:`Backend.manifest_section`, :attr:`Backend.files`). An index whose vectors live in a
+vector database has format version 2, so that a vsekit that predates backends refuses it ("upgrade vsekit")
+instead of looking for files that are not there.
 """
 
 from __future__ import annotations
@@ -193,11 +192,6 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
 def vectors_in_folder(manifest: dict[str, Any]) -> bool:
     """Whether the index's generation folder holds its vectors (only the local backend's does)."""
     return manifest.get("backend", "local") == "local"
-
-
-def thumbnails_section(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest's ``thumbnails`` section, or None when the index has none."""
-    return manifest.get("thumbnails") or None
 
 
 # -- writing ----------------------------------------------------------------------------------------------

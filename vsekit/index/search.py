@@ -1,22 +1,19 @@
 """Querying an index: text -> image, image -> text and image -> image search.
 
 Scores are the model's own similarity. Inner-product (``cosine``) models are searched by the index's
-backend (:mod:`vsekit.index.backends`: NumPy exact, FAISS approximate, or Qdrant). ``order`` models are
-scored exactly with the order-violation similarity, chunked over the collection, since approximate indexes
-and vector databases only know inner products and distances. The order similarity relates an image to a
-caption; between two items of the same side (image -> image, text -> caption) the inner product of the
-embeddings is used.
+backend (:mod:`vsekit.index.backends`). ``order`` models are scored exactly with the order-violation
+similarity, chunked over the collection, since approximate indexes and vector databases only know inner
+products and distances. The order similarity relates an image to a caption; between two items of the same
+side (image -> image, text -> caption) the inner product of the embeddings is used.
 
 Models with a similarity network (SGRAF's SGR, SAF) are searched in two stages: an inner-product shortlist
-over the pooled embeddings (by the backend, as for cosine models), then the best ``rerank`` of the shortlist are
-scored through the network against the query's local sets (its words, or its regions) and returned by that
-score. With ``rerank`` >= the collection size the result is the network's exact ranking; below it, what the
-shortlist missed is never seen. The cost per query is ``rerank`` network evaluations.
+over the pooled embeddings (by the backend), then the best ``rerank`` of it scored through the network
+(docs/methods/sgraf.md, section 5).
 
 Image queries are checked before they are decoded in full: their header's size must fit a pixel limit and an
 aspect-ratio limit, and so must the size the model's resize step would make of them (a 100000 x 1 PNG of a
-few hundred bytes would otherwise be resized to gigabytes). Decoding and the transform run outside the model
-lock; only the forward pass is serialised, so a slow upload never stalls the other queries.
+few hundred bytes would otherwise be resized to gigabytes). Only the forward pass holds the model lock
+(:meth:`SearchIndex.embed_image`), so a slow upload never stalls the other queries.
 """
 
 from __future__ import annotations
@@ -99,9 +96,11 @@ class _Generation:
     manifest: dict[str, Any]
     data: IndexData
     backend: Backend
-    row_of_id: dict[str, int]
     users: int = 0  # queries reading it now
     retired: bool = False  # replaced: its backend is closed when its last query ends
+
+    def __post_init__(self) -> None:
+        self.row_of_id = {r["id"]: i for i, r in enumerate(self.data.images)}
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -120,7 +119,7 @@ class SearchIndex:
     def __init__(self, index_dir: str | Path, manifest: dict[str, Any], data: IndexData, embedder,
                  backend: Backend | None = None, rerank: int | None = None) -> None:
         self.index_dir, self.embedder = Path(index_dir), embedder
-        self._current = self._generation(manifest, data, backend or open_backend(manifest, data))
+        self._current = _Generation(manifest, data, backend or open_backend(manifest, data))
         self._pin = threading.local()  # the generation this thread's query reads
         self._swap_lock = threading.Lock()  # guards _current and the generations' users/retired
         self._reload_lock = threading.Lock()  # one refresh at a time
@@ -139,11 +138,10 @@ class SearchIndex:
     def open(cls, index_dir: str | Path, embedder=None, *, checkpoint: str | Path | None = None,
              device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
              verify: bool = True, rerank: int | None = None) -> SearchIndex:
-        """Open ``index_dir`` with ``embedder``, or with the model at ``checkpoint`` (default: the
-        checkpoint recorded in the manifest). A model other than the index's own is refused. With
-        ``verify`` (the default) every index file is checked against the sha256 the manifest records.
-        ``rerank``: for a similarity network's model, how many shortlisted items each query
-        reranks through the network (default: the manifest's)."""
+        """Open ``index_dir`` with ``embedder``, or with the model at ``checkpoint`` (default: the checkpoint
+        recorded in the manifest). A model other than the index's own is refused. With ``verify`` (the
+        default) every index file is checked against the sha256 the manifest records. ``rerank``: the
+        shortlist a similarity network's model reranks per query (default: the manifest's)."""
         try:  # before the manifest is read: a commit in between then shows as a change to refresh()
             stamp = _stamp(Path(index_dir) / MANIFEST)
         except OSError:
@@ -168,10 +166,6 @@ class SearchIndex:
         self.backend.close()
 
     # -- the current generation, and picking up a newer one -------------------------------------------
-    @staticmethod
-    def _generation(manifest: dict[str, Any], data: IndexData, backend: Backend) -> _Generation:
-        return _Generation(manifest, data, backend, {r["id"]: i for i, r in enumerate(data.images)})
-
     def _read(self) -> _Generation:
         """The generation this thread's query reads (:meth:`_pinned`), else the current one."""
         return getattr(self._pin, "gen", None) or self._current
@@ -214,13 +208,10 @@ class SearchIndex:
         return time.monotonic() >= self._next_check
 
     def refresh(self, min_interval: float = 0.0) -> bool:
-        """Switch to the generation the manifest names now, if one was committed since this index was opened
-        (``vsekit index add``/``remove``); True when it switched. Looks at most once every ``min_interval``
-        seconds, by one ``stat`` of ``manifest.json``; a new generation is opened (checked as
-        :meth:`open` checks it) while queries go on with the old one, and replaces it only once it is
-        ready. One that cannot be opened (a model other than this one, a file that fails its checksum)
-        leaves the old one serving, is logged with the reason, and is not tried again until the manifest
-        changes again. While another thread refreshes, returns False at once."""
+        """Switch to the generation the manifest names now, if one was committed since this index was opened;
+        True when it switched. Looks at most once every ``min_interval`` seconds, by one ``stat`` of
+        ``manifest.json``; the new generation is opened and checked while queries go on with the old one (a
+        failure: docs/search.md, "Serving"). While another thread refreshes, returns False at once."""
         if not self.refresh_due() or not self._reload_lock.acquire(blocking=False):
             return False
         try:
@@ -246,8 +237,8 @@ class SearchIndex:
             manifest = read_manifest(self.index_dir)
             if manifest == old.manifest:  # rewritten as it was (an --overwrite build may reuse a name)
                 return False
-            gen = self._generation(*_open_generation(self.index_dir, manifest, self.embedder,
-                                                     **self._open_options))
+            gen = _Generation(*_open_generation(self.index_dir, manifest, self.embedder,
+                                                **self._open_options))
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the old generation goes on serving
             logger.warning("%s: a new generation was committed but cannot be opened; still serving generation "
                            "%s: %s", self.index_dir, old.manifest.get("generation"), e)
@@ -442,14 +433,11 @@ class SearchIndex:
 
         sim = get_similarity(self.similarity)
         q = torch.from_numpy(queries)
-        if target == "images":  # caption queries: sim(images, captions).T
 
-            def block(a: int, b: int) -> np.ndarray:
-                return sim(torch.from_numpy(np.array(vectors[a:b])), q).T.numpy()
-        else:  # image queries against captions
-
-            def block(a: int, b: int) -> np.ndarray:
-                return sim(q, torch.from_numpy(np.array(vectors[a:b]))).numpy()
+        def block(a: int, b: int) -> np.ndarray:
+            rows = torch.from_numpy(np.array(vectors[a:b]))
+            # caption queries: sim(images, captions).T; image queries against captions: sim(images, captions)
+            return (sim(rows, q).T if target == "images" else sim(q, rows)).numpy()
 
         return exact_top_k(block, len(vectors), k, chunk=_ORDER_CHUNK)
 
@@ -458,16 +446,13 @@ class SearchIndex:
         for s, r in zip(scores.tolist(), rows.tolist()):
             if r < 0:  # a backend pads with -1 when an approximate search finds fewer than k
                 continue
-            if target == "images":
-                rec = self.data.images[r]
-                caps = rec.get("captions") or []
-                out.append(SearchResult(len(out) + 1, float(s), target, rec["id"], rec["id"], rec.get("path"),
-                                        caps[0] if caps else None))
+            rec = self.data.records(target)[r]
+            if target == "images":  # an image's text: its first caption
+                image_id, path, text = rec["id"], rec.get("path"), (rec.get("captions") or [None])[0]
             else:
-                rec = self.data.captions[r]
-                img = self.image_record(rec["image"]) or {}
-                out.append(SearchResult(len(out) + 1, float(s), target, rec["id"], rec["image"],
-                                        img.get("path"), rec["text"]))
+                image_id, text = rec["image"], rec["text"]
+                path = (self.image_record(image_id) or {}).get("path")
+            out.append(SearchResult(len(out) + 1, float(s), target, rec["id"], image_id, path, text))
         return out
 
 

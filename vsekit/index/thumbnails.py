@@ -1,25 +1,16 @@
 """The index's own thumbnails: the only image bytes the server sends.
 
-At ``index build`` and ``index add`` every image is decoded once more with the project's decoder
-(:func:`load_rgb`), scaled down to at most ``max_side`` pixels on its long side and **re-encoded as a baseline
-JPEG from its RGB pixels**; the server sends only those, by id, never the file a record's ``path`` names (why:
-docs/search.md, "Thumbnails").
+Every image is decoded once more (:func:`load_rgb`), scaled down to at most ``max_side`` pixels on its long
+side and **re-encoded as a baseline JPEG from its RGB pixels** (why: docs/search.md, "Thumbnails").
 
 Layout, in each generation folder (committed, checksummed and replaced with the rest of it)::
 
     images.thumbs       the JPEG files of the images, one after the other
     images.thumbs.npy   (N, 2) int64: offset and size in ``images.thumbs`` of row i's JPEG (size 0: none)
 
-The manifest's ``thumbnails`` section records their sizes and sha256 apart from ``files``, the generation
-they belong to (always the manifest's: another one is refused, as an index of a vsekit before 0.1.0), the
-``max_side`` and the count.
-
-Opening an index treats its folder as hostile: the generation folder and the pack are opened without
-following symlinks, only a regular file is accepted, and it is checked against its size and sha256 through
-the descriptor that is then held open (:class:`Pack`), so what is read later is what was checked, whatever is
-renamed into the folder since. Reading one thumbnail (:meth:`Thumbnails.read`) reads at most
-:data:`MAX_THUMBNAIL_BYTES` from inside the file as it is then, and the bytes must start like the JFIF JPEGs
-written here and end with the JPEG end marker, or nothing is sent.
+Opening an index treats its folder as hostile: no link is followed, only a regular file checked against its
+size and sha256 through the descriptor then held open is read (:class:`Pack`), and only bytes inside it that
+start and end like the JPEGs written here are sent (:meth:`Pack.read`).
 """
 
 from __future__ import annotations
@@ -33,8 +24,8 @@ import shutil
 import stat
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +57,11 @@ class ThumbnailError(VsekitError, ValueError):
     for HTTP clients)."""
 
 
-def check_max_side(max_side: Any) -> int:
-    """``max_side`` as an int in 1..:data:`MAX_SIDE_LIMIT`, else a ThumbnailError saying so."""
+def check_max_side(max_side: Any, error: type[Exception] = ThumbnailError) -> int:
+    """``max_side`` as an int in 1..:data:`MAX_SIDE_LIMIT`, else an ``error`` saying so."""
     if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or not 1 <= max_side <= MAX_SIDE_LIMIT:
-        raise ThumbnailError(f"thumbnail size must be 1..{MAX_SIDE_LIMIT} pixels (0 or none: no thumbnails), "
-                             f"got {max_side!r}")
+        raise error(f"thumbnail size must be 1..{MAX_SIDE_LIMIT} pixels (0 or none: no thumbnails), "
+                    f"got {max_side!r}")
     return int(max_side)
 
 
@@ -228,14 +219,14 @@ class Thumbnails:
 
     @staticmethod
     def concat(parts: Sequence[Thumbnails]) -> Thumbnails:
+        """The rows of ``parts`` (at least one) in order."""
         packs: list[Pack] = []
         sources = []
         for p in parts:
             sources.append(p.source + len(packs))
             packs.extend(p.packs)
-        return Thumbnails(packs, np.concatenate(sources) if sources else np.zeros(0, np.int64),
-                          np.concatenate([p.table for p in parts]) if parts else np.zeros((0, 2), np.int64),
-                          parts[0].max_side if parts else DEFAULT_MAX_SIDE)
+        return Thumbnails(packs, np.concatenate(sources), np.concatenate([p.table for p in parts]),
+                          parts[0].max_side)
 
     def read(self, row: int) -> bytes | None:
         """Row ``row``'s JPEG, or None when it has none. Raises :class:`ThumbnailError` (naming the file, for
@@ -249,18 +240,22 @@ class Thumbnails:
     def write(self, folder: Path) -> None:
         """Write the rows as ``folder/images.thumbs`` and ``folder/images.thumbs.npy``, one new pack; every
         thumbnail copied is checked as :meth:`read` checks it."""
-        table = np.zeros((len(self), 2), np.int64)
-        with open(folder / PACK, "wb") as out:
-            pos = 0
-            for row in range(len(self)):
-                data = self.read(row)
-                if data is None:
-                    continue
+        table = _write_pack(folder / PACK, len(self), ((row, self.read(row)) for row in range(len(self))))
+        with open(folder / TABLE, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+
+
+def _write_pack(path: Path, n: int, thumbnails: Iterable[tuple[int, bytes | None]]) -> np.ndarray:
+    """Write the JPEGs of ``(row, bytes or None)`` one after the other into ``path``; returns the (n, 2) table
+    of their offsets and sizes (size 0: a row that has none)."""
+    table, pos = np.zeros((n, 2), np.int64), 0
+    with open(path, "wb") as out:
+        for row, data in thumbnails:
+            if data:
                 out.write(data)
                 table[row] = (pos, len(data))
                 pos += len(data)
-        with open(folder / TABLE, "wb") as f:
-            np.save(f, table, allow_pickle=False)
+    return table
 
 
 def _read_small(base: Path, parts: tuple[str, ...], limit: int) -> bytes:
@@ -280,8 +275,7 @@ def load(index_dir: Path, generation: str, n: int, max_side: int,
     """The thumbnails of a committed generation of ``n`` images: the pack held open (:class:`Pack`) and the
     table read, both checked against the sizes and sha256 in ``files`` (when given) through the very
     descriptors they are read from, then the table checked: (n, 2) integers inside the pack, none too large."""
-    gen = Path(index_dir) / generation
-    path = gen / TABLE
+    path = Path(index_dir) / generation / TABLE
     try:
         raw = _read_small(Path(index_dir), (generation, TABLE), 1024 + 16 * n)
     except OSError as e:
@@ -328,65 +322,36 @@ def _thumbnail_or_none(path: Any, max_side: int) -> bytes | None:
         return None
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def make_all(paths: Sequence[Any], max_side: int, folder: Path, *, workers: int | None = None,
+def make_all(paths: Sequence[Any], max_side: int, folder: Path,
              stop: threading.Event | None = None) -> Thumbnails:
     """Thumbnails of the images at ``paths``, written into a pack in ``folder`` (a work folder the caller
-    owns), by ``workers`` threads (decoding and encoding release the GIL). An image that cannot be decoded
+    owns), by a few threads (decoding and encoding release the GIL). An image that cannot be decoded
     gets none (with a warning naming it). ``stop`` set: give up between chunks (returns what is done)."""
     max_side = check_max_side(max_side)
-    table = np.zeros((len(paths), 2), np.int64)
-    pack = folder / PACK
-    pos = 0
-    with open(pack, "wb") as out, ThreadPoolExecutor(max_workers=workers or default_workers(),
-                                                     thread_name_prefix="thumbnails") as pool:
-        for a in range(0, len(paths), _CHUNK):
-            if stop is not None and stop.is_set():
-                break
-            block = paths[a: a + _CHUNK]
-            for k, data in enumerate(pool.map(lambda p: _thumbnail_or_none(p, max_side), block)):
-                if data:
-                    out.write(data)
-                    table[a + k] = (pos, len(data))
-                    pos += len(data)
+    workers = max(1, min(4, (os.cpu_count() or 1) // 2))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnails") as pool:
+
+        def made() -> Iterator[tuple[int, bytes | None]]:
+            for a in range(0, len(paths), _CHUNK):
+                if stop is not None and stop.is_set():
+                    return
+                block = paths[a: a + _CHUNK]
+                yield from enumerate(pool.map(lambda p: _thumbnail_or_none(p, max_side), block), a)
+
+        table = _write_pack(folder / PACK, len(paths), made())
     return Thumbnails([Pack(folder, PACK)], np.zeros(len(paths), np.int64), table, max_side)
 
 
-class Background:
-    """:func:`make_all` in a thread, while the caller encodes the same images: ``with Background(...) as bg:
+@contextlib.contextmanager
+def background(paths: Sequence[Any], max_side: int, folder: Path) -> Iterator[Future[Thumbnails]]:
+    """:func:`make_all` in a thread, while the caller encodes the same images: ``with background(...) as bg:
     ...; thumbs = bg.result()``. Leaving the block early (an error) stops it and waits for it."""
-
-    def __init__(self, paths: Sequence[Any], max_side: int, folder: Path, workers: int | None = None) -> None:
-        self._args = (paths, max_side, folder)
-        self._workers = workers
-        self._stop = threading.Event()
-        self._out: Thumbnails | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vsekit-thumbnails", daemon=True)
-
-    def _run(self) -> None:
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsekit-thumbnails") as pool:
         try:
-            self._out = make_all(*self._args, workers=self._workers, stop=self._stop)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
-            self._error = e
-
-    def __enter__(self) -> Background:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def result(self) -> Thumbnails:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._out is not None
-        return self._out
+            yield pool.submit(make_all, paths, max_side, folder, stop)
+        finally:
+            stop.set()
 
 
 @contextlib.contextmanager

@@ -1,20 +1,12 @@
 """The FastAPI app behind ``vsekit serve``: JSON search endpoints, indexed images by id, and a search page.
 
 Every input a client controls is checked before it reaches the model, and every refusal is a 4xx with a
-JSON body ``{"error": message, "status": code}``. Uploads are counted while they arrive, so an oversized
-body is refused without being stored, and a body that stalls or trickles is refused (408) once it takes
-longer than the read/body timeouts. Replies that the framework itself makes in plain text (a bad ``Range``
-header on ``/images/...``) are rewritten to the same JSON shape by :class:`JsonErrors`; those of the HTTP
-layer (malformed requests, stalled headers) by :mod:`vsekit.serve.server`.
-
-Uploaded images are checked from their header (an accepted raster format, pixels, aspect ratio, the size the
-model's resize would make of them, and the memory decoding them takes) before they are decoded, in memory:
-an upload is never written to a file. At most ``max_decodes`` uploads are decoded at once (each in the
-thread pool, outside the model lock, which guards only the forward pass); a request that waits longer than
-``decode_wait`` seconds for its turn gets 503. Images are served by id only, and only as the index's own JPEG
-thumbnails (:mod:`vsekit.index.thumbnails`), never the file a record's ``path`` names: the id is looked up in
-the index, and what is sent was re-encoded from decoded pixels at build time and is checked to be a JPEG
-before it is sent, with a ``Content-Security-Policy`` that lets nothing in it run.
+JSON body ``{"error": message, "status": code}`` (the framework's own plain-text replies, such as a bad
+``Range``, rewritten by :class:`JsonErrors`; the HTTP layer's by :mod:`vsekit.serve.server`). Uploads are
+counted and timed while they arrive (:func:`_read_body`), checked from their header and decoded in memory, a
+few at a time (:func:`_decode_image`, :class:`_DecodeSlots`): an upload is never written to a file. Images
+are served by id only, as the index's own JPEG thumbnails (:mod:`vsekit.index.thumbnails`), never the file a
+record's ``path`` names (why: docs/search.md, "Thumbnails").
 
 The routes are module-level functions on :data:`router`, shared by every app; what one app serves -- its
 index, its :class:`~vsekit.serve.limits.Limits`, its decode slots -- is in ``app.state``, read through
@@ -91,20 +83,12 @@ DEFAULT_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; sandbox",
     "X-Content-Type-Options": "nosniff",
 }
-_UPLOAD_BODY = {
-    "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object",
-        "required": ["file"],
-        "properties": {
-            "file": {"type": "string", "format": "binary", "description": "the query image"},
-            "k": {"type": "integer", "default": 10, "description": "results per target"},
-            "target": {"type": "string", "enum": [*TARGETS, "both"],
-                       "description": "captions (image -> text, default when the index has captions), "
-                                      "images (image -> image) or both"},
-        },
-    }}},
-}
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the query image"},
+        "k": {"type": "integer", "default": 10, "description": "results per target"},
+        "target": {"type": "string", "enum": [*TARGETS, "both"], "description": "captions (image -> text, "
+                   "default when the index has captions), images (image -> image) or both"}}}}}}
 
 
 class ApiError(Exception):
@@ -305,9 +289,8 @@ class HostCheck:
             if name not in self.names:
                 shown = _short(hosts[0].decode("latin-1"), 60) if len(hosts) == 1 else f"{len(hosts)} Host headers"
                 logger.info("refused a request for Host %r (vsekit serve --allow-host NAME accepts a name)", shown)
-                resp = _error(400, f"this server does not answer for the host in the request's Host header "
-                                   f"({shown!r})")
-                await resp(scope, receive, send)
+                await _error(400, f"this server does not answer for the host in the request's Host header "
+                                  f"({shown!r})")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -335,13 +318,11 @@ def create_app(index: str | Path | SearchIndex, *, checkpoint: str | Path | None
                reload_interval: float = DEFAULT_RELOAD_INTERVAL, limits: Limits | None = None,
                **limit: Any) -> FastAPI:
     """The app for one index, whose model is loaded once here (``index`` may also be an open
-    :class:`SearchIndex`). ``limits`` bound what a single request may ask for (:class:`Limits`, whose fields
-    say each); a keyword named as one of its fields sets that one (``create_app(ix, max_k=20)``).
-    ``rerank``: for a similarity network's index, the shortlist each query reranks through the network
-    (default: the index's). ``allowed_hosts``: the only ``Host`` header names answered (:func:`allowed_hosts`
-    makes the set ``vsekit serve`` uses); None, any. ``reload_interval``: how often (seconds; 0, before every
-    request) the index is checked for a generation committed since (``vsekit index add``/``remove``), which
-    is then served from the next request on."""
+    :class:`SearchIndex`). ``limits``: :class:`Limits`; a keyword named as one of its fields sets that one
+    (``create_app(ix, max_k=20)``). ``rerank``: the shortlist a similarity network's index reranks (default:
+    the index's). ``allowed_hosts``: the only ``Host`` header names answered (:func:`allowed_hosts` makes the
+    set ``vsekit serve`` uses); None, any. ``reload_interval``: seconds between looks for a new generation
+    (:meth:`SearchIndex.refresh`; 0, before every request)."""
     limits = replace(limits or Limits(), **limit)
     if not reload_interval >= 0:
         raise ValueError("reload_interval must be >= 0 seconds")

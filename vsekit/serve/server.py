@@ -11,9 +11,7 @@ requests with the app's JSON error shape, and bounds each phase of a request:
   an upload that stalls or trickles sooner, with a 408 of its own; this catches bodies nobody reads);
 * idle: a kept-alive connection with no request is closed after ``keep_alive_timeout`` (uvicorn's own).
 
-A request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with a 400 and the connection
-closed (RFC 9112 6.3): a proxy in front that reads the other length would see a second, smuggled request in
-its body, and h11 on its own reads the chunks and keeps the connection open.
+A request with both ``Content-Length`` and ``Transfer-Encoding`` is refused (:class:`_StrictConnection`).
 
 uvicorn offers no public hook for any of this, so :class:`JsonH11Protocol` relies on its ``H11Protocol``'s
 internals (``conn``, ``cycle``, ``send_400_response``, ``on_response_complete``); pyproject.toml bounds
@@ -45,7 +43,10 @@ class BindError(VsekitError):
 
 class _StrictConnection(h11.Connection):
     """h11's server side, refusing (as a protocol error, which uvicorn answers with ``send_400_response`` and
-    a closed connection) what h11 accepts but RFC 9112 calls a smuggling risk; ``refused`` says why."""
+    a closed connection) what h11 accepts but RFC 9112 6.3 calls a smuggling risk; ``refused`` says why: a
+    request with both ``Content-Length`` and ``Transfer-Encoding``, whose body a proxy in front that reads
+    the other length would take for a second, smuggled request (h11 alone reads the chunks and keeps the
+    connection open)."""
 
     refused: str | None = None
 
@@ -105,15 +106,10 @@ class JsonH11Protocol(H11Protocol):
             self._arm(None)
             return
         state = self.conn.their_state
-        if state is h11.IDLE:
-            # a fresh connection, or bytes of a next request on a kept-alive one; an idle kept-alive
-            # connection with nothing sent is uvicorn's keep-alive timer's
-            waiting = self.cycle is None or bool(self.conn.trailing_data[0])
-            phase = "headers" if waiting else None
-        elif state is h11.SEND_BODY:
-            phase = "body"
-        else:
-            phase = None
+        # headers: a fresh connection, or bytes of a next request on a kept-alive one; an idle kept-alive
+        # connection with nothing sent is uvicorn's keep-alive timer's
+        headers = state is h11.IDLE and (self.cycle is None or bool(self.conn.trailing_data[0]))
+        phase = "headers" if headers else "body" if state is h11.SEND_BODY else None
         if phase != self._phase:
             self._arm(phase)
 

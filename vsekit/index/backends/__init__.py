@@ -1,29 +1,17 @@
-"""Where an index's vectors live and how they are searched: one module per backend, one row per kind here.
-
-===========  ===========  ==================================================================================
-backend      kind         class
-===========  ===========  ==================================================================================
-``local``    exact        :class:`~.numpy.NumpyExact`: the generation's memory-mapped ``.npy``, chunked
-                          matmul and a partial sort; one copy of the vectors, ties by row
-``local``    ivf, hnsw    :class:`~.faiss.FaissAnn`: a FAISS structure per target beside the ``.npy``
-``qdrant``   exact, hnsw  :class:`~.qdrant.QdrantBackend`: one Qdrant collection per target, on a server (a
-                          cluster, ``url``) or in a local-mode folder (``path``); the index folder keeps the
-                          records
-===========  ===========  ==================================================================================
+"""Where an index's vectors live and how they are searched: one module per backend, one row per (backend,
+kind) in :data:`BACKENDS` (docs/search.md, "The backends", compares them).
 
 Why an interface (:class:`~.base.Backend`): building, adding, removing (``build.py``) and querying
-(``search.py``) call the same few methods whatever holds the vectors, and the manifest and the generation
-folder ask a backend about its own section and files; another vector store is one module and a row in
-:data:`BACKENDS`.
+(``search.py``) call the same few methods whatever holds the vectors; another vector store is one module and
+a row in :data:`BACKENDS`.
 
 The life of a write: ``build.py`` reads the current generation (records, and the vectors when they are
 local), asks the backend for the next generation's :class:`IndexData` (:meth:`Backend.build`,
 :meth:`~Backend.add`, :meth:`~Backend.remove`; the backend updates its own structures on the way), writes that
 generation and commits the manifest, then calls :meth:`~Backend.committed`. A backend that keeps its vectors
-elsewhere orders its own writes so that the database always holds at least the committed records' points:
-added points go in before the commit, removed ones go out after it. Points the records do not know (left by a
-write that died before its commit, or added by another process since this one opened the index) are never
-returned; the next add or remove deletes them.
+elsewhere orders its own writes so that the database always holds at least the committed records' points
+(added before the commit, removed after it; docs/search.md, "Consistency between the folder and the
+database").
 """
 
 from __future__ import annotations
@@ -55,13 +43,11 @@ def kinds_of(backend: str) -> list[str]:
 
 
 def backend_class(backend: str, kind: str) -> type[Backend]:
-    cls = BACKENDS.get((backend, kind))
-    if cls is None:
-        kinds = kinds_of(backend)
-        if not kinds:
-            raise SearchIndexError(f"unknown backend {backend!r}; known: {', '.join(sorted({b for b, _ in BACKENDS}))}")
-        raise SearchIndexError(f"the {backend} backend has no {kind!r} index; its kinds: {', '.join(kinds)}")
-    return cls
+    if (cls := BACKENDS.get((backend, kind))) is not None:
+        return cls
+    if not (kinds := kinds_of(backend)):
+        raise SearchIndexError(f"unknown backend {backend!r}; known: {', '.join(sorted({b for b, _ in BACKENDS}))}")
+    raise SearchIndexError(f"the {backend} backend has no {kind!r} index; its kinds: {', '.join(kinds)}")
 
 
 def manifest_backend(manifest: dict[str, Any]) -> type[Backend]:

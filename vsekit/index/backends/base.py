@@ -19,10 +19,9 @@ class Backend(ABC):
     After :meth:`build`, :meth:`add` or :meth:`remove` the backend is bound to the data it returned; after
     :func:`open_backend`, to the data it was opened with.
 
-    What a backend keeps beside the records it declares here: ``files`` (extension -> what it holds) are its
-    own files in a generation folder, one per target, read by :meth:`load_files` and written by
-    :meth:`save_files`; ``manifest_section`` is the model of the manifest section named after it, checked
-    with the rest of the manifest by :meth:`check_manifest`."""
+    What a backend keeps beside the records it declares here: its own files in a generation folder, one per
+    target (``files``: extension -> what it holds), and the model of its manifest section
+    (``manifest_section``)."""
 
     name: ClassVar[str]
     files: ClassVar[dict[str, str]] = {}

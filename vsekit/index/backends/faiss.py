@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vsekit.index.backends.numpy import LocalBackend, measure_recall
-from vsekit.index.data import KINDS, AnnParams, IndexData, SearchIndexError, read_file
+from vsekit.index.data import KINDS, TARGETS, AnnParams, IndexData, SearchIndexError, read_file
 
 _ADD_CHUNK = 65536  # vectors per call of index.add: a memory map is never copied whole
 # k-means training points per IVF list: FAISS wants 39 to 256; 64 keeps training of 1M x 1024 near a minute
@@ -113,7 +113,8 @@ class FaissAnn(LocalBackend):
             faiss_module().write_index(index, str(folder / f"{target}.faiss"))
 
     def _index(self, data: IndexData) -> None:
-        data.ann = {t: build_faiss(data.vectors(t), self.kind, self.params) for t in self._targets(data)}
+        targets = TARGETS if data.caption_vectors is not None else ("images",)
+        data.ann = {t: build_faiss(data.vectors(t), self.kind, self.params) for t in targets}
 
     def _added(self, data: IndexData, new: IndexData) -> None:
         for target, index in data.ann.items():

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vsekit.index.backends.base import Backend
-from vsekit.index.data import TARGETS, IndexData
+from vsekit.index.data import IndexData
 
 _CHUNK = 65536  # default rows per block of exact_top_k
 RECALL_K = 10
@@ -32,10 +32,8 @@ class LocalConfig:
 # -- exact top-k -------------------------------------------------------------------------------------------
 def exact_top_k(score_block: Callable[[int, int], np.ndarray], n: int, k: int,
                 chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (scores, rows), best first, ties by row, from ``score_block(a, b) -> (Q, b - a)``.
-
-    The collection is scored ``chunk`` rows at a time, so memory is O(Q * (k + chunk)) whatever N is.
-    """
+    """Exact top-``k`` (scores, rows), best first, ties by row, from ``score_block(a, b) -> (Q, b - a)``; the
+    collection is scored ``chunk`` rows at a time, so memory is O(Q * (k + chunk)) whatever N is."""
     k = min(k, n)
     best_s = best_r = None
     for a in range(0, n, chunk):
@@ -132,9 +130,6 @@ class LocalBackend(Backend):
         self.data = data
         return data
 
-    def _targets(self, data: IndexData) -> tuple[str, ...]:
-        return TARGETS if data.caption_vectors is not None else ("images",)
-
     def _index(self, data: IndexData) -> None:
         """Build the search structures of a fresh ``data``."""
 
@@ -146,9 +141,8 @@ class LocalBackend(Backend):
 
 
 class NumpyExact(LocalBackend):
-    """Exact search on the memory-mapped vectors: scored block by block (``queries @ block.T``), partial sort
-    per block. No second copy of the collection (a flat index of an ANN library is one, in RAM), and on the
-    2-core machine of ``benchmarks/search_backends.py`` faster than one; ties go to the lowest row."""
+    """Exact search on the memory-mapped vectors, block by block (:func:`inner_product_top_k`): no second
+    copy of the collection, as a flat index of an ANN library is (why: docs/search.md, "The backends")."""
 
     def search(self, target: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return inner_product_top_k(self._bound().vectors(target), queries, k)

@@ -30,11 +30,10 @@ COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 @dataclass(frozen=True)
 class QdrantConfig:
-    """Vectors in Qdrant: a server or cluster at ``url`` (its API key, if any, is read from the environment
-    variable ``QDRANT_API_KEY`` and never written down), or the Python client's local mode in the folder
-    ``path``. The collections are ``<collection>-images`` and ``<collection>-captions``; ``collection=None``
-    names them after the index folder. ``shards`` and ``replicas`` are the collections' shard number and
-    replication factor on a cluster (the server's defaults when ``None``; local mode ignores them)."""
+    """Vectors in Qdrant: a server or cluster at ``url`` (its API key, if any, from ``QDRANT_API_KEY``), or
+    the Python client's local mode in the folder ``path``. The collections are ``<collection>-images`` and
+    ``<collection>-captions`` (``None``: named after the index folder); ``shards`` and ``replicas`` on a
+    cluster (``None``: the server's defaults; local mode ignores them)."""
 
     url: str | None = None
     path: str | None = None
@@ -47,7 +46,7 @@ class QdrantConfig:
         if (self.url is None) == (self.path is None):
             raise SearchIndexError("a qdrant index needs exactly one of --url (a Qdrant server) and "
                                    "--qdrant-path (a local-mode folder)")
-        if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url or ""):
+        if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
             raise SearchIndexError(f"--url {self.url[:100]!r}: not an http(s) URL, e.g. http://localhost:6333")
         if self.url is not None and len(self.url) > 2048:
             raise SearchIndexError("--url: longer than 2048 characters")
@@ -174,12 +173,10 @@ class QdrantBackend(Backend):
     """Vectors in Qdrant collections (inner product: ``Distance.DOT`` over the model's unit vectors, so the
     scores are the model's cosine scores), with ``{"id"}`` (and a caption's ``"image"``) as payload.
 
-    Rows are not stored in the database: removing items renumbers the rows of the records, while a point's id
-    (:func:`point_id`) and payload stay. Search maps the hits' ids to the rows of the records it was opened
-    with and drops ids it does not know. ``kind="exact"`` asks the server for exact search
-    (``SearchParams(exact=True)``); ``hnsw`` uses its HNSW graph (``hnsw_m``, ``ef_construction``,
-    ``ef_search`` of the index's parameters). The client's local mode is a brute-force NumPy scan for both,
-    and writes each point in its own SQLite transaction: for tests and small collections."""
+    Rows are not stored in the database (removing items renumbers the rows of the records): search maps the
+    hits' ids (:func:`point_id`) to the rows of the records it was opened with and drops ids it does not know.
+    ``kind="exact"`` asks the server for exact search; ``hnsw`` uses its HNSW graph (``hnsw_m``,
+    ``ef_construction``, ``ef_search``). The client's local mode: docs/search.md, "Qdrant's local mode"."""
 
     name = "qdrant"
     manifest_section = QdrantManifest
@@ -195,10 +192,9 @@ class QdrantBackend(Backend):
         self.url, self.path, self.collections, self.dim = url, path, dict(collections), dim
         self.shards, self.replicas = shards, replicas
         self._owns_client = client is None
-        if client is None:
-            client = _acquire_local(path) if path is not None else self._remote_client(url)
-        self.client = client
-        self.local = path is not None or _is_local(client)
+        self.client = client if client is not None else (
+            _acquire_local(path) if path is not None else self._remote_client(url))
+        self.local = path is not None or _is_local(self.client)
         self.where = url or (f"local-mode folder {path}" if path else "the client given")
         self._lock = threading.Lock() if self.local else None  # local mode is not meant for threads
         self._rows: dict[str, dict[str, int]] = {}
@@ -236,12 +232,10 @@ class QdrantBackend(Backend):
                         "there if nothing else does", index_dir, ", ".join(left), old.get("url") or old.get("path"))
 
     @classmethod
-    def create(cls, config: Any, *, index_dir: str | Path, kind: str, params: AnnParams,
+    def create(cls, config: QdrantConfig, *, index_dir: str | Path, kind: str, params: AnnParams,
                targets: Sequence[str], overwrite: bool) -> QdrantBackend:
         """Connect and check that the collections may be written (they do not exist, or ``overwrite``);
         nothing is created before :meth:`build`."""
-        if not isinstance(config, QdrantConfig):
-            raise SearchIndexError("a qdrant index needs a QdrantConfig (its server or folder)")
         base = config.collection or default_collection(index_dir)
         path = str(Path(config.path).expanduser().resolve()) if config.path is not None else None
         backend = cls(kind, params, url=config.url, path=path, dim=None,
@@ -274,17 +268,14 @@ class QdrantBackend(Backend):
                 "qdrant": {**where, "collections": dict(self.collections), "distance": "dot", **extra}}
 
     def close(self) -> None:
-        if self.client is None or not self._owns_client:
-            self.client = None
+        client, self.client = self.client, None
+        if client is None or not self._owns_client:
             return
         if self.path is not None:
             _release_local(self.path)
         else:
-            try:
-                self.client.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection is not worth an error
-                pass
-        self.client = None
+            with contextlib.suppress(Exception):  # closing a dead connection is not worth an error
+                client.close()
 
     # -- calls -------------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -292,9 +283,7 @@ class QdrantBackend(Backend):
         if self.client is None:
             raise SearchIndexError(f"qdrant at {self.where}: the connection is closed")
         try:
-            if self._lock is None:
-                return fn()
-            with self._lock:
+            with self._lock or contextlib.nullcontext():
                 return fn()
         except SearchIndexError:
             raise
@@ -451,9 +440,6 @@ class QdrantBackend(Backend):
 
     @staticmethod
     def _known(points, rows_of: dict[str, int]) -> list[tuple[float, int]]:
-        out = []
-        for p in points:
-            row = rows_of.get((p.payload or {}).get("id"))
-            if row is not None:
-                out.append((float(p.score), row))
-        return out
+        """(score, row) of the points whose ids the records know."""
+        return [(float(p.score), row) for p in points
+                if (row := rows_of.get((p.payload or {}).get("id"))) is not None]
