@@ -33,7 +33,6 @@ from vsekit.errors import ConfigError, VsekitError
 from vsekit.eval.metrics import BlockScorer
 from vsekit.eval.protocols import EvalInputs, get_protocol
 from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
-from vsekit.models.base import caption_tokenizer
 from vsekit.models.local_sets import LocalSets, LocalSetsWriter
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
@@ -86,7 +85,7 @@ def caption_encoder(vocab: Vocabulary, model: VSEModel, text: Any) -> CaptionEnc
     """Caption -> token ids for ``model``: its text encoder's own tokenizer when it has one (BERT), else the
     vocabulary; at most ``text.max_len`` tokens, and ``text.max_tokens`` (cut with a warning). The one
     tokenizer call of training and inference (``text``: the run's ``text`` config section)."""
-    return CaptionEncoder(vocab, caption_tokenizer(model.text_encoder), text.max_len, text.max_tokens)
+    return CaptionEncoder(vocab, model.text_encoder.tokenize, text.max_len, text.max_tokens)
 
 
 class SetPairScorer(BlockScorer):

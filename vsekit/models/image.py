@@ -12,7 +12,7 @@ from torch import nn
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import MLP, finish_embedding, l2norm, xavier_linear_
+from vsekit.models.layers import MLP, l2norm, xavier_linear_
 from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
@@ -56,7 +56,7 @@ class PrecompImageEncoder(Encoder):
             raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
         self.pooling = pooling
         self.gpo = GPO() if pooling == "gpo" else None
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
 
     def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
         """The projected (pooled) feature before the L2 normalisation."""
@@ -70,9 +70,6 @@ class PrecompImageEncoder(Encoder):
                 return x.max(1).values
             return self.gpo(x)[0]
         return self.head(feats)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 def _local_weights_file(weights) -> Path:
@@ -209,13 +206,10 @@ class CNNImageEncoder(Encoder):
             self.head = DualPathHead(feat_dim, embed_size)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
         self.feat_dim = feat_dim
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The head's output before the L2 normalisation (f_img of Dual-Path)."""
         feats = self.backbone(images)  # frozen (finetune: false): autograd records nothing through it
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)

@@ -24,7 +24,6 @@ from vsekit.errors import did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.models.weights import (
     OFFLINE_ENV,
@@ -168,14 +167,11 @@ class OpenCLIPImageEncoder(Encoder):
         self.tower = build_clip(arch, config, weights, where).visual
         self.renorm = Renormalize(mean or open_clip.OPENAI_DATASET_MEAN, std or open_clip.OPENAI_DATASET_STD)
         self.proj = _projection(embed_dim, embed_size, proj, where)
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.tower(self.renorm(images)))
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -217,7 +213,7 @@ class OpenCLIPTextEncoder(Encoder):
             self.tower = clip
         self.context_length = int(cfg["text_cfg"].get("context_length", 77))
         self.proj = _projection(int(cfg["embed_dim"]), embed_size, proj, where)
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
         _bpe_tokenizer(self.context_length)  # fail now, not in the first batch, if it cannot be built
         self.set_finetune(finetune)
 
@@ -237,6 +233,3 @@ class OpenCLIPTextEncoder(Encoder):
         tokens = F.pad((tokens - 1).clamp_min(0), (0, self.context_length - t))  # CLIP's ids; padding after <end>
         x = self.tower(tokens) if self.custom else self.tower.encode_text(tokens)
         return self.proj(x)
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(out, self.no_txtnorm, self.use_abs)

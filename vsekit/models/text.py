@@ -12,7 +12,6 @@ from torch import nn
 from vsekit.data.corpus import DataError
 from vsekit.data.textio import bounded_lines
 from vsekit.models.base import Encoder
-from vsekit.models.layers import finish_embedding
 from vsekit.registry import Registry
 
 log = logging.getLogger("vsekit.models")
@@ -189,7 +188,7 @@ class GRUTextEncoder(Encoder):
         self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
         self.bidirectional = bidirectional
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
 
     def _run(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[nn.utils.rnn.PackedSequence, torch.Tensor]:
         x = self.embed(tokens)
@@ -212,6 +211,3 @@ class GRUTextEncoder(Encoder):
             return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
         out = self.word_states(tokens, lengths)
         return out.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(out, self.no_txtnorm, self.use_abs)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
 
 # the paper's stages: widths, blocks per stage, stride of each stage's first block (length 32 -> 32 -> 16 -> 8 -> 8)
@@ -112,7 +111,7 @@ class TextCNNEncoder(Encoder):
         self.blocks = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, embed_size, bias=False)
         self.fc_bn = nn.BatchNorm1d(embed_size)
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
         for m in self.modules():
             if isinstance(m, nn.Conv1d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -145,6 +144,3 @@ class TextCNNEncoder(Encoder):
         """f_txt: the FC + BN + ReLU feature before the L2 normalisation (what the instance loss classifies)."""
         pooled = self.sequence_features(tokens, lengths).mean(2)
         return torch.relu(self.fc_bn(self.fc(pooled)))
-
-    def finish(self, feats: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(feats, self.no_txtnorm, self.use_abs)

@@ -24,7 +24,7 @@ Hook = Callable[[str, "int | None"], list[int]]
 
 class CaptionEncoder:
     """``encoder(caption) -> ids``: ``[start, tokens..., end]`` through the text encoder's own tokenizer
-    (``hook``, e.g. BERT's word pieces: :func:`vsekit.models.base.caption_tokenizer`) or the vocabulary, with
+    (``hook``, e.g. BERT's word pieces: :attr:`vsekit.models.base.Encoder.tokenize`) or the vocabulary, with
     at most ``max_len`` tokens (silently) and at most ``max_tokens`` (with one warning).
 
     ``known_words(caption)``: how many of the caption's tokens the model knows as words (not padding,
