@@ -144,7 +144,6 @@ class Embedder:
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.config = validate_config(config)
-        self.max_len = self.config.text.max_len
         self.captions = caption_encoder(vocab, self.model, self.config.text)
         self.feature_shape = list(feature_shape) if feature_shape else None
         self.checkpoint_path = checkpoint_path

@@ -38,7 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsekit.eval.metrics import ArrayLike, BlockScorer, EvaluationError, Similarity, block_budget, row_inputs
+from vsekit.eval.metrics import (
+    ArrayLike,
+    BlockScorer,
+    EvaluationError,
+    Similarity,
+    _compute_dtype,
+    _pick_device,
+    block_budget,
+    checked_scores,
+    row_inputs,
+)
 from vsekit.models.similarity import get_similarity
 
 COCO_5K_IMAGES = 5000
@@ -297,19 +307,12 @@ def _scorers(similarity: Similarity, dtype: torch.dtype) -> tuple[Callable, Call
         fn = similarity if callable(similarity) else get_similarity(similarity)
 
     def i2t(img: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-        return _checked(fn(img, caps), (img.shape[0], caps.shape[0]), dtype)
+        return checked_scores(fn(img, caps), (img.shape[0], caps.shape[0]), dtype)
 
     def t2i(caps: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        return _checked(fn(img, caps), (img.shape[0], caps.shape[0]), dtype).t()
+        return checked_scores(fn(img, caps), (img.shape[0], caps.shape[0]), dtype).t()
 
     return i2t, t2i
-
-
-def _checked(s: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
-        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), got {got}")
-    return s.detach().to(dtype)
 
 
 def _tensor(x: ArrayLike, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -393,12 +396,7 @@ def eccv_metrics(
     image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     ipos = _positions(_as_int_ids(image_cocoids, "image_cocoids"), ann.image_ids, "images")
     cpos = _positions(_as_int_ids(caption_ids, "caption_ids"), ann.caption_ids, "captions")
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        dev = next((x.device for x in (image_emb, caption_emb) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    dtype = torch.float64 if any(x.dtype in (np.float64, torch.float64) for x in (image_emb, caption_emb)) \
-        else torch.float32
+    dev, dtype = _pick_device(device, image_emb, caption_emb), _compute_dtype(image_emb, caption_emb)
     img = _tensor(image_emb, "image_emb", dev, rows_dtype or dtype)
     cap = _tensor(caption_emb, "caption_emb", dev, rows_dtype or dtype)
     if img.shape[0] != len(ipos) or cap.shape[0] != len(cpos):
@@ -411,8 +409,7 @@ def eccv_metrics(
     if chunk_size is None:  # a block of scores (and topk's copy of it) within the evaluation's block budget
         per_row = 2 * img.element_size() * max(img.shape[0], cap.shape[0])
         chunk_size = max(1, block_budget(dev, rows=True) // per_row)
-    rows = chunk_size
-    if rows < 1:
+    if chunk_size < 1:
         raise EvaluationError(f"chunk_size must be >= 1, got {chunk_size}")
     score_i2t, score_t2i = _scorers(similarity, dtype)
 
@@ -426,7 +423,7 @@ def eccv_metrics(
         if depth > gallery.shape[0]:
             raise EvaluationError(f"{d}: K={depth} exceeds the gallery of {gallery.shape[0]}")
         with torch.no_grad():
-            ranked = _rank(query, gallery, depth, score, rows, d)
+            ranked = _rank(query, gallery, depth, score, chunk_size, d)
         hits, r = _hits(ranked, list(eccv), eccv, qpos, gpos)
         out.update({f"eccv_{d}_{key}": v for key, v in _eccv_scores(hits, r).items()})
         hits, _ = _hits(ranked[:, : max(ks)], list(cxc), cxc, qpos, gpos)

@@ -307,13 +307,15 @@ class _Scorer:
     def __call__(self, img: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
             return torch.mm(img, cap.t(), out=self.out)
-        s = self.fn(img, cap)
-        if not isinstance(s, torch.Tensor) or tuple(s.shape) != self.shape:
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-            raise EvaluationError(
-                f"similarity must return a tensor of shape {self.shape} (images, captions), got {got}"
-            )
-        return s.detach().to(self.dtype)
+        return checked_scores(self.fn(img, cap), self.shape, self.dtype)
+
+
+def checked_scores(s: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """What a similarity returned for ``shape`` (images, captions), checked, detached, in ``dtype``."""
+    if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
+        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), got {got}")
+    return s.detach().to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -205,7 +205,6 @@ class CNNImageEncoder(Encoder):
         else:
             self.head = DualPathHead(feat_dim, embed_size)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
-        self.feat_dim = feat_dim
         self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 

@@ -112,16 +112,10 @@ def check_similarity_spec(spec: Any, where: str = "model.similarity") -> str | d
             raise ConfigError(f"{where}.{extra[0]}: unknown key; the {name!r} similarity takes no options")
         return name
     if name in SIMILARITY_NETWORKS:
-        if isinstance(spec, str):
-            return spec
-        return SIMILARITY_NETWORKS.validate(spec, where)
+        return spec if isinstance(spec, str) else SIMILARITY_NETWORKS.validate(spec, where)
     known = similarity_names()
     key = f"{where}.name" if isinstance(spec, dict) else where
     raise ConfigError(f"{key}: unknown similarity {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
-
-
-def similarity_name(spec: str | dict[str, Any]) -> str:
-    return spec["name"] if isinstance(spec, dict) else spec
 
 
 def build_similarity(spec: str | dict[str, Any], *, embed_size: int) -> nn.Module:
@@ -131,5 +125,5 @@ def build_similarity(spec: str | dict[str, Any], *, embed_size: int) -> nn.Modul
     if isinstance(spec, str) and spec in SIMILARITIES:
         return FixedSimilarity(spec)
     net = SIMILARITY_NETWORKS.build(spec, embed_size=embed_size)
-    net.name = similarity_name(spec)
+    net.name = spec["name"] if isinstance(spec, dict) else spec
     return net

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
+from vsekit.models.text import TEXT_ENCODERS, word_embedding
 
 # the paper's stages: widths, blocks per stage, stride of each stage's first block (length 32 -> 32 -> 16 -> 8 -> 8)
 PAPER_WIDTHS = (256, 512, 1024, 2048)
@@ -91,16 +91,9 @@ class TextCNNEncoder(Encoder):
         if seq_len < 1:
             raise ValueError(f"text_encoder.seq_len must be >= 1, got {seq_len}")
         self.seq_len, self.shift = int(seq_len), bool(shift)
-        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         with torch.no_grad():
-            self.embed.weight[0].zero_()
-        self.words_from_file = 0
-        if word_vectors and itos is not None:
-            weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
-            weight[0] = 0.0
-            with torch.no_grad():
-                self.embed.weight.copy_(weight)
+            self.embed.weight[0].zero_()  # the empty window slots add nothing
         self.embed_bn = nn.BatchNorm1d(word_dim)
         layers, c_in = [], word_dim
         for s, (w, n, stride) in enumerate(zip(widths, blocks, strides)):
