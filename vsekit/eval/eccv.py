@@ -111,21 +111,16 @@ def _load(data_dir: str) -> EccvAnnotations:
         caption_ids = np.load(d / "coco_test_ids.npy").astype(np.int64).reshape(-1)
     except (OSError, ValueError) as e:
         raise EvaluationError(f"{d / 'coco_test_ids.npy'}: cannot read the COCO 5K caption ids ({e})") from e
-    positives = {
-        s: {"i2t": _read_positives(d / f"{s}_image_to_caption.json"),
-            "t2i": _read_positives(d / f"{s}_caption_to_image.json")}
-        for s in SOURCES
-    }
+    positives = {s: {"i2t": _read_positives(d / f"{s}_image_to_caption.json"),
+                     "t2i": _read_positives(d / f"{s}_caption_to_image.json")} for s in SOURCES}
     owner = positives["original"]["t2i"]
     missing = [int(c) for c in caption_ids if int(c) not in owner]
     if missing:
         raise EvaluationError(f"{d}: caption ids {missing[:5]} of coco_test_ids.npy have no image")
     image_ids = np.asarray(list(dict.fromkeys(owner[int(c)][0] for c in caption_ids)), dtype=np.int64)
     if len(image_ids) != COCO_5K_IMAGES or len(np.unique(caption_ids)) != COCO_5K_CAPTIONS:
-        raise EvaluationError(
-            f"{d}: expected {COCO_5K_IMAGES} images and {COCO_5K_CAPTIONS} captions, found {len(image_ids)} "
-            f"and {len(np.unique(caption_ids))}"
-        )
+        raise EvaluationError(f"{d}: expected {COCO_5K_IMAGES} images and {COCO_5K_CAPTIONS} captions, found "
+                              f"{len(image_ids)} and {len(np.unique(caption_ids))}")
     return EccvAnnotations(d, image_ids, caption_ids, positives)
 
 
@@ -164,10 +159,9 @@ def _as_int_ids(ids: Any, what: str) -> np.ndarray:
                 raise ValueError
             out[i] = int(v)
         except (TypeError, ValueError):
-            raise EvaluationError(
-                f"{what}[{i}] = {v!r} is not a COCO id (an integer); COCO 5K evaluation with ECCV/CxC positives "
-                "needs COCO image ids (Karpathy 'cocoid') and caption annotation ids (Karpathy 'sentid')"
-            ) from None
+            raise EvaluationError(f"{what}[{i}] = {v!r} is not a COCO id (an integer); COCO 5K evaluation "
+                                  "with ECCV/CxC positives needs COCO image ids (Karpathy 'cocoid') and "
+                                  "caption annotation ids (Karpathy 'sentid')") from None
     return out
 
 
@@ -191,10 +185,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
     name = getattr(corpus, "name", "corpus")
     n, m = len(corpus.image_ids), len(corpus.captions)
     if n != COCO_5K_IMAGES:
-        raise EvaluationError(
-            f"{name}: COCO 5K evaluation (ECCV Caption / CxC) needs the 5,000 images of the Karpathy COCO test "
-            f"split, got {n} images"
-        )
+        raise EvaluationError(f"{name}: COCO 5K evaluation (ECCV Caption / CxC) needs the 5,000 images of "
+                              f"the Karpathy COCO test split, got {n} images")
     if corpus.caption_ids is None:
         raise EvaluationError(f"{name}: the corpus has no caption ids; COCO 5K evaluation maps captions by sentid")
     images = _as_int_ids(list(corpus.image_ids), f"{name}: image id")
@@ -202,10 +194,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
     known_images = set(ann.image_ids.tolist())
     unknown = [v for v in images.tolist() if v not in known_images]
     if unknown:
-        raise EvaluationError(
-            f"{name}: {len(unknown)} image ids are not COCO 5K test cocoids ({_examples(unknown)}); "
-            "this is not the Karpathy COCO test split"
-        )
+        raise EvaluationError(f"{name}: {len(unknown)} image ids are not COCO 5K test cocoids "
+                              f"({_examples(unknown)}); this is not the Karpathy COCO test split")
     if len(set(images.tolist())) != n:
         raise EvaluationError(f"{name}: repeated image ids")
     owner = ann.caption_to_image
@@ -215,20 +205,18 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
              if owner[int(captions[j])] != int(images[c2i[j]])]
     if wrong:
         cid, iid = wrong[0]
-        raise EvaluationError(
-            f"{name}: {len(wrong)} captions sit under another image than in COCO (caption {cid} under image "
-            f"{iid}, COCO: {owner[cid]}); caption ids are not COCO annotation ids"
-        )
+        raise EvaluationError(f"{name}: {len(wrong)} captions sit under another image than in COCO (caption "
+                              f"{cid} under image {iid}, COCO: {owner[cid]}); caption ids are not COCO "
+                              "annotation ids")
     rows = np.flatnonzero(keep)
     kept = captions[rows]
     if len(np.unique(kept)) != len(kept):
         raise EvaluationError(f"{name}: repeated caption ids")
     if len(kept) != COCO_5K_CAPTIONS:
         missing = sorted(set(ann.caption_ids.tolist()) - set(kept.tolist()))
-        raise EvaluationError(
-            f"{name}: {len(missing)} of the 25,000 COCO 5K test captions are missing (ids {_examples(missing)}); "
-            "caption ids must be the Karpathy sentids (= COCO caption annotation ids)"
-        )
+        raise EvaluationError(f"{name}: {len(missing)} of the 25,000 COCO 5K test captions are missing (ids "
+                              f"{_examples(missing)}); caption ids must be the Karpathy sentids (= COCO "
+                              "caption annotation ids)")
     dropped = tuple(str(corpus.caption_ids[j]) for j in np.flatnonzero(~keep))
     return CocoTestIds(images, kept, rows.astype(np.int64), dropped)
 
@@ -236,10 +224,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
 def _positions(ids: np.ndarray, expected: np.ndarray, what: str) -> dict[int, int]:
     """id -> row for the caller's ids, which must be exactly the ``expected`` set."""
     if len(ids) != len(expected):
-        raise EvaluationError(
-            f"COCO 5K evaluation (ECCV Caption / CxC) needs {len(expected):,} {what}, got {len(ids):,}; "
-            "use the Karpathy COCO test split (coco_ids_from_corpus)"
-        )
+        raise EvaluationError(f"COCO 5K evaluation (ECCV Caption / CxC) needs {len(expected):,} {what}, got "
+                              f"{len(ids):,}; use the Karpathy COCO test split (coco_ids_from_corpus)")
     pos = {int(v): i for i, v in enumerate(ids.tolist())}
     if len(pos) != len(ids):
         raise EvaluationError(f"repeated {what} ids")
@@ -360,25 +346,15 @@ def _eccv_scores(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
     prec = np.cumsum(h, axis=1) / ranks[None, :]
     map_at_r = (prec * h).sum(1) / r
     rprec = h.sum(1) / r
-    return {
-        "map_at_r": float(100.0 * map_at_r.mean()),
-        "rprecision": float(100.0 * rprec.mean()),
-        "r1": float(100.0 * hits[:, 0].mean()),
-    }
+    return {"map_at_r": float(100.0 * map_at_r.mean()), "rprecision": float(100.0 * rprec.mean()),
+            "r1": float(100.0 * hits[:, 0].mean())}
 
 
-def eccv_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    image_cocoids: Sequence[int] | np.ndarray,
-    caption_ids: Sequence[int] | np.ndarray,
-    *,
-    similarity: Similarity = "cosine",
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-    annotations: EccvAnnotations | None = None,
-) -> dict[str, float]:
+def eccv_metrics(image_emb: ArrayLike, caption_emb: ArrayLike, image_cocoids: Sequence[int] | np.ndarray,
+                 caption_ids: Sequence[int] | np.ndarray, *, similarity: Similarity = "cosine",
+                 ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
+                 device: str | torch.device | None = None,
+                 annotations: EccvAnnotations | None = None) -> dict[str, float]:
     """COCO 5K retrieval scored with ECCV Caption and CxC positives (percent, like
     :func:`vsekit.eval.metrics.retrieval_metrics`).
 
@@ -400,10 +376,8 @@ def eccv_metrics(
     img = _tensor(image_emb, "image_emb", dev, rows_dtype or dtype)
     cap = _tensor(caption_emb, "caption_emb", dev, rows_dtype or dtype)
     if img.shape[0] != len(ipos) or cap.shape[0] != len(cpos):
-        raise EvaluationError(
-            f"{img.shape[0]} image rows for {len(ipos)} image ids, {cap.shape[0]} caption rows for {len(cpos)} "
-            "caption ids"
-        )
+        raise EvaluationError(f"{img.shape[0]} image rows for {len(ipos)} image ids, {cap.shape[0]} caption "
+                              f"rows for {len(cpos)} caption ids")
     if img.shape[1] != cap.shape[1]:
         raise EvaluationError(f"embedding sizes differ: images D={img.shape[1]}, captions D={cap.shape[1]}")
     if chunk_size is None:  # a block of scores (and topk's copy of it) within the evaluation's block budget
@@ -414,10 +388,8 @@ def eccv_metrics(
     score_i2t, score_t2i = _scorers(similarity, dtype)
 
     out: dict[str, float] = {}
-    for d, (qpos, gpos, query, gallery, score) in {
-        "i2t": (ipos, cpos, img, cap, score_i2t),
-        "t2i": (cpos, ipos, cap, img, score_t2i),
-    }.items():
+    for d, (qpos, gpos, query, gallery, score) in {"i2t": (ipos, cpos, img, cap, score_i2t),
+                                                   "t2i": (cpos, ipos, cap, img, score_t2i)}.items():
         eccv, cxc = ann.positives["eccv"][d], ann.positives["cxc"][d]
         depth = max(max(len(set(v)) for v in eccv.values()), max(ks))
         if depth > gallery.shape[0]:

@@ -191,9 +191,8 @@ def _as_index_array(caption_to_image: Any) -> np.ndarray:
 def _check_inputs(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image: Any) -> np.ndarray:
     for name, x in (("image_emb", image_emb), ("caption_emb", caption_emb)):
         if not isinstance(x, (np.ndarray, torch.Tensor)):
-            raise TypeError(
-                f"{name} must be a numpy array (memmap included) or a torch tensor, got {type(x)}"
-            )
+            raise TypeError(f"{name} must be a numpy array (memmap included) or a torch tensor, got "
+                            f"{type(x)}")
         if x.ndim != 2:
             raise EvaluationError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -201,9 +200,8 @@ def _check_inputs(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image
         if not _is_real(x):
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if image_emb.shape[1] != caption_emb.shape[1]:
-        raise EvaluationError(
-            f"embedding sizes differ: images have D={image_emb.shape[1]}, captions D={caption_emb.shape[1]}"
-        )
+        raise EvaluationError(f"embedding sizes differ: images have D={image_emb.shape[1]}, captions "
+                              f"D={caption_emb.shape[1]}")
     n, m = int(image_emb.shape[0]), int(caption_emb.shape[0])
     c2i = _as_index_array(caption_to_image)
     if len(c2i) != m:
@@ -241,14 +239,8 @@ def block_budget(device: torch.device, rows: bool = False) -> int:
     return (ROWS_BUDGET if rows else BLOCK_BUDGET)["cpu" if device.type == "cpu" else "accel"]
 
 
-def _block_shape(
-    n: int,
-    m: int,
-    chunk_size: int | Sequence[int] | None,
-    device: torch.device,
-    itemsize: int = 4,
-    per_image: int | None = None,
-) -> tuple[int, int]:
+def _block_shape(n: int, m: int, chunk_size: int | Sequence[int] | None, device: torch.device,
+                 itemsize: int = 4, per_image: int | None = None) -> tuple[int, int]:
     """(images, captions) per block.
 
     Default: as many scores as ``BLOCK_BUDGET`` holds, in the inputs' aspect (captions per image), split
@@ -314,7 +306,8 @@ def checked_scores(s: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.
     """What a similarity returned for ``shape`` (images, captions), checked, detached, in ``dtype``."""
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
         got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), got {got}")
+        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), "
+                              f"got {got}")
     return s.detach().to(dtype)
 
 
@@ -389,16 +382,9 @@ def _equal_at(S: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def _ranks(
-    images: _Rows,
-    captions: _Rows,
-    c2i: np.ndarray,
-    similarity: Similarity,
-    chunk_size: int | Sequence[int] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    dim: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def _ranks(images: _Rows, captions: _Rows, c2i: np.ndarray, similarity: Similarity,
+           chunk_size: int | Sequence[int] | None, device: torch.device, dtype: torch.dtype,
+           dim: int) -> tuple[np.ndarray, np.ndarray]:
     n, m = len(images), len(captions)
     R, C = _block_shape(n, m, chunk_size, device, torch.empty((), dtype=dtype).element_size(),
                         _captions_per_image(c2i, n))
@@ -491,26 +477,16 @@ def _ranks(
                 count(score(img, captions.rows(c0, c1, cap_buf)), a, b, c0, c1)
 
     if int(mismatched):
-        warnings.warn(
-            f"{int(mismatched)} ground-truth scores differed between two evaluations of the same pair: the "
-            "similarity is not reproducible call to call (non-deterministic kernel?), so ranks at exact or "
-            "near ties may be off by one",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"{int(mismatched)} ground-truth scores differed between two evaluations of the same "
+                      "pair: the similarity is not reproducible call to call (non-deterministic kernel?), so "
+                      "ranks at exact or near ties may be off by one", RuntimeWarning, stacklevel=3)
     i2t[torch.as_tensor(per_image == 0, device=device)] = -1
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
-def retrieval_ranks(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    caption_to_image: ArrayLike | Sequence[int],
-    *,
-    similarity: Similarity = "cosine",
-    chunk_size: int | Sequence[int] | None = None,
-    device: str | torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image: ArrayLike | Sequence[int],
+                    *, similarity: Similarity = "cosine", chunk_size: int | Sequence[int] | None = None,
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of the ground truth in both directions: ``(i2t (N,), t2i (M,))``, int64.
 
     - ``i2t[i]``: rank of image i's best ground-truth caption among all M captions (the VSE++ "min over
@@ -627,10 +603,9 @@ def retrieval_metrics(
         parts = [(None, None, c2i)]
     else:
         if n % NUM_FOLDS:
-            raise EvaluationError(
-                f"protocol '1k5fold' splits the images into {NUM_FOLDS} equal consecutive folds, but N={n} "
-                f"images is not a multiple of {NUM_FOLDS} (COCO-1K uses the 5,000 test images)"
-            )
+            raise EvaluationError(f"protocol '1k5fold' splits the images into {NUM_FOLDS} equal consecutive "
+                                  f"folds, but N={n} images is not a multiple of {NUM_FOLDS} (COCO-1K uses "
+                                  "the 5,000 test images)")
         size = n // NUM_FOLDS
         if size != COCO_1K_FOLD:
             logging.getLogger("vsekit.eval").warning(
@@ -661,17 +636,10 @@ def _labels(x: Any, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def mean_average_precision(
-    query_emb: ArrayLike,
-    gallery_emb: ArrayLike,
-    query_labels: ArrayLike | Sequence[int],
-    gallery_labels: ArrayLike | Sequence[int],
-    *,
-    at: int | None = None,
-    metric: str = "cosine",
-    chunk_size: int = 256,
-    device: str | torch.device | None = None,
-) -> float:
+def mean_average_precision(query_emb: ArrayLike, gallery_emb: ArrayLike,
+                           query_labels: ArrayLike | Sequence[int], gallery_labels: ArrayLike | Sequence[int],
+                           *, at: int | None = None, metric: str = "cosine", chunk_size: int = 256,
+                           device: str | torch.device | None = None) -> float:
     """Label-relevance mean average precision (ACMR's metric), in [0, 1].
 
     A gallery item is relevant to a query when they share a label: equal class ids (1-D labels) or at
@@ -763,18 +731,10 @@ def _label_stats(query_emb: ArrayLike, gallery_emb: ArrayLike, ql: torch.Tensor,
     return sums
 
 
-def label_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    image_labels: ArrayLike | Sequence[int],
-    caption_labels: ArrayLike | Sequence[int],
-    *,
-    metric: str = "cosine",
-    map_at: int = MAP_AT,
-    precision_at: Sequence[int] = PRECISION_AT,
-    chunk_size: int = 256,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
+def label_metrics(image_emb: ArrayLike, caption_emb: ArrayLike, image_labels: ArrayLike | Sequence[int],
+                  caption_labels: ArrayLike | Sequence[int], *, metric: str = "cosine", map_at: int = MAP_AT,
+                  precision_at: Sequence[int] = PRECISION_AT, chunk_size: int = 256,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
     """Label-relevance retrieval metrics both ways (the protocol of ACMR and the cross-modal label benchmarks).
 
     Every image queries all captions (``i2t``) and every caption all images (``t2i``); a retrieved item is

@@ -11,13 +11,8 @@ from vsekit.eval.metrics import DIRECTIONS, METRIC_KEYS
 from vsekit.utils.io import atomic_write_json
 
 # (header, key suffix, format): medr is an integer by construction (floor(median) + 1)
-_COLUMNS = (
-    ("R@1", "r1", ".2f"),
-    ("R@5", "r5", ".2f"),
-    ("R@10", "r10", ".2f"),
-    ("medr", "medr", ".0f"),
-    ("meanr", "meanr", ".2f"),
-)
+_COLUMNS = (("R@1", "r1", ".2f"), ("R@5", "r5", ".2f"), ("R@10", "r10", ".2f"), ("medr", "medr", ".0f"),
+            ("meanr", "meanr", ".2f"))
 _LABELS = {"i2t": "image->text", "t2i": "text->image"}
 _WIDTH = max(len(v) for v in _LABELS.values())
 
@@ -39,13 +34,8 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     return "\n".join(lines)
 
 
-def write_metrics_json(
-    path: str | os.PathLike,
-    metrics: Mapping[str, float],
-    *,
-    folds: Sequence[Mapping[str, float]] | None = None,
-    **context: Any,
-) -> Path:
+def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, float], *,
+                       folds: Sequence[Mapping[str, float]] | None = None, **context: Any) -> Path:
     """Write ``{"metrics": ..., "folds": [...], **context}`` to ``path`` atomically (a crash leaves the old
     file or the new one, never half of one). ``context`` is free-form: checkpoint, split, protocol, ..."""
     record: dict[str, Any] = dict(context)
@@ -76,7 +66,8 @@ def format_eccv_table(metrics: Mapping[str, Any], title: str | None = None) -> s
     lines = [title] if title else []
     lines.append(f"{'':<{_WIDTH}}" + "".join(f"{name:>11}" for name, _ in cols))
     for d in DIRECTIONS:
-        lines.append(f"{_LABELS[d]:<{_WIDTH}}" + "".join(f"{metrics[key.format(d=d)]:>11.2f}" for _, key in cols))
+        cells = "".join(f"{metrics[key.format(d=d)]:>11.2f}" for _, key in cols)
+        lines.append(f"{_LABELS[d]:<{_WIDTH}}{cells}")
     lines.append(f"{'rsum (exact pairs)':<{_WIDTH}}{metrics['rsum']:>11.2f}")
     return "\n".join(lines)
 

@@ -196,18 +196,11 @@ def _tensor(x: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def semantic_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    caption_to_image: ArrayLike | Sequence[int],
-    caption_vectors: ArrayLike,
-    *,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    ks: Sequence[int] = RECALL_AT,
-    similarity: Similarity = "cosine",
-    max_r: int = DEFAULT_MAX_R,
-    chunk_size: int | None = None,
-) -> dict[str, Any]:
+def semantic_metrics(image_emb: ArrayLike, caption_emb: ArrayLike,
+                     caption_to_image: ArrayLike | Sequence[int], caption_vectors: ArrayLike, *,
+                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS, ks: Sequence[int] = RECALL_AT,
+                     similarity: Similarity = "cosine", max_r: int = DEFAULT_MAX_R,
+                     chunk_size: int | None = None) -> dict[str, Any]:
     """Semantic R@K, mAP@R and plausible-match R-Precision both ways, per LSA-cosine threshold.
 
     ``caption_vectors`` (M, K): the LSA vectors of the evaluated captions, row j <-> caption j, from a

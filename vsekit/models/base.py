@@ -34,7 +34,7 @@ class Encoder(nn.Module):
     levels: ClassVar[int] = 1
     #: a text encoder's own tokenizer, ``tokenize(caption, max_len) -> ids`` (a method); None: the vocabulary's
     tokenize: Callable[[str, int | None], list[int]] | None = None
-    #: :meth:`finish` L2-normalises (an encoder's ``no_imgnorm`` / ``no_txtnorm`` turn it off), then takes abs()
+    #: :meth:`finish`: L2 (an encoder's ``no_imgnorm`` / ``no_txtnorm`` turn it off), then abs()
     normalize: bool = False
     use_abs: bool = False
 
