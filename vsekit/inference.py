@@ -108,7 +108,6 @@ class SetPairScorer(BlockScorer):
         self.device, self.fixed_shapes = device, fixed_shapes
         self.num_images, self.num_captions = len(images), len(captions)
 
-    @torch.no_grad()
     def __call__(self, image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
         scores = self.scores(image_rows.long().cpu().numpy(), caption_rows.long().cpu().numpy())
         return torch.from_numpy(scores).to(image_rows.device)

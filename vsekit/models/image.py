@@ -72,10 +72,6 @@ class PrecompImageEncoder(Encoder):
         return self.head(feats)
 
 
-def _local_weights_file(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-
 def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Module:
     model = torchvision.models.get_model(arch, weights=None)
     if not initial_weights_wanted():  # a checkpoint is being rebuilt: its weights replace these
@@ -87,12 +83,9 @@ def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> 
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     elif pretrained:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
-        path = _local_weights_file(weights)
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            state = _torchvision_download(arch, weights, path)
-        model.load_state_dict(state)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True) if path.is_file()
+                              else _torchvision_download(arch, weights, path))
     return model
 
 

@@ -109,8 +109,7 @@ def _pretrained_tag(open_clip, arch: str | None, name: str) -> dict[str, Any] | 
     None when ``name`` is no tag of it (or the architecture came as a config dict)."""
     if arch is None or "/" in name or "\\" in name:
         return None
-    cfg = open_clip.pretrained.get_pretrained_cfg(arch.replace("/", "-"), name)
-    return cfg or None
+    return open_clip.pretrained.get_pretrained_cfg(arch.replace("/", "-"), name) or None
 
 
 def _download_tag(open_clip, arch: str, tag: str, cfg: dict[str, Any], where: str) -> Path:

@@ -56,12 +56,9 @@ def _from_text(path: Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(bounded_lines(f, path, MAX_LINE, too_long), 1):
             parts = line.rstrip().split(" ")
-            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue
-            if len(parts) < 2:
-                continue
             row = index.get(parts[0])
-            if row is None:
+            header = lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)  # ``count dim``
+            if row is None or len(parts) < 2 or header:
                 continue
             if len(parts) - 1 != dim:
                 raise DataError(f"{path}:{lineno}: vector of {len(parts) - 1} values, expected word_dim={dim}")

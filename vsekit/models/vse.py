@@ -110,9 +110,6 @@ class VSEModel(nn.Module):
         return self.similarity(image_context, caption_context, caption_lengths)
 
     def forward(self, images: torch.Tensor, *text: torch.Tensor):
-        if not self.learned_similarity:
-            img, cap = self.encode_images(images), self.encode_captions(*text)
-            return img, cap, self.similarity(img, cap)
         img, img_ctx = self.encode_image_parts(images)
         cap, cap_ctx, lengths = self.encode_caption_parts(*text)
         return img, cap, self.score_pairs(img, cap, img_ctx, cap_ctx, lengths)

@@ -54,9 +54,7 @@ class CaptionEncoder:
         return ids[: self.max_tokens + 1] + ids[-1:]
 
     def _ids(self, caption: str, n: int) -> list[int]:
-        if self.hook is None:
-            return self.vocab.encode(caption, n)
-        return self._hook_ids(caption, n)
+        return self.vocab.encode(caption, n) if self.hook is None else self._hook_ids(caption, n)
 
     def _hook_ids(self, caption: str, n: int) -> list[int]:
         """The hook's ids of the first ``n`` pieces, from a prefix of the caption cut at a space (a word is
