@@ -11,8 +11,8 @@ from torch import nn
 
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
-from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import MLP, l2norm, xavier_linear_
+from vsekit.models.heads import joint_head
+from vsekit.models.layers import l2norm
 from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
@@ -48,12 +48,9 @@ class PrecompImageEncoder(Encoder):
             in_dim = img_dim * num_regions
         else:
             in_dim = img_dim
-        if head == "linear":
-            self.head = xavier_linear_(nn.Linear(in_dim, embed_size))
-        elif head == "mlp":
-            self.head = MLP(in_dim, embed_size // 2, embed_size)
-        else:
+        if head not in ("linear", "mlp"):
             raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
+        self.head = joint_head(head, in_dim, embed_size)
         self.pooling = pooling
         self.gpo = GPO() if pooling == "gpo" else None
         self.normalize, self.use_abs = not no_imgnorm, use_abs
@@ -189,14 +186,7 @@ class CNNImageEncoder(Encoder):
         kwargs = {"width": width} if backbone == "small_cnn" else {}
         self.backbone, feat_dim = BACKBONES.build({"name": backbone, "pretrained": pretrained,
                                                    "weights_path": weights_path, **kwargs})
-        if head == "linear":
-            self.head = xavier_linear_(nn.Linear(feat_dim, embed_size))
-        elif head == "mlp":
-            self.head = MLP(feat_dim, embed_size // 2, embed_size)
-        elif head == "projector":
-            self.head = ProjectorHead(feat_dim, [512, 100] if hidden is None else hidden, embed_size, activation)
-        else:
-            self.head = DualPathHead(feat_dim, embed_size)
+        self.head = joint_head(head, feat_dim, embed_size, hidden, activation)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
         self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
