@@ -242,10 +242,8 @@ class Embedder:
             have = "text feature vectors" if features else "caption strings"
             raise EncodeError(f"{corpus.name if corpus else 'the input'} holds {have}, which this model's text "
                               "encoder does not read (a text-feature model embeds a data set's caption_features)")
-        if corpus is not None:
-            dataset = CaptionDataset(text=TextSource(corpus, self.tokenize))
-        else:
-            dataset = CaptionDataset(texts, self.tokenize)
+        dataset = (CaptionDataset(text=TextSource(corpus, self.tokenize)) if corpus is not None
+                   else CaptionDataset(texts, self.tokenize))
         forward = self._caption_parts if parts else \
             (lambda t: (self.model.encode_captions(*text_to(t, self.device)), None))
         return self._encode(dataset, collate_captions, forward, "captions", parts=parts, shard=True,

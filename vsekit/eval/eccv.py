@@ -335,10 +335,6 @@ def _hits(ranked: np.ndarray, queries: list[int], positives: dict[int, tuple[int
     return hits, r
 
 
-def _recall_at(hits: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    return {k: float(100.0 * hits[:, :k].any(1).mean()) for k in ks}
-
-
 def _eccv_scores(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
     ranks = np.arange(1, hits.shape[1] + 1)
     within = ranks[None, :] <= r[:, None]
@@ -399,6 +395,6 @@ def eccv_metrics(image_emb: ArrayLike, caption_emb: ArrayLike, image_cocoids: Se
         hits, r = _hits(ranked, list(eccv), eccv, qpos, gpos)
         out.update({f"eccv_{d}_{key}": v for key, v in _eccv_scores(hits, r).items()})
         hits, _ = _hits(ranked[:, : max(ks)], list(cxc), cxc, qpos, gpos)
-        out.update({f"cxc_{d}_r{k}": v for k, v in _recall_at(hits, ks).items()})
+        out.update({f"cxc_{d}_r{k}": float(100.0 * hits[:, :k].any(1).mean()) for k in ks})
     return out
 

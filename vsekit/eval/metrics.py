@@ -111,20 +111,15 @@ class _Rows:
     delivered chunk by chunk as torch tensors on ``device`` in ``dtype``; never converted whole."""
 
     def __init__(self, data: ArrayLike, subset: np.ndarray | None, device: torch.device, dtype: torch.dtype):
-        self.data = data
-        self.device = device
-        self.dtype = dtype
-        self.offset = 0
+        self.data, self.device, self.dtype, self.offset = data, device, dtype, 0
         self.index: np.ndarray | None = None
+        self.n = int(data.shape[0]) if subset is None else len(subset)
         if subset is not None:
             subset = np.asarray(subset, dtype=np.int64)
             if _is_run(subset):
                 self.offset = int(subset[0])  # a contiguous range is read as a slice
             else:
                 self.index = subset
-            self.n = len(subset)
-        else:
-            self.n = int(data.shape[0])
 
     def __len__(self) -> int:
         return self.n

@@ -121,9 +121,7 @@ class _Sums:
         self.ks = ks
         self.queries = 0
         self.hits = np.zeros((levels, len(ks)), dtype=np.int64)
-        self.ap = np.zeros(levels)
-        self.rprec = np.zeros(levels)
-        self.relevant = np.zeros(levels)
+        self.ap, self.rprec, self.relevant = np.zeros(levels), np.zeros(levels), np.zeros(levels)
         self.capped = np.zeros(levels, dtype=np.int64)
 
     def add(self, S: torch.Tensor, P: np.ndarray, col_of: np.ndarray | None, levels: np.ndarray,

@@ -56,7 +56,6 @@ class PrecompImageEncoder(Encoder):
         self.normalize, self.use_abs = not no_imgnorm, use_abs
 
     def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """The projected (pooled) feature before the L2 normalisation."""
         if feats.dim() == 3:
             if self.pooling == "flatten":
                 return self.head(feats.flatten(1))

@@ -50,11 +50,10 @@ def clip_config(arch: str | None, config: dict[str, Any] | None, where: str) -> 
     if config is None:
         open_clip = _open_clip(where)
         registry_name(arch, "open_clip", f"{where}.arch")
-        found = open_clip.get_model_config(arch.replace("/", "-"))
-        if found is None:
+        config = open_clip.get_model_config(arch.replace("/", "-"))
+        if config is None:
             raise ValueError(f"{where}.arch: open_clip has no architecture {arch!r}"
                              f"{did_you_mean(arch, open_clip.list_models())}")
-        config = found
     cfg = copy.deepcopy(dict(config))
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:

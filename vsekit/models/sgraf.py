@@ -200,8 +200,7 @@ class SGRAFSimilarity(SimilarityNetwork):
             raise ValueError(f"sim_dim and sgr_step must be >= 1, got {sim_dim} and {sgr_step}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.module = module
-        self.name = module
+        self.module = self.name = module
         self.embed_size, self.sim_dim, self.smooth = int(embed_size), int(sim_dim), float(smooth)
         self.visual_sa = _VisualSelfAttention(embed_size, dropout)
         self.text_sa = _TextSelfAttention(embed_size, dropout)

@@ -94,11 +94,6 @@ class SimilarityNetwork(nn.Module):
         raise NotImplementedError
 
 
-def similarity_names() -> list[str]:
-    """Every name ``model.similarity`` may take."""
-    return sorted({*SIMILARITIES.names(), *SIMILARITY_NETWORKS.names()})
-
-
 def check_similarity_spec(spec: Any, where: str = "model.similarity") -> str | dict[str, Any]:
     """The ``model.similarity`` config, checked: a registered function's name (``"cosine"``; also accepted
     as ``{name: cosine}``, returned as the name), or a network's name or ``{name: sgr, **options}`` with its
@@ -113,7 +108,7 @@ def check_similarity_spec(spec: Any, where: str = "model.similarity") -> str | d
         return name
     if name in SIMILARITY_NETWORKS:
         return spec if isinstance(spec, str) else SIMILARITY_NETWORKS.validate(spec, where)
-    known = similarity_names()
+    known = sorted({*SIMILARITIES.names(), *SIMILARITY_NETWORKS.names()})
     key = f"{where}.name" if isinstance(spec, dict) else where
     raise ConfigError(f"{key}: unknown similarity {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
 

@@ -202,7 +202,6 @@ class GRUTextEncoder(Encoder):
         return out
 
     def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The caption feature before the L2 normalisation (what an instance classifier sees)."""
         if self.pooling == "last":
             h = self._run(tokens, lengths)[1]
             return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]

@@ -60,8 +60,7 @@ class VSEModel(nn.Module):
         for what, enc in (("image", image_encoder), ("text", text_encoder)):
             if not isinstance(enc, Encoder):
                 raise TypeError(f"the {what} encoder must be a vsekit.models.base.Encoder, got {type(enc).__name__}")
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.similarity = FixedSimilarity(similarity) if isinstance(similarity, str) else similarity
 
     @property
