@@ -158,8 +158,7 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
         """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code."""
-        state = load_checkpoint(path)  # checks for the model, vocab and config
-        return cls.from_state(state, device)
+        return cls.from_state(load_checkpoint(path), device)  # load_checkpoint checks model, vocab, config
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto") -> Embedder:
@@ -292,8 +291,9 @@ class Embedder:
             if out is None:
                 out = np.zeros((len(dataset), emb.shape[1]), dtype=np.float32)
             out[idx.numpy()] = emb
-            if sets is not None:
-                _check_in_order(idx, done)
+            if sets is not None:  # appended batch by batch: the loader must deliver the rows in order
+                if not torch.equal(idx, torch.arange(done, done + len(idx))):
+                    raise RuntimeError("the data loader delivered rows out of order")  # a bug, not user error
                 sets.append(*local)
                 done += len(idx)
         if out is None:
@@ -397,12 +397,6 @@ def trained_term(state: dict[str, Any], name: str, stage_config: RunConfig, what
         raise CheckpointError(f"{where}: its {what} weights do not fit the {what} its config describes: "
                               f"{str(e).splitlines()[0]}") from None
     return term
-
-
-def _check_in_order(idx: torch.Tensor, done: int) -> None:
-    """Local sets are appended batch by batch: the loader must deliver the rows in order."""
-    if not torch.equal(idx, torch.arange(done, done + len(idx))):
-        raise RuntimeError("the data loader delivered rows out of order")  # a bug, not a user error
 
 
 def _context(ctx: torch.Tensor | None, what: str) -> torch.Tensor:

@@ -44,6 +44,7 @@ from vsekit.eval.metrics import (
     EvaluationError,
     Similarity,
     _compute_dtype,
+    _numpy,
     _pick_device,
     block_budget,
     checked_scores,
@@ -145,9 +146,7 @@ class CocoTestIds:
 
 
 def _as_int_ids(ids: Any, what: str) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids)
+    arr = _numpy(ids)
     if arr.ndim != 1:
         raise EvaluationError(f"{what} must be 1-D, got shape {arr.shape}")
     if arr.size and np.issubdtype(arr.dtype, np.integer):

@@ -172,10 +172,13 @@ def _is_real(x: ArrayLike) -> bool:
     return np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor (detached, on the CPU), array or sequence as a numpy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _as_index_array(caption_to_image: Any) -> np.ndarray:
-    if isinstance(caption_to_image, torch.Tensor):
-        caption_to_image = caption_to_image.detach().cpu().numpy()
-    c2i = np.asarray(caption_to_image)
+    c2i = _numpy(caption_to_image)
     if c2i.ndim != 1:
         raise EvaluationError(f"caption_to_image must be 1-D (one image row per caption), got shape {c2i.shape}")
     if c2i.size and not np.issubdtype(c2i.dtype, np.integer):
@@ -538,9 +541,7 @@ def metrics_from_ranks(i2t_ranks: ArrayLike, t2i_ranks: ArrayLike) -> dict[str, 
     """
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        if isinstance(ranks, torch.Tensor):
-            ranks = ranks.cpu().numpy()
-        r = np.asarray(ranks, dtype=np.float64)
+        r = np.asarray(_numpy(ranks), dtype=np.float64)
         r = r[r >= 0]
         if r.size == 0:
             raise EvaluationError(f"no {name} queries to score")
@@ -623,9 +624,7 @@ def retrieval_metrics(
 
 
 def _labels(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = _numpy(x)
     if x.ndim not in (1, 2):
         raise EvaluationError(f"{name} must be 1-D class ids or 2-D multi-hot labels, got shape {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))

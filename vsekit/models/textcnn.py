@@ -111,8 +111,7 @@ class TextCNNEncoder(Encoder):
 
     def window(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, seq_len) ids: each caption copied into the window, at a random offset when training with shift."""
-        b = tokens.shape[0]
-        dev = tokens.device
+        b, dev = tokens.shape[0], tokens.device
         lengths = lengths.to(dev).clamp(max=self.seq_len)
         t = min(tokens.shape[1], self.seq_len)
         if self.training and self.shift:
