@@ -47,16 +47,15 @@ def test_two_level_encoders_normalise_each_level_and_are_non_negative():
 
 
 def test_a_two_level_text_encoder_keeps_its_inner_encoders_tokenizer(monkeypatch):
-    from vsekit.models.base import caption_tokenizer
     from vsekit.models.text import GRUTextEncoder
 
     spec = {"embed_size": 6, "similarity": "two_level_order",
             "image_encoder": {"name": "two_level", "encoder": {"name": "precomp"}},
             "text_encoder": {"name": "two_level", "encoder": {"name": "gru", "word_dim": 5}}}
-    assert caption_tokenizer(build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder) is None
+    assert build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder.tokenize is None
     monkeypatch.setattr(GRUTextEncoder, "tokenize", lambda self, caption, max_len=None: [len(caption)],
                         raising=False)
-    hook = caption_tokenizer(build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder)
+    hook = build_model(spec, vocab_size=20, feature_shape=(4, 10)).text_encoder.tokenize
     assert hook is not None and hook("a red circle") == [12]  # the inner encoder's pieces, not the vocabulary's
 
 

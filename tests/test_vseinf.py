@@ -14,7 +14,6 @@ from vsekit.config import resolve_config
 from vsekit.errors import ConfigError
 from vsekit.losses import build_loss
 from vsekit.models import build_model
-from vsekit.models.base import caption_tokenizer
 from vsekit.models.gpo import GPO
 
 TINY_BERT = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -290,7 +289,7 @@ def test_bert_from_local_folder_and_tokenizer(offline, bert_folder, vocab_file):
     assert len(enc.tokenize("a " * 100)) == TINY_BERT["max_position_embeddings"]
     same = _bert_model(config=TINY_BERT, tokenizer=str(vocab_file)).text_encoder
     assert same.tokenize(caption) == ids
-    assert caption_tokenizer(same) is not None
+    assert same.tokenize is not None
 
 
 def test_bert_captions_are_bounded_cheaply_and_invisible_ones_have_no_words(offline, vocab_file):
@@ -461,7 +460,7 @@ def test_vocabulary_path_unchanged_without_hook(tmp_path, cache):
                                 "data.num_images=120", "text.min_count=1", "model.embed_size=8",
                                 "model.image_encoder.name=vse_infty", "model.text_encoder.name=bigru_gpo"])
     run = build_run(cfg)
-    assert caption_tokenizer(run.model.text_encoder) is None
+    assert run.model.text_encoder.tokenize is None
     assert run.dataset.text(3).tolist() == run.vocab.encode(run.train_corpus.captions[3])
 
 

@@ -33,7 +33,6 @@ from vsekit.errors import ConfigError, VsekitError
 from vsekit.eval.metrics import BlockScorer
 from vsekit.eval.protocols import EvalInputs, get_protocol
 from vsekit.losses.terms import OBJECTIVE_TERMS, term_options
-from vsekit.models.base import caption_tokenizer
 from vsekit.models.local_sets import LocalSets, LocalSetsWriter
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
@@ -86,7 +85,7 @@ def caption_encoder(vocab: Vocabulary, model: VSEModel, text: Any) -> CaptionEnc
     """Caption -> token ids for ``model``: its text encoder's own tokenizer when it has one (BERT), else the
     vocabulary; at most ``text.max_len`` tokens, and ``text.max_tokens`` (cut with a warning). The one
     tokenizer call of training and inference (``text``: the run's ``text`` config section)."""
-    return CaptionEncoder(vocab, caption_tokenizer(model.text_encoder), text.max_len, text.max_tokens)
+    return CaptionEncoder(vocab, model.text_encoder.tokenize, text.max_len, text.max_tokens)
 
 
 class SetPairScorer(BlockScorer):
@@ -109,7 +108,6 @@ class SetPairScorer(BlockScorer):
         self.device, self.fixed_shapes = device, fixed_shapes
         self.num_images, self.num_captions = len(images), len(captions)
 
-    @torch.no_grad()
     def __call__(self, image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
         scores = self.scores(image_rows.long().cpu().numpy(), caption_rows.long().cpu().numpy())
         return torch.from_numpy(scores).to(image_rows.device)
@@ -145,7 +143,6 @@ class Embedder:
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.config = validate_config(config)
-        self.max_len = self.config.text.max_len
         self.captions = caption_encoder(vocab, self.model, self.config.text)
         self.feature_shape = list(feature_shape) if feature_shape else None
         self.checkpoint_path = checkpoint_path
@@ -161,8 +158,7 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Embedder:
         """The model of a checkpoint (a ``.pt`` file or a run folder), opened without running code."""
-        state = load_checkpoint(path)  # checks for the model, vocab and config
-        return cls.from_state(state, device)
+        return cls.from_state(load_checkpoint(path), device)  # load_checkpoint checks model, vocab, config
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto") -> Embedder:
@@ -245,10 +241,8 @@ class Embedder:
             have = "text feature vectors" if features else "caption strings"
             raise EncodeError(f"{corpus.name if corpus else 'the input'} holds {have}, which this model's text "
                               "encoder does not read (a text-feature model embeds a data set's caption_features)")
-        if corpus is not None:
-            dataset = CaptionDataset(text=TextSource(corpus, self.tokenize))
-        else:
-            dataset = CaptionDataset(texts, self.tokenize)
+        dataset = (CaptionDataset(text=TextSource(corpus, self.tokenize)) if corpus is not None
+                   else CaptionDataset(texts, self.tokenize))
         forward = self._caption_parts if parts else \
             (lambda t: (self.model.encode_captions(*text_to(t, self.device)), None))
         return self._encode(dataset, collate_captions, forward, "captions", parts=parts, shard=True,
@@ -297,8 +291,9 @@ class Embedder:
             if out is None:
                 out = np.zeros((len(dataset), emb.shape[1]), dtype=np.float32)
             out[idx.numpy()] = emb
-            if sets is not None:
-                _check_in_order(idx, done)
+            if sets is not None:  # appended batch by batch: the loader must deliver the rows in order
+                if not torch.equal(idx, torch.arange(done, done + len(idx))):
+                    raise RuntimeError("the data loader delivered rows out of order")  # a bug, not user error
                 sets.append(*local)
                 done += len(idx)
         if out is None:
@@ -402,12 +397,6 @@ def trained_term(state: dict[str, Any], name: str, stage_config: RunConfig, what
         raise CheckpointError(f"{where}: its {what} weights do not fit the {what} its config describes: "
                               f"{str(e).splitlines()[0]}") from None
     return term
-
-
-def _check_in_order(idx: torch.Tensor, done: int) -> None:
-    """Local sets are appended batch by batch: the loader must deliver the rows in order."""
-    if not torch.equal(idx, torch.arange(done, done + len(idx))):
-        raise RuntimeError("the data loader delivered rows out of order")  # a bug, not a user error
 
 
 def _context(ctx: torch.Tensor | None, what: str) -> torch.Tensor:

@@ -21,22 +21,7 @@ from vsekit.eval.report import (
     write_metrics_json,
 )
 
-__all__ = [
-    "BlockScorer",
-    "EVAL_PROTOCOLS",
-    "EvalInputs",
-    "EvaluationError",
-    "METRIC_KEYS",
-    "get_protocol",
-    "label_metrics",
-    "format_eccv_table",
-    "format_label_table",
-    "format_metrics_table",
-    "format_semantic_table",
-    "mean_average_precision",
-    "mean_over_folds",
-    "metrics_from_ranks",
-    "retrieval_metrics",
-    "retrieval_ranks",
-    "write_metrics_json",
-]
+__all__ = ["BlockScorer", "EVAL_PROTOCOLS", "EvalInputs", "EvaluationError", "METRIC_KEYS", "get_protocol",
+           "label_metrics", "format_eccv_table", "format_label_table", "format_metrics_table",
+           "format_semantic_table", "mean_average_precision", "mean_over_folds", "metrics_from_ranks",
+           "retrieval_metrics", "retrieval_ranks", "write_metrics_json"]

@@ -38,7 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsekit.eval.metrics import ArrayLike, BlockScorer, EvaluationError, Similarity, block_budget, row_inputs
+from vsekit.eval.metrics import (
+    ArrayLike,
+    BlockScorer,
+    EvaluationError,
+    Similarity,
+    _compute_dtype,
+    _numpy,
+    _pick_device,
+    block_budget,
+    checked_scores,
+    row_inputs,
+)
 from vsekit.models.similarity import get_similarity
 
 COCO_5K_IMAGES = 5000
@@ -101,21 +112,16 @@ def _load(data_dir: str) -> EccvAnnotations:
         caption_ids = np.load(d / "coco_test_ids.npy").astype(np.int64).reshape(-1)
     except (OSError, ValueError) as e:
         raise EvaluationError(f"{d / 'coco_test_ids.npy'}: cannot read the COCO 5K caption ids ({e})") from e
-    positives = {
-        s: {"i2t": _read_positives(d / f"{s}_image_to_caption.json"),
-            "t2i": _read_positives(d / f"{s}_caption_to_image.json")}
-        for s in SOURCES
-    }
+    positives = {s: {"i2t": _read_positives(d / f"{s}_image_to_caption.json"),
+                     "t2i": _read_positives(d / f"{s}_caption_to_image.json")} for s in SOURCES}
     owner = positives["original"]["t2i"]
     missing = [int(c) for c in caption_ids if int(c) not in owner]
     if missing:
         raise EvaluationError(f"{d}: caption ids {missing[:5]} of coco_test_ids.npy have no image")
     image_ids = np.asarray(list(dict.fromkeys(owner[int(c)][0] for c in caption_ids)), dtype=np.int64)
     if len(image_ids) != COCO_5K_IMAGES or len(np.unique(caption_ids)) != COCO_5K_CAPTIONS:
-        raise EvaluationError(
-            f"{d}: expected {COCO_5K_IMAGES} images and {COCO_5K_CAPTIONS} captions, found {len(image_ids)} "
-            f"and {len(np.unique(caption_ids))}"
-        )
+        raise EvaluationError(f"{d}: expected {COCO_5K_IMAGES} images and {COCO_5K_CAPTIONS} captions, found "
+                              f"{len(image_ids)} and {len(np.unique(caption_ids))}")
     return EccvAnnotations(d, image_ids, caption_ids, positives)
 
 
@@ -140,9 +146,7 @@ class CocoTestIds:
 
 
 def _as_int_ids(ids: Any, what: str) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids)
+    arr = _numpy(ids)
     if arr.ndim != 1:
         raise EvaluationError(f"{what} must be 1-D, got shape {arr.shape}")
     if arr.size and np.issubdtype(arr.dtype, np.integer):
@@ -154,10 +158,9 @@ def _as_int_ids(ids: Any, what: str) -> np.ndarray:
                 raise ValueError
             out[i] = int(v)
         except (TypeError, ValueError):
-            raise EvaluationError(
-                f"{what}[{i}] = {v!r} is not a COCO id (an integer); COCO 5K evaluation with ECCV/CxC positives "
-                "needs COCO image ids (Karpathy 'cocoid') and caption annotation ids (Karpathy 'sentid')"
-            ) from None
+            raise EvaluationError(f"{what}[{i}] = {v!r} is not a COCO id (an integer); COCO 5K evaluation "
+                                  "with ECCV/CxC positives needs COCO image ids (Karpathy 'cocoid') and "
+                                  "caption annotation ids (Karpathy 'sentid')") from None
     return out
 
 
@@ -181,10 +184,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
     name = getattr(corpus, "name", "corpus")
     n, m = len(corpus.image_ids), len(corpus.captions)
     if n != COCO_5K_IMAGES:
-        raise EvaluationError(
-            f"{name}: COCO 5K evaluation (ECCV Caption / CxC) needs the 5,000 images of the Karpathy COCO test "
-            f"split, got {n} images"
-        )
+        raise EvaluationError(f"{name}: COCO 5K evaluation (ECCV Caption / CxC) needs the 5,000 images of "
+                              f"the Karpathy COCO test split, got {n} images")
     if corpus.caption_ids is None:
         raise EvaluationError(f"{name}: the corpus has no caption ids; COCO 5K evaluation maps captions by sentid")
     images = _as_int_ids(list(corpus.image_ids), f"{name}: image id")
@@ -192,10 +193,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
     known_images = set(ann.image_ids.tolist())
     unknown = [v for v in images.tolist() if v not in known_images]
     if unknown:
-        raise EvaluationError(
-            f"{name}: {len(unknown)} image ids are not COCO 5K test cocoids ({_examples(unknown)}); "
-            "this is not the Karpathy COCO test split"
-        )
+        raise EvaluationError(f"{name}: {len(unknown)} image ids are not COCO 5K test cocoids "
+                              f"({_examples(unknown)}); this is not the Karpathy COCO test split")
     if len(set(images.tolist())) != n:
         raise EvaluationError(f"{name}: repeated image ids")
     owner = ann.caption_to_image
@@ -205,20 +204,18 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
              if owner[int(captions[j])] != int(images[c2i[j]])]
     if wrong:
         cid, iid = wrong[0]
-        raise EvaluationError(
-            f"{name}: {len(wrong)} captions sit under another image than in COCO (caption {cid} under image "
-            f"{iid}, COCO: {owner[cid]}); caption ids are not COCO annotation ids"
-        )
+        raise EvaluationError(f"{name}: {len(wrong)} captions sit under another image than in COCO (caption "
+                              f"{cid} under image {iid}, COCO: {owner[cid]}); caption ids are not COCO "
+                              "annotation ids")
     rows = np.flatnonzero(keep)
     kept = captions[rows]
     if len(np.unique(kept)) != len(kept):
         raise EvaluationError(f"{name}: repeated caption ids")
     if len(kept) != COCO_5K_CAPTIONS:
         missing = sorted(set(ann.caption_ids.tolist()) - set(kept.tolist()))
-        raise EvaluationError(
-            f"{name}: {len(missing)} of the 25,000 COCO 5K test captions are missing (ids {_examples(missing)}); "
-            "caption ids must be the Karpathy sentids (= COCO caption annotation ids)"
-        )
+        raise EvaluationError(f"{name}: {len(missing)} of the 25,000 COCO 5K test captions are missing (ids "
+                              f"{_examples(missing)}); caption ids must be the Karpathy sentids (= COCO "
+                              "caption annotation ids)")
     dropped = tuple(str(corpus.caption_ids[j]) for j in np.flatnonzero(~keep))
     return CocoTestIds(images, kept, rows.astype(np.int64), dropped)
 
@@ -226,10 +223,8 @@ def coco_ids_from_corpus(corpus: Any, annotations: EccvAnnotations | None = None
 def _positions(ids: np.ndarray, expected: np.ndarray, what: str) -> dict[int, int]:
     """id -> row for the caller's ids, which must be exactly the ``expected`` set."""
     if len(ids) != len(expected):
-        raise EvaluationError(
-            f"COCO 5K evaluation (ECCV Caption / CxC) needs {len(expected):,} {what}, got {len(ids):,}; "
-            "use the Karpathy COCO test split (coco_ids_from_corpus)"
-        )
+        raise EvaluationError(f"COCO 5K evaluation (ECCV Caption / CxC) needs {len(expected):,} {what}, got "
+                              f"{len(ids):,}; use the Karpathy COCO test split (coco_ids_from_corpus)")
     pos = {int(v): i for i, v in enumerate(ids.tolist())}
     if len(pos) != len(ids):
         raise EvaluationError(f"repeated {what} ids")
@@ -297,19 +292,12 @@ def _scorers(similarity: Similarity, dtype: torch.dtype) -> tuple[Callable, Call
         fn = similarity if callable(similarity) else get_similarity(similarity)
 
     def i2t(img: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-        return _checked(fn(img, caps), (img.shape[0], caps.shape[0]), dtype)
+        return checked_scores(fn(img, caps), (img.shape[0], caps.shape[0]), dtype)
 
     def t2i(caps: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        return _checked(fn(img, caps), (img.shape[0], caps.shape[0]), dtype).t()
+        return checked_scores(fn(img, caps), (img.shape[0], caps.shape[0]), dtype).t()
 
     return i2t, t2i
-
-
-def _checked(s: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
-        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), got {got}")
-    return s.detach().to(dtype)
 
 
 def _tensor(x: ArrayLike, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -346,10 +334,6 @@ def _hits(ranked: np.ndarray, queries: list[int], positives: dict[int, tuple[int
     return hits, r
 
 
-def _recall_at(hits: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    return {k: float(100.0 * hits[:, :k].any(1).mean()) for k in ks}
-
-
 def _eccv_scores(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
     ranks = np.arange(1, hits.shape[1] + 1)
     within = ranks[None, :] <= r[:, None]
@@ -357,25 +341,15 @@ def _eccv_scores(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
     prec = np.cumsum(h, axis=1) / ranks[None, :]
     map_at_r = (prec * h).sum(1) / r
     rprec = h.sum(1) / r
-    return {
-        "map_at_r": float(100.0 * map_at_r.mean()),
-        "rprecision": float(100.0 * rprec.mean()),
-        "r1": float(100.0 * hits[:, 0].mean()),
-    }
+    return {"map_at_r": float(100.0 * map_at_r.mean()), "rprecision": float(100.0 * rprec.mean()),
+            "r1": float(100.0 * hits[:, 0].mean())}
 
 
-def eccv_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    image_cocoids: Sequence[int] | np.ndarray,
-    caption_ids: Sequence[int] | np.ndarray,
-    *,
-    similarity: Similarity = "cosine",
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-    annotations: EccvAnnotations | None = None,
-) -> dict[str, float]:
+def eccv_metrics(image_emb: ArrayLike, caption_emb: ArrayLike, image_cocoids: Sequence[int] | np.ndarray,
+                 caption_ids: Sequence[int] | np.ndarray, *, similarity: Similarity = "cosine",
+                 ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
+                 device: str | torch.device | None = None,
+                 annotations: EccvAnnotations | None = None) -> dict[str, float]:
     """COCO 5K retrieval scored with ECCV Caption and CxC positives (percent, like
     :func:`vsekit.eval.metrics.retrieval_metrics`).
 
@@ -393,43 +367,33 @@ def eccv_metrics(
     image_emb, caption_emb, rows_dtype = row_inputs(image_emb, caption_emb, similarity)
     ipos = _positions(_as_int_ids(image_cocoids, "image_cocoids"), ann.image_ids, "images")
     cpos = _positions(_as_int_ids(caption_ids, "caption_ids"), ann.caption_ids, "captions")
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        dev = next((x.device for x in (image_emb, caption_emb) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    dtype = torch.float64 if any(x.dtype in (np.float64, torch.float64) for x in (image_emb, caption_emb)) \
-        else torch.float32
+    dev, dtype = _pick_device(device, image_emb, caption_emb), _compute_dtype(image_emb, caption_emb)
     img = _tensor(image_emb, "image_emb", dev, rows_dtype or dtype)
     cap = _tensor(caption_emb, "caption_emb", dev, rows_dtype or dtype)
     if img.shape[0] != len(ipos) or cap.shape[0] != len(cpos):
-        raise EvaluationError(
-            f"{img.shape[0]} image rows for {len(ipos)} image ids, {cap.shape[0]} caption rows for {len(cpos)} "
-            "caption ids"
-        )
+        raise EvaluationError(f"{img.shape[0]} image rows for {len(ipos)} image ids, {cap.shape[0]} caption "
+                              f"rows for {len(cpos)} caption ids")
     if img.shape[1] != cap.shape[1]:
         raise EvaluationError(f"embedding sizes differ: images D={img.shape[1]}, captions D={cap.shape[1]}")
     if chunk_size is None:  # a block of scores (and topk's copy of it) within the evaluation's block budget
         per_row = 2 * img.element_size() * max(img.shape[0], cap.shape[0])
         chunk_size = max(1, block_budget(dev, rows=True) // per_row)
-    rows = chunk_size
-    if rows < 1:
+    if chunk_size < 1:
         raise EvaluationError(f"chunk_size must be >= 1, got {chunk_size}")
     score_i2t, score_t2i = _scorers(similarity, dtype)
 
     out: dict[str, float] = {}
-    for d, (qpos, gpos, query, gallery, score) in {
-        "i2t": (ipos, cpos, img, cap, score_i2t),
-        "t2i": (cpos, ipos, cap, img, score_t2i),
-    }.items():
+    for d, (qpos, gpos, query, gallery, score) in {"i2t": (ipos, cpos, img, cap, score_i2t),
+                                                   "t2i": (cpos, ipos, cap, img, score_t2i)}.items():
         eccv, cxc = ann.positives["eccv"][d], ann.positives["cxc"][d]
         depth = max(max(len(set(v)) for v in eccv.values()), max(ks))
         if depth > gallery.shape[0]:
             raise EvaluationError(f"{d}: K={depth} exceeds the gallery of {gallery.shape[0]}")
         with torch.no_grad():
-            ranked = _rank(query, gallery, depth, score, rows, d)
+            ranked = _rank(query, gallery, depth, score, chunk_size, d)
         hits, r = _hits(ranked, list(eccv), eccv, qpos, gpos)
         out.update({f"eccv_{d}_{key}": v for key, v in _eccv_scores(hits, r).items()})
         hits, _ = _hits(ranked[:, : max(ks)], list(cxc), cxc, qpos, gpos)
-        out.update({f"cxc_{d}_r{k}": v for k, v in _recall_at(hits, ks).items()})
+        out.update({f"cxc_{d}_r{k}": float(100.0 * hits[:, :k].any(1).mean()) for k in ks})
     return out
 

@@ -111,20 +111,15 @@ class _Rows:
     delivered chunk by chunk as torch tensors on ``device`` in ``dtype``; never converted whole."""
 
     def __init__(self, data: ArrayLike, subset: np.ndarray | None, device: torch.device, dtype: torch.dtype):
-        self.data = data
-        self.device = device
-        self.dtype = dtype
-        self.offset = 0
+        self.data, self.device, self.dtype, self.offset = data, device, dtype, 0
         self.index: np.ndarray | None = None
+        self.n = int(data.shape[0]) if subset is None else len(subset)
         if subset is not None:
             subset = np.asarray(subset, dtype=np.int64)
             if _is_run(subset):
                 self.offset = int(subset[0])  # a contiguous range is read as a slice
             else:
                 self.index = subset
-            self.n = len(subset)
-        else:
-            self.n = int(data.shape[0])
 
     def __len__(self) -> int:
         return self.n
@@ -177,10 +172,13 @@ def _is_real(x: ArrayLike) -> bool:
     return np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor (detached, on the CPU), array or sequence as a numpy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _as_index_array(caption_to_image: Any) -> np.ndarray:
-    if isinstance(caption_to_image, torch.Tensor):
-        caption_to_image = caption_to_image.detach().cpu().numpy()
-    c2i = np.asarray(caption_to_image)
+    c2i = _numpy(caption_to_image)
     if c2i.ndim != 1:
         raise EvaluationError(f"caption_to_image must be 1-D (one image row per caption), got shape {c2i.shape}")
     if c2i.size and not np.issubdtype(c2i.dtype, np.integer):
@@ -191,9 +189,8 @@ def _as_index_array(caption_to_image: Any) -> np.ndarray:
 def _check_inputs(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image: Any) -> np.ndarray:
     for name, x in (("image_emb", image_emb), ("caption_emb", caption_emb)):
         if not isinstance(x, (np.ndarray, torch.Tensor)):
-            raise TypeError(
-                f"{name} must be a numpy array (memmap included) or a torch tensor, got {type(x)}"
-            )
+            raise TypeError(f"{name} must be a numpy array (memmap included) or a torch tensor, got "
+                            f"{type(x)}")
         if x.ndim != 2:
             raise EvaluationError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -201,9 +198,8 @@ def _check_inputs(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image
         if not _is_real(x):
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if image_emb.shape[1] != caption_emb.shape[1]:
-        raise EvaluationError(
-            f"embedding sizes differ: images have D={image_emb.shape[1]}, captions D={caption_emb.shape[1]}"
-        )
+        raise EvaluationError(f"embedding sizes differ: images have D={image_emb.shape[1]}, captions "
+                              f"D={caption_emb.shape[1]}")
     n, m = int(image_emb.shape[0]), int(caption_emb.shape[0])
     c2i = _as_index_array(caption_to_image)
     if len(c2i) != m:
@@ -241,14 +237,8 @@ def block_budget(device: torch.device, rows: bool = False) -> int:
     return (ROWS_BUDGET if rows else BLOCK_BUDGET)["cpu" if device.type == "cpu" else "accel"]
 
 
-def _block_shape(
-    n: int,
-    m: int,
-    chunk_size: int | Sequence[int] | None,
-    device: torch.device,
-    itemsize: int = 4,
-    per_image: int | None = None,
-) -> tuple[int, int]:
+def _block_shape(n: int, m: int, chunk_size: int | Sequence[int] | None, device: torch.device,
+                 itemsize: int = 4, per_image: int | None = None) -> tuple[int, int]:
     """(images, captions) per block.
 
     Default: as many scores as ``BLOCK_BUDGET`` holds, in the inputs' aspect (captions per image), split
@@ -307,13 +297,16 @@ class _Scorer:
     def __call__(self, img: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
             return torch.mm(img, cap.t(), out=self.out)
-        s = self.fn(img, cap)
-        if not isinstance(s, torch.Tensor) or tuple(s.shape) != self.shape:
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-            raise EvaluationError(
-                f"similarity must return a tensor of shape {self.shape} (images, captions), got {got}"
-            )
-        return s.detach().to(self.dtype)
+        return checked_scores(self.fn(img, cap), self.shape, self.dtype)
+
+
+def checked_scores(s: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """What a similarity returned for ``shape`` (images, captions), checked, detached, in ``dtype``."""
+    if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
+        raise EvaluationError(f"similarity must return a tensor of shape {shape} (images, captions), "
+                              f"got {got}")
+    return s.detach().to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,16 +380,9 @@ def _equal_at(S: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def _ranks(
-    images: _Rows,
-    captions: _Rows,
-    c2i: np.ndarray,
-    similarity: Similarity,
-    chunk_size: int | Sequence[int] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    dim: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def _ranks(images: _Rows, captions: _Rows, c2i: np.ndarray, similarity: Similarity,
+           chunk_size: int | Sequence[int] | None, device: torch.device, dtype: torch.dtype,
+           dim: int) -> tuple[np.ndarray, np.ndarray]:
     n, m = len(images), len(captions)
     R, C = _block_shape(n, m, chunk_size, device, torch.empty((), dtype=dtype).element_size(),
                         _captions_per_image(c2i, n))
@@ -489,26 +475,16 @@ def _ranks(
                 count(score(img, captions.rows(c0, c1, cap_buf)), a, b, c0, c1)
 
     if int(mismatched):
-        warnings.warn(
-            f"{int(mismatched)} ground-truth scores differed between two evaluations of the same pair: the "
-            "similarity is not reproducible call to call (non-deterministic kernel?), so ranks at exact or "
-            "near ties may be off by one",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"{int(mismatched)} ground-truth scores differed between two evaluations of the same "
+                      "pair: the similarity is not reproducible call to call (non-deterministic kernel?), so "
+                      "ranks at exact or near ties may be off by one", RuntimeWarning, stacklevel=3)
     i2t[torch.as_tensor(per_image == 0, device=device)] = -1
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
-def retrieval_ranks(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    caption_to_image: ArrayLike | Sequence[int],
-    *,
-    similarity: Similarity = "cosine",
-    chunk_size: int | Sequence[int] | None = None,
-    device: str | torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(image_emb: ArrayLike, caption_emb: ArrayLike, caption_to_image: ArrayLike | Sequence[int],
+                    *, similarity: Similarity = "cosine", chunk_size: int | Sequence[int] | None = None,
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of the ground truth in both directions: ``(i2t (N,), t2i (M,))``, int64.
 
     - ``i2t[i]``: rank of image i's best ground-truth caption among all M captions (the VSE++ "min over
@@ -565,9 +541,7 @@ def metrics_from_ranks(i2t_ranks: ArrayLike, t2i_ranks: ArrayLike) -> dict[str, 
     """
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        if isinstance(ranks, torch.Tensor):
-            ranks = ranks.cpu().numpy()
-        r = np.asarray(ranks, dtype=np.float64)
+        r = np.asarray(_numpy(ranks), dtype=np.float64)
         r = r[r >= 0]
         if r.size == 0:
             raise EvaluationError(f"no {name} queries to score")
@@ -625,10 +599,9 @@ def retrieval_metrics(
         parts = [(None, None, c2i)]
     else:
         if n % NUM_FOLDS:
-            raise EvaluationError(
-                f"protocol '1k5fold' splits the images into {NUM_FOLDS} equal consecutive folds, but N={n} "
-                f"images is not a multiple of {NUM_FOLDS} (COCO-1K uses the 5,000 test images)"
-            )
+            raise EvaluationError(f"protocol '1k5fold' splits the images into {NUM_FOLDS} equal consecutive "
+                                  f"folds, but N={n} images is not a multiple of {NUM_FOLDS} (COCO-1K uses "
+                                  "the 5,000 test images)")
         size = n // NUM_FOLDS
         if size != COCO_1K_FOLD:
             logging.getLogger("vsekit.eval").warning(
@@ -651,25 +624,16 @@ def retrieval_metrics(
 
 
 def _labels(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = _numpy(x)
     if x.ndim not in (1, 2):
         raise EvaluationError(f"{name} must be 1-D class ids or 2-D multi-hot labels, got shape {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def mean_average_precision(
-    query_emb: ArrayLike,
-    gallery_emb: ArrayLike,
-    query_labels: ArrayLike | Sequence[int],
-    gallery_labels: ArrayLike | Sequence[int],
-    *,
-    at: int | None = None,
-    metric: str = "cosine",
-    chunk_size: int = 256,
-    device: str | torch.device | None = None,
-) -> float:
+def mean_average_precision(query_emb: ArrayLike, gallery_emb: ArrayLike,
+                           query_labels: ArrayLike | Sequence[int], gallery_labels: ArrayLike | Sequence[int],
+                           *, at: int | None = None, metric: str = "cosine", chunk_size: int = 256,
+                           device: str | torch.device | None = None) -> float:
     """Label-relevance mean average precision (ACMR's metric), in [0, 1].
 
     A gallery item is relevant to a query when they share a label: equal class ids (1-D labels) or at
@@ -761,18 +725,10 @@ def _label_stats(query_emb: ArrayLike, gallery_emb: ArrayLike, ql: torch.Tensor,
     return sums
 
 
-def label_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    image_labels: ArrayLike | Sequence[int],
-    caption_labels: ArrayLike | Sequence[int],
-    *,
-    metric: str = "cosine",
-    map_at: int = MAP_AT,
-    precision_at: Sequence[int] = PRECISION_AT,
-    chunk_size: int = 256,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
+def label_metrics(image_emb: ArrayLike, caption_emb: ArrayLike, image_labels: ArrayLike | Sequence[int],
+                  caption_labels: ArrayLike | Sequence[int], *, metric: str = "cosine", map_at: int = MAP_AT,
+                  precision_at: Sequence[int] = PRECISION_AT, chunk_size: int = 256,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
     """Label-relevance retrieval metrics both ways (the protocol of ACMR and the cross-modal label benchmarks).
 
     Every image queries all captions (``i2t``) and every caption all images (``t2i``); a retrieved item is

@@ -11,14 +11,10 @@ from vsekit.eval.metrics import DIRECTIONS, METRIC_KEYS
 from vsekit.utils.io import atomic_write_json
 
 # (header, key suffix, format): medr is an integer by construction (floor(median) + 1)
-_COLUMNS = (
-    ("R@1", "r1", ".2f"),
-    ("R@5", "r5", ".2f"),
-    ("R@10", "r10", ".2f"),
-    ("medr", "medr", ".0f"),
-    ("meanr", "meanr", ".2f"),
-)
+_COLUMNS = (("R@1", "r1", ".2f"), ("R@5", "r5", ".2f"), ("R@10", "r10", ".2f"), ("medr", "medr", ".0f"),
+            ("meanr", "meanr", ".2f"))
 _LABELS = {"i2t": "image->text", "t2i": "text->image"}
+_WIDTH = max(len(v) for v in _LABELS.values())
 
 
 def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
@@ -29,23 +25,17 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     missing = [k for k in METRIC_KEYS if k not in metrics]
     if missing:
         raise KeyError(f"metrics lack {missing}; expected the keys of retrieval_metrics")
-    width = max(len(v) for v in _LABELS.values())
     lines = [title] if title else []
-    lines.append(f"{'':<{width}}" + "".join(f"{name:>9}" for name, _, _ in _COLUMNS))
+    lines.append(f"{'':<{_WIDTH}}" + "".join(f"{name:>9}" for name, _, _ in _COLUMNS))
     for d in DIRECTIONS:
         cells = "".join(f"{metrics[f'{d}_{key}']:>9{fmt}}" for _, key, fmt in _COLUMNS)
-        lines.append(f"{_LABELS[d]:<{width}}{cells}")
-    lines.append(f"{'rsum':<{width}}{metrics['rsum']:>9.2f}")
+        lines.append(f"{_LABELS[d]:<{_WIDTH}}{cells}")
+    lines.append(f"{'rsum':<{_WIDTH}}{metrics['rsum']:>9.2f}")
     return "\n".join(lines)
 
 
-def write_metrics_json(
-    path: str | os.PathLike,
-    metrics: Mapping[str, float],
-    *,
-    folds: Sequence[Mapping[str, float]] | None = None,
-    **context: Any,
-) -> Path:
+def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, float], *,
+                       folds: Sequence[Mapping[str, float]] | None = None, **context: Any) -> Path:
     """Write ``{"metrics": ..., "folds": [...], **context}`` to ``path`` atomically (a crash leaves the old
     file or the new one, never half of one). ``context`` is free-form: checkpoint, split, protocol, ..."""
     record: dict[str, Any] = dict(context)
@@ -59,27 +49,26 @@ def format_label_table(metrics: Mapping[str, Any], title: str | None = None) -> 
     """A fixed-width table of :func:`~vsekit.eval.metrics.label_metrics` output: mAP, mAP@K and precision@K per
     direction, then their average mAP."""
     keys = [k[4:] for k in metrics if k.startswith("i2t_") and k != "i2t_pr"]
-    width = max(len(v) for v in _LABELS.values())
     lines = [title] if title else []
-    lines.append(f"{'':<{width}}" + "".join(f"{k:>10}" for k in keys))
+    lines.append(f"{'':<{_WIDTH}}" + "".join(f"{k:>10}" for k in keys))
     for d in DIRECTIONS:
-        lines.append(f"{_LABELS[d]:<{width}}" + "".join(f"{100 * metrics[f'{d}_{k}']:>10.2f}" for k in keys))
-    lines.append(f"{'mAP (avg)':<{width}}{100 * metrics['map_avg']:>10.2f}")
+        lines.append(f"{_LABELS[d]:<{_WIDTH}}" + "".join(f"{100 * metrics[f'{d}_{k}']:>10.2f}" for k in keys))
+    lines.append(f"{'mAP (avg)':<{_WIDTH}}{100 * metrics['map_avg']:>10.2f}")
     return "\n".join(lines)
 
 
 def format_eccv_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
     """COCO 5K with extended positives beside the original protocol: ECCV Caption mAP@R, R-Precision, R@1;
     CxC R@1/5/10; the exact pairs' R@1/5/10 and rsum."""
-    width = max(len(v) for v in _LABELS.values())
     cols = [("ECCV mAP@R", "eccv_{d}_map_at_r"), ("ECCV R-P", "eccv_{d}_rprecision"), ("ECCV R@1", "eccv_{d}_r1"),
             ("CxC R@1", "cxc_{d}_r1"), ("CxC R@5", "cxc_{d}_r5"), ("CxC R@10", "cxc_{d}_r10"),
             ("R@1", "{d}_r1"), ("R@5", "{d}_r5"), ("R@10", "{d}_r10")]
     lines = [title] if title else []
-    lines.append(f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in cols))
+    lines.append(f"{'':<{_WIDTH}}" + "".join(f"{name:>11}" for name, _ in cols))
     for d in DIRECTIONS:
-        lines.append(f"{_LABELS[d]:<{width}}" + "".join(f"{metrics[key.format(d=d)]:>11.2f}" for _, key in cols))
-    lines.append(f"{'rsum (exact pairs)':<{width}}{metrics['rsum']:>11.2f}")
+        cells = "".join(f"{metrics[key.format(d=d)]:>11.2f}" for _, key in cols)
+        lines.append(f"{_LABELS[d]:<{_WIDTH}}{cells}")
+    lines.append(f"{'rsum (exact pairs)':<{_WIDTH}}{metrics['rsum']:>11.2f}")
     return "\n".join(lines)
 
 

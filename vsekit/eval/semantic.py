@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vsekit.eval.metrics import (
+    DIRECTIONS,
     RECALL_AT,
     ArrayLike,
     EvaluationError,
@@ -43,13 +44,13 @@ from vsekit.eval.metrics import (
     _is_real,
     _resolve_similarity,
     block_budget,
+    checked_scores,
     row_inputs,
 )
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_MAX_R = 1000
 EXACT = "exact"
-DIRECTIONS = ("i2t", "t2i")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,9 +121,7 @@ class _Sums:
         self.ks = ks
         self.queries = 0
         self.hits = np.zeros((levels, len(ks)), dtype=np.int64)
-        self.ap = np.zeros(levels)
-        self.rprec = np.zeros(levels)
-        self.relevant = np.zeros(levels)
+        self.ap, self.rprec, self.relevant = np.zeros(levels), np.zeros(levels), np.zeros(levels)
         self.capped = np.zeros(levels, dtype=np.int64)
 
     def add(self, S: torch.Tensor, P: np.ndarray, col_of: np.ndarray | None, levels: np.ndarray,
@@ -195,18 +194,11 @@ def _tensor(x: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def semantic_metrics(
-    image_emb: ArrayLike,
-    caption_emb: ArrayLike,
-    caption_to_image: ArrayLike | Sequence[int],
-    caption_vectors: ArrayLike,
-    *,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    ks: Sequence[int] = RECALL_AT,
-    similarity: Similarity = "cosine",
-    max_r: int = DEFAULT_MAX_R,
-    chunk_size: int | None = None,
-) -> dict[str, Any]:
+def semantic_metrics(image_emb: ArrayLike, caption_emb: ArrayLike,
+                     caption_to_image: ArrayLike | Sequence[int], caption_vectors: ArrayLike, *,
+                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS, ks: Sequence[int] = RECALL_AT,
+                     similarity: Similarity = "cosine", max_r: int = DEFAULT_MAX_R,
+                     chunk_size: int | None = None) -> dict[str, Any]:
     """Semantic R@K, mAP@R and plausible-match R-Precision both ways, per LSA-cosine threshold.
 
     ``caption_vectors`` (M, K): the LSA vectors of the evaluated captions, row j <-> caption j, from a
@@ -283,14 +275,7 @@ def semantic_metrics(
     fn = _resolve_similarity(similarity, (rows, m), int(image_emb.shape[1]))
 
     def score(img: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
-        if fn is None:
-            return img @ cap.t()
-        s = fn(img, cap)
-        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (len(img), len(cap)):
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)
-            raise EvaluationError(f"similarity must return a tensor of shape {(len(img), len(cap))} "
-                                  f"(images, captions), got {got}")
-        return s.detach().to(dtype)
+        return img @ cap.t() if fn is None else checked_scores(fn(img, cap), (len(img), len(cap)), dtype)
 
     sums = {d: _Sums(len(levels), k_list) for d in DIRECTIONS}
     for a in range(0, n, rows):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vsekit.errors import ConfigError
+from vsekit.models.layers import l2norm
 from vsekit.utils.freeze import Freezer
 
 
@@ -22,7 +23,7 @@ class Encoder(nn.Module):
 
     A text encoder with its own tokenizer (e.g. BERT's word pieces) defines
     ``tokenize(caption: str, max_len: int | None) -> list[int]``; the training run and the Embedder then use
-    it instead of vsekit's vocabulary (see :func:`caption_tokenizer`). Id 0 must be its padding.
+    it instead of vsekit's vocabulary. Id 0 must be its padding (token batches are padded with 0).
     """
 
     #: the sub-module frozen while the encoder is not fine-tuned (e.g. a CNN backbone); None: none
@@ -33,6 +34,9 @@ class Encoder(nn.Module):
     levels: ClassVar[int] = 1
     #: a text encoder's own tokenizer, ``tokenize(caption, max_len) -> ids`` (a method); None: the vocabulary's
     tokenize: Callable[[str, int | None], list[int]] | None = None
+    #: :meth:`finish`: L2 (an encoder's ``no_imgnorm`` / ``no_txtnorm`` turn it off), then abs()
+    normalize: bool = False
+    use_abs: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,7 +56,9 @@ class Encoder(nn.Module):
         return self.forward_parts(*inputs)[0]
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        if self.normalize:
+            x = l2norm(x)
+        return x.abs() if self.use_abs else x
 
     def forward_parts(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(feature before :meth:`finish`, context) from one pass. The context is what a term that looks
@@ -83,9 +89,3 @@ class Encoder(nn.Module):
         super().train(mode)
         self._freezer.hold_eval()
         return self
-
-
-def caption_tokenizer(encoder: Encoder) -> Callable[[str, int | None], list[int]] | None:
-    """The text encoder's own ``tokenize(caption, max_len)`` hook, or None when captions go through vsekit's
-    vocabulary. Token batches are padded with id 0 and carry their lengths, so id 0 must be the padding."""
-    return encoder.tokenize

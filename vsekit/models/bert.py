@@ -1,7 +1,7 @@
 """A BERT text encoder (VSE-infinity's text side): token outputs -> linear -> GPO -> L2-norm.
 
 BERT brings its own word-piece tokenizer, so this encoder defines the ``tokenize(caption, max_len)`` hook
-(:func:`vsekit.models.base.caption_tokenizer`): the training run and the :class:`~vsekit.inference.Embedder`
+(:attr:`vsekit.models.base.Encoder.tokenize`): the training run and the :class:`~vsekit.inference.Embedder`
 use it instead of vsekit's vocabulary. Weights are read from a local folder only; vsekit never downloads.
 ``transformers`` is imported when the encoder is built, never by ``import vsekit``.
 """
@@ -21,7 +21,6 @@ from torch import nn
 from vsekit.errors import ConfigError, did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
-from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.text.tokenizer import head_at_space
 
@@ -216,7 +215,7 @@ class BertTextEncoder(Encoder):
         self.max_positions = int(self.bert.config.max_position_embeddings)
         self.proj = nn.Linear(int(self.bert.config.hidden_size), embed_size)
         self.gpo = GPO()
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
         self.set_finetune(finetune)
 
     @property
@@ -253,6 +252,3 @@ class BertTextEncoder(Encoder):
         hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         words = self.proj(hidden)
         return self.gpo(words, lengths)[0], words
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_txtnorm, self.use_abs)

@@ -21,9 +21,7 @@ from torch import nn
 
 
 def sinusoidal_positions(n: int, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(n, dim) sin/cos encodings of the positions 0..n-1 (sin in even columns, cos in odd ones)."""
-    if dim % 2:
-        raise ValueError(f"a sin/cos positional encoding needs an even size, got {dim}")
+    """(n, dim) sin/cos encodings of the positions 0..n-1 (sin in even columns, cos in odd ones; dim even)."""
     pos = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(1)
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     pe = torch.empty(n, dim, device=device)

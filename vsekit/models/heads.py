@@ -1,10 +1,12 @@
-"""Heads on top of the encoders: the Dual-Path projection MLP and the shared instance classifier."""
+"""Heads on top of the encoders: Dual-Path's MLP, ACMR's projectors, the shared instance classifier."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vsekit.models.layers import MLP, xavier_linear_
 
 
 class DualPathHead(nn.Module):
@@ -76,3 +78,15 @@ class ProjectorHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def joint_head(head: str, in_dim: int, embed_size: int, hidden: list[int] | None = None,
+               activation: str = "tanh") -> nn.Module:
+    """An image encoder's head: ``linear`` (VSE++), ``mlp`` (VSE-infinity), ``dualpath`` or ``projector``."""
+    if head == "linear":
+        return xavier_linear_(nn.Linear(in_dim, embed_size))
+    if head == "mlp":
+        return MLP(in_dim, embed_size // 2, embed_size)
+    if head == "dualpath":
+        return DualPathHead(in_dim, embed_size)
+    return ProjectorHead(in_dim, [512, 100] if hidden is None else hidden, embed_size, activation)

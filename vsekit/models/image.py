@@ -11,8 +11,8 @@ from torch import nn
 
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
-from vsekit.models.heads import DualPathHead, ProjectorHead
-from vsekit.models.layers import MLP, finish_embedding, l2norm, xavier_linear_
+from vsekit.models.heads import joint_head
+from vsekit.models.layers import l2norm
 from vsekit.models.weights import (
     OFFLINE_ENV,
     PretrainedWeightsMissing,
@@ -48,18 +48,14 @@ class PrecompImageEncoder(Encoder):
             in_dim = img_dim * num_regions
         else:
             in_dim = img_dim
-        if head == "linear":
-            self.head = xavier_linear_(nn.Linear(in_dim, embed_size))
-        elif head == "mlp":
-            self.head = MLP(in_dim, embed_size // 2, embed_size)
-        else:
+        if head not in ("linear", "mlp"):
             raise ValueError(f"image_encoder.head must be 'linear' or 'mlp', got {head!r}")
+        self.head = joint_head(head, in_dim, embed_size)
         self.pooling = pooling
         self.gpo = GPO() if pooling == "gpo" else None
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
 
     def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """The projected (pooled) feature before the L2 normalisation."""
         if feats.dim() == 3:
             if self.pooling == "flatten":
                 return self.head(feats.flatten(1))
@@ -70,13 +66,6 @@ class PrecompImageEncoder(Encoder):
                 return x.max(1).values
             return self.gpo(x)[0]
         return self.head(feats)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)
-
-
-def _local_weights_file(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
 def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Module:
@@ -90,12 +79,9 @@ def _load_torchvision(arch: str, pretrained: bool, weights_path: str | None) -> 
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     elif pretrained:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
-        path = _local_weights_file(weights)
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            state = _torchvision_download(arch, weights, path)
-        model.load_state_dict(state)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True) if path.is_file()
+                              else _torchvision_download(arch, weights, path))
     return model
 
 
@@ -199,23 +185,12 @@ class CNNImageEncoder(Encoder):
         kwargs = {"width": width} if backbone == "small_cnn" else {}
         self.backbone, feat_dim = BACKBONES.build({"name": backbone, "pretrained": pretrained,
                                                    "weights_path": weights_path, **kwargs})
-        if head == "linear":
-            self.head = xavier_linear_(nn.Linear(feat_dim, embed_size))
-        elif head == "mlp":
-            self.head = MLP(feat_dim, embed_size // 2, embed_size)
-        elif head == "projector":
-            self.head = ProjectorHead(feat_dim, [512, 100] if hidden is None else hidden, embed_size, activation)
-        else:
-            self.head = DualPathHead(feat_dim, embed_size)
+        self.head = joint_head(head, feat_dim, embed_size, hidden, activation)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
-        self.feat_dim = feat_dim
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The head's output before the L2 normalisation (f_img of Dual-Path)."""
         feats = self.backbone(images)  # frozen (finetune: false): autograd records nothing through it
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)

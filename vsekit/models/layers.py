@@ -13,13 +13,6 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
 
 
-def finish_embedding(x: torch.Tensor, no_norm: bool, use_abs: bool) -> torch.Tensor:
-    """An encoder's :meth:`~vsekit.models.base.Encoder.finish`: L2 unless ``no_norm``, then abs if ``use_abs``."""
-    if not no_norm:
-        x = l2norm(x)
-    return x.abs() if use_abs else x
-
-
 def xavier_linear_(layer: nn.Linear) -> nn.Linear:
     """VSE++ init: Xavier-uniform weights r = sqrt(6 / (in + out)), zero bias."""
     r = math.sqrt(6.0) / math.sqrt(layer.in_features + layer.out_features)

@@ -49,10 +49,6 @@ class LocalSets:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.vectors.nbytes + self.offsets.nbytes)
-
     def padded(self, rows: Sequence[int] | np.ndarray | None = None, *, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, L, E) tensor of the sets at ``rows`` (all when None), zero-padded to ``L`` = ``length`` or the

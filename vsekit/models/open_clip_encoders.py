@@ -24,7 +24,6 @@ from vsekit.errors import did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import finish_embedding
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.models.weights import (
     OFFLINE_ENV,
@@ -51,11 +50,10 @@ def clip_config(arch: str | None, config: dict[str, Any] | None, where: str) -> 
     if config is None:
         open_clip = _open_clip(where)
         registry_name(arch, "open_clip", f"{where}.arch")
-        found = open_clip.get_model_config(arch.replace("/", "-"))
-        if found is None:
+        config = open_clip.get_model_config(arch.replace("/", "-"))
+        if config is None:
             raise ValueError(f"{where}.arch: open_clip has no architecture {arch!r}"
                              f"{did_you_mean(arch, open_clip.list_models())}")
-        config = found
     cfg = copy.deepcopy(dict(config))
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
@@ -110,8 +108,7 @@ def _pretrained_tag(open_clip, arch: str | None, name: str) -> dict[str, Any] | 
     None when ``name`` is no tag of it (or the architecture came as a config dict)."""
     if arch is None or "/" in name or "\\" in name:
         return None
-    cfg = open_clip.pretrained.get_pretrained_cfg(arch.replace("/", "-"), name)
-    return cfg or None
+    return open_clip.pretrained.get_pretrained_cfg(arch.replace("/", "-"), name) or None
 
 
 def _download_tag(open_clip, arch: str, tag: str, cfg: dict[str, Any], where: str) -> Path:
@@ -168,14 +165,11 @@ class OpenCLIPImageEncoder(Encoder):
         self.tower = build_clip(arch, config, weights, where).visual
         self.renorm = Renormalize(mean or open_clip.OPENAI_DATASET_MEAN, std or open_clip.OPENAI_DATASET_STD)
         self.proj = _projection(embed_dim, embed_size, proj, where)
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.tower(self.renorm(images)))
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -217,7 +211,7 @@ class OpenCLIPTextEncoder(Encoder):
             self.tower = clip
         self.context_length = int(cfg["text_cfg"].get("context_length", 77))
         self.proj = _projection(int(cfg["embed_dim"]), embed_size, proj, where)
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
         _bpe_tokenizer(self.context_length)  # fail now, not in the first batch, if it cannot be built
         self.set_finetune(finetune)
 
@@ -237,6 +231,3 @@ class OpenCLIPTextEncoder(Encoder):
         tokens = F.pad((tokens - 1).clamp_min(0), (0, self.context_length - t))  # CLIP's ids; padding after <end>
         x = self.tower(tokens) if self.custom else self.tower.encode_text(tokens)
         return self.proj(x)
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(out, self.no_txtnorm, self.use_abs)

@@ -11,21 +11,11 @@ from torch import nn
 from vsekit.models.base import Encoder
 from vsekit.models.heads import ProjectorHead
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import l2norm
 from vsekit.models.text import TEXT_ENCODERS
 
 
-class _Normalised(Encoder):
-    def __init__(self, normalize: bool) -> None:
-        super().__init__()
-        self.normalize = bool(normalize)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return l2norm(x) if self.normalize else x
-
-
 @IMAGE_ENCODERS.register("projector")
-class ImageProjector(_Normalised):
+class ImageProjector(Encoder):
     """Precomputed image features (B, D) -> FC+activation layers -> (B, embed_size). Region features (B, R, D)
     are averaged first. ``normalize`` L2-normalises the output (ACMR does not: it ranks by Euclidean distance
     between tanh outputs)."""
@@ -35,7 +25,8 @@ class ImageProjector(_Normalised):
     def __init__(self, img_dim: int, embed_size: int = 40, hidden: list[int] | None = None,
                  activation: str = "tanh", normalize: bool = False, num_regions: int | None = None,
                  use_abs: bool = False) -> None:
-        super().__init__(normalize)
+        super().__init__()
+        self.normalize = bool(normalize)
         self.head = ProjectorHead(img_dim, [512, 100] if hidden is None else hidden, embed_size, activation)
 
     def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -43,7 +34,7 @@ class ImageProjector(_Normalised):
 
 
 @TEXT_ENCODERS.register("projector")
-class TextProjector(_Normalised):
+class TextProjector(Encoder):
     """Precomputed text features (B, Dt) -> FC+activation layers -> (B, embed_size) (the data set's
     ``caption_features``; the vocabulary is not used)."""
 
@@ -52,7 +43,8 @@ class TextProjector(_Normalised):
     def __init__(self, txt_dim: int, embed_size: int = 40, hidden: list[int] | None = None,
                  activation: str = "tanh", normalize: bool = False, vocab_size: int | None = None,
                  itos: list[str] | None = None, use_abs: bool = False) -> None:
-        super().__init__(normalize)
+        super().__init__()
+        self.normalize = bool(normalize)
         self.head = ProjectorHead(txt_dim, [40, 100] if hidden is None else hidden, embed_size, activation)
 
     def forward_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -60,7 +52,7 @@ class TextProjector(_Normalised):
 
 
 @TEXT_ENCODERS.register("bow")
-class BagOfWordsProjector(_Normalised):
+class BagOfWordsProjector(Encoder):
     """A caption's bag of words over the vocabulary -> FC+activation layers -> (B, embed_size).
 
     The first layer is a linear layer applied to the caption's word-count vector (``mode="sum"``) or to its
@@ -72,7 +64,8 @@ class BagOfWordsProjector(_Normalised):
     def __init__(self, vocab_size: int, embed_size: int = 40, hidden: list[int] | None = None,
                  activation: str = "tanh", mode: str = "mean", normalize: bool = False,
                  itos: list[str] | None = None, use_abs: bool = False) -> None:
-        super().__init__(normalize)
+        super().__init__()
+        self.normalize = bool(normalize)
         hidden = [40, 100] if hidden is None else list(hidden)
         if not hidden:
             raise ValueError("bow needs at least one hidden layer (the bag-of-words layer)")

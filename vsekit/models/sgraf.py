@@ -43,6 +43,7 @@ class SGRAFRegionEncoder(Encoder):
     data set's feature shape."""
 
     reads_features = True
+    normalize = True
 
     def __init__(self, img_dim: int, embed_size: int = 1024, num_regions: int | None = None,
                  use_abs: bool = False) -> None:
@@ -59,15 +60,14 @@ class SGRAFRegionEncoder(Encoder):
         regions = l2norm(self.fc(feats))
         return regions.mean(1), regions
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return l2norm(x)
-
 
 @TEXT_ENCODERS.register("sgraf_words")
 class SGRAFWordEncoder(Encoder):
     """Embedding(V, word_dim) -> dropout -> GRU (bi-directional by default, the two directions averaged) ->
     L2 per word: the (B, T, E) words are the context (zeros past each caption's length); their mean over the
     valid words (L2-normalised by :meth:`finish`) is the embedding."""
+
+    normalize = True
 
     def __init__(self, vocab_size: int, embed_size: int = 1024, word_dim: int = 300, num_layers: int = 1,
                  bidirectional: bool = True, dropout: float = 0.4, word_vectors: str | None = None,
@@ -93,9 +93,6 @@ class SGRAFWordEncoder(Encoder):
         words = l2norm(out) * valid.unsqueeze(-1)
         pooled = words.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
         return pooled, words
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return l2norm(x)
 
 
 def word_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -203,8 +200,7 @@ class SGRAFSimilarity(SimilarityNetwork):
             raise ValueError(f"sim_dim and sgr_step must be >= 1, got {sim_dim} and {sgr_step}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.module = module
-        self.name = module
+        self.module = self.name = module
         self.embed_size, self.sim_dim, self.smooth = int(embed_size), int(sim_dim), float(smooth)
         self.visual_sa = _VisualSelfAttention(embed_size, dropout)
         self.text_sa = _TextSelfAttention(embed_size, dropout)

@@ -94,11 +94,6 @@ class SimilarityNetwork(nn.Module):
         raise NotImplementedError
 
 
-def similarity_names() -> list[str]:
-    """Every name ``model.similarity`` may take."""
-    return sorted({*SIMILARITIES.names(), *SIMILARITY_NETWORKS.names()})
-
-
 def check_similarity_spec(spec: Any, where: str = "model.similarity") -> str | dict[str, Any]:
     """The ``model.similarity`` config, checked: a registered function's name (``"cosine"``; also accepted
     as ``{name: cosine}``, returned as the name), or a network's name or ``{name: sgr, **options}`` with its
@@ -112,16 +107,10 @@ def check_similarity_spec(spec: Any, where: str = "model.similarity") -> str | d
             raise ConfigError(f"{where}.{extra[0]}: unknown key; the {name!r} similarity takes no options")
         return name
     if name in SIMILARITY_NETWORKS:
-        if isinstance(spec, str):
-            return spec
-        return SIMILARITY_NETWORKS.validate(spec, where)
-    known = similarity_names()
+        return spec if isinstance(spec, str) else SIMILARITY_NETWORKS.validate(spec, where)
+    known = sorted({*SIMILARITIES.names(), *SIMILARITY_NETWORKS.names()})
     key = f"{where}.name" if isinstance(spec, dict) else where
     raise ConfigError(f"{key}: unknown similarity {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
-
-
-def similarity_name(spec: str | dict[str, Any]) -> str:
-    return spec["name"] if isinstance(spec, dict) else spec
 
 
 def build_similarity(spec: str | dict[str, Any], *, embed_size: int) -> nn.Module:
@@ -131,5 +120,5 @@ def build_similarity(spec: str | dict[str, Any], *, embed_size: int) -> nn.Modul
     if isinstance(spec, str) and spec in SIMILARITIES:
         return FixedSimilarity(spec)
     net = SIMILARITY_NETWORKS.build(spec, embed_size=embed_size)
-    net.name = similarity_name(spec)
+    net.name = spec["name"] if isinstance(spec, dict) else spec
     return net

@@ -12,7 +12,6 @@ from torch import nn
 from vsekit.data.corpus import DataError
 from vsekit.data.textio import bounded_lines
 from vsekit.models.base import Encoder
-from vsekit.models.layers import finish_embedding
 from vsekit.registry import Registry
 
 log = logging.getLogger("vsekit.models")
@@ -57,12 +56,9 @@ def _from_text(path: Path, itos: list[str], dim: int) -> tuple[torch.Tensor, int
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(bounded_lines(f, path, MAX_LINE, too_long), 1):
             parts = line.rstrip().split(" ")
-            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue
-            if len(parts) < 2:
-                continue
             row = index.get(parts[0])
-            if row is None:
+            header = lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)  # ``count dim``
+            if row is None or len(parts) < 2 or header:
                 continue
             if len(parts) - 1 != dim:
                 raise DataError(f"{path}:{lineno}: vector of {len(parts) - 1} values, expected word_dim={dim}")
@@ -189,7 +185,7 @@ class GRUTextEncoder(Encoder):
         self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
         self.bidirectional = bidirectional
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
 
     def _run(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[nn.utils.rnn.PackedSequence, torch.Tensor]:
         x = self.embed(tokens)
@@ -206,12 +202,8 @@ class GRUTextEncoder(Encoder):
         return out
 
     def forward_features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The caption feature before the L2 normalisation (what an instance classifier sees)."""
         if self.pooling == "last":
             h = self._run(tokens, lengths)[1]
             return (h[-2] + h[-1]) / 2 if self.bidirectional else h[-1]
         out = self.word_states(tokens, lengths)
         return out.sum(1) / lengths.to(out.device, out.dtype).clamp(min=1).unsqueeze(1)
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(out, self.no_txtnorm, self.use_abs)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vsekit.models.base import Encoder
-from vsekit.models.layers import finish_embedding
-from vsekit.models.text import TEXT_ENCODERS, load_word_vectors
+from vsekit.models.text import TEXT_ENCODERS, word_embedding
 
 # the paper's stages: widths, blocks per stage, stride of each stage's first block (length 32 -> 32 -> 16 -> 8 -> 8)
 PAPER_WIDTHS = (256, 512, 1024, 2048)
@@ -92,16 +91,9 @@ class TextCNNEncoder(Encoder):
         if seq_len < 1:
             raise ValueError(f"text_encoder.seq_len must be >= 1, got {seq_len}")
         self.seq_len, self.shift = int(seq_len), bool(shift)
-        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.embed, self.words_from_file = word_embedding(vocab_size, word_dim, word_vectors, itos)
         with torch.no_grad():
-            self.embed.weight[0].zero_()
-        self.words_from_file = 0
-        if word_vectors and itos is not None:
-            weight, self.words_from_file = load_word_vectors(word_vectors, itos, word_dim)
-            weight[0] = 0.0
-            with torch.no_grad():
-                self.embed.weight.copy_(weight)
+            self.embed.weight[0].zero_()  # the empty window slots add nothing
         self.embed_bn = nn.BatchNorm1d(word_dim)
         layers, c_in = [], word_dim
         for s, (w, n, stride) in enumerate(zip(widths, blocks, strides)):
@@ -112,15 +104,14 @@ class TextCNNEncoder(Encoder):
         self.blocks = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, embed_size, bias=False)
         self.fc_bn = nn.BatchNorm1d(embed_size)
-        self.no_txtnorm, self.use_abs = no_txtnorm, use_abs
+        self.normalize, self.use_abs = not no_txtnorm, use_abs
         for m in self.modules():
             if isinstance(m, nn.Conv1d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def window(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, seq_len) ids: each caption copied into the window, at a random offset when training with shift."""
-        b = tokens.shape[0]
-        dev = tokens.device
+        b, dev = tokens.shape[0], tokens.device
         lengths = lengths.to(dev).clamp(max=self.seq_len)
         t = min(tokens.shape[1], self.seq_len)
         if self.training and self.shift:
@@ -145,6 +136,3 @@ class TextCNNEncoder(Encoder):
         """f_txt: the FC + BN + ReLU feature before the L2 normalisation (what the instance loss classifies)."""
         pooled = self.sequence_features(tokens, lengths).mean(2)
         return torch.relu(self.fc_bn(self.fc(pooled)))
-
-    def finish(self, feats: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(feats, self.no_txtnorm, self.use_abs)

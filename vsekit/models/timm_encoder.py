@@ -9,9 +9,9 @@ from torch import nn
 
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
-from vsekit.models.heads import DualPathHead
+from vsekit.models.heads import joint_head
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import MLP, finish_embedding, l2norm, xavier_linear_
+from vsekit.models.layers import l2norm
 from vsekit.models.weights import (
     OFFLINE_ENV,
     initial_weights_wanted,
@@ -112,19 +112,11 @@ class TimmImageEncoder(Encoder):
         own_mean, own_std = timm_statistics(self.backbone)
         self.renorm = Renormalize(mean or own_mean, std or own_std)
         self.feat_dim = int(self.backbone.num_features)
-        if head == "linear":
-            self.head = xavier_linear_(nn.Linear(self.feat_dim, embed_size))
-        elif head == "mlp":
-            self.head = MLP(self.feat_dim, embed_size // 2, embed_size)
-        else:
-            self.head = DualPathHead(self.feat_dim, embed_size)
+        self.head = joint_head(head, self.feat_dim, embed_size)
         self.normalize_backbone = head != "dualpath" if backbone_norm is None else bool(backbone_norm)
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(self.renorm(images))
         return self.head(l2norm(feats) if self.normalize_backbone else feats)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)

@@ -60,8 +60,7 @@ class VSEModel(nn.Module):
         for what, enc in (("image", image_encoder), ("text", text_encoder)):
             if not isinstance(enc, Encoder):
                 raise TypeError(f"the {what} encoder must be a vsekit.models.base.Encoder, got {type(enc).__name__}")
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.similarity = FixedSimilarity(similarity) if isinstance(similarity, str) else similarity
 
     @property
@@ -110,9 +109,6 @@ class VSEModel(nn.Module):
         return self.similarity(image_context, caption_context, caption_lengths)
 
     def forward(self, images: torch.Tensor, *text: torch.Tensor):
-        if not self.learned_similarity:
-            img, cap = self.encode_images(images), self.encode_captions(*text)
-            return img, cap, self.similarity(img, cap)
         img, img_ctx = self.encode_image_parts(images)
         cap, cap_ctx, lengths = self.encode_caption_parts(*text)
         return img, cap, self.score_pairs(img, cap, img_ctx, cap_ctx, lengths)

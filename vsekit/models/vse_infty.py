@@ -8,7 +8,7 @@ import torch
 from vsekit.models.base import Encoder
 from vsekit.models.gpo import GPO
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import MLP, finish_embedding
+from vsekit.models.layers import MLP
 from vsekit.models.text import TEXT_ENCODERS, GRUTextEncoder
 
 
@@ -41,7 +41,7 @@ class VSEInftyImageEncoder(Encoder):
         self.head = MLP(img_dim, embed_size // 2, embed_size)
         self.gpo = GPO()
         self.drop_regions = float(drop_regions)
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
 
     def kept_regions(self, b: int, r: int, device: torch.device) -> torch.Tensor | None:
         """(B, R) bool mask of the regions kept in this training step; None when all are kept."""
@@ -66,9 +66,6 @@ class VSEInftyImageEncoder(Encoder):
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
         front = regions.gather(1, order.unsqueeze(-1).expand_as(regions))
         return self.gpo(front, keep.sum(1))[0], regions
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)
 
 
 @TEXT_ENCODERS.register("bigru_gpo")

@@ -12,7 +12,7 @@ from torch import nn
 
 from vsekit.models.base import Encoder
 from vsekit.models.image import IMAGE_ENCODERS
-from vsekit.models.layers import finish_embedding, l2norm, xavier_linear_
+from vsekit.models.layers import l2norm, xavier_linear_
 
 #: how a set of region vectors (B, R, D) is normalised: each region to unit length; each of the D channels to
 #: unit length over the R regions (what the reference code computes: its l2norm sums over dim 1, which on a
@@ -100,7 +100,7 @@ class VSRNImageEncoder(Encoder):
         self.gru = nn.GRU(embed_size, embed_size, batch_first=True)
         self.bn = nn.BatchNorm1d(embed_size) if feature_bn else None
         self.region_norm, self.context_norm = region_norm, context_norm
-        self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
+        self.normalize, self.use_abs = not no_imgnorm, use_abs
 
     def reason_regions(self, feats: torch.Tensor) -> torch.Tensor:
         """Region relationship reasoning: (B, R, img_dim) features -> (B, R, embed_size) reasoned regions."""
@@ -118,6 +118,3 @@ class VSRNImageEncoder(Encoder):
         regions = self.reason_regions(feats)
         x = self.reason_globally(regions)
         return (self.bn(x) if self.bn is not None else x), regions
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return finish_embedding(x, self.no_imgnorm, self.use_abs)

@@ -24,7 +24,7 @@ Hook = Callable[[str, "int | None"], list[int]]
 
 class CaptionEncoder:
     """``encoder(caption) -> ids``: ``[start, tokens..., end]`` through the text encoder's own tokenizer
-    (``hook``, e.g. BERT's word pieces: :func:`vsekit.models.base.caption_tokenizer`) or the vocabulary, with
+    (``hook``, e.g. BERT's word pieces: :attr:`vsekit.models.base.Encoder.tokenize`) or the vocabulary, with
     at most ``max_len`` tokens (silently) and at most ``max_tokens`` (with one warning).
 
     ``known_words(caption)``: how many of the caption's tokens the model knows as words (not padding,
@@ -54,9 +54,7 @@ class CaptionEncoder:
         return ids[: self.max_tokens + 1] + ids[-1:]
 
     def _ids(self, caption: str, n: int) -> list[int]:
-        if self.hook is None:
-            return self.vocab.encode(caption, n)
-        return self._hook_ids(caption, n)
+        return self.vocab.encode(caption, n) if self.hook is None else self._hook_ids(caption, n)
 
     def _hook_ids(self, caption: str, n: int) -> list[int]:
         """The hook's ids of the first ``n`` pieces, from a prefix of the caption cut at a space (a word is
