@@ -83,6 +83,8 @@ class RankingLoss(nn.Module):
     has_sum_fallback: bool = False
     #: collapse recovery: the sum of hinges is used while the epoch is below this (see :meth:`fall_back_to_sum`)
     sum_until_epoch: int = 0
+    #: a VSE∞-style warm-up: the sum of hinges while the epoch is below this
+    warmup_epochs: int = 0
     epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,8 +99,8 @@ class RankingLoss(nn.Module):
         return True
 
     def reduction_now(self, reduction: str) -> str:
-        """``reduction``, or ``"sum"`` while a collapse fallback is in force."""
-        return "sum" if self.epoch < self.sum_until_epoch else reduction
+        """``reduction``, or ``"sum"`` during a warm-up or while a collapse fallback is in force."""
+        return "sum" if self.epoch < max(self.sum_until_epoch, self.warmup_epochs) else reduction
 
     def forward(self, sim: Tensor, image_ids: Tensor | None = None, *,
                 caption_vectors: Tensor | None = None) -> Tensor:

@@ -157,11 +157,6 @@ class WarmupHingeLoss(HingeRankingLoss):
             raise ValueError(f"warmup_epochs must be >= 0; got {warmup_epochs}")
         super().__init__(margin=margin, reduction="max", mask=mask)
         self.warmup_epochs = int(warmup_epochs)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.reduction = "sum" if self.epoch < self.warmup_epochs else "max"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, warmup_epochs={self.warmup_epochs}, epoch={self.epoch}"

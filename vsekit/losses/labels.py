@@ -26,13 +26,6 @@ def share_label(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() @ b.float().t()) > 0
 
 
-def batch_labels(batch: Batch) -> Tensor:
-    """The class labels of the batch's images; a term that needs them says so when the data has none."""
-    if batch.labels is None:
-        raise ConfigError("objective.label / objective.triplet need class labels, and the training data has none")
-    return batch.labels
-
-
 def num_label_classes(corpus: Any) -> int | None:
     """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
     if corpus is None or corpus.labels is None:
@@ -68,7 +61,7 @@ class LabelClassifierLoss(ObjectiveTerm):
             return (F.binary_cross_entropy_with_logits(li, y) + F.binary_cross_entropy_with_logits(lt, y)) / 2
 
     def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
-        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch))}
+        return {self.name: self(out.image_emb, out.caption_emb, batch.labels)}
 
 
 @OBJECTIVE_TERMS.register("label")
@@ -158,7 +151,7 @@ class LabelTripletLoss(ObjectiveTerm):
 
     def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
         inputs = (batch.images, batch.text[0]) if batch.images is not None else (None, None)
-        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch), *inputs)}
+        return {self.name: self(out.image_emb, out.caption_emb, batch.labels, *inputs)}
 
 
 @OBJECTIVE_TERMS.register("triplet")

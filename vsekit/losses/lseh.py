@@ -158,7 +158,6 @@ class LSEHLoss(RankingLoss):
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = int(warmup_epochs)  # beyond the paper: VSE-infinity-style sum-of-hinges warm-up
-        self.epoch = 0
         self.alpha = float(alpha)
         self.lam = float(lam)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -180,12 +179,7 @@ class LSEHLoss(RankingLoss):
                              f"got {tuple(caption_vectors.shape)}")
         margin = self.margins(image_ids, caption_vectors.to(sim.device))
         cost_i2t, cost_t2i = hinge_costs(sim, margin, diagonal_mask(size, sim.device))
-        reduction = "sum" if self.epoch < self.warmup_epochs else self.reduction
-        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction_now(reduction))
-
-    def set_epoch(self, epoch: int) -> None:
-        """``warmup_epochs > 0`` (an option beyond the paper): sum of hinges while ``epoch < warmup_epochs``."""
-        super().set_epoch(epoch)
+        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction_now(self.reduction))
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lam={self.lam}, reduction={self.reduction!r}, "
