@@ -126,10 +126,7 @@ class CollapseDetector:
         return chance is not None and value > LEARNING_OVER_CHANCE * chance
 
     def update(self, loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> bool:
-        if self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos):
-            self.streak += 1
-        else:
-            self.streak = 0
+        self.streak = self.streak + 1 if self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos) else 0
         if self.streak >= self.patience:
             self.streak = 0
             return True
