@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vsekit.losses.base import (
@@ -53,24 +54,17 @@ def semantic_similarity(caption_vectors: Tensor, image_ids: Tensor | None = None
     check_choice("semantic", semantic, SEMANTICS)
     check_choice("image_semantics", image_semantics, IMAGE_SEMANTICS)
     with torch.no_grad(), autocast_disabled(caption_vectors.device):
-        cols = caption_vectors.detach().float()
+        rows = cols = caption_vectors.detach().float()
         if image_semantics == "image_mean":
             if image_ids is None:
                 raise ValueError("image_semantics='image_mean' needs image_ids")
             rows = image_mean_vectors(cols, image_ids.to(cols.device))
-        else:
-            rows = cols
-        if semantic == "cosine":
-            return _unit_rows(rows) @ _unit_rows(cols).t()
+        if semantic == "cosine":  # a zero vector stays zero: cosine 0 with everything
+            return F.normalize(rows, dim=1) @ F.normalize(cols, dim=1).t()
         dots = rows @ cols.t()
         row_max = dots.max(dim=1, keepdim=True).values
         row_max = torch.where(row_max == 0, torch.ones_like(row_max), row_max)
         return dots / row_max
-
-
-def _unit_rows(x: Tensor) -> Tensor:
-    norm = x.norm(dim=1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def semantic_margins(semantic_sim: Tensor, image_ids: Tensor, alpha: float, lam: float) -> Tensor:
