@@ -80,14 +80,6 @@ class TrainingRun:
                               "vsekit does not do yet: train it in one process")
 
 
-def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
-    return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
-
-
-def text_feature_dim(corpus: Corpus) -> int | None:
-    return int(corpus.caption_features.shape[1]) if corpus.has_text_features else None
-
-
 def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
     """The LSA vectors of the training captions (fitted once per caption set, then cached)."""
     from vsekit.semantics import fit_or_load_caption_vectors
@@ -122,12 +114,10 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     data = cfg.data
     train_corpus = load_split(data, data.train_split)
     val_corpus = load_split(data, data.val_split, data.val_max_images)
-    if weights_from is not None:
-        vocab = Vocabulary.from_dict(weights_from["vocab"])
-    else:
-        vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count, cfg.text.max_tokens)
-    shape = feature_shape(train_corpus)
-    text_dim = text_feature_dim(train_corpus)
+    vocab = (Vocabulary.from_dict(weights_from["vocab"]) if weights_from is not None
+             else Vocabulary.build(train_corpus.captions, cfg.text.min_count, cfg.text.max_tokens))
+    shape = tuple(int(x) for x in train_corpus.features.shape[1:]) if train_corpus.is_precomputed else None
+    text_dim = int(train_corpus.caption_features.shape[1]) if train_corpus.has_text_features else None
     # a run that continues a checkpoint takes its weights, not the encoders' initial weights files
     with restoring_weights() if weights_from is not None else contextlib.nullcontext():
         model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape,
