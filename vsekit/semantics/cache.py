@@ -93,14 +93,9 @@ def fit_to_folder(captions: Sequence[str], caption_ids: Sequence[str] | None, ou
     atomic_write_json(out / "caption_ids.json", ids)
     model.save(out / "model")
     atomic_write_json(out / "meta.json", {
-        "format": CACHE_FORMAT,
-        "key": caption_set_key(captions, params),
-        "pipeline_version": PIPELINE_VERSION,
-        "params": params,
-        "num_captions": len(captions),
-        "n_components": model.n_components,
-        "dtype": "float32",
-        "caption_ids_sha256": _ids_hash(ids),
+        "format": CACHE_FORMAT, "key": caption_set_key(captions, params),
+        "pipeline_version": PIPELINE_VERSION, "params": params, "num_captions": len(captions),
+        "n_components": model.n_components, "dtype": "float32", "caption_ids_sha256": _ids_hash(ids),
         "fit_seconds": model.config["fit_seconds"],
     })
     logger.info("LSA caption vectors: %s float32 (%d terms) fitted in %.1fs (%s) -> %s", vectors.shape,

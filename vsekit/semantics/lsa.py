@@ -261,8 +261,8 @@ class LSAModel:
         if self.idf.shape != (v,) or self.components.ndim != 2 or self.components.shape[1] != v:
             raise ValueError(f"inconsistent LSA model: {v} terms, idf {self.idf.shape}, "
                              f"components {self.components.shape}")
-        self._counter: CountVectorizer | None = None
-        self._preprocessor: CaptionPreprocessor | None = None
+        self._counter = CountVectorizer(vocabulary=self.vocabulary, stop_words="english")
+        self._preprocessor = CaptionPreprocessor()
 
     @property
     def n_components(self) -> int:
@@ -291,32 +291,20 @@ class LSAModel:
         seconds["svd"] = time.perf_counter() - t0
 
         vocabulary = vectorizer.get_feature_names_out().tolist()
+        ratio = _explained_variance_ratio(x, components, singular_values)
         config = {
-            "format": MODEL_FORMAT,
-            "pipeline_version": PIPELINE_VERSION,
-            "n_components_requested": int(n_components),
-            "n_components": int(k),
-            "n_iter": int(n_iter),
-            "random_state": int(random_state),
-            "svd_solver": "randomized-term-space",
-            "n_oversamples": N_OVERSAMPLES,
-            "num_captions": int(n_docs),
-            "num_terms": int(n_terms),
-            "singular_values": singular_values.tolist(),
-            "explained_variance_ratio_sum": float(
-                _explained_variance_ratio(x, components, singular_values).sum()),
-            "fit_seconds": {name: round(t, 3) for name, t in seconds.items()},
-            "versions": _library_versions(),
+            "format": MODEL_FORMAT, "pipeline_version": PIPELINE_VERSION,
+            "n_components_requested": int(n_components), "n_components": int(k), "n_iter": int(n_iter),
+            "random_state": int(random_state), "svd_solver": "randomized-term-space",
+            "n_oversamples": N_OVERSAMPLES, "num_captions": int(n_docs), "num_terms": int(n_terms),
+            "singular_values": singular_values.tolist(), "explained_variance_ratio_sum": float(ratio.sum()),
+            "fit_seconds": {k: round(t, 3) for k, t in seconds.items()}, "versions": _library_versions(),
         }
         model = cls(vocabulary, vectorizer.idf_, components, config)
         return model, vectors
 
     def tfidf(self, captions: Sequence[str]) -> sp.csr_matrix:
         """The (n, V) L2-normalised TF-IDF rows of ``captions``, with the training vocabulary and idf."""
-        if self._counter is None:
-            self._counter = CountVectorizer(vocabulary=self.vocabulary, stop_words="english")
-            self._preprocessor = CaptionPreprocessor()
-        assert self._preprocessor is not None
         counts = self._counter.transform([self._preprocessor(c) for c in captions]).astype(np.float64)
         counts.data *= self.idf[counts.indices]
         return normalize(counts, norm="l2", copy=False)
