@@ -266,13 +266,9 @@ def _field_names(model: Any, path: list[str]) -> list[str]:
     """The field names of the (nested) pydantic model at ``path`` under ``model``."""
     node = model
     for part in path:
-        if node is None or not hasattr(node, "model_fields"):
-            return []
-        field = node.model_fields.get(part)
-        if field is None:
-            return []
-        node = model_of(field.annotation)
-    return sorted(node.model_fields) if node is not None and hasattr(node, "model_fields") else []
+        field = getattr(node, "model_fields", {}).get(part)
+        node = model_of(field.annotation) if field is not None else None
+    return sorted(getattr(node, "model_fields", ()))
 
 
 def model_of(annotation: Any) -> Any:
