@@ -126,7 +126,8 @@ class CollapseDetector:
         return chance is not None and value > LEARNING_OVER_CHANCE * chance
 
     def update(self, loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> bool:
-        self.streak = self.streak + 1 if self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos) else 0
+        collapsed = self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos)
+        self.streak = self.streak + 1 if collapsed else 0
         if self.streak >= self.patience:
             self.streak = 0
             return True
@@ -162,12 +163,6 @@ class EpochDiagnostics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums, self.counts = dict(state.get("sums", {})), dict(state.get("counts", {}))
-
-
-def collapse_symptom(loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> str:
-    """One line saying what the detector saw."""
-    return (f"the embeddings collapsed towards one point (loss {loss:.4g}, its collapse value {collapse:.4g}; "
-            f"mean pairwise cosine: images {image_mean_cos:.3f}, captions {caption_mean_cos:.3f})")
 
 
 ADVICE = ("Try a sum-of-hinges warm-up (loss.name=hinge_warmup with loss.warmup_epochs=1, or loss.warmup_epochs=1 "
@@ -320,8 +315,9 @@ class TrainingHealth:
         if action == "fallback" and fallbacks >= opts.max_fallbacks:
             action = "stop"
         event = {**event, "action": action}
-        symptom = collapse_symptom(event["loss"], event["collapse_value"], event["image_mean_cos"],
-                                   event["caption_mean_cos"])
+        symptom = (f"the embeddings collapsed towards one point (loss {event['loss']:.4g}, its collapse "
+                   f"value {event['collapse_value']:.4g}; mean pairwise cosine: images "
+                   f"{event['image_mean_cos']:.3f}, captions {event['caption_mean_cos']:.3f})")
         if action == "fallback":
             # the rest of this epoch and fallback_epochs more; decided at an epoch's end: the next ones
             until = epoch + (1 + opts.fallback_epochs if batches_done else max(1, opts.fallback_epochs))

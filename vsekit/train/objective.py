@@ -109,14 +109,12 @@ class Objective(nn.Module):
 
     # -- hooks around a step ---------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """The run's epoch (0-based), at the start of every epoch: the schedules inside the terms (e.g. a
-        warm-up) follow it, as the ``loss:`` section's does."""
+        """:meth:`ObjectiveTerm.set_epoch` of every term, at the start of every epoch."""
         for term in self.terms.values():
             term.set_epoch(epoch)
 
     def set_progress(self, epoch: float, step: float) -> None:
-        """Training progress in [0, 1] before every step (``epoch / epochs`` and per step): e.g. the
-        adversary's λ schedule."""
+        """:meth:`ObjectiveTerm.set_progress` of every term, before every step."""
         for term in self.terms.values():
             term.set_progress(epoch, step)
 
