@@ -153,10 +153,9 @@ def _save_with_digest(state: dict[str, Any], f: IO[bytes]) -> None:
     try:
         torch.save(state, w)
     except Exception:
-        if w.error is not None:
-            raise w.error from None
-        raise
-    if w.error is not None:  # torch went on past a failed write
+        if w.error is None:
+            raise
+    if w.error is not None:  # torch turned a failed write into an error of its own, or went on past it
         raise w.error
     w.finish()
 

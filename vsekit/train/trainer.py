@@ -193,8 +193,7 @@ class Trainer:
 
     def _steps_in_epoch(self) -> int:
         total = self.sampler.num_batches(self.batch_size)
-        cap = self.cfg.train.max_steps_per_epoch
-        return min(total, cap) if cap else total
+        return min(total, self.cfg.train.max_steps_per_epoch or total)
 
     def _train_record(self, loss: float, rate: float) -> dict[str, Any]:
         record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
