@@ -4,11 +4,10 @@ Each training caption gets one vector, ``TruncatedSVD(TF-IDF(preprocess(caption)
 dot products of these vectors (the Gram matrix ``L @ L.T`` of a batch), which do not depend on the SVD's sign
 convention, so two fits agree up to the randomized SVD's approximation error.
 
-Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), all deliberate:
+Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), all deliberate (the
+letters-only regex, which pandas >= 2 silently skipped, float32 ``.npy`` storage and the lower ``n_iter``:
+docs/methods/lseh.md, section 6):
 
-* **Letters-only regex is applied.** The reference called pandas ``Series.str.replace("[^a-zA-Z#]", " ")``;
-  pandas >= 2 reads that pattern as a literal string, so the step silently did nothing. We apply the regex,
-  i.e. the behaviour the reference had under pandas 1.x and clearly intended.
 * **Stop-word list.** The reference dropped NLTK's ``stopwords.words('english')`` (179 words) before
   stemming; that list is a corpus download, which vsekit never does. We drop scikit-learn's
   ``ENGLISH_STOP_WORDS`` (318 words) instead. The TF-IDF step drops scikit-learn's list from the *stemmed*
@@ -23,10 +22,9 @@ Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), 
     ``did, does→doe, just, don, won, ma, ll, ve, ain`` and the ``n't`` stems ``aren, couldn, didn, doesn,
     hadn, hasn, haven, isn, mightn, mustn, needn, shan, shouldn, wasn, weren, wouldn``.
 
-  NLTK's entries with an apostrophe (``don't``, ``it's``...) never match a token here, because step 1 turns
-  the apostrophe into a space, and its one-letter entries (``s, t, d, m, o, y``) are dropped anyway by the
-  TF-IDF token pattern, which needs two characters.
-* **Stored as float32 ``.npy``** instead of a multi-GB text file.
+  NLTK's entries with an apostrophe (``don't``, ``it's``...) never match a token here, because the
+  letters-only regex turns the apostrophe into a space, and its one-letter entries (``s, t, d, m, o, y``) are
+  dropped anyway by the TF-IDF token pattern, which needs two characters.
 * **``fit`` returns ``X @ V.T``**, which is what scikit-learn's ``TruncatedSVD.fit_transform`` returns for
   the randomized solver (it equals ``U·Σ`` up to the approximation error) and makes :meth:`LSAModel.transform`
   of a training caption reproduce its training vector.
@@ -35,8 +33,6 @@ Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), 
   ``XᵀX`` instead of the M×V matrix ``X``: for 600K captions the SVD is 26× faster (the whole fit 14×, 6.8 min
   -> 28 s on a shared 2-core machine) and as accurate for a given ``n_iter`` (``benchmarks/README.md``, LSA
   section).
-* **``n_iter`` default** (:data:`DEFAULT_N_ITER`) is lower than the reference's 100; see
-  ``benchmarks/README.md`` (LSA section) for how close the Gram matrices stay.
 """
 
 from __future__ import annotations

@@ -5,18 +5,13 @@ caption maps to (nearly) one point, every similarity is equal, every hinge equal
 gradient through the max is too weak to leave. The loss then sits at its *collapse value* (2·B·α for the
 max of hinges). The detector watches for that (the loss within ``loss_tol`` of the value the loss takes on
 a constant similarity matrix, or a mean pairwise cosine near 1 in either modality) for ``patience``
-consecutive steps, and the trainer then warns, falls back to the sum of hinges at a lower learning rate,
-or stops with a message (``train.collapse.action``).
+consecutive steps, and the trainer then acts as ``train.collapse.action`` says.
 
-A loss pinned at that value is not always a collapse: from pretrained features the max of hinges sits on it
-for hundreds of steps while the hardest negatives are overtaken one by one, and the validation ranking climbs
-all the while (EfficientNet features of a real collection: val rsum 137 -> 233 over the ~100 steps the loss
-stayed within 2 % of it, 317 later; the fallback -- the sum of hinges at a tenth of the learning rate -- ended
-74-107 test rsum lower on 3 seeds, ``benchmarks/README.md``). So a
-pinned loss with embeddings that are still spread is only a *suspected* collapse (:attr:`CollapseDetector.pending`):
-the epoch's validation decides. If it beats the best validation before the suspicion (or, at the first
-validation, clears :data:`LEARNING_OVER_CHANCE` times the chance rsum), the run is learning and nothing is done;
-otherwise the configured action is taken then. Embeddings squeezed into one direction are acted on at once.
+A pinned loss is not always a collapse: from pretrained features the max of hinges sits on it for hundreds
+of steps while the hardest negatives are overtaken one by one and validation climbs (the measurements:
+docs/training.md, "Collapse"). So a pinned loss with spread embeddings is only a *suspected* collapse
+(:attr:`CollapseDetector.pending`), which the epoch's validation decides
+(:meth:`CollapseDetector.still_learning`). Embeddings squeezed into one direction are acted on at once.
 
 :class:`TrainingHealth` is the part of a run that owns all of this, with the steps skipped for a non-finite loss
 or gradient and the unreadable training images: it watches every step, acts as ``train.collapse`` and
