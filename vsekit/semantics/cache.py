@@ -61,9 +61,7 @@ def caption_set_key(captions: Sequence[str], params: dict[str, Any]) -> str:
 
 
 def _ids_hash(caption_ids: Sequence[str] | None) -> str | None:
-    if caption_ids is None:
-        return None
-    return hashlib.sha256(json.dumps(list(caption_ids)).encode()).hexdigest()
+    return None if caption_ids is None else hashlib.sha256(json.dumps(list(caption_ids)).encode()).hexdigest()
 
 
 def _check_ids(captions: Sequence[str], caption_ids: Sequence[str] | None) -> list[str] | None:

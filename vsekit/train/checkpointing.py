@@ -53,11 +53,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Remove the temporary files that :func:`vsekit.utils.io.atomic_write` leaves in ``folder`` when a kill
     cuts a write short (``.last.pt.k2j4_x9a.tmp``); nothing else. Called when a run starts or resumes there:
     no other process writes a run's folder then."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in sorted(folder.iterdir()):
+    folder, removed = Path(folder), []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
         if _ATOMIC_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
             removed.append(p)

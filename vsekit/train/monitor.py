@@ -175,8 +175,7 @@ class TrainingHealth:
                  record: Callable[[dict[str, Any]], None], save_last: Callable[[], Path]) -> None:
         self.opts, self.max_nonfinite = tcfg.collapse, tcfg.max_nonfinite_steps
         self.loss_fn, self.optim, self.corpus, self.record, self.save_last = loss_fn, optim, corpus, record, save_last
-        c = tcfg.collapse
-        self.detector = CollapseDetector(c.patience, c.loss_tol, c.max_mean_cos)
+        self.detector = CollapseDetector(self.opts.patience, self.opts.loss_tol, self.opts.max_mean_cos)
         self.diagnostics = EpochDiagnostics()
         self.last_diag: dict[str, float] = {}
         self.last_collapse_value: float | None = None  # None: not computed for this step

@@ -189,9 +189,8 @@ class TimeBudget:
 
     def spent(self) -> bool:
         """Whether the budget is spent (rank 0's clock decides for every process)."""
-        if self.max_seconds is None:
-            return False
-        return bool(distributed.broadcast_object(self.elapsed_s >= self.max_seconds))
+        limit = self.max_seconds
+        return limit is not None and bool(distributed.broadcast_object(self.elapsed_s >= limit))
 
 
 def worker_init(worker_id: int) -> None:
