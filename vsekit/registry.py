@@ -53,9 +53,7 @@ class Registry:
 
     def build(self, spec: dict[str, Any] | str, **extra: Any) -> Any:
         """Build from ``{"name": ..., **kwargs}`` (or just a name); ``extra`` kwargs are passed through."""
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        spec = dict(spec)
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         if "name" not in spec:
             raise ConfigError(f"{self.kind} spec needs a 'name' field, got keys {sorted(spec)}")
         name = spec.pop("name")

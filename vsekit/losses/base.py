@@ -9,7 +9,6 @@ apart from real negatives. The losses never look at how ``sim`` was produced (co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -59,15 +58,12 @@ def reduce_hinge_costs(cost_s: Tensor, cost_im: Tensor, reduction: str) -> Tenso
     return cost_s.sum() + cost_im.sum()
 
 
-@contextlib.contextmanager
-def autocast_disabled(device: torch.device) -> Iterator[None]:
-    """Switch autocast off for ``device`` so that the loss maths (matmuls included) runs in fp32."""
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context switching autocast off for ``device``: the loss maths (matmuls included) runs in fp32."""
     try:
-        ctx: contextlib.AbstractContextManager = torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, ValueError):  # a device type autocast does not know: nothing to disable
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+        return contextlib.nullcontext()
 
 
 class RankingLoss(nn.Module):

@@ -80,8 +80,7 @@ class Trainer:
                                   amp=tcfg.amp and self.device.type == "cuda", cpu_bf16=tcfg.cpu_bf16,
                                   state=resume_state)
 
-        self.epoch, self.batches_done, self.step = 0, 0, 0
-        self.epoch_loss_sum = 0.0
+        self.epoch, self.batches_done, self.step, self.epoch_loss_sum = 0, 0, 0, 0.0
         self.last_parts: dict[str, torch.Tensor] = {}  # the last step's loss terms, by name
         self.history: list[dict] = []
         # per-batch diagnostics, collapse detection and recovery, non-finite steps, unreadable images
