@@ -1,10 +1,9 @@
 """The training objective: ``objective.loss_weight`` x the ``loss:`` section's ranking loss plus weighted terms.
 
-Every term is an ``OBJECTIVE_TERMS`` entry with one protocol (:class:`~vsekit.losses.terms.ObjectiveTerm`): the
-built-in ones have a section of their own (``objective.instance``, ``mined``, ``label``, ``triplet``,
-``embedding``, ``adversarial``; docs/config.md), the others sit under ``objective.terms.<name>``. The objective
-adds up the weighted values the terms return. A term is built when some stage gives it a non-zero weight, and
-computed only while its weight is non-zero; with the defaults the objective is exactly the ``loss:`` section.
+Every term is an ``OBJECTIVE_TERMS`` entry with one protocol and a config section
+(:mod:`vsekit.losses.terms`); the objective adds up the weighted values the terms return. A term is built
+when some stage gives it a non-zero weight, and computed only while its weight is non-zero; with the
+defaults the objective is exactly the ``loss:`` section.
 """
 
 from __future__ import annotations
