@@ -12,11 +12,8 @@ from typing import Any
 
 from torch import nn
 
-import vsekit.losses.adversarial  # noqa: E402, F401, I001  (registers the "adversarial" term)
-import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
-import vsekit.losses.gan  # noqa: E402, F401, I001  (registers the "gan" term)
-import vsekit.losses.labels  # noqa: E402, F401, I001  (registers the "label" and "triplet" terms)
-import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" and "embedding" terms)
+# imported for the terms they register: adversarial; caption; gan; label, triplet; level_ranking, embedding
+from vsekit.losses import adversarial, caption, gan, labels, levels  # noqa: F401
 from vsekit.losses.base import LOSSES, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSS, DualPathRankingLoss, mine_hard_negatives
 from vsekit.losses.hinge import HingeRankingLoss, WarmupHingeLoss
