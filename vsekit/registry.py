@@ -202,10 +202,9 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in injected or p.name == "self":
             continue
         default = ... if p.default is inspect.Parameter.empty else p.default
-        hint = hints.get(p.name)
-        if hint is None:  # unannotated: the type of a plain default, else anything
-            hint = type(default) if isinstance(default, (bool, int, float, str)) else Any
-        fields[p.name] = (hint, default)
+        # unannotated: the type of a plain default, else anything
+        plain = type(default) if isinstance(default, (bool, int, float, str)) else Any
+        fields[p.name] = (hints.get(p.name, plain), default)
     # allow_inf_nan=False: a float option (a margin, a temperature) must be finite, as in the typed sections
     return create_model(title.replace(" ", "_"), __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
                                                                       strict=False, allow_inf_nan=False), **fields)

@@ -98,10 +98,8 @@ def prepare_output_dir(out: Path, init_from: str | None, *, resume: bool, overwr
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict) or not d:
         return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+    return {key: v for k, sub in d.items()
+            for key, v in _flat(sub, f"{prefix}.{k}" if prefix else str(k)).items()}
 
 
 def _resumable(key: str) -> bool:
