@@ -198,25 +198,20 @@ def term_space_svd(x: sp.spmatrix, n_components: int, *, n_iter: int, random_sta
     if not 1 <= k <= min(x.shape):
         raise ValueError(f"n_components={k} must be in [1, {min(x.shape)}] for a {x.shape} matrix")
     with threadpool_limits(limits=1, user_api="blas"):
-        return _term_space_svd(x, k, n_iter, random_state, n_oversamples)
-
-
-def _term_space_svd(x: sp.spmatrix, k: int, n_iter: int, random_state: int,
-                    n_oversamples: int) -> tuple[np.ndarray, np.ndarray]:
-    n_terms = x.shape[1]
-    width = min(k + n_oversamples, n_terms)
-    gram = (x.T @ x).tocsr().astype(np.float64)
-    gram32 = gram.astype(np.float32)
-    q = np.random.RandomState(random_state).normal(size=(n_terms, width)).astype(np.float32)
-    for _ in range(n_iter):
-        q, _ = la.lu(gram32 @ q, permute_l=True, check_finite=False)
-    q, _ = la.qr(gram @ q.astype(np.float64), mode="economic", check_finite=False)
-    ritz_values, ritz_vectors = la.eigh(q.T @ (gram @ q), check_finite=False)
-    top = np.argsort(ritz_values)[::-1][:k]
-    components = (q @ ritz_vectors[:, top]).T
-    rows = np.arange(k)
-    components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
-    return np.ascontiguousarray(components), np.sqrt(np.maximum(ritz_values[top], 0.0))
+        n_terms = x.shape[1]
+        width = min(k + n_oversamples, n_terms)
+        gram = (x.T @ x).tocsr().astype(np.float64)
+        gram32 = gram.astype(np.float32)
+        q = np.random.RandomState(random_state).normal(size=(n_terms, width)).astype(np.float32)
+        for _ in range(n_iter):
+            q, _ = la.lu(gram32 @ q, permute_l=True, check_finite=False)
+        q, _ = la.qr(gram @ q.astype(np.float64), mode="economic", check_finite=False)
+        ritz_values, ritz_vectors = la.eigh(q.T @ (gram @ q), check_finite=False)
+        top = np.argsort(ritz_values)[::-1][:k]
+        components = (q @ ritz_vectors[:, top]).T
+        rows = np.arange(k)
+        components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
+        return np.ascontiguousarray(components), np.sqrt(np.maximum(ritz_values[top], 0.0))
 
 
 def _explained_variance_ratio(x: sp.spmatrix, components: np.ndarray, singular_values: np.ndarray) -> np.ndarray:
