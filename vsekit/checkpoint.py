@@ -199,10 +199,7 @@ def checkpoint_digest(path: str | Path) -> str | None:
 def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():  # a run folder: take its best checkpoint, else its last
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+        path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     return path

@@ -287,9 +287,8 @@ class TrainingHealth:
         if pending is None or metric not in metrics:
             return
         value = float(metrics[metric])
-        chance = None
-        if metric == "rsum" and val_corpus.num_images:
-            chance = chance_rsum(np.asarray(val_corpus.caption_to_image), val_corpus.num_images)
+        chance = (chance_rsum(np.asarray(val_corpus.caption_to_image), val_corpus.num_images)
+                  if metric == "rsum" and val_corpus.num_images else None)
         best_before = pending.pop("best_before")
         if self.detector.still_learning(value, best_before, chance):
             event = {**pending, "action": "none", "validation": value, "best_before": best_before}

@@ -99,9 +99,8 @@ def check_image_size(model: VSEModel, image_size: int) -> None:
         with torch.no_grad():
             model.encode_images(torch.zeros(2, 3, image_size, image_size))
     except RuntimeError as e:
-        first = first_line(e)
         raise ConfigError(f"transform.image_size={image_size}: the image encoder cannot take images of this size "
-                          f"({first}); use a larger transform.image_size") from None
+                          f"({first_line(e)}); use a larger transform.image_size") from None
     except Exception as e:  # noqa: BLE001 - an encoder this probe cannot call alone: the first step will say
         log.debug("image size probe skipped: %s: %s", type(e).__name__, e)
     finally:
