@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, ValidationError, create_model
+
 from vsekit.errors import ConfigError, VsekitError, did_you_mean
 
 
@@ -83,8 +85,6 @@ class Registry:
         takes, with a value of the right type. Returns the section as given (validated values), so the
         component's own defaults apply to what it leaves out. ``also``: keys the caller handles itself (they
         must be removed from ``spec``), offered as suggestions for a typo."""
-        from pydantic import ValidationError
-
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict):
@@ -190,8 +190,6 @@ def check_components(model: Any, raw: dict[str, Any], where: str = "") -> None:
 
 
 def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[str]):
-    from pydantic import ConfigDict, create_model
-
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         hints = typing.get_type_hints(target, include_extras=True)  # extras: Component markers
@@ -213,8 +211,6 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
 def validate_section(model: Any, value: Any, where: str) -> Any:
     """``model.model_validate(value)`` (a pydantic model class), with any problem a one-line
     :class:`ConfigError` naming the dotted key under ``where``."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(value)
     except ValidationError as e:

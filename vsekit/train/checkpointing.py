@@ -26,6 +26,7 @@ from vsekit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vsekit.errors import ConfigError
 from vsekit.registry import short_repr
 from vsekit.train.signals import critical
+from vsekit.utils.io import check_writable_dir
 
 log = logging.getLogger("vsekit.train")
 
@@ -84,8 +85,6 @@ def prepare_output_dir(out: Path, init_from: str | None, *, resume: bool, overwr
     """Before anything of a run is built: the output folder exists and can be written (a probe file, so that a
     read-only folder is said now, not after the first epoch), and a new run does not silently replace an
     earlier one's checkpoints (:func:`check_new_run`) nor the ``train.init_from`` it starts from."""
-    from vsekit.utils.io import check_writable_dir
-
     check_writable_dir(out, "output_dir")
     if not resume:
         init = Path(init_from) if init_from else None

@@ -20,6 +20,7 @@ from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
+from vsekit.semantics import fit_or_load_caption_vectors
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
@@ -82,8 +83,6 @@ class TrainingRun:
 
 def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
     """The LSA vectors of the training captions (fitted once per caption set, then cached)."""
-    from vsekit.semantics import fit_or_load_caption_vectors
-
     s = cfg.semantics
     vecs = fit_or_load_caption_vectors(corpus.captions, corpus.caption_ids, s.cache_path(), **s.lsa_params())
     return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
