@@ -46,9 +46,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import nltk
 import numpy as np
+import scipy
 import scipy.linalg as la
 import scipy.sparse as sp
+import sklearn
 from nltk.stem.porter import PorterStemmer
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer, TfidfVectorizer
 from sklearn.preprocessing import normalize
@@ -228,10 +231,6 @@ def _explained_variance_ratio(x: sp.spmatrix, components: np.ndarray, singular_v
 
 
 def _library_versions() -> dict[str, str]:
-    import nltk
-    import scipy
-    import sklearn
-
     return {"numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
             "nltk": nltk.__version__}
 
