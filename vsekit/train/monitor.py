@@ -77,15 +77,15 @@ def batch_diagnostics(sim: Tensor, image_emb: Tensor, caption_emb: Tensor, image
 
 
 @torch.no_grad()
-def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
+def collapse_value(loss_fn: RankingLoss, sim: Tensor, image_ids: Tensor,
                    caption_vectors: Tensor | None = None) -> float:
     """The value ``loss_fn`` takes on this batch when every similarity is equal (all embeddings at one point).
 
     Computed, not looked up: 2·B·α for the max of hinges, 2·B·(B-1)·α for the sum, the mean of LSEH's
     per-pair margins for LSEH, log B for InfoNCE, so any registered loss gets a detector.
     """
-    extra = {"caption_vectors": caption_vectors} if caption_vectors is not None else {}
-    return float(loss_fn(torch.zeros_like(sim, dtype=torch.float32), image_ids, **extra))
+    constant = torch.zeros_like(sim, dtype=torch.float32)
+    return float(loss_fn(constant, image_ids, caption_vectors=caption_vectors))
 
 
 @dataclass

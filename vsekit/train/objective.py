@@ -140,8 +140,8 @@ class Objective(nn.Module):
             total = weighted if total is None else total + weighted
 
         if self.weights["loss"]:
-            extra = {"caption_vectors": batch.caption_vectors} if batch.caption_vectors is not None else {}
-            add("loss", self.weights["loss"], self.rank_loss(out.sim.float(), batch.image_ids, **extra))
+            value = self.rank_loss(out.sim.float(), batch.image_ids, caption_vectors=batch.caption_vectors)
+            add("loss", self.weights["loss"], value)
         for term in self._active():
             term_out, term_batch = (out, batch) if term.global_batch or local is None else local
             for name, value in term.losses(term_out, term_batch).items():
