@@ -26,13 +26,6 @@ def share_label(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() @ b.float().t()) > 0
 
 
-def num_label_classes(corpus: Any) -> int | None:
-    """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
-    if corpus is None or corpus.labels is None:
-        return None
-    return int(corpus.labels.shape[1]) if corpus.multi_label else int(corpus.labels.max()) + 1
-
-
 class LabelClassifierLoss(ObjectiveTerm):
     """One linear classifier over the common space, shared by both modalities (ACMR's label classifier: the
     image and the text embedding of an item must both predict its label). Cross-entropy for class ids, binary
@@ -66,23 +59,20 @@ class LabelClassifierLoss(ObjectiveTerm):
 
 @OBJECTIVE_TERMS.register("label")
 def label_term(embed_size: int, corpus: Any = None, num_classes: int | None = None, **_: Any) -> LabelClassifierLoss:
-    """The ``objective.label`` term: ``num_classes`` defaults to the training labels' number of classes."""
-    num_classes = num_classes or num_label_classes(corpus)
-    if num_classes is None:
-        raise ConfigError("objective.label needs class labels, and the training data has none")
+    """The ``objective.label`` term: ``num_classes`` defaults to the training labels' number of classes
+    (multi-hot labels: their width)."""
+    if not num_classes:
+        if corpus is None or corpus.labels is None:
+            raise ConfigError("objective.label needs class labels, and the training data has none")
+        num_classes = corpus.labels.shape[1] if corpus.multi_label else int(corpus.labels.max()) + 1
     return LabelClassifierLoss(embed_size, int(num_classes))
-
-
-def is_labelled(labels: Tensor) -> Tensor:
-    """(B,) bool: the item has a label (class id >= 0, or a multi-hot row with a one)."""
-    return labels >= 0 if labels.dim() == 1 else labels.sum(1) > 0
 
 
 def hardest_different_label(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """For each row i of ``scores`` (higher = closer), the column j with the highest score among labelled items
     that share no label with item i; and whether row i is labelled and has any such item. Unlabelled items are
     neither anchors nor negatives: what they are is unknown."""
-    labelled = is_labelled(labels)
+    labelled = labels >= 0 if labels.dim() == 1 else labels.sum(1) > 0  # a class id, or a multi-hot one
     different = ~share_label(labels, labels) & labelled.unsqueeze(0) & labelled.unsqueeze(1)
     masked = scores.masked_fill(~different, float("-inf"))
     return masked.argmax(1), different.any(1)
