@@ -46,7 +46,6 @@ from typing import IO, Any
 import torch
 
 from vsekit.errors import VsekitError, first_line
-from vsekit.utils.archives import check_safetensors_sizes as _check_safetensors_sizes
 from vsekit.utils.archives import check_zip_sizes
 from vsekit.utils.io import atomic_write
 
@@ -154,10 +153,9 @@ def _save_with_digest(state: dict[str, Any], f: IO[bytes]) -> None:
     try:
         torch.save(state, w)
     except Exception:
-        if w.error is not None:
-            raise w.error from None
-        raise
-    if w.error is not None:  # torch went on past a failed write
+        if w.error is None:
+            raise
+    if w.error is not None:  # torch turned a failed write into an error of its own, or went on past it
         raise w.error
     w.finish()
 
@@ -175,16 +173,13 @@ def checkpoint_digest(path: str | Path) -> str | None:
         f.seek(max(0, size - _EOCD_SIZE - _COMMENT_SIZE))
         end = f.read()
         m = _COMMENT.search(end)
-        if m is None:
-            if not (len(end) >= _EOCD_SIZE and end[-_EOCD_SIZE:].startswith(_ZIP_EOCD)
-                    and end[-2:] == b"\0\0"):
-                raise CheckpointError(f"{path}: truncated or damaged: the end of the archive is missing "
-                                      f"({size} bytes)")
-            return None
-        eocd = end[-_COMMENT_SIZE - _EOCD_SIZE: -_COMMENT_SIZE]
-        if not eocd.startswith(_ZIP_EOCD) or struct.unpack("<H", eocd[-2:])[0] != _COMMENT_SIZE:
+        comment = _COMMENT_SIZE if m else 0  # the EOCD record ends with the comment's size
+        eocd = end[len(end) - comment - _EOCD_SIZE: len(end) - comment]
+        if len(eocd) != _EOCD_SIZE or eocd[:4] != _ZIP_EOCD or struct.unpack("<H", eocd[-2:])[0] != comment:
             raise CheckpointError(f"{path}: truncated or damaged: the end of the archive is missing "
                                   f"({size} bytes)")
+        if m is None:
+            return None
         expected = m.group(1).decode()
         h, left = hashlib.sha256(), size - _COMMENT_SIZE
         f.seek(0)
@@ -201,30 +196,17 @@ def checkpoint_digest(path: str | Path) -> str | None:
     return expected
 
 
-def check_archive_sizes(path: str | Path) -> None:
-    """:func:`vsekit.utils.archives.check_zip_sizes`, refusing with a :class:`CheckpointError`."""
-    check_zip_sizes(path, error=CheckpointError)
-
-
-def check_safetensors_sizes(path: str | Path) -> None:
-    """:func:`vsekit.utils.archives.check_safetensors_sizes`, refusing with a :class:`CheckpointError`."""
-    _check_safetensors_sizes(path, error=CheckpointError)
-
-
 def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():  # a run folder: take its best checkpoint, else its last
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+        path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     return path
 
 
 def _torch_load(path: Path, map_location) -> Any:
-    check_archive_sizes(path)
+    check_zip_sizes(path, error=CheckpointError)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

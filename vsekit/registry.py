@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, ValidationError, create_model
+
 from vsekit.errors import ConfigError, VsekitError, did_you_mean
 
 
@@ -53,9 +55,7 @@ class Registry:
 
     def build(self, spec: dict[str, Any] | str, **extra: Any) -> Any:
         """Build from ``{"name": ..., **kwargs}`` (or just a name); ``extra`` kwargs are passed through."""
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        spec = dict(spec)
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         if "name" not in spec:
             raise ConfigError(f"{self.kind} spec needs a 'name' field, got keys {sorted(spec)}")
         name = spec.pop("name")
@@ -85,8 +85,6 @@ class Registry:
         takes, with a value of the right type. Returns the section as given (validated values), so the
         component's own defaults apply to what it leaves out. ``also``: keys the caller handles itself (they
         must be removed from ``spec``), offered as suggestions for a typo."""
-        from pydantic import ValidationError
-
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict):
@@ -192,8 +190,6 @@ def check_components(model: Any, raw: dict[str, Any], where: str = "") -> None:
 
 
 def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[str]):
-    from pydantic import ConfigDict, create_model
-
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         hints = typing.get_type_hints(target, include_extras=True)  # extras: Component markers
@@ -204,10 +200,9 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in injected or p.name == "self":
             continue
         default = ... if p.default is inspect.Parameter.empty else p.default
-        hint = hints.get(p.name)
-        if hint is None:  # unannotated: the type of a plain default, else anything
-            hint = type(default) if isinstance(default, (bool, int, float, str)) else Any
-        fields[p.name] = (hint, default)
+        # unannotated: the type of a plain default, else anything
+        plain = type(default) if isinstance(default, (bool, int, float, str)) else Any
+        fields[p.name] = (hints.get(p.name, plain), default)
     # allow_inf_nan=False: a float option (a margin, a temperature) must be finite, as in the typed sections
     return create_model(title.replace(" ", "_"), __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
                                                                       strict=False, allow_inf_nan=False), **fields)
@@ -216,8 +211,6 @@ def _options_model(title: str, factory: Callable[..., Any], injected: frozenset[
 def validate_section(model: Any, value: Any, where: str) -> Any:
     """``model.model_validate(value)`` (a pydantic model class), with any problem a one-line
     :class:`ConfigError` naming the dotted key under ``where``."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(value)
     except ValidationError as e:
@@ -266,13 +259,9 @@ def _field_names(model: Any, path: list[str]) -> list[str]:
     """The field names of the (nested) pydantic model at ``path`` under ``model``."""
     node = model
     for part in path:
-        if node is None or not hasattr(node, "model_fields"):
-            return []
-        field = node.model_fields.get(part)
-        if field is None:
-            return []
-        node = model_of(field.annotation)
-    return sorted(node.model_fields) if node is not None and hasattr(node, "model_fields") else []
+        field = getattr(node, "model_fields", {}).get(part)
+        node = model_of(field.annotation) if field is not None else None
+    return sorted(getattr(node, "model_fields", ()))
 
 
 def model_of(annotation: Any) -> Any:

@@ -1,9 +1,5 @@
-"""Configs: YAML recipes with ``_base_`` inheritance, command-line overrides, and the typed schema.
-
->>> cfg = resolve_config("vsekit/configs/demo_vsepp.yaml", ["train.epochs=2"])  # doctest: +SKIP
->>> cfg.train.epochs, cfg.loss["name"]  # doctest: +SKIP
-(2, 'hinge_warmup')
-"""
+"""Configs: YAML recipes with ``_base_`` inheritance, command-line overrides, and the typed schema (use:
+docs/config.md)."""
 
 from vsekit.config.recipes import apply_overrides, deep_merge, dump_config, load_recipe
 from vsekit.config.resolve import resolve_config, validate_config

@@ -80,11 +80,9 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
-    return data
+    return data or {}
 
 
 def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:

@@ -99,12 +99,10 @@ def stage_configs(cfg: RunConfig, where: str = "") -> list[RunConfig]:
 def resolve_config(recipe: str | Path | dict | RunConfig | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults <- recipe (with its ``_base_`` chain) <- overrides, validated; ``${name}`` in ``output_dir``
     is replaced by the run's name."""
-    if recipe is None:
-        data: dict = {}
-    elif isinstance(recipe, RunConfig):
+    if isinstance(recipe, RunConfig):
         data = recipe.to_dict()
-    elif isinstance(recipe, dict):
-        data = copy.deepcopy(recipe)
+    elif recipe is None or isinstance(recipe, dict):
+        data = recipe or {}  # apply_overrides copies it
     else:
         data = load_recipe(recipe)
     cfg = validate_config(apply_overrides(data, list(overrides)))

@@ -34,6 +34,7 @@ from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS
 from vsekit.models.similarity import SIMILARITY_NETWORKS, check_similarity_spec
 from vsekit.registry import Component, validate_section
 from vsekit.semantics.lsa import DEFAULT_N_COMPONENTS, DEFAULT_RANDOM_STATE
+from vsekit.utils.io import cache_root
 
 CONFIG_FORMAT = 2
 # the bound on the tokens of any one caption (text.max_tokens): captions of the field are 10 to 50 tokens long
@@ -238,8 +239,6 @@ class SemanticsConfig(Section):
         return {**out, "n_iter": self.n_iter} if self.n_iter is not None else out
 
     def cache_path(self) -> Path:
-        from vsekit.utils.io import cache_root
-
         return Path(self.cache_dir) if self.cache_dir else cache_root() / "semantics"
 
 

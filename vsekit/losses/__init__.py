@@ -12,17 +12,14 @@ from typing import Any
 
 from torch import nn
 
-import vsekit.losses.adversarial  # noqa: E402, F401, I001  (registers the "adversarial" term)
-import vsekit.losses.caption  # noqa: E402, F401, I001  (registers the "caption" term)
-import vsekit.losses.gan  # noqa: E402, F401, I001  (registers the "gan" term)
-import vsekit.losses.labels  # noqa: E402, F401, I001  (registers the "label" and "triplet" terms)
-import vsekit.losses.levels  # noqa: E402, F401, I001  (registers the "level_ranking" and "embedding" terms)
-from vsekit.losses.base import LOSSES, RankingLoss, hinge_costs, reduce_hinge_costs, same_image_mask
+# imported for the terms they register: adversarial; caption; gan; label, triplet; level_ranking, embedding
+from vsekit.losses import adversarial, caption, gan, labels, levels  # noqa: F401
+from vsekit.losses.base import LOSSES, RankingLoss
 from vsekit.losses.dualpath import MINED_LOSS, DualPathRankingLoss, mine_hard_negatives
 from vsekit.losses.hinge import HingeRankingLoss, WarmupHingeLoss
 from vsekit.losses.infonce import InfoNCELoss
 from vsekit.losses.instance import InstanceLoss
-from vsekit.losses.lseh import LSEHLoss, image_mean_vectors, semantic_margins, semantic_similarity
+from vsekit.losses.lseh import LSEHLoss, semantic_margins, semantic_similarity
 from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
 
 
@@ -31,24 +28,6 @@ def build_loss(spec: dict[str, Any] | str, **extra: Any) -> nn.Module:
     return LOSSES.build(spec, **extra)
 
 
-__all__ = [
-    "LOSSES",
-    "RankingLoss",
-    "HingeRankingLoss",
-    "WarmupHingeLoss",
-    "InfoNCELoss",
-    "LSEHLoss",
-    "build_loss",
-    "MINED_LOSS",
-    "DualPathRankingLoss",
-    "InstanceLoss",
-    "mine_hard_negatives",
-    "hinge_costs",
-    "reduce_hinge_costs",
-    "same_image_mask",
-    "semantic_similarity",
-    "semantic_margins",
-    "image_mean_vectors",
-    "OBJECTIVE_TERMS",
-    "ObjectiveTerm",
-]
+__all__ = ["LOSSES", "RankingLoss", "HingeRankingLoss", "WarmupHingeLoss", "InfoNCELoss", "LSEHLoss",
+           "build_loss", "MINED_LOSS", "DualPathRankingLoss", "InstanceLoss", "mine_hard_negatives",
+           "semantic_similarity", "semantic_margins", "OBJECTIVE_TERMS", "ObjectiveTerm"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vsekit.data.batch import Batch
 from vsekit.losses.base import autocast_disabled
 from vsekit.losses.terms import OBJECTIVE_TERMS, ObjectiveTerm
+from vsekit.models.heads import ACTIVATIONS
 
 
 class _GradReverse(torch.autograd.Function):
@@ -52,8 +53,6 @@ class ModalityDiscriminator(nn.Module):
 
     def __init__(self, dim: int, hidden: list[int] | None = None, activation: str = "none") -> None:
         super().__init__()
-        from vsekit.models.heads import ACTIVATIONS
-
         hidden = [max(1, dim // 2), max(1, dim // 4)] if hidden is None else list(hidden)
         layers: list[nn.Module] = []
         dims = [dim, *hidden]

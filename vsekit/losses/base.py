@@ -9,7 +9,6 @@ apart from real negatives. The losses never look at how ``sim`` was produced (co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -59,15 +58,12 @@ def reduce_hinge_costs(cost_s: Tensor, cost_im: Tensor, reduction: str) -> Tenso
     return cost_s.sum() + cost_im.sum()
 
 
-@contextlib.contextmanager
-def autocast_disabled(device: torch.device) -> Iterator[None]:
-    """Switch autocast off for ``device`` so that the loss maths (matmuls included) runs in fp32."""
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context switching autocast off for ``device``: the loss maths (matmuls included) runs in fp32."""
     try:
-        ctx: contextlib.AbstractContextManager = torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, ValueError):  # a device type autocast does not know: nothing to disable
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+        return contextlib.nullcontext()
 
 
 class RankingLoss(nn.Module):
@@ -83,6 +79,8 @@ class RankingLoss(nn.Module):
     has_sum_fallback: bool = False
     #: collapse recovery: the sum of hinges is used while the epoch is below this (see :meth:`fall_back_to_sum`)
     sum_until_epoch: int = 0
+    #: a VSE∞-style warm-up: the sum of hinges while the epoch is below this
+    warmup_epochs: int = 0
     epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,8 +95,8 @@ class RankingLoss(nn.Module):
         return True
 
     def reduction_now(self, reduction: str) -> str:
-        """``reduction``, or ``"sum"`` while a collapse fallback is in force."""
-        return "sum" if self.epoch < self.sum_until_epoch else reduction
+        """``reduction``, or ``"sum"`` during a warm-up or while a collapse fallback is in force."""
+        return "sum" if self.epoch < max(self.sum_until_epoch, self.warmup_epochs) else reduction
 
     def forward(self, sim: Tensor, image_ids: Tensor | None = None, *,
                 caption_vectors: Tensor | None = None) -> Tensor:

@@ -92,14 +92,10 @@ class HingeRankingLoss(RankingLoss):
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.mask = check_choice("mask", mask, MASKS)
 
-    def ignored_pairs(self, image_ids: Tensor) -> Tensor:
-        """The (B, B) bool mask of pairs that are not negatives under ``self.mask``."""
-        if self.mask == "same_image":
-            return same_image_mask(image_ids)
-        return diagonal_mask(image_ids.shape[0], image_ids.device)
-
     def compute(self, sim: Tensor, image_ids: Tensor, caption_vectors: Tensor | None) -> Tensor:
-        cost_s, cost_im = hinge_costs(sim, self.margin, self.ignored_pairs(image_ids))
+        same = self.mask == "same_image"  # the pairs that are not negatives
+        ignored = same_image_mask(image_ids) if same else diagonal_mask(len(image_ids), sim.device)
+        cost_s, cost_im = hinge_costs(sim, self.margin, ignored)
         return reduce_hinge_costs(cost_s, cost_im, self.reduction_now(self.reduction))
 
     def extra_repr(self) -> str:
@@ -130,11 +126,7 @@ class WarmupHingeLoss(HingeRankingLoss):
         1. As for :class:`HingeRankingLoss`; the trainer must call ``set_epoch`` every epoch.
 
     Inputs:
-        +-------------------------------+---------------------+-------------------------+
-        | sim                           | image_ids           | caption_vectors         |
-        +===============================+=====================+=========================+
-        | (B, B), row image, col caption| (B,) true image ids | not used                |
-        +-------------------------------+---------------------+-------------------------+
+        As for :class:`HingeRankingLoss`.
 
     Relations:
         - :class:`HingeRankingLoss` with a fixed ``reduction``; LSEH's VSE∞ variant drops this warm-up.
@@ -157,11 +149,6 @@ class WarmupHingeLoss(HingeRankingLoss):
             raise ValueError(f"warmup_epochs must be >= 0; got {warmup_epochs}")
         super().__init__(margin=margin, reduction="max", mask=mask)
         self.warmup_epochs = int(warmup_epochs)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.reduction = "sum" if self.epoch < self.warmup_epochs else "max"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, warmup_epochs={self.warmup_epochs}, epoch={self.epoch}"

@@ -26,20 +26,6 @@ def share_label(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() @ b.float().t()) > 0
 
 
-def batch_labels(batch: Batch) -> Tensor:
-    """The class labels of the batch's images; a term that needs them says so when the data has none."""
-    if batch.labels is None:
-        raise ConfigError("objective.label / objective.triplet need class labels, and the training data has none")
-    return batch.labels
-
-
-def num_label_classes(corpus: Any) -> int | None:
-    """The number of classes of the corpus's labels (multi-hot: their width), or None without labels."""
-    if corpus is None or corpus.labels is None:
-        return None
-    return int(corpus.labels.shape[1]) if corpus.multi_label else int(corpus.labels.max()) + 1
-
-
 class LabelClassifierLoss(ObjectiveTerm):
     """One linear classifier over the common space, shared by both modalities (ACMR's label classifier: the
     image and the text embedding of an item must both predict its label). Cross-entropy for class ids, binary
@@ -68,28 +54,25 @@ class LabelClassifierLoss(ObjectiveTerm):
             return (F.binary_cross_entropy_with_logits(li, y) + F.binary_cross_entropy_with_logits(lt, y)) / 2
 
     def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
-        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch))}
+        return {self.name: self(out.image_emb, out.caption_emb, batch.labels)}
 
 
 @OBJECTIVE_TERMS.register("label")
 def label_term(embed_size: int, corpus: Any = None, num_classes: int | None = None, **_: Any) -> LabelClassifierLoss:
-    """The ``objective.label`` term: ``num_classes`` defaults to the training labels' number of classes."""
-    num_classes = num_classes or num_label_classes(corpus)
-    if num_classes is None:
-        raise ConfigError("objective.label needs class labels, and the training data has none")
+    """The ``objective.label`` term: ``num_classes`` defaults to the training labels' number of classes
+    (multi-hot labels: their width)."""
+    if not num_classes:
+        if corpus is None or corpus.labels is None:
+            raise ConfigError("objective.label needs class labels, and the training data has none")
+        num_classes = corpus.labels.shape[1] if corpus.multi_label else int(corpus.labels.max()) + 1
     return LabelClassifierLoss(embed_size, int(num_classes))
-
-
-def is_labelled(labels: Tensor) -> Tensor:
-    """(B,) bool: the item has a label (class id >= 0, or a multi-hot row with a one)."""
-    return labels >= 0 if labels.dim() == 1 else labels.sum(1) > 0
 
 
 def hardest_different_label(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """For each row i of ``scores`` (higher = closer), the column j with the highest score among labelled items
     that share no label with item i; and whether row i is labelled and has any such item. Unlabelled items are
     neither anchors nor negatives: what they are is unknown."""
-    labelled = is_labelled(labels)
+    labelled = labels >= 0 if labels.dim() == 1 else labels.sum(1) > 0  # a class id, or a multi-hot one
     different = ~share_label(labels, labels) & labelled.unsqueeze(0) & labelled.unsqueeze(1)
     masked = scores.masked_fill(~different, float("-inf"))
     return masked.argmax(1), different.any(1)
@@ -158,7 +141,7 @@ class LabelTripletLoss(ObjectiveTerm):
 
     def losses(self, out: Any, batch: Batch) -> dict[str, Tensor]:
         inputs = (batch.images, batch.text[0]) if batch.images is not None else (None, None)
-        return {self.name: self(out.image_emb, out.caption_emb, batch_labels(batch), *inputs)}
+        return {self.name: self(out.image_emb, out.caption_emb, batch.labels, *inputs)}
 
 
 @OBJECTIVE_TERMS.register("triplet")

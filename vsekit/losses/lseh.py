@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vsekit.losses.base import (
@@ -53,24 +54,17 @@ def semantic_similarity(caption_vectors: Tensor, image_ids: Tensor | None = None
     check_choice("semantic", semantic, SEMANTICS)
     check_choice("image_semantics", image_semantics, IMAGE_SEMANTICS)
     with torch.no_grad(), autocast_disabled(caption_vectors.device):
-        cols = caption_vectors.detach().float()
+        rows = cols = caption_vectors.detach().float()
         if image_semantics == "image_mean":
             if image_ids is None:
                 raise ValueError("image_semantics='image_mean' needs image_ids")
             rows = image_mean_vectors(cols, image_ids.to(cols.device))
-        else:
-            rows = cols
-        if semantic == "cosine":
-            return _unit_rows(rows) @ _unit_rows(cols).t()
+        if semantic == "cosine":  # a zero vector stays zero: cosine 0 with everything
+            return F.normalize(rows, dim=1) @ F.normalize(cols, dim=1).t()
         dots = rows @ cols.t()
         row_max = dots.max(dim=1, keepdim=True).values
         row_max = torch.where(row_max == 0, torch.ones_like(row_max), row_max)
         return dots / row_max
-
-
-def _unit_rows(x: Tensor) -> Tensor:
-    norm = x.norm(dim=1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def semantic_margins(semantic_sim: Tensor, image_ids: Tensor, alpha: float, lam: float) -> Tensor:
@@ -158,7 +152,6 @@ class LSEHLoss(RankingLoss):
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = int(warmup_epochs)  # beyond the paper: VSE-infinity-style sum-of-hinges warm-up
-        self.epoch = 0
         self.alpha = float(alpha)
         self.lam = float(lam)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -180,12 +173,7 @@ class LSEHLoss(RankingLoss):
                              f"got {tuple(caption_vectors.shape)}")
         margin = self.margins(image_ids, caption_vectors.to(sim.device))
         cost_i2t, cost_t2i = hinge_costs(sim, margin, diagonal_mask(size, sim.device))
-        reduction = "sum" if self.epoch < self.warmup_epochs else self.reduction
-        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction_now(reduction))
-
-    def set_epoch(self, epoch: int) -> None:
-        """``warmup_epochs > 0`` (an option beyond the paper): sum of hinges while ``epoch < warmup_epochs``."""
-        super().set_epoch(epoch)
+        return reduce_hinge_costs(cost_i2t, cost_t2i, self.reduction_now(self.reduction))
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lam={self.lam}, reduction={self.reduction!r}, "

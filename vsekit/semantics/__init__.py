@@ -2,7 +2,6 @@
 
 from vsekit.semantics.cache import (
     StaleCacheError,
-    caption_set_key,
     fit_or_load_caption_vectors,
     fit_or_load_lsa_model,
     fit_to_folder,
@@ -14,26 +13,11 @@ from vsekit.semantics.lsa import (
     DEFAULT_RANDOM_STATE,
     PIPELINE_VERSION,
     STOP_WORDS,
-    CaptionPreprocessor,
     LSAModel,
     lsa_caption_vectors,
     preprocess_caption,
 )
 
-__all__ = [
-    "DEFAULT_N_COMPONENTS",
-    "DEFAULT_N_ITER",
-    "DEFAULT_RANDOM_STATE",
-    "PIPELINE_VERSION",
-    "STOP_WORDS",
-    "CaptionPreprocessor",
-    "LSAModel",
-    "StaleCacheError",
-    "caption_set_key",
-    "fit_or_load_caption_vectors",
-    "fit_or_load_lsa_model",
-    "fit_to_folder",
-    "load_caption_vectors",
-    "lsa_caption_vectors",
-    "preprocess_caption",
-]
+__all__ = ["DEFAULT_N_COMPONENTS", "DEFAULT_N_ITER", "DEFAULT_RANDOM_STATE", "PIPELINE_VERSION", "STOP_WORDS",
+           "LSAModel", "StaleCacheError", "fit_or_load_caption_vectors", "fit_or_load_lsa_model",
+           "fit_to_folder", "load_caption_vectors", "lsa_caption_vectors", "preprocess_caption"]

@@ -61,9 +61,7 @@ def caption_set_key(captions: Sequence[str], params: dict[str, Any]) -> str:
 
 
 def _ids_hash(caption_ids: Sequence[str] | None) -> str | None:
-    if caption_ids is None:
-        return None
-    return hashlib.sha256(json.dumps(list(caption_ids)).encode()).hexdigest()
+    return None if caption_ids is None else hashlib.sha256(json.dumps(list(caption_ids)).encode()).hexdigest()
 
 
 def _check_ids(captions: Sequence[str], caption_ids: Sequence[str] | None) -> list[str] | None:
@@ -93,14 +91,9 @@ def fit_to_folder(captions: Sequence[str], caption_ids: Sequence[str] | None, ou
     atomic_write_json(out / "caption_ids.json", ids)
     model.save(out / "model")
     atomic_write_json(out / "meta.json", {
-        "format": CACHE_FORMAT,
-        "key": caption_set_key(captions, params),
-        "pipeline_version": PIPELINE_VERSION,
-        "params": params,
-        "num_captions": len(captions),
-        "n_components": model.n_components,
-        "dtype": "float32",
-        "caption_ids_sha256": _ids_hash(ids),
+        "format": CACHE_FORMAT, "key": caption_set_key(captions, params),
+        "pipeline_version": PIPELINE_VERSION, "params": params, "num_captions": len(captions),
+        "n_components": model.n_components, "dtype": "float32", "caption_ids_sha256": _ids_hash(ids),
         "fit_seconds": model.config["fit_seconds"],
     })
     logger.info("LSA caption vectors: %s float32 (%d terms) fitted in %.1fs (%s) -> %s", vectors.shape,

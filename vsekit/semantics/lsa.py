@@ -4,11 +4,10 @@ Each training caption gets one vector, ``TruncatedSVD(TF-IDF(preprocess(caption)
 dot products of these vectors (the Gram matrix ``L @ L.T`` of a batch), which do not depend on the SVD's sign
 convention, so two fits agree up to the randomized SVD's approximation error.
 
-Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), all deliberate:
+Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), all deliberate (the
+letters-only regex, which pandas >= 2 silently skipped, float32 ``.npy`` storage and the lower ``n_iter``:
+docs/methods/lseh.md, section 6):
 
-* **Letters-only regex is applied.** The reference called pandas ``Series.str.replace("[^a-zA-Z#]", " ")``;
-  pandas >= 2 reads that pattern as a literal string, so the step silently did nothing. We apply the regex,
-  i.e. the behaviour the reference had under pandas 1.x and clearly intended.
 * **Stop-word list.** The reference dropped NLTK's ``stopwords.words('english')`` (179 words) before
   stemming; that list is a corpus download, which vsekit never does. We drop scikit-learn's
   ``ENGLISH_STOP_WORDS`` (318 words) instead. The TF-IDF step drops scikit-learn's list from the *stemmed*
@@ -23,10 +22,9 @@ Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), 
     ``did, does→doe, just, don, won, ma, ll, ve, ain`` and the ``n't`` stems ``aren, couldn, didn, doesn,
     hadn, hasn, haven, isn, mightn, mustn, needn, shan, shouldn, wasn, weren, wouldn``.
 
-  NLTK's entries with an apostrophe (``don't``, ``it's``...) never match a token here, because step 1 turns
-  the apostrophe into a space, and its one-letter entries (``s, t, d, m, o, y``) are dropped anyway by the
-  TF-IDF token pattern, which needs two characters.
-* **Stored as float32 ``.npy``** instead of a multi-GB text file.
+  NLTK's entries with an apostrophe (``don't``, ``it's``...) never match a token here, because the
+  letters-only regex turns the apostrophe into a space, and its one-letter entries (``s, t, d, m, o, y``) are
+  dropped anyway by the TF-IDF token pattern, which needs two characters.
 * **``fit`` returns ``X @ V.T``**, which is what scikit-learn's ``TruncatedSVD.fit_transform`` returns for
   the randomized solver (it equals ``U·Σ`` up to the approximation error) and makes :meth:`LSAModel.transform`
   of a training caption reproduce its training vector.
@@ -35,8 +33,6 @@ Differences from the reference script (``SVDdescriptions/SVDdescriptions.py``), 
   ``XᵀX`` instead of the M×V matrix ``X``: for 600K captions the SVD is 26× faster (the whole fit 14×, 6.8 min
   -> 28 s on a shared 2-core machine) and as accurate for a given ``n_iter`` (``benchmarks/README.md``, LSA
   section).
-* **``n_iter`` default** (:data:`DEFAULT_N_ITER`) is lower than the reference's 100; see
-  ``benchmarks/README.md`` (LSA section) for how close the Gram matrices stay.
 """
 
 from __future__ import annotations
@@ -50,9 +46,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import nltk
 import numpy as np
+import scipy
 import scipy.linalg as la
 import scipy.sparse as sp
+import sklearn
 from nltk.stem.porter import PorterStemmer
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer, TfidfVectorizer
 from sklearn.preprocessing import normalize
@@ -202,25 +201,20 @@ def term_space_svd(x: sp.spmatrix, n_components: int, *, n_iter: int, random_sta
     if not 1 <= k <= min(x.shape):
         raise ValueError(f"n_components={k} must be in [1, {min(x.shape)}] for a {x.shape} matrix")
     with threadpool_limits(limits=1, user_api="blas"):
-        return _term_space_svd(x, k, n_iter, random_state, n_oversamples)
-
-
-def _term_space_svd(x: sp.spmatrix, k: int, n_iter: int, random_state: int,
-                    n_oversamples: int) -> tuple[np.ndarray, np.ndarray]:
-    n_terms = x.shape[1]
-    width = min(k + n_oversamples, n_terms)
-    gram = (x.T @ x).tocsr().astype(np.float64)
-    gram32 = gram.astype(np.float32)
-    q = np.random.RandomState(random_state).normal(size=(n_terms, width)).astype(np.float32)
-    for _ in range(n_iter):
-        q, _ = la.lu(gram32 @ q, permute_l=True, check_finite=False)
-    q, _ = la.qr(gram @ q.astype(np.float64), mode="economic", check_finite=False)
-    ritz_values, ritz_vectors = la.eigh(q.T @ (gram @ q), check_finite=False)
-    top = np.argsort(ritz_values)[::-1][:k]
-    components = (q @ ritz_vectors[:, top]).T
-    rows = np.arange(k)
-    components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
-    return np.ascontiguousarray(components), np.sqrt(np.maximum(ritz_values[top], 0.0))
+        n_terms = x.shape[1]
+        width = min(k + n_oversamples, n_terms)
+        gram = (x.T @ x).tocsr().astype(np.float64)
+        gram32 = gram.astype(np.float32)
+        q = np.random.RandomState(random_state).normal(size=(n_terms, width)).astype(np.float32)
+        for _ in range(n_iter):
+            q, _ = la.lu(gram32 @ q, permute_l=True, check_finite=False)
+        q, _ = la.qr(gram @ q.astype(np.float64), mode="economic", check_finite=False)
+        ritz_values, ritz_vectors = la.eigh(q.T @ (gram @ q), check_finite=False)
+        top = np.argsort(ritz_values)[::-1][:k]
+        components = (q @ ritz_vectors[:, top]).T
+        rows = np.arange(k)
+        components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
+        return np.ascontiguousarray(components), np.sqrt(np.maximum(ritz_values[top], 0.0))
 
 
 def _explained_variance_ratio(x: sp.spmatrix, components: np.ndarray, singular_values: np.ndarray) -> np.ndarray:
@@ -237,10 +231,6 @@ def _explained_variance_ratio(x: sp.spmatrix, components: np.ndarray, singular_v
 
 
 def _library_versions() -> dict[str, str]:
-    import nltk
-    import scipy
-    import sklearn
-
     return {"numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
             "nltk": nltk.__version__}
 
@@ -261,8 +251,8 @@ class LSAModel:
         if self.idf.shape != (v,) or self.components.ndim != 2 or self.components.shape[1] != v:
             raise ValueError(f"inconsistent LSA model: {v} terms, idf {self.idf.shape}, "
                              f"components {self.components.shape}")
-        self._counter: CountVectorizer | None = None
-        self._preprocessor: CaptionPreprocessor | None = None
+        self._counter = CountVectorizer(vocabulary=self.vocabulary, stop_words="english")
+        self._preprocessor = CaptionPreprocessor()
 
     @property
     def n_components(self) -> int:
@@ -291,32 +281,20 @@ class LSAModel:
         seconds["svd"] = time.perf_counter() - t0
 
         vocabulary = vectorizer.get_feature_names_out().tolist()
+        ratio = _explained_variance_ratio(x, components, singular_values)
         config = {
-            "format": MODEL_FORMAT,
-            "pipeline_version": PIPELINE_VERSION,
-            "n_components_requested": int(n_components),
-            "n_components": int(k),
-            "n_iter": int(n_iter),
-            "random_state": int(random_state),
-            "svd_solver": "randomized-term-space",
-            "n_oversamples": N_OVERSAMPLES,
-            "num_captions": int(n_docs),
-            "num_terms": int(n_terms),
-            "singular_values": singular_values.tolist(),
-            "explained_variance_ratio_sum": float(
-                _explained_variance_ratio(x, components, singular_values).sum()),
-            "fit_seconds": {name: round(t, 3) for name, t in seconds.items()},
-            "versions": _library_versions(),
+            "format": MODEL_FORMAT, "pipeline_version": PIPELINE_VERSION,
+            "n_components_requested": int(n_components), "n_components": int(k), "n_iter": int(n_iter),
+            "random_state": int(random_state), "svd_solver": "randomized-term-space",
+            "n_oversamples": N_OVERSAMPLES, "num_captions": int(n_docs), "num_terms": int(n_terms),
+            "singular_values": singular_values.tolist(), "explained_variance_ratio_sum": float(ratio.sum()),
+            "fit_seconds": {k: round(t, 3) for k, t in seconds.items()}, "versions": _library_versions(),
         }
         model = cls(vocabulary, vectorizer.idf_, components, config)
         return model, vectors
 
     def tfidf(self, captions: Sequence[str]) -> sp.csr_matrix:
         """The (n, V) L2-normalised TF-IDF rows of ``captions``, with the training vocabulary and idf."""
-        if self._counter is None:
-            self._counter = CountVectorizer(vocabulary=self.vocabulary, stop_words="english")
-            self._preprocessor = CaptionPreprocessor()
-        assert self._preprocessor is not None
         counts = self._counter.transform([self._preprocessor(c) for c in captions]).astype(np.float64)
         counts.data *= self.idf[counts.indices]
         return normalize(counts, norm="l2", copy=False)

@@ -14,13 +14,19 @@ from __future__ import annotations
 import logging
 import math
 import re
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from vsekit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vsekit.errors import ConfigError
+from vsekit.registry import short_repr
 from vsekit.train.signals import critical
+from vsekit.utils.io import check_writable_dir
 
 log = logging.getLogger("vsekit.train")
 
@@ -48,16 +54,10 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Remove the temporary files that :func:`vsekit.utils.io.atomic_write` leaves in ``folder`` when a kill
     cuts a write short (``.last.pt.k2j4_x9a.tmp``); nothing else. Called when a run starts or resumes there:
     no other process writes a run's folder then."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in sorted(folder.iterdir()):
+    folder, removed = Path(folder), []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
         if _ATOMIC_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                continue
+            p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted write in %s: %s", len(removed), folder,
@@ -85,8 +85,6 @@ def prepare_output_dir(out: Path, init_from: str | None, *, resume: bool, overwr
     """Before anything of a run is built: the output folder exists and can be written (a probe file, so that a
     read-only folder is said now, not after the first epoch), and a new run does not silently replace an
     earlier one's checkpoints (:func:`check_new_run`) nor the ``train.init_from`` it starts from."""
-    from vsekit.utils.io import check_writable_dir
-
     check_writable_dir(out, "output_dir")
     if not resume:
         init = Path(init_from) if init_from else None
@@ -99,10 +97,8 @@ def prepare_output_dir(out: Path, init_from: str | None, *, resume: bool, overwr
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict) or not d:
         return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+    return {key: v for k, sub in d.items()
+            for key, v in _flat(sub, f"{prefix}.{k}" if prefix else str(k)).items()}
 
 
 def _resumable(key: str) -> bool:
@@ -135,12 +131,9 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any],
 def _in_free_form_mapping(schema: Any, parts: list[str]) -> bool:
     """Whether the config key ``parts`` reaches into a ``dict`` field of ``schema`` (its keys are the user's,
     not vsekit's), walking typed sections (pydantic models, or a union of them) by their field names."""
-    import typing
-
-    from pydantic import BaseModel
 
     def arms(annotation: Any) -> tuple[Any, ...]:
-        if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
             return tuple(a for arm in typing.get_args(annotation) for a in arms(arm))
         if typing.get_origin(annotation) is typing.Annotated:
             return arms(typing.get_args(annotation)[0])
@@ -171,17 +164,12 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: st
     config's pydantic model, see :func:`config_changes`)."""
     changes = config_changes(saved, current, schema)
     if changes:
-        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changes[:8])
+        listed = "; ".join(f"{k}: {short_repr(a, 40)} -> {short_repr(b, 40)}" for k, a, b in changes[:8])
         more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
         raise CheckpointError(f"--resume: the config differs from the one {path} was trained with ({listed}{more}); "
                               "a resumed run may change only how long it trains, how it logs and checkpoints "
                               "(train.epochs, train.max_minutes, ...) and where it runs: undo the change, or "
                               "start a new run in another output_dir (train.init_from to start from its weights)")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class CheckpointPolicy:
@@ -199,8 +187,7 @@ class CheckpointPolicy:
         last = self.out / LAST
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
-        state = load_checkpoint(last, require=RESUME_KEYS)
-        return state
+        return load_checkpoint(last, require=RESUME_KEYS)
 
     def start_states(self, cfg: Any, resume: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The checkpoints a run starts from, before its model is built: ``last.pt`` to resume (under a config
@@ -222,22 +209,16 @@ class CheckpointPolicy:
         if self.every_steps and step % self.every_steps == 0:
             self.save(LAST)
 
-    def is_better(self, metrics: dict[str, float]) -> bool:
-        return float(metrics[self.metric]) > self.best
-
-    def after_epoch(self, metrics: dict[str, float]) -> bool:
-        """After an epoch and its validation: ``last.pt``, and ``best.pt`` when the metric improved."""
-        improved = self.is_better(metrics)
-        if improved:
-            self.best = float(metrics[self.metric])
-            self.save(BEST)
-        self.save(LAST)
-        return improved
-
     def after_partial_epoch(self, metrics: dict[str, float]) -> bool:
         """After a time stop mid-epoch (``last.pt`` was saved before validating): ``best.pt`` if better."""
-        improved = self.is_better(metrics)
+        improved = float(metrics[self.metric]) > self.best
         if improved:
             self.best = float(metrics[self.metric])
             self.save(BEST)
+        return improved
+
+    def after_epoch(self, metrics: dict[str, float]) -> bool:
+        """After an epoch and its validation: ``best.pt`` when the metric improved, then ``last.pt``."""
+        improved = self.after_partial_epoch(metrics)
+        self.save(LAST)
         return improved

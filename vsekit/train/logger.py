@@ -19,7 +19,7 @@ class MetricsLogger:
     """
 
     def __init__(self, out: Path, resume_step: int | None = None, resume_epoch: int | None = None,
-                 tensorboard: bool = True, enabled: bool = True) -> None:
+                 enabled: bool = True) -> None:
         self.path = Path(out) / "metrics.jsonl"
         self.enabled = enabled  # False: another process (rank 0 of a distributed run) writes the log
         self.tb = None
@@ -30,7 +30,7 @@ class MetricsLogger:
                 self._truncate_after(resume_step, resume_epoch)
             else:  # a new run in an old folder: its checkpoints are replaced, so is its log
                 self.path.unlink()
-        self.tb = _tensorboard(Path(out)) if tensorboard else None
+        self.tb = _tensorboard(Path(out))
 
     def _truncate_after(self, step: int, epoch: int | None) -> None:
         """Keep what the checkpoint at (``step``, ``epoch`` finished epochs) already covers. An epoch's end logs

@@ -5,18 +5,13 @@ caption maps to (nearly) one point, every similarity is equal, every hinge equal
 gradient through the max is too weak to leave. The loss then sits at its *collapse value* (2·B·α for the
 max of hinges). The detector watches for that (the loss within ``loss_tol`` of the value the loss takes on
 a constant similarity matrix, or a mean pairwise cosine near 1 in either modality) for ``patience``
-consecutive steps, and the trainer then warns, falls back to the sum of hinges at a lower learning rate,
-or stops with a message (``train.collapse.action``).
+consecutive steps, and the trainer then acts as ``train.collapse.action`` says.
 
-A loss pinned at that value is not always a collapse: from pretrained features the max of hinges sits on it
-for hundreds of steps while the hardest negatives are overtaken one by one, and the validation ranking climbs
-all the while (EfficientNet features of a real collection: val rsum 137 -> 233 over the ~100 steps the loss
-stayed within 2 % of it, 317 later; the fallback -- the sum of hinges at a tenth of the learning rate -- ended
-74-107 test rsum lower on 3 seeds, ``benchmarks/README.md``). So a
-pinned loss with embeddings that are still spread is only a *suspected* collapse (:attr:`CollapseDetector.pending`):
-the epoch's validation decides. If it beats the best validation before the suspicion (or, at the first
-validation, clears :data:`LEARNING_OVER_CHANCE` times the chance rsum), the run is learning and nothing is done;
-otherwise the configured action is taken then. Embeddings squeezed into one direction are acted on at once.
+A pinned loss is not always a collapse: from pretrained features the max of hinges sits on it for hundreds
+of steps while the hardest negatives are overtaken one by one and validation climbs (the measurements:
+docs/training.md, "Collapse"). So a pinned loss with spread embeddings is only a *suspected* collapse
+(:attr:`CollapseDetector.pending`), which the epoch's validation decides
+(:meth:`CollapseDetector.still_learning`). Embeddings squeezed into one direction are acted on at once.
 
 :class:`TrainingHealth` is the part of a run that owns all of this, with the steps skipped for a non-finite loss
 or gradient and the unreadable training images: it watches every step, acts as ``train.collapse`` and
@@ -82,15 +77,15 @@ def batch_diagnostics(sim: Tensor, image_emb: Tensor, caption_emb: Tensor, image
 
 
 @torch.no_grad()
-def collapse_value(loss_fn: torch.nn.Module, sim: Tensor, image_ids: Tensor,
+def collapse_value(loss_fn: RankingLoss, sim: Tensor, image_ids: Tensor,
                    caption_vectors: Tensor | None = None) -> float:
     """The value ``loss_fn`` takes on this batch when every similarity is equal (all embeddings at one point).
 
     Computed, not looked up: 2·B·α for the max of hinges, 2·B·(B-1)·α for the sum, the mean of LSEH's
     per-pair margins for LSEH, log B for InfoNCE, so any registered loss gets a detector.
     """
-    extra = {"caption_vectors": caption_vectors} if caption_vectors is not None else {}
-    return float(loss_fn(torch.zeros_like(sim, dtype=torch.float32), image_ids, **extra))
+    constant = torch.zeros_like(sim, dtype=torch.float32)
+    return float(loss_fn(constant, image_ids, caption_vectors=caption_vectors))
 
 
 @dataclass
@@ -126,10 +121,8 @@ class CollapseDetector:
         return chance is not None and value > LEARNING_OVER_CHANCE * chance
 
     def update(self, loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> bool:
-        if self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos):
-            self.streak += 1
-        else:
-            self.streak = 0
+        collapsed = self.is_collapsed(loss, collapse, image_mean_cos, caption_mean_cos)
+        self.streak = self.streak + 1 if collapsed else 0
         if self.streak >= self.patience:
             self.streak = 0
             return True
@@ -167,12 +160,6 @@ class EpochDiagnostics:
         self.sums, self.counts = dict(state.get("sums", {})), dict(state.get("counts", {}))
 
 
-def collapse_symptom(loss: float, collapse: float, image_mean_cos: float, caption_mean_cos: float) -> str:
-    """One line saying what the detector saw."""
-    return (f"the embeddings collapsed towards one point (loss {loss:.4g}, its collapse value {collapse:.4g}; "
-            f"mean pairwise cosine: images {image_mean_cos:.3f}, captions {caption_mean_cos:.3f})")
-
-
 ADVICE = ("Try a sum-of-hinges warm-up (loss.name=hinge_warmup with loss.warmup_epochs=1, or loss.warmup_epochs=1 "
           "for LSEH), a lower optim.lr, loss.mask=same_image when several captions of one image share a batch, "
           "milder crops (transform.augment.scale=[0.5,1.0] or transform.augment.crop=center) and, for a CNN trained from "
@@ -188,8 +175,7 @@ class TrainingHealth:
                  record: Callable[[dict[str, Any]], None], save_last: Callable[[], Path]) -> None:
         self.opts, self.max_nonfinite = tcfg.collapse, tcfg.max_nonfinite_steps
         self.loss_fn, self.optim, self.corpus, self.record, self.save_last = loss_fn, optim, corpus, record, save_last
-        c = tcfg.collapse
-        self.detector = CollapseDetector(c.patience, c.loss_tol, c.max_mean_cos)
+        self.detector = CollapseDetector(self.opts.patience, self.opts.loss_tol, self.opts.max_mean_cos)
         self.diagnostics = EpochDiagnostics()
         self.last_diag: dict[str, float] = {}
         self.last_collapse_value: float | None = None  # None: not computed for this step
@@ -301,9 +287,8 @@ class TrainingHealth:
         if pending is None or metric not in metrics:
             return
         value = float(metrics[metric])
-        chance = None
-        if metric == "rsum" and val_corpus.num_images:
-            chance = chance_rsum(np.asarray(val_corpus.caption_to_image), val_corpus.num_images)
+        chance = (chance_rsum(np.asarray(val_corpus.caption_to_image), val_corpus.num_images)
+                  if metric == "rsum" and val_corpus.num_images else None)
         best_before = pending.pop("best_before")
         if self.detector.still_learning(value, best_before, chance):
             event = {**pending, "action": "none", "validation": value, "best_before": best_before}
@@ -323,8 +308,9 @@ class TrainingHealth:
         if action == "fallback" and fallbacks >= opts.max_fallbacks:
             action = "stop"
         event = {**event, "action": action}
-        symptom = collapse_symptom(event["loss"], event["collapse_value"], event["image_mean_cos"],
-                                   event["caption_mean_cos"])
+        symptom = (f"the embeddings collapsed towards one point (loss {event['loss']:.4g}, its collapse "
+                   f"value {event['collapse_value']:.4g}; mean pairwise cosine: images "
+                   f"{event['image_mean_cos']:.3f}, captions {event['caption_mean_cos']:.3f})")
         if action == "fallback":
             # the rest of this epoch and fallback_epochs more; decided at an epoch's end: the next ones
             until = epoch + (1 + opts.fallback_epochs if batches_done else max(1, opts.fallback_epochs))

@@ -1,10 +1,9 @@
 """The training objective: ``objective.loss_weight`` x the ``loss:`` section's ranking loss plus weighted terms.
 
-Every term is an ``OBJECTIVE_TERMS`` entry with one protocol (:class:`~vsekit.losses.terms.ObjectiveTerm`): the
-built-in ones have a section of their own (``objective.instance``, ``mined``, ``label``, ``triplet``,
-``embedding``, ``adversarial``; docs/config.md), the others sit under ``objective.terms.<name>``. The objective
-adds up the weighted values the terms return. A term is built when some stage gives it a non-zero weight, and
-computed only while its weight is non-zero; with the defaults the objective is exactly the ``loss:`` section.
+Every term is an ``OBJECTIVE_TERMS`` entry with one protocol and a config section
+(:mod:`vsekit.losses.terms`); the objective adds up the weighted values the terms return. A term is built
+when some stage gives it a non-zero weight, and computed only while its weight is non-zero; with the
+defaults the objective is exactly the ``loss:`` section.
 """
 
 from __future__ import annotations
@@ -109,14 +108,12 @@ class Objective(nn.Module):
 
     # -- hooks around a step ---------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """The run's epoch (0-based), at the start of every epoch: the schedules inside the terms (e.g. a
-        warm-up) follow it, as the ``loss:`` section's does."""
+        """:meth:`ObjectiveTerm.set_epoch` of every term, at the start of every epoch."""
         for term in self.terms.values():
             term.set_epoch(epoch)
 
     def set_progress(self, epoch: float, step: float) -> None:
-        """Training progress in [0, 1] before every step (``epoch / epochs`` and per step): e.g. the
-        adversary's λ schedule."""
+        """:meth:`ObjectiveTerm.set_progress` of every term, before every step."""
         for term in self.terms.values():
             term.set_progress(epoch, step)
 
@@ -143,8 +140,8 @@ class Objective(nn.Module):
             total = weighted if total is None else total + weighted
 
         if self.weights["loss"]:
-            extra = {"caption_vectors": batch.caption_vectors} if batch.caption_vectors is not None else {}
-            add("loss", self.weights["loss"], self.rank_loss(out.sim.float(), batch.image_ids, **extra))
+            value = self.rank_loss(out.sim.float(), batch.image_ids, caption_vectors=batch.caption_vectors)
+            add("loss", self.weights["loss"], value)
         for term in self._active():
             term_out, term_batch = (out, batch) if term.global_batch or local is None else local
             for name, value in term.losses(term_out, term_batch).items():

@@ -41,17 +41,14 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None =
     """
     lr_mult = dict(lr_mult or {})
     groups: dict[float, list[nn.Parameter]] = {}
-    names: dict[float, list[str]] = {}
+    used: set[str] = set()  # the prefixes that name a parameter
     for name, p in model.named_parameters():
         if id(p) in exclude:
             continue
-        best, mult = -1, 1.0
-        for prefix, m in lr_mult.items():
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-                best, mult = len(prefix), float(m)
-        groups.setdefault(mult, []).append(p)
-        names.setdefault(mult, []).append(name)
-    unknown = [p for p in lr_mult if not any(n == p or n.startswith(p + ".") for ns in names.values() for n in ns)]
+        matching = [prefix for prefix in lr_mult if name == prefix or name.startswith(prefix + ".")]
+        used.update(matching)
+        groups.setdefault(float(lr_mult[max(matching, key=len)]) if matching else 1.0, []).append(p)
+    unknown = [p for p in lr_mult if p not in used]
     if unknown:
         raise ConfigError(f"optim.lr_mult names no parameters: {unknown}")
     return [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in sorted(groups.items())]
@@ -60,10 +57,9 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float] | None =
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
                     exclude: set[int] | frozenset[int] = frozenset()) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.lr, cfg.lr_mult, exclude)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name in ("adam", "adamw"):
+        adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                            nesterov=cfg.nesterov)
 
@@ -262,7 +258,7 @@ class OptimizerSet:
         return state
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
-        """Restore :meth:`state_dict` (of the checkpoint at ``path``, named in errors), after :meth:`start`."""
+        """Restore :meth:`state_dict` (of ``path``, named in errors) in the stage it was saved in."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, a in self.aux.items():
@@ -299,10 +295,6 @@ class _ModelAndLoss(torch.nn.Module):
         yield from self.model.named_parameters(prefix, recurse, remove_duplicate)
         yield from self.loss.named_parameters("loss", recurse, remove_duplicate)
         yield from self.terms.named_parameters("objective", recurse, remove_duplicate)
-
-    def parameters(self, recurse: bool = True):
-        for _, p in self.named_parameters(recurse=recurse):
-            yield p
 
     def forward(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``: whatever a step computes from the model, the loss and the terms (DDP's forward)."""

@@ -20,6 +20,7 @@ from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
+from vsekit.semantics import fit_or_load_caption_vectors
 from vsekit.text.vocab import Vocabulary
 from vsekit.train.objective import Objective, build_objective
 from vsekit.train.stages import StagePlan
@@ -80,18 +81,8 @@ class TrainingRun:
                               "vsekit does not do yet: train it in one process")
 
 
-def feature_shape(corpus: Corpus) -> tuple[int, ...] | None:
-    return tuple(int(x) for x in corpus.features.shape[1:]) if corpus.is_precomputed else None
-
-
-def text_feature_dim(corpus: Corpus) -> int | None:
-    return int(corpus.caption_features.shape[1]) if corpus.has_text_features else None
-
-
 def caption_vectors(cfg: RunConfig, corpus: Corpus) -> torch.Tensor:
     """The LSA vectors of the training captions (fitted once per caption set, then cached)."""
-    from vsekit.semantics import fit_or_load_caption_vectors
-
     s = cfg.semantics
     vecs = fit_or_load_caption_vectors(corpus.captions, corpus.caption_ids, s.cache_path(), **s.lsa_params())
     return torch.from_numpy(np.array(vecs, dtype=np.float32))  # a writable copy
@@ -107,9 +98,8 @@ def check_image_size(model: VSEModel, image_size: int) -> None:
         with torch.no_grad():
             model.encode_images(torch.zeros(2, 3, image_size, image_size))
     except RuntimeError as e:
-        first = first_line(e)
         raise ConfigError(f"transform.image_size={image_size}: the image encoder cannot take images of this size "
-                          f"({first}); use a larger transform.image_size") from None
+                          f"({first_line(e)}); use a larger transform.image_size") from None
     except Exception as e:  # noqa: BLE001 - an encoder this probe cannot call alone: the first step will say
         log.debug("image size probe skipped: %s: %s", type(e).__name__, e)
     finally:
@@ -122,12 +112,10 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     data = cfg.data
     train_corpus = load_split(data, data.train_split)
     val_corpus = load_split(data, data.val_split, data.val_max_images)
-    if weights_from is not None:
-        vocab = Vocabulary.from_dict(weights_from["vocab"])
-    else:
-        vocab = Vocabulary.build(train_corpus.captions, cfg.text.min_count, cfg.text.max_tokens)
-    shape = feature_shape(train_corpus)
-    text_dim = text_feature_dim(train_corpus)
+    vocab = (Vocabulary.from_dict(weights_from["vocab"]) if weights_from is not None
+             else Vocabulary.build(train_corpus.captions, cfg.text.min_count, cfg.text.max_tokens))
+    shape = tuple(int(x) for x in train_corpus.features.shape[1:]) if train_corpus.is_precomputed else None
+    text_dim = int(train_corpus.caption_features.shape[1]) if train_corpus.has_text_features else None
     # a run that continues a checkpoint takes its weights, not the encoders' initial weights files
     with restoring_weights() if weights_from is not None else contextlib.nullcontext():
         model = build_model(cfg.model, vocab_size=len(vocab), itos=vocab.itos, feature_shape=shape,

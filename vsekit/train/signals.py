@@ -1,20 +1,13 @@
-"""Stopping a training run cleanly on SIGTERM and SIGINT (and SIGHUP) or when its time budget is spent, and
-other commands in one line.
+"""Stopping a training run cleanly on SIGTERM, SIGINT and SIGHUP or when its time budget is spent, and other
+commands in one line (what a user sees: docs/training.md, "Stopping, resuming, and what may change").
 
-SLURM and Kubernetes preempt a job with SIGTERM (and SIGKILL after a grace period); a user stops one with
-Ctrl-C (SIGINT). While :class:`StopSignals` is active, either signal only *asks* the run to stop: the trainer
-finishes the current step, saves the exact state to ``last.pt`` as a ``train.max_minutes`` stop does, and
-raises :class:`TrainingInterrupted`, which the command line reports in one line with exit code 128 + the
-signal's number (143 for SIGTERM, 130 for SIGINT). ``--resume`` then continues as if nothing had happened.
-
-A second signal: SIGTERM again is ignored (a launcher such as torchrun forwards the scheduler's SIGTERM, so a
-process may receive it twice; the scheduler's SIGKILL ends a stop that takes too long). SIGINT again stops at
-once, like Ctrl-C always does, except while a checkpoint is being written (:func:`critical`): that write is
-finished first. Checkpoints are written atomically anyway, so no signal can leave a half-written one.
-
-SIGHUP (the ssh session's terminal closed) stops a run as SIGTERM does, unless it is ignored (``nohup``).
-Outside training (:func:`terminate_raises`), SIGTERM and SIGHUP raise :class:`Terminated`, so that a killed
-``index build`` removes its work folders and the command line says one line, exit 128 + the signal's number.
+While :class:`StopSignals` is active, a signal only *asks* the run to stop: the trainer finishes the current
+step, saves the exact state to ``last.pt`` as a ``train.max_minutes`` stop does, and raises
+:class:`TrainingInterrupted` (exit code 128 + the signal's number). SIGTERM again is ignored: a launcher such
+as torchrun forwards the scheduler's SIGTERM, so a process may receive it twice. SIGINT again stops at once,
+except while a checkpoint is being written (:func:`critical`). SIGHUP stops a run as SIGTERM does, unless it
+is ignored (``nohup``). Outside training (:func:`terminate_raises`), SIGTERM and SIGHUP raise
+:class:`Terminated`, so that a killed ``index build`` removes its work folders.
 
 Handlers can only be installed in the main thread; elsewhere both leave signals alone.
 """
@@ -189,9 +182,8 @@ class TimeBudget:
 
     def spent(self) -> bool:
         """Whether the budget is spent (rank 0's clock decides for every process)."""
-        if self.max_seconds is None:
-            return False
-        return bool(distributed.broadcast_object(self.elapsed_s >= self.max_seconds))
+        limit = self.max_seconds
+        return limit is not None and bool(distributed.broadcast_object(self.elapsed_s >= limit))
 
 
 def worker_init(worker_id: int) -> None:

@@ -57,10 +57,7 @@ class StagePlan:
 
     def index_at(self, epoch: int) -> int:
         """The stage that trains epoch ``epoch`` (0-based)."""
-        for k, s in enumerate(self.stages):
-            if epoch < s.end:
-                return k
-        return max(0, len(self.stages) - 1)
+        return next((k for k, s in enumerate(self.stages) if epoch < s.end), max(0, len(self.stages) - 1))
 
     def name(self, k: int) -> str:
         return self.stages[k].name if self.stages else "main"

@@ -66,11 +66,9 @@ class Trainer:
                                             metric=cfg.eval.select_metric, writes=self.world.is_main)
 
         resume_state, init_state = self.checkpoints.start_states(cfg, resume)
-        run = build_run(cfg, weights_from=resume_state or init_state)
-        self.run = run
+        self.run = run = build_run(cfg, weights_from=resume_state or init_state)
         self.train_corpus, self.val_corpus, self.vocab = run.train_corpus, run.val_corpus, run.vocab
-        self.feature_shape, self.model, self.loss_fn = run.feature_shape, run.model.to(self.device), run.loss_fn
-        self.loss_fn.to(self.device)
+        self.model, self.loss_fn = run.model.to(self.device), run.loss_fn.to(self.device)
         self.plan, self.objective = run.plan, run.objective.to(self.device)
         self.dataset, self.sampler = run.dataset, run.sampler
         if init_state is not None:
@@ -82,8 +80,7 @@ class Trainer:
                                   amp=tcfg.amp and self.device.type == "cuda", cpu_bf16=tcfg.cpu_bf16,
                                   state=resume_state)
 
-        self.epoch, self.batches_done, self.step = 0, 0, 0
-        self.epoch_loss_sum = 0.0
+        self.epoch, self.batches_done, self.step, self.epoch_loss_sum = 0, 0, 0, 0.0
         self.last_parts: dict[str, torch.Tensor] = {}  # the last step's loss terms, by name
         self.history: list[dict] = []
         # per-batch diagnostics, collapse detection and recovery, non-finite steps, unreadable images
@@ -195,8 +192,7 @@ class Trainer:
 
     def _steps_in_epoch(self) -> int:
         total = self.sampler.num_batches(self.batch_size)
-        cap = self.cfg.train.max_steps_per_epoch
-        return min(total, cap) if cap else total
+        return min(total, self.cfg.train.max_steps_per_epoch or total)
 
     def _train_record(self, loss: float, rate: float) -> dict[str, Any]:
         record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
@@ -255,8 +251,7 @@ class Trainer:
         """An epoch's validation line: metrics, mean training loss, the epoch's diagnostics, elapsed time."""
         return {"kind": "val", "epoch": self.epoch, "step": self.step,
                 "train_loss": self.epoch_loss_sum / max(1, self.batches_done), **metrics,
-                **self.health.epoch_record(),
-                "elapsed_min": self.budget.elapsed_s / 60}
+                **self.health.epoch_record(), "elapsed_min": self.budget.elapsed_s / 60}
 
     def end_epoch(self) -> dict[str, float]:
         """After a full epoch: schedule step, validation, log line, checkpoints."""
@@ -308,8 +303,7 @@ class Trainer:
     def _result(self, stopped_by: str | None) -> dict[str, Any]:
         self.logger.flush()
         return {"best_rsum": self.best_rsum, "select_metric": self.checkpoints.metric, "history": self.history,
-                "output_dir": str(self.out),
-                "stopped_by": stopped_by}
+                "output_dir": str(self.out), "stopped_by": stopped_by}
 
     def _stop_for_signal(self) -> None:
         """SIGTERM/SIGINT: save the exact state (no validation: a preempted job has seconds left) and raise."""
