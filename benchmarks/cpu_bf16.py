@@ -3,7 +3,8 @@
 Equal epochs = the same batches in the same order, so the test rsum says what the precision costs, and the wall
 time says what it saves. Both arms of a seed run side by side (one thread each), on emoji (``real_data.py``):
 ``pretrained_small`` on the pooled EfficientNet-Lite0 features (``pretrained_features.py``) and
-``scratch_small`` on the 64 px images. One JSON line per run in ``results/cpu_bf16.jsonl``.
+``scratch_small`` on the 64 px images, and ``vsepp_f30k_precomp`` (the VSE++ reference's model) on the pooled
+features. One JSON line per run in ``results/cpu_bf16.jsonl``.
 
     python benchmarks/cpu_bf16.py run --recipes pretrained_small scratch_small --epochs 4
     python benchmarks/cpu_bf16.py report
@@ -27,12 +28,15 @@ from pretrained_features import pooled_dir
 from real_data import prepare
 
 OUT = RESULTS / "cpu_bf16.jsonl"
-RECIPES = ("pretrained_small", "scratch_small")
+# vsepp_f30k_precomp: the VSE++ reference's model on the same pooled features (train_speed.py --reference's pair)
+RECIPES = ("pretrained_small", "scratch_small", "vsepp_f30k_precomp")
 
 
 def data_overrides(recipe: str) -> list[str]:
     if recipe == "pretrained_small":
         return ["data.format=precomp", f"data.path={pooled_dir('emoji')}"]
+    if recipe == "vsepp_f30k_precomp":
+        return ["data.format=precomp", f"data.path={pooled_dir('emoji')}", "data.val_split=val"]
     info = prepare("emoji")
     return ["data.format=karpathy", f"data.path={info['path']}", f"data.image_root={info['image_root']}"]
 

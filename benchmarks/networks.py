@@ -88,6 +88,12 @@ LOSSES = {  # both after one epoch of sum of hinges (from random weights the max
     # issue 22: on pretrained features, as the papers train: the max of hinges from the first step, no warm-up
     "vsepp_nw": ["loss={name: hinge, margin: 0.2, reduction: max}"],
     "lseh_nw": ["loss={name: lseh, alpha: 0.185, lam: 0.025, reduction: max}"],
+    # issue 22's alpha/lambda sweep around the paper's (0.185, 0.025), max of hinges from the first step; lambda 0
+    # is the control: a constant margin of alpha, the semantics switched off
+    "lseh_nw_a185_l0": ["loss={name: lseh, alpha: 0.185, lam: 0.0, reduction: max}"],
+    "lseh_nw_a185_l100": ["loss={name: lseh, alpha: 0.185, lam: 0.1, reduction: max}"],
+    "lseh_nw_a100_l100": ["loss={name: lseh, alpha: 0.1, lam: 0.1, reduction: max}"],
+    "lseh_nw_a100_l200": ["loss={name: lseh, alpha: 0.1, lam: 0.2, reduction: max}"],
     # the max of hinges with the trainer's default collapse handling (fallback), as a user runs it
     "vsepp_default": ["loss={name: hinge, margin: 0.2, reduction: max}", "train.collapse.action=fallback"],
 }

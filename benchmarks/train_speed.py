@@ -56,8 +56,8 @@ PHASES = {
 }
 
 
-def make_trainer(args: argparse.Namespace, out: Path, cache_mb: int = 0) -> Trainer:
-    over = [f"output_dir={out}", f"data.image_cache_mb={cache_mb}", "seed=0", f"train.batch_size={args.batch}", "train.progress=false",
+def make_trainer(args: argparse.Namespace, out: Path, cache_mb: int = 0, extra: tuple[str, ...] = ()) -> Trainer:
+    over = [*extra, f"output_dir={out}", f"data.image_cache_mb={cache_mb}", "seed=0", f"train.batch_size={args.batch}", "train.progress=false",
             "train.log_every=10", f"train.max_steps_per_epoch={args.steps}", "data.num_workers=0"]
     if args.features:
         over += ["data.format=precomp", f"data.path={Path(os.path.expanduser(args.cache)) / args.features}"]
@@ -91,13 +91,22 @@ def loop(tr: Trainer, workers: int) -> None:
     tr.train_one_epoch()
 
 
-def speed(args: argparse.Namespace, tr: Trainer, cached: Trainer | None) -> dict:
+def speed(args: argparse.Namespace, tr: Trainer, cached: Trainer | None, bf16: Trainer | None = None) -> dict:
     n_pairs = args.steps * args.batch
     batches = list(b for _, b in zip(range(args.steps), tr.loader()))
     arms = {"bare": lambda: [bare_step(tr, b) for b in batches], "step": lambda: [tr.train_step(b) for b in batches],
             "loop/w0": lambda: loop(tr, 0)}
     if cached is not None:
         arms["loop/w0+cache"] = lambda: loop(cached, 0)  # warm after the warm-up pass: later epochs' state
+    if bf16 is not None:
+        arms["loop/w0+bf16"] = lambda: loop(bf16, 0)
+    if args.reference:
+        from reference_vsepp import ReferenceLoop
+
+        m = tr.cfg.model
+        ref = ReferenceLoop(Path(os.path.expanduser(args.cache)) / args.features, args.batch,
+                            m.text_encoder["word_dim"], m.embed_size)
+        arms["reference"] = lambda: ref.epoch(args.steps)
     arms["loop/w1"] = lambda: loop(tr, 1)
     times = {k: [] for k in arms}
     for fn in arms.values():  # warm-up: allocator, thread pools, the first worker start
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="also the loop with train.cpu_bf16=true")
+    ap.add_argument("--reference", action="store_true",
+                    help="also reference_vsepp.py's loop (VSE++ reference style; --features with a VSE++ recipe)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -149,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             result = profile(args, make_trainer(args, Path(tmp) / "run", cache_mb=512))
         else:
             cached = None if args.features else make_trainer(args, Path(tmp) / "cached", cache_mb=512)
-            result = speed(args, make_trainer(args, Path(tmp) / "run"), cached)
+            bf16 = make_trainer(args, Path(tmp) / "bf16", extra=("train.cpu_bf16=true",)) if args.bf16 else None
+            result = speed(args, make_trainer(args, Path(tmp) / "run"), cached, bf16)
     print(f"load average at end: {load()}\n")
     if args.profile:
         print("| phase | seconds | share |")
@@ -159,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| total ({args.steps} steps, warm cache) | {result['wall_s']:.2f} | 100 % |")
     else:
         best, med = result["pairs_per_s_best"], result["pairs_per_s_median"]
-        print("| arm | pairs/s (best) | pairs/s (median) | vs bare (best) | vs bare (median) |")
+        base = "reference" if args.reference else "bare"
+        print(f"| arm | pairs/s (best) | pairs/s (median) | vs {base} (best) | vs {base} (median) |")
         print("|---|---:|---:|---:|---:|")
         for k in best:
-            print(f"| {k} | {best[k]:.0f} | {med[k]:.0f} | {best[k] / best['bare']:.2f} | "
-                  f"{med[k] / med['bare']:.2f} |")
+            print(f"| {k} | {best[k]:.0f} | {med[k]:.0f} | {best[k] / best[base]:.2f} | "
+                  f"{med[k] / med[base]:.2f} |")
     result |= {"machine": machine_line(), "recipe": args.recipe, "data": args.features or args.collection}
     RESULTS.mkdir(exist_ok=True)
-    name = f"train_speed_{args.features or args.collection}{'_profile' if args.profile else ''}.json"
+    tag = "_profile" if args.profile else "_reference" if args.reference else ""
+    name = f"train_speed_{args.features or args.collection}{tag}.json"
     if not args.quick:
         (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     return 0
