@@ -10,8 +10,14 @@ import pytest
 
 from vsekit.data.demo.render import render_scene
 from vsekit.data.demo.scenes import SLOTS, Scene, SceneObject
-from vsekit.eval.appearance import (ShapeClassifier, agreement, as_pixels, blob_features, dominant_colour,
-                                    main_objects)
+from vsekit.eval.appearance import (
+    ShapeClassifier,
+    agreement,
+    as_pixels,
+    blob_features,
+    dominant_colour,
+    main_objects,
+)
 
 
 def _canvas(size: int = 16) -> np.ndarray:
