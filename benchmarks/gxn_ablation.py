@@ -1,8 +1,8 @@
 """GXN (Look, Imagine and Match) ablation: which of its paths helps retrieval, on the demo set and on real data.
 
-Four arms of the one shipped recipe, ``gxn_demo`` (two-level order embeddings; 1 epoch of embedding, then 3 of
-caption cross-entropy with the GAN, 1 of self-critical caption training with the GAN at a tenth of the
-encoders' rate), differing only in the weights of the generative terms in the last two stages -- so every arm
+Four arms of the one shipped recipe, ``gxn_demo`` (two-level order embeddings; 1 epoch of embedding, then 6 of
+caption cross-entropy with the GAN, 2 of self-critical caption training with the GAN at a tenth of the
+encoders' rate; 1, 3 and 1 before issue 25's second round), differing only in the weights of the generative terms in the last two stages -- so every arm
 has the same epochs, stage restarts and learning rates:
 
   embeddings   the per-level ranking term alone            (caption weight 0, GAN weight 0)
@@ -20,8 +20,9 @@ Whether the generative paths depend on their input (issue 25, :func:`dependence`
 for a run trained elsewhere): the share of distinct greedy test captions, the CIDEr-D of a nearest-neighbour
 captioning baseline (each test image gets the first caption of its nearest training image under the same
 model's embedding), caption -> image R@1/5/10 with each generated caption as the query, the R-precision of
-generated images (the generating caption ranked first among it and 99 random ones; chance 1 %) and the
-discriminator's accuracies per epoch.
+generated images (the generating caption ranked first among it and 99 random ones; chance 1 %), on the demo set
+whether those images show the colour and shape of the image's main object (``appearance``: against the same
+measure on the real test images, its ceiling, and chance) and the discriminator's accuracies per epoch.
 
 ``--recipe gxn_scratch_small`` runs the same four arms of that recipe instead (tuned for small real images: 12
 epochs, 512-d levels, a bi-GRU, the per-level max of hinges after a warm-up; its rows carry ``recipe``).
