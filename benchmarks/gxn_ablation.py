@@ -1,8 +1,8 @@
 """GXN (Look, Imagine and Match) ablation: which of its paths helps retrieval, on the demo set and on real data.
 
-Four arms of the one shipped recipe, ``gxn_demo`` (two-level order embeddings; 1 epoch of embedding, then 3 of
-caption cross-entropy with the GAN, 1 of self-critical caption training with the GAN at a tenth of the
-encoders' rate), differing only in the weights of the generative terms in the last two stages -- so every arm
+Four arms of the one shipped recipe, ``gxn_demo`` (two-level order embeddings; 1 epoch of embedding, then 6 of
+caption cross-entropy with the GAN, 2 of self-critical caption training with the GAN at a tenth of the
+encoders' rate; 1, 3 and 1 before issue 25's second round), differing only in the weights of the generative terms in the last two stages -- so every arm
 has the same epochs, stage restarts and learning rates:
 
   embeddings   the per-level ranking term alone            (caption weight 0, GAN weight 0)
@@ -20,8 +20,9 @@ Whether the generative paths depend on their input (issue 25, :func:`dependence`
 for a run trained elsewhere): the share of distinct greedy test captions, the CIDEr-D of a nearest-neighbour
 captioning baseline (each test image gets the first caption of its nearest training image under the same
 model's embedding), caption -> image R@1/5/10 with each generated caption as the query, the R-precision of
-generated images (the generating caption ranked first among it and 99 random ones; chance 1 %) and the
-discriminator's accuracies per epoch.
+generated images (the generating caption ranked first among it and 99 random ones; chance 1 %), on the demo set
+whether those images show the colour and shape of the image's main object (``appearance``: against the same
+measure on the real test images, its ceiling, and chance) and the discriminator's accuracies per epoch.
 
 ``--recipe gxn_scratch_small`` runs the same four arms of that recipe instead (tuned for small real images: 12
 epochs, 512-d levels, a bi-GRU, the per-level max of hinges after a warm-up; its rows carry ``recipe``).
@@ -199,11 +200,43 @@ def dependence(run: Path, caption: bool, gan: bool) -> dict:
     if gan:
         from vsekit.imagine import Imaginer
 
-        out["gan_test"] = Imaginer.from_checkpoint(run / "last.pt").r_precision(test)
+        im = Imaginer.from_checkpoint(run / "last.pt")
+        out["gan_test"] = im.r_precision(test)
+        if data.format == "demo":
+            out["gan_test"]["appearance"] = appearance(im, data, test, train)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         out["d_acc_per_epoch"] = [{"epoch": r["epoch"], **{k[len("train_term_"):]: round(r[k], 3) for k in r
                                                            if k.startswith("train_term_d_")}}
                                   for r in records if r["kind"] == "val" and "train_term_d_real_acc" in r]
+    return out
+
+
+def appearance(im, data, test, train) -> dict:
+    """Demo set only: do the images generated from the test captions (the first of each image, R-precision's)
+    show the colour and shape of the image's main object (``vsekit.eval.appearance``)? Agreement on the generated
+    images, the same measure on the real test images (the ceiling: the colour rule and the shape classifier,
+    fitted on the real training images, are not exact) and chance."""
+    import numpy as np
+    from PIL import Image
+
+    from vsekit.data.demo import build_demo
+    from vsekit.eval.appearance import ShapeClassifier, agreement, as_pixels, dominant_colour, main_objects
+
+    json_path = build_demo(data.root, num_images=data.num_images, seed=data.seed, image_size=data.render_size)
+    real = {name: np.stack([np.asarray(Image.open(p).convert("RGB").resize((im.image_size,) * 2))
+                            for p in c.image_paths]) for name, c in (("train", train), ("test", test))}
+    truth = {name: main_objects(json_path, c.image_paths) for name, c in (("train", train), ("test", test))}
+    gen = im.first_caption_images(test)
+    rows = np.unique(test.caption_to_image)
+    targets = [truth["test"][r] for r in rows]
+    shapes = ShapeClassifier().fit(real["train"], [s for _, s in truth["train"]])
+    out = {}
+    for what, i, predict in (("colour", 0, lambda x: [dominant_colour(p) for p in as_pixels(x)]),
+                             ("shape", 1, shapes.predict)):
+        g = agreement(predict(gen), [t[i] for t in targets])
+        ceiling = agreement(predict(real["test"][rows]), [t[i] for t in targets])["agreement"]
+        out[what] = {"generated": round(g["agreement"], 4), "real_ceiling": round(ceiling, 4),
+                     "chance": round(g["chance"], 4)}
     return out
 
 

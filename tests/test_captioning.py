@@ -314,6 +314,22 @@ def test_self_critical_step_raises_a_sample_that_beats_the_greedy_baseline(bette
     assert (logp() > before) if better else (logp() < before)
 
 
+def test_self_critical_baseline_and_samples_read_the_same_standardised_image():
+    """With image_norm: batch the greedy baseline (eval mode) read the running statistics and the samples the
+    batch's: the advantage compared captions of two different inputs (issue 25)."""
+    torch.manual_seed(0)
+    term = CaptionTerm(embed_size=4, vocab=VOCAB, corpus=_corpus(), condition="embedding", hidden=8, word_dim=4,
+                       max_len=5, mode="scst", scst_samples=2, image_norm="batch")
+    term.decoder.image_norm.running_mean.fill_(100.0)  # far from this batch's statistics
+    seen = []
+    term.decoder.init_state.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    image = torch.randn(3, 4)
+    term.train()(_out(image), Batch(image, (), torch.tensor([0, 1, 0])))
+    greedy_input, sample_input = seen
+    torch.testing.assert_close(sample_input, greedy_input.repeat_interleave(2, 0))
+    torch.testing.assert_close(greedy_input.mean(0), torch.zeros(4), atol=1e-5, rtol=0)  # the batch's statistics
+
+
 def test_self_critical_rewards_are_cider_d_against_all_training_references():
     term = CaptionTerm(embed_size=4, vocab=VOCAB, corpus=_corpus(), condition="embedding", hidden=8, word_dim=4,
                        mode="scst", scst_samples=3)

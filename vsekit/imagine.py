@@ -103,16 +103,27 @@ class Imaginer:
         from PIL import Image
 
         owners = corpus.caption_to_image
-        rows, first = np.unique(owners, return_index=True)  # each captioned image and its first caption
+        rows, first = np.unique(owners, return_index=True)
         cap_emb = self.embedder.encode_texts(corpus)
-        images = self._draw(cap_emb[first], 1, seed)[:, 0]
-        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)) for im in images]
+        pil = [Image.fromarray(im) for im in self._first_caption_images(cap_emb, owners, seed)]
         gen = self.embedder.encode_images(pil)
         scores = self.embedder.score(gen, cap_emb)  # (generated images, captions)
         others = distractor_rows(np.searchsorted(rows, owners), distractors, len(rows), seed)
         cols = np.concatenate([first[:, None], others], axis=1)
         picked = np.take_along_axis(scores, cols, axis=1)
         return {"r_precision": r_precision(picked), "chance": 1.0 / (distractors + 1), "num_images": int(len(rows))}
+
+    @torch.no_grad()
+    def first_caption_images(self, corpus: Corpus, seed: int = 0) -> np.ndarray:
+        """(N, S, S, 3) uint8 images, one generated from the first caption of each captioned image of ``corpus``
+        (in row order; the images :meth:`r_precision` scores)."""
+        return self._first_caption_images(self.embedder.encode_texts(corpus), corpus.caption_to_image, seed)
+
+    def _first_caption_images(self, cap_emb: np.ndarray, owners: np.ndarray, seed: int) -> np.ndarray:
+        _, first = np.unique(owners, return_index=True)  # each captioned image's first caption
+        images = self._draw(cap_emb[first], 1, seed)[:, 0]
+        return (images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+
 
 def image_grid(images: torch.Tensor, pad: int = 2):
     """A PIL image of a (rows, cols, 3, S, S) batch in [0, 1]: one row per text, ``pad`` black pixels

@@ -178,17 +178,21 @@ class CaptionTerm(ObjectiveTerm):
 
     def _scst(self, vec: Tensor, ctx: Tensor | None, image_rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k = self.scst_samples
+        # the greedy baseline and the samples read the same vector: with image_norm: batch, the baseline in eval
+        # mode read the running statistics and the samples the batch's, so the advantage compared captions of two
+        # different inputs (issue 25)
+        vec = self.decoder.normalise(vec)
         was_training = self.decoder.training
-        self.decoder.eval()  # the baseline is what the model decodes at test time
+        self.decoder.eval()  # the baseline is what the model decodes at test time (no dropout)
         try:
             with torch.no_grad():
-                greedy = self.decoder.greedy(vec, ctx, self.max_len)
+                greedy = self.decoder.greedy(vec, ctx, self.max_len, normed=True)
         finally:
             self.decoder.train(was_training)
         r_greedy = self.rewards(greedy, image_rows)
         rep_vec = vec.repeat_interleave(k, 0)
         rep_ctx = ctx.repeat_interleave(k, 0) if ctx is not None else None
-        samples = self.decoder.sample(rep_vec, rep_ctx, self.max_len, self.temperature)
+        samples = self.decoder.sample(rep_vec, rep_ctx, self.max_len, self.temperature, normed=True)
         r_sample = self.rewards(samples, image_rows.repeat_interleave(k))
         advantage = r_sample - r_greedy.repeat_interleave(k)
         loss = -(advantage * samples.sequence_logprob()).mean()

@@ -227,13 +227,19 @@ class CaptionDecoder(nn.Module):
         return self.context_dim is not None
 
     # -- one step ----------------------------------------------------------------------------------
-    def start(self, image: Tensor, context: Tensor | None = None) -> State:
-        """The state before the first word, from the (B, image_dim) image vector and the regions."""
+    def normalise(self, image: Tensor) -> Tensor:
+        """The image vector as the decoder reads it: standardised by ``image_norm`` (batch statistics in
+        training mode, running ones in eval mode), or as it is."""
+        return self.image_norm(image) if hasattr(self, "image_norm") else image
+
+    def start(self, image: Tensor, context: Tensor | None = None, normed: bool = False) -> State:
+        """The state before the first word, from the (B, image_dim) image vector and the regions;
+        ``normed``: the vector has been through :meth:`normalise` already."""
         if image.dim() != 2 or image.shape[1] != self.image_dim:
             raise ValueError(f"the decoder reads (B, {self.image_dim}) image vectors, got {tuple(image.shape)}")
         b = image.shape[0]
-        if hasattr(self, "image_norm"):
-            image = self.image_norm(image)
+        if not normed:
+            image = self.normalise(image)
         state: State = {}
         if self.inject in ("init", "both"):
             init = self.init_state(image)
@@ -302,13 +308,13 @@ class CaptionDecoder(nn.Module):
     def _ids(self) -> dict[str, int]:
         return {"start_id": self.start_id, "end_id": self.end_id, "pad_id": self.pad_id}
 
-    def greedy(self, image: Tensor, context: Tensor | None = None, max_len: int = 20) -> Decoded:
-        return greedy_decode(self.step, self.start(image, context), image.shape[0], max_len=max_len,
+    def greedy(self, image: Tensor, context: Tensor | None = None, max_len: int = 20, normed: bool = False) -> Decoded:
+        return greedy_decode(self.step, self.start(image, context, normed), image.shape[0], max_len=max_len,
                              device=image.device, **self._ids())
 
     def sample(self, image: Tensor, context: Tensor | None = None, max_len: int = 20, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Decoded:
-        return sample_decode(self.step, self.start(image, context), image.shape[0], max_len=max_len,
+               generator: torch.Generator | None = None, normed: bool = False) -> Decoded:
+        return sample_decode(self.step, self.start(image, context, normed), image.shape[0], max_len=max_len,
                              temperature=temperature, generator=generator, device=image.device, **self._ids())
 
     def beam(self, image: Tensor, context: Tensor | None = None, beam_size: int = 3, max_len: int = 20,
