@@ -51,7 +51,7 @@ class ImageSource:
             if cache_bytes > 0 and isinstance(transform, transforms.Compose):
                 self._prefix, self._rest = split_deterministic(transform)
                 self._cache_left = int(cache_bytes)
-                self._from_pixels = pixels_transform(self._rest) or (lambda p: self._rest(Image.fromarray(p)))
+                self._from_pixels = pixels_transform(self._rest)  # None: the PIL path
 
     def __call__(self, row: int) -> torch.Tensor:
         c = self.corpus
@@ -61,14 +61,14 @@ class ImageSource:
             return self.transform(self._load(c.image_paths[row]))
         pixels = self._cache.get(row)
         if pixels is not None:
-            return self._from_pixels(pixels)
+            return self._from_pixels(pixels) if self._from_pixels else self._rest(Image.fromarray(pixels))
         image = self._prefix(self._load(c.image_paths[row]))
         pixels = np.array(image)  # writable: torch.from_numpy warns on read-only arrays
         # a loader worker's copy of the cache would die with the worker at the epoch's end: keep none there
         if pixels.nbytes <= self._cache_left and get_worker_info() is None:
             self._cache[row] = pixels
             self._cache_left -= pixels.nbytes
-        return self._from_pixels(pixels)
+        return self._from_pixels(pixels) if self._from_pixels else self._rest(image)
 
     @property
     def cached_images(self) -> int:
