@@ -11,20 +11,16 @@ reference has no mixed precision on a CPU).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from plain_baseline import tokenize  # the hand-written scripts' one tokenizer
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, Dataset
-
-
-def tokenize(s: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", s.lower())
 
 
 class PrecompPairs(Dataset):
