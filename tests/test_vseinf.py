@@ -262,6 +262,53 @@ def test_bert_forward_backward_masks_padding(offline):
         torch.testing.assert_close(pooled, enc.gpo(words, lengths)[0])
 
 
+def test_fixed_bert_outputs_are_cached_per_caption_while_training(offline):
+    """A fixed BERT runs once per caption in a training run: same outputs as without the cache, BERT called
+    only for captions not seen before (validation's in eval mode too), nothing kept by a model only used in
+    eval mode, the cache emptied when BERT is unfrozen or its weights are loaded, and never above cache_mb."""
+    model = _bert_model(config=TINY_BERT, finetune=False)
+    enc = model.text_encoder.eval()
+    enc.forward_parts(torch.tensor([[2, 14, 3]]), torch.tensor([3]))
+    assert not enc._cache  # eval mode only (an index, a server): nothing kept
+    enc.train()
+    plain = _bert_model(config=TINY_BERT, finetune=False, cache_mb=0).text_encoder.train()
+    calls = []
+    enc.bert.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                   with_kwargs=True)
+    tokens = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]])
+    lengths = torch.tensor([5, 3, 4])
+    first = enc.forward_parts(tokens, lengths)
+    again = enc.forward_parts(tokens[[2, 0]], lengths[[2, 0]])  # both seen: BERT not called
+    mixed = enc.forward_parts(torch.tensor([[2, 13, 3, 0], [2, 10, 3, 0]]), torch.tensor([3, 3]))
+    # the first batch, one call per caption length (no padding), then only the new caption of the third
+    assert sorted(calls[:3]) == [(1, 3), (1, 4), (1, 5)] and calls[3:] == [(1, 3)]
+    for (pooled, words), (p2, w2), rows in ((first, plain.forward_parts(tokens, lengths), slice(None)),
+                                            (again, first, [2, 0])):
+        torch.testing.assert_close(pooled, p2[rows])
+        for i, n in enumerate(lengths[rows].tolist()):
+            torch.testing.assert_close(words[i, :n], w2[rows][i, :n])
+    torch.testing.assert_close(mixed[0][1], first[0][1])  # a cached caption beside a new one, unchanged
+    assert enc.proj.weight.requires_grad and first[0].requires_grad  # the head still learns through it
+    assert len(enc._cache) == 4
+    enc.eval()  # validation during the run: its captions are kept too
+    enc.forward_parts(torch.tensor([[2, 14, 3]]), torch.tensor([3]))
+    enc.forward_parts(torch.tensor([[2, 14, 3]]), torch.tensor([3]))
+    assert len(enc._cache) == 5 and len(calls) == 5
+    enc.train()
+    enc.load_state_dict(plain.state_dict())
+    assert not enc._cache
+    enc.forward_parts(tokens, lengths)
+    enc.set_finetune(True)
+    assert not enc._cache and enc.bert.embeddings.word_embeddings.weight.requires_grad
+    enc.forward_parts(tokens, lengths)
+    assert not enc._cache  # BERT learns: nothing cached
+    tiny = _bert_model(config=TINY_BERT, finetune=False, cache_mb=5 * 32 * 4 / 2**20).text_encoder.train()
+    tiny.forward_parts(tokens, lengths)  # room for the first caption's 5 x 32 floats only
+    assert len(tiny._cache) == 1 and tiny._cached == 5 * 32 * 4
+    with pytest.raises(ConfigError, match="cache_mb"):
+        _bert_model(config=TINY_BERT, cache_mb=-1)
+
+
 def test_bert_lr_mult_prefix_names_exactly_bert(offline):
     from vsekit.train.optim import param_groups
 

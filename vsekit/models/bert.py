@@ -198,14 +198,29 @@ class BertTextEncoder(Encoder):
     The BERT sub-module is named ``bert``: ``optim.lr_mult: {text_encoder.bert: 0.1}`` gives it VSE-infinity's
     10x lower learning rate; ``finetune: false`` keeps it fixed. The attention mask comes from the lengths.
     ``vocab_size`` and ``itos`` (vsekit's vocabulary) are not used.
+
+    A fixed BERT gives a caption the same token outputs every epoch, so while it is fixed its outputs are kept
+    per caption (at most ``cache_mb`` MiB, 0: off) and BERT runs only on captions not seen before: after the
+    first epoch a training step costs the projection and GPO only, and validation reads its captions from the
+    cache too. The cache belongs to a training run: it starts with the first training step and is emptied when
+    BERT is unfrozen or its weights are loaded, so a model only ever used in eval mode (an index, a server,
+    which encode captions they will not see again) keeps nothing.
     """
 
     finetune_scope = "bert"
 
     def __init__(self, embed_size: int = 1024, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, finetune: bool = True, no_txtnorm: bool = False,
-                 use_abs: bool = False, vocab_size: int | None = None, itos: list[str] | None = None) -> None:
+                 use_abs: bool = False, cache_mb: float = 512.0, vocab_size: int | None = None,
+                 itos: list[str] | None = None) -> None:
         super().__init__()
+        if not cache_mb >= 0:
+            raise ConfigError(f"{WHERE}.cache_mb: {cache_mb} MiB; must be >= 0 (0: no cache)")
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: dict[bytes, torch.Tensor] = {}  # a caption's token ids -> BERT's (length, hidden) outputs
+        self._cached = 0  # bytes held
+        self._run = False  # a training step has run since the cache was emptied (eval mode may use it then)
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
         self.bert = load_bert(pretrained, config, need_vocab=tokenizer is None)
         self._tokenizer = load_tokenizer(tokenizer, pretrained)
         bert_vocab = int(self.bert.config.vocab_size)
@@ -217,6 +232,13 @@ class BertTextEncoder(Encoder):
         self.gpo = GPO()
         self.normalize, self.use_abs = not no_txtnorm, use_abs
         self.set_finetune(finetune)
+
+    def set_finetune(self, finetune: bool) -> None:
+        super().set_finetune(finetune)
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._cache, self._cached, self._run = {}, 0, False
 
     @property
     def max_pieces(self) -> int:
@@ -249,6 +271,36 @@ class BertTextEncoder(Encoder):
         if t > self.max_positions:
             raise ValueError(f"captions of {t} tokens; this BERT has {self.max_positions} positions")
         mask = torch.arange(t, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
-        hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        self._run |= self.training
+        if self._run and not self.finetune and self.cache_bytes:
+            hidden = self._cached_hidden(tokens, lengths, mask)
+        else:
+            hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         words = self.proj(hidden)
         return self.gpo(words, lengths)[0], words
+
+    def _cached_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """BERT's outputs for a batch, the captions seen before from the cache (zeros past each length, which
+        the mask and GPO never read)."""
+        lens = lengths.tolist()
+        ids = tokens.cpu().numpy()
+        keys = [ids[i, :n].tobytes() for i, n in enumerate(lens)]
+        rows = [self._cache.get(k) for k in keys]
+        todo = [i for i, r in enumerate(rows) if r is None]
+        by_length: dict[int, list[int]] = {}
+        for i in todo:  # one BERT call per caption length: no work on padding
+            by_length.setdefault(lens[i], []).append(i)
+        for n, group in by_length.items():
+            at = torch.tensor(group, device=tokens.device)
+            with torch.no_grad():  # BERT is fixed: no graph through it either way
+                fresh = self.bert(input_ids=tokens[at, :n], attention_mask=mask[at, :n].long()).last_hidden_state
+            for row, i in zip(fresh, group):
+                rows[i] = row
+                size = row.numel() * row.element_size()
+                if self._cached + size <= self.cache_bytes:  # when full, later captions are computed every time
+                    self._cache[keys[i]] = row.clone()  # not a view holding the whole group's outputs
+                    self._cached += size
+        out = rows[0].new_zeros(len(rows), tokens.shape[1], rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            out[i, :lens[i]] = row.to(out)
+        return out
