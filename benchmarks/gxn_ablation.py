@@ -121,13 +121,19 @@ def data_overrides(dataset: str, recipe: str) -> list[str]:
     return out
 
 
-def arm_overrides(arm: str) -> list[str]:
+def arm_overrides(arm: str, stages: list) -> list[str]:
+    """The arm's term weights in the generative stages of the recipe's ``stages``; each stage keeps its
+    learning-rate multipliers except those of a term switched off (its parameters take no step then, and a
+    multiplier naming them is refused), so e.g. the caption arm's decoder runs at the rate the full arm's does."""
     out = []
     for stage in GENERATIVE_STAGES:
         for term, weight in ARMS[arm].items():
             out.append(f"train.stages[{stage}].objective.terms.{term}.weight={weight}")
-        if not ARMS[arm]["gan"]:  # the generator's learning-rate multiplier has no parameters to name then
-            out.append(f"train.stages[{stage}].optim.lr_mult={{}}")
+        mult = stages[stage].optim.get("lr_mult") or {}
+        kept = {k: v for k, v in mult.items() if not any(k == f"objective.{t}" or k.startswith(f"objective.{t}.")
+                                                         for t, w in ARMS[arm].items() if not w)}
+        if kept != mult:
+            out.append(f"train.stages[{stage}].optim.lr_mult={json.dumps(kept)}")
     return out
 
 
@@ -146,9 +152,11 @@ def one_run(dataset: str, recipe: str, arm: str, seed: int, image_size: int, sta
         raise SystemExit(f"recipe gxn_pretrained goes with the datasets {', '.join(PRETRAINED)} and only with them, "
                          f"not {dataset} with {recipe}")
     epochs = tuple(int(e) for e in stages.split(","))
-    overrides = [*data_overrides(dataset, recipe), *(pretrained_overrides(image_size, epochs) if pretrained else []),
-                 *arm_overrides(arm), f"seed={seed}", "train.progress=false", f"output_dir={out_dir}", *extra]
-    cfg = resolve_config(ROOT / "vsekit" / "configs" / f"{RECIPE_FILE.get(recipe, recipe)}.yaml", overrides)
+    recipe_file = ROOT / "vsekit" / "configs" / f"{RECIPE_FILE.get(recipe, recipe)}.yaml"
+    base = [*data_overrides(dataset, recipe), *(pretrained_overrides(image_size, epochs) if pretrained else [])]
+    overrides = [*base, *arm_overrides(arm, resolve_config(recipe_file, base).train.stages), f"seed={seed}",
+                 "train.progress=false", f"output_dir={out_dir}", *extra]
+    cfg = resolve_config(recipe_file, overrides)
     t0 = time.perf_counter()
     Trainer(cfg).fit()
     train_s = time.perf_counter() - t0
@@ -262,7 +270,7 @@ def _summary(r: dict) -> str:
 
 
 def cmd_run(args) -> None:
-    done = {run_key(r) for r in read_results(OUT)}
+    done = {run_key(r) for r in read_results(args.results)}
     pretrained = args.recipe == "gxn_pretrained"
     if any((d in PRETRAINED) != pretrained for d in args.datasets):
         raise SystemExit(f"--recipe gxn_pretrained goes with --datasets {' '.join(PRETRAINED)}, and only with them")
@@ -274,7 +282,7 @@ def cmd_run(args) -> None:
             for s in args.seeds for d in args.datasets for a in args.arms
             if run_key({"dataset": d, "recipe": args.recipe, "arm": a, "seed": s, "image_size": size,
                         "stages": stages, "extra_overrides": args.override}) not in done]
-    run_jobs(__file__, jobs, OUT, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
+    run_jobs(__file__, jobs, args.results, threads=args.threads, parallel=args.jobs, summary=_summary, cwd=ROOT)
 
 
 def _setting(r: dict) -> str:
@@ -295,7 +303,7 @@ def _dependence_cols(rs: list[dict]) -> str:
 
 
 def cmd_report(args) -> None:
-    rows = read_results(OUT)
+    rows = read_results(args.results)
     configs = list(dict.fromkeys((r["dataset"], recipe_of(r), _setting(r)) for r in rows))
     configs.sort(key=lambda c: (DATASETS.index(c[0]), RECIPES.index(c[1])))
     print("| collection | recipe | setting | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | "
@@ -343,6 +351,8 @@ def main() -> None:
     m.add_argument("--no-caption", action="store_true")
     m.add_argument("--no-gan", action="store_true")
     m.set_defaults(fn=cmd_measure)
+    for name in ("run", "report"):
+        sub.choices[name].add_argument("--results", type=Path, default=OUT, help="the results file (JSON lines)")
     r.add_argument("--datasets", nargs="+", default=["demo", "emoji"], choices=DATASETS)
     r.add_argument("--recipe", default="gxn_demo", choices=RECIPES)
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
