@@ -64,6 +64,13 @@ RECIPE_ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides);
     "cand_pooledfeat_lr1e3": ("pretrained_small", ["train.batch_size=128", "optim.lr=1e-3"]),
     "cand_pooledfeat_b512": ("pretrained_small", ["train.batch_size=512", "optim.lr=2e-3"]),
     "cand_pooledfeat_wide": ("pretrained_small", [*FIRST, "model.embed_size=1024"]),
+    # MiniLM kept fixed: its token outputs are cached per caption (BertTextEncoder's cache), only the projection
+    # and GPO learn, so after the first epoch a step costs what the GRU's does
+    "cand_minilm_frozen": ("pretrained_small", ["model.text_encoder={name: bert, pretrained: MINILM, finetune: false}"]),
+    "cand_minilm_frozen_lr5e4": ("pretrained_small", ["model.text_encoder={name: bert, pretrained: MINILM, "
+                                                      "finetune: false}", "optim.lr=5e-4"]),
+    "cand_minilm_frozen_wd": ("pretrained_small", ["model.text_encoder={name: bert, pretrained: MINILM, "
+                                                   "finetune: false}", "optim.weight_decay=0.1"]),
     "scratch_small": ("scratch_small", []),
     # issue 24: the same recipes with the step under CPU bfloat16 autocast (train.cpu_bf16), at equal time
     "pretrained_small_bf16": ("pretrained_small", ["train.cpu_bf16=true"]),
