@@ -292,14 +292,21 @@ def _setting(r: dict) -> str:
 
 
 def _dependence_cols(rs: list[dict]) -> str:
-    """NN-baseline CIDEr-D, caption -> image R@1 and R-precision (%) means, where the rows have them (issue 25)."""
+    """NN-baseline CIDEr-D, caption -> image R@1, R-precision (%), colour and shape agreement of the generated
+    images (%, chance in brackets) and D's accuracy on generated images in the last epoch: means, where the rows
+    have them (issue 25)."""
     def col(values: list[float], fmt: str) -> str:
         return format(statistics.mean(values), fmt) if values else ""
 
     caps = [r["caption_test"] for r in rs if "nearest_neighbour" in r.get("caption_test", {})]
-    gans = [r["gan_test"]["r_precision"] * 100 for r in rs if "gan_test" in r]
+    gans = [r["gan_test"] for r in rs if "gan_test" in r]
+    looks = [g["appearance"] for g in gans if "appearance" in g]
+    agree = [f"{col([a[k]['generated'] * 100 for a in looks], '.0f')} ({col([a[k]['chance'] * 100 for a in looks], '.0f')})"
+             if looks else "" for k in ("colour", "shape")]
+    d_fake = [r["d_acc_per_epoch"][-1]["d_fake_acc"] for r in rs if r.get("d_acc_per_epoch")]
     return " | ".join([col([c["nearest_neighbour"]["cider_d"] for c in caps], ".3f"),
-                       col([c["retrieval"]["r1"] for c in caps], ".1f"), col(gans, ".1f")])
+                       col([c["retrieval"]["r1"] for c in caps], ".1f"),
+                       col([g["r_precision"] * 100 for g in gans], ".1f"), *agree, col(d_fake, ".2f")])
 
 
 def cmd_report(args) -> None:
@@ -308,8 +315,9 @@ def cmd_report(args) -> None:
     configs.sort(key=lambda c: (DATASETS.index(c[0]), RECIPES.index(c[1])))
     print("| collection | recipe | setting | arm | seeds | test rsum (mean ± sd) | per seed | best val rsum | test BLEU-1 | "
           "test BLEU-4 | test CIDEr-D | distinct test captions | NN-baseline CIDEr-D | generated caption -> image R@1 | "
-          "R-precision | min / run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "R-precision | colour agreement (chance) | shape agreement (chance) | D accuracy on generated, last epoch | "
+          "min / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     paired = []
     for (dataset, recipe, setting), arm in itertools.product(configs, ARMS):
         rs = sorted((r for r in rows if (r["dataset"], recipe_of(r), _setting(r)) == (dataset, recipe, setting)
