@@ -219,7 +219,6 @@ class BertTextEncoder(Encoder):
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: dict[bytes, torch.Tensor] = {}  # a caption's token ids -> BERT's (length, hidden) outputs
         self._cached = 0  # bytes held
-        self._run = False  # a training step has run since the cache was emptied (eval mode may use it then)
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
         self.bert = load_bert(pretrained, config, need_vocab=tokenizer is None)
         self._tokenizer = load_tokenizer(tokenizer, pretrained)
@@ -238,7 +237,7 @@ class BertTextEncoder(Encoder):
         self.clear_cache()
 
     def clear_cache(self) -> None:
-        self._cache, self._cached, self._run = {}, 0, False
+        self._cache, self._cached = {}, 0
 
     @property
     def max_pieces(self) -> int:
@@ -271,8 +270,8 @@ class BertTextEncoder(Encoder):
         if t > self.max_positions:
             raise ValueError(f"captions of {t} tokens; this BERT has {self.max_positions} positions")
         mask = torch.arange(t, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
-        self._run |= self.training
-        if self._run and not self.finetune and self.cache_bytes:
+        # only training fills the cache, so eval mode (validation) uses it once a training step has
+        if (self.training or self._cache) and not self.finetune and self.cache_bytes:
             hidden = self._cached_hidden(tokens, lengths, mask)
         else:
             hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
@@ -300,7 +299,5 @@ class BertTextEncoder(Encoder):
                 if self._cached + size <= self.cache_bytes:  # when full, later captions are computed every time
                     self._cache[keys[i]] = row.clone()  # not a view holding the whole group's outputs
                     self._cached += size
-        out = rows[0].new_zeros(len(rows), tokens.shape[1], rows[0].shape[-1])
-        for i, row in enumerate(rows):
-            out[i, :lens[i]] = row.to(out)
-        return out
+        out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        return nn.functional.pad(out, (0, 0, 0, tokens.shape[1] - out.shape[1]))
