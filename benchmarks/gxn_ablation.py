@@ -125,13 +125,15 @@ def arm_overrides(arm: str, stages: list) -> list[str]:
     """The arm's term weights in the generative stages of the recipe's ``stages``; each stage keeps its
     learning-rate multipliers except those of a term switched off (its parameters take no step then, and a
     multiplier naming them is refused), so e.g. the caption arm's decoder runs at the rate the full arm's does."""
+    from vsekit.utils.freeze import matches
+
     out = []
     for stage in GENERATIVE_STAGES:
         for term, weight in ARMS[arm].items():
             out.append(f"train.stages[{stage}].objective.terms.{term}.weight={weight}")
         mult = stages[stage].optim.get("lr_mult") or {}
-        kept = {k: v for k, v in mult.items() if not any(k == f"objective.{t}" or k.startswith(f"objective.{t}.")
-                                                         for t, w in ARMS[arm].items() if not w)}
+        off = [f"objective.{t}" for t, w in ARMS[arm].items() if not w]
+        kept = {k: v for k, v in mult.items() if not matches(k, off)}
         if kept != mult:
             out.append(f"train.stages[{stage}].optim.lr_mult={json.dumps(kept)}")
     return out
