@@ -13,8 +13,10 @@ from torch.nn import functional as F
 
 from vsekit.data.datasets import pad_tokens
 from vsekit.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vsekit.errors import ConfigError
 from vsekit.inference import Embedder
 from vsekit.models import IMAGE_ENCODERS, TEXT_ENCODERS, build_model
+from vsekit.models.frozen_cache import content_keys
 from vsekit.models.weights import PretrainedWeightsMissing, WeightsFileError
 from vsekit.train.optim import param_groups
 from vsekit.train.trainer import Trainer
@@ -169,6 +171,99 @@ def test_timm_finetune_false_freezes_the_backbone_and_its_batch_norm():
     enc.set_finetune(True)
     enc.train()
     assert bn.training and all(p.requires_grad for p in enc.backbone.parameters())
+
+
+
+def test_a_frozen_image_backbone_runs_once_per_image_while_training():
+    """A frozen timm model's pooled outputs are kept per image (by content) in a training run: the same
+    features as without the cache, the backbone run only on images not seen before (validation's too), nothing
+    kept in eval mode alone, emptied on unfreezing or loading weights, the head still learning, never above
+    cache_mb."""
+    torch.manual_seed(0)
+    spec = {"name": "timm", "model": "test_resnet", "finetune": False}
+    enc = IMAGE_ENCODERS.build(spec, embed_size=8)
+    plain = IMAGE_ENCODERS.build({**spec, "cache_mb": 0}, embed_size=8)
+    plain.load_state_dict(enc.state_dict())
+    plain.train()
+    calls = []
+    enc.backbone.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    images = torch.randn(4, 3, 32, 32)
+    enc.eval()
+    enc(images)
+    assert not enc._cache  # eval mode only (an index, a server): nothing kept
+    enc.train()
+    first = enc.forward_features(images)
+    torch.testing.assert_close(first, plain.forward_features(images))
+    again = enc.forward_features(images[[2, 0]])
+    torch.testing.assert_close(again, first[[2, 0]])
+    new = torch.randn(1, 3, 32, 32)
+    mixed = enc.forward_features(torch.cat([images[1:2], new]))
+    torch.testing.assert_close(mixed, plain.forward_features(torch.cat([images[1:2], new])))
+    assert calls == [4, 4, 1]  # eval, the first batch, then only the new image
+    mixed.sum().backward()  # the head learns from cached features
+    assert enc.head.weight.grad is not None and all(p.grad is None for p in enc.backbone.parameters())
+    enc.eval()  # validation during the run: read from the cache and kept
+    enc(images[:1])
+    enc(torch.randn(1, 3, 32, 32))
+    assert calls == [4, 4, 1, 1] and len(enc._cache) == 6
+    enc.train()
+    enc.load_state_dict(plain.state_dict())
+    assert not enc._cache
+    enc(images)
+    enc.set_finetune(True)
+    assert not enc._cache
+    enc(images)
+    assert not enc._cache  # the backbone learns: nothing kept
+    row = enc.feat_dim * 4  # one image's pooled float32s
+    tiny = IMAGE_ENCODERS.build({**spec, "cache_mb": 2.5 * row / 2**20}, embed_size=8).train()
+    tiny(images)
+    assert len(tiny._cache) == 2 and tiny._cached == 2 * row
+    with pytest.raises(ConfigError, match="image_encoder.cache_mb"):
+        IMAGE_ENCODERS.build({**spec, "cache_mb": -1}, embed_size=8)
+    outer = IMAGE_ENCODERS.build({"name": "two_level", "encoder": spec}, embed_size=4).train()  # GXN's wrapper
+    outer(images)
+    assert len(outer.inner._cache) == 4
+    outer.load_state_dict(outer.state_dict())  # through the parent module, as a checkpoint loads
+    assert not outer.inner._cache
+    outer(images)
+    outer.set_finetune(True)
+    assert not outer.inner._cache
+    outer(images)
+    assert not outer.inner._cache
+
+
+def test_content_keys_tell_rows_dtypes_and_shapes_apart():
+    x = torch.randn(3, 2, 4)
+    keys = content_keys(torch.cat([x, x[:1]]))
+    assert keys[3] == keys[0] and len(set(keys)) == 3
+    assert content_keys(x[:1].double())[0] != keys[0] and content_keys(x[:1].reshape(1, 4, 2))[0] != keys[0]
+    assert len(set(content_keys(x.bfloat16()))) == 3
+
+
+def test_a_run_with_a_frozen_cnn_learns_the_same_with_the_cache(tmp_path):
+    """Two epochs on the demo set with a frozen CNN and images that reach it unchanged: the cached run takes
+    the same steps as the uncached one, and the CNN sees each image once (never twice in a batch)."""
+    runs = {}
+    for cache_mb in (0, 64):
+        cfg = tiny_config(
+            tmp_path / str(cache_mb), "seed=3", "data.num_images=40", "data.val_max_images=8",
+            "transform.image_size=32", "transform.resize=32", "transform.augment={crop: center, hflip: false}",
+            "model.embed_size=16", "model.text_encoder.word_dim=8", "train.batch_size=8", "train.epochs=2",
+            "train.log_every=1",
+            f"model.image_encoder={{name: cnn, backbone: small_cnn, width: 4, finetune: false, cache_mb: {cache_mb}}}")
+        t = Trainer(cfg.to_dict())
+        calls = []
+        t.model.image_encoder.backbone.register_forward_hook(lambda m, args, out, calls=calls: calls.append(args[0].shape[0]))
+        t.fit()
+        runs[cache_mb] = (t, calls)
+    (plain, plain_calls), (cached, cached_calls) = runs[0], runs[64]
+    for a, b in zip(plain.model.parameters(), cached.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # uncached: every training and validation image every epoch; cached: each image once in the run
+    # uncached: an image per caption (5 each) and the validation images, every epoch; cached: each image once
+    n, val = plain.train_corpus.num_images, 4
+    assert plain.train_corpus.num_captions == 5 * n
+    assert sum(plain_calls) == 2 * (5 * n + val) and sum(cached_calls) == n + val
 
 
 # -- open_clip -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 
 from vsekit.errors import ConfigError, did_you_mean, first_line
 from vsekit.models.base import Encoder
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.gpo import GPO
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.text.tokenizer import head_at_space
@@ -185,7 +186,7 @@ def load_tokenizer(tokenizer: str | None, pretrained: str | None):
 
 
 @TEXT_ENCODERS.register("bert")
-class BertTextEncoder(Encoder):
+class BertTextEncoder(FrozenOutputs, Encoder):
     """BERT over word pieces -> Linear(hidden -> embed_size) at every token -> GPO over the valid tokens
     ([CLS] and [SEP] included, as in VSE-infinity) -> L2-norm.
 
@@ -214,12 +215,7 @@ class BertTextEncoder(Encoder):
                  use_abs: bool = False, cache_mb: float = 512.0, vocab_size: int | None = None,
                  itos: list[str] | None = None) -> None:
         super().__init__()
-        if not cache_mb >= 0:
-            raise ConfigError(f"{WHERE}.cache_mb: {cache_mb} MiB; must be >= 0 (0: no cache)")
-        self.cache_bytes = int(cache_mb * 2**20)
-        self._cache: dict[bytes, torch.Tensor] = {}  # a caption's token ids -> BERT's (length, hidden) outputs
-        self._cached = 0  # bytes held
-        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+        self.init_frozen_cache(cache_mb, WHERE)  # a caption's token ids -> BERT's (length, hidden) outputs
         self.bert = load_bert(pretrained, config, need_vocab=tokenizer is None)
         self._tokenizer = load_tokenizer(tokenizer, pretrained)
         bert_vocab = int(self.bert.config.vocab_size)
@@ -231,13 +227,6 @@ class BertTextEncoder(Encoder):
         self.gpo = GPO()
         self.normalize, self.use_abs = not no_txtnorm, use_abs
         self.set_finetune(finetune)
-
-    def set_finetune(self, finetune: bool) -> None:
-        super().set_finetune(finetune)
-        self.clear_cache()
-
-    def clear_cache(self) -> None:
-        self._cache, self._cached = {}, 0
 
     @property
     def max_pieces(self) -> int:
@@ -270,8 +259,7 @@ class BertTextEncoder(Encoder):
         if t > self.max_positions:
             raise ValueError(f"captions of {t} tokens; this BERT has {self.max_positions} positions")
         mask = torch.arange(t, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
-        # only training fills the cache, so eval mode (validation) uses it once a training step has
-        if (self.training or self._cache) and not self.finetune and self.cache_bytes:
+        if self.cache_in_use():
             hidden = self._cached_hidden(tokens, lengths, mask)
         else:
             hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
@@ -283,21 +271,18 @@ class BertTextEncoder(Encoder):
         the mask and GPO never read)."""
         lens = lengths.tolist()
         ids = tokens.cpu().numpy()
-        keys = [ids[i, :n].tobytes() for i, n in enumerate(lens)]
-        rows = [self._cache.get(k) for k in keys]
-        todo = [i for i, r in enumerate(rows) if r is None]
-        by_length: dict[int, list[int]] = {}
-        for i in todo:  # one BERT call per caption length: no work on padding
-            by_length.setdefault(lens[i], []).append(i)
-        for n, group in by_length.items():
-            at = torch.tensor(group, device=tokens.device)
-            with torch.no_grad():  # BERT is fixed: no graph through it either way
-                fresh = self.bert(input_ids=tokens[at, :n], attention_mask=mask[at, :n].long()).last_hidden_state
-            for row, i in zip(fresh, group):
-                rows[i] = row
-                size = row.numel() * row.element_size()
-                if self._cached + size <= self.cache_bytes:  # when full, later captions are computed every time
-                    self._cache[keys[i]] = row.clone()  # not a view holding the whole group's outputs
-                    self._cached += size
+
+        def compute(todo: list[int]) -> list[torch.Tensor]:
+            by_length: dict[int, list[int]] = {}
+            for i in todo:  # one BERT call per caption length: no work on padding
+                by_length.setdefault(lens[i], []).append(i)
+            out: dict[int, torch.Tensor] = {}
+            for n, group in by_length.items():
+                at = torch.tensor(group, device=tokens.device)
+                hidden = self.bert(input_ids=tokens[at, :n], attention_mask=mask[at, :n].long()).last_hidden_state
+                out.update(zip(group, hidden))
+            return [out[i] for i in todo]
+
+        rows = self.cached([ids[i, :n].tobytes() for i, n in enumerate(lens)], compute)
         out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         return nn.functional.pad(out, (0, 0, 0, tokens.shape[1] - out.shape[1]))

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from vsekit.models.base import Encoder
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.gpo import GPO
 from vsekit.models.heads import joint_head
 from vsekit.models.layers import l2norm
@@ -155,7 +156,7 @@ IMAGE_HEADS = ("linear", "mlp", "dualpath", "projector")
 
 
 @IMAGE_ENCODERS.register("cnn")
-class CNNImageEncoder(Encoder):
+class CNNImageEncoder(FrozenOutputs, Encoder):
     """A torchvision CNN projected into the joint space by a head.
 
     ``head="linear"``: VSE++ ``EncoderImageFull`` (CNN features L2-normalised, then one linear layer);
@@ -169,7 +170,8 @@ class CNNImageEncoder(Encoder):
     one thing (their size) that still tells them apart; ``backbone_norm: false`` is for training from scratch.
 
     ``finetune=False`` freezes the CNN (no gradients, batch norm kept in eval mode); the trainer may flip it
-    between stages with :meth:`~vsekit.models.base.Encoder.set_finetune`.
+    between stages with :meth:`~vsekit.models.base.Encoder.set_finetune`. A frozen CNN's pooled output is kept per
+    image while training on the CPU (``cache_mb``, default 512 MiB, 0: off; :mod:`vsekit.models.frozen_cache`).
     """
 
     finetune_scope = "backbone"
@@ -178,8 +180,9 @@ class CNNImageEncoder(Encoder):
                  finetune: bool = False, weights_path: str | None = None, head: str = "linear",
                  no_imgnorm: bool = False, use_abs: bool = False, width: int = 32,
                  backbone_norm: bool | None = None, hidden: list[int] | None = None,
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", cache_mb: float = 512.0) -> None:
         super().__init__()
+        self.init_frozen_cache(cache_mb, "model.image_encoder")
         if head not in IMAGE_HEADS:
             raise ValueError(f"image_encoder.head must be one of {IMAGE_HEADS}, got {head!r}")
         kwargs = {"width": width} if backbone == "small_cnn" else {}
@@ -192,5 +195,5 @@ class CNNImageEncoder(Encoder):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The head's output before the L2 normalisation (f_img of Dual-Path)."""
-        feats = self.backbone(images)  # frozen (finetune: false): autograd records nothing through it
+        feats = self.frozen(self.backbone, images)  # frozen (finetune: false): no graph through it, outputs kept
         return self.head(l2norm(feats) if self.normalize_backbone else feats)

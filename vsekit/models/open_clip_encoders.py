@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from vsekit.errors import did_you_mean, first_line
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.text import TEXT_ENCODERS
 from vsekit.models.weights import (
@@ -141,7 +142,7 @@ def _projection(in_dim: int, embed_size: int, proj: str, where: str) -> nn.Modul
 
 
 @IMAGE_ENCODERS.register("open_clip")
-class OpenCLIPImageEncoder(Encoder):
+class OpenCLIPImageEncoder(FrozenOutputs, Encoder):
     """The vision tower of an open_clip model (its pooled, projected CLIP embedding), L2-normalised.
 
     ``arch`` or ``config``: the architecture; ``weights``: a local CLIP checkpoint (``.safetensors``,
@@ -149,7 +150,8 @@ class OpenCLIPImageEncoder(Encoder):
     null for random weights. ``proj``: ``auto`` keeps CLIP's
     joint space when ``model.embed_size`` equals its ``embed_dim`` and adds a linear map otherwise. Images
     arrive with ImageNet statistics and are re-normalised to ``mean`` / ``std`` (default: CLIP's).
-    ``finetune: false`` freezes the tower (the projection, if any, trains).
+    ``finetune: false`` freezes the tower (the projection, if any, trains); its outputs are then kept per image
+    while training on the CPU (``cache_mb``, as the ``timm`` encoder's).
     """
 
     finetune_scope = "tower"
@@ -157,9 +159,10 @@ class OpenCLIPImageEncoder(Encoder):
     def __init__(self, embed_size: int = 512, arch: str | None = None, config: dict[str, Any] | None = None,
                  weights: str | None = None, finetune: bool = True, proj: Literal["auto", "linear", "none"] = "auto",
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
-                 no_imgnorm: bool = False, use_abs: bool = False) -> None:
+                 no_imgnorm: bool = False, use_abs: bool = False, cache_mb: float = 512.0) -> None:
         super().__init__()
         where = "model.image_encoder"
+        self.init_frozen_cache(cache_mb, where)
         open_clip = _open_clip(where)
         embed_dim = int(clip_config(arch, config, where)["embed_dim"])
         self.tower = build_clip(arch, config, weights, where).visual
@@ -169,7 +172,7 @@ class OpenCLIPImageEncoder(Encoder):
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.tower(self.renorm(images)))
+        return self.proj(self.frozen(lambda x: self.tower(self.renorm(x)), images))
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,6 +9,7 @@ from torch import nn
 
 from vsekit.models.base import Encoder
 from vsekit.models.foreign import Renormalize, registry_name
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.heads import joint_head
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
@@ -82,7 +83,7 @@ TIMM_HEADS = ("linear", "mlp", "dualpath")
 
 
 @IMAGE_ENCODERS.register("timm")
-class TimmImageEncoder(Encoder):
+class TimmImageEncoder(FrozenOutputs, Encoder):
     """A timm model's pooled features (``num_classes=0``), a head to the joint space, L2.
 
     ``model``: any timm architecture name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``, ...),
@@ -96,7 +97,10 @@ class TimmImageEncoder(Encoder):
     encoder's, so a timm CNN can stand in for Dual-Path's ResNet-50); ``backbone_norm`` as for the ``cnn``
     encoder (default: L2 before the head, VSE++'s way; not for the Dual-Path head).
 
-    ``finetune: false`` freezes the timm model (no gradients, batch norm in eval mode); the head trains.
+    ``finetune: false`` freezes the timm model (no gradients, batch norm in eval mode); the head trains. A frozen
+    model's pooled output is kept per image while training on the CPU (``cache_mb``, default 512 MiB, 0: off;
+    :mod:`vsekit.models.frozen_cache`): with images that reach it unchanged every epoch (no random crops or
+    jitter) the epochs after the first cost the head only.
     """
 
     finetune_scope = "backbone"
@@ -104,8 +108,10 @@ class TimmImageEncoder(Encoder):
     def __init__(self, embed_size: int = 1024, model: str = "resnet50", weights: str | None = None,
                  pretrained: bool = False, finetune: bool = True, head: str = "linear", model_kwargs: dict[str, Any] | None = None,
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
-                 backbone_norm: bool | None = None, no_imgnorm: bool = False, use_abs: bool = False) -> None:
+                 backbone_norm: bool | None = None, no_imgnorm: bool = False, use_abs: bool = False,
+                 cache_mb: float = 512.0) -> None:
         super().__init__()
+        self.init_frozen_cache(cache_mb, "model.image_encoder")
         if head not in TIMM_HEADS:
             raise ValueError(f"image_encoder.head must be one of {TIMM_HEADS}, got {head!r}")
         self.backbone = create_timm_model(model, weights, model_kwargs, pretrained=pretrained)
@@ -118,5 +124,5 @@ class TimmImageEncoder(Encoder):
         self.set_finetune(finetune)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(self.renorm(images))
+        feats = self.frozen(lambda x: self.backbone(self.renorm(x)), images)
         return self.head(l2norm(feats) if self.normalize_backbone else feats)

@@ -16,6 +16,7 @@ import torch
 
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
@@ -79,6 +80,8 @@ class TwoLevelImageEncoder(Encoder):
     def set_finetune(self, finetune: bool) -> None:
         super().set_finetune(finetune)
         self.inner.finetune = self.finetune
+        if isinstance(self.inner, FrozenOutputs):  # outputs kept while frozen are stale once the backbone learns
+            self.inner.clear_cache()
 
     def forward_parts(self, *inputs: torch.Tensor):
         return self.inner.forward_parts(*inputs)
