@@ -27,6 +27,8 @@ gradient clipping 2, from ``vsekit/configs/vsepp_base.yaml`` as ``configs/vsepp_
                         = 2e-5, the paper's fine-tuning rate), from the first epoch.
   frozen_then_finetune  the paper's own protocol: the first half of the epochs frozen, then everything at 2e-5
                         with the CNN unfrozen (``train.stages``; ``_ft.yaml`` continues from the frozen model).
+  frozen_lr_drop        its control: the same two halves and rates with the CNN frozen throughout, so that
+                        ``paired --baseline frozen_lr_drop`` isolates what training the CNN adds.
 
 Study ``dualpath`` (Zheng et al. 2020): ``vsekit/configs/dualpath_demo.yaml`` (text CNN 1 block per stage at 1/4
 width, embed 256, instance classifier over the training images, SGD Nesterov lr 0.05, batch 32, one caption per
@@ -42,6 +44,11 @@ trained in stage II at ``--cnn-lr-mult`` x the rate (default 0.001, the referenc
 Defaults: both collections, seeds 0 1 2, 128 px, 400 training images (+ their group's end), 250 validation
 images. One thread, 128 px (measured with the CPU shared): the CNN's forward 59 images/s, forward + backward 15
 (4x); a VSE++ epoch of 400 emoji images (about 1,200 pairs) about 35 s frozen and 2 min fine-tuned.
+
+``--augment whole`` gives every arm the whole render resized to S px every epoch instead of random crops: a
+frozen CNN then runs once per image in the run (the encoder keeps its outputs, ``cache_mb``), so frozen epochs
+cost the heads only. ``--sample image``: an epoch is one caption per image (``data.sample=image``), not every
+caption. ``--cnn-lr-mult 0`` keeps Dual-Path's CNN frozen in both stages.
 
 Equal epochs by default; ``--minutes M`` adds ``train.max_minutes=M`` (equal time: with ``--epochs`` large,
 each arm trains as many epochs as fit in M minutes; the result says how many). Each run is a subprocess with
@@ -80,10 +87,12 @@ from real_data import cache_dir, render_collection
 
 OUT = RESULTS / "pretrained_finetune.jsonl"
 CONFIGS = ROOT / "vsekit" / "configs"
-ARMS = {"vsepp": ["frozen", "finetune", "frozen_then_finetune"],
+ARMS = {"vsepp": ["frozen", "finetune", "frozen_then_finetune", "frozen_lr_drop"],
         "dualpath": ["two_stage", "ranking_only", "instance_only", "joint"]}
 DEFAULT_ARMS = {"vsepp": ["frozen", "finetune"], "dualpath": ["two_stage", "ranking_only"]}
 BASELINE = {"vsepp": "frozen", "dualpath": "ranking_only"}  # what `paired` subtracts
+AUGMENTS = ("crop", "whole")
+SAMPLES = ("caption", "image")
 DUALPATH_ARMS = {"two_stage": "two-stage (paper)", "ranking_only": "ranking only",
                  "instance_only": "instance only", "joint": "joint from start"}  # dualpath_demo.ARMS' names
 VSEPP_FT_LR = 2e-5  # VSE++ §4: the CNN fine-tuned at 2e-5 (configs/vsepp_*_resnet152_ft.yaml)
@@ -127,12 +136,17 @@ def subset_collection(collection: str, max_train: int | None) -> dict:
     return {**info, "path": str(out), "cut": n}
 
 
-def transform_overrides(size: int) -> list[str]:
+def transform_overrides(size: int, augment: str = "crop") -> list[str]:
+    if augment == "whole":
+        return [f"transform.image_size={size}", f"transform.resize={size}", "transform.resize_policy=square",
+                "transform.augment={crop: center, hflip: false, color_jitter: 0.0}"]
     return [f"transform.image_size={size}", f"transform.resize={round(size * 8 / 7)}", "transform.resize_policy=square",
             "transform.augment={crop: random, hflip: false}"]
 
 
-def describe_transform(size: int) -> str:
+def describe_transform(size: int, augment: str = "crop") -> str:
+    if augment == "whole":
+        return f"train and eval: the whole render resized to {size} px (the same pixels every epoch)"
     return (f"train: random {size}-px crops of the 224-px render resized to {round(size * 8 / 7)} px, no flip; "
             f"eval: the whole render resized to {size} px")
 
@@ -147,11 +161,14 @@ def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0) -> d
     if arm == "finetune":
         overrides.append(f"optim.lr_mult={{image_encoder.backbone: {VSEPP_FT_LR / 2e-4:g}}}")
     cfg = resolve_config(CONFIGS / "vsepp_base.yaml", overrides).to_dict()
-    if arm == "frozen_then_finetune":
+    if arm in ("frozen_then_finetune", "frozen_lr_drop"):
         first = max(1, epochs // 2)
-        cfg["train"]["stages"] = [{"name": "frozen", "epochs": first},
-                                  {"name": "finetune", "epochs": max(1, epochs - first),
-                                   "model": {"image_encoder": {"finetune": True}}, "optim": {"lr": VSEPP_FT_LR}}]
+        second = {"name": "finetune", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
+        if arm == "frozen_then_finetune":
+            second["model"] = {"image_encoder": {"finetune": True}}
+        else:
+            second["name"] = "lower_lr"
+        cfg["train"]["stages"] = [{"name": "frozen", "epochs": first}, second]
         cfg["train"]["epochs"] = max(epochs, first + 1)
     return cfg
 
@@ -169,13 +186,16 @@ def dualpath_config(arm: str, stage_epochs: tuple[int, int], cnn_lr_mult: float,
         stage["objective"] = copy.deepcopy(objective)
         stage["epochs"] = n
     stage2 = cfg["train"]["stages"][1]
-    stage2["model"] = {"image_encoder": {"finetune": True}}  # stage II: the CNN is trained
-    stage2.setdefault("optim", {})["lr_mult"] = {"text_encoder.embed": 1.0, "image_encoder.backbone": cnn_lr_mult}
+    stage2.setdefault("optim", {})["lr_mult"] = {"text_encoder.embed": 1.0}
+    if cnn_lr_mult:  # stage II: the CNN is trained (0: frozen in both stages)
+        stage2["model"] = {"image_encoder": {"finetune": True}}
+        stage2["optim"]["lr_mult"]["image_encoder.backbone"] = cnn_lr_mult
     return cfg
 
 
 def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minutes: float, image_size: int,
-            max_train: int, val_images: int, warmup: int, stage1: int, cnn_lr_mult: float, out_dir: str) -> dict:
+            max_train: int, val_images: int, warmup: int, stage1: int, cnn_lr_mult: float, augment: str, sample: str,
+            out_dir: str) -> dict:
     """Train one study x collection x arm x seed (in this process) and return its numbers."""
     import torch
 
@@ -186,7 +206,9 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
     info = subset_collection(collection, max_train or None)
     common = ["data.format=karpathy", f"data.path={info['path']}", f"data.image_root={info['image_root']}",
               "data.num_workers=0", f"data.val_max_images={val_images}", "train.progress=false", "train.log_every=5",
-              f"seed={seed}", f"output_dir={out_dir}", *transform_overrides(image_size)]
+              f"seed={seed}", f"output_dir={out_dir}", *transform_overrides(image_size, augment)]
+    if sample != "caption":
+        common.append(f"data.sample={sample}")
     if minutes:
         common.append(f"train.max_minutes={minutes}")
     if study == "vsepp":
@@ -206,7 +228,8 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
     return {"study": study, "collection": collection, "arm": arm, "seed": seed, "epochs": epochs,
             "minutes": minutes, "image_size": image_size, "max_train_images": max_train,
             "warmup_epochs": warmup if study == "vsepp" else None, "stage_epochs": [stage1, epochs - stage1] if study == "dualpath" else None,
-            "cnn_lr_mult": cnn_lr_mult if study == "dualpath" else None, "transform": describe_transform(image_size),
+            "cnn_lr_mult": cnn_lr_mult if study == "dualpath" else None, "augment": augment, "sample": sample,
+            "transform": describe_transform(image_size, augment),
             "train_images": train.num_images, "train_captions": train.num_captions, "val_images": val_images,
             "test_images": test.num_images, "test_captions": test.num_captions,
             "test_rsum": m["rsum"], "test": m, "val_rsum": vals, "epochs_done": len(vals),
@@ -221,17 +244,18 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
 def cmd_one(args) -> None:
     print_result(one_run, args.study, args.collection, args.arm, args.seed, args.epochs, args.minutes,
                  args.image_size, args.max_train_images, args.val_images, args.warmup_epochs, args.stage1,
-                 args.cnn_lr_mult)
+                 args.cnn_lr_mult, args.augment, args.sample)
 
 
 KEY = ("study", "collection", "arm", "seed", "epochs", "minutes", "image_size", "max_train_images", "val_images",
-       "warmup_epochs", "stage_epochs", "cnn_lr_mult")
+       "warmup_epochs", "stage_epochs", "cnn_lr_mult", "augment", "sample")
 SETTING = ("study", "collection", "epochs", "minutes", "image_size", "max_train_images", "warmup_epochs",
-           "stage_epochs", "cnn_lr_mult")
+           "stage_epochs", "cnn_lr_mult", "augment", "sample")
+KEY_DEFAULTS = {"augment": "crop", "sample": "caption"}  # rows written before these options had them
 
 
 def _key(r: dict, keys: tuple[str, ...] = KEY) -> tuple:
-    return tuple(json.dumps(r.get(k)) for k in keys)
+    return tuple(json.dumps(r.get(k, KEY_DEFAULTS.get(k))) for k in keys)
 
 
 def _summary(r: dict) -> str:
@@ -249,8 +273,9 @@ def cmd_run(args) -> None:
     stage1 = args.stage_epochs[0] if args.study == "dualpath" else 0
     if args.study == "dualpath" and not 1 <= stage1 < epochs:
         raise SystemExit(f"--stage-epochs: stage I ({stage1}) must be shorter than --epochs ({epochs})")
-    if args.minutes and "frozen_then_finetune" in arms:
-        raise SystemExit("frozen_then_finetune splits --epochs in two halves: run it at equal epochs (no --minutes)")
+    if args.minutes and {"frozen_then_finetune", "frozen_lr_drop"} & set(arms):
+        raise SystemExit("frozen_then_finetune and frozen_lr_drop split --epochs in two halves: run them at equal "
+                         "epochs (no --minutes)")
     done = {_key(r) for r in read_results(args.results)}
     dual = args.study == "dualpath"
     jobs = []
@@ -262,9 +287,11 @@ def cmd_run(args) -> None:
                        "max_train_images": args.max_train_images, "val_images": args.val_images,
                        "warmup_epochs": None if dual else args.warmup_epochs,
                        "stage_epochs": [stage1, epochs - stage1] if dual else None,
-                       "cnn_lr_mult": args.cnn_lr_mult if dual else None}
+                       "cnn_lr_mult": args.cnn_lr_mult if dual else None, "augment": args.augment,
+                       "sample": args.sample}
                 if _key(job) not in done:
-                    jobs.append((*[job[k] for k in KEY[:9]], args.warmup_epochs, stage1, args.cnn_lr_mult))
+                    jobs.append((*[job[k] for k in KEY[:9]], args.warmup_epochs, stage1, args.cnn_lr_mult,
+                                 args.augment, args.sample))
     for collection in args.collections:  # render / cut once, before the runs start in parallel
         subset_collection(collection, args.max_train_images or None)
     effnet_weights()
@@ -280,13 +307,16 @@ def _settings(path: Path) -> list[tuple[tuple, str, list[dict]]]:
 
 
 def _setting_text(s: tuple) -> str:
-    study, collection, epochs, minutes, size, cut, warmup, stages, mult = map(json.loads, s)
+    study, collection, epochs, minutes, size, cut, warmup, stages, mult, augment, sample = map(json.loads, s)
     budget = f"≤ {epochs} epochs in {minutes:g} min" if minutes else f"{epochs} epochs"
+    if sample == "image":
+        budget += ", one caption per image per epoch"
     if warmup:
         budget += f" (first {warmup} with the sum of hinges)"
     if stages:
-        budget += f" ({stages[0]} + {stages[1]}; CNN lr × {mult:g} in stage II)"
-    return f"{study} | {collection} | {budget} | {size} px | {cut or 'all'}"
+        budget += f" ({stages[0]} + {stages[1]}; " + (f"CNN lr × {mult:g} in stage II)" if mult else "CNN frozen)")
+    image = f"{size} px" + (", whole" if augment == "whole" else ", random crops")
+    return f"{study} | {collection} | {budget} | {image} | {cut or 'all'}"
 
 
 def cmd_report(args) -> None:
@@ -306,19 +336,21 @@ def cmd_report(args) -> None:
 
 
 def cmd_paired(args) -> None:
-    """Each arm minus the study's baseline, seed by seed (the same seed: the same initial weights and batches)."""
+    """Each arm minus the study's baseline (or ``--baseline``), seed by seed (the same seed: the same initial
+    weights and batches)."""
     print("| study | collection | budget | image | train images (cut) | arms | test rsum difference per seed | mean | "
           "seeds where the arm is ahead |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s, study, rows in _settings(args.results):
-        base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == BASELINE[study]}
+        baseline = args.baseline or BASELINE[study]
+        base = {r["seed"]: r["test_rsum"] for r in rows if r["arm"] == baseline}
         for arm in ARMS[study]:
-            d = [(r["seed"], r["test_rsum"] - base[r["seed"]]) for r in rows if r["arm"] == arm and arm != BASELINE[study]
+            d = [(r["seed"], r["test_rsum"] - base[r["seed"]]) for r in rows if r["arm"] == arm and arm != baseline
                  and r["seed"] in base]
             if not d:
                 continue
             diffs = [x for _, x in sorted(d)]
-            print(f"| {_setting_text(s)} | {arm} − {BASELINE[study]} | "
+            print(f"| {_setting_text(s)} | {arm} − {baseline} | "
                   f"{', '.join(f's{seed} {x:+.1f}' for seed, x in sorted(d))} | {statistics.mean(diffs):+.1f} | "
                   f"{sum(x > 0 for x in diffs)} of {len(diffs)} |")
 
@@ -329,7 +361,7 @@ def main() -> None:
         ("epochs", {"type": int}), ("minutes", {"type": float}), ("image_size", {"type": int}),
         ("max_train_images", {"type": int}), ("val_images", {"type": int}), ("warmup_epochs", {"type": int}),
         ("stage1", {"type": int}),
-        ("cnn_lr_mult", {"type": float})])
+        ("cnn_lr_mult", {"type": float}), ("augment", {"choices": AUGMENTS}), ("sample", {"choices": SAMPLES})])
     r.add_argument("--study", choices=list(ARMS), required=True)
     r.add_argument("--collections", nargs="+", default=["emoji", "tabler"], choices=["emoji", "tabler"])
     r.add_argument("--arms", nargs="+", help="default: vsepp frozen finetune; dualpath two_stage ranking_only")
@@ -341,8 +373,15 @@ def main() -> None:
     r.add_argument("--warmup-epochs", type=int, default=0, help="vsepp: epochs of the sum of hinges before the max "
                    "(0: the paper's max from the start; 1 if the max collapses from the random GRU)")
     r.add_argument("--stage-epochs", type=int, nargs=2, default=[12, 8], help="dualpath: epochs of stage I, II")
-    r.add_argument("--cnn-lr-mult", type=float, default=0.001, help="dualpath: the CNN's lr multiplier in stage II")
-    sub.add_parser("paired").set_defaults(fn=cmd_paired)
+    r.add_argument("--cnn-lr-mult", type=float, default=0.001, help="dualpath: the CNN's lr multiplier in stage II "
+                   "(0: the CNN stays frozen in both stages)")
+    r.add_argument("--augment", choices=AUGMENTS, default="crop", help="crop: random crops (default); whole: the "
+                   "whole image every epoch, so a frozen CNN runs once per image (its outputs are cached)")
+    r.add_argument("--sample", choices=SAMPLES, default="caption", help="an epoch: every caption (default) or one "
+                   "caption per image (data.sample=image)")
+    pr = sub.add_parser("paired")
+    pr.set_defaults(fn=cmd_paired)
+    pr.add_argument("--baseline", help="the arm subtracted (default: vsepp frozen, dualpath ranking_only)")
     for name in ("run", "report", "paired"):
         sub.choices[name].add_argument("--results", type=Path, default=OUT, help="the results file (JSON lines)")
     args = p.parse_args()
