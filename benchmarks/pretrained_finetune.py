@@ -48,7 +48,9 @@ images. One thread, 128 px (measured with the CPU shared): the CNN's forward 59 
 ``--augment whole`` gives every arm the whole render resized to S px every epoch instead of random crops: a
 frozen CNN then runs once per image in the run (the encoder keeps its outputs, ``cache_mb``), so frozen epochs
 cost the heads only. ``--sample image``: an epoch is one caption per image (``data.sample=image``), not every
-caption. ``--cnn-lr-mult 0`` keeps Dual-Path's CNN frozen in both stages.
+caption. ``--cnn-lr-mult 0`` keeps Dual-Path's CNN frozen in both stages. ``--finetune-epochs K``: the two-half
+VSE++ arms spend the last K of ``--epochs`` in their second part (default: half), e.g. many cheap frozen epochs
+and a few fine-tuned ones.
 
 Equal epochs by default; ``--minutes M`` adds ``train.max_minutes=M`` (equal time: with ``--epochs`` large,
 each arm trains as many epochs as fit in M minutes; the result says how many). Each run is a subprocess with
@@ -151,7 +153,7 @@ def describe_transform(size: int, augment: str = "crop") -> str:
             f"eval: the whole render resized to {size} px")
 
 
-def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0) -> dict:
+def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0, second: int = 0) -> dict:
     from vsekit.config import resolve_config
 
     encoder = f"{{name: timm, model: tf_efficientnet_lite0, weights: {effnet_weights()}, finetune: {arm == 'finetune'}}}"
@@ -162,13 +164,13 @@ def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0) -> d
         overrides.append(f"optim.lr_mult={{image_encoder.backbone: {VSEPP_FT_LR / 2e-4:g}}}")
     cfg = resolve_config(CONFIGS / "vsepp_base.yaml", overrides).to_dict()
     if arm in ("frozen_then_finetune", "frozen_lr_drop"):
-        first = max(1, epochs // 2)
-        second = {"name": "finetune", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
+        first = max(1, epochs - second if second else epochs // 2)
+        then = {"name": "finetune", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
         if arm == "frozen_then_finetune":
-            second["model"] = {"image_encoder": {"finetune": True}}
+            then["model"] = {"image_encoder": {"finetune": True}}
         else:
-            second["name"] = "lower_lr"
-        cfg["train"]["stages"] = [{"name": "frozen", "epochs": first}, second]
+            then["name"] = "lower_lr"
+        cfg["train"]["stages"] = [{"name": "frozen", "epochs": first}, then]
         cfg["train"]["epochs"] = max(epochs, first + 1)
     return cfg
 
@@ -195,7 +197,7 @@ def dualpath_config(arm: str, stage_epochs: tuple[int, int], cnn_lr_mult: float,
 
 def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minutes: float, image_size: int,
             max_train: int, val_images: int, warmup: int, stage1: int, cnn_lr_mult: float, augment: str, sample: str,
-            out_dir: str) -> dict:
+            finetune_epochs: int, out_dir: str) -> dict:
     """Train one study x collection x arm x seed (in this process) and return its numbers."""
     import torch
 
@@ -212,7 +214,7 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
     if minutes:
         common.append(f"train.max_minutes={minutes}")
     if study == "vsepp":
-        cfg = vsepp_config(arm, epochs, common, warmup)
+        cfg = vsepp_config(arm, epochs, common, warmup, finetune_epochs)
     else:
         cfg = dualpath_config(arm, (stage1, epochs - stage1), cnn_lr_mult, common)
     train_s, stopped = train_keeping_best(cfg)
@@ -229,6 +231,7 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
             "minutes": minutes, "image_size": image_size, "max_train_images": max_train,
             "warmup_epochs": warmup if study == "vsepp" else None, "stage_epochs": [stage1, epochs - stage1] if study == "dualpath" else None,
             "cnn_lr_mult": cnn_lr_mult if study == "dualpath" else None, "augment": augment, "sample": sample,
+            "finetune_epochs": finetune_epochs or None,
             "transform": describe_transform(image_size, augment),
             "train_images": train.num_images, "train_captions": train.num_captions, "val_images": val_images,
             "test_images": test.num_images, "test_captions": test.num_captions,
@@ -244,13 +247,13 @@ def one_run(study: str, collection: str, arm: str, seed: int, epochs: int, minut
 def cmd_one(args) -> None:
     print_result(one_run, args.study, args.collection, args.arm, args.seed, args.epochs, args.minutes,
                  args.image_size, args.max_train_images, args.val_images, args.warmup_epochs, args.stage1,
-                 args.cnn_lr_mult, args.augment, args.sample)
+                 args.cnn_lr_mult, args.augment, args.sample, args.finetune_epochs)
 
 
 KEY = ("study", "collection", "arm", "seed", "epochs", "minutes", "image_size", "max_train_images", "val_images",
-       "warmup_epochs", "stage_epochs", "cnn_lr_mult", "augment", "sample")
+       "warmup_epochs", "stage_epochs", "cnn_lr_mult", "augment", "sample", "finetune_epochs")
 SETTING = ("study", "collection", "epochs", "minutes", "image_size", "max_train_images", "warmup_epochs",
-           "stage_epochs", "cnn_lr_mult", "augment", "sample")
+           "stage_epochs", "cnn_lr_mult", "augment", "sample", "finetune_epochs")
 KEY_DEFAULTS = {"augment": "crop", "sample": "caption"}  # rows written before these options had them
 
 
@@ -288,10 +291,10 @@ def cmd_run(args) -> None:
                        "warmup_epochs": None if dual else args.warmup_epochs,
                        "stage_epochs": [stage1, epochs - stage1] if dual else None,
                        "cnn_lr_mult": args.cnn_lr_mult if dual else None, "augment": args.augment,
-                       "sample": args.sample}
+                       "sample": args.sample, "finetune_epochs": None if dual else args.finetune_epochs or None}
                 if _key(job) not in done:
                     jobs.append((*[job[k] for k in KEY[:9]], args.warmup_epochs, stage1, args.cnn_lr_mult,
-                                 args.augment, args.sample))
+                                 args.augment, args.sample, 0 if dual else args.finetune_epochs))
     for collection in args.collections:  # render / cut once, before the runs start in parallel
         subset_collection(collection, args.max_train_images or None)
     effnet_weights()
@@ -307,12 +310,14 @@ def _settings(path: Path) -> list[tuple[tuple, str, list[dict]]]:
 
 
 def _setting_text(s: tuple) -> str:
-    study, collection, epochs, minutes, size, cut, warmup, stages, mult, augment, sample = map(json.loads, s)
+    study, collection, epochs, minutes, size, cut, warmup, stages, mult, augment, sample, second = map(json.loads, s)
     budget = f"≤ {epochs} epochs in {minutes:g} min" if minutes else f"{epochs} epochs"
     if sample == "image":
         budget += ", one caption per image per epoch"
     if warmup:
         budget += f" (first {warmup} with the sum of hinges)"
+    if second:
+        budget += f" (two-half arms: the last {second} at 2e-5)"
     if stages:
         budget += f" ({stages[0]} + {stages[1]}; " + (f"CNN lr × {mult:g} in stage II)" if mult else "CNN frozen)")
     image = f"{size} px" + (", whole" if augment == "whole" else ", random crops")
@@ -361,7 +366,8 @@ def main() -> None:
         ("epochs", {"type": int}), ("minutes", {"type": float}), ("image_size", {"type": int}),
         ("max_train_images", {"type": int}), ("val_images", {"type": int}), ("warmup_epochs", {"type": int}),
         ("stage1", {"type": int}),
-        ("cnn_lr_mult", {"type": float}), ("augment", {"choices": AUGMENTS}), ("sample", {"choices": SAMPLES})])
+        ("cnn_lr_mult", {"type": float}), ("augment", {"choices": AUGMENTS}), ("sample", {"choices": SAMPLES}),
+        ("finetune_epochs", {"type": int})])
     r.add_argument("--study", choices=list(ARMS), required=True)
     r.add_argument("--collections", nargs="+", default=["emoji", "tabler"], choices=["emoji", "tabler"])
     r.add_argument("--arms", nargs="+", help="default: vsepp frozen finetune; dualpath two_stage ranking_only")
@@ -377,6 +383,8 @@ def main() -> None:
                    "(0: the CNN stays frozen in both stages)")
     r.add_argument("--augment", choices=AUGMENTS, default="crop", help="crop: random crops (default); whole: the "
                    "whole image every epoch, so a frozen CNN runs once per image (its outputs are cached)")
+    r.add_argument("--finetune-epochs", type=int, default=0, help="vsepp frozen_then_finetune / frozen_lr_drop: "
+                   "epochs of the second part (0: half of --epochs)")
     r.add_argument("--sample", choices=SAMPLES, default="caption", help="an epoch: every caption (default) or one "
                    "caption per image (data.sample=image)")
     pr = sub.add_parser("paired")
