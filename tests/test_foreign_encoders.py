@@ -264,6 +264,12 @@ def test_a_run_with_a_frozen_cnn_learns_the_same_with_the_cache(tmp_path):
     n, val = plain.train_corpus.num_images, 4
     assert plain.train_corpus.num_captions == 5 * n
     assert sum(plain_calls) == 2 * (5 * n + val) and sum(cached_calls) == n + val
+    # under random crops no image repeats: the run turns the cache off rather than fill it
+    crops = tiny_config(tmp_path / "crops", "data.num_images=40", "transform.image_size=32", "transform.resize=36",
+                        "transform.augment={crop: random, hflip: false}",
+                        "model.image_encoder={name: cnn, backbone: small_cnn, width: 4, finetune: false}")
+    assert Trainer(crops.to_dict()).model.image_encoder.cache_bytes == 0
+    assert cached.model.image_encoder.cache_bytes == 64 << 20
 
 
 # -- open_clip -------------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ import torch
 from vsekit.config import RunConfig
 from vsekit.data.corpus import Corpus
 from vsekit.data.datasets import CaptionPool, EpochSampler, ImageSource, PairDataset, TextSource
+from vsekit.data.images import AugmentConfig
 from vsekit.data.sources import load_split
 from vsekit.errors import ConfigError, first_line
 from vsekit.inference import caption_encoder
 from vsekit.losses import build_loss
 from vsekit.losses.base import RankingLoss
+from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.vse import VSEModel, build_model
 from vsekit.models.weights import restoring_weights
 from vsekit.semantics import fit_or_load_caption_vectors
@@ -106,6 +108,22 @@ def check_image_size(model: VSEModel, image_size: int) -> None:
         model.train(was_training)
 
 
+def no_frozen_cache_under_random_augmentation(model: VSEModel, augment: AugmentConfig) -> None:
+    """A frozen image network keeps its output per image (:mod:`vsekit.models.frozen_cache`); under random crops
+    or colour jitter no image reaches it twice, so that cache would only fill memory: off for this run."""
+    why = [w for w, on in (("random crops", augment.crop != "center"), ("colour jitter", augment.color_jitter > 0))
+           if on]
+    if not why:
+        return
+    for m in model.image_encoder.modules():
+        if isinstance(m, FrozenOutputs) and m.cache_bytes:
+            m.cache_bytes = 0
+            if not m.finetune:
+                log.info("model.image_encoder: the frozen network's outputs are not kept per image: transform.augment "
+                         "has %s, so no image repeats (crop: center and color_jitter: 0 make frozen epochs cheap)",
+                         " and ".join(why))
+
+
 def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> TrainingRun:
     """Everything but the optimizer (which belongs to a training stage). ``weights_from`` is a checkpoint
     whose vocabulary the run must keep (a resumed run, or ``train.init_from``)."""
@@ -141,6 +159,7 @@ def build_run(cfg: RunConfig, weights_from: dict[str, Any] | None = None) -> Tra
     transform = None if train_corpus.is_precomputed else cfg.transform.build(train=True)
     if transform is not None:
         check_image_size(model, cfg.transform.image_size)
+        no_frozen_cache_under_random_augmentation(model, cfg.transform.augment)
     text = TextSource(train_corpus, encode)
     if "mined" in objective.terms:
         objective.terms["mined"].pool = CaptionPool(train_corpus, text)
