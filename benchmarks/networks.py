@@ -24,6 +24,7 @@ process's peak memory (each run is a subprocess).
     python benchmarks/networks.py prepare                       # CNN + grid features (cached)
     python benchmarks/networks.py run --seeds 0 1 2 --epochs 4  # every network x loss x seed, 2 at a time
     python benchmarks/networks.py report                        # the table for benchmarks/README.md
+    python benchmarks/networks.py convergence --features emoji_224   # epochs to 95 % of the VSE++ arm's best
 """
 
 from __future__ import annotations
@@ -247,13 +248,43 @@ def cmd_paired(args) -> None:
                   f"{statistics.mean(d):+.1f} | {sum(x > 0 for x in d)} of {len(d)} |")
 
 
+def cmd_convergence(args) -> None:
+    """The LSEH paper's "fewer epochs" claim, per seed: the epochs each loss needs to reach 95 % of the VSE++ arm's
+    best validation rsum (one target for both, the baseline's; "-" if never reached), at each network's longest
+    equal-epoch schedule."""
+    rows = [r for r in _rows(args.features) if not r.get("minutes")]
+    print("| network | epochs | seed | VSE++ best val rsum (epoch) | target (95 %) | epochs to target: VSE++ / LSEH | "
+          "LSEH best val rsum (epoch) |")
+    print("|---|---|---|---|---|---|---|")
+    for network in NETWORKS:
+        by = {(r["loss"], r["seed"], r["epochs"]): r for r in rows if r["network"] == network}
+        pairs = [(s, e) for (lo, s, e) in by if lo == "vsepp_nw" and ("lseh_nw", s, e) in by]
+        if not pairs:
+            continue
+        epochs = max(e for _, e in pairs)
+        for seed in sorted(s for s, e in pairs if e == epochs):
+            base, lseh = by[("vsepp_nw", seed, epochs)], by[("lseh_nw", seed, epochs)]
+            target = 0.95 * base["best_val_rsum"]
+
+            def reach(vals: list[float], target: float = target) -> str:
+                return next((str(i + 1) for i, v in enumerate(vals) if v >= target), "-")
+
+            def peak(r: dict) -> str:
+                return f"{r['best_val_rsum']:.1f} ({r['val_rsum'].index(r['best_val_rsum']) + 1})"
+
+            print(f"| {network} | {epochs} | {seed} | {peak(base)} | {target:.1f} | "
+                  f"{reach(base['val_rsum'])} / {reach(lseh['val_rsum'])} | {peak(lseh)} |")
+
+
 def main() -> None:
     p, sub, r = job_commands(__doc__, run=cmd_run, one=cmd_one, report=cmd_report,
                              one_args=[("network", {}), ("loss", {}), ("seed", {"type": int}),
                                        ("epochs", {"type": int}), ("features", {"choices": FEATURES}),
                                        ("minutes", {"type": float})])
     sub.add_parser("paired").set_defaults(fn=cmd_paired)
-    for name in ("run", "report", "paired"):
+    sub.add_parser("convergence", help="epochs to 95 % of the VSE++ arm's best, per seed").set_defaults(
+        fn=cmd_convergence)
+    for name in ("run", "report", "paired", "convergence"):
         sub.choices[name].add_argument("--features", choices=FEATURES, default="emoji_cnn",
                             help="emoji_cnn: the grid of a CNN trained here (issue 15); emoji_224 / tabler_224: "
                                  "pretrained EfficientNet-Lite0 features (issue 22)")
