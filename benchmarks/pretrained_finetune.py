@@ -29,6 +29,8 @@ gradient clipping 2, from ``vsekit/configs/vsepp_base.yaml`` as ``configs/vsepp_
                         with the CNN unfrozen (``train.stages``; ``_ft.yaml`` continues from the frozen model).
   frozen_lr_drop        its control: the same two halves and rates with the CNN frozen throughout, so that
                         ``paired --baseline frozen_lr_drop`` isolates what training the CNN adds.
+  frozen_then_finetune_norm_eval  frozen_then_finetune with the CNN's batch norm kept in eval mode while it
+                        learns (``norm_eval: true``: ImageNet's running statistics, affine weights trained).
 
 Study ``dualpath`` (Zheng et al. 2020): ``vsekit/configs/dualpath_demo.yaml`` (text CNN 1 block per stage at 1/4
 width, embed 256, instance classifier over the training images, SGD Nesterov lr 0.05, batch 32, one caption per
@@ -89,7 +91,7 @@ from real_data import cache_dir, render_collection
 
 OUT = RESULTS / "pretrained_finetune.jsonl"
 CONFIGS = ROOT / "vsekit" / "configs"
-ARMS = {"vsepp": ["frozen", "finetune", "frozen_then_finetune", "frozen_lr_drop"],
+ARMS = {"vsepp": ["frozen", "finetune", "frozen_then_finetune", "frozen_lr_drop", "frozen_then_finetune_norm_eval"],
         "dualpath": ["two_stage", "ranking_only", "instance_only", "joint"]}
 DEFAULT_ARMS = {"vsepp": ["frozen", "finetune"], "dualpath": ["two_stage", "ranking_only"]}
 BASELINE = {"vsepp": "frozen", "dualpath": "ranking_only"}  # what `paired` subtracts
@@ -156,17 +158,19 @@ def describe_transform(size: int, augment: str = "crop") -> str:
 def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0, second: int = 0) -> dict:
     from vsekit.config import resolve_config
 
-    encoder = f"{{name: timm, model: tf_efficientnet_lite0, weights: {effnet_weights()}, finetune: {arm == 'finetune'}}}"
+    norm_eval = ", norm_eval: true" if arm.endswith("_norm_eval") else ""
+    encoder = (f"{{name: timm, model: tf_efficientnet_lite0, weights: {effnet_weights()}, "
+               f"finetune: {arm == 'finetune'}{norm_eval}}}")
     overrides = [*common, "text.min_count=2", f"model.image_encoder={encoder}",
                  f"loss={{name: hinge_warmup, margin: 0.2, warmup_epochs: {warmup}, mask: same_image}}",
                  "optim.lr=2e-4", "optim.lr_decay_every=null", "train.batch_size=128", f"train.epochs={epochs}"]
     if arm == "finetune":
         overrides.append(f"optim.lr_mult={{image_encoder.backbone: {VSEPP_FT_LR / 2e-4:g}}}")
     cfg = resolve_config(CONFIGS / "vsepp_base.yaml", overrides).to_dict()
-    if arm in ("frozen_then_finetune", "frozen_lr_drop"):
+    if arm in ("frozen_then_finetune", "frozen_lr_drop", "frozen_then_finetune_norm_eval"):
         first = max(1, epochs - second if second else epochs // 2)
         then = {"name": "finetune", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
-        if arm == "frozen_then_finetune":
+        if arm.startswith("frozen_then_finetune"):
             then["model"] = {"image_encoder": {"finetune": True}}
         else:
             then["name"] = "lower_lr"
@@ -276,7 +280,7 @@ def cmd_run(args) -> None:
     stage1 = args.stage_epochs[0] if args.study == "dualpath" else 0
     if args.study == "dualpath" and not 1 <= stage1 < epochs:
         raise SystemExit(f"--stage-epochs: stage I ({stage1}) must be shorter than --epochs ({epochs})")
-    if args.minutes and {"frozen_then_finetune", "frozen_lr_drop"} & set(arms):
+    if args.minutes and {"frozen_then_finetune", "frozen_lr_drop", "frozen_then_finetune_norm_eval"} & set(arms):
         raise SystemExit("frozen_then_finetune and frozen_lr_drop split --epochs in two halves: run them at equal "
                          "epochs (no --minutes)")
     done = {_key(r) for r in read_results(args.results)}

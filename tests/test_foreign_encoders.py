@@ -171,6 +171,12 @@ def test_timm_finetune_false_freezes_the_backbone_and_its_batch_norm():
     enc.set_finetune(True)
     enc.train()
     assert bn.training and all(p.requires_grad for p in enc.backbone.parameters())
+    kept = IMAGE_ENCODERS.build({"name": "timm", "model": "test_resnet", "norm_eval": True}, embed_size=8).train()
+    bn = next(m for m in kept.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    kept(torch.randn(2, 3, 32, 32)).sum().backward()  # fine-tuned, its statistics fixed
+    assert not bn.training and torch.equal(before, bn.running_mean) and bn.weight.grad is not None
+    assert kept.head.training
 
 
 

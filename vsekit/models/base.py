@@ -37,6 +37,9 @@ class Encoder(nn.Module):
     #: :meth:`finish`: L2 (an encoder's ``no_imgnorm`` / ``no_txtnorm`` turn it off), then abs()
     normalize: bool = False
     use_abs: bool = False
+    #: keep the batch norm of :attr:`finetune_scope` in eval mode while it learns (its running statistics fixed,
+    #: its affine weights trained): mmdetection's ``norm_eval``
+    norm_eval: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,4 +91,8 @@ class Encoder(nn.Module):
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
         self._freezer.hold_eval()
+        if mode and self.norm_eval and self.finetune_scope:
+            for m in self.get_submodule(self.finetune_scope).modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self

@@ -172,6 +172,7 @@ class CNNImageEncoder(FrozenOutputs, Encoder):
     ``finetune=False`` freezes the CNN (no gradients, batch norm kept in eval mode); the trainer may flip it
     between stages with :meth:`~vsekit.models.base.Encoder.set_finetune`. A frozen CNN's pooled output is kept per
     image while training on the CPU (``cache_mb``, default 512 MiB, 0: off; :mod:`vsekit.models.frozen_cache`).
+    ``norm_eval: true`` keeps the CNN's batch norm in eval mode while it is fine-tuned (running statistics fixed).
     """
 
     finetune_scope = "backbone"
@@ -180,8 +181,9 @@ class CNNImageEncoder(FrozenOutputs, Encoder):
                  finetune: bool = False, weights_path: str | None = None, head: str = "linear",
                  no_imgnorm: bool = False, use_abs: bool = False, width: int = 32,
                  backbone_norm: bool | None = None, hidden: list[int] | None = None,
-                 activation: str = "tanh", cache_mb: float = 512.0) -> None:
+                 activation: str = "tanh", cache_mb: float = 512.0, norm_eval: bool = False) -> None:
         super().__init__()
+        self.norm_eval = bool(norm_eval)
         self.init_frozen_cache(cache_mb, "model.image_encoder")
         if head not in IMAGE_HEADS:
             raise ValueError(f"image_encoder.head must be one of {IMAGE_HEADS}, got {head!r}")

@@ -100,7 +100,8 @@ class TimmImageEncoder(FrozenOutputs, Encoder):
     ``finetune: false`` freezes the timm model (no gradients, batch norm in eval mode); the head trains. A frozen
     model's pooled output is kept per image while training on the CPU (``cache_mb``, default 512 MiB, 0: off;
     :mod:`vsekit.models.frozen_cache`): with images that reach it unchanged every epoch (no random crops or
-    jitter) the epochs after the first cost the head only.
+    jitter) the epochs after the first cost the head only. ``norm_eval: true`` keeps the model's batch norm in eval
+    mode while it is fine-tuned (ImageNet running statistics kept, affine weights trained).
     """
 
     finetune_scope = "backbone"
@@ -109,8 +110,9 @@ class TimmImageEncoder(FrozenOutputs, Encoder):
                  pretrained: bool = False, finetune: bool = True, head: str = "linear", model_kwargs: dict[str, Any] | None = None,
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
                  backbone_norm: bool | None = None, no_imgnorm: bool = False, use_abs: bool = False,
-                 cache_mb: float = 512.0) -> None:
+                 cache_mb: float = 512.0, norm_eval: bool = False) -> None:
         super().__init__()
+        self.norm_eval = bool(norm_eval)
         self.init_frozen_cache(cache_mb, "model.image_encoder")
         if head not in TIMM_HEADS:
             raise ValueError(f"image_encoder.head must be one of {TIMM_HEADS}, got {head!r}")
