@@ -95,6 +95,8 @@ ARMS = {"vsepp": ["frozen", "finetune", "frozen_then_finetune", "frozen_lr_drop"
         "dualpath": ["two_stage", "ranking_only", "instance_only", "joint"]}
 DEFAULT_ARMS = {"vsepp": ["frozen", "finetune"], "dualpath": ["two_stage", "ranking_only"]}
 BASELINE = {"vsepp": "frozen", "dualpath": "ranking_only"}  # what `paired` subtracts
+# the VSE++ arms in two parts (frozen, then 2e-5), and whether the CNN is unfrozen for the second
+TWO_PART = {"frozen_then_finetune": True, "frozen_lr_drop": False, "frozen_then_finetune_norm_eval": True}
 AUGMENTS = ("crop", "whole")
 SAMPLES = ("caption", "image")
 DUALPATH_ARMS = {"two_stage": "two-stage (paper)", "ranking_only": "ranking only",
@@ -167,13 +169,11 @@ def vsepp_config(arm: str, epochs: int, common: list[str], warmup: int = 0, seco
     if arm == "finetune":
         overrides.append(f"optim.lr_mult={{image_encoder.backbone: {VSEPP_FT_LR / 2e-4:g}}}")
     cfg = resolve_config(CONFIGS / "vsepp_base.yaml", overrides).to_dict()
-    if arm in ("frozen_then_finetune", "frozen_lr_drop", "frozen_then_finetune_norm_eval"):
+    if arm in TWO_PART:
         first = max(1, epochs - second if second else epochs // 2)
-        then = {"name": "finetune", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
-        if arm.startswith("frozen_then_finetune"):
-            then["model"] = {"image_encoder": {"finetune": True}}
-        else:
-            then["name"] = "lower_lr"
+        then = {"name": "lower_lr", "epochs": max(1, epochs - first), "optim": {"lr": VSEPP_FT_LR}}
+        if TWO_PART[arm]:
+            then.update(name="finetune", model={"image_encoder": {"finetune": True}})
         cfg["train"]["stages"] = [{"name": "frozen", "epochs": first}, then]
         cfg["train"]["epochs"] = max(epochs, first + 1)
     return cfg
@@ -280,9 +280,8 @@ def cmd_run(args) -> None:
     stage1 = args.stage_epochs[0] if args.study == "dualpath" else 0
     if args.study == "dualpath" and not 1 <= stage1 < epochs:
         raise SystemExit(f"--stage-epochs: stage I ({stage1}) must be shorter than --epochs ({epochs})")
-    if args.minutes and {"frozen_then_finetune", "frozen_lr_drop", "frozen_then_finetune_norm_eval"} & set(arms):
-        raise SystemExit("frozen_then_finetune and frozen_lr_drop split --epochs in two halves: run them at equal "
-                         "epochs (no --minutes)")
+    if args.minutes and set(TWO_PART) & set(arms):
+        raise SystemExit(f"{', '.join(TWO_PART)} split --epochs in two parts: run them at equal epochs (no --minutes)")
     done = {_key(r) for r in read_results(args.results)}
     dual = args.study == "dualpath"
     jobs = []

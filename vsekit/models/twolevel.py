@@ -16,7 +16,6 @@ import torch
 
 from vsekit.errors import ConfigError
 from vsekit.models.base import Encoder
-from vsekit.models.frozen_cache import FrozenOutputs
 from vsekit.models.image import IMAGE_ENCODERS
 from vsekit.models.layers import l2norm
 from vsekit.models.similarity import SIMILARITIES, order_sim
@@ -70,6 +69,7 @@ class TwoLevelImageEncoder(Encoder):
         self.inner = IMAGE_ENCODERS.build(spec, embed_size=2 * embed_size, **extra)
         scope = type(self.inner).finetune_scope
         self.finetune_scope = f"inner.{scope}" if scope else None
+        self.finetune = self.inner.finetune
         self.no_imgnorm, self.use_abs = no_imgnorm, use_abs
 
     @classmethod
@@ -78,10 +78,9 @@ class TwoLevelImageEncoder(Encoder):
         return bool(inner.get("name") and IMAGE_ENCODERS.get(inner["name"]).reads_features)
 
     def set_finetune(self, finetune: bool) -> None:
-        super().set_finetune(finetune)
-        self.inner.finetune = self.finetune
-        if isinstance(self.inner, FrozenOutputs):  # outputs kept while frozen are stale once the backbone learns
-            self.inner.clear_cache()
+        # the inner encoder freezes or releases its backbone (and drops the outputs it kept while frozen)
+        self.inner.set_finetune(finetune)
+        self.finetune = self.inner.finetune
 
     def forward_parts(self, *inputs: torch.Tensor):
         return self.inner.forward_parts(*inputs)
