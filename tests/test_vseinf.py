@@ -309,6 +309,49 @@ def test_fixed_bert_outputs_are_cached_per_caption_while_training(offline):
         _bert_model(config=TINY_BERT, cache_mb=-1)
 
 
+def test_bert_top_layers_learn_above_a_cached_fixed_part(offline):
+    """train_top_layers: the top layers learn while the embeddings and the layers below stay fixed and cached
+    per caption: the same outputs as the whole BERT (eval mode), in any batch, gradients only where they learn,
+    the lower part run once per caption, the top layers every step, and a bad count a config error."""
+    torch.manual_seed(0)
+    whole = _bert_model(config=TINY_BERT, cache_mb=0).text_encoder.eval()
+    split = _bert_model(config=TINY_BERT, finetune=False, train_top_layers=1).text_encoder
+    assert len(split.bert.encoder.layer) == 1 and len(split.top) == 1
+    assert any(k.startswith("top.0.attention") for k in split.state_dict())
+    tokens = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0], [2, 13, 3, 0, 0]])
+    lengths = torch.tensor([5, 3, 4, 3])
+    split.eval()
+    with torch.no_grad():
+        ref, ref_words = whole.forward_parts(tokens, lengths)
+        got, words = split.forward_parts(tokens, lengths)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        for i, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(words[i, :n], ref_words[i, :n], atol=1e-5, rtol=1e-5)
+            alone = split.forward_parts(tokens[i:i + 1, :n], lengths[i:i + 1])[0]
+            torch.testing.assert_close(alone, got[i:i + 1], atol=1e-5, rtol=1e-5)
+    calls = []
+    split.bert.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                     with_kwargs=True)
+    top_calls = []
+    split.top[0].register_forward_hook(lambda m, args, out: top_calls.append(tuple(args[0].shape)))
+    split.train()
+    for _ in range(2):
+        pooled, _ = split.forward_parts(tokens, lengths)
+        pooled.pow(2).sum().backward()
+    assert sorted(calls) == [(1, 4), (1, 5), (2, 3)]  # the lower part once per caption, by length...
+    assert len(split._cache) == 4 and sorted(top_calls) == sorted([(2, 3, 32), (1, 4, 32), (1, 5, 32)] * 2)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in split.top.parameters())  # ...the top learns
+    assert all(not p.requires_grad and p.grad is None for p in split.bert.parameters())
+    split.set_finetune(True)  # everything learns: nothing cached, gradients reach the embeddings
+    split.forward_parts(tokens, lengths)[0].sum().backward()
+    assert not split._cache and split.bert.embeddings.word_embeddings.weight.grad is not None
+    for bad in (3, -1, 1.5):
+        with pytest.raises(ConfigError, match="train_top_layers"):
+            _bert_model(config=TINY_BERT, train_top_layers=bad)
+    whole_top = _bert_model(config=TINY_BERT, train_top_layers=2).text_encoder  # every layer: embeddings cached
+    assert len(whole_top.bert.encoder.layer) == 0 and len(whole_top.top) == 2
+
+
 def test_bert_lr_mult_prefix_names_exactly_bert(offline):
     from vsekit.train.optim import param_groups
 
@@ -472,11 +515,13 @@ def _tiny_run_cfg(out, bert_folder, *extra):
         "loss.name=hinge_warmup", *extra)
 
 
-def test_tokenize_hook_in_training_run_embedder_and_checkpoint(tmp_path, cache, offline, bert_folder):
+@pytest.mark.parametrize("extra", [(), ("model.text_encoder.finetune=false", "model.text_encoder.train_top_layers=1",
+                                          "optim.lr_mult={text_encoder.top: 0.1}")], ids=["whole", "top_layer"])
+def test_tokenize_hook_in_training_run_embedder_and_checkpoint(tmp_path, cache, offline, bert_folder, extra):
     from vsekit.inference import Embedder
     from vsekit.train.trainer import Trainer
 
-    trainer = Trainer(_tiny_run_cfg(tmp_path / "run", bert_folder))
+    trainer = Trainer(_tiny_run_cfg(tmp_path / "run", bert_folder, *extra))
     run = trainer.run
     tokenize = run.model.text_encoder.tokenize
     captions = list(run.train_corpus.captions[:6])

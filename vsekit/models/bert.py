@@ -185,6 +185,32 @@ def load_tokenizer(tokenizer: str | None, pretrained: str | None):
     return tok
 
 
+def by_length(lengths: list[int], rows) -> dict[int, list[int]]:
+    """``rows`` grouped by their caption's length."""
+    groups: dict[int, list[int]] = {}
+    for i in rows:
+        groups.setdefault(lengths[i], []).append(i)
+    return groups
+
+
+def split_top_layers(bert: nn.Module, k: int) -> nn.ModuleList | None:
+    """Take the top ``k`` transformer layers out of ``bert`` (which then ends below them) and return them;
+    None for ``k == 0``."""
+    key = f"{WHERE}.train_top_layers"
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"{key}: {k!r}; must be a whole number >= 0 (0: none)")
+    if k == 0:
+        return None
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"{key}: this {type(bert).__name__} keeps no encoder.layer list to take layers from")
+    if k > len(layers):
+        raise ConfigError(f"{key}: {k}, but this BERT has {len(layers)} layers")
+    top = nn.ModuleList(layers[len(layers) - k:])
+    bert.encoder.layer = nn.ModuleList(layers[:len(layers) - k])
+    return top
+
+
 @TEXT_ENCODERS.register("bert")
 class BertTextEncoder(FrozenOutputs, Encoder):
     """BERT over word pieces -> Linear(hidden -> embed_size) at every token -> GPO over the valid tokens
@@ -206,17 +232,24 @@ class BertTextEncoder(FrozenOutputs, Encoder):
     cache too. The cache belongs to a training run: it starts with the first training step and is emptied when
     BERT is unfrozen or its weights are loaded, so a model only ever used in eval mode (an index, a server,
     which encode captions they will not see again) keeps nothing.
+
+    ``train_top_layers: k`` moves BERT's top ``k`` transformer layers into a sub-module ``top`` that learns
+    whatever ``finetune`` says: with ``finetune: false`` the embeddings and the layers below stay fixed and their
+    outputs are cached per caption as above, so a step costs ``k`` layers (``optim.lr_mult: {text_encoder.top:
+    0.1}`` as for ``bert``). The top layers run on the captions of each length together, without padding, so
+    they need no attention mask and give a caption the same outputs in any batch.
     """
 
     finetune_scope = "bert"
 
     def __init__(self, embed_size: int = 1024, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, finetune: bool = True, no_txtnorm: bool = False,
-                 use_abs: bool = False, cache_mb: float = 512.0, vocab_size: int | None = None,
-                 itos: list[str] | None = None) -> None:
+                 use_abs: bool = False, cache_mb: float = 512.0, train_top_layers: int = 0,
+                 vocab_size: int | None = None, itos: list[str] | None = None) -> None:
         super().__init__()
         self.init_frozen_cache(cache_mb, WHERE)  # a caption's token ids -> BERT's (length, hidden) outputs
         self.bert = load_bert(pretrained, config, need_vocab=tokenizer is None)
+        self.top = split_top_layers(self.bert, train_top_layers)
         self._tokenizer = load_tokenizer(tokenizer, pretrained)
         bert_vocab = int(self.bert.config.vocab_size)
         if self._tokenizer is not None and len(self._tokenizer) > bert_vocab:
@@ -263,8 +296,25 @@ class BertTextEncoder(FrozenOutputs, Encoder):
             hidden = self._cached_hidden(tokens, lengths, mask)
         else:
             hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        if self.top is not None:
+            hidden = self._run_top(hidden, lengths)
         words = self.proj(hidden)
         return self.gpo(words, lengths)[0], words
+
+    def _run_top(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The top layers over ``hidden`` (batch, tokens, hidden), the captions of one length at a time without
+        their padding (zeros past each length)."""
+        lens = lengths.tolist()
+        rows: list[torch.Tensor | None] = [None] * len(lens)
+        for n, group in by_length(lens, range(len(lens))).items():
+            h = hidden[torch.tensor(group, device=hidden.device), :n]
+            for layer in self.top:
+                out = layer(h)
+                h = out[0] if isinstance(out, tuple) else out  # transformers 4 returned a tuple
+            for i, row in zip(group, h):
+                rows[i] = row
+        out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        return nn.functional.pad(out, (0, 0, 0, hidden.shape[1] - out.shape[1]))
 
     def _cached_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """BERT's outputs for a batch, the captions seen before from the cache (zeros past each length, which
@@ -273,11 +323,8 @@ class BertTextEncoder(FrozenOutputs, Encoder):
         ids = tokens.cpu().numpy()
 
         def compute(todo: list[int]) -> list[torch.Tensor]:
-            by_length: dict[int, list[int]] = {}
-            for i in todo:  # one BERT call per caption length: no work on padding
-                by_length.setdefault(lens[i], []).append(i)
             out: dict[int, torch.Tensor] = {}
-            for n, group in by_length.items():
+            for n, group in by_length(lens, todo).items():  # one BERT call per caption length: no padding
                 at = torch.tensor(group, device=tokens.device)
                 hidden = self.bert(input_ids=tokens[at, :n], attention_mask=mask[at, :n].long()).last_hidden_state
                 out.update(zip(group, hidden))
