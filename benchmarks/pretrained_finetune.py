@@ -187,6 +187,7 @@ def dualpath_config(arm: str, stage_epochs: tuple[int, int], cnn_lr_mult: float,
     encoder = f"{{name: timm, model: tf_efficientnet_lite0, weights: {effnet_weights()}, finetune: false, head: dualpath}}"
     cfg = resolve_config(CONFIGS / "dualpath_demo.yaml",
                          [*common, "data.max_images=null", f"model.image_encoder={encoder}",
+                          *(f"train.stages[{i}].epochs={n}" for i, n in enumerate(stage_epochs)),
                           f"train.epochs={sum(stage_epochs)}"]).to_dict()
     for stage, objective, n in zip(cfg["train"]["stages"], OBJECTIVES[DUALPATH_ARMS[arm]], stage_epochs):
         stage["objective"] = copy.deepcopy(objective)
