@@ -82,6 +82,10 @@ NETWORKS: dict[str, list[str]] = {
     # deviation from VSE-infinity, which fine-tunes BERT
     "vseinf_minilm_frozen": ["model.image_encoder={name: vse_infty}",
                              "model.text_encoder={name: bert, pretrained: MINILM, finetune: false}"],
+    # between the two: MiniLM's top two layers learning (x0.1) above its fixed, cached lower four
+    "vseinf_minilm_top2": ["model.image_encoder={name: vse_infty}",
+                           "model.text_encoder={name: bert, pretrained: MINILM, finetune: false, train_top_layers: 2}",
+                           "optim.lr_mult={text_encoder.top: 0.1}"],
 }
 LOSSES = {  # both after one epoch of sum of hinges (from random weights the max of hinges collapses here)
     "vsepp": ["loss={name: hinge_warmup, margin: 0.2, warmup_epochs: 1}"],
