@@ -189,9 +189,8 @@ def dualpath_config(arm: str, stage_epochs: tuple[int, int], cnn_lr_mult: float,
                          [*common, "data.max_images=null", f"model.image_encoder={encoder}",
                           *(f"train.stages[{i}].epochs={n}" for i, n in enumerate(stage_epochs)),
                           f"train.epochs={sum(stage_epochs)}"]).to_dict()
-    for stage, objective, n in zip(cfg["train"]["stages"], OBJECTIVES[DUALPATH_ARMS[arm]], stage_epochs):
+    for stage, objective in zip(cfg["train"]["stages"], OBJECTIVES[DUALPATH_ARMS[arm]]):
         stage["objective"] = copy.deepcopy(objective)
-        stage["epochs"] = n
     stage2 = cfg["train"]["stages"][1]
     stage2.setdefault("optim", {})["lr_mult"] = {"text_encoder.embed": 1.0}
     if cnn_lr_mult:  # stage II: the CNN is trained (0: frozen in both stages)
