@@ -305,16 +305,15 @@ class BertTextEncoder(FrozenOutputs, Encoder):
         """The top layers over ``hidden`` (batch, tokens, hidden), the captions of one length at a time without
         their padding (zeros past each length)."""
         lens = lengths.tolist()
-        rows: list[torch.Tensor | None] = [None] * len(lens)
+        out = hidden.new_zeros(hidden.shape)
         for n, group in by_length(lens, range(len(lens))).items():
-            h = hidden[torch.tensor(group, device=hidden.device), :n]
+            at = torch.tensor(group, device=hidden.device)
+            h = hidden[at, :n]
             for layer in self.top:
-                out = layer(h)
-                h = out[0] if isinstance(out, tuple) else out  # transformers 4 returned a tuple
-            for i, row in zip(group, h):
-                rows[i] = row
-        out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        return nn.functional.pad(out, (0, 0, 0, hidden.shape[1] - out.shape[1]))
+                h = layer(h)
+                h = h[0] if isinstance(h, tuple) else h  # transformers 4 returned a tuple
+            out[at, :n] = h
+        return out
 
     def _cached_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """BERT's outputs for a batch, the captions seen before from the cache (zeros past each length, which
